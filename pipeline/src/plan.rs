@@ -1,0 +1,284 @@
+//! Validation: a spec and a registry become a plan (kinds resolved, parameters typed, ports
+//! connected and type-checked, no cycles), or every error found.
+
+use crate::error::{SpecError, SpecErrors};
+use crate::spec::{suggest, Spec};
+use crate::stage::{Configured, Port, Registry, StageContext};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One stage of a validated plan.
+pub struct Node {
+    pub id: String,
+    pub kind: String,
+    pub workers: usize,
+    pub capacity: usize,
+    pub parallel: bool,
+    pub honors_skip: bool,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    /// For each input port: (producer node, producer output port).
+    pub sources: Vec<(usize, usize)>,
+    pub configured: Arc<dyn Configured>,
+    pub ctx: StageContext,
+}
+
+/// A validated graph, ready to run.
+pub struct Plan {
+    pub spec: Spec,
+    pub nodes: Vec<Node>,
+    /// Node indices in dependency order.
+    pub order: Vec<usize>,
+}
+
+impl Plan {
+    /// Consumers of output `port` of node `n`: (consumer node, its input port).
+    pub fn consumers(&self, n: usize, port: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (c, node) in self.nodes.iter().enumerate() {
+            for (i, &(src, sp)) in node.sources.iter().enumerate() {
+                if src == n && sp == port {
+                    out.push((c, i));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Seed of one stage: derived from the spec seed and the stage name, so that editing one stage
+/// does not shift another's randomness (SplitMix64 over an FNV-1a hash of the name).
+pub fn stage_seed(seed: u64, stage: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in stage.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let mut z = seed ^ h;
+    z = z.wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+/// Validates a spec against the registry; returns the plan or every error found.
+pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
+    let mut errs: Vec<SpecError> = Vec::new();
+    let loc = spec.locator.clone();
+    if spec.device.starts_with("cuda") && !registry.cuda {
+        errs.push(loc.error(
+            "device",
+            format!("`{}` asks for a GPU, but this build has no CUDA support (rebuild with `cargo build --release --features cuda`)", spec.device),
+        ));
+    }
+    let names: Vec<&str> = registry.names();
+    let ids: Vec<&str> = spec.stages.iter().map(|s| s.id.as_str()).collect();
+    let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+
+    // Kinds and parameters.
+    let mut partial: Vec<Option<(Vec<Port>, Vec<Port>, bool, bool, Box<dyn Configured>, StageContext)>> = Vec::new();
+    for s in &spec.stages {
+        let base = format!("stages.{}", s.id);
+        let Some(kind) = registry.get(&s.kind) else {
+            errs.push(loc.error(&format!("{base}.kind"), format!("unknown stage kind `{}`{}", s.kind, suggest(&s.kind, names.iter().copied()))));
+            partial.push(None);
+            continue;
+        };
+        let ctx = StageContext {
+            stage: s.id.clone(),
+            kind: s.kind.clone(),
+            run: spec.name.clone(),
+            run_dir: spec.run_dir.clone(),
+            seed: stage_seed(spec.seed, &s.id),
+            device: spec.device.clone(),
+            model: spec.model.clone(),
+            workers: s.workers,
+        };
+        if s.workers > 1 && !kind.parallel() {
+            errs.push(loc.error(
+                &format!("{base}.workers"),
+                format!("`{}` keeps state from item to item and runs as one worker; remove `workers: {}`", s.kind, s.workers),
+            ));
+        }
+        match kind.configure(&s.with, &ctx) {
+            Ok(c) => partial.push(Some((kind.inputs(), kind.outputs(), kind.parallel(), kind.honors_skip(), c, ctx))),
+            Err(pe) => {
+                for e in pe {
+                    let path = if e.field.is_empty() { format!("{base}.with") } else { format!("{base}.with.{}", e.field) };
+                    errs.push(loc.error(&path, e.message));
+                }
+                // Ports are still known: check the connections too.
+                partial.push(None);
+            }
+        }
+    }
+
+    // Connections.
+    let ports_of = |i: usize| -> Option<(Vec<Port>, Vec<Port>)> {
+        let s = &spec.stages[i];
+        registry.get(&s.kind).map(|k| (k.inputs(), k.outputs()))
+    };
+    let mut sources: Vec<Vec<Option<(usize, usize)>>> = Vec::new();
+    for (si, s) in spec.stages.iter().enumerate() {
+        let base = format!("stages.{}", s.id);
+        let Some((inputs, _)) = ports_of(si) else {
+            sources.push(Vec::new());
+            continue;
+        };
+        let mut slots: Vec<Option<(usize, usize)>> = vec![None; inputs.len()];
+        let mut positional = 0usize;
+        let errs_before = errs.len();
+        for (ci, c) in s.from.iter().enumerate() {
+            let path = match &c.input {
+                Some(p) => format!("{base}.from.{p}"),
+                None if s.from.len() > 1 => format!("{base}.from.{ci}"),
+                None => format!("{base}.from"),
+            };
+            // Which input port.
+            let slot = match &c.input {
+                Some(name) => match inputs.iter().position(|p| p.name == name) {
+                    Some(i) => i,
+                    None => {
+                        let known: Vec<&str> = inputs.iter().map(|p| p.name).collect();
+                        errs.push(loc.error(&path, format!("`{}` has no input `{name}`{}", s.kind, suggest(name, known.iter().copied()))));
+                        continue;
+                    }
+                },
+                None => {
+                    let i = positional;
+                    positional += 1;
+                    if i >= inputs.len() {
+                        errs.push(loc.error(&path, format!("`{}` takes {} input(s), but `from` names more", s.kind, inputs.len())));
+                        continue;
+                    }
+                    i
+                }
+            };
+            if slots[slot].is_some() {
+                errs.push(loc.error(&path, format!("input `{}` is connected twice", inputs[slot].name)));
+                continue;
+            }
+            // Which producer and port.
+            let Some(&pi) = index.get(c.from.stage.as_str()) else {
+                errs.push(loc.error(&path, format!("`{}` is not a stage of this spec{}", c.from.stage, suggest(&c.from.stage, ids.iter().copied()))));
+                continue;
+            };
+            let Some((_, outs)) = ports_of(pi) else { continue };
+            let port = match &c.from.port {
+                Some(pn) => match outs.iter().position(|p| p.name == pn) {
+                    Some(p) => p,
+                    None => {
+                        let known: Vec<&str> = outs.iter().map(|p| p.name).collect();
+                        errs.push(loc.error(
+                            &path,
+                            format!("stage `{}` has no output `{pn}`{} (outputs: {})", c.from.stage, suggest(pn, known.iter().copied()), known.join(", ")),
+                        ));
+                        continue;
+                    }
+                },
+                None => match outs.len() {
+                    1 => 0,
+                    0 => {
+                        errs.push(loc.error(&path, format!("stage `{}` has no outputs to read from", c.from.stage)));
+                        continue;
+                    }
+                    _ => {
+                        let known: Vec<String> = outs.iter().map(|p| format!("{}.{}", c.from.stage, p.name)).collect();
+                        errs.push(loc.error(&path, format!("stage `{}` has several outputs; name one: {}", c.from.stage, known.join(", "))));
+                        continue;
+                    }
+                },
+            };
+            let (want, got) = (&inputs[slot].ty, &outs[port].ty);
+            if want.id != got.id {
+                errs.push(loc.error(
+                    &path,
+                    format!(
+                        "type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}",
+                        c.from.stage, outs[port].name, got.name, inputs[slot].name, s.id, want.name
+                    ),
+                ));
+                continue;
+            }
+            slots[slot] = Some((pi, port));
+        }
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.is_none() && errs.len() == errs_before {
+                errs.push(loc.error(&base, format!("input `{}` ({}) is not connected: add `from:`", inputs[i].name, inputs[i].ty.name)));
+            }
+        }
+        sources.push(slots);
+    }
+
+    // Fan-out needs copyable items.
+    let mut uses: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
+    for (ci, slots) in sources.iter().enumerate() {
+        for &(p, port) in slots.iter().flatten() {
+            uses.entry((p, port)).or_default().push(ci);
+        }
+    }
+    let mut fan: Vec<_> = uses.iter().filter(|(_, c)| c.len() > 1).collect();
+    fan.sort_by_key(|(k, _)| **k);
+    for (&(p, port), consumers) in fan {
+        if let Some((_, outs)) = ports_of(p) {
+            if outs[port].ty.clone.is_none() {
+                let names: Vec<&str> = consumers.iter().map(|&c| spec.stages[c].id.as_str()).collect();
+                errs.push(loc.error(
+                    &format!("stages.{}", spec.stages[p].id),
+                    format!("output `{}` ({}) cannot be shared by several stages ({})", outs[port].name, outs[port].ty.name, names.join(", ")),
+                ));
+            }
+        }
+    }
+
+    // Cycles (Kahn's algorithm over the edges found).
+    let n = spec.stages.len();
+    let mut indeg = vec![0usize; n];
+    let mut adj: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (ci, slots) in sources.iter().enumerate() {
+        for &(p, _) in slots.iter().flatten() {
+            adj[p].push(ci);
+            indeg[ci] += 1;
+        }
+    }
+    let mut order = Vec::new();
+    let mut ready: Vec<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    ready.reverse();
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        for &c in &adj[i] {
+            indeg[c] -= 1;
+            if indeg[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if order.len() < n {
+        let in_cycle: Vec<&str> = (0..n).filter(|&i| indeg[i] > 0).map(|i| spec.stages[i].id.as_str()).collect();
+        errs.push(loc.error("stages", format!("the stages form a cycle: {} (data must flow one way; feedback such as EMA weights is not a connection)", in_cycle.join(" → "))));
+    }
+
+    if !errs.is_empty() {
+        return Err(SpecErrors(errs));
+    }
+    let mut nodes = Vec::new();
+    for ((s, p), slots) in spec.stages.iter().zip(partial).zip(sources) {
+        let Some((inputs, outputs, parallel, honors_skip, configured, ctx)) = p else {
+            return Err(SpecErrors(vec![loc.error(&format!("stages.{}", s.id), "internal: stage was not configured")]));
+        };
+        nodes.push(Node {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            workers: s.workers,
+            capacity: s.capacity.unwrap_or(spec.channel_capacity),
+            parallel,
+            honors_skip,
+            inputs,
+            outputs,
+            sources: slots.into_iter().flatten().collect(),
+            configured: Arc::from(configured),
+            ctx,
+        });
+    }
+    Ok(Plan { spec, nodes, order })
+}

@@ -1,0 +1,471 @@
+//! Engine tests with toy stages: validation errors, ordering with workers, error propagation,
+//! cancellation, resume skipping and bounded memory under back-pressure.
+
+use pipeline::schemars::JsonSchema;
+use pipeline::{CancelToken, ParamError, Params, Port, Registry, RunError, RunOptions, Stage, StageContext, StageDef, StageError, StageIo};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+static COLLECTED: Mutex<BTreeMap<String, Vec<u64>>> = Mutex::new(BTreeMap::new());
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static MAX_LIVE: AtomicI64 = AtomicI64::new(0);
+static SKIPPED: AtomicU64 = AtomicU64::new(0);
+
+/// A large item that counts how many exist at once.
+struct Big {
+    n: u64,
+    _payload: Vec<u8>,
+}
+impl Big {
+    fn new(n: u64) -> Self {
+        let live = LIVE.fetch_add(1, Ordering::SeqCst) + 1;
+        MAX_LIVE.fetch_max(live, Ordering::SeqCst);
+        Big { n, _payload: vec![0u8; 1 << 16] }
+    }
+}
+impl Drop for Big {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+struct NumsParams {
+    /// How many numbers.
+    n: u64,
+    /// Sleep per item (ms).
+    sleep_ms: u64,
+    /// Keep going forever (for cancellation tests).
+    forever: bool,
+}
+impl Default for NumsParams {
+    fn default() -> Self {
+        NumsParams { n: 10, sleep_ms: 0, forever: false }
+    }
+}
+impl Params for NumsParams {
+    fn check(&self) -> Vec<ParamError> {
+        if self.n > 1_000_000 {
+            vec![ParamError::new("n", format!("must be at most 1000000, got {}", self.n))]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Emits 0..n; a parallel source, each number a unit of work.
+struct Nums(NumsParams);
+impl StageDef for Nums {
+    type Params = NumsParams;
+    const KIND: &'static str = "test.nums";
+    const DOC: &'static str = "numbers";
+    const PARALLEL: bool = true;
+    const HONORS_SKIP: bool = true;
+    fn inputs() -> Vec<Port> {
+        vec![]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![Port::cloneable::<u64>("out", "numbers")]
+    }
+    fn create(p: &NumsParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(Nums(p.clone()))
+    }
+}
+impl Stage for Nums {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        let skip = io.skip_leading(0);
+        SKIPPED.store(skip, Ordering::SeqCst);
+        let total = if self.0.forever { u64::MAX } else { self.0.n - skip.min(self.0.n) };
+        while let Some(u) = io.claim(total)? {
+            // Uneven work so that workers finish out of order.
+            std::thread::sleep(Duration::from_micros(((u * 7919) % 13) * 100 + self.0.sleep_ms * 1000));
+            io.send(0, skip + u)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+struct MapParams {
+    /// Fail on this value.
+    fail_on: Option<u64>,
+    /// Panic on this value.
+    panic_on: Option<u64>,
+    /// Emit each value this many times (0 drops it).
+    repeat: Option<u64>,
+}
+impl Params for MapParams {}
+
+/// x → x², stateless; optionally fails, panics, drops or repeats.
+struct Square(MapParams);
+impl StageDef for Square {
+    type Params = MapParams;
+    const KIND: &'static str = "test.square";
+    const DOC: &'static str = "squares";
+    const PARALLEL: bool = true;
+    fn inputs() -> Vec<Port> {
+        vec![Port::of::<u64>("in", "numbers")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![Port::cloneable::<u64>("out", "squares")]
+    }
+    fn create(p: &MapParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(Square(p.clone()))
+    }
+}
+impl Stage for Square {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        while let Some(x) = io.recv::<u64>(0)? {
+            if Some(x) == self.0.fail_on {
+                return Err(StageError::failed(format!("bad value {x}")));
+            }
+            if Some(x) == self.0.panic_on {
+                panic!("boom at {x}");
+            }
+            std::thread::sleep(Duration::from_micros(((x * 104729) % 17) * 50));
+            for _ in 0..self.0.repeat.unwrap_or(1) {
+                io.send(0, x * x)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+struct CollectParams {
+    /// Key under which values are collected.
+    key: String,
+    /// Stop after this many items.
+    take: Option<u64>,
+    /// Items already held from an earlier run (resume).
+    resume: u64,
+    /// Sleep per item (ms).
+    sleep_ms: u64,
+}
+impl Params for CollectParams {}
+
+struct Collect(CollectParams);
+impl StageDef for Collect {
+    type Params = CollectParams;
+    const KIND: &'static str = "test.collect";
+    const DOC: &'static str = "collects";
+    fn inputs() -> Vec<Port> {
+        vec![Port::of::<u64>("in", "values")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn create(p: &CollectParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(Collect(p.clone()))
+    }
+    fn resume_skip(p: &CollectParams, _: &StageContext) -> Result<u64, StageError> {
+        Ok(p.resume)
+    }
+}
+impl Stage for Collect {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        let mut got = Vec::new();
+        while let Some(x) = io.recv::<u64>(0)? {
+            got.push(x);
+            std::thread::sleep(Duration::from_millis(self.0.sleep_ms));
+            if self.0.take.is_some_and(|t| got.len() as u64 >= t) {
+                break;
+            }
+        }
+        COLLECTED.lock().unwrap().insert(self.0.key.clone(), got);
+        Ok(())
+    }
+}
+
+/// Emits big items as fast as it can.
+struct BigSource;
+impl StageDef for BigSource {
+    type Params = NumsParams;
+    const KIND: &'static str = "test.big";
+    const DOC: &'static str = "big items";
+    fn inputs() -> Vec<Port> {
+        vec![]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![Port::of::<Big>("out", "big")]
+    }
+    fn create(_: &NumsParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(BigSource)
+    }
+}
+impl Stage for BigSource {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        for i in 0..200 {
+            io.send(0, Big::new(i))?;
+        }
+        Ok(())
+    }
+}
+
+/// Consumes big items slowly.
+struct SlowSink;
+impl StageDef for SlowSink {
+    type Params = pipeline::NoParams;
+    const KIND: &'static str = "test.slow";
+    const DOC: &'static str = "slow sink";
+    fn inputs() -> Vec<Port> {
+        vec![Port::of::<Big>("in", "big")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn create(_: &pipeline::NoParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(SlowSink)
+    }
+}
+impl Stage for SlowSink {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        let mut last = None;
+        while let Some(b) = io.recv::<Big>(0)? {
+            if let Some(l) = last {
+                if b.n != l + 1 {
+                    return Err(StageError::failed("out of order"));
+                }
+            }
+            last = Some(b.n);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
+/// A stage whose input is text, for type-mismatch tests.
+struct Text;
+impl StageDef for Text {
+    type Params = pipeline::NoParams;
+    const KIND: &'static str = "test.text";
+    const DOC: &'static str = "text sink";
+    fn inputs() -> Vec<Port> {
+        vec![Port::of::<String>("in", "text")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn create(_: &pipeline::NoParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(Text)
+    }
+}
+impl Stage for Text {
+    fn run(&mut self, _io: &mut StageIo) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.with::<Nums>().with::<Square>().with::<Collect>().with::<BigSource>().with::<SlowSink>().with::<Text>();
+    r
+}
+
+fn run_spec(yaml: &str) -> Result<pipeline::RunSummary, RunError> {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("run_dir: {}\n{yaml}", dir.path().join("run").display());
+    let spec = pipeline::load_str(&yaml, "test.yaml", &[])?;
+    let plan = pipeline::validate(spec, &registry())?;
+    pipeline::run(plan, &RunOptions { force: false, quiet: true }, &CancelToken::new())
+}
+
+fn collected(key: &str) -> Vec<u64> {
+    COLLECTED.lock().unwrap().get(key).cloned().unwrap_or_default()
+}
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    let r = pipeline::load_str(yaml, "bad.yaml", &[]).and_then(|s| pipeline::validate(s, &registry()).map(|_| ()));
+    match r {
+        Ok(()) => vec![],
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn order_is_restored_behind_parallel_stages() {
+    for workers in [1, 4] {
+        let key = format!("order{workers}");
+        run_spec(&format!(
+            "name: t\nstages:\n  nums: {{ kind: test.nums, workers: {workers}, with: {{ n: 300 }} }}\n  sq: {{ kind: test.square, from: nums, workers: {workers} }}\n  out: {{ kind: test.collect, from: sq, with: {{ key: {key} }} }}\n"
+        ))
+        .unwrap();
+        let want: Vec<u64> = (0..300).map(|x| x * x).collect();
+        assert_eq!(collected(&key), want, "workers: {workers}");
+    }
+}
+
+#[test]
+fn parallel_stages_may_drop_or_repeat_items_in_order() {
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 3, with: { n: 50 } }\n  sq: { kind: test.square, from: nums, workers: 3, with: { repeat: 2 } }\n  out: { kind: test.collect, from: sq, with: { key: rep } }\n").unwrap();
+    let want: Vec<u64> = (0..50).flat_map(|x| [x * x, x * x]).collect();
+    assert_eq!(collected("rep"), want);
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 3, with: { n: 50 } }\n  sq: { kind: test.square, from: nums, workers: 3, with: { repeat: 0 } }\n  out: { kind: test.collect, from: sq, with: { key: drop } }\n").unwrap();
+    assert!(collected("drop").is_empty());
+}
+
+#[test]
+fn fan_out_copies_to_every_consumer() {
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 2, with: { n: 40 } }\n  a: { kind: test.collect, from: nums, with: { key: fa } }\n  b: { kind: test.collect, from: nums, with: { key: fb } }\n").unwrap();
+    let want: Vec<u64> = (0..40).collect();
+    assert_eq!(collected("fa"), want);
+    assert_eq!(collected("fb"), want);
+}
+
+#[test]
+fn first_error_stops_the_graph_and_names_the_stage() {
+    let err = run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { forever: true } }\n  sq: { kind: test.square, from: nums, workers: 2, with: { fail_on: 25 } }\n  out: { kind: test.collect, from: sq, with: { key: err } }\n").unwrap_err();
+    match err {
+        RunError::Stage { stage, kind, message } => {
+            assert_eq!(stage, "sq");
+            assert_eq!(kind, "test.square");
+            assert!(message.contains("bad value 25"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_panicking_stage_is_an_error_not_a_crash() {
+    let err = run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 100 } }\n  sq: { kind: test.square, from: nums, with: { panic_on: 7 } }\n  out: { kind: test.collect, from: sq, with: { key: panic } }\n").unwrap_err();
+    assert!(matches!(&err, RunError::Stage { stage, message, .. } if stage == "sq" && message.contains("boom at 7")), "{err}");
+}
+
+#[test]
+fn a_consumer_that_stops_early_stops_its_producers() {
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 2, with: { forever: true } }\n  sq: { kind: test.square, from: nums, workers: 2 }\n  out: { kind: test.collect, from: sq, with: { key: take, take: 20 } }\n").unwrap();
+    let want: Vec<u64> = (0..20).map(|x| x * x).collect();
+    assert_eq!(collected("take"), want);
+}
+
+#[test]
+fn cancellation_stops_every_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, workers: 2, with: {{ forever: true, sleep_ms: 1 }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: cancel }} }}\n",
+        dir.path().join("r").display()
+    );
+    let plan = pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap();
+    let cancel = CancelToken::new();
+    let c = cancel.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        c.interrupt();
+    });
+    let start = std::time::Instant::now();
+    let err = pipeline::run(plan, &RunOptions { force: false, quiet: true }, &cancel).unwrap_err();
+    t.join().unwrap();
+    assert!(matches!(err, RunError::Interrupted), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn resume_skips_what_the_consumer_holds() {
+    // A source that honours the skip starts after it.
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  out: { kind: test.collect, from: nums, with: { key: resume, resume: 12 } }\n").unwrap();
+    assert_eq!(collected("resume"), (12..30).collect::<Vec<u64>>());
+    // Behind a stage that cannot skip, the consumer's input drops the leading items itself.
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  sq: { kind: test.square, from: nums }\n  out: { kind: test.collect, from: sq, with: { key: resume2, resume: 5 } }\n").unwrap();
+    assert_eq!(collected("resume2"), (5..30).map(|x| x * x).collect::<Vec<u64>>());
+}
+
+#[test]
+fn memory_is_bounded_under_back_pressure() {
+    MAX_LIVE.store(0, Ordering::SeqCst);
+    let summary = run_spec("name: t\nchannel_capacity: 4\nstages:\n  big: { kind: test.big }\n  slow: { kind: test.slow, from: big }\n").unwrap();
+    let max = MAX_LIVE.load(Ordering::SeqCst);
+    // Capacity 4 in the channel, one being sent, one being consumed.
+    assert!(max <= 6, "at most 6 items should exist at once, saw {max}");
+    let big = summary.stages.iter().find(|s| s.stage == "big").unwrap();
+    assert_eq!(big.items_out, 200);
+    assert!(big.backpressured_s > 0.05, "the fast source should wait on the slow sink: {big:?}");
+    let slow = summary.stages.iter().find(|s| s.stage == "slow").unwrap();
+    assert_eq!(slow.items_in, 200);
+}
+
+#[test]
+fn telemetry_is_saved_as_the_stages_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let yaml = format!("name: tele\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 5 }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: tele }} }}\n", run_dir.display());
+    let plan = pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap();
+    pipeline::run(plan, &RunOptions { force: false, quiet: true }, &CancelToken::new()).unwrap();
+    let f = std::fs::File::open(run_dir.join("stages.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    assert!(run_dir.join("spec.yaml").is_file());
+}
+
+#[test]
+fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let mk = |n: u64| format!("name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: {n} }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}\n", run_dir.display());
+    let go = |yaml: String, force: bool| pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force, quiet: true }, &CancelToken::new());
+    go(mk(3), false).unwrap();
+    go(mk(3), false).unwrap();
+    let err = go(mk(4), false).unwrap_err();
+    assert!(err.to_string().contains("different spec"), "{err}");
+    go(mk(4), true).unwrap();
+}
+
+#[test]
+fn validation_reports_every_error_with_paths_and_lines() {
+    let yaml = "name: t\nstages:\n  nums: { kind: test.nums, with: { n: many, sleep: 3 } }\n  sq: { kind: test.sqaure, from: nums }\n  out: { kind: test.collect, from: nmus }\n  txt: { kind: test.text, from: nums }\n  big: { kind: test.big, with: { n: 2000000 } }\n  slow: { kind: test.slow, from: big, workers: 3 }\n";
+    let errs = errors_of(yaml);
+    let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
+    assert!(has(&["bad.yaml:3", "stages.nums.with.n", "invalid type"]), "{errs:#?}");
+    assert!(has(&["stages.nums.with.sleep", "unknown parameter", "`sleep_ms`"]), "{errs:#?}");
+    assert!(has(&["bad.yaml:4", "unknown stage kind `test.sqaure`", "`test.square`"]), "{errs:#?}");
+    assert!(has(&["bad.yaml:5", "stages.out.from", "`nmus` is not a stage", "`nums`"]), "{errs:#?}");
+    assert!(has(&["stages.txt.from", "type mismatch", "u64", "String"]), "{errs:#?}");
+    assert!(has(&["stages.big.with.n", "at most 1000000"]), "{errs:#?}");
+    assert!(has(&["stages.slow.workers", "one worker"]), "{errs:#?}");
+    assert_eq!(errs.len(), 7, "{errs:#?}");
+}
+
+#[test]
+fn validation_finds_cycles_missing_inputs_and_zero_workers() {
+    let errs = errors_of("name: t\nstages:\n  a: { kind: test.square, from: b }\n  b: { kind: test.square, from: a }\n  c: { kind: test.collect }\n  d: { kind: test.nums, workers: 0 }\n");
+    let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
+    assert!(has(&["cycle", "a", "b"]), "{errs:#?}");
+    assert!(has(&["stages.c", "input `in`", "not connected"]), "{errs:#?}");
+    assert!(has(&["stages.d.workers", "at least 1"]), "{errs:#?}");
+    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  b: { kind: test.collect, from: a.nope }\n  c: { kind: test.nums, device: gpu }\n");
+    assert!(errs.iter().any(|e| e.contains("has no output `nope`")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("stages.c.device") && e.contains("unknown stage key")), "{errs:#?}");
+    let errs = errors_of("name: t\ndevice: cuda:0\nstages:\n  a: { kind: test.nums }\n");
+    assert!(errs.iter().any(|e| e.contains("no CUDA support")), "{errs:#?}");
+    // A non-copyable output cannot feed two stages.
+    let errs = errors_of("name: t\nstages:\n  b: { kind: test.big }\n  s1: { kind: test.slow, from: b }\n  s2: { kind: test.slow, from: b }\n");
+    assert!(errs.iter().any(|e| e.contains("cannot be shared")), "{errs:#?}");
+}
+
+#[test]
+fn overrides_apply_before_validation() {
+    let spec = pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums, with: { n: 3 } }\n", "t.yaml", &["stages.a.with.n=7".into(), "seed=9".into()]).unwrap();
+    assert_eq!(spec.seed, 9);
+    assert_eq!(spec.stages[0].with["n"].as_u64(), Some(7));
+    let e = pipeline::validate(
+        pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums }\n", "t.yaml", &["stages.a.with.n=lots".into()]).unwrap(),
+        &registry(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.0[0].to_string().starts_with("--set: stages.a.with.n"), "{}", e);
+}
+
+#[test]
+fn stages_listing_shows_ports_and_documented_parameters() {
+    let text = registry().describe();
+    assert!(text.contains("test.nums  [parallel: workers: N]"), "{text}");
+    assert!(text.contains("outputs: out (u64)"), "{text}");
+    assert!(text.contains("sleep_ms  integer = 0  Sleep per item (ms)."), "{text}");
+}

@@ -1,0 +1,19 @@
+//! ehmam's speech stages. Each stage kind is one module; [`registry`] is the table of them.
+
+pub mod audio;
+pub mod decode;
+pub mod shards;
+pub mod sql;
+pub mod types;
+
+use pipeline::Registry;
+
+/// Every stage kind this build offers: one line per kind.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.with::<decode::AudioDecode>();
+    r.with::<shards::ShardsWrite>();
+    r.with::<shards::ShardsRead>();
+    r.cuda = cfg!(feature = "cuda");
+    r
+}

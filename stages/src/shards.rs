@@ -1,0 +1,627 @@
+//! `shards.write` and `shards.read`: utterances as zstd Parquet shards with an index.
+//!
+//! A shard directory holds `shard-NNNNN.parquet` files and `index.json`, which lists every
+//! finished shard with its rows, bytes, BLAKE3 hash, the range of inputs it consumed and the
+//! rejects among them. Shards are written to a temporary name and renamed when complete, and the
+//! index is replaced atomically after each shard, so a reader never sees half a shard and a rerun
+//! resumes after the last finished one.
+
+use crate::audio::to_i16;
+use crate::types::{Decoded, Reject, Utterance};
+use arrow::array::{
+    Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder, Int32Array, Int64Array, ListArray, ListBuilder, StringArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::format::KeyValue;
+use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const INDEX_FILE: &str = "index.json";
+pub const INDEX_FORMAT: &str = "ehmam-shards/1";
+
+/// How audio samples are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    /// 16-bit PCM (value = round(x · 32768), clipped).
+    #[default]
+    Int16,
+    /// 32-bit float in [-1, 1].
+    Float32,
+}
+
+impl AudioFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            AudioFormat::Int16 => "int16",
+            AudioFormat::Float32 => "float32",
+        }
+    }
+}
+
+/// One finished shard in the index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name in the shard directory; absent when every input of the range was rejected.
+    pub file: Option<String>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub blake3: Option<String>,
+    pub duration_s: f64,
+    /// Inputs consumed by this shard: `first_input .. first_input + inputs`, rejects included.
+    pub first_input: u64,
+    pub inputs: u64,
+    pub rejects: Vec<RejectEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectEntry {
+    pub source: String,
+    pub reason: String,
+}
+
+/// `index.json` of a shard directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    pub format: String,
+    pub audio_format: AudioFormat,
+    pub target_mb: f64,
+    pub sample_rate: Option<u32>,
+    /// True once the prep that wrote the directory finished.
+    pub complete: bool,
+    pub shards: Vec<ShardEntry>,
+}
+
+impl ShardIndex {
+    pub fn load(dir: &Path) -> Result<Option<ShardIndex>, String> {
+        let path = dir.join(INDEX_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| format!("{}: not a shard index: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+    fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(INDEX_FILE))
+    }
+    pub fn inputs_done(&self) -> u64 {
+        self.shards.iter().map(|s| s.inputs).sum()
+    }
+}
+
+/// The Arrow schema of a shard.
+pub fn shard_schema(format: AudioFormat) -> SchemaRef {
+    let item = match format {
+        AudioFormat::Int16 => DataType::Int16,
+        AudioFormat::Float32 => DataType::Float32,
+    };
+    let meta: HashMap<String, String> = [("ehmam.audio_format".to_string(), format.name().to_string())].into();
+    Arc::new(
+        Schema::new(vec![
+            Field::new("utt_id", DataType::Utf8, false),
+            Field::new("speaker", DataType::Utf8, true),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("sample_rate", DataType::Int32, false),
+            Field::new("num_samples", DataType::Int64, false),
+            Field::new("duration_s", DataType::Float64, false),
+            Field::new("transcript", DataType::Utf8, true),
+            Field::new("audio", DataType::List(Arc::new(Field::new("item", item, false))), false),
+        ])
+        .with_metadata(meta),
+    )
+}
+
+fn shard_batch(rows: &[Utterance], format: AudioFormat) -> Result<RecordBatch, String> {
+    let schema = shard_schema(format);
+    let audio: ArrayRef = match format {
+        AudioFormat::Int16 => {
+            let mut b = ListBuilder::new(Int16Builder::new()).with_field(Arc::new(Field::new("item", DataType::Int16, false)));
+            for u in rows {
+                let v: Vec<i16> = u.samples.iter().map(|&x| to_i16(x)).collect();
+                b.values().append_slice(&v);
+                b.append(true);
+            }
+            Arc::new(b.finish())
+        }
+        AudioFormat::Float32 => {
+            let mut b = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+            for u in rows {
+                b.values().append_slice(&u.samples);
+                b.append(true);
+            }
+            Arc::new(b.finish())
+        }
+    };
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|u| u.utt_id.as_str()))),
+        Arc::new(StringArray::from(rows.iter().map(|u| u.speaker.as_deref()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|u| u.source.as_str()))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|u| u.sample_rate as i32))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|u| u.samples.len() as i64))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|u| u.duration_s()))),
+        Arc::new(StringArray::from(rows.iter().map(|u| u.transcript.as_deref()).collect::<Vec<_>>())),
+        audio,
+    ];
+    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+}
+
+/// Writes one shard file atomically; returns (bytes, blake3 hex).
+fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, zstd_level: i32, row_group_rows: usize) -> Result<(u64, String), String> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let level = ZstdLevel::try_new(zstd_level).map_err(|e| e.to_string())?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_size(row_group_rows.max(1))
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new("ehmam.audio_format".to_string(), format.name().to_string()),
+            KeyValue::new("ehmam.audio_scale".to_string(), match format {
+                AudioFormat::Int16 => "32768".to_string(),
+                AudioFormat::Float32 => "1".to_string(),
+            }),
+        ]))
+        .build();
+    let result = (|| -> Result<(), String> {
+        let file = File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let mut w = ArrowWriter::try_new(file, shard_schema(format), Some(props)).map_err(|e| e.to_string())?;
+        for chunk in rows.chunks(row_group_rows.max(1)) {
+            let batch = shard_batch(chunk, format)?;
+            w.write(&batch).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        }
+        let file = w.into_inner().map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        file.sync_all().map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
+    hash_file(&path)
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok((bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
+}
+
+/// Parameters of `shards.write`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardsWriteParams {
+    /// Directory of the shards and their `index.json`.
+    pub dir: PathBuf,
+    /// Target size of a shard in MB of audio samples as stored (before compression).
+    pub target_mb: f64,
+    /// Stored sample format: int16 (default) or float32.
+    pub audio_format: AudioFormat,
+    /// zstd compression level (1–22).
+    pub zstd_level: i32,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+}
+
+impl Default for ShardsWriteParams {
+    fn default() -> Self {
+        ShardsWriteParams { dir: PathBuf::new(), target_mb: 64.0, audio_format: AudioFormat::Int16, zstd_level: 3, row_group_rows: 64 }
+    }
+}
+
+impl Params for ShardsWriteParams {
+    fn check(&self) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        if self.dir.as_os_str().is_empty() {
+            e.push(ParamError::new("dir", "required: the shard directory"));
+        }
+        if !(self.target_mb > 0.0 && self.target_mb.is_finite()) {
+            e.push(ParamError::new("target_mb", format!("must be > 0, got {}", self.target_mb)));
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            e.push(ParamError::new("zstd_level", format!("must be from 1 to 22, got {}", self.zstd_level)));
+        }
+        if self.row_group_rows == 0 {
+            e.push(ParamError::new("row_group_rows", "must be at least 1"));
+        }
+        e
+    }
+}
+
+/// Loads the index of `dir` and checks that it can be continued with `p`.
+fn resumable_index(p: &ShardsWriteParams) -> Result<Option<ShardIndex>, String> {
+    let Some(index) = ShardIndex::load(&p.dir)? else { return Ok(None) };
+    if index.format != INDEX_FORMAT {
+        return Err(format!("{}: index format `{}` is not `{INDEX_FORMAT}`", p.dir.display(), index.format));
+    }
+    if index.audio_format != p.audio_format || index.target_mb != p.target_mb {
+        return Err(format!(
+            "{} holds shards written with audio_format={}, target_mb={}; this spec asks for audio_format={}, target_mb={}: use another `dir` or delete it",
+            p.dir.display(),
+            index.audio_format.name(),
+            index.target_mb,
+            p.audio_format.name(),
+            p.target_mb
+        ));
+    }
+    for s in &index.shards {
+        if let (Some(f), Some(h)) = (&s.file, &s.blake3) {
+            let (bytes, hash) = hash_file(&p.dir.join(f)).map_err(|e| format!("{e} (listed in {}; delete the directory to start over)", p.dir.join(INDEX_FILE).display()))?;
+            if bytes != s.bytes || &hash != h {
+                return Err(format!("{} does not match its index entry (changed since it was written); delete the directory to start over", p.dir.join(f).display()));
+            }
+        }
+    }
+    Ok(Some(index))
+}
+
+/// The `shards.write` stage.
+pub struct ShardsWrite {
+    p: ShardsWriteParams,
+    ctx: StageContext,
+    index: ShardIndex,
+    rows: Vec<Utterance>,
+    rejects: Vec<RejectEntry>,
+    pending_inputs: u64,
+    pending_bytes: f64,
+    ids: HashMap<String, String>,
+}
+
+impl StageDef for ShardsWrite {
+    type Params = ShardsWriteParams;
+    const KIND: &'static str = "shards.write";
+    const DOC: &'static str = "Stores decoded utterances as zstd Parquet shards with an index (atomic, resumable); writes the\n`utterances` and `rejects` tables into the run directory.";
+
+    fn inputs() -> Vec<Port> {
+        vec![Port::cloneable::<Decoded>("in", "decoded files, in input order")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn resume_skip(p: &ShardsWriteParams, _ctx: &StageContext) -> Result<u64, StageError> {
+        Ok(resumable_index(p).map_err(StageError::Failed)?.map(|i| i.inputs_done()).unwrap_or(0))
+    }
+    fn create(p: &ShardsWriteParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        std::fs::create_dir_all(&p.dir).map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
+        // Leftovers of an interrupted run are never listed in the index: remove them.
+        if let Ok(rd) = std::fs::read_dir(&p.dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let index = resumable_index(p).map_err(StageError::Failed)?.unwrap_or(ShardIndex {
+            format: INDEX_FORMAT.into(),
+            audio_format: p.audio_format,
+            target_mb: p.target_mb,
+            sample_rate: None,
+            complete: false,
+            shards: Vec::new(),
+        });
+        // Ids already stored, to keep them unique across a resume.
+        let mut ids = HashMap::new();
+        for s in &index.shards {
+            if let Some(f) = &s.file {
+                let (utts, _) = read_metadata(&p.dir.join(f)).map_err(StageError::Failed)?;
+                for (id, src) in utts {
+                    ids.insert(id, src);
+                }
+            }
+        }
+        Ok(ShardsWrite { p: p.clone(), ctx: ctx.clone(), index, rows: Vec::new(), rejects: Vec::new(), pending_inputs: 0, pending_bytes: 0.0, ids })
+    }
+}
+
+/// Reads (utt_id, source) of a shard without its audio.
+fn read_metadata(path: &Path) -> Result<(Vec<(String, String)>, Vec<RecordBatch>), String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{}: {e}", path.display()))?;
+    let schema = builder.parquet_schema();
+    let cols: Vec<usize> = (0..7).collect();
+    let mask = ProjectionMask::roots(schema, cols);
+    let reader = builder.with_projection(mask).build().map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    let mut batches = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
+        let ids = string_col(&b, "utt_id")?;
+        let src = string_col(&b, "source")?;
+        for i in 0..b.num_rows() {
+            out.push((ids.value(i).to_string(), src.value(i).to_string()));
+        }
+        batches.push(b);
+    }
+    Ok((out, batches))
+}
+
+fn string_col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| format!("shard has no string column `{name}`"))
+}
+
+impl ShardsWrite {
+    fn flush(&mut self) -> Result<(), StageError> {
+        if self.rows.is_empty() && self.rejects.is_empty() {
+            return Ok(());
+        }
+        let n = self.index.shards.len();
+        let first_input = self.index.inputs_done();
+        let (file, bytes, hash) = if self.rows.is_empty() {
+            (None, 0, None)
+        } else {
+            let name = format!("shard-{n:05}.parquet");
+            let (bytes, hash) = write_shard(&self.p.dir, &name, &self.rows, self.p.audio_format, self.p.zstd_level, self.p.row_group_rows).map_err(StageError::Failed)?;
+            (Some(name), bytes, Some(hash))
+        };
+        self.index.shards.push(ShardEntry {
+            file,
+            rows: self.rows.len() as u64,
+            bytes,
+            blake3: hash,
+            duration_s: self.rows.iter().map(|u| u.duration_s()).sum(),
+            first_input,
+            inputs: self.pending_inputs,
+            rejects: std::mem::take(&mut self.rejects),
+        });
+        self.index.save(&self.p.dir).map_err(|e| StageError::io(format!("cannot write {}", self.p.dir.join(INDEX_FILE).display()), e))?;
+        self.rows.clear();
+        self.pending_inputs = 0;
+        self.pending_bytes = 0.0;
+        Ok(())
+    }
+
+    /// Writes the `utterances` and `rejects` tables of the whole directory into the run directory.
+    fn write_tables(&self) -> Result<(), StageError> {
+        let run = self.ctx.run.as_str();
+        let mut batches = Vec::new();
+        for s in &self.index.shards {
+            if let Some(f) = &s.file {
+                let (_, bs) = read_metadata(&self.p.dir.join(f)).map_err(StageError::Failed)?;
+                for b in bs {
+                    let n = b.num_rows();
+                    let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![run; n]))];
+                    cols.extend(b.columns().iter().cloned());
+                    cols.push(Arc::new(StringArray::from(vec![f.as_str(); n])));
+                    batches.push(cols);
+                }
+            }
+        }
+        let meta = shard_schema(self.p.audio_format);
+        let mut fields: Vec<Field> = vec![Field::new("run", DataType::Utf8, false)];
+        fields.extend(meta.fields().iter().take(7).map(|f| f.as_ref().clone()));
+        fields.push(Field::new("shard", DataType::Utf8, false));
+        let schema = Arc::new(Schema::new(fields));
+        let utts = if batches.is_empty() {
+            RecordBatch::new_empty(schema.clone())
+        } else {
+            let parts: Result<Vec<RecordBatch>, _> = batches.into_iter().map(|c| RecordBatch::try_new(schema.clone(), c)).collect();
+            let parts = parts.map_err(|e| StageError::failed(e.to_string()))?;
+            arrow::compute::concat_batches(&schema, &parts).map_err(|e| StageError::failed(e.to_string()))?
+        };
+        let run_dir = &self.ctx.run_dir;
+        std::fs::create_dir_all(run_dir).map_err(|e| StageError::io(format!("cannot create {}", run_dir.display()), e))?;
+        let p = run_dir.join("utterances.parquet");
+        pipeline::telemetry::write_parquet_atomic(&p, &utts).map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
+
+        let rejects: Vec<(&RejectEntry, Option<&str>)> = self.index.shards.iter().flat_map(|s| s.rejects.iter().map(move |r| (r, s.file.as_deref()))).collect();
+        let rschema = Arc::new(Schema::new(vec![
+            Field::new("run", DataType::Utf8, false),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("reason", DataType::Utf8, false),
+        ]));
+        let rb = RecordBatch::try_new(
+            rschema,
+            vec![
+                Arc::new(StringArray::from(vec![run; rejects.len()])),
+                Arc::new(StringArray::from_iter_values(rejects.iter().map(|(r, _)| r.source.as_str()))),
+                Arc::new(StringArray::from_iter_values(rejects.iter().map(|(r, _)| r.reason.as_str()))),
+            ],
+        )
+        .map_err(|e| StageError::failed(e.to_string()))?;
+        let p = run_dir.join("rejects.parquet");
+        pipeline::telemetry::write_parquet_atomic(&p, &rb).map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
+        Ok(())
+    }
+}
+
+impl Stage for ShardsWrite {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        let target = self.p.target_mb * 1e6;
+        let bytes_per_sample = match self.p.audio_format {
+            AudioFormat::Int16 => 2.0,
+            AudioFormat::Float32 => 4.0,
+        };
+        self.index.complete = false;
+        while let Some(item) = io.recv::<Decoded>(0)? {
+            self.pending_inputs += 1;
+            match item {
+                Decoded::Rejected(Reject { source, reason }) => {
+                    eprintln!("{}: rejected {source}: {reason}", io.stage());
+                    self.rejects.push(RejectEntry { source, reason });
+                }
+                Decoded::Utterance(u) => {
+                    if let Some(other) = self.ids.get(&u.utt_id) {
+                        let reason = format!("duplicate utt_id `{}` (also {other})", u.utt_id);
+                        eprintln!("{}: rejected {}: {reason}", io.stage(), u.source);
+                        self.rejects.push(RejectEntry { source: u.source, reason });
+                    } else {
+                        match self.index.sample_rate {
+                            None => self.index.sample_rate = Some(u.sample_rate),
+                            Some(r) if r != u.sample_rate => {
+                                return Err(StageError::failed(format!("{}: sample rate {} differs from the shards' {r} Hz", u.source, u.sample_rate)));
+                            }
+                            _ => {}
+                        }
+                        self.ids.insert(u.utt_id.clone(), u.source.clone());
+                        self.pending_bytes += u.samples.len() as f64 * bytes_per_sample;
+                        self.rows.push(u);
+                    }
+                }
+            }
+            if self.pending_bytes >= target {
+                self.flush()?;
+            }
+        }
+        self.flush()?;
+        self.index.complete = true;
+        self.index.save(&self.p.dir).map_err(|e| StageError::io(format!("cannot write {}", self.p.dir.join(INDEX_FILE).display()), e))?;
+        self.write_tables()?;
+        let rows: u64 = self.index.shards.iter().map(|s| s.rows).sum();
+        let rejected: usize = self.index.shards.iter().map(|s| s.rejects.len()).sum();
+        let hours: f64 = self.index.shards.iter().map(|s| s.duration_s).sum::<f64>() / 3600.0;
+        eprintln!(
+            "{}: {} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}",
+            io.stage(),
+            self.index.shards.iter().filter(|s| s.file.is_some()).count(),
+            self.p.dir.display()
+        );
+        Ok(())
+    }
+}
+
+/// Parameters of `shards.read`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardsReadParams {
+    /// Shard directory written by `shards.write`.
+    pub dir: PathBuf,
+    /// Passes over the data.
+    pub epochs: u32,
+    /// Shuffle shard order and the utterances within each shard, per epoch, from the stage's seed.
+    pub shuffle: bool,
+}
+
+impl Default for ShardsReadParams {
+    fn default() -> Self {
+        ShardsReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false }
+    }
+}
+
+impl Params for ShardsReadParams {
+    fn check(&self) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        if self.dir.as_os_str().is_empty() {
+            e.push(ParamError::new("dir", "required: a shard directory written by shards.write"));
+        }
+        if self.epochs == 0 {
+            e.push(ParamError::new("epochs", "must be at least 1"));
+        }
+        e
+    }
+}
+
+/// Reads every utterance of one shard file.
+pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(64).build())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
+        let err = |c: &str| format!("{}: column `{c}` is missing or of the wrong type", path.display());
+        let ids = string_col(&b, "utt_id").map_err(|_| err("utt_id"))?;
+        let spk = string_col(&b, "speaker").map_err(|_| err("speaker"))?;
+        let src = string_col(&b, "source").map_err(|_| err("source"))?;
+        let trn = string_col(&b, "transcript").map_err(|_| err("transcript"))?;
+        let sr = b.column_by_name("sample_rate").and_then(|c| c.as_any().downcast_ref::<Int32Array>()).ok_or_else(|| err("sample_rate"))?;
+        let audio = b.column_by_name("audio").and_then(|c| c.as_any().downcast_ref::<ListArray>()).ok_or_else(|| err("audio"))?;
+        for i in 0..b.num_rows() {
+            let a = audio.value(i);
+            let samples: Vec<f32> = if let Some(x) = a.as_any().downcast_ref::<Int16Array>() {
+                x.values().iter().map(|&v| v as f32 / 32768.0).collect()
+            } else if let Some(x) = a.as_any().downcast_ref::<Float32Array>() {
+                x.values().to_vec()
+            } else {
+                return Err(err("audio"));
+            };
+            out.push(Utterance {
+                utt_id: ids.value(i).to_string(),
+                speaker: (!spk.is_null(i)).then(|| spk.value(i).to_string()),
+                source: src.value(i).to_string(),
+                transcript: (!trn.is_null(i)).then(|| trn.value(i).to_string()),
+                sample_rate: sr.value(i).max(0) as u32,
+                samples,
+                epoch,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The `shards.read` stage.
+pub struct ShardsRead {
+    p: ShardsReadParams,
+    seed: u64,
+    files: Vec<PathBuf>,
+}
+
+impl StageDef for ShardsRead {
+    type Params = ShardsReadParams;
+    const KIND: &'static str = "shards.read";
+    const DOC: &'static str = "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard.";
+
+    fn inputs() -> Vec<Port> {
+        vec![]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![Port::cloneable::<Utterance>("out", "utterances, epoch by epoch")]
+    }
+    fn validate(p: &ShardsReadParams, _ctx: &StageContext) -> Vec<ParamError> {
+        match ShardIndex::load(&p.dir) {
+            Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the prep that writes it has not finished; rerun it to complete the shards", p.dir.display()))],
+            Ok(Some(_)) => vec![],
+            Ok(None) => vec![ParamError::new("dir", format!("no shard index at {}: run the prep spec first", p.dir.join(INDEX_FILE).display()))],
+            Err(e) => vec![ParamError::new("dir", e)],
+        }
+    }
+    fn create(p: &ShardsReadParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        let index = ShardIndex::load(&p.dir).map_err(StageError::Failed)?.ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
+        let files = index.shards.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
+        Ok(ShardsRead { p: p.clone(), seed: ctx.seed, files })
+    }
+}
+
+impl Stage for ShardsRead {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        io.progress().set_length(self.files.len() as u64 * self.p.epochs as u64, "shards");
+        for epoch in 0..self.p.epochs {
+            let mut order: Vec<usize> = (0..self.files.len()).collect();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            if self.p.shuffle {
+                order.shuffle(&mut rng);
+            }
+            for i in order {
+                let mut utts = read_shard(&self.files[i], epoch).map_err(StageError::Failed)?;
+                if self.p.shuffle {
+                    utts.shuffle(&mut rng);
+                }
+                for u in utts {
+                    io.send(0, u)?;
+                }
+                io.progress().inc(1);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+//! Helpers for the end-to-end tests: run the `ehmam` binary and read what it wrote.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `ehmam ARGS` from the repository root.
+pub fn ehmam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ehmam")).args(args).current_dir(root()).env("CI", "true").output().expect("cannot start ehmam")
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Runs `ehmam` and asserts success.
+pub fn ok(args: &[&str]) -> String {
+    let o = ehmam(args);
+    assert!(o.status.success(), "ehmam {args:?} failed:\n{}", text(&o));
+    assert!(!text(&o).contains("panicked"), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Query as CSV rows (header dropped).
+pub fn query_csv(dirs: &[&Path], sql: &str) -> Vec<Vec<String>> {
+    let mut args: Vec<String> = vec!["query".into(), "--format".into(), "csv".into()];
+    args.extend(dirs.iter().map(|d| d.display().to_string()));
+    args.push(sql.into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(&a);
+    out.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+}
+
+/// Every file below `dir` with its bytes, by relative path.
+pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, d: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        let mut es: Vec<PathBuf> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.path()).collect();
+        es.sort();
+        for p in es {
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push((p.strip_prefix(base).unwrap().display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Copies a directory tree.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        let dst = to.join(e.file_name());
+        if p.is_dir() {
+            copy_tree(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}
