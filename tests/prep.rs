@@ -159,10 +159,10 @@ fn a_finished_prep_rerun_does_nothing_and_a_changed_format_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (run, shards) = (tmp.path().join("run"), tmp.path().join("shards"));
     prep(&run, &shards, &[]);
-    let before = tree_bytes(&shards);
+    let before = tree_hashes(&shards);
     let log = prep(&run, &shards, &[]);
     assert!(log.contains("resuming"), "{log}");
-    assert_eq!(before, tree_bytes(&shards));
+    assert_eq!(before, tree_hashes(&shards));
     let o = ehmam(&[
         "run",
         "specs/prep.yaml",

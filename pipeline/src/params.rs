@@ -46,6 +46,7 @@ pub fn parse_params<P: Params>(with: &Value) -> Result<P, Vec<ParamError>> {
     };
     let mut errors = Vec::new();
     let known: Vec<String> = defaults.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+    let mut all = defaults.clone();
     for (k, v) in &given {
         let Some(name) = k.as_str() else {
             errors.push(ParamError::new("", "parameter names must be strings"));
@@ -60,25 +61,31 @@ pub fn parse_params<P: Params>(with: &Value) -> Result<P, Vec<ParamError>> {
         // Check this field alone over the defaults, so that each mistyped field is reported.
         let mut one = defaults.clone();
         one.insert(k.clone(), v.clone());
-        if let Err(e) = serde_path_to_error::deserialize::<_, P>(Value::Mapping(one)) {
-            let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() { name.to_string() } else { path };
-            errors.push(ParamError::new(field, clean_message(&e.inner().to_string())));
+        match serde_path_to_error::deserialize::<_, P>(Value::Mapping(one)) {
+            Ok(_) => {
+                all.insert(k.clone(), v.clone());
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = if path == "." || path.is_empty() { name.to_string() } else { path };
+                errors.push(ParamError::new(field, clean_message(&e.inner().to_string())));
+            }
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let mut all = defaults;
-    for (k, v) in given {
-        all.insert(k, v);
-    }
-    let p: P = serde_path_to_error::deserialize(Value::Mapping(all)).map_err(|e| vec![ParamError::new(e.path().to_string(), clean_message(&e.inner().to_string()))])?;
-    let errors = p.check();
-    if errors.is_empty() {
-        Ok(p)
-    } else {
-        Err(errors)
+    // Range checks over the well-typed fields, so that they are reported alongside.
+    match serde_path_to_error::deserialize::<_, P>(Value::Mapping(all)) {
+        Ok(p) => {
+            errors.extend(p.check());
+            if errors.is_empty() {
+                Ok(p)
+            } else {
+                Err(errors)
+            }
+        }
+        Err(e) => {
+            errors.push(ParamError::new(e.path().to_string(), clean_message(&e.inner().to_string())));
+            Err(errors)
+        }
     }
 }
 

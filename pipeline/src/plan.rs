@@ -63,7 +63,7 @@ pub fn stage_seed(seed: u64, stage: &str) -> u64 {
 
 /// Validates a spec against the registry; returns the plan or every error found.
 pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
-    let mut errs: Vec<SpecError> = Vec::new();
+    let mut errs: Vec<SpecError> = spec.errors.clone();
     let loc = spec.locator.clone();
     if spec.device.starts_with("cuda") && !registry.cuda {
         errs.push(loc.error(

@@ -72,6 +72,8 @@ pub struct Spec {
     pub resolved: Value,
     /// Where errors point to.
     pub locator: Locator,
+    /// Structural errors found while loading; `validate` reports them with its own.
+    pub errors: Vec<SpecError>,
 }
 
 /// Finds the line of a YAML path in the spec file(s), for error messages.
@@ -390,10 +392,7 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         }
         Some(other) => errs.push(locator.error("stages", format!("must be a mapping of stage name → stage, found {}", type_name(other)))),
     }
-    if !errs.is_empty() {
-        return Err(SpecErrors(errs));
-    }
-    Ok(Spec { name, description, run_dir, seed, device, channel_capacity, model, stages, resolved: value, locator })
+    Ok(Spec { name, description, run_dir, seed, device, channel_capacity, model, stages, resolved: value, locator, errors: errs })
 }
 
 fn describe(v: &Value) -> String {
@@ -528,11 +527,9 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
             }
         },
     };
-    if errs.len() > before {
-        // Keep going with what is usable so that later checks still report their own errors.
-        if kind.is_empty() {
-            return None;
-        }
+    // Keep going with what is usable so that later checks still report their own errors.
+    if errs.len() > before && kind.is_empty() {
+        return None;
     }
     Some(StageSpec { id: id.to_string(), kind, from, with, workers, capacity })
 }
@@ -704,7 +701,7 @@ mod tests {
     #[test]
     fn structural_errors_are_all_reported() {
         let text = "name: t\nseedd: 1\nstages:\n  a: { kind: x, workers: 0, wiht: {} }\n  b: 5\n";
-        let errs = load_str(text, "t.yaml", &[]).unwrap_err().0;
+        let errs = load_str(text, "t.yaml", &[]).unwrap().errors;
         let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert!(msgs.iter().any(|m| m.contains("seedd") && m.contains("did you mean `seed`")), "{msgs:?}");
         assert!(msgs.iter().any(|m| m.contains("stages.a.workers") && m.contains("t.yaml:4")), "{msgs:?}");

@@ -17,7 +17,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use parquet::format::KeyValue;
+use parquet::file::metadata::KeyValue;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -171,7 +171,7 @@ fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, 
     let level = ZstdLevel::try_new(zstd_level).map_err(|e| e.to_string())?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
-        .set_max_row_group_size(row_group_rows.max(1))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .set_key_value_metadata(Some(vec![
             KeyValue::new("ehmam.audio_format".to_string(), format.name().to_string()),
             KeyValue::new("ehmam.audio_scale".to_string(), match format {

@@ -53,6 +53,11 @@ pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Every file below `dir` with the BLAKE3 hash of its bytes, by relative path (printable).
+pub fn tree_hashes(dir: &Path) -> Vec<(String, String)> {
+    tree_bytes(dir).into_iter().map(|(n, b)| (n, blake3::hash(&b).to_hex().to_string())).collect()
+}
+
 /// Copies a directory tree.
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -1,0 +1,92 @@
+//! The command line: validation errors, the stage listing, manifests, reading shards back.
+
+mod common;
+use common::*;
+
+#[test]
+fn validate_prints_every_error_and_exits_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "name: bad\nstages:\n  decode:\n    kind: audio.decod\n  shards:\n    kind: shards.write\n    from: decoder\n    with:\n      dir: x\n      target_mb: -1\n      zstd: 3\n  read: { kind: shards.read, workers: 0, with: { dir: /nonexistent, epochs: many } }\n",
+    )
+    .unwrap();
+    let o = ehmam(&["validate", bad.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    for needle in [
+        "bad.yaml:4: stages.decode.kind: unknown stage kind `audio.decod` (did you mean `audio.decode`",
+        "bad.yaml:7: stages.shards.from: `decoder` is not a stage",
+        "bad.yaml:10: stages.shards.with.target_mb: must be > 0",
+        "bad.yaml:11: stages.shards.with.zstd: unknown parameter (did you mean `zstd_level`",
+        "bad.yaml:12: stages.read.workers: must be at least 1",
+        "bad.yaml:12: stages.read.with.epochs",
+    ] {
+        assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
+    }
+    // Invalid YAML and an empty file.
+    std::fs::write(&bad, "name: x\nstages: {a: [\n").unwrap();
+    let o = ehmam(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("invalid YAML"), "{}", text(&o));
+    std::fs::write(&bad, "\n# nothing\n").unwrap();
+    let o = ehmam(&["run", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("the spec is empty"), "{}", text(&o));
+    // A bad override is named as such.
+    let o = ehmam(&["validate", "specs/prep.yaml", "--set", "stages.decode.with.sample_rate=fast"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("--set: stages.decode.with.sample_rate"), "{}", text(&o));
+    assert!(ok(&["validate", "specs/prep.yaml"]).contains("ok"));
+}
+
+#[test]
+fn stages_lists_kinds_ports_and_parameters() {
+    let out = ok(&["stages"]);
+    for needle in ["audio.decode", "shards.write", "shards.read", "outputs: out (Decoded)", "min_seconds", "layout", "auto|dir|librispeech|manifest", "target_mb"] {
+        assert!(out.contains(needle), "missing {needle} in\n{out}");
+    }
+}
+
+#[test]
+fn a_fairseq_manifest_is_read_in_order_with_missing_files_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = root().join("tests/fixtures/audio");
+    let manifest = tmp.path().join("train.tsv");
+    std::fs::write(
+        &manifest,
+        format!("{}\nwav_s16_mono_16k.wav\t9600\nflac_s24_stereo_48k.flac\t28800\nmissing.wav\t100\nmp3_mono_22k.mp3\tlots\nogg_vorbis_stereo_44k.ogg\t26460\n", fx.display()),
+    )
+    .unwrap();
+    let spec = tmp.path().join("m.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: m\nrun_dir: {}\nstages:\n  decode: {{ kind: audio.decode, with: {{ input: {} }} }}\n  shards: {{ kind: shards.write, from: decode, with: {{ dir: {} }} }}\n  read: {{ kind: shards.read, with: {{ dir: {} }} }}\n",
+            tmp.path().join("run").display(),
+            manifest.display(),
+            tmp.path().join("shards").display(),
+            tmp.path().join("shards").display()
+        ),
+    )
+    .unwrap();
+    // shards.read on a directory that does not exist yet is refused before anything runs.
+    let o = ehmam(&["run", spec.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("run the prep spec first"), "{}", text(&o));
+    let s = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, s.lines().filter(|l| !l.contains("read:")).collect::<Vec<_>>().join("\n")).unwrap();
+    ok(&["run", spec.to_str().unwrap()]);
+    let run = tmp.path().join("run");
+    let utts = query_csv(&[&run], "SELECT utt_id, source, num_samples FROM utterances ORDER BY shard, utt_id");
+    let ids: Vec<&str> = utts.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids, ["flac_s24_stereo_48k", "ogg_vorbis_stereo_44k", "wav_s16_mono_16k"]);
+    // Resampled to 16 kHz: 0.6 s each.
+    assert!(utts.iter().all(|r| r[2] == "9600"), "{utts:?}");
+    let rejects = query_csv(&[&run], "SELECT source, reason FROM rejects ORDER BY source");
+    assert_eq!(rejects.len(), 2, "{rejects:?}");
+    assert!(rejects[0][0] == "missing.wav" && rejects[0][1].contains("missing: manifest line 4"), "{rejects:?}");
+    assert!(rejects[1][0] == "mp3_mono_22k.mp3" && rejects[1][1].contains("num_samples"), "{rejects:?}");
+}
