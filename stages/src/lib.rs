@@ -2,6 +2,7 @@
 
 pub mod audio;
 pub mod decode;
+pub mod fbank;
 pub mod shards;
 pub mod sql;
 pub mod types;
@@ -14,6 +15,7 @@ pub fn registry() -> Registry {
     r.with::<decode::AudioDecode>();
     r.with::<shards::ShardsWrite>();
     r.with::<shards::ShardsRead>();
+    r.with::<fbank::FeaturesFbank>();
     r.cuda = cfg!(feature = "cuda");
     r
 }

@@ -83,3 +83,67 @@ fn read_back_every_epoch_shuffled_by_seed() {
     sorted.sort();
     assert_eq!(p0, sorted);
 }
+
+static FEATS: Mutex<Vec<(String, usize, usize, f64, f32)>> = Mutex::new(Vec::new());
+
+struct FeatSink;
+impl pipeline::StageDef for FeatSink {
+    type Params = pipeline::NoParams;
+    const KIND: &'static str = "test.featsink";
+    const DOC: &'static str = "records features";
+    fn inputs() -> Vec<pipeline::Port> {
+        vec![pipeline::Port::of::<stages::fbank::Features>("in", "features")]
+    }
+    fn outputs() -> Vec<pipeline::Port> {
+        vec![]
+    }
+    fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
+        Ok(FeatSink)
+    }
+}
+impl pipeline::Stage for FeatSink {
+    fn run(&mut self, io: &mut pipeline::StageIo) -> Result<(), pipeline::StageError> {
+        while let Some(f) = io.recv::<stages::fbank::Features>(0)? {
+            let mean = f.data.iter().sum::<f32>() / f.data.len().max(1) as f32;
+            FEATS.lock().unwrap().push((f.utt_id, f.num_frames, f.dim, f.frame_rate, mean));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn shards_to_fbank_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
+    let yaml = format!(
+        "name: f\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}\n",
+        tmp.path().join("p").display(),
+        demo.display(),
+        tmp.path().join("shards").display()
+    );
+    let plan = pipeline::validate(pipeline::load_str(&yaml, "p.yaml", &[]).unwrap(), &stages::registry()).unwrap();
+    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    let mut reg = stages::registry();
+    reg.with::<FeatSink>();
+    let yaml = format!(
+        "name: g\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 3 }}\n  s: {{ kind: test.featsink, from: fb }}\n",
+        tmp.path().join("g").display(),
+        tmp.path().join("shards").display()
+    );
+    let plan = pipeline::validate(pipeline::load_str(&yaml, "g.yaml", &[]).unwrap(), &reg).unwrap();
+    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    let feats = FEATS.lock().unwrap().clone();
+    assert_eq!(feats.len(), 160);
+    let ids: Vec<&String> = feats.iter().map(|f| &f.0).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "order kept behind 3 workers");
+    for (id, frames, dim, rate, mean) in &feats {
+        assert_eq!(*dim, 160, "{id}");
+        assert_eq!(*rate, 50.0, "{id}");
+        // 2–3.4 s utterances → 100–170 stacked frames; normalised features have mean ≈ 0 (not
+        // exactly: stacking drops an odd last frame after normalisation).
+        assert!((100..=170).contains(frames), "{id}: {frames}");
+        assert!(mean.abs() < 0.05, "{id}: mean {mean}");
+    }
+}
