@@ -1,6 +1,7 @@
 //! ehmam's speech stages. Each stage kind is one module; [`registry`] is the table of them.
 
 pub mod audio;
+pub mod batch;
 pub mod decode;
 pub mod fbank;
 pub mod shards;
@@ -16,6 +17,7 @@ pub fn registry() -> Registry {
     r.with::<shards::ShardsWrite>();
     r.with::<shards::ShardsRead>();
     r.with::<fbank::FeaturesFbank>();
+    r.with::<batch::BatchByDuration>();
     r.cuda = cfg!(feature = "cuda");
     r
 }
