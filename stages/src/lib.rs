@@ -4,6 +4,7 @@ pub mod audio;
 pub mod batch;
 pub mod decode;
 pub mod fbank;
+pub mod features_io;
 pub mod shards;
 pub mod sql;
 pub mod types;
@@ -17,6 +18,9 @@ pub fn registry() -> Registry {
     r.with::<shards::ShardsWrite>();
     r.with::<shards::ShardsRead>();
     r.with::<fbank::FeaturesFbank>();
+    r.with::<features_io::FeaturesWaveform>();
+    r.with::<features_io::FeaturesWrite>();
+    r.with::<features_io::FeaturesRead>();
     r.with::<batch::BatchByDuration>();
     r.cuda = cfg!(feature = "cuda");
     r

@@ -199,7 +199,7 @@ fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, 
     hash_file(&path)
 }
 
-fn hash_file(path: &Path) -> Result<(u64, String), String> {
+pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok((bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
 }
