@@ -1,11 +1,11 @@
-//! Prep throughput: decode + resample + shard, in audio-seconds per wall-second, with one worker
-//! and with all cores, side by side with ffmpeg decoding the same files to 16 kHz mono s16 PCM.
-//!
-//!   cargo bench --bench prep                 # the demo corpus
-//!   cargo bench --bench prep -- DIR [REPS]   # any directory of audio
-//!
-//! ffmpeg runs one process per file (as a shell loop or a `parallel` job would), N at a time;
-//! its output goes to a pipe that is read and dropped. If ffmpeg is missing its rows are skipped.
+// Prep throughput: decode + resample + shard, in audio-seconds per wall-second, with one worker
+// and with all cores, side by side with ffmpeg decoding the same files to 16 kHz mono s16 PCM.
+//
+//   cargo bench --bench prep                 # the demo corpus
+//   cargo bench --bench prep -- DIR [REPS]   # any directory of audio
+//
+// ffmpeg runs one process per file (as a shell loop or a `parallel` job would), N at a time;
+// its output goes to a pipe that is read and dropped. If ffmpeg is missing its rows are skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
