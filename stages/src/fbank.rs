@@ -327,7 +327,7 @@ pub enum Normalize {
     /// Mean and variance per bin over each utterance.
     #[default]
     Utterance,
-    /// Corpus statistics computed by a stats stage (not available yet).
+    /// Corpus mean and variance per dimension, from a `features.stats` run (`stats` file).
     Global,
     None,
 }
@@ -343,11 +343,20 @@ pub struct FbankParams {
     pub normalize: Normalize,
     /// Consecutive frames stacked into one (2: 100 Hz → 50 Hz); 1 = no stacking.
     pub stack: usize,
+    /// With `normalize: global`: the statistics file written by `features.stats`
+    /// (default: `feature_stats.json` in this run's directory).
+    pub stats: Option<std::path::PathBuf>,
 }
 
 impl Default for FbankParams {
     fn default() -> Self {
-        FbankParams { kaldi: FbankOptions::default(), normalize: Normalize::Utterance, stack: 2 }
+        FbankParams { kaldi: FbankOptions::default(), normalize: Normalize::Utterance, stack: 2, stats: None }
+    }
+}
+
+impl FbankParams {
+    fn stats_path(&self, ctx: &StageContext) -> std::path::PathBuf {
+        self.stats.clone().unwrap_or_else(|| ctx.run_dir.join(crate::features_io::STATS_FILE))
     }
 }
 
@@ -364,8 +373,8 @@ impl Params for FbankParams {
         if self.stack == 0 {
             e.push(ParamError::new("stack", "must be at least 1 (1 = no stacking)"));
         }
-        if self.normalize == Normalize::Global {
-            e.push(ParamError::new("normalize", "`global` needs corpus statistics from a stats stage, which this build does not have yet; use `utterance` or `none`"));
+        if self.stats.is_some() && self.normalize != Normalize::Global {
+            e.push(ParamError::new("stats", "only used with `normalize: global`"));
         }
         e
     }
@@ -376,6 +385,8 @@ pub struct FeaturesFbank {
     p: FbankParams,
     seed: u64,
     fbank: Option<(u32, Fbank)>,
+    /// Global (mean, 1/std) per output dimension.
+    global: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl StageDef for FeaturesFbank {
@@ -390,8 +401,29 @@ impl StageDef for FeaturesFbank {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Features>("out", "features, one item per utterance")]
     }
+    fn validate(p: &FbankParams, ctx: &StageContext) -> Vec<ParamError> {
+        if p.normalize != Normalize::Global {
+            return Vec::new();
+        }
+        let path = p.stats_path(ctx);
+        match crate::features_io::FeatureStats::load(&path) {
+            Ok(st) if st.dim != p.kaldi.num_mel_bins * p.stack => vec![ParamError::new(
+                "stats",
+                format!("{} holds statistics of {}-dimensional features; this stage makes {} × {} = {}", path.display(), st.dim, p.kaldi.num_mel_bins, p.stack, p.kaldi.num_mel_bins * p.stack),
+            )],
+            Ok(_) => Vec::new(),
+            Err(e) => vec![ParamError::new("stats", format!("{e}; run a spec with `features.stats` (over `normalize: none` features) first"))],
+        }
+    }
     fn create(p: &FbankParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        Ok(FeaturesFbank { p: p.clone(), seed: ctx.seed, fbank: None })
+        let global = if p.normalize == Normalize::Global {
+            let st = crate::features_io::FeatureStats::load(&p.stats_path(ctx)).map_err(StageError::Failed)?;
+            let inv = st.var.iter().map(|&v| (1.0 / (v + 1e-10).sqrt()) as f32).collect();
+            Some((st.mean.iter().map(|&m| m as f32).collect(), inv))
+        } else {
+            None
+        };
+        Ok(FeaturesFbank { p: p.clone(), seed: ctx.seed, fbank: None, global })
     }
 }
 
@@ -420,7 +452,14 @@ impl FeaturesFbank {
         if self.p.normalize == Normalize::Utterance {
             normalize_utterance(&mut data, frames, dim);
         }
-        let (frames, data) = stack(&data, frames, dim, self.p.stack);
+        let (frames, mut data) = stack(&data, frames, dim, self.p.stack);
+        if let Some((mean, inv)) = &self.global {
+            for row in data.chunks_exact_mut(mean.len()) {
+                for ((x, m), s) in row.iter_mut().zip(mean).zip(inv) {
+                    *x = (*x - m) * s;
+                }
+            }
+        }
         Ok(Features {
             utt_id: u.utt_id.clone(),
             speaker: u.speaker.clone(),

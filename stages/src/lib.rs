@@ -21,6 +21,7 @@ pub fn registry() -> Registry {
     r.with::<features_io::FeaturesWaveform>();
     r.with::<features_io::FeaturesWrite>();
     r.with::<features_io::FeaturesRead>();
+    r.with::<features_io::FeaturesStats>();
     r.with::<batch::BatchByDuration>();
     r.cuda = cfg!(feature = "cuda");
     r

@@ -93,3 +93,78 @@ fn stored_features_read_back_identical_and_batch() {
     }
     assert!(batches.iter().all(|b| b.frames * b.size() <= 16 * 50 && b.dim == 160 && b.frames <= 150));
 }
+
+static FEATS: Mutex<Vec<stages::fbank::Features>> = Mutex::new(Vec::new());
+
+struct FeatSink;
+impl pipeline::StageDef for FeatSink {
+    type Params = pipeline::NoParams;
+    const KIND: &'static str = "test.feats";
+    const DOC: &'static str = "records features";
+    fn inputs() -> Vec<pipeline::Port> {
+        vec![pipeline::Port::of::<stages::fbank::Features>("in", "features")]
+    }
+    fn outputs() -> Vec<pipeline::Port> {
+        vec![]
+    }
+    fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
+        Ok(FeatSink)
+    }
+}
+impl pipeline::Stage for FeatSink {
+    fn run(&mut self, io: &mut pipeline::StageIo) -> Result<(), pipeline::StageError> {
+        while let Some(f) = io.recv::<stages::fbank::Features>(0)? {
+            FEATS.lock().unwrap().push(f);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn global_statistics_normalise_the_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
+    let shards = tmp.path().join("shards");
+    go(&format!(
+        "name: a\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}\n",
+        tmp.path().join("a").display(),
+        demo.display(),
+        shards.display()
+    ));
+    let stats = tmp.path().join("stats");
+    // Global normalisation without statistics is refused before anything runs.
+    let refused = format!(
+        "name: n\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, with: {{ normalize: global }} }}\n",
+        stats.display(),
+        shards.display()
+    );
+    let errs = pipeline::validate(pipeline::load_str(&refused, "n.yaml", &[]).unwrap(), &stages::registry()).err().unwrap();
+    assert!(errs.to_string().contains("features.stats"), "{errs}");
+    go(&format!(
+        "name: s\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 2, with: {{ normalize: none }} }}\n  st: {{ kind: features.stats, from: fb }}\n",
+        stats.display(),
+        shards.display()
+    ));
+    let st = stages::features_io::FeatureStats::load(&stats.join("feature_stats.json")).unwrap();
+    assert_eq!((st.dim, st.utterances), (160, 160));
+    let mut reg = stages::registry();
+    reg.with::<FeatSink>();
+    let yaml = format!(
+        "name: g\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, with: {{ normalize: global, stats: {} }} }}\n  s: {{ kind: test.feats, from: fb }}\n",
+        tmp.path().join("g").display(),
+        shards.display(),
+        stats.join("feature_stats.json").display()
+    );
+    let plan = pipeline::validate(pipeline::load_str(&yaml, "g.yaml", &[]).unwrap(), &reg).unwrap();
+    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    let feats = FEATS.lock().unwrap().clone();
+    // Over the whole corpus every dimension now has mean 0 and variance 1.
+    let n: usize = feats.iter().map(|f| f.num_frames).sum();
+    for d in [0usize, 40, 79, 80, 159] {
+        let xs: Vec<f64> = feats.iter().flat_map(|f| f.data.chunks_exact(160).map(move |r| r[d] as f64)).collect();
+        assert_eq!(xs.len(), n);
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 1e-3 && (var - 1.0).abs() < 1e-3, "dim {d}: mean {mean}, var {var}");
+    }
+}
