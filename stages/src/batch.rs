@@ -44,11 +44,14 @@ pub struct BatchParams {
     pub buffer: usize,
     /// Shuffle the batches of each buffer (seeded); off keeps length order.
     pub shuffle: bool,
+    /// Continue a stream after a consumed batch (`position.after()`); the reader must start at
+    /// the same epoch and `start` index (`shards.read`'s `start_epoch` / `start_index`).
+    pub resume_from: Option<DataPosition>,
 }
 
 impl Default for BatchParams {
     fn default() -> Self {
-        BatchParams { max_seconds: 32.0, max_frames: None, min_utt_seconds: 1.0, max_utt_seconds: 8.0, crop: CropMode::Shortest, buffer: 256, shuffle: true }
+        BatchParams { max_seconds: 32.0, max_frames: None, min_utt_seconds: 1.0, max_utt_seconds: 8.0, crop: CropMode::Shortest, buffer: 256, shuffle: true, resume_from: None }
     }
 }
 
@@ -77,11 +80,37 @@ impl Params for BatchParams {
     }
 }
 
+/// Where a batch comes from in the data stream, enough to regenerate the stream from there
+/// without re-reading the epoch from its start: the batcher's randomness is drawn per epoch,
+/// per utterance and per buffer, never from one running stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataPosition {
+    pub epoch: u32,
+    /// Index, in the epoch's utterance order, of the first utterance of this batch's buffer.
+    pub start: u64,
+    /// Buffer number within the epoch.
+    pub flush: u64,
+    /// Batch number within the buffer.
+    pub index: u64,
+    /// The batch's step.
+    pub step: u64,
+}
+
+impl DataPosition {
+    /// The position to resume from once this batch has been consumed.
+    pub fn after(&self) -> DataPosition {
+        DataPosition { index: self.index + 1, step: self.step + 1, ..*self }
+    }
+}
+
 /// A batch: `size × frames × dim` features, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// 0-based index of the batch in the run.
     pub step: u64,
+    /// Where it comes from (for resuming the data stream).
+    pub position: DataPosition,
     pub epoch: u32,
     pub utt_ids: Vec<String>,
     /// Where each member starts in its utterance's features (frames); seconds = offset / frame_rate.
@@ -116,17 +145,58 @@ struct Item {
 /// The batching logic, independent of the engine (tested directly).
 pub struct Batcher {
     p: BatchParams,
+    seed: u64,
     rng: rand_chacha::ChaCha8Rng,
     buffer: Vec<Item>,
     epoch: Option<u32>,
     step: u64,
+    /// Utterances pushed in this epoch (dropped ones included).
+    index: u64,
+    /// Epoch index of the first utterance of the current buffer.
+    buffer_start: u64,
+    /// Buffers cut in this epoch.
+    flushes: u64,
+    /// Batches of the next buffer to drop (resuming inside a buffer).
+    skip: u64,
     /// Utterances dropped for length.
     pub dropped: u64,
 }
 
+fn mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ c.wrapping_mul(0x94D0_49BB_1331_11EB);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl Batcher {
     pub fn new(p: &BatchParams, seed: u64) -> Self {
-        Batcher { p: p.clone(), rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), buffer: Vec::new(), epoch: None, step: 0, dropped: 0 }
+        Batcher {
+            p: p.clone(),
+            seed,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            buffer: Vec::new(),
+            epoch: None,
+            step: 0,
+            index: 0,
+            buffer_start: 0,
+            flushes: 0,
+            skip: 0,
+            dropped: 0,
+        }
+    }
+
+    /// A batcher that continues the stream at `pos` (from [`DataPosition::after`] of the last
+    /// batch consumed). Feed it the epoch's utterances from index `pos.start` on.
+    pub fn resume(p: &BatchParams, seed: u64, pos: DataPosition) -> Self {
+        let mut b = Batcher::new(p, seed);
+        b.epoch = Some(pos.epoch);
+        b.index = pos.start;
+        b.buffer_start = pos.start;
+        b.flushes = pos.flush;
+        b.skip = pos.index;
+        b.step = pos.step;
+        b
     }
 
     fn budget(&self, frame_rate: f64) -> usize {
@@ -138,8 +208,15 @@ impl Batcher {
         let mut out = Vec::new();
         if self.epoch.is_some_and(|e| e != f.epoch) {
             out.extend(self.flush());
+            self.index = 0;
+            self.buffer_start = 0;
+            self.flushes = 0;
         }
         self.epoch = Some(f.epoch);
+        // Crops of this utterance draw from its own stream (epoch, index in the epoch).
+        let i = self.index;
+        self.index += 1;
+        self.rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(self.seed, f.epoch as u64, i, 0));
         let min = (self.p.min_utt_seconds * f.frame_rate).ceil() as usize;
         let max = ((self.p.max_utt_seconds * f.frame_rate).floor() as usize).min(self.budget(f.frame_rate)).max(1);
         if f.num_frames < min.max(1) {
@@ -162,9 +239,16 @@ impl Batcher {
     /// Cuts the buffer into batches (at the end of an epoch or of the input).
     pub fn flush(&mut self) -> Vec<Batch> {
         let mut items = std::mem::take(&mut self.buffer);
+        let (start, flush) = (self.buffer_start, self.flushes);
+        self.buffer_start = self.index;
+        self.flushes += 1;
         if items.is_empty() {
+            self.skip = 0;
             return Vec::new();
         }
+        // This buffer's batching draws from its own stream (epoch, buffer number).
+        let epoch = self.epoch.unwrap_or(0);
+        self.rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, flush, 1));
         // Sort by length (ties by id, so the order never depends on arrival).
         items.sort_by(|a, b| a.f.num_frames.cmp(&b.f.num_frames).then_with(|| a.f.utt_id.cmp(&b.f.utt_id)));
         let budget = self.budget(items[0].f.frame_rate);
@@ -187,10 +271,24 @@ impl Batcher {
         if self.p.shuffle {
             groups.shuffle(&mut self.rng);
         }
-        groups.into_iter().map(|g| self.make(g)).collect()
+        let skip = std::mem::take(&mut self.skip) as usize;
+        let mut out = Vec::new();
+        for (j, g) in groups.into_iter().enumerate() {
+            // Crops are drawn even for skipped batches, so the stream stays the same.
+            let b = self.make(g, DataPosition { epoch, start, flush, index: j as u64, step: 0 });
+            if j >= skip {
+                out.push(b);
+            }
+        }
+        for b in &mut out {
+            b.step = self.step;
+            b.position.step = self.step;
+            self.step += 1;
+        }
+        out
     }
 
-    fn make(&mut self, mut g: Vec<Item>) -> Batch {
+    fn make(&mut self, mut g: Vec<Item>, position: DataPosition) -> Batch {
         // Members in a stable order within the batch.
         g.sort_by(|a, b| a.f.utt_id.cmp(&b.f.utt_id));
         let dim = g[0].f.dim;
@@ -220,10 +318,9 @@ impl Batcher {
                 lengths.push(frames);
             }
         }
-        let step = self.step;
-        self.step += 1;
         Batch {
-            step,
+            step: 0,
+            position,
             epoch,
             utt_ids: g.iter().map(|i| i.f.utt_id.clone()).collect(),
             offsets,
@@ -254,7 +351,11 @@ impl StageDef for BatchByDuration {
         vec![Port::cloneable::<Batch>("out", "batches")]
     }
     fn create(p: &BatchParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        Ok(BatchByDuration { batcher: Batcher::new(p, ctx.seed) })
+        let batcher = match p.resume_from {
+            Some(pos) => Batcher::resume(p, ctx.seed, pos),
+            None => Batcher::new(p, ctx.seed),
+        };
+        Ok(BatchByDuration { batcher })
     }
 }
 

@@ -509,12 +509,38 @@ pub struct ShardsReadParams {
     pub epochs: u32,
     /// Shuffle shard order and the utterances within each shard, per epoch, from the stage's seed.
     pub shuffle: bool,
+    /// Start at this epoch (resuming a run; earlier epochs are not read).
+    pub start_epoch: u32,
+    /// Start at this index of `start_epoch`'s utterance order (resuming inside an epoch: the
+    /// shards before it are not read).
+    pub start_index: u64,
 }
 
 impl Default for ShardsReadParams {
     fn default() -> Self {
-        ShardsReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false }
+        ShardsReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false, start_epoch: 0, start_index: 0 }
     }
+}
+
+/// The utterance order of one epoch: (shard, row permutation) in reading order. A pure function
+/// of the seed, the epoch and the shards' row counts, so a resumed run finds its place without
+/// reading anything before it.
+pub fn epoch_order(seed: u64, epoch: u32, rows: &[u64], shuffle: bool) -> Vec<(usize, Vec<usize>)> {
+    let stream = |a: u64, b: u64| rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    if shuffle {
+        order.shuffle(&mut stream(epoch as u64 + 1, u64::MAX));
+    }
+    order
+        .into_iter()
+        .map(|k| {
+            let mut perm: Vec<usize> = (0..rows[k] as usize).collect();
+            if shuffle {
+                perm.shuffle(&mut stream(epoch as u64 + 1, k as u64));
+            }
+            (k, perm)
+        })
+        .collect()
 }
 
 impl Params for ShardsReadParams {
@@ -525,6 +551,9 @@ impl Params for ShardsReadParams {
         }
         if self.epochs == 0 {
             e.push(ParamError::new("epochs", "must be at least 1"));
+        }
+        if self.start_epoch >= self.epochs.max(1) {
+            e.push(ParamError::new("start_epoch", format!("must be below epochs ({}), got {}", self.epochs, self.start_epoch)));
         }
         e
     }
@@ -574,12 +603,13 @@ pub struct ShardsRead {
     p: ShardsReadParams,
     seed: u64,
     files: Vec<PathBuf>,
+    rows: Vec<u64>,
 }
 
 impl StageDef for ShardsRead {
     type Params = ShardsReadParams;
     const KIND: &'static str = "shards.read";
-    const DOC: &'static str = "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard.";
+    const DOC: &'static str = "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard; `start_epoch`/`start_index` resume inside the stream.";
 
     fn inputs() -> Vec<Port> {
         vec![]
@@ -597,28 +627,36 @@ impl StageDef for ShardsRead {
     }
     fn create(p: &ShardsReadParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let index = ShardIndex::load(&p.dir).map_err(StageError::Failed)?.ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
-        let files = index.shards.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
-        Ok(ShardsRead { p: p.clone(), seed: ctx.seed, files })
+        let with_files: Vec<&ShardEntry> = index.shards.iter().filter(|s| s.file.is_some()).collect();
+        let files = with_files.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
+        let rows = with_files.iter().map(|s| s.rows).collect();
+        Ok(ShardsRead { p: p.clone(), seed: ctx.seed, files, rows })
     }
 }
 
 impl Stage for ShardsRead {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        io.progress().set_length(self.files.len() as u64 * self.p.epochs as u64, "shards");
-        for epoch in 0..self.p.epochs {
-            let mut order: Vec<usize> = (0..self.files.len()).collect();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            if self.p.shuffle {
-                order.shuffle(&mut rng);
-            }
-            for i in order {
-                let mut utts = read_shard(&self.files[i], epoch).map_err(StageError::Failed)?;
-                if self.p.shuffle {
-                    utts.shuffle(&mut rng);
+        io.progress().set_length(self.files.len() as u64 * (self.p.epochs - self.p.start_epoch) as u64, "shards");
+        for epoch in self.p.start_epoch..self.p.epochs {
+            let mut skip = if epoch == self.p.start_epoch { self.p.start_index } else { 0 };
+            for (k, perm) in epoch_order(self.seed, epoch, &self.rows, self.p.shuffle) {
+                if skip >= perm.len() as u64 {
+                    // Resuming: this whole shard lies before the start; not even opened.
+                    skip -= perm.len() as u64;
+                    io.progress().inc(1);
+                    continue;
                 }
-                for u in utts {
-                    io.send(0, u)?;
+                let utts = read_shard(&self.files[k], epoch).map_err(StageError::Failed)?;
+                if utts.len() != perm.len() {
+                    return Err(StageError::failed(format!("{}: {} rows, the index says {}", self.files[k].display(), utts.len(), perm.len())));
                 }
+                let mut slots: Vec<Option<Utterance>> = utts.into_iter().map(Some).collect();
+                for &r in perm.iter().skip(skip as usize) {
+                    if let Some(u) = slots[r].take() {
+                        io.send(0, u)?;
+                    }
+                }
+                skip = 0;
                 io.progress().inc(1);
             }
         }

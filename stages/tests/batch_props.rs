@@ -46,7 +46,7 @@ proptest! {
         pad in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let p = BatchParams { max_seconds, max_frames: None, min_utt_seconds: min_utt, max_utt_seconds: max_utt, crop: if pad { CropMode::Pad } else { CropMode::Shortest }, buffer, shuffle: true };
+        let p = BatchParams { max_seconds, max_frames: None, min_utt_seconds: min_utt, max_utt_seconds: max_utt, crop: if pad { CropMode::Pad } else { CropMode::Shortest }, buffer, shuffle: true, resume_from: None };
         let (batches, dropped) = run(&lens, epochs, &p, seed);
         let budget = (max_seconds * 50.0).floor() as usize;
         let min = (min_utt * 50.0).ceil() as usize;
@@ -82,6 +82,22 @@ proptest! {
         prop_assert!(batches.iter().enumerate().all(|(i, b)| b.step == i as u64));
         let (again, _) = run(&lens, epochs, &p, seed);
         prop_assert_eq!(&batches, &again);
+        // Resuming after any batch, feeding only the utterances from its buffer's start on,
+        // continues with exactly the batches an uninterrupted run makes.
+        if !batches.is_empty() {
+            let k = (seed as usize) % batches.len();
+            let pos = batches[k].position.after();
+            let mut resumed = Vec::new();
+            let mut b = Batcher::resume(&p, seed, pos);
+            for e in pos.epoch..epochs {
+                let from = if e == pos.epoch { pos.start as usize } else { 0 };
+                for (u, &n) in lens.iter().enumerate().skip(from) {
+                    resumed.extend(b.push(utt(u, n, e)));
+                }
+            }
+            resumed.extend(b.flush());
+            prop_assert_eq!(&resumed[..], &batches[k + 1..]);
+        }
     }
 }
 

@@ -168,3 +168,37 @@ fn global_statistics_normalise_the_corpus() {
         assert!(mean.abs() < 1e-3 && (var - 1.0).abs() < 1e-3, "dim {d}: mean {mean}, var {var}");
     }
 }
+
+#[test]
+fn the_data_stream_resumes_mid_epoch_without_rereading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
+    let shards = tmp.path().join("shards");
+    go(&format!(
+        "name: a\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 0.5 }} }}\n",
+        tmp.path().join("a").display(),
+        demo.display(),
+        shards.display()
+    ));
+    let spec = |extra_read: &str, extra_batch: &str| {
+        format!(
+            "name: t\nseed: 3\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {}, epochs: 3, shuffle: true{extra_read} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 2 }}\n  b: {{ kind: batch.by_duration, from: fb, with: {{ max_seconds: 12, max_utt_seconds: 3, buffer: 40{extra_batch} }} }}\n  s: {{ kind: test.batchsink, from: b }}\n",
+            tmp.path().join("t").display(),
+            shards.display()
+        )
+    };
+    BATCHES.lock().unwrap().clear();
+    go(&spec("", ""));
+    let full = std::mem::take(&mut *BATCHES.lock().unwrap());
+    // Stop after a batch in the middle of epoch 1, then resume from its position.
+    let k = full.iter().position(|b| b.epoch == 1 && b.position.start > 0).unwrap() + 1;
+    let pos = full[k].position.after();
+    assert!(pos.start > 0, "resume inside the epoch: {pos:?}");
+    go(&spec(
+        &format!(", start_epoch: {}, start_index: {}", pos.epoch, pos.start),
+        &format!(", resume_from: {{ epoch: {}, start: {}, flush: {}, index: {}, step: {} }}", pos.epoch, pos.start, pos.flush, pos.index, pos.step),
+    ));
+    let resumed = std::mem::take(&mut *BATCHES.lock().unwrap());
+    assert_eq!(resumed.len(), full.len() - k - 1);
+    assert!(resumed == full[k + 1..], "the resumed stream differs from the uninterrupted one");
+}
