@@ -4,31 +4,11 @@ use pipeline::{CancelToken, RunOptions};
 use stages::features_io::normalize_waveform;
 use std::sync::Mutex;
 
+mod common;
+
 static BATCHES: Mutex<Vec<stages::batch::Batch>> = Mutex::new(Vec::new());
 
-struct BatchSink;
-impl pipeline::StageDef for BatchSink {
-    type Params = pipeline::NoParams;
-    const KIND: &'static str = "test.batchsink";
-    const DOC: &'static str = "records batches";
-    fn inputs() -> Vec<pipeline::Port> {
-        vec![pipeline::Port::of::<stages::batch::Batch>("in", "batches")]
-    }
-    fn outputs() -> Vec<pipeline::Port> {
-        vec![]
-    }
-    fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
-        Ok(BatchSink)
-    }
-}
-impl pipeline::Stage for BatchSink {
-    fn run(&mut self, io: &mut pipeline::StageIo) -> Result<(), pipeline::StageError> {
-        while let Some(b) = io.recv::<stages::batch::Batch>(0)? {
-            BATCHES.lock().unwrap().push(b);
-        }
-        Ok(())
-    }
-}
+sink!(BatchSink, stages::batch::Batch, BATCHES, "test.batchsink", |b| b);
 
 fn go(yaml: &str) {
     let mut reg = stages::registry();
@@ -96,29 +76,7 @@ fn stored_features_read_back_identical_and_batch() {
 
 static FEATS: Mutex<Vec<stages::fbank::Features>> = Mutex::new(Vec::new());
 
-struct FeatSink;
-impl pipeline::StageDef for FeatSink {
-    type Params = pipeline::NoParams;
-    const KIND: &'static str = "test.feats";
-    const DOC: &'static str = "records features";
-    fn inputs() -> Vec<pipeline::Port> {
-        vec![pipeline::Port::of::<stages::fbank::Features>("in", "features")]
-    }
-    fn outputs() -> Vec<pipeline::Port> {
-        vec![]
-    }
-    fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
-        Ok(FeatSink)
-    }
-}
-impl pipeline::Stage for FeatSink {
-    fn run(&mut self, io: &mut pipeline::StageIo) -> Result<(), pipeline::StageError> {
-        while let Some(f) = io.recv::<stages::fbank::Features>(0)? {
-            FEATS.lock().unwrap().push(f);
-        }
-        Ok(())
-    }
-}
+sink!(FeatSink, stages::fbank::Features, FEATS, "test.feats", |f| f);
 
 #[test]
 fn global_statistics_normalise_the_corpus() {

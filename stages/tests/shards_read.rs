@@ -3,31 +3,11 @@
 use pipeline::{CancelToken, RunOptions};
 use std::sync::Mutex;
 
+mod common;
+
 static SEEN: Mutex<Vec<(u32, String, usize)>> = Mutex::new(Vec::new());
 
-struct Sink;
-impl pipeline::StageDef for Sink {
-    type Params = pipeline::NoParams;
-    const KIND: &'static str = "test.sink";
-    const DOC: &'static str = "records utterances";
-    fn inputs() -> Vec<pipeline::Port> {
-        vec![pipeline::Port::of::<stages::types::Utterance>("in", "utterances")]
-    }
-    fn outputs() -> Vec<pipeline::Port> {
-        vec![]
-    }
-    fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
-        Ok(Sink)
-    }
-}
-impl pipeline::Stage for Sink {
-    fn run(&mut self, io: &mut pipeline::StageIo) -> Result<(), pipeline::StageError> {
-        while let Some(u) = io.recv::<stages::types::Utterance>(0)? {
-            SEEN.lock().unwrap().push((u.epoch, u.utt_id, u.samples.len()));
-        }
-        Ok(())
-    }
-}
+sink!(Sink, stages::types::Utterance, SEEN, "test.sink", |u| (u.epoch, u.utt_id, u.samples.len()));
 
 fn run(yaml: &str) -> Vec<(u32, String, usize)> {
     SEEN.lock().unwrap().clear();
@@ -86,30 +66,10 @@ fn read_back_every_epoch_shuffled_by_seed() {
 
 static FEATS: Mutex<Vec<(String, usize, usize, f64, f32)>> = Mutex::new(Vec::new());
 
-struct FeatSink;
-impl pipeline::StageDef for FeatSink {
-    type Params = pipeline::NoParams;
-    const KIND: &'static str = "test.featsink";
-    const DOC: &'static str = "records features";
-    fn inputs() -> Vec<pipeline::Port> {
-        vec![pipeline::Port::of::<stages::fbank::Features>("in", "features")]
-    }
-    fn outputs() -> Vec<pipeline::Port> {
-        vec![]
-    }
-    fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
-        Ok(FeatSink)
-    }
-}
-impl pipeline::Stage for FeatSink {
-    fn run(&mut self, io: &mut pipeline::StageIo) -> Result<(), pipeline::StageError> {
-        while let Some(f) = io.recv::<stages::fbank::Features>(0)? {
-            let mean = f.data.iter().sum::<f32>() / f.data.len().max(1) as f32;
-            FEATS.lock().unwrap().push((f.utt_id, f.num_frames, f.dim, f.frame_rate, mean));
-        }
-        Ok(())
-    }
-}
+sink!(FeatSink, stages::fbank::Features, FEATS, "test.featsink", |f| {
+    let mean = f.data.iter().sum::<f32>() / f.data.len().max(1) as f32;
+    (f.utt_id, f.num_frames, f.dim, f.frame_rate, mean)
+});
 
 #[test]
 fn shards_to_fbank_end_to_end() {
