@@ -481,7 +481,10 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         // Output ports: direct to consumers, or through a relay that restores order.
         let window = if multi_worker && !node.outputs.is_empty() {
             Some(Arc::new(Window {
-                next: node.outputs.iter().map(|_| AtomicU64::new(0)).collect(),
+                // Unconnected ports have no relay: they never hold workers back.
+                next: (0..node.outputs.len())
+                    .map(|pi| AtomicU64::new(if plan.consumers(ni, pi).is_empty() { u64::MAX / 2 } else { 0 }))
+                    .collect(),
                 size: (node.capacity * (node.workers + 1)).max(4) as u64,
                 lock: Mutex::new(()),
                 cv: Condvar::new(),
@@ -504,7 +507,10 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
                     .name(format!("{}-relay", node.id))
                     .spawn(move || {
                         let Some(w) = w else { return };
-                        match relay(rrx, out, w, pi, c) {
+                        let result = relay(rrx, out, w.clone(), pi, c);
+                        // However the relay ended, it no longer holds the workers back.
+                        w.advance(pi, u64::MAX / 2);
+                        match result {
                             Ok(()) | Err(StageError::Cancelled) | Err(StageError::Closed) => {}
                             Err(e) => rec(&id, &kind, e.to_string()),
                         }

@@ -469,3 +469,11 @@ fn stages_listing_shows_ports_and_documented_parameters() {
     assert!(text.contains("outputs: out (u64)"), "{text}");
     assert!(text.contains("sleep_ms  integer = 0  Sleep per item (ms)."), "{text}");
 }
+
+#[test]
+fn a_parallel_stage_with_an_unconnected_output_does_not_stall() {
+    // No consumer for `sq`: its workers must not wait for a relay that does not exist.
+    let summary = run_spec("name: t\nchannel_capacity: 2\nstages:\n  nums: { kind: test.nums, with: { n: 200 } }\n  sq: { kind: test.square, from: nums, workers: 3 }\n").unwrap();
+    let sq = summary.stages.iter().find(|s| s.stage == "sq").unwrap();
+    assert_eq!((sq.items_in, sq.items_out), (200, 200));
+}
