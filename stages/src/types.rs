@@ -37,3 +37,92 @@ pub enum Decoded {
     Utterance(Utterance),
     Rejected(Reject),
 }
+
+/// The teacher's output (method §1.3–1.4): a batch with its targets and the teacher's predicted
+/// loss of every frame. What every `mask.*` stage takes.
+#[derive(Debug, Clone)]
+pub struct Taught {
+    pub batch: crate::batch::Batch,
+    /// Targets `y`: `size × frames × target_dim`, row-major (average of the instance-normalised
+    /// FFN outputs of the top-K teacher blocks).
+    pub targets: std::sync::Arc<Vec<f32>>,
+    pub target_dim: usize,
+    /// Teacher's predicted loss `lp`, `size × frames`.
+    pub pred_loss: Vec<f32>,
+    /// Version of the teacher weights used: the number of student updates they include.
+    pub teacher_version: u64,
+}
+
+/// A masked batch (method §4): what every `mask.*` stage emits and `student` takes.
+#[derive(Debug, Clone)]
+pub struct Masked {
+    pub taught: Taught,
+    /// `size × frames`, true where the frame is hidden from the student. Every row has exactly
+    /// `masked_per_row` true (trimmed to the batch minimum).
+    pub mask: Vec<bool>,
+    /// `size × frames`, true where a masked frame lies in a span whose start was chosen by
+    /// predicted hardness (not at random). Always a subset of `mask`.
+    pub hard: Vec<bool>,
+    pub masked_per_row: usize,
+    /// Hard ratio `r` used for this batch (0 for purely random masking).
+    pub hard_ratio: f32,
+    /// Spans drawn per row before trimming (`S`) and how many of them were hard (`S_hard`).
+    pub spans: Vec<usize>,
+    pub hard_spans: Vec<usize>,
+    /// The mask stage kind that made it (`mask.easy_to_hard`, …).
+    pub strategy: String,
+}
+
+/// One student update, for `log.steps` (method §1.10 health metrics included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub epoch: u32,
+    pub lr: f64,
+    /// Joint loss `L` as optimised (method §1.9).
+    pub loss: f64,
+    pub loss_rec: f64,
+    /// `L_aux_raw` as normalised in the joint loss (divided by N, or by the pair count).
+    pub loss_aux: f64,
+    /// EMA decay applied after this update.
+    pub tau: f64,
+    pub hard_ratio: f64,
+    pub masked_frac: f64,
+    /// Frames in the batch (size × frames).
+    pub frames: u64,
+    pub utterances: u64,
+    pub audio_s: f64,
+    pub step_ms: f64,
+    /// Mean over channels of the per-channel std of targets / student reconstructions over masked
+    /// frames.
+    pub target_std: f64,
+    pub pred_std: f64,
+    /// Share of masked pairs (distinct losses) the student's loss predictor orders like the actual
+    /// per-frame losses.
+    pub rank_agreement: f64,
+    /// The same for the teacher's predicted losses.
+    pub teacher_rank_agreement: f64,
+    pub teacher_version: u64,
+}
+
+/// Frame-level view of one student update, for `log.frames`: row-major `size × frames` arrays.
+#[derive(Debug, Clone)]
+pub struct FrameRecord {
+    pub step: u64,
+    pub epoch: u32,
+    pub utt_ids: Vec<String>,
+    /// Crop offset of each member in its utterance's features, in frames.
+    pub offsets: Vec<usize>,
+    pub frame_rate: f64,
+    pub frames: usize,
+    pub mask: Vec<bool>,
+    pub hard: Vec<bool>,
+    pub teacher_pred: Vec<f32>,
+    pub student_pred: Vec<f32>,
+    /// Per-frame reconstruction loss `ℓ` (method §1.7); NaN where not masked.
+    pub recon_loss: Vec<f32>,
+    pub hard_ratio: f32,
+    /// The student's input features, `size × frames × feature_dim` (for plots).
+    pub features: std::sync::Arc<Vec<f32>>,
+    pub feature_dim: usize,
+}
