@@ -45,6 +45,18 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Export the trained encoder (front-end + transformer) of a run for downstream use:
+    /// OUT/encoder.safetensors and OUT/config.json, from the run's last checkpoint.
+    Export {
+        /// The run directory (runs/NAME).
+        run_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Export the EMA teacher's encoder instead of the student's.
+        #[arg(long)]
+        teacher: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +110,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if !quiet {
                 eprintln!("done in {:.1} s; run directory {}", summary.wall_s, summary.run_dir.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { run_dir, out, teacher } => {
+            let cfg = stages::train::export(&run_dir, &out, teacher)?;
+            println!(
+                "exported the {} encoder of {} at step {} ({} tensors, {} parameters) to {}",
+                cfg.weights,
+                run_dir.display(),
+                cfg.step,
+                cfg.tensors.len(),
+                stages::model::shapes_of(&cfg.model).iter().filter(|(n, _)| cfg.tensors.contains(n)).map(|(_, s)| s.iter().product::<usize>()).sum::<usize>(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Stages => {

@@ -18,7 +18,7 @@ pub use plan::{validate, Plan};
 pub use progress::Progress;
 pub use runtime::{run, CancelToken, RunOptions, RunSummary, StageIo};
 pub use spec::{load, load_str, Spec};
-pub use stage::{kind, Configured, Port, Registry, Stage, StageContext, StageDef, StageKind};
+pub use stage::{kind, Configured, Port, Registry, Shared, Stage, StageContext, StageDef, StageKind};
 pub use telemetry::StageReport;
 
 /// Re-exported so stage crates derive parameters with the same versions.

@@ -5,7 +5,8 @@ use schemars::JsonSchema;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_yaml::{Mapping, Value};
 
-/// An error in one parameter; `field` is the path inside the stage's `with:` block.
+/// An error in one parameter; `field` is the path inside the stage's `with:` block, or a path from
+/// the spec's top when it starts with `/` (`/model.encoder.dim`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamError {
     pub field: String,

@@ -64,6 +64,7 @@ pub fn stage_seed(seed: u64, stage: &str) -> u64 {
 /// Validates a spec against the registry; returns the plan or every error found.
 pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
     let mut errs: Vec<SpecError> = spec.errors.clone();
+    let shared = crate::stage::Shared::default();
     let loc = spec.locator.clone();
     if spec.device.starts_with("cuda") && !registry.cuda {
         errs.push(loc.error(
@@ -93,6 +94,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             device: spec.device.clone(),
             model: spec.model.clone(),
             workers: s.workers,
+            shared: shared.clone(),
         };
         if s.workers > 1 && !kind.parallel() {
             errs.push(loc.error(
@@ -104,8 +106,17 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             Ok(c) => partial.push(Some((kind.inputs(), kind.outputs(), kind.parallel(), kind.honors_skip(), c, ctx))),
             Err(pe) => {
                 for e in pe {
-                    let path = if e.field.is_empty() { format!("{base}.with") } else { format!("{base}.with.{}", e.field) };
-                    errs.push(loc.error(&path, e.message));
+                    // A field starting with `/` is a path from the spec's top (`/model.encoder.dim`):
+                    // reported once even when several stages read that block.
+                    let path = match e.field.strip_prefix('/') {
+                        Some(abs) => abs.to_string(),
+                        None if e.field.is_empty() => format!("{base}.with"),
+                        None => format!("{base}.with.{}", e.field),
+                    };
+                    let err = loc.error(&path, e.message);
+                    if !errs.contains(&err) {
+                        errs.push(err);
+                    }
                 }
                 // Ports are still known: check the connections too.
                 partial.push(None);

@@ -74,6 +74,29 @@ pub struct StageContext {
     /// The spec's `model:` block, shared by the model stages.
     pub model: Option<Value>,
     pub workers: usize,
+    /// State shared by the stages of one plan (one per validated spec), for stages that must meet
+    /// outside the channels (a learner publishing weights to the stage that uses them).
+    pub shared: Shared,
+}
+
+/// A type map shared by all stages of one plan: `get_or_insert` hands every caller the same value
+/// for a key. A new plan starts empty, so nothing leaks between runs in one process.
+#[derive(Clone, Default)]
+pub struct Shared(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<dyn Any + Send + Sync>>>>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+impl Shared {
+    /// The value under `key`, made by `make` on first use. `None` if the key holds another type.
+    pub fn get_or_insert<T: Any + Send + Sync>(&self, key: &str, make: impl FnOnce() -> T) -> Option<std::sync::Arc<T>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let v = map.entry(key.to_string()).or_insert_with(|| std::sync::Arc::new(make())).clone();
+        v.downcast::<T>().ok()
+    }
 }
 
 /// A running instance of a stage (one per worker).

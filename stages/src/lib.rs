@@ -5,8 +5,16 @@ pub mod batch;
 pub mod decode;
 pub mod fbank;
 pub mod features_io;
+pub mod logs;
+pub mod losses;
+pub mod model;
+pub mod optim;
+pub mod mask;
 pub mod shards;
 pub mod sql;
+pub mod student;
+pub mod teacher;
+pub mod train;
 pub mod types;
 
 use pipeline::Registry;
@@ -23,6 +31,13 @@ pub fn registry() -> Registry {
     r.with::<features_io::FeaturesRead>();
     r.with::<features_io::FeaturesStats>();
     r.with::<batch::BatchByDuration>();
+    r.with::<teacher::TeacherStage>();
+    r.with::<student::StudentStage>();
+    r.with::<mask::MaskEasyToHard>();
+    r.with::<mask::MaskRandom>();
+    r.with::<mask::MaskHard>();
+    r.with::<logs::LogFrames>();
+    r.with::<logs::LogSteps>();
     r.cuda = cfg!(feature = "cuda");
     r
 }

@@ -47,6 +47,9 @@ pub struct Taught {
     /// FFN outputs of the top-K teacher blocks).
     pub targets: std::sync::Arc<Vec<f32>>,
     pub target_dim: usize,
+    /// Model frames per member (50 Hz). Equals `batch.frames` for fbank features; fewer for
+    /// waveforms, which the CNN front-end strides by 320. Masks are `size × frames` of these.
+    pub frames: usize,
     /// Teacher's predicted loss `lp`, `size × frames`.
     pub pred_loss: Vec<f32>,
     /// Version of the teacher weights used: the number of student updates they include.

@@ -1,0 +1,849 @@
+//! `mask.easy_to_hard`, `mask.random`, `mask.hard`: the student's mask from the teacher's
+//! predicted losses (method §4). One port signature for all three (`in`: [`Taught`], `out`:
+//! [`Masked`]), so an ablation swaps the kind and nothing else.
+//!
+//! Follows EH-MAM (arXiv 2410.13179, §3.2.3, Alg. 1) as its code implements it
+//! (`ehmam: data_utils.py` `compute_mask_indices_ema_loss`; the random baseline is
+//! `fairseq: fairseq/data/data_utils.py` `compute_mask_indices`), method §4.1:
+//!
+//! ```text
+//! u ~ U[0,1)                                       once per batch (per row: mask.random, or padding)
+//! S      = max(1, floor(P·n/L + u))                spans of row b, n its valid frames
+//! range  = n − L, or S + 1 if that is ≤ S          random starts come from [0, range)
+//! S_rand = floor(S·(1 − r)),  S_hard = S − S_rand
+//! hard   = the S_hard frames with the largest predicted loss (ties: the earlier frame)
+//! rand   = S_rand of S distinct draws from [0, range), those equal to a hard start left out
+//! F_b    = ∪ {s, …, s+L−1} over hard ∪ rand, cut at n
+//! trim every F_b to m = min_b |F_b| frames (uniform random subset), then mask_dropout
+//! ```
+//!
+//! `unit: frame` is the paper-literal Alg. 1 (method §4.4): the top `floor(P·r·n)` frames plus
+//! `floor(P·(1−r)·n)` random others, as single frames, trimmed the same way.
+//!
+//! Padded batches: starts, spans and the hard ranking are restricted to each row's valid frames
+//! (`lengths`); padding is never masked. As in the code, the rounding draw `u` is then made per
+//! row. Trimming to the batch minimum makes every row of a padded batch mask as many frames as
+//! its shortest member allows.
+//!
+//! Randomness: one ChaCha8 stream per batch, seeded from the stage seed and the batch's `step`,
+//! so masks are reproducible and a resumed run draws the same masks without any saved state.
+
+use crate::types::{Masked, Taught};
+use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use schemars::JsonSchema;
+use serde::de::Error as _;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_yaml::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Pure masking
+// ---------------------------------------------------------------------------------------------
+
+/// What a mask is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskUnit {
+    /// Spans of `span` frames starting at hard and random starts (the code, method §4.1).
+    #[default]
+    Span,
+    /// Single frames: the top `P·r·n` by predicted loss plus `P·(1−r)·n` random (paper Alg. 1, §4.4).
+    Frame,
+}
+
+/// How the probabilistic-rounding draw `u` of `S = max(1, floor(P·n/L + u))` is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// One `u` for the whole batch (EH-MAM code without padding).
+    #[default]
+    PerBatch,
+    /// One `u` per row (fairseq `compute_mask_indices`, and EH-MAM code with padding).
+    PerRow,
+}
+
+/// The settings of one mask draw (everything but the hard ratio).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskSpec {
+    /// `P`: the share of frames to mask before overlaps, in (0, 1].
+    pub mask_prob: f64,
+    /// `L`: span length in frames, ≥ 1 (unused with `unit: frame`).
+    pub span: usize,
+    pub unit: MaskUnit,
+    /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
+    pub mask_dropout: f64,
+    pub rounding: Rounding,
+}
+
+impl Default for MaskSpec {
+    fn default() -> Self {
+        MaskSpec { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, rounding: Rounding::PerBatch }
+    }
+}
+
+impl MaskSpec {
+    /// Range checks, every problem reported (field names as the stages' parameters).
+    pub fn check(&self) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        if !(self.mask_prob > 0.0 && self.mask_prob <= 1.0) {
+            e.push(ParamError::new("mask_prob", format!("must be in (0, 1], got {}", self.mask_prob)));
+        }
+        if self.span == 0 {
+            e.push(ParamError::new("span", "must be at least 1 frame"));
+        }
+        if !(self.mask_dropout >= 0.0 && self.mask_dropout < 1.0) {
+            e.push(ParamError::new("mask_dropout", format!("must be in [0, 1), got {}", self.mask_dropout)));
+        }
+        e
+    }
+}
+
+/// A mask for one batch, with what went into it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskOut {
+    /// `size × frames`, true where masked; exactly `masked_per_row` true in every row.
+    pub mask: Vec<bool>,
+    /// `size × frames`, true where a masked frame lies in a span started by a hard start (for
+    /// `unit: frame`, where it is one of the top frames). A subset of `mask`.
+    pub hard: Vec<bool>,
+    pub masked_per_row: usize,
+    /// `S` per row: spans (or frames, `unit: frame`) drawn before trimming.
+    pub spans: Vec<usize>,
+    /// `S_hard` per row: the distinct hard starts (frames) among them.
+    pub hard_spans: Vec<usize>,
+    /// Hard starts per row, by descending predicted loss.
+    pub hard_starts: Vec<Vec<usize>>,
+    /// Random starts per row, ascending.
+    pub rand_starts: Vec<Vec<usize>>,
+    /// `|F_b|` per row: frames covered before trimming to the batch minimum.
+    pub covered: Vec<usize>,
+}
+
+/// Why a mask could not be drawn.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MaskError {
+    #[error("pred_loss has {got} values, expected size × frames = {size} × {frames}")]
+    PredLossShape { got: usize, size: usize, frames: usize },
+    #[error("lengths has {got} entries for a batch of {size}")]
+    LengthsShape { got: usize, size: usize },
+    #[error("row {row} has {length} valid frames, more than the batch's {frames}")]
+    LengthTooLong { row: usize, length: usize, frames: usize },
+    #[error("padding_mask disagrees with lengths in row {row} (padding must be the frames from lengths[row] on)")]
+    PaddingMismatch { row: usize },
+    #[error("hard ratio must be in [0, 1], got {0}")]
+    HardRatio(f64),
+    #[error("invalid mask settings: {0}")]
+    Spec(String),
+}
+
+/// `floor(x)` that absorbs the rounding error of a product of ratios (`50·(1 − 0.8)` is
+/// 9.999999999999998 in f64; the method means 10).
+fn floor_ratio(x: f64) -> usize {
+    (x + 1e-9 * x.abs().max(1.0)).floor().max(0.0) as usize
+}
+
+/// Number of spans of a row of `n` valid frames: `S = max(1, floor(P·n/L + u))` (method §4.1).
+pub fn num_spans(mask_prob: f64, n: usize, span: usize, u: f64) -> usize {
+    let s = (mask_prob * n as f64 / span.max(1) as f64 + u).floor();
+    (s.max(0.0) as usize).max(1)
+}
+
+/// Hard spans among `spans`: `S_hard = S − floor(S·(1 − r))` (method §4.1).
+pub fn num_hard(spans: usize, r: f64) -> usize {
+    spans - floor_ratio(spans as f64 * (1.0 - r)).min(spans)
+}
+
+/// Frames of the paper-literal variant (method §4.4): `(floor(P·r·n), floor(P·(1−r)·n))`.
+pub fn frame_counts(mask_prob: f64, n: usize, r: f64) -> (usize, usize) {
+    let hard = floor_ratio(mask_prob * r * n as f64).min(n);
+    let rand = floor_ratio(mask_prob * (1.0 - r) * n as f64).min(n - hard);
+    (hard, rand)
+}
+
+/// Indices of the `k` largest values of `lp`, largest first; ties go to the earlier frame and
+/// NaN counts as the smallest.
+pub fn top_k(lp: &[f32], k: usize) -> Vec<usize> {
+    let key = |i: usize| if lp[i].is_nan() { f32::NEG_INFINITY } else { lp[i] };
+    let mut idx: Vec<usize> = (0..lp.len()).collect();
+    idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    idx.truncate(k.min(lp.len()));
+    idx
+}
+
+/// `amount` distinct elements of `pool`, uniformly (`amount ≤ pool.len()`).
+fn choose<R: Rng + ?Sized>(rng: &mut R, pool: &[usize], amount: usize) -> Vec<usize> {
+    let amount = amount.min(pool.len());
+    rand::seq::index::sample(rng, pool.len(), amount).into_iter().map(|i| pool[i]).collect()
+}
+
+/// One row before trimming: the covered frames (ascending) and which of them are hard.
+struct Row {
+    frames: Vec<usize>,
+    hard_cover: Vec<bool>,
+    spans: usize,
+    hard_starts: Vec<usize>,
+    rand_starts: Vec<usize>,
+}
+
+/// Method §4.1 for one row of `lp.len()` valid frames.
+fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &mut R) -> Row {
+    let n = lp.len();
+    let l = spec.span;
+    let s = num_spans(spec.mask_prob, n, l, u);
+    // Random starts come from [0, range); the code widens it when the row is too short.
+    let range = if n > l && n - l > s { n - l } else { s + 1 };
+    let s_hard = num_hard(s, r);
+    let s_rand = s - s_hard;
+    let hard_starts = top_k(lp, s_hard);
+    let mut is_hard_start = vec![false; n];
+    for &h in &hard_starts {
+        is_hard_start[h] = true;
+    }
+    // S candidates, then S_rand of those that are not a hard start (only exact collisions are
+    // avoided; |cand \ hard| ≥ S − S_hard = S_rand always).
+    let cand = rand::seq::index::sample(rng, range, s).into_vec();
+    let pool: Vec<usize> = cand.into_iter().filter(|&c| !(c < n && is_hard_start[c])).collect();
+    let mut rand_starts = choose(rng, &pool, s_rand);
+    rand_starts.sort_unstable();
+    let mut cover = vec![false; n];
+    let mut hard_cover = vec![false; n];
+    for &st in &hard_starts {
+        for t in st..(st + l).min(n) {
+            cover[t] = true;
+            hard_cover[t] = true;
+        }
+    }
+    for &st in &rand_starts {
+        for t in st.min(n)..(st + l).min(n) {
+            cover[t] = true;
+        }
+    }
+    let frames = (0..n).filter(|&t| cover[t]).collect();
+    Row { frames, hard_cover, spans: s, hard_starts, rand_starts }
+}
+
+/// Method §4.4 for one row: single frames, the top ones plus random others.
+fn frame_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, rng: &mut R) -> Row {
+    let n = lp.len();
+    let (k_hard, k_rand) = frame_counts(spec.mask_prob, n, r);
+    let hard_starts = top_k(lp, k_hard);
+    let mut hard_cover = vec![false; n];
+    for &h in &hard_starts {
+        hard_cover[h] = true;
+    }
+    let others: Vec<usize> = (0..n).filter(|&t| !hard_cover[t]).collect();
+    let mut rand_starts = choose(rng, &others, k_rand);
+    rand_starts.sort_unstable();
+    let mut frames: Vec<usize> = hard_starts.iter().chain(&rand_starts).copied().collect();
+    frames.sort_unstable();
+    Row { frames, hard_cover, spans: k_hard + k_rand, hard_starts, rand_starts }
+}
+
+/// Draws the mask of one batch (method §4.1, or §4.4 with `unit: frame`).
+///
+/// `pred_loss` is `size × frames` row-major; row `b` has `lengths[b]` valid frames at its start
+/// (the rest is padding and is never masked). `r` is the hard ratio in [0, 1]. The draws come
+/// from `rng` only, in a fixed order, so the same stream gives the same mask.
+pub fn eh_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, lengths: &[usize], spec: &MaskSpec, r: f64, rng: &mut R) -> Result<MaskOut, MaskError> {
+    let problems = spec.check();
+    if !problems.is_empty() {
+        let msg = problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect::<Vec<_>>().join("; ");
+        return Err(MaskError::Spec(msg));
+    }
+    if !(0.0..=1.0).contains(&r) {
+        return Err(MaskError::HardRatio(r));
+    }
+    if Some(pred_loss.len()) != size.checked_mul(frames) {
+        return Err(MaskError::PredLossShape { got: pred_loss.len(), size, frames });
+    }
+    if lengths.len() != size {
+        return Err(MaskError::LengthsShape { got: lengths.len(), size });
+    }
+    if let Some(row) = lengths.iter().position(|&n| n > frames) {
+        return Err(MaskError::LengthTooLong { row, length: lengths[row], frames });
+    }
+
+    let batch_u: f64 = match (spec.unit, spec.rounding) {
+        (MaskUnit::Span, Rounding::PerBatch) => rng.random(),
+        _ => 0.0,
+    };
+    let mut rows = Vec::with_capacity(size);
+    for (b, &n) in lengths.iter().enumerate() {
+        let lp = &pred_loss[b * frames..b * frames + n];
+        let row = match spec.unit {
+            MaskUnit::Span => {
+                let u = if spec.rounding == Rounding::PerRow { rng.random() } else { batch_u };
+                span_row(lp, spec, r, u, rng)
+            }
+            MaskUnit::Frame => frame_row(lp, spec, r, rng),
+        };
+        rows.push(row);
+    }
+
+    // Trim every row to the batch minimum by a uniform random subset of its frames, then drop
+    // round(d·m) more (numpy's rint: ties to even).
+    let m = rows.iter().map(|r| r.frames.len()).min().unwrap_or(0);
+    let holes = (spec.mask_dropout * m as f64).round_ties_even() as usize;
+    let keep = m - holes.min(m);
+    let mut mask = vec![false; size * frames];
+    let mut hard = vec![false; size * frames];
+    let covered = rows.iter().map(|r| r.frames.len()).collect();
+    for (b, row) in rows.iter().enumerate() {
+        let mut kept = if row.frames.len() > m { choose(rng, &row.frames, m) } else { row.frames.clone() };
+        if keep < kept.len() {
+            kept = choose(rng, &kept, keep);
+        }
+        for t in kept {
+            mask[b * frames + t] = true;
+            hard[b * frames + t] = row.hard_cover[t];
+        }
+    }
+    Ok(MaskOut {
+        mask,
+        hard,
+        masked_per_row: keep,
+        spans: rows.iter().map(|r| r.spans).collect(),
+        hard_spans: rows.iter().map(|r| r.hard_starts.len()).collect(),
+        hard_starts: rows.iter().map(|r| r.hard_starts.clone()).collect(),
+        rand_starts: rows.into_iter().map(|r| r.rand_starts).collect(),
+        covered,
+    })
+}
+
+/// [`eh_mask`] with `unit: span` (method §4.1), whatever `spec.unit` says.
+pub fn span_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, lengths: &[usize], spec: &MaskSpec, r: f64, rng: &mut R) -> Result<MaskOut, MaskError> {
+    eh_mask(pred_loss, size, frames, lengths, &MaskSpec { unit: MaskUnit::Span, ..*spec }, r, rng)
+}
+
+/// [`eh_mask`] with `unit: frame` (method §4.4), whatever `spec.unit` says.
+pub fn frame_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, lengths: &[usize], spec: &MaskSpec, r: f64, rng: &mut R) -> Result<MaskOut, MaskError> {
+    eh_mask(pred_loss, size, frames, lengths, &MaskSpec { unit: MaskUnit::Frame, ..*spec }, r, rng)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hard ratio r (the easy-to-hard curriculum, method §4.2)
+// ---------------------------------------------------------------------------------------------
+
+/// How the hard ratio `r` moves during training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Curriculum {
+    /// `r(t) = min(1, t / ramp_updates) · r_max` (paper §3.2.3; the recommended default).
+    Linear { ramp_updates: u64, r_max: f64 },
+    /// `r = e / total_epochs` with `e` the 1-based epoch; `jump_to` once `r ≥ jump_at` (the code).
+    EpochClamped { total_epochs: u32, jump_at: f64, jump_to: f64 },
+    /// A fixed `r` (ablations; `mask.random` is 0, `mask.hard` is 1).
+    Constant { r: f64 },
+}
+
+/// Hard ratio `r` for a batch at update `step` (completed updates before it) in 0-based `epoch`
+/// (method §4.2). Always in [0, 1].
+pub fn hard_ratio(c: &Curriculum, step: u64, epoch: u32) -> f64 {
+    let r = match *c {
+        Curriculum::Linear { ramp_updates, r_max } => {
+            let ramp = if ramp_updates == 0 { 1.0 } else { (step as f64 / ramp_updates as f64).min(1.0) };
+            ramp * r_max
+        }
+        Curriculum::EpochClamped { total_epochs, jump_at, jump_to } => {
+            // ehmam: data_utils.py: keep_ratio = (current_epoch + 1) / total_epoch; ≥ 0.7 → 0.8.
+            // Capped at 1 first, so that `jump_at` above 1 means "never jump".
+            let r = ((epoch as f64 + 1.0) / total_epochs.max(1) as f64).min(1.0);
+            if r >= jump_at {
+                jump_to
+            } else {
+                r
+            }
+        }
+        Curriculum::Constant { r } => r,
+    };
+    if r.is_nan() {
+        0.0
+    } else {
+        r.clamp(0.0, 1.0)
+    }
+}
+
+/// Settings of `curriculum: epoch_clamped`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EpochClamped {
+    /// Epochs of the ramp (hard-coded 150 in the code).
+    pub total_epochs: u32,
+    /// Once `r` reaches this, it jumps to `jump_to`.
+    pub jump_at: f64,
+    pub jump_to: f64,
+}
+
+impl Default for EpochClamped {
+    fn default() -> Self {
+        EpochClamped { total_epochs: 150, jump_at: 0.7, jump_to: 0.8 }
+    }
+}
+
+/// Settings of `curriculum: constant`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ConstantArgs {
+    r: f64,
+}
+
+/// The `curriculum` parameter of `mask.easy_to_hard`.
+///
+/// In YAML: `linear` (uses the stage's `ramp_updates` and `r_max`), `epoch_clamped` (the code's
+/// preset), `{epoch_clamped: {total_epochs: 150, jump_at: 0.7, jump_to: 0.8}}` (any field may be
+/// left out), `{constant: {r: 0.5}}` or `{constant: 0.5}`. `{kind: constant, r: 0.5}` and the YAML
+/// tag form `!constant {r: 0.5}` are accepted too.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum CurriculumChoice {
+    #[default]
+    Linear,
+    EpochClamped(EpochClamped),
+    Constant(f64),
+}
+
+/// The curriculum names, for the parameter docs.
+#[derive(JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum CurriculumName {
+    Linear,
+    EpochClamped,
+    Constant,
+}
+
+const CURRICULA: &str = "linear, epoch_clamped or constant";
+
+impl CurriculumChoice {
+    /// Reads the YAML forms listed on the type.
+    pub fn from_value(v: Value) -> Result<Self, String> {
+        let (name, args) = match v {
+            Value::String(s) => (s, Value::Null),
+            Value::Tagged(t) => (t.tag.to_string().trim_start_matches('!').to_string(), t.value),
+            Value::Mapping(mut m) => {
+                if let Some(kind) = m.remove("kind") {
+                    let Some(kind) = kind.as_str().map(str::to_string) else {
+                        return Err(format!("`kind` must be a name: {CURRICULA}"));
+                    };
+                    (kind, if m.is_empty() { Value::Null } else { Value::Mapping(m) })
+                } else if m.len() == 1 {
+                    let Some((k, v)) = m.into_iter().next() else { return Err("empty mapping".into()) };
+                    let Some(k) = k.as_str().map(str::to_string) else {
+                        return Err(format!("expected a curriculum name ({CURRICULA}) as the key"));
+                    };
+                    (k, v)
+                } else {
+                    return Err(format!("expected a curriculum name ({CURRICULA}), or a mapping with one of them as its only key, e.g. {{constant: {{r: 0.5}}}}"));
+                }
+            }
+            _ => return Err(format!("expected a curriculum name ({CURRICULA}), or a mapping such as {{constant: {{r: 0.5}}}}")),
+        };
+        let empty = matches!(&args, Value::Null) || matches!(&args, Value::Mapping(m) if m.is_empty());
+        match name.as_str() {
+            "linear" if empty => Ok(CurriculumChoice::Linear),
+            "linear" => Err("linear takes no settings here: set `ramp_updates` and `r_max` on the stage".into()),
+            "epoch_clamped" if empty => Ok(CurriculumChoice::EpochClamped(EpochClamped::default())),
+            "epoch_clamped" => serde_yaml::from_value::<EpochClamped>(args).map(CurriculumChoice::EpochClamped).map_err(|e| format!("epoch_clamped: {}", clean(&e.to_string()))),
+            "constant" => match args {
+                Value::Number(n) => n.as_f64().map(CurriculumChoice::Constant).ok_or_else(|| "constant: r must be a number".to_string()),
+                Value::Null => Err("constant needs its ratio: write {constant: {r: 0.5}}".into()),
+                a => serde_yaml::from_value::<ConstantArgs>(a).map(|c| CurriculumChoice::Constant(c.r)).map_err(|e| format!("constant: {}", clean(&e.to_string()))),
+            },
+            other => Err(format!("unknown curriculum `{other}`; expected {CURRICULA}")),
+        }
+    }
+}
+
+fn clean(m: &str) -> String {
+    match m.find(" at line ") {
+        Some(i) => m[..i].to_string(),
+        None => m.to_string(),
+    }
+}
+
+impl<'de> Deserialize<'de> for CurriculumChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        CurriculumChoice::from_value(v).map_err(D::Error::custom)
+    }
+}
+
+impl Serialize for CurriculumChoice {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CurriculumChoice::Linear => s.serialize_str("linear"),
+            CurriculumChoice::EpochClamped(e) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("epoch_clamped", e)?;
+                m.end()
+            }
+            CurriculumChoice::Constant(r) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("constant", &ConstantArgs { r: *r })?;
+                m.end()
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+// ---------------------------------------------------------------------------------------------
+
+/// Parameters of `mask.random` and `mask.hard`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaskParams {
+    /// P: share of frames to mask before span overlaps and trimming, in (0, 1].
+    pub mask_prob: f64,
+    /// L: span length in frames (unit: span).
+    pub span: usize,
+    /// span (spans of L frames, as the code) or frame (single frames, the paper's Alg. 1).
+    pub unit: MaskUnit,
+    /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
+    pub mask_dropout: f64,
+}
+
+impl Default for MaskParams {
+    fn default() -> Self {
+        MaskParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0 }
+    }
+}
+
+impl MaskParams {
+    pub fn spec(&self, rounding: Rounding) -> MaskSpec {
+        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding }
+    }
+}
+
+impl Params for MaskParams {
+    fn check(&self) -> Vec<ParamError> {
+        self.spec(Rounding::PerBatch).check()
+    }
+}
+
+/// Parameters of `mask.easy_to_hard`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct EasyToHardParams {
+    /// P: share of frames to mask before span overlaps and trimming, in (0, 1].
+    pub mask_prob: f64,
+    /// L: span length in frames (unit: span).
+    pub span: usize,
+    /// span (spans of L frames, as the code) or frame (single frames, the paper's Alg. 1).
+    pub unit: MaskUnit,
+    /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
+    pub mask_dropout: f64,
+    /// How the hard ratio r grows: linear (r = min(1, step/ramp_updates)·r_max, the paper),
+    /// epoch_clamped (r = epoch/150, 0.8 once ≥ 0.7, the code; or {epoch_clamped: {total_epochs,
+    /// jump_at, jump_to}}), or {constant: {r: x}}.
+    #[schemars(with = "CurriculumName")]
+    pub curriculum: CurriculumChoice,
+    /// Updates over which the linear curriculum ramps r from 0 to r_max (set it to the run's
+    /// total updates).
+    pub ramp_updates: u64,
+    /// Final hard ratio of the linear curriculum, in [0, 1].
+    pub r_max: f64,
+}
+
+impl Default for EasyToHardParams {
+    fn default() -> Self {
+        EasyToHardParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, curriculum: CurriculumChoice::Linear, ramp_updates: 2000, r_max: 1.0 }
+    }
+}
+
+impl EasyToHardParams {
+    pub fn spec(&self) -> MaskSpec {
+        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding: Rounding::PerBatch }
+    }
+    /// The curriculum these parameters describe.
+    pub fn curriculum(&self) -> Curriculum {
+        match self.curriculum {
+            CurriculumChoice::Linear => Curriculum::Linear { ramp_updates: self.ramp_updates, r_max: self.r_max },
+            CurriculumChoice::EpochClamped(e) => Curriculum::EpochClamped { total_epochs: e.total_epochs, jump_at: e.jump_at, jump_to: e.jump_to },
+            CurriculumChoice::Constant(r) => Curriculum::Constant { r },
+        }
+    }
+}
+
+fn unit_interval(x: f64) -> bool {
+    (0.0..=1.0).contains(&x)
+}
+
+impl Params for EasyToHardParams {
+    fn check(&self) -> Vec<ParamError> {
+        let mut e = self.spec().check();
+        if self.ramp_updates == 0 {
+            e.push(ParamError::new("ramp_updates", "must be at least 1"));
+        }
+        if !unit_interval(self.r_max) {
+            e.push(ParamError::new("r_max", format!("must be in [0, 1], got {}", self.r_max)));
+        }
+        match self.curriculum {
+            CurriculumChoice::Linear => {}
+            CurriculumChoice::EpochClamped(c) => {
+                if c.total_epochs == 0 {
+                    e.push(ParamError::new("curriculum.total_epochs", "must be at least 1"));
+                }
+                if !(c.jump_at.is_finite() && c.jump_at > 0.0) {
+                    e.push(ParamError::new("curriculum.jump_at", format!("must be > 0, got {}", c.jump_at)));
+                }
+                if !unit_interval(c.jump_to) {
+                    e.push(ParamError::new("curriculum.jump_to", format!("must be in [0, 1], got {}", c.jump_to)));
+                }
+            }
+            CurriculumChoice::Constant(r) => {
+                if !unit_interval(r) {
+                    e.push(ParamError::new("curriculum.r", format!("must be in [0, 1], got {r}")));
+                }
+            }
+        }
+        e
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stages
+// ---------------------------------------------------------------------------------------------
+
+fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Domain tag of the mask streams ("mask").
+const MASK_STREAM: u64 = 0x6d61_736b;
+
+/// The masking logic of a stage, independent of the engine (tested directly).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Masker {
+    /// The stage kind, written to [`Masked::strategy`].
+    pub strategy: &'static str,
+    pub spec: MaskSpec,
+    pub curriculum: Curriculum,
+    pub seed: u64,
+}
+
+impl Masker {
+    pub fn easy_to_hard(p: &EasyToHardParams, seed: u64) -> Self {
+        Masker { strategy: MaskEasyToHard::KIND, spec: p.spec(), curriculum: p.curriculum(), seed }
+    }
+    /// data2vec 2.0's random masking: r ≡ 0, one rounding draw per row (method §4.5).
+    pub fn random(p: &MaskParams, seed: u64) -> Self {
+        Masker { strategy: MaskRandom::KIND, spec: p.spec(Rounding::PerRow), curriculum: Curriculum::Constant { r: 0.0 }, seed }
+    }
+    /// Hard-only masking: r ≡ 1 from step 0 (method §8).
+    pub fn hard(p: &MaskParams, seed: u64) -> Self {
+        Masker { strategy: MaskHard::KIND, spec: p.spec(Rounding::PerBatch), curriculum: Curriculum::Constant { r: 1.0 }, seed }
+    }
+
+    /// The random stream of the batch at `step`.
+    pub fn rng(&self, step: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(mix(self.seed, step, MASK_STREAM))
+    }
+
+    /// Masks one batch.
+    pub fn apply(&self, taught: Taught) -> Result<Masked, MaskError> {
+        let b = &taught.batch;
+        // Model frames (50 Hz): fewer than the batch's input frames for waveforms.
+        let (size, frames) = (b.size(), taught.frames);
+        if frames != b.frames && b.padding_mask.is_some() {
+            return Err(MaskError::Spec("padded batches of waveforms cannot be masked (use batch.by_duration crop: shortest)".into()));
+        }
+        let lengths: Vec<usize> = if frames == b.frames { b.lengths.clone() } else { vec![frames; size] };
+        let mut spec = self.spec;
+        if let Some(pad) = &b.padding_mask {
+            if Some(pad.len()) != size.checked_mul(frames) {
+                return Err(MaskError::Spec(format!("padding_mask has {} values, expected {size} × {frames}", pad.len())));
+            }
+            if b.lengths.len() == size {
+                for (row, &n) in b.lengths.iter().enumerate() {
+                    if n > frames || (0..frames).any(|t| pad[row * frames + t] != (t >= n)) {
+                        return Err(MaskError::PaddingMismatch { row });
+                    }
+                }
+            }
+        }
+        if b.padding_mask.is_some() || lengths.iter().any(|&n| n != frames) {
+            spec.rounding = Rounding::PerRow;
+        }
+        let r = hard_ratio(&self.curriculum, b.step, b.epoch);
+        let mut rng = self.rng(b.step);
+        let out = eh_mask(&taught.pred_loss, size, frames, &lengths, &spec, r, &mut rng)?;
+        Ok(Masked {
+            taught,
+            mask: out.mask,
+            hard: out.hard,
+            masked_per_row: out.masked_per_row,
+            hard_ratio: r as f32,
+            spans: out.spans,
+            hard_spans: out.hard_spans,
+            strategy: self.strategy.to_string(),
+        })
+    }
+}
+
+fn run_masker(m: &Masker, io: &mut StageIo) -> Result<(), StageError> {
+    while let Some(t) = io.recv::<Taught>(0)? {
+        let step = t.batch.step;
+        let masked = m.apply(t).map_err(|e| StageError::failed(format!("{}: batch at step {step}: {e}", io.stage())))?;
+        io.send(0, masked)?;
+    }
+    Ok(())
+}
+
+fn ports_in() -> Vec<Port> {
+    vec![Port::cloneable::<Taught>("in", "batches with the teacher's predicted losses")]
+}
+fn ports_out() -> Vec<Port> {
+    vec![Port::cloneable::<Masked>("out", "masked batches (exactly masked_per_row frames per row)")]
+}
+
+/// The `mask.easy_to_hard` stage.
+pub struct MaskEasyToHard {
+    masker: Masker,
+}
+
+impl StageDef for MaskEasyToHard {
+    type Params = EasyToHardParams;
+    const KIND: &'static str = "mask.easy_to_hard";
+    const DOC: &'static str = "EH-MAM easy-to-hard masking (method §4.1): spans of `span` frames, a share r(t) of them\nstarting at the frames with the largest predicted loss, the rest random; r follows `curriculum`.";
+    fn inputs() -> Vec<Port> {
+        ports_in()
+    }
+    fn outputs() -> Vec<Port> {
+        ports_out()
+    }
+    fn create(p: &EasyToHardParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        Ok(MaskEasyToHard { masker: Masker::easy_to_hard(p, ctx.seed) })
+    }
+}
+
+impl Stage for MaskEasyToHard {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        run_masker(&self.masker, io)
+    }
+}
+
+/// The `mask.random` stage.
+pub struct MaskRandom {
+    masker: Masker,
+}
+
+impl StageDef for MaskRandom {
+    type Params = MaskParams;
+    const KIND: &'static str = "mask.random";
+    const DOC: &'static str = "data2vec 2.0 random span masking (r ≡ 0, rounding drawn per row; method §4.5, §8 `random`).";
+    fn inputs() -> Vec<Port> {
+        ports_in()
+    }
+    fn outputs() -> Vec<Port> {
+        ports_out()
+    }
+    fn create(p: &MaskParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        Ok(MaskRandom { masker: Masker::random(p, ctx.seed) })
+    }
+}
+
+impl Stage for MaskRandom {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        run_masker(&self.masker, io)
+    }
+}
+
+/// The `mask.hard` stage.
+pub struct MaskHard {
+    masker: Masker,
+}
+
+impl StageDef for MaskHard {
+    type Params = MaskParams;
+    const KIND: &'static str = "mask.hard";
+    const DOC: &'static str = "Hard-only masking (r ≡ 1 from step 0; method §8 `hard_only`): every span starts at a\nframe with one of the largest predicted losses.";
+    fn inputs() -> Vec<Port> {
+        ports_in()
+    }
+    fn outputs() -> Vec<Port> {
+        ports_out()
+    }
+    fn create(p: &MaskParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        Ok(MaskHard { masker: Masker::hard(p, ctx.seed) })
+    }
+}
+
+impl Stage for MaskHard {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        run_masker(&self.masker, io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(p: f64, l: usize) -> MaskSpec {
+        MaskSpec { mask_prob: p, span: l, ..MaskSpec::default() }
+    }
+
+    #[test]
+    fn hard_spans_absorb_float_error() {
+        // 50·(1 − 0.8) is 9.999999999999998 in f64; the method means S_rand = 10.
+        assert_eq!(num_hard(50, 0.8), 40);
+        assert_eq!(num_hard(50, 0.0), 0);
+        assert_eq!(num_hard(50, 1.0), 50);
+        assert_eq!(num_hard(7, 0.5), 4); // S_rand = floor(3.5) = 3
+        assert_eq!(num_hard(1, 0.3), 1); // S_rand = floor(0.7) = 0
+    }
+
+    #[test]
+    fn num_spans_rounds_probabilistically() {
+        assert_eq!(num_spans(0.5, 500, 5, 0.0), 50);
+        assert_eq!(num_spans(0.5, 500, 5, 0.999), 50);
+        assert_eq!(num_spans(0.5, 101, 5, 0.0), 10); // 10.1
+        assert_eq!(num_spans(0.5, 101, 5, 0.95), 11); // 11.05
+        assert_eq!(num_spans(0.5, 3, 5, 0.1), 1); // max(1, 0)
+        assert_eq!(num_spans(0.5, 0, 5, 0.5), 1);
+    }
+
+    #[test]
+    fn top_k_ranks_ties_and_nan() {
+        let lp = [0.1, f32::NAN, 0.9, 0.9, 0.5];
+        assert_eq!(top_k(&lp, 3), vec![2, 3, 4]);
+        assert_eq!(top_k(&lp, 10).len(), 5);
+        assert_eq!(top_k(&lp, 5)[4], 1);
+    }
+
+    #[test]
+    fn tiny_rows_never_panic() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for n in 0..8 {
+            for l in 1..7 {
+                let lp: Vec<f32> = (0..n).map(|t| t as f32).collect();
+                let out = eh_mask(&lp, 1, n, &[n], &spec(1.0, l), 0.5, &mut rng).unwrap();
+                assert!(out.masked_per_row <= n);
+                assert_eq!(out.mask.iter().filter(|&&m| m).count(), out.masked_per_row);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert!(matches!(eh_mask(&[0.0; 5], 1, 4, &[4], &spec(0.5, 2), 0.5, &mut rng), Err(MaskError::PredLossShape { .. })));
+        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[5], &spec(0.5, 2), 0.5, &mut rng), Err(MaskError::LengthTooLong { .. })));
+        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4, 4], &spec(0.5, 2), 0.5, &mut rng), Err(MaskError::LengthsShape { .. })));
+        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.5, 2), 1.5, &mut rng), Err(MaskError::HardRatio(_))));
+        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.0, 2), 0.5, &mut rng), Err(MaskError::Spec(_))));
+        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.5, 0), 0.5, &mut rng), Err(MaskError::Spec(_))));
+    }
+
+    #[test]
+    fn curriculum_serializes_back() {
+        for c in [CurriculumChoice::Linear, CurriculumChoice::EpochClamped(EpochClamped { total_epochs: 9, jump_at: 0.5, jump_to: 0.6 }), CurriculumChoice::Constant(0.25)] {
+            let v = serde_yaml::to_value(c).unwrap();
+            assert_eq!(CurriculumChoice::from_value(v).unwrap(), c);
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! `student`: one EH-MAM update per masked batch (method §1, steps 1 and 4–10): front-end with
+//! gradient, encoder over visible frames with ALiBi on original distances, decoder and loss
+//! predictor over noise-filled sequences, `L = (Σ ℓ + α·L_aux_raw)/N`, backward, AdamW with
+//! warm-up and cosine decay, EMA of the teacher, new teacher weights published by version.
+//! Emits a [`StepRecord`] (health metrics of §1.10) and a [`FrameRecord`] per update, and
+//! writes checkpoints (safetensors) every `checkpoint_every` updates and at the end; a rerun of
+//! the same spec continues from the last one.
+
+use crate::batch::DataPosition;
+use crate::losses::{self, AuxNorm, RankForm};
+use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
+use crate::optim::{lr_at, tau_at, AdamW};
+use crate::train::{self, mix, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
+use crate::types::{FrameRecord, Masked, StepRecord};
+use candle_core::{DType, Device, Tensor, Var, D};
+use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The predictor's objective (§1.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuxLoss {
+    /// Pairwise ranking over masked pairs within each utterance (the method).
+    #[default]
+    Ranking,
+    /// Code alternative `relative=False`: MSE to per-utterance z-scored losses (ablation).
+    ZscoreMse,
+}
+
+/// Parameters of `student`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct StudentParams {
+    /// Updates to run; the run ends there (or earlier, when the data ends).
+    pub max_steps: u64,
+    /// Write a checkpoint every this many updates (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (oldest removed first; 0 keeps all).
+    pub keep_checkpoints: usize,
+    /// Weight α of the loss predictor's objective (§1.9); 0 trains no predictor.
+    pub alpha: f64,
+    /// joint: L = (Σℓ + α·L_aux_raw)/N; pairs: L_rec + α·L_aux_raw/(ordered pairs).
+    pub aux_norm: AuxNorm,
+    /// ranking (pairwise, the method) or zscore_mse (ablation).
+    pub aux_loss: AuxLoss,
+    /// eps: −ln(σ(Δ)+1e-6) as the reference code; softplus: the stable form.
+    pub rank_form: RankForm,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up updates (default: 10% of the schedule).
+    pub warmup_steps: Option<u64>,
+    /// Length of the cosine schedule (default: max_steps).
+    pub schedule_steps: Option<u64>,
+    /// Adam betas.
+    pub betas: [f64; 2],
+    /// Adam epsilon.
+    pub adam_eps: f64,
+    /// Decoupled weight decay (on every parameter, as the reference code).
+    pub weight_decay: f64,
+    /// Exempt 1-D parameters (biases, norms, ALiBi scales) from weight decay.
+    pub exempt_1d: bool,
+    /// EMA decay at the start (τ0).
+    pub tau0: f64,
+    /// EMA decay at the end of its ramp (τe).
+    pub tau_end: f64,
+    /// Updates over which τ rises linearly from τ0 to τe (τn).
+    pub tau_steps: u64,
+    /// Continue from the run directory's last checkpoint when there is one.
+    pub resume: bool,
+    /// Stop the run when target_std < min_target_std or pred_std < min_pred_std after
+    /// health_after updates (§1.10); otherwise they are only logged.
+    pub stop_on_collapse: bool,
+    pub min_target_std: f64,
+    pub min_pred_std: f64,
+    pub health_after: u64,
+}
+
+impl Default for StudentParams {
+    fn default() -> Self {
+        StudentParams {
+            max_steps: 2000,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            alpha: 0.05,
+            aux_norm: AuxNorm::Joint,
+            aux_loss: AuxLoss::Ranking,
+            rank_form: RankForm::Eps,
+            lr: 1e-3,
+            warmup_steps: None,
+            schedule_steps: None,
+            betas: [0.9, 0.98],
+            adam_eps: 1e-6,
+            weight_decay: 0.01,
+            exempt_1d: false,
+            tau0: 0.99,
+            tau_end: 0.999,
+            tau_steps: 1000,
+            resume: true,
+            stop_on_collapse: false,
+            min_target_std: 0.1,
+            min_pred_std: 0.01,
+            health_after: 5000,
+        }
+    }
+}
+
+impl Params for StudentParams {
+    fn check(&self) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        if self.max_steps == 0 {
+            e.push(ParamError::new("max_steps", "must be at least 1"));
+        }
+        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
+            e.push(ParamError::new("alpha", format!("must be ≥ 0, got {}", self.alpha)));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            e.push(ParamError::new("lr", format!("must be > 0, got {}", self.lr)));
+        }
+        for (i, b) in self.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                e.push(ParamError::new(format!("betas.{i}"), format!("must be in [0, 1), got {b}")));
+            }
+        }
+        if !(self.adam_eps > 0.0) {
+            e.push(ParamError::new("adam_eps", "must be > 0"));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay < 1.0) {
+            e.push(ParamError::new("weight_decay", format!("must be in [0, 1), got {}", self.weight_decay)));
+        }
+        for (n, t) in [("tau0", self.tau0), ("tau_end", self.tau_end)] {
+            if !(0.0..=1.0).contains(&t) {
+                e.push(ParamError::new(n, format!("must be in [0, 1], got {t}")));
+            }
+        }
+        if let (Some(w), s) = (self.warmup_steps, self.schedule_steps.unwrap_or(self.max_steps)) {
+            if w > s {
+                e.push(ParamError::new("warmup_steps", format!("{w} is longer than the schedule ({s} updates)")));
+            }
+        }
+        e
+    }
+}
+
+/// The learner, usable without the engine (tests, benchmarks).
+pub struct Student {
+    pub p: StudentParams,
+    pub cfg: ModelConfig,
+    pub device: Device,
+    pub vars: BTreeMap<String, Var>,
+    /// EMA teacher parameters (teacher scope only).
+    pub teacher: Weights,
+    pub adam: AdamW,
+    /// Completed updates.
+    pub step: u64,
+    pub seed: u64,
+    pub position: Option<DataPosition>,
+    pub epoch: u32,
+}
+
+/// What one update produced.
+pub struct StepOut {
+    pub record: StepRecord,
+    pub frames: FrameRecord,
+}
+
+fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl Student {
+    /// A fresh student (teacher = exact copy) from `seed`, in `dtype` (f32; f64 for checks).
+    pub fn new(p: StudentParams, cfg: ModelConfig, device: Device, seed: u64, dtype: DType) -> candle_core::Result<Self> {
+        let w = model::init_weights(&cfg, mix(seed, 0x5EED, 0), &device, dtype)?;
+        let mut vars = BTreeMap::new();
+        let mut teacher = Weights::new();
+        for (k, t) in w {
+            if in_teacher(&k) {
+                teacher.insert(k.clone(), t.copy()?);
+            }
+            vars.insert(k, Var::from_tensor(&t)?);
+        }
+        let adam = AdamW::new(p.betas[0], p.betas[1], p.adam_eps, p.weight_decay, p.exempt_1d);
+        Ok(Student { p, cfg, device, vars, teacher, adam, step: 0, seed, position: None, epoch: 0 })
+    }
+
+    /// Current student weights (variables: gradients flow through them).
+    pub fn weights(&self) -> Weights {
+        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// What the teacher needs: EMA parameters plus a copy of the student's front-end.
+    pub fn teacher_weights(&self) -> candle_core::Result<TeacherWeights> {
+        let mut w = self.teacher.clone();
+        for (k, v) in &self.vars {
+            if k.starts_with("frontend.") {
+                w.insert(k.clone(), v.as_tensor().copy()?.detach());
+            }
+        }
+        Ok(TeacherWeights { version: self.step, weights: w })
+    }
+
+    pub fn schedule_steps(&self) -> u64 {
+        self.p.schedule_steps.unwrap_or(self.p.max_steps)
+    }
+    pub fn warmup_steps(&self) -> u64 {
+        self.p.warmup_steps.unwrap_or(self.schedule_steps() / 10)
+    }
+
+    /// The joint loss of §1.9 for a masked batch, with its parts (for the update and for checks).
+    pub fn loss(&self, m: &Masked, noise: &mut Noise) -> candle_core::Result<LossParts> {
+        let b = &m.taught.batch;
+        let (n, f) = (b.size(), b.dim);
+        let t = m.taught.frames;
+        let d = m.taught.target_dim;
+        let mm = m.masked_per_row;
+        if mm == 0 || mm >= t {
+            candle_core::bail!("batch {}: {mm} masked frames of {t} per row; the student needs some hidden and some visible", b.step);
+        }
+        if m.mask.len() != n * t {
+            candle_core::bail!("batch {}: mask has {} entries for {n}×{t} frames", b.step, m.mask.len());
+        }
+        let w = self.weights();
+        let model = Model::new(&self.cfg, &w);
+        let dtype = self.vars.values().next().map_or(DType::F32, |v| v.dtype());
+        let x = Tensor::from_slice(&b.data, (n, b.frames, f), &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?;
+        let z = model.frontend(&x)?;
+        if z.dim(1)? != t {
+            candle_core::bail!("batch {}: the front-end gives {} frames, the teacher {t}", b.step, z.dim(1)?);
+        }
+        let (h, positions) = model.student_encoder(&z, &m.mask, &mut Some(noise))?;
+        let p_drop = self.cfg.head_input_dropout;
+        let dec_dropped = noise.dropout(&h, p_drop)?;
+        let dec_in = model.fill(&h, &positions, t, dec_dropped.clone(), noise)?;
+        let yhat = model.head("decoder", &dec_in, &self.cfg.decoder, false)?;
+        // Masked positions, row by row in time order.
+        let idx: Vec<u32> = (0..n).flat_map(|r| (0..t).filter(move |&i| m.mask[r * t + i]).map(move |i| (r * t + i) as u32)).collect();
+        if idx.len() != n * mm {
+            candle_core::bail!("batch {}: rows do not all hide {mm} frames", b.step);
+        }
+        let idx = Tensor::from_vec(idx, n * mm, &self.device)?;
+        let y = Tensor::from_slice(m.taught.targets.as_slice(), (n * t, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?;
+        let y_m = y.index_select(&idx, 0)?.reshape((n, mm, d))?;
+        let yhat_m = yhat.reshape((n * t, d))?.index_select(&idx, 0)?.reshape((n, mm, d))?;
+        let ell = losses::recon_per_frame(&yhat_m, &y_m)?;
+        let ell_host = values(&ell)?;
+        let count = (n * mm) as f64;
+        let rec_sum = ell.sum_all()?;
+        let mut pred = None;
+        let (loss, aux) = if self.p.alpha > 0.0 {
+            // §1.6: an independent dropout per head; the code's quirk (in-place dropout) sends
+            // the decoder's dropped `h` through the predictor's dropout again.
+            let h2 = if self.cfg.pred_double_dropout { noise.dropout(&dec_dropped, p_drop)? } else { noise.dropout(&h, p_drop)? };
+            let pred_in = model.fill(&h, &positions, t, h2, noise)?;
+            let p_all = model.head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?.mean(D::Minus1)?;
+            let p_m = p_all.reshape(n * t)?.index_select(&idx, 0)?.reshape((n, mm))?;
+            let (raw, pairs) = match self.p.aux_loss {
+                AuxLoss::Ranking => losses::ranking_loss(&p_m, &ell_host, self.p.rank_form)?,
+                AuxLoss::ZscoreMse => losses::zscore_mse_loss(&p_m, &ell_host)?,
+            };
+            pred = Some((p_all, p_m));
+            match self.p.aux_norm {
+                AuxNorm::Joint => {
+                    let aux = (raw / count)?;
+                    (((&rec_sum / count)? + (&aux * self.p.alpha)?)?, aux)
+                }
+                AuxNorm::Pairs => {
+                    let aux = (raw / pairs.max(1) as f64)?;
+                    (((&rec_sum / count)? + (&aux * self.p.alpha)?)?, aux)
+                }
+            }
+        } else {
+            let zero = Tensor::zeros((), dtype, &self.device)?;
+            ((&rec_sum / count)?, zero)
+        };
+        Ok(LossParts { loss, rec: (rec_sum / count)?, aux, ell: ell_host, y_m, yhat_m, pred, mm, t })
+    }
+
+    /// One update on a masked batch.
+    pub fn train_step(&mut self, m: &Masked) -> candle_core::Result<StepOut> {
+        let t0 = Instant::now();
+        let b = &m.taught.batch;
+        let mut noise = Noise::new(mix(self.seed, self.step, 1));
+        let parts = self.loss(m, &mut noise)?;
+        let grads = parts.loss.backward()?;
+        let lr = lr_at(self.step, self.p.lr, self.warmup_steps(), self.schedule_steps());
+        self.adam.step(&self.vars, &grads, lr)?;
+        self.step += 1;
+        // EMA (§3) with τ(t+1).
+        let tau = tau_at(self.step, self.p.tau0, self.p.tau_end, self.p.tau_steps);
+        for (k, tw) in self.teacher.iter_mut() {
+            if let Some(v) = self.vars.get(k) {
+                *tw = ((&*tw * tau)? + (v.as_tensor() * (1.0 - tau))?)?.detach();
+            }
+        }
+        self.position = Some(b.position);
+        self.epoch = b.epoch;
+        // Metrics (§1.10).
+        let (n, t, mm, d) = (b.size(), parts.t, parts.mm, m.taught.target_dim);
+        let loss = parts.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let rec = parts.rec.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let aux = parts.aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let target_std = losses::mean_channel_std(&values(&parts.y_m)?, d);
+        let pred_std = losses::mean_channel_std(&values(&parts.yhat_m)?, d);
+        let mut teacher_m = Vec::with_capacity(n * mm);
+        for r in 0..n {
+            for i in 0..t {
+                if m.mask[r * t + i] {
+                    teacher_m.push(m.taught.pred_loss[r * t + i]);
+                }
+            }
+        }
+        let (student_pred, rank_agreement) = match &parts.pred {
+            Some((p_all, p_m)) => (values(p_all)?, losses::rank_agreement(&values(p_m)?, &parts.ell, mm)),
+            None => (vec![f32::NAN; n * t], f64::NAN),
+        };
+        let teacher_rank_agreement = losses::rank_agreement(&teacher_m, &parts.ell, mm);
+        let mut recon = vec![f32::NAN; n * t];
+        let mut k = 0;
+        for (i, r) in recon.iter_mut().enumerate() {
+            if m.mask[i] {
+                *r = parts.ell[k];
+                k += 1;
+            }
+        }
+        if !loss.is_finite() {
+            candle_core::bail!("step {}: the loss is {loss} (diverged); lower lr", self.step - 1);
+        }
+        let record = StepRecord {
+            step: b.step,
+            epoch: b.epoch,
+            lr,
+            loss,
+            loss_rec: rec,
+            loss_aux: aux,
+            tau,
+            hard_ratio: m.hard_ratio as f64,
+            masked_frac: mm as f64 / t as f64,
+            frames: (n * t) as u64,
+            utterances: n as u64,
+            audio_s: (n * b.frames) as f64 / b.frame_rate,
+            step_ms: t0.elapsed().as_secs_f64() * 1e3,
+            target_std,
+            pred_std,
+            rank_agreement,
+            teacher_rank_agreement,
+            teacher_version: m.taught.teacher_version,
+        };
+        let stride = self.cfg.stride();
+        let frames = FrameRecord {
+            step: b.step,
+            epoch: b.epoch,
+            utt_ids: b.utt_ids.clone(),
+            offsets: b.offsets.iter().map(|o| o / stride).collect(),
+            frame_rate: b.frame_rate / stride as f64,
+            frames: t,
+            mask: m.mask.clone(),
+            hard: m.hard.clone(),
+            teacher_pred: m.taught.pred_loss.clone(),
+            student_pred,
+            recon_loss: recon,
+            hard_ratio: m.hard_ratio,
+            features: Arc::new(b.data.clone()),
+            feature_dim: b.dim,
+        };
+        Ok(StepOut { record, frames })
+    }
+
+    /// Every tensor a checkpoint holds.
+    pub fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.vars {
+            out.insert(format!("student.{k}"), v.as_tensor().clone());
+        }
+        for (k, v) in &self.teacher {
+            out.insert(format!("teacher.{k}"), v.clone());
+        }
+        for (k, v) in &self.adam.m {
+            out.insert(format!("adam.m.{k}"), v.clone());
+        }
+        for (k, v) in &self.adam.v {
+            out.insert(format!("adam.v.{k}"), v.clone());
+        }
+        out
+    }
+
+    pub fn checkpoint_meta(&self) -> CheckpointMeta {
+        CheckpointMeta {
+            format: 1,
+            step: self.step,
+            epoch: self.epoch,
+            position: self.position,
+            seed: self.seed,
+            rng: "chacha8 streams derived from (seed, step): dropout, layerdrop and noise tokens of update t use mix(seed, t, 1)".into(),
+            adam_t: self.adam.t,
+            model: self.cfg.clone(),
+            tensors: format!("step-{:08}.safetensors", self.step),
+        }
+    }
+
+    /// Restores the state of a checkpoint.
+    pub fn restore(&mut self, meta: &CheckpointMeta, tensors: &BTreeMap<String, Tensor>) -> Result<(), String> {
+        if meta.model != self.cfg {
+            return Err("the checkpoint was written for another model: block (remove the run's checkpoints/ directory, or set student.with.resume: false)".into());
+        }
+        for (k, v) in &self.vars {
+            let t = tensors.get(&format!("student.{k}")).ok_or_else(|| format!("checkpoint lacks student.{k}"))?;
+            v.set(t).map_err(|e| format!("student.{k}: {e}"))?;
+        }
+        for (k, v) in self.teacher.iter_mut() {
+            *v = tensors.get(&format!("teacher.{k}")).ok_or_else(|| format!("checkpoint lacks teacher.{k}"))?.clone();
+        }
+        self.adam.m.clear();
+        self.adam.v.clear();
+        for (k, v) in tensors {
+            if let Some(name) = k.strip_prefix("adam.m.") {
+                self.adam.m.insert(name.to_string(), v.clone());
+            } else if let Some(name) = k.strip_prefix("adam.v.") {
+                self.adam.v.insert(name.to_string(), v.clone());
+            }
+        }
+        self.adam.t = meta.adam_t;
+        self.step = meta.step;
+        self.position = meta.position;
+        self.epoch = meta.epoch;
+        Ok(())
+    }
+}
+
+/// The loss and what the metrics need.
+pub struct LossParts {
+    pub loss: Tensor,
+    pub rec: Tensor,
+    pub aux: Tensor,
+    /// Per-frame losses at masked frames, row by row.
+    pub ell: Vec<f32>,
+    pub y_m: Tensor,
+    pub yhat_m: Tensor,
+    /// Student predictor output `[B, T]` and at masked frames `[B, M]`.
+    pub pred: Option<(Tensor, Tensor)>,
+    pub mm: usize,
+    pub t: usize,
+}
+
+/// The `student` stage.
+pub struct StudentStage {
+    student: Student,
+    cell: Arc<WeightCell>,
+    run_dir: PathBuf,
+}
+
+impl StageDef for StudentStage {
+    type Params = StudentParams;
+    const KIND: &'static str = "student";
+    const DOC: &'static str = "Updates the student on masked batches (L = L_rec + α·L_aux), keeps the EMA teacher and publishes\nits weights by version, logs steps and frames, and checkpoints (resumes from the run's last one).";
+
+    fn inputs() -> Vec<Port> {
+        vec![Port::cloneable::<Masked>("in", "masked batches (any mask.* stage)")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![Port::cloneable::<StepRecord>("steps", "one record per update (log.steps)"), Port::cloneable::<FrameRecord>("frames", "frame-level view of each update (log.frames)")]
+    }
+    fn validate(_p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
+        train::validate_model(ctx)
+    }
+    fn create(p: &StudentParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        let cfg = train::model_config(ctx)?;
+        let device = train::device(&ctx.device).map_err(StageError::failed)?;
+        let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32).map_err(stage_err("student: building the model"))?;
+        if p.resume {
+            if let Some((meta, path)) = train::latest_checkpoint(&ctx.run_dir)? {
+                let tensors = train::load_tensors(&path, &device)?;
+                student.restore(&meta, &tensors).map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
+                eprintln!("{}: resuming from {} (step {})", ctx.stage, path.display(), meta.step);
+            }
+        }
+        Ok(StudentStage { student, cell: WeightCell::of(ctx)?, run_dir: ctx.run_dir.clone() })
+    }
+}
+
+impl StudentStage {
+    fn checkpoint(&self) -> Result<(), StageError> {
+        let s = &self.student;
+        train::save_checkpoint(&self.run_dir, &s.checkpoint_meta(), &s.checkpoint_tensors(), s.p.keep_checkpoints)?;
+        Ok(())
+    }
+}
+
+impl Stage for StudentStage {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        let _close = CloseOnDrop(self.cell.clone());
+        let max = self.student.p.max_steps;
+        if self.student.step >= max {
+            eprintln!("{}: already at step {} of max_steps {}; nothing to train", io.stage(), self.student.step, max);
+            return Ok(());
+        }
+        self.cell.publish(self.student.teacher_weights().map_err(stage_err("student"))?);
+        io.progress().set_length(max, "steps");
+        io.progress().inc(self.student.step);
+        let mut last_saved = self.student.step;
+        while let Some(m) = io.recv::<Masked>(0)? {
+            let step = m.taught.batch.step;
+            if step < self.student.step {
+                continue;
+            }
+            let out = self.student.train_step(&m).map_err(|e| StageError::failed(format!("update {step}: {e}")))?;
+            // The teacher may be waiting for these weights.
+            self.cell.publish(self.student.teacher_weights().map_err(stage_err("student"))?);
+            io.progress().inc(1);
+            let r = &out.record;
+            let s = &self.student.p;
+            if s.stop_on_collapse && self.student.step > s.health_after && (r.target_std < s.min_target_std || r.pred_std < s.min_pred_std) {
+                self.checkpoint()?;
+                return Err(StageError::failed(format!(
+                    "update {step}: collapse guard: target_std {:.4} (min {}), pred_std {:.4} (min {})",
+                    r.target_std, s.min_target_std, r.pred_std, s.min_pred_std
+                )));
+            }
+            if io.is_connected(0) {
+                ok_or_closed(io.send(0, out.record))?;
+            }
+            if io.is_connected(1) {
+                ok_or_closed(io.send(1, out.frames))?;
+            }
+            let every = self.student.p.checkpoint_every;
+            if every > 0 && self.student.step % every == 0 {
+                self.checkpoint()?;
+                last_saved = self.student.step;
+            }
+            if self.student.step >= max {
+                break;
+            }
+        }
+        if self.student.step != last_saved {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+}
+
+/// A log sink that stopped early does not stop training.
+fn ok_or_closed(r: Result<(), StageError>) -> Result<(), StageError> {
+    match r {
+        Err(StageError::Closed) => Ok(()),
+        other => other,
+    }
+}

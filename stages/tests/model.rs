@@ -1,0 +1,377 @@
+//! Model, losses, optimiser and schedules against hand-worked values and finite differences.
+
+use candle_core::{DType, Device, Tensor};
+use stages::batch::{Batch, DataPosition};
+use stages::losses::{self, AuxNorm, RankForm};
+use stages::model::{self, Model, ModelConfig, Noise};
+use stages::optim::{lr_at, tau_at};
+use stages::student::{Student, StudentParams};
+use stages::types::{Masked, Taught};
+use std::sync::Arc;
+
+/// Method §2.9: the base model with the CNN front-end has 94,403,852 parameters.
+#[test]
+fn base_parameter_count_matches_the_method() {
+    let cfg = ModelConfig::base();
+    assert_eq!(model::parameter_count(&cfg), 94_403_852);
+    // And its parts, as §2.9 lists them.
+    let shapes = model::shapes_of(&cfg);
+    let sum = |prefix: &str| shapes.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, s)| s.iter().product::<usize>()).sum::<usize>();
+    assert_eq!(sum("frontend.conv."), 4_206_592);
+    assert_eq!(sum("frontend.ln.") + sum("frontend.proj."), 395_008);
+    assert_eq!(sum("encoder.pos_conv."), 3_505_920);
+    assert_eq!(sum("encoder.blocks.0."), 7_087_872);
+    assert_eq!(sum("decoder."), 619_776);
+    assert_eq!(sum("loss_predictor."), 620_544);
+    // 20 s of audio gives 999 frames, 1 s gives 49 (§2.1).
+    assert_eq!(cfg.frames_for(320_000), 999);
+    assert_eq!(cfg.frames_for(16_000), 49);
+    assert_eq!(cfg.stride(), 320);
+}
+
+#[test]
+fn alibi_slopes_follow_the_usual_rule() {
+    let s12 = model::alibi_slopes(12);
+    let want12: Vec<f64> = [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -0.5, -1.5, -2.5, -3.5].iter().map(|e| 2f64.powf(*e)).collect();
+    for (a, b) in s12.iter().zip(&want12) {
+        assert!((a - b).abs() < 1e-12, "{s12:?}");
+    }
+    assert_eq!(model::alibi_slopes(4), vec![0.25, 1.0 / 16.0, 1.0 / 64.0, 1.0 / 256.0]);
+}
+
+#[test]
+fn model_block_parses_presets_and_reports_bad_fields() {
+    let v: serde_yaml::Value = serde_yaml::from_str("{preset: tiny, encoder: {dim: 64, heads: 4}}").unwrap();
+    let cfg = ModelConfig::from_spec(Some(&v)).unwrap();
+    assert_eq!(cfg.encoder.dim, 64);
+    assert_eq!(cfg.encoder.layers, 4, "unspecified fields keep the preset's values");
+    let v: serde_yaml::Value = serde_yaml::from_str("{encoder: {dim: 130, heads: 4, top_k: 9}, decoder: {kernel: 4}}").unwrap();
+    let errs = ModelConfig::from_spec(Some(&v)).unwrap_err();
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(paths.contains(&"model.encoder.heads"), "{errs:?}");
+    assert!(paths.contains(&"model.encoder.top_k"), "{errs:?}");
+    assert!(paths.contains(&"model.decoder.kernel"), "{errs:?}");
+    let v: serde_yaml::Value = serde_yaml::from_str("{encoder: {dimm: 3}}").unwrap();
+    let errs = ModelConfig::from_spec(Some(&v)).unwrap_err();
+    assert!(errs[0].0.starts_with("model.encoder"), "{errs:?}");
+    assert!(errs[0].1.contains("dimm"), "{errs:?}");
+}
+
+/// §1.7 by hand: ℓ = Σ_c (ŷ − y)² / √D.
+#[test]
+fn reconstruction_loss_by_hand() {
+    let yhat = Tensor::new(&[[[1.0f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[[[0.0f32, 2.0, 5.0, 4.5]]], &Device::Cpu).unwrap();
+    let l = losses::recon_per_frame(&yhat, &y).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // (1 + 0 + 4 + 0.25) / 2 = 2.625
+    assert!((l[0] - 2.625).abs() < 1e-6, "{l:?}");
+}
+
+/// §1.8 by hand: p = (0, 1, 0.5), ℓ = (1, 3, 2). Every unordered pair is counted twice, each
+/// time as −ln σ(p_high − p_low): gaps 1 (frames 1 over 0), 0.5 (2 over 0), 0.5 (1 over 2).
+/// −ln σ(1) = ln(1 + e⁻¹) = 0.313261687518; −ln σ(0.5) = ln(1 + e^−0.5) = 0.474076984180.
+#[test]
+fn ranking_loss_by_hand() {
+    let p = Tensor::new(&[[0.0f64, 1.0, 0.5]], &Device::Cpu).unwrap();
+    let l = [1.0f32, 3.0, 2.0];
+    let want = 2.0 * (0.313261687518 + 2.0 * 0.474076984180);
+    for form in [RankForm::Eps, RankForm::Softplus] {
+        let (s, pairs) = losses::ranking_loss(&p, &l, form).unwrap();
+        let s = s.to_scalar::<f64>().unwrap();
+        assert_eq!(pairs, 6);
+        // The ε form differs by about ε/σ per term.
+        assert!((s - want).abs() < 2e-5, "{form:?}: {s} vs {want}");
+    }
+    // Ties and the diagonal add nothing; a second row is summed, not averaged.
+    let p = Tensor::new(&[[0.0f64, 1.0], [0.3, 0.3]], &Device::Cpu).unwrap();
+    let (s, pairs) = losses::ranking_loss(&p, &[2.0, 2.0, 1.0, 5.0], RankForm::Softplus).unwrap();
+    assert_eq!(pairs, 2);
+    // Row 2: gap 0 → 2·ln 2.
+    assert!((s.to_scalar::<f64>().unwrap() - 2.0 * std::f64::consts::LN_2).abs() < 1e-12);
+    // Rank agreement: row 1 ordered right, row 2 wrong.
+    let a = losses::rank_agreement(&[0.0, 1.0, 1.0, 0.0], &[1.0, 2.0, 1.0, 2.0], 2);
+    assert!((a - 0.5).abs() < 1e-12);
+}
+
+#[test]
+fn schedules_by_hand() {
+    // Warm-up 10 of 110: linear from 0; then cosine to 0.
+    assert_eq!(lr_at(0, 1.0, 10, 110), 0.0);
+    assert!((lr_at(5, 1.0, 10, 110) - 0.5).abs() < 1e-12);
+    assert!((lr_at(10, 1.0, 10, 110) - 1.0).abs() < 1e-12);
+    assert!((lr_at(60, 1.0, 10, 110) - 0.5).abs() < 1e-12);
+    assert!(lr_at(110, 1.0, 10, 110).abs() < 1e-12);
+    // τ: linear from τ0 to τe over τn updates (§3).
+    assert!((tau_at(0, 0.999, 0.99999, 75_000) - 0.999).abs() < 1e-12);
+    assert!((tau_at(37_500, 0.999, 0.99999, 75_000) - 0.999495).abs() < 1e-12);
+    assert_eq!(tau_at(80_000, 0.999, 0.99999, 75_000), 0.99999);
+}
+
+fn tiny_cfg() -> ModelConfig {
+    let v: serde_yaml::Value = serde_yaml::from_str(
+        "{frontend: {input_dim: 6}, encoder: {dim: 8, heads: 2, ffn: 12, layers: 2, top_k: 2, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}, decoder: {dim: 4, layers: 2, kernel: 3, groups: 2}, loss_predictor: {dim: 4, layers: 2, kernel: 3, groups: 2}}",
+    )
+    .unwrap();
+    ModelConfig::from_spec(Some(&v)).unwrap()
+}
+
+fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64) -> Masked {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let f = cfg.input_dim();
+    let d = cfg.encoder.dim;
+    let data: Vec<f32> = (0..rows * t * f).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let targets: Vec<f32> = (0..rows * t * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut mask = vec![false; rows * t];
+    for r in 0..rows {
+        // A different set per row, same count.
+        for k in 0..masked {
+            mask[r * t + (k * 7 + r) % t] = true; // 7 is prime to every t used here
+        }
+    }
+    assert!((0..rows).all(|r| mask[r * t..(r + 1) * t].iter().filter(|m| **m).count() == masked));
+    let batch = Batch {
+        step: 0,
+        position: DataPosition::default(),
+        epoch: 0,
+        utt_ids: (0..rows).map(|r| format!("u{r}")).collect(),
+        offsets: vec![0; rows],
+        lengths: vec![t; rows],
+        frames: t,
+        dim: f,
+        frame_rate: 50.0,
+        data,
+        padding_mask: None,
+    };
+    let taught = Taught { batch, targets: Arc::new(targets), target_dim: d, frames: t, pred_loss: vec![0.0; rows * t], teacher_version: 0 };
+    Masked { taught, hard: vec![false; rows * t], mask, masked_per_row: masked, hard_ratio: 0.0, spans: vec![1; rows], hard_spans: vec![0; rows], strategy: "test".into() }
+}
+
+/// Gradients of the joint loss (§1.9, with the ranking loss of §1.8) against central finite
+/// differences, in f64, for entries of every kind of parameter. Dropout, layerdrop and noise
+/// tokens are drawn from a seeded stream, so both evaluations see the same draws.
+#[test]
+fn joint_loss_gradients_match_finite_differences() {
+    let cfg = tiny_cfg();
+    for aux_norm in [AuxNorm::Joint, AuxNorm::Pairs] {
+        let p = StudentParams { alpha: 0.5, aux_norm, ..StudentParams::default() };
+        let student = Student::new(p, cfg.clone(), Device::Cpu, 3, DType::F64).unwrap();
+        let m = synthetic(&cfg, 2, 12, 5, 11);
+        let eval = |s: &Student| -> (f64, candle_core::backprop::GradStore) {
+            let parts = s.loss(&m, &mut Noise::new(99)).unwrap();
+            let g = parts.loss.backward().unwrap();
+            (parts.loss.to_scalar::<f64>().unwrap(), g)
+        };
+        let (_, grads) = eval(&student);
+        let names = [
+            "frontend.ln.weight",
+            "frontend.proj.weight",
+            "encoder.pos_conv.0.weight",
+            "encoder.ln_in.bias",
+            "encoder.alibi_scale",
+            "encoder.blocks.0.attn.qkv.weight",
+            "encoder.blocks.1.fc1.bias",
+            "encoder.blocks.1.ln2.weight",
+            "decoder.blocks.0.conv.weight",
+            "decoder.proj.bias",
+            "loss_predictor.blocks.1.conv.weight",
+            "loss_predictor.ln.weight",
+            "loss_predictor.proj.weight",
+        ];
+        let mut checked = 0;
+        for name in names {
+            let var = &student.vars[name];
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for &i in &[0usize, base.len() / 2, base.len() - 1] {
+                let h = 1e-6;
+                let set = |delta: f64| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                };
+                set(h);
+                let (lp, _) = eval(&student);
+                set(-h);
+                let (lm, _) = eval(&student);
+                set(0.0);
+                let fd = (lp - lm) / (2.0 * h);
+                let err = (fd - g[i]).abs() / (fd.abs().max(g[i].abs()).max(1e-4));
+                assert!(err < 1e-4, "{aux_norm:?} {name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, names.len() * 3);
+    }
+}
+
+/// The teacher's targets are averages of instance-normalised layers: zero mean over time for
+/// every utterance and channel (§1.3); the predicted loss is one value per frame.
+#[test]
+fn teacher_targets_are_instance_normalised() {
+    let cfg = tiny_cfg();
+    let w = model::init_weights(&cfg, 5, &Device::Cpu, DType::F32).unwrap();
+    let m = synthetic(&cfg, 3, 16, 4, 2);
+    let b = &m.taught.batch;
+    let x = Tensor::from_slice(&b.data, (3, 16, 6), &Device::Cpu).unwrap();
+    let model = Model::new(&cfg, &w);
+    let z = model.frontend(&x).unwrap();
+    let out = model.teacher(&z).unwrap();
+    assert_eq!(out.targets.dims(), &[3, 16, 8]);
+    assert_eq!(out.pred_loss.dims(), &[3, 16]);
+    let mean = out.targets.mean(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(mean.iter().all(|v| v.abs() < 1e-5), "{mean:?}");
+    // With top_k = 1 the targets are unit-variance per channel, up to the eps of 1e-5: at
+    // initialisation (N(0, 0.02) weights, width 8) the FFN output's variance is about 1e-6, so
+    // scale the last block's FC2 up until eps is negligible.
+    let mut one = cfg.clone();
+    one.encoder.top_k = 1;
+    let mut w = w.clone();
+    let fc2 = w["encoder.blocks.1.fc2.weight"].clone();
+    w.insert("encoder.blocks.1.fc2.weight".into(), (fc2 * 1000.0).unwrap());
+    let out = Model::new(&one, &w).teacher(&z).unwrap();
+    let var = out.targets.sqr().unwrap().mean(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
+}
+
+/// The student encoder sees only visible frames; noise tokens fill the hidden ones.
+#[test]
+fn student_encoder_drops_masked_frames() {
+    let cfg = tiny_cfg();
+    let w = model::init_weights(&cfg, 5, &Device::Cpu, DType::F32).unwrap();
+    let m = synthetic(&cfg, 2, 10, 3, 4);
+    let x = Tensor::from_slice(&m.taught.batch.data, (2, 10, 6), &Device::Cpu).unwrap();
+    let model = Model::new(&cfg, &w);
+    let z = model.frontend(&x).unwrap();
+    let (h, pos) = model.student_encoder(&z, &m.mask, &mut None).unwrap();
+    assert_eq!(h.dims(), &[2, 7, 8]);
+    for (r, p) in pos.iter().enumerate() {
+        assert!(p.iter().all(|&i| !m.mask[r * 10 + i]));
+        assert!(p.windows(2).all(|w| w[0] < w[1]));
+    }
+    // Changing a masked frame's input changes nothing the encoder outputs: it is dropped, and
+    // the positional conv sees zeros there.
+    let mut data2 = m.taught.batch.data.clone();
+    let hidden = (0..10).find(|&i| m.mask[i]).unwrap();
+    for v in &mut data2[hidden * 6..hidden * 6 + 6] {
+        *v += 5.0;
+    }
+    let z2 = model.frontend(&Tensor::from_slice(&data2, (2, 10, 6), &Device::Cpu).unwrap()).unwrap();
+    let (h2, _) = model.student_encoder(&z2, &m.mask, &mut None).unwrap();
+    let diff = (h - h2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-6, "{diff}");
+}
+
+/// One update moves the student, the EMA moves the teacher by (1 − τ) of the gap, and a
+/// checkpoint round trip restores everything.
+#[test]
+fn update_ema_and_checkpoint_round_trip() {
+    let cfg = tiny_cfg();
+    let p = StudentParams { max_steps: 10, tau0: 0.9, tau_end: 0.9, tau_steps: 1, lr: 1e-2, warmup_steps: Some(0), ..StudentParams::default() };
+    let mut s = Student::new(p.clone(), cfg.clone(), Device::Cpu, 1, DType::F32).unwrap();
+    let before = s.vars["encoder.blocks.0.fc1.weight"].as_tensor().copy().unwrap();
+    let m = synthetic(&cfg, 2, 12, 5, 1);
+    let out = s.train_step(&m).unwrap();
+    assert!(out.record.loss.is_finite());
+    assert_eq!(s.step, 1);
+    let after = s.vars["encoder.blocks.0.fc1.weight"].as_tensor().copy().unwrap();
+    let teacher = &s.teacher["encoder.blocks.0.fc1.weight"];
+    // θ_T = 0.9·θ_before + 0.1·θ_after
+    let want = ((&before * 0.9).unwrap() + (&after * 0.1).unwrap()).unwrap();
+    let d = (teacher - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-6, "{d}");
+    let moved = (&after - &before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 0.0);
+    // The decoder is not in the teacher (§3).
+    assert!(!s.teacher.contains_key("decoder.proj.weight"));
+    assert!(s.teacher.contains_key("loss_predictor.proj.weight"));
+    // Round trip.
+    let dir = tempfile::tempdir().unwrap();
+    stages::train::save_checkpoint(dir.path(), &s.checkpoint_meta(), &s.checkpoint_tensors(), 2).unwrap();
+    let (meta, path) = stages::train::latest_checkpoint(dir.path()).unwrap().unwrap();
+    assert_eq!(meta.step, 1);
+    let mut r = Student::new(p, cfg, Device::Cpu, 1, DType::F32).unwrap();
+    r.restore(&meta, &stages::train::load_tensors(&path, &Device::Cpu).unwrap()).unwrap();
+    let a = s.train_step(&m).unwrap().record;
+    let b = r.train_step(&m).unwrap().record;
+    assert_eq!(a.loss, b.loss);
+    for (k, v) in &s.vars {
+        let d = (v.as_tensor() - r.vars[k].as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k}");
+    }
+}
+
+/// `conv1d_time` (channels last, im2col) gives candle's conv1d forward values for grouped,
+/// padded and strided kernels, and its gradients match finite differences (candle's own
+/// grouped conv1d backward does not, which is why the model does not use it).
+#[test]
+fn conv_over_time_matches_candle_forward_and_finite_differences() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for &(c, o, k, pad, stride, groups, l) in &[(4usize, 6usize, 3usize, 1usize, 1usize, 2usize, 9usize), (8, 8, 5, 2, 1, 4, 7), (1, 3, 4, 0, 2, 1, 11), (6, 4, 2, 0, 2, 1, 8), (4, 4, 7, 3, 1, 4, 5)] {
+        let x: Vec<f64> = (0..2 * l * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f64> = (0..o * (c / groups) * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let xt = Tensor::from_vec(x.clone(), (2, l, c), &Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(w.clone(), (o, c / groups, k), &Device::Cpu).unwrap();
+        let ours = model::conv1d_time(&xt, &wt, pad, stride, groups).unwrap();
+        let theirs = xt.transpose(1, 2).unwrap().contiguous().unwrap().conv1d(&wt, pad, stride, 1, groups).unwrap().transpose(1, 2).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-12, "forward differs by {d}");
+        // d/dw of Σ y² by central differences.
+        let wv = candle_core::Var::from_tensor(&wt).unwrap();
+        let loss = |w: &Tensor| model::conv1d_time(&xt, w, pad, stride, groups).unwrap().sqr().unwrap().sum_all().unwrap();
+        let g = loss(wv.as_tensor()).backward().unwrap().get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for i in [0, w.len() / 3, w.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = w.clone();
+                v[i] += delta;
+                loss(&Tensor::from_vec(v, (o, c / groups, k), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!((fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0), "w[{i}]: analytic {} vs {fd}", g[i]);
+        }
+    }
+}
+
+/// The CNN front-end (method §2.1) differentiates correctly too (tiny widths, strides 2).
+#[test]
+fn cnn_frontend_gradients_match_finite_differences() {
+    let v: serde_yaml::Value = serde_yaml::from_str(
+        "{frontend: {kind: cnn, input_dim: 1, conv_layers: [[4, 4, 2], [4, 3, 2]]}, encoder: {dim: 8, heads: 2, ffn: 12, layers: 1, top_k: 1, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}, decoder: {dim: 4, layers: 1, kernel: 3, groups: 2}, loss_predictor: {dim: 4, layers: 1, kernel: 3, groups: 2}}",
+    )
+    .unwrap();
+    let cfg = ModelConfig::from_spec(Some(&v)).unwrap();
+    // 50 samples → 24 → 11 frames.
+    assert_eq!(cfg.frames_for(50), 11);
+    let student = Student::new(StudentParams { alpha: 0.5, ..StudentParams::default() }, cfg.clone(), Device::Cpu, 3, DType::F64).unwrap();
+    let mut m = synthetic(&cfg, 2, 11, 4, 5);
+    {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let b = &mut m.taught.batch;
+        b.frames = 50;
+        b.lengths = vec![50; 2];
+        b.data = (0..100).map(|_| rng.random_range(-1.0..1.0)).collect();
+    }
+    let eval = |s: &Student| s.loss(&m, &mut Noise::new(7)).unwrap().loss;
+    let grads = eval(&student).backward().unwrap();
+    for name in ["frontend.conv.0.weight", "frontend.conv.1.weight", "frontend.conv.0.ln.weight", "frontend.proj.weight"] {
+        let var = &student.vars[name];
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for i in [0, base.len() / 2, base.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                let l = eval(&student).to_scalar::<f64>().unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                l
+            };
+            let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+            let err = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1e-4);
+            assert!(err < 1e-4, "{name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
+        }
+    }
+}

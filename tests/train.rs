@@ -1,0 +1,144 @@
+//! End-to-end training on the demo corpus through the command line: a short fixed-seed run
+//! learns (L_rec falls, targets do not collapse, the predictor ranks frames better than chance),
+//! a stopped and resumed run ends with the same weights as an uninterrupted one, a rerun of a
+//! finished run trains nothing, the encoder exports, and bad model blocks are refused.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Demo shards, made once for this test binary.
+fn shards() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = format!("run_dir={}", tmp.path().join("prep").display());
+        let out = format!("stages.shards.with.dir={}", tmp.path().join("shards").display());
+        ok(&["run", "specs/prep.yaml", "--quiet", "--set", &run, "--set", &out]);
+        tmp
+    });
+    Box::leak(Box::new(dir.path().join("shards")))
+}
+
+/// `ehmam run specs/tiny.yaml` into `run` with test-sized settings and extra overrides.
+fn train(run: &Path, extra: &[&str]) -> String {
+    let mut sets: Vec<String> = vec![
+        format!("run_dir={}", run.display()),
+        format!("stages.shards.with.dir={}", shards().display()),
+        // Dropout off and one worker: the run must be bit-reproducible.
+        "model.encoder.dropout=0.0".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into(), "--force".into()];
+    for s in &sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&a)
+}
+
+fn checkpoint_tensors(run: &Path) -> (u64, BTreeMap<String, Vec<f32>>) {
+    let (meta, path) = stages::train::latest_checkpoint(run).unwrap().expect("a checkpoint");
+    let t = stages::train::load_tensors(&path, &candle_core::Device::Cpu).unwrap();
+    (meta.step, t.into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect())
+}
+
+fn steps(run: &Path) -> Vec<Vec<String>> {
+    query_csv(&[run], "SELECT step, loss_rec, target_std, rank_agreement, masked_frac, hard_ratio, loss FROM steps ORDER BY step")
+}
+
+fn f(s: &str) -> f64 {
+    s.parse().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn short_run_learns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60", "stages.mask.with.ramp_updates=120", "stages.student.with.tau_steps=60"]);
+    let rows = steps(&run);
+    assert_eq!(rows.len(), 120, "one steps row per update");
+    let mean = |rs: &[Vec<String>], c: usize| rs.iter().map(|r| f(&r[c])).sum::<f64>() / rs.len() as f64;
+    let (first, last) = (&rows[..10], &rows[rows.len() - 20..]);
+    let (rec0, rec1) = (mean(first, 1), mean(last, 1));
+    assert!(rec1 < 0.8 * rec0, "L_rec should fall: first 10 steps {rec0:.4}, last 20 {rec1:.4}");
+    for r in &rows {
+        assert!(f(&r[2]) > 0.1, "target std collapsed at step {}: {}", r[0], r[2]);
+        assert!(f(&r[6]).is_finite());
+    }
+    let agree = mean(last, 3);
+    assert!(agree > 0.5, "the student's loss predictor should rank masked frames better than chance by the end: {agree:.3}");
+    // Easy to hard: r ramps from 0 to 1; the masked share shrinks as r grows (method §4.3).
+    assert!(f(&rows[0][5]) < 0.02 && f(&rows[119][5]) > 0.95, "hard_ratio {} → {}", rows[0][5], rows[119][5]);
+    assert!(mean(first, 4) > mean(last, 4), "masked_frac should shrink as the hard share grows");
+    // Checkpoints every 60 updates and at the end, with the data position.
+    let (step, t) = checkpoint_tensors(&run);
+    assert_eq!(step, 120);
+    assert!(t.keys().any(|k| k.starts_with("teacher.encoder.")) && t.keys().any(|k| k.starts_with("adam.m.")));
+    // Rerunning a finished run trains nothing.
+    let out = train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60", "stages.mask.with.ramp_updates=120", "stages.student.with.tau_steps=60"]);
+    let _ = out;
+    assert_eq!(steps(&run).len(), 120);
+    // Export the encoder for downstream use.
+    let export = tmp.path().join("export");
+    let out = ok(&["export", run.to_str().unwrap(), "--out", export.to_str().unwrap()]);
+    assert!(out.contains("step 120"), "{out}");
+    let (cfg, w) = stages::train::load_encoder(&export, &candle_core::Device::Cpu).unwrap();
+    assert!(w.contains_key("frontend.proj.weight") && w.contains_key("encoder.blocks.3.fc2.weight"));
+    assert!(!w.keys().any(|k| k.starts_with("decoder.") || k.starts_with("loss_predictor.")));
+    assert_eq!(w["encoder.blocks.0.fc1.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), t["student.encoder.blocks.0.fc1.weight"]);
+    assert_eq!(cfg.step, 120);
+}
+
+#[test]
+fn stopped_and_resumed_run_ends_with_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let common = ["stages.student.with.schedule_steps=24", "stages.mask.with.ramp_updates=24", "stages.student.with.checkpoint_every=6", "stages.student.with.tau_steps=12"];
+    let with = |max: &str| -> Vec<String> {
+        let mut v: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+        v.push(format!("stages.student.with.max_steps={max}"));
+        v
+    };
+    let run = |dir: &PathBuf, max: &str| {
+        let v = with(max);
+        let r: Vec<&str> = v.iter().map(String::as_str).collect();
+        train(dir, &r)
+    };
+    run(&a, "24");
+    run(&b, "10");
+    assert_eq!(checkpoint_tensors(&b).0, 10);
+    let out = run(&b, "24");
+    let _ = out;
+    let ((sa, ta), (sb, tb)) = (checkpoint_tensors(&a), checkpoint_tensors(&b));
+    assert_eq!((sa, sb), (24, 24));
+    assert_eq!(ta.len(), tb.len());
+    for (k, v) in &ta {
+        assert!(tb[k] == *v, "{k} differs between the uninterrupted and the resumed run");
+    }
+    // The logged losses of the steps after the resume equal the uninterrupted run's.
+    let (la, lb) = (steps(&a), steps(&b));
+    let tail = |rows: &[Vec<String>]| rows.iter().filter(|r| f(&r[0]) >= 10.0).map(|r| r[6].clone()).collect::<Vec<_>>();
+    assert_eq!(tail(&la), tail(&lb));
+}
+
+#[test]
+fn bad_model_blocks_and_devices_are_refused_before_running() {
+    let o = ehmam(&["validate", "specs/tiny.yaml", "--set", "model.encoder.heads=3", "--set", "model.decoder.kernel=4", "--set", "stages.student.with.alpha=-1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("model.encoder.heads"), "{t}");
+    assert!(t.contains("model.decoder.kernel"), "{t}");
+    assert!(t.contains("stages.student.with.alpha"), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    // Reported once although teacher and student both read the block.
+    assert_eq!(t.matches("model.encoder.heads").count(), 1, "{t}");
+    if !cfg!(feature = "cuda") {
+        let o = ehmam(&["validate", "specs/tiny.yaml", "--set", "device=cuda:0"]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(text(&o).contains("CUDA"), "{}", text(&o));
+    }
+}
