@@ -37,7 +37,9 @@ fn train(run: &Path, extra: &[&str]) -> String {
         args.push(s.clone());
     }
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&a)
+    let o = ehmam(&a);
+    assert!(o.status.success() && !text(&o).contains("panicked"), "ehmam {a:?} failed:\n{}", text(&o));
+    text(&o)
 }
 
 fn checkpoint_tensors(run: &Path) -> (u64, BTreeMap<String, Vec<f32>>) {
@@ -112,7 +114,9 @@ fn stopped_and_resumed_run_ends_with_the_same_weights() {
     run(&b, "10");
     assert_eq!(checkpoint_tensors(&b).0, 10);
     let out = run(&b, "24");
-    let _ = out;
+    assert!(out.contains("resuming from") && out.contains("(step 10)"), "{out}");
+    // The data stream continues at the checkpoint's position instead of being read again.
+    assert!(out.contains("shards: resuming the data stream at epoch"), "{out}");
     let ((sa, ta), (sb, tb)) = (checkpoint_tensors(&a), checkpoint_tensors(&b));
     assert_eq!((sa, sb), (24, 24));
     assert_eq!(ta.len(), tb.len());

@@ -351,7 +351,10 @@ impl StageDef for BatchByDuration {
         vec![Port::cloneable::<Batch>("out", "batches")]
     }
     fn create(p: &BatchParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        let batcher = match p.resume_from {
+        // A training run resuming from a checkpoint continues the stream where it stopped, when
+        // its reader (shards.read, features.read) resumes too.
+        let resume = crate::train::resume_position(ctx).or(p.resume_from);
+        let batcher = match resume {
             Some(pos) => Batcher::resume(p, ctx.seed, pos),
             None => Batcher::new(p, ctx.seed),
         };

@@ -403,11 +403,16 @@ pub struct FeaturesReadParams {
     pub epochs: u32,
     /// Shuffle part order and rows within each part, per epoch, from the stage's seed.
     pub shuffle: bool,
+    /// First epoch to stream (resuming).
+    pub start_epoch: u32,
+    /// Start at this index of `start_epoch`'s order (resuming inside an epoch; parts wholly
+    /// before it are not read).
+    pub start_index: u64,
 }
 
 impl Default for FeaturesReadParams {
     fn default() -> Self {
-        FeaturesReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false }
+        FeaturesReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false, start_epoch: 0, start_index: 0 }
     }
 }
 
@@ -420,6 +425,9 @@ impl Params for FeaturesReadParams {
         if self.epochs == 0 {
             e.push(ParamError::new("epochs", "must be at least 1"));
         }
+        if self.start_epoch >= self.epochs.max(1) {
+            e.push(ParamError::new("start_epoch", format!("must be below epochs ({}), got {}", self.epochs, self.start_epoch)));
+        }
         e
     }
 }
@@ -429,6 +437,7 @@ pub struct FeaturesRead {
     p: FeaturesReadParams,
     seed: u64,
     files: Vec<PathBuf>,
+    rows: Vec<u64>,
 }
 
 impl StageDef for FeaturesRead {
@@ -441,7 +450,8 @@ impl StageDef for FeaturesRead {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Features>("out", "features, epoch by epoch")]
     }
-    fn validate(p: &FeaturesReadParams, _: &StageContext) -> Vec<ParamError> {
+    fn validate(p: &FeaturesReadParams, ctx: &StageContext) -> Vec<ParamError> {
+        crate::train::register_resumable_reader(ctx);
         match FeatureIndex::load(&p.dir) {
             Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the run that writes it has not finished", p.dir.display()))],
             Ok(Some(_)) => vec![],
@@ -451,27 +461,52 @@ impl StageDef for FeaturesRead {
     }
     fn create(p: &FeaturesReadParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
         let index = FeatureIndex::load(&p.dir).map_err(StageError::Failed)?.ok_or_else(|| StageError::failed(format!("no feature index in {}", p.dir.display())))?;
-        Ok(FeaturesRead { p: p.clone(), seed: ctx.seed, files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect() })
+        let mut p = p.clone();
+        if let Some(pos) = crate::train::resume_position(ctx) {
+            if pos.epoch < p.epochs {
+                eprintln!("{}: resuming the data stream at epoch {}, utterance {} (the student's checkpoint)", ctx.stage, pos.epoch, pos.start);
+                p.start_epoch = pos.epoch;
+                p.start_index = pos.start;
+            }
+        }
+        Ok(FeaturesRead { seed: ctx.seed, files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect(), rows: index.parts.iter().map(|x| x.rows).collect(), p })
     }
 }
 
 impl Stage for FeaturesRead {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        io.progress().set_length(self.files.len() as u64 * self.p.epochs as u64, "parts");
-        for epoch in 0..self.p.epochs {
+        io.progress().set_length(self.files.len() as u64 * (self.p.epochs - self.p.start_epoch) as u64, "parts");
+        for epoch in self.p.start_epoch..self.p.epochs {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut order: Vec<usize> = (0..self.files.len()).collect();
             if self.p.shuffle {
                 order.shuffle(&mut rng);
             }
+            let mut skip = if epoch == self.p.start_epoch { self.p.start_index } else { 0 };
             for i in order {
-                let mut rows = read_features(&self.files[i], Some(epoch)).map_err(StageError::Failed)?;
+                // A row permutation drawn from the row count alone (the same draws as shuffling
+                // the rows), so parts before the start are skipped without being read.
+                let n = self.rows[i] as usize;
+                let mut perm: Vec<usize> = (0..n).collect();
                 if self.p.shuffle {
-                    rows.shuffle(&mut rng);
+                    perm.shuffle(&mut rng);
                 }
-                for r in rows {
-                    io.send(0, r)?;
+                if skip >= n as u64 {
+                    skip -= n as u64;
+                    io.progress().inc(1);
+                    continue;
                 }
+                let rows = read_features(&self.files[i], Some(epoch)).map_err(StageError::Failed)?;
+                if rows.len() != n {
+                    return Err(StageError::failed(format!("{}: {} rows, the index says {n}", self.files[i].display(), rows.len())));
+                }
+                let mut slots: Vec<Option<Features>> = rows.into_iter().map(Some).collect();
+                for &r in perm.iter().skip(skip as usize) {
+                    if let Some(f) = slots[r].take() {
+                        io.send(0, f)?;
+                    }
+                }
+                skip = 0;
                 io.progress().inc(1);
             }
         }

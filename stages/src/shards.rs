@@ -617,7 +617,8 @@ impl StageDef for ShardsRead {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Utterance>("out", "utterances, epoch by epoch")]
     }
-    fn validate(p: &ShardsReadParams, _ctx: &StageContext) -> Vec<ParamError> {
+    fn validate(p: &ShardsReadParams, ctx: &StageContext) -> Vec<ParamError> {
+        crate::train::register_resumable_reader(ctx);
         match ShardIndex::load(&p.dir) {
             Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the prep that writes it has not finished; rerun it to complete the shards", p.dir.display()))],
             Ok(Some(_)) => vec![],
@@ -630,7 +631,15 @@ impl StageDef for ShardsRead {
         let with_files: Vec<&ShardEntry> = index.shards.iter().filter(|s| s.file.is_some()).collect();
         let files = with_files.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
         let rows = with_files.iter().map(|s| s.rows).collect();
-        Ok(ShardsRead { p: p.clone(), seed: ctx.seed, files, rows })
+        let mut p = p.clone();
+        if let Some(pos) = crate::train::resume_position(ctx) {
+            if pos.epoch < p.epochs {
+                eprintln!("{}: resuming the data stream at epoch {}, utterance {} (the student's checkpoint)", ctx.stage, pos.epoch, pos.start);
+                p.start_epoch = pos.epoch;
+                p.start_index = pos.start;
+            }
+        }
+        Ok(ShardsRead { p, seed: ctx.seed, files, rows })
     }
 }
 

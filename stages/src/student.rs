@@ -464,8 +464,20 @@ impl StageDef for StudentStage {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<StepRecord>("steps", "one record per update (log.steps)"), Port::cloneable::<FrameRecord>("frames", "frame-level view of each update (log.frames)")]
     }
-    fn validate(_p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
-        train::validate_model(ctx)
+    fn validate(p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
+        let mut e = train::validate_model(ctx);
+        if p.resume {
+            match train::latest_checkpoint(&ctx.run_dir) {
+                Ok(Some((meta, _))) => {
+                    if let Some(pos) = meta.position {
+                        train::set_resume_position(ctx, pos.after());
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => e.push(ParamError::new("resume", format!("{err} (set resume: false to start afresh)"))),
+            }
+        }
+        e
     }
     fn create(p: &StudentParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let cfg = train::model_config(ctx)?;

@@ -114,6 +114,51 @@ impl Drop for CloseOnDrop {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Resuming the data stream with the student
+// ---------------------------------------------------------------------------------------------
+
+/// What one plan knows about resuming its data stream from a training checkpoint.
+#[derive(Default)]
+struct ResumeState {
+    /// `position.after()` of the checkpoint the student will resume from.
+    position: Option<DataPosition>,
+    /// Readers in the plan that can start inside their stream (`shards.read`, `features.read`).
+    readers: usize,
+}
+
+fn resume_state(ctx: &StageContext) -> Option<Arc<Mutex<ResumeState>>> {
+    ctx.shared.get_or_insert("ehmam.resume", || Mutex::new(ResumeState::default()))
+}
+
+/// Called by readers at validation: they will start at the student's data position.
+pub fn register_resumable_reader(ctx: &StageContext) {
+    if let Some(s) = resume_state(ctx) {
+        s.lock().unwrap_or_else(|e| e.into_inner()).readers += 1;
+    }
+}
+
+/// Called by the student at validation with the position its checkpoint continues from.
+pub fn set_resume_position(ctx: &StageContext, pos: DataPosition) {
+    if let Some(s) = resume_state(ctx) {
+        s.lock().unwrap_or_else(|e| e.into_inner()).position = Some(pos);
+    }
+}
+
+/// Where the data stages of this plan start: the position after the student's checkpoint, when
+/// the student resumes and exactly one reader can start there (with several readers, or none,
+/// the stream starts from the top and the teacher skips the batches already learned from).
+/// Only meaningful once validation is over (in `create`).
+pub fn resume_position(ctx: &StageContext) -> Option<DataPosition> {
+    let s = resume_state(ctx)?;
+    let s = s.lock().unwrap_or_else(|e| e.into_inner());
+    if s.readers == 1 {
+        s.position
+    } else {
+        None
+    }
+}
+
 /// candle device of a spec's `device` string.
 pub fn device(name: &str) -> Result<Device, String> {
     if name == "cpu" {
