@@ -60,7 +60,7 @@ fn f(s: &str) -> f64 {
 fn short_run_learns() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60", "stages.mask.with.ramp_updates=120", "stages.student.with.tau_steps=60"]);
+    train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60"]);
     let rows = steps(&run);
     assert_eq!(rows.len(), 120, "one steps row per update");
     let mean = |rs: &[Vec<String>], c: usize| rs.iter().map(|r| f(&r[c])).sum::<f64>() / rs.len() as f64;
@@ -81,7 +81,7 @@ fn short_run_learns() {
     assert_eq!(step, 120);
     assert!(t.keys().any(|k| k.starts_with("teacher.encoder.")) && t.keys().any(|k| k.starts_with("adam.m.")));
     // Rerunning a finished run trains nothing.
-    let out = train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60", "stages.mask.with.ramp_updates=120", "stages.student.with.tau_steps=60"]);
+    let out = train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60"]);
     let _ = out;
     assert_eq!(steps(&run).len(), 120);
     // Export the encoder for downstream use.
@@ -99,7 +99,7 @@ fn short_run_learns() {
 fn stopped_and_resumed_run_ends_with_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let common = ["stages.student.with.schedule_steps=24", "stages.mask.with.ramp_updates=24", "stages.student.with.checkpoint_every=6", "stages.student.with.tau_steps=12"];
+    let common = ["stages.student.with.schedule_steps=24", "stages.student.with.checkpoint_every=6"];
     let with = |max: &str| -> Vec<String> {
         let mut v: Vec<String> = common.iter().map(|s| s.to_string()).collect();
         v.push(format!("stages.student.with.max_steps={max}"));
@@ -144,5 +144,30 @@ fn bad_model_blocks_and_devices_are_refused_before_running() {
         let o = ehmam(&["validate", "specs/tiny.yaml", "--set", "device=cuda:0"]);
         assert_eq!(o.status.code(), Some(2));
         assert!(text(&o).contains("CUDA"), "{}", text(&o));
+    }
+}
+
+/// An ablation is one line: every mask kind takes the spec's mask block unchanged. Hard-only
+/// masking hides only frames of hard spans; random masking none.
+#[test]
+fn mask_kinds_swap_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (kind, hard_where_masked) in [("mask.hard", true), ("mask.random", false)] {
+        assert!(ok(&["validate", "specs/tiny.yaml", "--set", &format!("stages.mask.kind={kind}")]).contains("ok"));
+        let run = tmp.path().join(kind);
+        train(&run, &[&format!("stages.mask.kind={kind}"), "stages.student.with.max_steps=3", "stages.frames.with.every=1", "stages.frames.with.utterances=1.0"]);
+        let rows = query_csv(&[&run], "SELECT count(*), sum(CASE WHEN hard THEN 1 ELSE 0 END), min(hard_ratio), max(hard_ratio) FROM frames WHERE masked");
+        let (n, hard): (u64, u64) = (rows[0][0].parse().unwrap(), rows[0][1].parse().unwrap());
+        assert!(n > 0);
+        if hard_where_masked {
+            assert_eq!(hard, n, "{kind}: every masked frame lies in a hard span");
+            assert_eq!((rows[0][2].as_str(), rows[0][3].as_str()), ("1.0", "1.0"));
+        } else {
+            assert_eq!(hard, 0, "{kind}: no frame is chosen by hardness");
+            assert_eq!((rows[0][2].as_str(), rows[0][3].as_str()), ("0.0", "0.0"));
+        }
+        // The frames table points back into the audio: time_s = (crop offset + frame) / 50.
+        let bad = query_csv(&[&run], "SELECT count(*) FROM frames WHERE time_s < frame / 50.0 - 1e-9");
+        assert_eq!(bad[0][0], "0");
     }
 }

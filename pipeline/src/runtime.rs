@@ -211,6 +211,15 @@ impl StageIo {
         self.skip.get(port).copied().unwrap_or(0)
     }
 
+    /// Runs `f`, a wait for input that arrives outside the channels (a learner's new weights),
+    /// and counts its time as starved rather than busy.
+    pub fn starved_while<R>(&self, f: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = f();
+        Stats::add(&self.stats.starved_ns, t0.elapsed().as_nanos() as u64);
+        r
+    }
+
     fn finish_unit(&mut self) {
         if let (true, Some(seq)) = (self.tagged, self.current.take()) {
             for o in &mut self.outputs {

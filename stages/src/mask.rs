@@ -539,18 +539,22 @@ pub struct EasyToHardParams {
     /// jump_at, jump_to}}), or {constant: {r: x}}.
     #[schemars(with = "CurriculumName")]
     pub curriculum: CurriculumChoice,
-    /// Updates over which the linear curriculum ramps r from 0 to r_max (set it to the run's
-    /// total updates).
-    pub ramp_updates: u64,
+    /// Updates over which the linear curriculum ramps r from 0 to r_max; default: the run's
+    /// length (the student's schedule_steps, else its max_steps), as the paper ramps over the
+    /// whole of training.
+    pub ramp_updates: Option<u64>,
     /// Final hard ratio of the linear curriculum, in [0, 1].
     pub r_max: f64,
 }
 
 impl Default for EasyToHardParams {
     fn default() -> Self {
-        EasyToHardParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, curriculum: CurriculumChoice::Linear, ramp_updates: 2000, r_max: 1.0 }
+        EasyToHardParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, curriculum: CurriculumChoice::Linear, ramp_updates: None, r_max: 1.0 }
     }
 }
+
+/// `ramp_updates` when neither the stage nor a student in the plan gives one.
+pub const DEFAULT_RAMP_UPDATES: u64 = 2000;
 
 impl EasyToHardParams {
     pub fn spec(&self) -> MaskSpec {
@@ -559,7 +563,7 @@ impl EasyToHardParams {
     /// The curriculum these parameters describe.
     pub fn curriculum(&self) -> Curriculum {
         match self.curriculum {
-            CurriculumChoice::Linear => Curriculum::Linear { ramp_updates: self.ramp_updates, r_max: self.r_max },
+            CurriculumChoice::Linear => Curriculum::Linear { ramp_updates: self.ramp_updates.unwrap_or(DEFAULT_RAMP_UPDATES), r_max: self.r_max },
             CurriculumChoice::EpochClamped(e) => Curriculum::EpochClamped { total_epochs: e.total_epochs, jump_at: e.jump_at, jump_to: e.jump_to },
             CurriculumChoice::Constant(r) => Curriculum::Constant { r },
         }
@@ -573,7 +577,7 @@ fn unit_interval(x: f64) -> bool {
 impl Params for EasyToHardParams {
     fn check(&self) -> Vec<ParamError> {
         let mut e = self.spec().check();
-        if self.ramp_updates == 0 {
+        if self.ramp_updates == Some(0) {
             e.push(ParamError::new("ramp_updates", "must be at least 1"));
         }
         if !unit_interval(self.r_max) {
@@ -717,7 +721,11 @@ impl StageDef for MaskEasyToHard {
         ports_out()
     }
     fn create(p: &EasyToHardParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        Ok(MaskEasyToHard { masker: Masker::easy_to_hard(p, ctx.seed) })
+        let mut p = p.clone();
+        if p.ramp_updates.is_none() {
+            p.ramp_updates = crate::train::total_updates(ctx);
+        }
+        Ok(MaskEasyToHard { masker: Masker::easy_to_hard(&p, ctx.seed) })
     }
 }
 

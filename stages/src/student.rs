@@ -68,8 +68,9 @@ pub struct StudentParams {
     pub tau0: f64,
     /// EMA decay at the end of its ramp (τe).
     pub tau_end: f64,
-    /// Updates over which τ rises linearly from τ0 to τe (τn).
-    pub tau_steps: u64,
+    /// Updates over which τ rises linearly from τ0 to τe (τn); default: half the schedule
+    /// (method §7; the paper's base recipe is 75,000 of 400,000).
+    pub tau_steps: Option<u64>,
     /// Continue from the run directory's last checkpoint when there is one.
     pub resume: bool,
     /// Stop the run when target_std < min_target_std or pred_std < min_pred_std after
@@ -99,7 +100,7 @@ impl Default for StudentParams {
             exempt_1d: false,
             tau0: 0.99,
             tau_end: 0.999,
-            tau_steps: 1000,
+            tau_steps: None,
             resume: true,
             stop_on_collapse: false,
             min_target_std: 0.1,
@@ -207,6 +208,9 @@ impl Student {
     pub fn schedule_steps(&self) -> u64 {
         self.p.schedule_steps.unwrap_or(self.p.max_steps)
     }
+    pub fn tau_steps(&self) -> u64 {
+        self.p.tau_steps.unwrap_or(self.schedule_steps() / 2)
+    }
     pub fn warmup_steps(&self) -> u64 {
         self.p.warmup_steps.unwrap_or(self.schedule_steps() / 10)
     }
@@ -291,7 +295,7 @@ impl Student {
         self.adam.step(&self.vars, &grads, lr)?;
         self.step += 1;
         // EMA (§3) with τ(t+1).
-        let tau = tau_at(self.step, self.p.tau0, self.p.tau_end, self.p.tau_steps);
+        let tau = tau_at(self.step, self.p.tau0, self.p.tau_end, self.tau_steps());
         for (k, tw) in self.teacher.iter_mut() {
             if let Some(v) = self.vars.get(k) {
                 *tw = ((&*tw * tau)? + (v.as_tensor() * (1.0 - tau))?)?.detach();
@@ -466,6 +470,7 @@ impl StageDef for StudentStage {
     }
     fn validate(p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
         let mut e = train::validate_model(ctx);
+        train::set_total_updates(ctx, p.schedule_steps.unwrap_or(p.max_steps));
         if p.resume {
             match train::latest_checkpoint(&ctx.run_dir) {
                 Ok(Some((meta, _))) => {

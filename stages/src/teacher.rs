@@ -98,7 +98,7 @@ impl Stage for TeacherStage {
         while let Some(batch) = io.recv::<Batch>(0)? {
             let f = match first {
                 Some(f) => f,
-                None => match self.cell.first(&|| io.is_cancelled())? {
+                None => match io.starved_while(|| self.cell.first(&|| io.is_cancelled()))? {
                     Some(f) => *first.insert(f),
                     None => return Ok(()),
                 },
@@ -108,7 +108,8 @@ impl Stage for TeacherStage {
                 continue;
             }
             let version = batch.step.saturating_sub(self.p.staleness).max(f);
-            let w = match self.cell.wait_for(version, &|| io.is_cancelled())? {
+            // Waiting for the student's weights is waiting for input (telemetry: starved).
+            let w = match io.starved_while(|| self.cell.wait_for(version, &|| io.is_cancelled()))? {
                 Wait::Weights(w) => w,
                 Wait::Closed => return Ok(()),
             };

@@ -131,6 +131,21 @@ fn resume_state(ctx: &StageContext) -> Option<Arc<Mutex<ResumeState>>> {
     ctx.shared.get_or_insert("ehmam.resume", || Mutex::new(ResumeState::default()))
 }
 
+/// Called by the student at validation: the length of its schedule, the default ramp of the
+/// easy-to-hard curriculum.
+pub fn set_total_updates(ctx: &StageContext, n: u64) {
+    if let Some(s) = ctx.shared.get_or_insert("ehmam.total_updates", || Mutex::new(None::<u64>)) {
+        *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+    }
+}
+
+/// The student's schedule length, when the plan has a student (after validation).
+pub fn total_updates(ctx: &StageContext) -> Option<u64> {
+    let s = ctx.shared.get_or_insert("ehmam.total_updates", || Mutex::new(None::<u64>))?;
+    let v = *s.lock().unwrap_or_else(|e| e.into_inner());
+    v
+}
+
 /// Called by readers at validation: they will start at the student's data position.
 pub fn register_resumable_reader(ctx: &StageContext) {
     if let Some(s) = resume_state(ctx) {

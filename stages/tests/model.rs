@@ -267,7 +267,7 @@ fn student_encoder_drops_masked_frames() {
 #[test]
 fn update_ema_and_checkpoint_round_trip() {
     let cfg = tiny_cfg();
-    let p = StudentParams { max_steps: 10, tau0: 0.9, tau_end: 0.9, tau_steps: 1, lr: 1e-2, warmup_steps: Some(0), ..StudentParams::default() };
+    let p = StudentParams { max_steps: 10, tau0: 0.9, tau_end: 0.9, tau_steps: Some(1), lr: 1e-2, warmup_steps: Some(0), ..StudentParams::default() };
     let mut s = Student::new(p.clone(), cfg.clone(), Device::Cpu, 1, DType::F32).unwrap();
     let before = s.vars["encoder.blocks.0.fc1.weight"].as_tensor().copy().unwrap();
     let m = synthetic(&cfg, 2, 12, 5, 1);
