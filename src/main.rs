@@ -45,6 +45,22 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// PNG figures from the tables of one or more runs: losses.png, health.png and, per run, one
+    /// utterance's frames (predicted loss, masked and hard frames, the input under them).
+    Plot {
+        /// Run directories.
+        #[arg(required = true)]
+        run_dirs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Utterance of the frame figure (default: the first logged at the chosen step).
+        #[arg(long)]
+        utt: Option<String>,
+        /// Step of the frame figure (default: the latest step with logged frames).
+        #[arg(long)]
+        step: Option<u64>,
+    },
     /// Export the trained encoder (front-end + transformer) of a run for downstream use:
     /// OUT/encoder.safetensors and OUT/config.json, from the run's last checkpoint.
     Export {
@@ -123,6 +139,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 stages::model::shapes_of(&cfg.model).iter().filter(|(n, _)| cfg.tensors.contains(n)).map(|(_, s)| s.iter().product::<usize>()).sum::<usize>(),
                 out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { run_dirs, out, utt, step } => {
+            let files = stages::plot::plot(&run_dirs, &stages::plot::PlotOptions { out, utt, step })?;
+            for f in files {
+                println!("{}", f.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Stages => {

@@ -9,6 +9,7 @@ pub mod logs;
 pub mod losses;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod mask;
 pub mod shards;
 pub mod sql;

@@ -27,7 +27,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
-use arrow::ipc::writer::FileWriter;
+use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
+use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
@@ -140,6 +141,27 @@ fn claim_tables(ctx: &StageContext, tables: &[(&str, &str)]) -> Vec<ParamError> 
     errors
 }
 
+/// Compression of the record batches inside a log part (Arrow IPC's own buffer compression,
+/// which DataFusion, pyarrow and DuckDB read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogCompression {
+    /// zstd (the default: about a quarter of the plain size for frame rows).
+    #[default]
+    Zstd,
+    Lz4,
+    None,
+}
+
+fn ipc_options(c: LogCompression) -> Result<IpcWriteOptions, ArrowError> {
+    let kind = match c {
+        LogCompression::Zstd => Some(CompressionType::ZSTD),
+        LogCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
+        LogCompression::None => None,
+    };
+    IpcWriteOptions::default().try_with_compression(kind)
+}
+
 /// Rows buffered for one table.
 pub trait Rows: Send {
     fn len(&self) -> usize;
@@ -175,6 +197,8 @@ pub struct TableWriter<R: Rows> {
     part: Option<OpenPart>,
     prepared: bool,
     summary: TableSummary,
+    /// Buffer compression of the parts written.
+    pub compression: LogCompression,
 }
 
 fn part_name(first: u64) -> String {
@@ -210,10 +234,11 @@ fn arrow_err(path: &Path) -> impl FnOnce(ArrowError) -> StageError {
 }
 
 /// Writes `batches` to `path` via a temporary file; `replace` allows an existing file to go.
-fn write_part_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], meta: &[(&str, String)], replace: bool) -> Result<u64, StageError> {
+fn write_part_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], meta: &[(&str, String)], replace: bool, compression: LogCompression) -> Result<u64, StageError> {
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let file = File::create(&tmp).map_err(ioe(&tmp, "create"))?;
-    let mut w = FileWriter::try_new(BufWriter::new(file), schema).map_err(arrow_err(&tmp))?;
+    let opts = ipc_options(compression).map_err(arrow_err(&tmp))?;
+    let mut w = FileWriter::try_new_with_options(BufWriter::new(file), schema, opts).map_err(arrow_err(&tmp))?;
     for b in batches {
         w.write(b).map_err(arrow_err(&tmp))?;
     }
@@ -260,6 +285,7 @@ impl<R: Rows> TableWriter<R> {
             part: None,
             prepared: false,
             summary: TableSummary::default(),
+            compression: LogCompression::default(),
         }
     }
 
@@ -310,7 +336,8 @@ impl<R: Rows> TableWriter<R> {
             let path = self.dir.join(part_name(first));
             let tmp = PathBuf::from(format!("{}.tmp", path.display()));
             let file = File::create(&tmp).map_err(ioe(&tmp, "create"))?;
-            let writer = FileWriter::try_new(BufWriter::with_capacity(1 << 20, file), &self.schema).map_err(arrow_err(&tmp))?;
+            let opts = ipc_options(self.compression).map_err(arrow_err(&tmp))?;
+            let writer = FileWriter::try_new_with_options(BufWriter::with_capacity(1 << 20, file), &self.schema, opts).map_err(arrow_err(&tmp))?;
             self.part = Some(OpenPart { first, last: first, tmp, path, writer });
         }
         let batch = self.rows.finish(&self.schema).map_err(|e| StageError::failed(format!("{}: {e}", self.dir.display())))?;
@@ -434,7 +461,7 @@ impl<R: Rows> TableWriter<R> {
         }
         let mut meta: Vec<(&str, String)> = meta.iter().filter(|(a, _)| a != "ehmam.last_step").map(|(a, b)| (a.as_str(), b.clone())).collect();
         meta.push(("ehmam.last_step", last_kept.unwrap_or(0).to_string()));
-        write_part_file(path, &schema, &kept, &meta, true)?;
+        write_part_file(path, &schema, &kept, &meta, true, self.compression)?;
         Ok(gone)
     }
 }
@@ -458,11 +485,13 @@ pub struct FramesLogParams {
     /// Table of the student's input features at the logged frames (one `features` list per
     /// frame, for the fbank image of `ehmam plot`); null to store none.
     pub inputs_table: Option<String>,
+    /// Buffer compression inside the parts: zstd, lz4 or none.
+    pub compression: LogCompression,
 }
 
 impl Default for FramesLogParams {
     fn default() -> Self {
-        FramesLogParams { every: 10, utterances: 0.25, rotate_every: 100, table: "frames".into(), inputs_table: Some("inputs".into()) }
+        FramesLogParams { every: 10, utterances: 0.25, rotate_every: 100, table: "frames".into(), inputs_table: Some("inputs".into()), compression: LogCompression::Zstd }
     }
 }
 
@@ -599,8 +628,13 @@ pub struct FrameLog {
 impl FrameLog {
     /// A frame log into `run_dir` for run `run`; `seed` drives the utterance sampling.
     pub fn new(p: &FramesLogParams, who: &str, run: &str, run_dir: &Path, seed: u64) -> FrameLog {
-        let frames = TableWriter::new(who, run_dir.join(&p.table), frames_schema(), p.rotate_every, FrameRows::default());
-        let inputs = p.inputs_table.as_ref().map(|t| TableWriter::new(who, run_dir.join(t), inputs_schema(), p.rotate_every, InputRows::default()));
+        let mut frames = TableWriter::new(who, run_dir.join(&p.table), frames_schema(), p.rotate_every, FrameRows::default());
+        frames.compression = p.compression;
+        let inputs = p.inputs_table.as_ref().map(|t| {
+            let mut w = TableWriter::new(who, run_dir.join(t), inputs_schema(), p.rotate_every, InputRows::default());
+            w.compression = p.compression;
+            w
+        });
         FrameLog { p: p.clone(), run: run.to_string(), seed, frames, inputs, records: 0, warned_features: false }
     }
 
@@ -762,11 +796,13 @@ pub struct StepsLogParams {
     pub rotate_every: u64,
     /// Table (sub-directory of the run directory) of the step rows.
     pub table: String,
+    /// Buffer compression inside the parts: zstd, lz4 or none.
+    pub compression: LogCompression,
 }
 
 impl Default for StepsLogParams {
     fn default() -> Self {
-        StepsLogParams { rotate_every: 100, table: "steps".into() }
+        StepsLogParams { rotate_every: 100, table: "steps".into(), compression: LogCompression::Zstd }
     }
 }
 
@@ -819,7 +855,9 @@ pub struct StepLog {
 
 impl StepLog {
     pub fn new(p: &StepsLogParams, who: &str, run: &str, run_dir: &Path) -> StepLog {
-        StepLog { run: run.to_string(), steps: TableWriter::new(who, run_dir.join(&p.table), steps_schema(), p.rotate_every, StepRows::default()) }
+        let mut steps = TableWriter::new(who, run_dir.join(&p.table), steps_schema(), p.rotate_every, StepRows::default());
+        steps.compression = p.compression;
+        StepLog { run: run.to_string(), steps }
     }
 
     pub fn write(&mut self, r: &StepRecord) -> Result<(), StageError> {
