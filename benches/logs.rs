@@ -55,7 +55,7 @@ fn dir_bytes(d: &Path) -> u64 {
 /// Writes `recs` through a frame log; returns (seconds, frame rows, bytes of the frames table).
 fn sink(recs: &[FrameRecord], dir: &Path, compression: LogCompression, inputs: bool, rotate: u64) -> (f64, u64, u64) {
     let _ = std::fs::remove_dir_all(dir);
-    let p = FramesLogParams { every: 1, utterances: 1.0, rotate_every: rotate, compression, inputs_table: if inputs { Some("inputs".into()) } else { None }, ..FramesLogParams::default() };
+    let p = FramesLogParams { every: 1, utterances: 1.0, rotate_every: rotate, compression, inputs_table: if inputs { Some("inputs".into()) } else { None }, inputs_every: 0, ..FramesLogParams::default() };
     let mut log = FrameLog::new(&p, "bench", "bench", dir, 7);
     let t = Instant::now();
     for r in recs {

@@ -485,13 +485,16 @@ pub struct FramesLogParams {
     /// Table of the student's input features at the logged frames (one `features` list per
     /// frame, for the fbank image of `ehmam plot`); null to store none.
     pub inputs_table: Option<String>,
+    /// Log the input features only at steps divisible by this (they are ~40× the bytes of a
+    /// frame row); 0 logs them whenever frames are logged.
+    pub inputs_every: u64,
     /// Buffer compression inside the parts: zstd, lz4 or none.
     pub compression: LogCompression,
 }
 
 impl Default for FramesLogParams {
     fn default() -> Self {
-        FramesLogParams { every: 10, utterances: 0.25, rotate_every: 100, table: "frames".into(), inputs_table: Some("inputs".into()), compression: LogCompression::Zstd }
+        FramesLogParams { every: 10, utterances: 0.25, rotate_every: 100, table: "frames".into(), inputs_table: Some("inputs".into()), inputs_every: 100, compression: LogCompression::Zstd }
     }
 }
 
@@ -700,7 +703,8 @@ impl FrameLog {
                 rows.hard_ratio.append_value(r.hard_ratio);
             }
             rows.n += t;
-            if let (Some(w), true) = (self.inputs.as_mut(), per_frame > 0) {
+            let inputs_due = self.p.inputs_every == 0 || r.step % self.p.inputs_every == 0;
+            if let (Some(w), true) = (self.inputs.as_mut(), per_frame > 0 && inputs_due) {
                 let rows = &mut w.rows;
                 for f in 0..t {
                     let at = i * per_member + f * per_frame;

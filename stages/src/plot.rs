@@ -253,7 +253,9 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
     let step = match opts.step {
         Some(s) => s,
         None => {
-            let b = session.query(&format!("SELECT max(step) AS s FROM frames WHERE run = {r}{utt_filter}"))?;
+            // The latest step whose input features were logged too, else the latest with frames.
+            let table = if session.has_table("inputs") && !session.query(&format!("SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"))?.iter().all(|b| b.num_rows() == 0) { "inputs" } else { "frames" };
+            let b = session.query(&format!("SELECT max(step) AS s FROM {table} WHERE run = {r}{utt_filter}"))?;
             match col_f64(&b, "s")?.first() {
                 Some(s) if s.is_finite() => *s as u64,
                 _ => match &opts.utt {
