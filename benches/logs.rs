@@ -119,6 +119,17 @@ fn main() {
     ];
     let session = stages::sql::Session::open(&[run.clone()]).expect("session");
     let mut ours = Vec::new();
+    let first = session.query(queries[0].1).expect("query");
+    let mut mine: Vec<(String, i64, f64)> = Vec::new();
+    for b in &first {
+        use arrow::array::AsArray;
+        let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).expect("utf8");
+        let n = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Int64).expect("i64");
+        let rec = arrow::compute::cast(b.column(2), &arrow::datatypes::DataType::Float64).expect("f64");
+        for i in 0..b.num_rows() {
+            mine.push((ids.as_string::<i32>().value(i).to_string(), n.as_primitive::<arrow::datatypes::Int64Type>().value(i), rec.as_primitive::<arrow::datatypes::Float64Type>().value(i)));
+        }
+    }
     for (name, sql) in &queries {
         let mut best = f64::INFINITY;
         let mut groups = 0;
@@ -149,6 +160,13 @@ fn main() {
             _ => "not installed".to_string(),
         };
         println!("{:<16} {:>8} {:>22.2} {:>30}", name, groups, s, d);
+    }
+    if let Some(check) = reference.get("check").and_then(|v| v.as_array()) {
+        let mut theirs: Vec<(String, i64, f64)> = check.iter().filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_i64()?, r[2].as_f64()?))).collect();
+        theirs.sort_by(|a, b| a.0.cmp(&b.0));
+        mine.sort_by(|a, b| a.0.cmp(&b.0));
+        let same = theirs.len() == mine.len() && theirs.iter().zip(&mine).all(|(a, b)| a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() < 1e-6 * a.2.abs().max(1.0));
+        println!("answers: {} groups, counts and means {} DuckDB's", mine.len(), if same { "equal to" } else { "DIFFERENT from" });
     }
     if let Some(v) = reference.get("duckdb").and_then(|v| v.as_str()) {
         println!("(DuckDB {v}, pyarrow {}; DuckDB queries the Arrow table pyarrow read from the same files; its query-only time is the second figure)", reference.get("pyarrow").and_then(|v| v.as_str()).unwrap_or("?"));
