@@ -16,7 +16,7 @@ pub use error::{RunError, SpecError, SpecErrors, StageError};
 pub use params::{parse_params, NoParams, ParamDoc, ParamError, Params};
 pub use plan::{validate, Plan};
 pub use progress::Progress;
-pub use runtime::{run, CancelToken, RunOptions, RunSummary, StageIo};
+pub use runtime::{run, CancelToken, RunOptions, RunStatus, RunSummary, StageIo};
 pub use spec::{load, load_str, Spec};
 pub use stage::{kind, Configured, Port, Registry, Shared, Stage, StageContext, StageDef, StageKind};
 pub use telemetry::StageReport;

@@ -15,7 +15,7 @@ use crate::telemetry::{format_table, to_batch, write_parquet_atomic, StageReport
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -426,10 +426,44 @@ fn prepare_run_dir(plan: &Plan, opts: &RunOptions) -> Result<PathBuf, RunError> 
     Ok(dir)
 }
 
+/// `run.json` in a run directory: whether the run finished, and its wall time over all attempts.
+/// Written as `running` when an attempt starts and replaced (atomically) when it ends, so a run
+/// that crashed or was stopped never reads as complete.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunStatus {
+    /// `running`, `complete`, `failed` or `interrupted`.
+    pub status: String,
+    /// Wall time of every attempt so far, in seconds.
+    pub wall_s: f64,
+    pub attempts: u64,
+    /// The error of a failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunStatus {
+    pub fn read(run_dir: &Path) -> Option<RunStatus> {
+        let text = std::fs::read_to_string(run_dir.join("run.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+    pub fn is_complete(&self) -> bool {
+        self.status == "complete"
+    }
+    fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+        let tmp = run_dir.join("run.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, run_dir.join("run.json"))
+    }
+}
+
 /// Runs a validated plan to the end, or until the first error or cancellation.
 pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let run_dir = prepare_run_dir(&plan, opts)?;
+    let before = RunStatus::read(&run_dir);
+    let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
+    let status = |state: &str, error: Option<String>| RunStatus { status: state.into(), wall_s: prior_wall + started.elapsed().as_secs_f64(), attempts: prior_attempts + 1, error };
+    status("running", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), source: e })?;
     let n = plan.nodes.len();
     let show_bars = !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
     let multi = if show_bars { Some(indicatif::MultiProgress::new()) } else { None };
@@ -633,12 +667,15 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
 
     let err = first_error.lock().ok().and_then(|mut e| e.take());
     if let Some((stage, kind, message)) = err {
+        let _ = status("failed", Some(format!("stage `{stage}` ({kind}): {message}"))).write(&run_dir);
         return Err(RunError::Stage { stage, kind, message });
     }
     if cancel.was_interrupted() {
+        let _ = status("interrupted", None).write(&run_dir);
         return Err(RunError::Interrupted);
     }
     save?;
+    status("complete", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), source: e })?;
     Ok(RunSummary { run_dir, stages: reports, wall_s })
 }
 
