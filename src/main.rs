@@ -61,6 +61,43 @@ enum Command {
         #[arg(long)]
         step: Option<u64>,
     },
+    /// Run a grid of experiments: every SPEC with every combination of the --grid values, each
+    /// into OUT/<name>-<key>=<value>…; finished runs are skipped on a rerun; a summary at the end.
+    Sweep {
+        /// Specs (e.g. specs/ablations/*.yaml).
+        #[arg(required = true)]
+        specs: Vec<PathBuf>,
+        /// A grid axis: PATH=[V1, V2, …] (YAML), e.g. stages.student.with.alpha=[1, 0.5, 0.1, 0.05, 0.01].
+        #[arg(long = "grid", value_name = "PATH=[V1, V2, …]")]
+        grid: Vec<String>,
+        /// Override applied to every run: PATH=VALUE.
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        set: Vec<String>,
+        /// Directory of the sweep's run directories.
+        #[arg(long, default_value = "runs/sweep")]
+        out: PathBuf,
+        /// Also write `ehmam report` of the sweep's runs into OUT/report.
+        #[arg(long)]
+        report: bool,
+        /// No progress and no telemetry tables.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Compare runs: OUT/report.md (summary, linear probe, masking analysis) and PNG figures.
+    Report {
+        /// Run directories.
+        #[arg(required = true)]
+        run_dirs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Skip the linear probe and the masking analysis (tables and curves only).
+        #[arg(long)]
+        no_probe: bool,
+        /// Skip the masking analysis only.
+        #[arg(long)]
+        no_masking: bool,
+    },
     /// Export the trained encoder (front-end + transformer) of a run for downstream use:
     /// OUT/encoder.safetensors and OUT/config.json, from the run's last checkpoint.
     Export {
@@ -141,6 +178,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { run_dirs, out, no_probe, no_masking } => {
+            let opts = stages::report::ReportOptions { out, probe: !no_probe, masking: !no_probe && !no_masking, ..Default::default() };
+            for f in stages::report::report(&run_dirs, &opts)? {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sweep { specs, grid, set, out, report, quiet } => sweep(&specs, &grid, &set, &out, report, quiet),
         Command::Plot { run_dirs, out, utt, step } => {
             let files = stages::plot::plot(&run_dirs, &stages::plot::PlotOptions { out, utt, step })?;
             for f in files {
@@ -161,4 +206,76 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `ehmam sweep`.
+fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Path, report: bool, quiet: bool) -> Result<ExitCode> {
+    let axes = grid.iter().map(|g| stages::sweep::parse_axis(g)).collect::<std::result::Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let runs = stages::sweep::plan(specs, &axes, set, out).map_err(anyhow::Error::msg)?;
+    // Every run is validated before any starts.
+    let registry = stages::registry();
+    let mut plans = Vec::new();
+    let mut bad = false;
+    for r in &runs {
+        match pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string())) {
+            Ok(p) => plans.push(Some(p)),
+            Err(e) => {
+                eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
+                bad = true;
+                plans.push(None);
+            }
+        }
+    }
+    if bad {
+        return Ok(ExitCode::from(2));
+    }
+    let cancel = pipeline::CancelToken::new();
+    {
+        let c = cancel.clone();
+        ctrlc::set_handler(move || {
+            eprintln!("\nstopping the sweep (Ctrl-C)…");
+            c.interrupt();
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let mut outcome = Vec::new();
+    let n = runs.len();
+    for (i, (r, p)) in runs.iter().zip(plans).enumerate() {
+        let Some(plan) = p else { continue };
+        if stages::sweep::is_finished(r, &plan.spec.resolved) {
+            eprintln!("[{}/{n}] {}: finished earlier, skipped", i + 1, r.name);
+            outcome.push((r.clone(), "skipped (finished)".to_string()));
+            continue;
+        }
+        eprintln!("[{}/{n}] {}: running {} into {}", i + 1, r.name, r.spec.display(), r.run_dir.display());
+        match pipeline::run(plan, &pipeline::RunOptions { force: true, quiet }, &cancel) {
+            Ok(s) => outcome.push((r.clone(), format!("ran ({:.0} s)", s.wall_s))),
+            Err(e) => {
+                eprintln!("{}: {e}", r.name);
+                outcome.push((r.clone(), format!("failed: {e}")));
+                if cancel.was_interrupted() {
+                    break;
+                }
+            }
+        }
+    }
+    let dirs: Vec<PathBuf> = outcome.iter().map(|(r, _)| r.run_dir.clone()).filter(|d| d.join("spec.yaml").exists()).collect();
+    println!("\nsweep of {n} runs in {}:\n", out.display());
+    for (r, o) in &outcome {
+        println!("  {:<40} {o}", r.name);
+    }
+    if !dirs.is_empty() {
+        let rows = stages::report::summarize(&dirs, 0.1)?;
+        println!("\n{}", stages::report::summary_markdown(&rows));
+        let _ = std::fs::create_dir_all(out);
+        let _ = std::fs::write(out.join("summary.md"), stages::report::summary_markdown(&rows));
+        if report {
+            let opts = stages::report::ReportOptions { out: out.join("report"), ..Default::default() };
+            for f in stages::report::report(&dirs, &opts)? {
+                println!("{}", f.display());
+            }
+        }
+    }
+    let failed = outcome.iter().any(|(_, o)| o.starts_with("failed")) || outcome.len() < n;
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -63,6 +63,8 @@ fn short_run_learns() {
     train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60"]);
     let rows = steps(&run);
     assert_eq!(rows.len(), 120, "one steps row per update");
+    let st = pipeline::RunStatus::read(&run).expect("run.json");
+    assert!(st.is_complete() && st.attempts == 1 && st.wall_s > 0.0, "{st:?}");
     let mean = |rs: &[Vec<String>], c: usize| rs.iter().map(|r| f(&r[c])).sum::<f64>() / rs.len() as f64;
     let (first, last) = (&rows[..10], &rows[rows.len() - 20..]);
     let (rec0, rec1) = (mean(first, 1), mean(last, 1));
@@ -84,6 +86,8 @@ fn short_run_learns() {
     let out = train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60"]);
     let _ = out;
     assert_eq!(steps(&run).len(), 120);
+    let st2 = pipeline::RunStatus::read(&run).expect("run.json");
+    assert!(st2.is_complete() && st2.attempts == 2 && st2.wall_s > st.wall_s, "{st2:?}");
     // Export the encoder for downstream use.
     let export = tmp.path().join("export");
     let out = ok(&["export", run.to_str().unwrap(), "--out", export.to_str().unwrap()]);
@@ -170,4 +174,23 @@ fn mask_kinds_swap_in_one_line() {
         let bad = query_csv(&[&run], "SELECT count(*) FROM frames WHERE time_s < frame / 50.0 - 1e-9");
         assert_eq!(bad[0][0], "0");
     }
+}
+
+/// A run that fails is marked failed in run.json, with the stage's error; it never reads as
+/// complete.
+#[test]
+fn a_failed_run_is_marked_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
+    for s in [format!("run_dir={}", run.display()), format!("stages.shards.with.dir={}", shards().display()), "stages.batch.with.crop=pad".into()] {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let o = ehmam(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("crop: shortest") && !text(&o).contains("panicked"), "{}", text(&o));
+    let st = pipeline::RunStatus::read(&run).expect("run.json");
+    assert_eq!(st.status, "failed");
+    assert!(st.error.as_deref().is_some_and(|e| e.contains("teacher")), "{st:?}");
 }

@@ -10,6 +10,8 @@ pub mod losses;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod report;
+pub mod sweep;
 pub mod mask;
 pub mod shards;
 pub mod sql;

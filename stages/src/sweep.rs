@@ -1,0 +1,117 @@
+//! `ehmam sweep SPEC... [--grid PATH=[V1, V2, …]]... [--set PATH=VALUE]... [--out DIR]`: a grid of
+//! runs, each into its own run directory, finished ones skipped on a rerun, a summary at the end.
+//!
+//! Every spec is combined with every point of the grid (the Cartesian product of the `--grid`
+//! axes). A run is named `<spec name>` followed by `-<key>=<value>` for each axis (`key` is the
+//! last component of the axis's path: `alpha=0.5`), and lives in `OUT/<run name>`. A run whose
+//! `run.json` says complete and whose resolved spec is unchanged is skipped; any other (new,
+//! stopped, failed) is run, resuming from its last checkpoint. A failing run does not stop the
+//! sweep: it is reported, and the sweep exits non-zero at the end.
+
+use serde_yaml::Value;
+use std::path::{Path, PathBuf};
+
+/// One run of a sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepRun {
+    pub spec: PathBuf,
+    pub name: String,
+    pub run_dir: PathBuf,
+    /// `--set` overrides of this run (the user's, then the grid point's, then name and run_dir).
+    pub sets: Vec<String>,
+}
+
+/// A grid axis: the path and its values (YAML, as `--set` reads them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axis {
+    pub path: String,
+    pub values: Vec<Value>,
+}
+
+/// Parses `PATH=[v1, v2, …]` (a YAML flow sequence; a single value is an axis of one).
+pub fn parse_axis(s: &str) -> Result<Axis, String> {
+    let (path, vals) = s.split_once('=').ok_or_else(|| format!("--grid `{s}`: expected PATH=[V1, V2, …]"))?;
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
+        return Err(format!("--grid `{s}`: `{path}` is not a dotted path"));
+    }
+    let v: Value = serde_yaml::from_str(vals).map_err(|e| format!("--grid `{s}`: the values are not YAML: {e}"))?;
+    let values = match v {
+        Value::Sequence(seq) => seq,
+        other => vec![other],
+    };
+    if values.is_empty() {
+        return Err(format!("--grid `{s}`: no values"));
+    }
+    Ok(Axis { path: path.to_string(), values })
+}
+
+/// A value as it appears in a run name and in a `--set` override.
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other).map(|t| t.trim().to_string()).unwrap_or_default(),
+    }
+}
+
+fn flow(v: &Value) -> String {
+    match v {
+        Value::Mapping(_) | Value::Sequence(_) => serde_json::to_string(v).unwrap_or_default(),
+        other => scalar_text(other),
+    }
+}
+
+fn safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.=+".contains(c) { c } else { '_' }).collect()
+}
+
+/// The runs of a sweep, in order (specs outermost, then the axes as given).
+pub fn plan(specs: &[PathBuf], axes: &[Axis], sets: &[String], out: &Path) -> Result<Vec<SweepRun>, String> {
+    let mut points: Vec<Vec<(String, Value)>> = vec![Vec::new()];
+    for a in axes {
+        let mut next = Vec::new();
+        for p in &points {
+            for v in &a.values {
+                let mut q = p.clone();
+                q.push((a.path.clone(), v.clone()));
+                next.push(q);
+            }
+        }
+        points = next;
+    }
+    let mut runs = Vec::new();
+    for spec in specs {
+        let loaded = pipeline::load(spec, sets).map_err(|e| format!("{}: {e}", spec.display()))?;
+        for p in &points {
+            let mut name = loaded.name.clone();
+            for (path, v) in p {
+                let key = path.rsplit('.').next().unwrap_or(path);
+                name.push_str(&format!("-{key}={}", scalar_text(v)));
+            }
+            let name = safe(&name);
+            let run_dir = out.join(&name);
+            let mut s: Vec<String> = sets.to_vec();
+            s.extend(p.iter().map(|(path, v)| format!("{path}={}", flow(v))));
+            s.push(format!("name={name}"));
+            s.push(format!("run_dir={}", run_dir.display()));
+            runs.push(SweepRun { spec: spec.clone(), name, run_dir, sets: s });
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &runs {
+        if !seen.insert(r.name.clone()) {
+            return Err(format!("two runs of the sweep are both named `{}` (give the specs different names)", r.name));
+        }
+    }
+    Ok(runs)
+}
+
+/// Whether a run is finished: `run.json` complete and the resolved spec as this sweep makes it.
+pub fn is_finished(run: &SweepRun, resolved: &Value) -> bool {
+    let Some(st) = pipeline::RunStatus::read(&run.run_dir) else { return false };
+    if !st.is_complete() {
+        return false;
+    }
+    let Ok(old) = std::fs::read_to_string(run.run_dir.join("spec.yaml")) else { return false };
+    serde_yaml::to_string(resolved).is_ok_and(|t| t == old)
+}
