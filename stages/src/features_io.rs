@@ -462,12 +462,9 @@ impl StageDef for FeaturesRead {
     fn create(p: &FeaturesReadParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
         let index = FeatureIndex::load(&p.dir).map_err(StageError::Failed)?.ok_or_else(|| StageError::failed(format!("no feature index in {}", p.dir.display())))?;
         let mut p = p.clone();
-        if let Some(pos) = crate::train::resume_position(ctx) {
-            if pos.epoch < p.epochs {
-                eprintln!("{}: resuming the data stream at epoch {}, utterance {} (the student's checkpoint)", ctx.stage, pos.epoch, pos.start);
-                p.start_epoch = pos.epoch;
-                p.start_index = pos.start;
-            }
+        if let Some((epoch, index)) = crate::train::reader_start(ctx, p.epochs) {
+            p.start_epoch = epoch;
+            p.start_index = index;
         }
         Ok(FeaturesRead { seed: ctx.seed, files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect(), rows: index.parts.iter().map(|x| x.rows).collect(), p })
     }

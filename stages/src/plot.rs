@@ -47,7 +47,7 @@ fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> PlotError + '_ {
     move |e| PlotError::Draw { path: path.display().to_string(), message: e.to_string() }
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -55,15 +55,19 @@ fn register_font() {
 }
 
 /// A column of query results as f64 (NULL → NaN).
-fn col_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, PlotError> {
+pub(crate) fn column_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, String> {
     let mut out = Vec::new();
     for b in batches {
-        let c = b.column_by_name(name).ok_or_else(|| PlotError::Input(format!("no column `{name}`")))?;
-        let c = arrow::compute::cast(c, &DataType::Float64).map_err(|e| PlotError::Input(format!("column `{name}`: {e}")))?;
+        let c = b.column_by_name(name).ok_or_else(|| format!("no column `{name}`"))?;
+        let c = arrow::compute::cast(c, &DataType::Float64).map_err(|e| format!("column `{name}`: {e}"))?;
         let a = c.as_primitive::<Float64Type>();
         out.extend((0..a.len()).map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) }));
     }
     Ok(out)
+}
+
+fn col_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, PlotError> {
+    column_f64(batches, name).map_err(PlotError::Input)
 }
 
 fn col_str(batches: &[RecordBatch], name: &str) -> Result<Vec<String>, PlotError> {
@@ -88,7 +92,7 @@ fn col_bool(batches: &[RecordBatch], name: &str) -> Result<Vec<bool>, PlotError>
 }
 
 /// A string as a SQL literal.
-fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 

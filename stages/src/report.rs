@@ -21,8 +21,6 @@ use crate::fbank::Features;
 use crate::model::{Model, ModelConfig, Noise, Weights};
 use crate::sql::{Session, SqlError};
 use crate::train;
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Float64Type};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
 use plotters::prelude::*;
@@ -86,19 +84,10 @@ pub struct RunRow {
 }
 
 fn f64s(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, ReportError> {
-    let mut out = Vec::new();
-    for b in batches {
-        let c = b.column_by_name(name).ok_or_else(|| ReportError::Input(format!("no column `{name}`")))?;
-        let c = arrow::compute::cast(c, &DataType::Float64).map_err(|e| ReportError::Input(e.to_string()))?;
-        let a = c.as_primitive::<Float64Type>();
-        out.extend((0..a.len()).map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) }));
-    }
-    Ok(out)
+    crate::plot::column_f64(batches, name).map_err(ReportError::Input)
 }
 
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+use crate::plot::lit;
 
 fn spec_of(dir: &Path) -> Option<Value> {
     serde_yaml::from_str(&std::fs::read_to_string(dir.join("spec.yaml")).ok()?).ok()
@@ -648,13 +637,6 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
 // Figures and the report
 // ---------------------------------------------------------------------------------------------
 
-fn font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, include_bytes!("../assets/DejaVuSans.ttf"));
-    });
-}
-
 fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> ReportError + '_ {
     move |e| ReportError::Input(format!("drawing {}: {e}", path.display()))
 }
@@ -746,7 +728,7 @@ fn masking_figure(path: &Path, results: &[ProbeResult]) -> Result<(), ReportErro
 
 /// Writes `report.md`, `rec_loss.png` and (with the probe) `masking.png` into `opts.out`.
 pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>, ReportError> {
-    font();
+    crate::plot::register_font();
     std::fs::create_dir_all(&opts.out).map_err(|e| ReportError::Input(format!("cannot create {}: {e}", opts.out.display())))?;
     let rows = summarize(run_dirs, opts.tail)?;
     let session = Session::open(run_dirs)?;

@@ -632,12 +632,9 @@ impl StageDef for ShardsRead {
         let files = with_files.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
         let rows = with_files.iter().map(|s| s.rows).collect();
         let mut p = p.clone();
-        if let Some(pos) = crate::train::resume_position(ctx) {
-            if pos.epoch < p.epochs {
-                eprintln!("{}: resuming the data stream at epoch {}, utterance {} (the student's checkpoint)", ctx.stage, pos.epoch, pos.start);
-                p.start_epoch = pos.epoch;
-                p.start_index = pos.start;
-            }
+        if let Some((epoch, index)) = crate::train::reader_start(ctx, p.epochs) {
+            p.start_epoch = epoch;
+            p.start_index = index;
         }
         Ok(ShardsRead { p, seed: ctx.seed, files, rows })
     }

@@ -174,6 +174,17 @@ pub fn resume_position(ctx: &StageContext) -> Option<DataPosition> {
     }
 }
 
+/// Where a reader of `epochs` passes starts when the plan resumes a training run: `(epoch,
+/// index in that epoch's order)`, announced on stderr; `None` to start from the top.
+pub fn reader_start(ctx: &StageContext, epochs: u32) -> Option<(u32, u64)> {
+    let pos = resume_position(ctx)?;
+    if pos.epoch >= epochs {
+        return None;
+    }
+    eprintln!("{}: resuming the data stream at epoch {}, utterance {} (the student's checkpoint)", ctx.stage, pos.epoch, pos.start);
+    Some((pos.epoch, pos.start))
+}
+
 /// candle device of a spec's `device` string.
 pub fn device(name: &str) -> Result<Device, String> {
     if name == "cpu" {
