@@ -32,7 +32,7 @@ fn records(n: usize, seed: u64) -> Vec<FrameRecord> {
                 step: step as u64,
                 epoch: (step / 30) as u32,
                 utt_ids: (0..UTTS).map(|_| format!("{}-{}-{:04}", 1000 + rng.random_range(0..10), 100, rng.random_range(0..16))).collect(),
-                offsets: (0..UTTS).map(|_| rng.random_range(0..200)).collect(),
+                offsets_s: (0..UTTS).map(|_| rng.random_range(0..200) as f64 / 50.0).collect(),
                 frame_rate: 50.0,
                 frames: FRAMES,
                 mask,

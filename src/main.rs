@@ -4,6 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Parser)]
 #[command(name = "ehmam", version, about = "Dataflow pipeline for self-supervised speech pre-training with EH-MAM")]
@@ -79,6 +81,10 @@ enum Command {
         /// Also write `ehmam report` of the sweep's runs into OUT/report.
         #[arg(long)]
         report: bool,
+        /// Run over run directories that hold a run of a different spec (as `ehmam run --force`:
+        /// training continues from their checkpoints). Without it such runs are refused.
+        #[arg(long)]
+        force: bool,
         /// No progress and no telemetry tables.
         #[arg(long, short)]
         quiet: bool,
@@ -185,7 +191,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep { specs, grid, set, out, report, quiet } => sweep(&specs, &grid, &set, &out, report, quiet),
+        Command::Sweep { specs, grid, set, out, report, force, quiet } => sweep(&specs, &grid, &set, &out, report, force, quiet),
         Command::Plot { run_dirs, out, utt, step } => {
             let files = stages::plot::plot(&run_dirs, &stages::plot::PlotOptions { out, utt, step })?;
             for f in files {
@@ -209,7 +215,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `ehmam sweep`.
-fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Path, report: bool, quiet: bool) -> Result<ExitCode> {
+#[allow(clippy::too_many_arguments)]
+fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Path, report: bool, force: bool, quiet: bool) -> Result<ExitCode> {
     let axes = grid.iter().map(|g| stages::sweep::parse_axis(g)).collect::<std::result::Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     let runs = stages::sweep::plan(specs, &axes, set, out).map_err(anyhow::Error::msg)?;
     // Every run is validated before any starts.
@@ -229,12 +236,18 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
     if bad {
         return Ok(ExitCode::from(2));
     }
-    let cancel = pipeline::CancelToken::new();
+    // Each run gets its own cancel token (a failed run cancels its own graph only); Ctrl-C
+    // interrupts the current run and stops the sweep.
+    let stop = Arc::new(AtomicBool::new(false));
+    let current = Arc::new(Mutex::new(pipeline::CancelToken::new()));
     {
-        let c = cancel.clone();
+        let (stop, current) = (stop.clone(), current.clone());
         ctrlc::set_handler(move || {
             eprintln!("\nstopping the sweep (Ctrl-C)…");
-            c.interrupt();
+            stop.store(true, Ordering::SeqCst);
+            if let Ok(c) = current.lock() {
+                c.interrupt();
+            }
         })
         .context("cannot install the Ctrl-C handler")?;
     }
@@ -242,13 +255,25 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
     let n = runs.len();
     for (i, (r, p)) in runs.iter().zip(plans).enumerate() {
         let Some(plan) = p else { continue };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         if stages::sweep::is_finished(r, &plan.spec.resolved) {
             eprintln!("[{}/{n}] {}: finished earlier, skipped", i + 1, r.name);
             outcome.push((r.clone(), "skipped (finished)".to_string()));
             continue;
         }
+        let cancel = pipeline::CancelToken::new();
+        if let Ok(mut c) = current.lock() {
+            *c = cancel.clone();
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         eprintln!("[{}/{n}] {}: running {} into {}", i + 1, r.name, r.spec.display(), r.run_dir.display());
-        match pipeline::run(plan, &pipeline::RunOptions { force: true, quiet }, &cancel) {
+        // Without --force a run directory that holds another spec's run is refused (as `ehmam run`
+        // does), never silently continued from that run's checkpoints.
+        match pipeline::run(plan, &pipeline::RunOptions { force, quiet }, &cancel) {
             Ok(s) => outcome.push((r.clone(), format!("ran ({:.0} s)", s.wall_s))),
             Err(e) => {
                 eprintln!("{}: {e}", r.name);

@@ -15,13 +15,21 @@ fn demo_shards(tmp: &Path) -> PathBuf {
 
 #[test]
 fn ablation_specs_extend_tiny_and_validate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-shards-here");
+    let shards = demo_shards(tmp.path());
     let want = ["random", "random_predictor", "hard_only", "easy_to_hard", "easy_to_hard_code", "frame_level"];
     for name in want {
         let path = format!("specs/ablations/{name}.yaml");
-        let text = std::fs::read_to_string(root().join(&path)).unwrap();
-        assert!(text.contains("extends: ../tiny.yaml"), "{path} extends the tiny spec");
-        assert!(!text.contains("shards.read") && !text.contains("features.fbank"), "{path} restates only what differs");
-        let out = ok(&["validate", &path]);
+        let body = std::fs::read_to_string(root().join(&path)).unwrap();
+        assert!(body.contains("extends: ../tiny.yaml"), "{path} extends the tiny spec");
+        assert!(!body.contains("shards.read") && !body.contains("features.fbank"), "{path} restates only what differs");
+        // Before prep, validation points at the missing shards (the tiny spec's line)...
+        let o = ehmam(&["validate", &path, "--set", &format!("stages.shards.with.dir={}", missing.display())]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("stages.shards.with.dir") && text(&o).contains("run the prep spec first"), "{}", text(&o));
+        // ...and with shards the inherited spec is whole.
+        let out = ok(&["validate", &path, "--set", &format!("stages.shards.with.dir={}", shards.display())]);
         assert!(out.contains(&format!("runs/{name}")), "{out}");
     }
 }
@@ -74,9 +82,11 @@ fn a_sweep_runs_its_grid_skips_finished_runs_and_summarises() {
     assert_eq!(third.matches("skipped (finished)").count(), 2, "{third}");
     assert_eq!(third.matches(" ran (").count(), 2, "{third}");
     // A bad grid is refused before anything runs.
-    let o = ehmam(&["sweep", "specs/tiny.yaml", "--grid", "stages.student.with.alpha=[-1]", "--out", out.to_str().unwrap()]);
+    let bad = tmp.path().join("bad");
+    let o = ehmam(&["sweep", "specs/tiny.yaml", "--grid", "stages.student.with.alpha=[0.5, -1]", "--out", bad.to_str().unwrap(), "--set", &format!("stages.shards.with.dir={}", shards.display())]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("alpha") && !text(&o).contains("panicked"), "{}", text(&o));
+    assert!(text(&o).contains("stages.student.with.alpha") && !text(&o).contains("panicked"), "{}", text(&o));
+    assert!(!bad.join("tiny-alpha=0.5").exists(), "nothing runs before the whole grid validates");
 }
 
 #[test]

@@ -160,7 +160,7 @@ fn category(why: &str) -> &'static str {
 fn broken_fixtures_are_rejected_with_their_reason() {
     let mut checked = 0;
     for f in fixtures().iter().filter(|f| f.expect == "reject") {
-        let input = InputFile { path: dir().join(&f.file), source: f.file.clone(), utt_id: f.file.clone(), speaker: None, transcript: None, problem: None };
+        let input = InputFile { path: dir().join(&f.file), source: f.file.clone(), utt_id: f.file.clone(), speaker: None, chapter: None, transcript: None, problem: None };
         match decode_input(&input, 16000, 0.1) {
             Decoded::Utterance(_) => panic!("{} should be rejected ({:?})", f.file, f.why),
             Decoded::Rejected(r) => {
@@ -187,7 +187,11 @@ fn a_prep_over_a_mixed_folder_accounts_for_every_file() {
         let dst = if i % 2 == 0 { input.join(&f.file) } else { input.join("sub").join(&f.file) };
         std::fs::copy(dir().join(&f.file), dst).unwrap();
     }
+    // Text beside the audio is metadata (counted, not an input); any other file is an input that
+    // is not audio, and lands in the rejects.
     std::fs::write(input.join("README.txt"), "not an input").unwrap();
+    std::fs::write(input.join("sub/blob.dat"), [0u8, 1, 2, 3, 255]).unwrap();
+    std::fs::write(input.join("NOEXT"), "RIFF").unwrap();
     let spec = tmp.path().join("mixed.yaml");
     std::fs::write(
         &spec,
@@ -201,11 +205,14 @@ fn a_prep_over_a_mixed_folder_accounts_for_every_file() {
     .unwrap();
     let out = ehmam(&["run", spec.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("ignored 1 files"), "{}", text(&out));
+    assert!(text(&out).contains("ignored 1 text and metadata files"), "{}", text(&out));
     let run = tmp.path().join("run");
     let utts: Vec<String> = query_csv(&[&run], "SELECT source FROM utterances").into_iter().map(|r| r[0].clone()).collect();
     let rejects: Vec<(String, String)> = query_csv(&[&run], "SELECT source, reason FROM rejects").into_iter().map(|r| (r[0].clone(), r[1..].join(","))).collect();
-    assert_eq!(utts.len() + rejects.len(), fx.len());
+    assert_eq!(utts.len() + rejects.len(), fx.len() + 2);
+    for name in ["sub/blob.dat", "NOEXT"] {
+        assert!(rejects.iter().any(|(s, r)| s == name && r.starts_with("not audio")), "{name}: {rejects:?}");
+    }
     for f in &fx {
         let name = |s: &String| s.rsplit('/').next() == Some(f.file.as_str());
         if f.expect == "ok" {

@@ -49,6 +49,7 @@ fn options(v: &serde_json::Value) -> FbankOptions {
         high_freq: v["high_freq"].as_f64().unwrap() as f32,
         dither: 0.0,
         round_to_power_of_two: v["round_to_power_of_two"].as_bool().unwrap(),
+        ..FbankOptions::default()
     }
 }
 
@@ -103,4 +104,42 @@ fn dither_is_seeded_and_bad_options_are_refused() {
     assert_eq!(o.status.code(), Some(2));
     let t = text(&o);
     assert!(t.contains("stages.fb.with.stack") && t.contains("stages.fb.with.window_type"), "{t}");
+}
+
+#[test]
+fn log_and_input_scale_options_follow_their_definitions() {
+    // Broadband noise (a fixed LCG), well above the floor in (nearly) every bin even unscaled.
+    let mut s = 12345u32;
+    let x: Vec<f32> = (0..8000)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 1.8
+        })
+        .collect();
+    let (_, logs) = Fbank::new(&FbankOptions::default(), 16000).unwrap().compute(&x, 0);
+    let floor = f32::EPSILON.ln();
+    let shift = 2.0 * 32768f32.ln();
+    // Bins whose unscaled energy stays far above the floor (pre-emphasis all but removes the
+    // lowest ones): the floor cannot touch them.
+    let clear: Vec<bool> = logs.iter().map(|&v| v - shift > floor + 3.0).collect();
+    assert!(clear.iter().filter(|&&c| c).count() * 10 >= logs.len() * 9, "the test signal stays above the floor");
+    // use_log_fbank: false gives the energies themselves: exp of the log values.
+    let (_, energies) = Fbank::new(&FbankOptions { use_log_fbank: false, ..FbankOptions::default() }, 16000).unwrap().compute(&x, 0);
+    for (e, l) in energies.iter().zip(&logs) {
+        assert!((e.ln() - l).abs() < 1e-4, "{e} vs exp({l})");
+    }
+    // input_scale: 1 analyses the [-1, 1] samples: every power falls by 32768², every log
+    // energy by 2·ln 32768 (dither off; DC removal, pre-emphasis and window are linear).
+    let (_, unit) = Fbank::new(&FbankOptions { input_scale: 1.0, ..FbankOptions::default() }, 16000).unwrap().compute(&x, 0);
+    for ((u, l), c) in unit.iter().zip(&logs).zip(&clear) {
+        if *c {
+            assert!((l - u - shift).abs() < 1e-3, "{l} − {u} ≠ {shift}");
+        } else {
+            assert!(*u >= floor - 1e-6, "the floor holds: {u}");
+        }
+    }
+    let o = ehmam(&["validate", "specs/prep.yaml", "--set", "stages.fb={kind: features.fbank, from: decode, with: {log_floor: 0, input_scale: -1}}"]);
+    assert_eq!(o.status.code(), Some(2));
+    let t = text(&o);
+    assert!(t.contains("stages.fb.with.log_floor") && t.contains("stages.fb.with.input_scale"), "{t}");
 }

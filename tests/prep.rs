@@ -61,6 +61,11 @@ fn demo_prep_accounts_for_every_file_and_writes_valid_shards() {
     assert_eq!((r[3].as_str(), r[4].as_str()), ("16000", "16000"));
     assert_eq!(r[5], "0", "every LibriSpeech utterance has a transcript");
     assert_eq!(r[6], "0", "duration_s = num_samples / sample_rate");
+    // Speaker and chapter are the first two fields of the id, as in the LibriSpeech folders.
+    let bad = query_csv(&[&run], "SELECT count(*) FROM utterances WHERE chapter IS NULL OR source <> concat(speaker, '/', chapter, '/', utt_id, '.flac') OR utt_id NOT LIKE concat(speaker, '-', chapter, '-%')");
+    assert_eq!(bad[0][0], "0", "speaker/chapter/utt_id.flac");
+    let chapters = query_csv(&[&run], "SELECT count(DISTINCT concat(speaker, '-', chapter)) FROM utterances");
+    assert_eq!(chapters[0][0], "15", "the demo corpus has 15 chapters");
 
     // The index lists each shard with its rows and content hash, and the shards hold the rows.
     let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shards.join("index.json")).unwrap()).unwrap();
@@ -74,7 +79,7 @@ fn demo_prep_accounts_for_every_file_and_writes_valid_shards() {
         let kv = reader.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
         assert!(kv.iter().any(|k| k.key == "ehmam.audio_format" && k.value.as_deref() == Some("int16")), "{kv:?}");
         let schema = reader.schema().clone();
-        for col in ["utt_id", "speaker", "source", "sample_rate", "num_samples", "duration_s", "transcript", "audio"] {
+        for col in ["utt_id", "speaker", "chapter", "source", "sample_rate", "num_samples", "duration_s", "transcript", "audio"] {
             assert!(schema.field_with_name(col).is_ok(), "missing column {col}");
         }
         let rows: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();

@@ -157,7 +157,7 @@ fn bad_model_blocks_and_devices_are_refused_before_running() {
 fn mask_kinds_swap_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     for (kind, hard_where_masked) in [("mask.hard", true), ("mask.random", false)] {
-        assert!(ok(&["validate", "specs/tiny.yaml", "--set", &format!("stages.mask.kind={kind}")]).contains("ok"));
+        assert!(ok(&["validate", "specs/tiny.yaml", "--set", &format!("stages.mask.kind={kind}"), "--set", &format!("stages.shards.with.dir={}", shards().display())]).contains("ok"));
         let run = tmp.path().join(kind);
         train(&run, &[&format!("stages.mask.kind={kind}"), "stages.student.with.max_steps=3", "stages.frames.with.every=1", "stages.frames.with.utterances=1.0"]);
         let rows = query_csv(&[&run], "SELECT count(*), sum(CASE WHEN hard THEN 1 ELSE 0 END), min(hard_ratio), max(hard_ratio) FROM frames WHERE masked");

@@ -137,6 +137,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             continue;
         };
         let mut slots: Vec<Option<(usize, usize)>> = vec![None; inputs.len()];
+        let mut upstream_unknown = vec![false; inputs.len()];
         let mut positional = 0usize;
         let errs_before = errs.len();
         for (ci, c) in s.from.iter().enumerate() {
@@ -174,7 +175,12 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
                 errs.push(loc.error(&path, format!("`{}` is not a stage of this spec{}", c.from.stage, suggest(&c.from.stage, ids.iter().copied()))));
                 continue;
             };
-            let Some((_, outs)) = ports_of(pi) else { continue };
+            let Some((_, outs)) = ports_of(pi) else {
+                // The producer's kind is unknown (reported there): this input is connected as far
+                // as anyone can tell.
+                upstream_unknown[slot] = true;
+                continue;
+            };
             let port = match &c.from.port {
                 Some(pn) => match outs.iter().position(|p| p.name == pn) {
                     Some(p) => p,
@@ -214,7 +220,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             slots[slot] = Some((pi, port));
         }
         for (i, slot) in slots.iter().enumerate() {
-            if slot.is_none() && errs.len() == errs_before {
+            if slot.is_none() && !upstream_unknown[i] && errs.len() == errs_before {
                 errs.push(loc.error(&base, format!("input `{}` ({}) is not connected: add `from:`", inputs[i].name, inputs[i].ty.name)));
             }
         }

@@ -459,6 +459,9 @@ impl RunStatus {
 /// Runs a validated plan to the end, or until the first error or cancellation.
 pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSummary, RunError> {
     let started = Instant::now();
+    if cancel.is_cancelled() {
+        return Err(if cancel.was_interrupted() { RunError::Interrupted } else { RunError::Other("the run was cancelled before it started".into()) });
+    }
     let run_dir = prepare_run_dir(&plan, opts)?;
     let before = RunStatus::read(&run_dir);
     let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
@@ -673,6 +676,11 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     if cancel.was_interrupted() {
         let _ = status("interrupted", None).write(&run_dir);
         return Err(RunError::Interrupted);
+    }
+    if cancel.is_cancelled() {
+        // Cancelled from outside without an error of its own: stopped, not finished.
+        let _ = status("interrupted", None).write(&run_dir);
+        return Err(RunError::Other("the run was cancelled".into()));
     }
     save?;
     status("complete", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), source: e })?;

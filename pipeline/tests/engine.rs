@@ -418,7 +418,7 @@ fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
 
 #[test]
 fn validation_reports_every_error_with_paths_and_lines() {
-    let yaml = "name: t\nstages:\n  nums: { kind: test.nums, with: { n: many, sleep: 3 } }\n  sq: { kind: test.sqaure, from: nums }\n  out: { kind: test.collect, from: nmus }\n  txt: { kind: test.text, from: nums }\n  big: { kind: test.big, with: { n: 2000000 } }\n  slow: { kind: test.slow, from: big, workers: 3 }\n";
+    let yaml = "name: t\nstages:\n  nums: { kind: test.nums, with: { n: many, sleep: 3 } }\n  sq: { kind: test.sqaure, from: nums }\n  out: { kind: test.collect, from: nmus }\n  txt: { kind: test.text, from: nums }\n  big: { kind: test.big, with: { n: 2000000 } }\n  slow: { kind: test.slow, from: big, workers: 3 }\n  after: { kind: test.collect, from: sq, with: { key: after } }\n";
     let errs = errors_of(yaml);
     let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
     assert!(has(&["bad.yaml:3", "stages.nums.with.n", "invalid type"]), "{errs:#?}");
@@ -428,6 +428,8 @@ fn validation_reports_every_error_with_paths_and_lines() {
     assert!(has(&["stages.txt.from", "type mismatch", "u64", "String"]), "{errs:#?}");
     assert!(has(&["stages.big.with.n", "at most 1000000"]), "{errs:#?}");
     assert!(has(&["stages.slow.workers", "one worker"]), "{errs:#?}");
+    // `after` reads from the stage of unknown kind: nothing more to say about it.
+    assert!(!errs.iter().any(|e| e.contains("stages.after")), "{errs:#?}");
     assert_eq!(errs.len(), 7, "{errs:#?}");
 }
 

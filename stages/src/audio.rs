@@ -12,6 +12,9 @@ use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 
+/// Highest sample rate a header may declare (768 kHz); above it the file is rejected.
+pub const MAX_SAMPLE_RATE: u32 = 768_000;
+
 /// Decoded audio at its native rate: interleaved `f32` in [-1, 1].
 #[derive(Debug, Clone)]
 pub struct PcmAudio {
@@ -122,6 +125,9 @@ fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
     let track_id = track.id;
     let params = track.codec_params.clone();
     let sample_rate = match params.sample_rate {
+        // Real audio tops out at 768 kHz (DXD and the fastest ADCs); a larger rate is a lying
+        // header, and resampling from it would build absurdly large FFT plans.
+        Some(r) if r > MAX_SAMPLE_RATE => return Err(reject(format!("invalid header: sample rate {r} Hz (more than {MAX_SAMPLE_RATE} Hz)"))),
         Some(r) if r > 0 => r,
         _ => return Err(reject("invalid header: the sample rate is missing or 0")),
     };

@@ -117,6 +117,9 @@ pub struct Batch {
     pub offsets: Vec<usize>,
     /// Valid frames of each member (all equal to `frames` unless padded).
     pub lengths: Vec<usize>,
+    /// Frames of the longest member before the crop to the shortest (after the `max_utt_seconds`
+    /// crop): the batch's padded cost is `longest × size`, whatever the crop mode.
+    pub longest: usize,
     pub frames: usize,
     pub dim: usize,
     pub frame_rate: f64,
@@ -129,9 +132,11 @@ impl Batch {
     pub fn size(&self) -> usize {
         self.utt_ids.len()
     }
-    /// Padded cost in frames: longest × members.
+    /// Padded cost in frames: longest member × members (what a padded batch of the same
+    /// utterances would hold; the budget is counted this way in both crop modes, as fairseq's
+    /// `max_tokens` is).
     pub fn cost_frames(&self) -> usize {
-        self.frames * self.size()
+        self.longest * self.size()
     }
 }
 
@@ -255,12 +260,9 @@ impl Batcher {
         let mut groups: Vec<Vec<Item>> = Vec::new();
         let mut cur: Vec<Item> = Vec::new();
         for it in items {
-            // Sorted ascending, so the newcomer is the longest: cost = its length × (count + 1).
-            let longest = match self.p.crop {
-                CropMode::Pad => it.f.num_frames,
-                CropMode::Shortest => cur.first().map_or(it.f.num_frames, |c: &Item| c.f.num_frames),
-            };
-            if !cur.is_empty() && longest * (cur.len() + 1) > budget {
+            // Sorted ascending, so the newcomer is the longest: padded cost = its length ×
+            // (count + 1), in both crop modes (cropping to the shortest only lowers memory).
+            if !cur.is_empty() && it.f.num_frames * (cur.len() + 1) > budget {
                 groups.push(std::mem::take(&mut cur));
             }
             cur.push(it);
@@ -325,6 +327,7 @@ impl Batcher {
             utt_ids: g.iter().map(|i| i.f.utt_id.clone()).collect(),
             offsets,
             lengths,
+            longest: g.iter().map(|i| i.f.num_frames).max().unwrap_or(0),
             frames,
             dim,
             frame_rate,

@@ -27,7 +27,7 @@ pub enum Layout {
 }
 
 fn default_extensions() -> Vec<String> {
-    ["wav", "wave", "flac", "ogg", "oga", "mp3", "m4a", "mp4", "aac", "aif", "aiff", "aifc", "caf", "mka", "mkv", "webm"]
+    ["wav", "wave", "flac", "ogg", "oga", "mp3", "mp2", "mp1", "mpga", "m4a", "mp4", "aac", "aif", "aiff", "aifc", "caf", "mka", "mkv", "webm"]
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -45,8 +45,9 @@ pub struct DecodeParams {
     pub sample_rate: u32,
     /// Files shorter than this (in seconds, after decoding) are rejected.
     pub min_seconds: f64,
-    /// File extensions taken as audio in directory layouts (empty: every file). Other files are
-    /// counted and ignored.
+    /// File extensions taken as audio in directory layouts (empty: every file). Text and metadata
+    /// files (txt, tsv, csv, json, md, lab, …) are counted and ignored; any other file is an input
+    /// that is rejected as `not audio`, so no file of the tree goes unaccounted.
     pub extensions: Vec<String>,
     #[serde(skip)]
     #[schemars(skip)]
@@ -90,6 +91,7 @@ pub struct InputFile {
     pub source: String,
     pub utt_id: String,
     pub speaker: Option<String>,
+    pub chapter: Option<String>,
     pub transcript: Option<String>,
     /// A problem found while listing (missing file, bad manifest line): rejected without decoding.
     pub problem: Option<String>,
@@ -147,6 +149,10 @@ fn has_trans_txt(dir: &Path, depth: usize) -> bool {
     false
 }
 
+/// Extensions of text and metadata files that sit beside audio in corpora (transcripts, speaker
+/// tables, manifests, checksums): not inputs, only counted.
+const METADATA_EXTENSIONS: &[&str] = &["txt", "tsv", "csv", "json", "jsonl", "md", "rst", "lab", "yaml", "yml", "xml", "html", "htm", "pdf", "lst", "scp", "ctm", "stm", "textgrid", "sha256", "md5", "log"];
+
 fn ext_of(p: &Path) -> String {
     p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
 }
@@ -194,16 +200,19 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
                 }
                 let ext = ext_of(&p);
                 if exts.is_empty() || exts.contains(&ext) {
-                    audio.push(p);
+                    audio.push((p, None));
+                } else if METADATA_EXTENSIONS.contains(&ext.as_str()) {
+                    *ignored.entry(ext).or_insert(0) += 1;
                 } else {
-                    *ignored.entry(if ext.is_empty() { "(none)".to_string() } else { ext }).or_insert(0) += 1;
+                    let what = if ext.is_empty() { "no extension".to_string() } else { format!("extension `.{ext}`") };
+                    audio.push((p, Some(format!("not audio: {what} is not among the decodable audio extensions (`extensions`)"))));
                 }
             }
             // Ids: the file stem (LibriSpeech) or the relative path without extension; a clash
             // falls back to the relative path with extension.
             let mut files: Vec<InputFile> = audio
                 .iter()
-                .map(|p| {
+                .map(|(p, problem)| {
                     let source = rel(input, p);
                     let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                     let utt_id = if layout == Layout::Librispeech {
@@ -214,12 +223,13 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
                             _ => source.clone(),
                         }
                     };
-                    let (speaker, transcript) = if layout == Layout::Librispeech {
-                        (stem.split('-').next().map(str::to_string), transcripts.get(&stem).cloned())
+                    let (speaker, chapter, transcript) = if layout == Layout::Librispeech {
+                        let (speaker, chapter) = librispeech_ids(&stem, &source);
+                        (speaker, chapter, transcripts.get(&stem).cloned())
                     } else {
-                        (None, sidecar_transcript(p))
+                        (None, None, sidecar_transcript(p))
                     };
-                    InputFile { path: p.clone(), source, utt_id, speaker, transcript, problem: None }
+                    InputFile { path: p.clone(), source, utt_id, speaker, chapter, transcript, problem: problem.clone() }
                 })
                 .collect();
             let mut count: HashMap<String, usize> = HashMap::new();
@@ -234,6 +244,20 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
             Ok(Listing { root: input.clone(), layout, files, ignored })
         }
     }
+}
+
+/// Speaker and chapter of a LibriSpeech file: from its id `SPEAKER-CHAPTER-N` (as in the
+/// `*.trans.txt` files), else from its folders `SPEAKER/CHAPTER/`.
+fn librispeech_ids(stem: &str, source: &str) -> (Option<String>, Option<String>) {
+    let parts: Vec<&str> = stem.split('-').collect();
+    if parts.len() >= 3 && parts.iter().all(|p| !p.is_empty()) {
+        return (Some(parts[0].to_string()), Some(parts[1].to_string()));
+    }
+    let dirs: Vec<&str> = source.split('/').collect();
+    if dirs.len() >= 3 {
+        return (Some(dirs[dirs.len() - 3].to_string()), Some(dirs[dirs.len() - 2].to_string()));
+    }
+    (parts.first().filter(|p| !p.is_empty()).map(|p| p.to_string()), None)
 }
 
 /// `foo.wav` → the text of `foo.txt` or `foo.lab` beside it, if present.
@@ -294,7 +318,7 @@ fn list_manifest(path: &Path) -> Result<Listing, String> {
         let k = seen.entry(base.clone()).or_insert(0);
         *k += 1;
         let utt_id = if *k > 1 { format!("{source}#{lineno}") } else { base };
-        files.push(InputFile { path: p, source, utt_id, speaker: None, transcript: None, problem });
+        files.push(InputFile { path: p, source, utt_id, speaker: None, chapter: None, transcript: None, problem });
     }
     Ok(Listing { root, layout: Layout::Manifest, files, ignored: BTreeMap::new() })
 }
@@ -321,6 +345,7 @@ pub fn decode_input(f: &InputFile, sample_rate: u32, min_seconds: f64) -> Decode
     Decoded::Utterance(Utterance {
         utt_id: f.utt_id.clone(),
         speaker: f.speaker.clone(),
+        chapter: f.chapter.clone(),
         source: f.source.clone(),
         transcript: f.transcript.clone(),
         sample_rate,
@@ -384,7 +409,7 @@ impl Stage for AudioDecode {
         if io.worker() == 0 {
             if !self.listing.ignored.is_empty() {
                 let list: Vec<String> = self.listing.ignored.iter().map(|(e, n)| format!(".{e} ×{n}")).collect();
-                eprintln!("{}: ignored {} files that are not audio by extension ({})", io.stage(), self.listing.ignored.values().sum::<usize>(), list.join(", "));
+                eprintln!("{}: ignored {} text and metadata files ({})", io.stage(), self.listing.ignored.values().sum::<usize>(), list.join(", "));
             }
             if skip > 0 {
                 eprintln!("{}: resuming: {skip} of {} inputs are already stored", io.stage(), files.len());

@@ -28,15 +28,16 @@ pub enum WindowType {
     Blackman,
 }
 
-/// Kaldi fbank options (the names of `torchaudio.compliance.kaldi.fbank`).
+/// Kaldi fbank options: the names of `torchaudio.compliance.kaldi.fbank`, with the unit in the
+/// name where torchaudio leaves it implicit (`frame_length_ms`, `frame_shift_ms`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct FbankOptions {
     /// Number of triangular mel bins.
     pub num_mel_bins: usize,
-    /// Frame length in milliseconds.
+    /// Frame length in milliseconds (torchaudio's `frame_length`).
     pub frame_length_ms: f64,
-    /// Frame shift in milliseconds.
+    /// Frame shift in milliseconds (torchaudio's `frame_shift`).
     pub frame_shift_ms: f64,
     /// Analysis window: povey, hamming, hanning, rectangular or blackman.
     pub window_type: WindowType,
@@ -56,6 +57,13 @@ pub struct FbankOptions {
     pub dither: f32,
     /// Zero-pad frames to a power of two before the FFT.
     pub round_to_power_of_two: bool,
+    /// Log of the mel energies (true), or the energies themselves.
+    pub use_log_fbank: bool,
+    /// Floor under the mel energies before the log (Kaldi: f32 epsilon, 1.1920929e-7).
+    pub log_floor: f32,
+    /// Samples in [-1, 1] are multiplied by this first: 32768 puts them in the int16 range Kaldi
+    /// expects (`compute-fbank-feats` reads int16 WAV); 1 analyses them as they are.
+    pub input_scale: f32,
 }
 
 impl Default for FbankOptions {
@@ -73,6 +81,9 @@ impl Default for FbankOptions {
             high_freq: 0.0,
             dither: 0.0,
             round_to_power_of_two: true,
+            use_log_fbank: true,
+            log_floor: f32::EPSILON,
+            input_scale: 32768.0,
         }
     }
 }
@@ -105,6 +116,12 @@ impl FbankOptions {
         }
         if !(self.dither >= 0.0 && self.dither.is_finite()) {
             e.push(ParamError::new("dither", format!("must be ≥ 0, got {}", self.dither)));
+        }
+        if !(self.log_floor > 0.0 && self.log_floor.is_finite()) && self.use_log_fbank {
+            e.push(ParamError::new("log_floor", format!("must be > 0 (the log of 0 is -inf), got {}", self.log_floor)));
+        }
+        if !(self.input_scale > 0.0 && self.input_scale.is_finite()) {
+            e.push(ParamError::new("input_scale", format!("must be > 0, got {}", self.input_scale)));
         }
         e
     }
@@ -223,7 +240,7 @@ impl Fbank {
                 while i < 0 || i >= n as i64 {
                     i = if i < 0 { -i - 1 } else { 2 * n as i64 - 1 - i };
                 }
-                self.frame[s] = samples[i as usize] * 32768.0;
+                self.frame[s] = samples[i as usize] * self.opts.input_scale;
             }
             let w = &mut self.frame[..self.frame_len];
             if self.opts.dither > 0.0 {
@@ -264,7 +281,7 @@ impl Fbank {
             let row = &mut out[f * dim..(f + 1) * dim];
             for (r, (first, weights)) in row.iter_mut().zip(&self.banks) {
                 let e: f32 = weights.iter().zip(&self.power[*first..]).map(|(w, p)| w * p).sum();
-                *r = e.max(f32::EPSILON).ln();
+                *r = if self.opts.use_log_fbank { e.max(self.opts.log_floor).ln() } else { e };
             }
         }
         let _ = self.padded;
@@ -336,7 +353,7 @@ pub enum Normalize {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct FbankParams {
-    /// Kaldi's options, by torchaudio's names (num_mel_bins, frame_length_ms, …).
+    /// Kaldi's options (num_mel_bins, frame_length_ms, window_type, …; see `FbankOptions`).
     #[serde(flatten)]
     pub kaldi: FbankOptions,
     /// Normalisation: utterance (mean/variance per bin), global or none.

@@ -59,7 +59,8 @@ pub fn frames_schema() -> SchemaRef {
         Field::new("masked", DataType::Boolean, false),
         Field::new("hard", DataType::Boolean, false),
         Field::new("teacher_pred", DataType::Float32, false),
-        Field::new("student_pred", DataType::Float32, false),
+        // NULL when the run trains no loss predictor (α = 0).
+        Field::new("student_pred", DataType::Float32, true),
         Field::new("recon_loss", DataType::Float32, true),
         Field::new("hard_ratio", DataType::Float32, false),
     ]))
@@ -85,7 +86,10 @@ pub fn steps_schema() -> SchemaRef {
     fields.push(Field::new("frames", DataType::Int64, false));
     fields.push(Field::new("utterances", DataType::Int64, false));
     for n in ["audio_s", "step_ms", "target_std", "pred_std", "rank_agreement", "teacher_rank_agreement"] {
-        fields.push(Field::new(n, DataType::Float64, false));
+        // The predictor's metrics are NULL where they do not exist (α = 0: no student predictor;
+        // no pair of distinct losses), so avg() over a union of runs stays meaningful.
+        let nullable = matches!(n, "pred_std" | "rank_agreement" | "teacher_rank_agreement");
+        fields.push(Field::new(n, DataType::Float64, nullable));
     }
     fields.push(Field::new("teacher_version", DataType::Int64, false));
     Arc::new(Schema::new(fields))
@@ -199,10 +203,19 @@ pub struct TableWriter<R: Rows> {
     summary: TableSummary,
     /// Buffer compression of the parts written.
     pub compression: LogCompression,
+    /// Every step has rows (the `steps` table): on resume, steps missing before the resume
+    /// point (rows lost with a part that a crash left unfinished) are reported.
+    pub every_step: bool,
 }
 
 fn part_name(first: u64) -> String {
     format!("part-{first:09}.arrow")
+}
+
+/// The last step a complete part holds (its `ehmam.last_step` metadata); None if unreadable.
+fn part_last_step(path: &Path) -> Option<u64> {
+    let reader = arrow::ipc::reader::FileReader::try_new(File::open(path).ok()?, None).ok()?;
+    reader.custom_metadata().get("ehmam.last_step").and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Complete parts of a table directory, by first step.
@@ -286,6 +299,7 @@ impl<R: Rows> TableWriter<R> {
             prepared: false,
             summary: TableSummary::default(),
             compression: LogCompression::default(),
+            every_step: false,
         }
     }
 
@@ -406,6 +420,21 @@ impl<R: Rows> TableWriter<R> {
                 if cut > 0 { format!("{cut}+") } else { "the".to_string() },
                 self.dir.display()
             );
+        }
+        if self.every_step && k > 0 {
+            // The newest step still on disk; the rows after it, up to the resume point, went with
+            // the part a crash left unfinished (the run resumes from its last checkpoint, which
+            // may lie after them).
+            let last = list_parts(&self.dir)?.last().and_then(|(_, p)| part_last_step(p));
+            let next = last.map_or(0, |l| l + 1);
+            if next < k {
+                eprintln!(
+                    "{}: warning: steps {next}..{} have no rows in {}: they were in a part left unfinished by an earlier attempt, and the run resumes at step {k}",
+                    self.who,
+                    k - 1,
+                    self.dir.display()
+                );
+            }
         }
         Ok(())
     }
@@ -652,8 +681,8 @@ impl FrameLog {
                 return Err(bad(what, got, cells));
             }
         }
-        if r.offsets.len() != n {
-            return Err(StageError::failed(format!("frame record of step {}: {} offsets for {n} utterances", r.step, r.offsets.len())));
+        if r.offsets_s.len() != n {
+            return Err(StageError::failed(format!("frame record of step {}: {} offsets for {n} utterances", r.step, r.offsets_s.len())));
         }
         if !(r.frame_rate > 0.0 && r.frame_rate.is_finite()) {
             return Err(StageError::failed(format!("frame record of step {}: frame rate {} Hz", r.step, r.frame_rate)));
@@ -694,11 +723,12 @@ impl FrameLog {
                 rows.utt_id.append_value(utt);
                 rows.member.append_value(i as i32);
                 rows.frame.append_value(f as i32);
-                rows.time_s.append_value((r.offsets[i] + f) as f64 / r.frame_rate);
+                rows.time_s.append_value(r.offsets_s[i] + f as f64 / r.frame_rate);
                 rows.masked.append_value(r.mask[c]);
                 rows.hard.append_value(r.hard[c]);
                 rows.teacher_pred.append_value(r.teacher_pred[c]);
-                rows.student_pred.append_value(r.student_pred[c]);
+                let sp = r.student_pred[c];
+                rows.student_pred.append_option(sp.is_finite().then_some(sp));
                 rows.recon_loss.append_option(r.mask[c].then_some(r.recon_loss[c]));
                 rows.hard_ratio.append_value(r.hard_ratio);
             }
@@ -861,6 +891,7 @@ impl StepLog {
     pub fn new(p: &StepsLogParams, who: &str, run: &str, run_dir: &Path) -> StepLog {
         let mut steps = TableWriter::new(who, run_dir.join(&p.table), steps_schema(), p.rotate_every, StepRows::default());
         steps.compression = p.compression;
+        steps.every_step = true;
         StepLog { run: run.to_string(), steps }
     }
 
@@ -875,8 +906,12 @@ impl StepLog {
         }
         rows.frames.append_value(r.frames as i64);
         rows.utterances.append_value(r.utterances as i64);
-        for (b, v) in rows.more.iter_mut().zip([r.audio_s, r.step_ms, r.target_std, r.pred_std, r.rank_agreement, r.teacher_rank_agreement]) {
-            b.append_value(v);
+        for (i, (b, v)) in rows.more.iter_mut().zip([r.audio_s, r.step_ms, r.target_std, r.pred_std, r.rank_agreement, r.teacher_rank_agreement]).enumerate() {
+            if i >= 3 && !v.is_finite() {
+                b.append_null();
+            } else {
+                b.append_value(v);
+            }
         }
         rows.teacher_version.append_value(r.teacher_version as i64);
         rows.n += 1;
@@ -919,5 +954,86 @@ impl Stage for LogSteps {
             self.log.finish()?;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(step: u64) -> StepRecord {
+        StepRecord {
+            step,
+            epoch: 0,
+            lr: 1e-3,
+            loss: step as f64,
+            loss_rec: 1.0,
+            loss_aux: 0.0,
+            tau: 0.99,
+            hard_ratio: 0.0,
+            masked_frac: 0.4,
+            frames: 100,
+            utterances: 2,
+            audio_s: 2.0,
+            step_ms: 10.0,
+            target_std: 1.0,
+            pred_std: f64::NAN,
+            rank_agreement: f64::NAN,
+            teacher_rank_agreement: 0.5,
+            teacher_version: step,
+        }
+    }
+
+    /// (step, loss) of every row in the table's complete parts, by part order.
+    fn rows(dir: &Path) -> Vec<(i64, f64)> {
+        let mut out = Vec::new();
+        for (_, p) in list_parts(dir).unwrap() {
+            for b in arrow::ipc::reader::FileReader::try_new(File::open(&p).unwrap(), None).unwrap() {
+                let b = b.unwrap();
+                let s = b.column_by_name("step").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+                let l = b.column_by_name("loss").unwrap().as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().clone();
+                // The predictor's metrics are NULL where they are not defined, never NaN.
+                assert_eq!(b.column_by_name("rank_agreement").unwrap().null_count(), b.num_rows());
+                out.extend((0..b.num_rows()).map(|i| (s.value(i), l.value(i))));
+            }
+        }
+        out
+    }
+
+    /// A resumed run replaces the rows of the steps it repeats: parts from the resume step on are
+    /// deleted, the part that straddles it is cut, unfinished parts are removed, and each step
+    /// ends up in the table once.
+    #[test]
+    fn resume_replaces_repeated_steps_and_removes_unfinished_parts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = StepsLogParams { rotate_every: 10, ..StepsLogParams::default() };
+        let mut log = StepLog::new(&p, "t", "run", tmp.path());
+        for s in 0..27 {
+            log.write(&record(s)).unwrap();
+        }
+        log.finish().unwrap();
+        let dir = tmp.path().join("steps");
+        assert_eq!(list_parts(&dir).unwrap().len(), 3);
+        // A part an earlier attempt never finished.
+        std::fs::write(dir.join("part-000000030.arrow.tmp"), b"half").unwrap();
+        // Resume at 14 (as from a checkpoint at step 14): steps 14.. are written again, with
+        // other values.
+        let mut log = StepLog::new(&p, "t", "run", tmp.path());
+        for s in 14..22 {
+            let mut r = record(s);
+            r.loss = 1000.0 + s as f64;
+            log.write(&r).unwrap();
+        }
+        log.finish().unwrap();
+        assert!(!dir.join("part-000000030.arrow.tmp").exists());
+        let got = rows(&dir);
+        let steps: Vec<i64> = got.iter().map(|r| r.0).collect();
+        assert_eq!(steps, (0..22).collect::<Vec<i64>>(), "each step once, in order");
+        for (s, l) in got {
+            let want = if s >= 14 { 1000.0 + s as f64 } else { s as f64 };
+            assert_eq!(l, want, "step {s}");
+        }
+        // The cut part says where it ends now.
+        assert_eq!(part_last_step(&dir.join(part_name(10))), Some(13));
     }
 }

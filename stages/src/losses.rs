@@ -8,8 +8,26 @@ pub type Result<T> = candle_core::Result<T>;
 
 /// Per-frame reconstruction loss `ℓ = (1/√D) Σ_c (ŷ − y)²` (§1.7) of `[B, M, D]` tensors → `[B, M]`.
 pub fn recon_per_frame(yhat: &Tensor, y: &Tensor) -> Result<Tensor> {
+    recon_per_frame_with(yhat, y, 0.0, None)
+}
+
+/// `d2v_loss` of the reference code with its options (§1.7, §8 "regression loss"): per element
+/// MSE (`loss_beta = 0`) or smooth L1 with threshold β (`0.5·d²/β` where |d| < β, else
+/// `|d| − β/2`), times `loss_scale` (`None`: 1/√D), summed over channels → `[B, M]`.
+pub fn recon_per_frame_with(yhat: &Tensor, y: &Tensor, loss_beta: f64, loss_scale: Option<f64>) -> Result<Tensor> {
     let d = yhat.dim(D::Minus1)? as f64;
-    (yhat - y)?.sqr()?.sum(D::Minus1)? / d.sqrt()
+    let scale = loss_scale.unwrap_or(1.0 / d.sqrt());
+    let diff = (yhat - y)?;
+    let per = if loss_beta > 0.0 {
+        let a = diff.abs()?;
+        // Which branch each element takes (no gradient through the choice).
+        let quad = a.lt(loss_beta)?.to_dtype(a.dtype())?.detach();
+        let lin = (quad.neg()? + 1.0)?;
+        ((quad * (diff.sqr()? * (0.5 / loss_beta))?)? + (lin * (a - 0.5 * loss_beta)?)?)?
+    } else {
+        diff.sqr()?
+    };
+    per.sum(D::Minus1)? * scale
 }
 
 /// Form of the pairwise term.
@@ -56,9 +74,14 @@ pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, us
     let d = p.unsqueeze(1)?.broadcast_sub(&p.unsqueeze(2)?)?;
     let total = match form {
         RankForm::Eps => {
-            let s = (d.neg()?.exp()? + 1.0)?.recip()?;
-            let up = ((&s + 1e-6)?.log()?.neg()? * &gt)?;
-            let down = (((s.neg()? + 1.0)? + 1e-6)?.log()?.neg()? * &lt)?;
+            // σ(Δ) and 1 − σ(Δ) = σ(−Δ), each from its own exponential (no cancellation in 1 − σ).
+            // |Δ| is clamped at 80: beyond it σ is 0 or 1 to f32 precision and its slope under
+            // 1e-34, so values and gradients are unchanged, but e^{|Δ|} can no longer overflow to
+            // inf (whose backward, 0·inf, would poison every gradient with NaN).
+            let dc = d.clamp(-80f32, 80f32)?;
+            let sig = |x: &Tensor| -> Result<Tensor> { (x.neg()?.exp()? + 1.0)?.recip() };
+            let up = ((sig(&dc)? + 1e-6)?.log()?.neg()? * &gt)?;
+            let down = ((sig(&dc.neg()?)? + 1e-6)?.log()?.neg()? * &lt)?;
             (up + down)?.sum_all()?
         }
         RankForm::Softplus => {

@@ -502,11 +502,14 @@ pub struct MaskParams {
     pub unit: MaskUnit,
     /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
     pub mask_dropout: f64,
+    /// Multi-mask (method §1.5.6, `clone_batch`): each utterance is repeated this many times with
+    /// independent masks, all sharing one teacher pass. 1 = off (the README config).
+    pub clone_batch: usize,
 }
 
 impl Default for MaskParams {
     fn default() -> Self {
-        MaskParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0 }
+        MaskParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, clone_batch: 1 }
     }
 }
 
@@ -518,7 +521,17 @@ impl MaskParams {
 
 impl Params for MaskParams {
     fn check(&self) -> Vec<ParamError> {
-        self.spec(Rounding::PerBatch).check()
+        let mut e = self.spec(Rounding::PerBatch).check();
+        e.extend(check_clone(self.clone_batch));
+        e
+    }
+}
+
+fn check_clone(c: usize) -> Vec<ParamError> {
+    if c == 0 {
+        vec![ParamError::new("clone_batch", "must be at least 1 (1 = no cloning)")]
+    } else {
+        Vec::new()
     }
 }
 
@@ -545,11 +558,14 @@ pub struct EasyToHardParams {
     pub ramp_updates: Option<u64>,
     /// Final hard ratio of the linear curriculum, in [0, 1].
     pub r_max: f64,
+    /// Multi-mask (method §1.5.6, `clone_batch`): each utterance is repeated this many times with
+    /// independent masks, all sharing one teacher pass. 1 = off (the README config).
+    pub clone_batch: usize,
 }
 
 impl Default for EasyToHardParams {
     fn default() -> Self {
-        EasyToHardParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, curriculum: CurriculumChoice::Linear, ramp_updates: None, r_max: 1.0 }
+        EasyToHardParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, curriculum: CurriculumChoice::Linear, ramp_updates: None, r_max: 1.0, clone_batch: 1 }
     }
 }
 
@@ -577,6 +593,7 @@ fn unit_interval(x: f64) -> bool {
 impl Params for EasyToHardParams {
     fn check(&self) -> Vec<ParamError> {
         let mut e = self.spec().check();
+        e.extend(check_clone(self.clone_batch));
         if self.ramp_updates == Some(0) {
             e.push(ParamError::new("ramp_updates", "must be at least 1"));
         }
@@ -628,19 +645,21 @@ pub struct Masker {
     pub spec: MaskSpec,
     pub curriculum: Curriculum,
     pub seed: u64,
+    /// Copies of each utterance, masked independently (`clone_batch`; 1 = off).
+    pub clone_batch: usize,
 }
 
 impl Masker {
     pub fn easy_to_hard(p: &EasyToHardParams, seed: u64) -> Self {
-        Masker { strategy: MaskEasyToHard::KIND, spec: p.spec(), curriculum: p.curriculum(), seed }
+        Masker { strategy: MaskEasyToHard::KIND, spec: p.spec(), curriculum: p.curriculum(), seed, clone_batch: p.clone_batch }
     }
     /// data2vec 2.0's random masking: r ≡ 0, one rounding draw per row (method §4.5).
     pub fn random(p: &MaskParams, seed: u64) -> Self {
-        Masker { strategy: MaskRandom::KIND, spec: p.spec(Rounding::PerRow), curriculum: Curriculum::Constant { r: 0.0 }, seed }
+        Masker { strategy: MaskRandom::KIND, spec: p.spec(Rounding::PerRow), curriculum: Curriculum::Constant { r: 0.0 }, seed, clone_batch: p.clone_batch }
     }
     /// Hard-only masking: r ≡ 1 from step 0 (method §8).
     pub fn hard(p: &MaskParams, seed: u64) -> Self {
-        Masker { strategy: MaskHard::KIND, spec: p.spec(Rounding::PerBatch), curriculum: Curriculum::Constant { r: 1.0 }, seed }
+        Masker { strategy: MaskHard::KIND, spec: p.spec(Rounding::PerBatch), curriculum: Curriculum::Constant { r: 1.0 }, seed, clone_batch: p.clone_batch }
     }
 
     /// The random stream of the batch at `step`.
@@ -650,6 +669,8 @@ impl Masker {
 
     /// Masks one batch.
     pub fn apply(&self, taught: Taught) -> Result<Masked, MaskError> {
+        let clones = self.clone_batch.max(1);
+        let taught = if clones > 1 { clone_rows(taught, clones)? } else { taught };
         let b = &taught.batch;
         // Model frames (50 Hz): fewer than the batch's input frames for waveforms.
         let (size, frames) = (b.size(), taught.frames);
@@ -685,8 +706,35 @@ impl Masker {
             spans: out.spans,
             hard_spans: out.hard_spans,
             strategy: self.strategy.to_string(),
+            clones,
         })
     }
+}
+
+/// Repeats every row of a taught batch `c` times in place (`repeat_interleave`, as the code's
+/// `clone_batch`): rows `c·i … c·i+c−1` are copies of row `i`, with its features, targets and
+/// predicted losses.
+pub fn clone_rows(mut t: Taught, c: usize) -> Result<Taught, MaskError> {
+    let n = t.batch.size();
+    let rep = |v: &[f32], per: usize, what: &str| -> Result<Vec<f32>, MaskError> {
+        if v.len() != n * per {
+            return Err(MaskError::Spec(format!("{what} has {} values, expected {n} × {per}", v.len())));
+        }
+        Ok(v.chunks(per.max(1)).flat_map(|row| std::iter::repeat_n(row, c).flatten().copied()).collect())
+    };
+    let targets = rep(&t.targets, t.frames * t.target_dim, "targets")?;
+    t.pred_loss = rep(&t.pred_loss, t.frames, "pred_loss")?;
+    t.targets = std::sync::Arc::new(targets);
+    let b = &mut t.batch;
+    b.data = rep(&b.data, b.frames * b.dim, "the batch's features")?;
+    let each = |i: usize| std::iter::repeat_n(i, c);
+    b.utt_ids = (0..n).flat_map(each).map(|i| b.utt_ids[i].clone()).collect();
+    b.offsets = (0..n).flat_map(each).map(|i| b.offsets[i]).collect();
+    b.lengths = (0..n).flat_map(each).map(|i| b.lengths.get(i).copied().unwrap_or(b.frames)).collect();
+    if let Some(m) = &b.padding_mask {
+        b.padding_mask = Some(m.chunks(b.frames.max(1)).flat_map(|row| std::iter::repeat_n(row, c).flatten().copied()).collect());
+    }
+    Ok(t)
 }
 
 fn run_masker(m: &Masker, io: &mut StageIo) -> Result<(), StageError> {

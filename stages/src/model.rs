@@ -111,6 +111,23 @@ pub struct ModelConfig {
     pub mask_noise_std: f64,
     /// Code quirk of §1.6: the predictor's visible frames go through the decoder's dropout too.
     pub pred_double_dropout: bool,
+    /// Target layers (§1.3, §8): false (default) takes each block's FFN output before dropout,
+    /// residual and LN2 (`end_of_block_targets: false` in the code); true the block's output.
+    pub end_of_block_targets: bool,
+    /// What the teacher's loss predictor reads (§1.4, §10 #5): `targets` (the code, default) or
+    /// `last_layer` (the paper's `d(f_θt(Z))`: the last block's output).
+    pub teacher_pred_input: TeacherPredInput,
+}
+
+/// Input of the teacher's loss predictor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherPredInput {
+    /// The averaged, instance-normalised targets `y` (the reference code).
+    #[default]
+    Targets,
+    /// The output of the last teacher block (the paper's equation).
+    LastLayer,
 }
 
 impl Default for ModelConfig {
@@ -132,6 +149,8 @@ impl ModelConfig {
             head_input_dropout: 0.1,
             mask_noise_std: 0.01,
             pred_double_dropout: false,
+            end_of_block_targets: false,
+            teacher_pred_input: TeacherPredInput::Targets,
         }
     }
 
@@ -146,6 +165,8 @@ impl ModelConfig {
             head_input_dropout: 0.1,
             mask_noise_std: 0.01,
             pred_double_dropout: false,
+            end_of_block_targets: false,
+            teacher_pred_input: TeacherPredInput::Targets,
         }
     }
 
@@ -198,6 +219,7 @@ impl ModelConfig {
         }
         need(self.mask_noise_std >= 0.0 && self.mask_noise_std.is_finite(), "mask_noise_std", format!("must be ≥ 0, got {}", self.mask_noise_std));
         for (name, h) in [("decoder", &self.decoder), ("loss_predictor", &self.loss_predictor)] {
+            need(h.dim >= 1, &format!("{name}.dim"), "must be at least 1".into());
             need(h.layers >= 1, &format!("{name}.layers"), "must be at least 1".into());
             need(h.kernel >= 1 && h.kernel % 2 == 1, &format!("{name}.kernel"), format!("must be odd (length-preserving padding), got {}", h.kernel));
             need(h.groups >= 1 && h.dim % h.groups.max(1) == 0 && enc.dim % h.groups.max(1) == 0, &format!("{name}.groups"), format!("must divide {name}.dim ({}) and encoder.dim ({}), got {}", h.dim, enc.dim, h.groups));
@@ -744,7 +766,8 @@ impl<'a> Model<'a> {
         for l in 0..e.layers {
             let (out, f) = self.block(l, &x, &bias, &mut none)?;
             if l + e.top_k >= e.layers {
-                let n = instance_norm_time(&f.to_dtype(DType::F32)?)?;
+                let layer = if self.cfg.end_of_block_targets { &out } else { &f };
+                let n = instance_norm_time(&layer.to_dtype(DType::F32)?)?;
                 acc = Some(match acc {
                     Some(a) => (a + n)?,
                     None => n,
@@ -756,7 +779,11 @@ impl<'a> Model<'a> {
             Some(a) => (a / e.top_k as f64)?,
             None => candle_core::bail!("top_k is 0"),
         };
-        let pred = self.head("loss_predictor", &targets.to_dtype(z.dtype())?, &self.cfg.loss_predictor, true)?;
+        let pred_in = match self.cfg.teacher_pred_input {
+            TeacherPredInput::Targets => targets.to_dtype(z.dtype())?,
+            TeacherPredInput::LastLayer => x,
+        };
+        let pred = self.head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?;
         let pred_loss = pred.mean(D::Minus1)?.to_dtype(DType::F32)?;
         let _ = b;
         Ok(TeacherOut { targets, pred_loss })

@@ -299,8 +299,7 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
     if session.has_table("inputs") {
         let b = session.query(&format!("SELECT frame, features FROM inputs WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame", lit(&utt)))?;
         for batch in &b {
-            if let Some(c) = batch.column_by_name("features") {
-                let l = c.as_list::<i32>();
+            if let Some(l) = batch.column_by_name("features").and_then(|c| c.as_list_opt::<i32>()) {
                 for i in 0..l.len() {
                     let v = l.value(i);
                     let v = arrow::compute::cast(&v, &DataType::Float64).map_err(|e| PlotError::Input(e.to_string()))?;

@@ -119,6 +119,7 @@ pub fn shard_schema(format: AudioFormat) -> SchemaRef {
         Schema::new(vec![
             Field::new("utt_id", DataType::Utf8, false),
             Field::new("speaker", DataType::Utf8, true),
+            Field::new("chapter", DataType::Utf8, true),
             Field::new("source", DataType::Utf8, false),
             Field::new("sample_rate", DataType::Int32, false),
             Field::new("num_samples", DataType::Int64, false),
@@ -154,6 +155,7 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> Result<RecordBatch, S
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rows.iter().map(|u| u.utt_id.as_str()))),
         Arc::new(StringArray::from(rows.iter().map(|u| u.speaker.as_deref()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(rows.iter().map(|u| u.chapter.as_deref()).collect::<Vec<_>>())),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|u| u.source.as_str()))),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|u| u.sample_rate as i32))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|u| u.samples.len() as i64))),
@@ -335,9 +337,9 @@ impl StageDef for ShardsWrite {
 fn read_metadata(path: &Path) -> Result<(Vec<(String, String)>, Vec<RecordBatch>), String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{}: {e}", path.display()))?;
-    let schema = builder.parquet_schema();
-    let cols: Vec<usize> = (0..7).collect();
-    let mask = ProjectionMask::roots(schema, cols);
+    // Every column but the samples.
+    let cols: Vec<usize> = builder.schema().fields().iter().enumerate().filter(|(_, f)| f.name() != "audio").map(|(i, _)| i).collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), cols);
     let reader = builder.with_projection(mask).build().map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     let mut batches = Vec::new();
@@ -400,7 +402,10 @@ impl ShardsWrite {
                 for b in bs {
                     let n = b.num_rows();
                     let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![run; n]))];
-                    cols.extend(b.columns().iter().cloned());
+                    // By name: a column that shards of an older version lack (chapter) is null.
+                    for field in shard_schema(self.p.audio_format).fields().iter().filter(|f| f.name() != "audio") {
+                        cols.push(b.column_by_name(field.name()).cloned().unwrap_or_else(|| arrow::array::new_null_array(field.data_type(), n)));
+                    }
                     cols.push(Arc::new(StringArray::from(vec![f.as_str(); n])));
                     batches.push(cols);
                 }
@@ -408,7 +413,7 @@ impl ShardsWrite {
         }
         let meta = shard_schema(self.p.audio_format);
         let mut fields: Vec<Field> = vec![Field::new("run", DataType::Utf8, false)];
-        fields.extend(meta.fields().iter().take(7).map(|f| f.as_ref().clone()));
+        fields.extend(meta.fields().iter().filter(|f| f.name() != "audio").map(|f| f.as_ref().clone()));
         fields.push(Field::new("shard", DataType::Utf8, false));
         let schema = Arc::new(Schema::new(fields));
         let utts = if batches.is_empty() {
@@ -571,6 +576,7 @@ pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
         let err = |c: &str| format!("{}: column `{c}` is missing or of the wrong type", path.display());
         let ids = string_col(&b, "utt_id").map_err(|_| err("utt_id"))?;
         let spk = string_col(&b, "speaker").map_err(|_| err("speaker"))?;
+        let chapter = string_col(&b, "chapter").ok();
         let src = string_col(&b, "source").map_err(|_| err("source"))?;
         let trn = string_col(&b, "transcript").map_err(|_| err("transcript"))?;
         let sr = b.column_by_name("sample_rate").and_then(|c| c.as_any().downcast_ref::<Int32Array>()).ok_or_else(|| err("sample_rate"))?;
@@ -587,6 +593,7 @@ pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
             out.push(Utterance {
                 utt_id: ids.value(i).to_string(),
                 speaker: (!spk.is_null(i)).then(|| spk.value(i).to_string()),
+                chapter: chapter.filter(|c| !c.is_null(i)).map(|c| c.value(i).to_string()),
                 source: src.value(i).to_string(),
                 transcript: (!trn.is_null(i)).then(|| trn.value(i).to_string()),
                 sample_rate: sr.value(i).max(0) as u32,

@@ -86,8 +86,11 @@ fn discover_with_runs(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<(Path
                 continue;
             }
             if p.is_file() && name.ends_with(".parquet") {
-                tables.entry(name.trim_end_matches(".parquet").to_string()).or_default().push((p, ri));
-            } else if p.is_dir() {
+                let table = name.trim_end_matches(".parquet");
+                if is_table_name(table) {
+                    tables.entry(table.to_string()).or_default().push((p, ri));
+                }
+            } else if p.is_dir() && is_table_name(&name) {
                 let mut parts: Vec<PathBuf> = std::fs::read_dir(&p)
                     .map_err(|e| SqlError::Input(format!("cannot list {}: {e}", p.display())))?
                     .flatten()
@@ -102,6 +105,13 @@ fn discover_with_runs(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<(Path
         }
     }
     Ok(tables)
+}
+
+/// Only plain identifiers become tables: a stray `frames.bak/` or `x.v2.parquet` in a run
+/// directory is not a table (DataFusion would read the dot as a schema) and is left alone.
+fn is_table_name(name: &str) -> bool {
+    let mut c = name.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 /// The run name of a run directory: `name` in its `spec.yaml`, else the directory's name.

@@ -50,6 +50,11 @@ pub struct StudentParams {
     pub aux_loss: AuxLoss,
     /// eps: −ln(σ(Δ)+1e-6) as the reference code; softplus: the stable form.
     pub rank_form: RankForm,
+    /// Regression loss of the reconstruction (§8): 0 = MSE (the method); β > 0 = smooth L1
+    /// with threshold β (`loss_beta` of data2vec 2.0).
+    pub loss_beta: f64,
+    /// Scale of the per-element losses before the sum over channels; default 1/√D (§1.7).
+    pub loss_scale: Option<f64>,
     /// Peak learning rate.
     pub lr: f64,
     /// Warm-up updates (default: 10% of the schedule).
@@ -91,6 +96,8 @@ impl Default for StudentParams {
             aux_norm: AuxNorm::Joint,
             aux_loss: AuxLoss::Ranking,
             rank_form: RankForm::Eps,
+            loss_beta: 0.0,
+            loss_scale: None,
             lr: 1e-3,
             warmup_steps: None,
             schedule_steps: None,
@@ -119,6 +126,14 @@ impl Params for StudentParams {
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
             e.push(ParamError::new("alpha", format!("must be ≥ 0, got {}", self.alpha)));
         }
+        if !(self.loss_beta >= 0.0 && self.loss_beta.is_finite()) {
+            e.push(ParamError::new("loss_beta", format!("must be ≥ 0 (0 = MSE), got {}", self.loss_beta)));
+        }
+        if let Some(s) = self.loss_scale {
+            if !(s > 0.0 && s.is_finite()) {
+                e.push(ParamError::new("loss_scale", format!("must be > 0 (or null for 1/√D), got {s}")));
+            }
+        }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             e.push(ParamError::new("lr", format!("must be > 0, got {}", self.lr)));
         }
@@ -139,8 +154,8 @@ impl Params for StudentParams {
             }
         }
         if let (Some(w), s) = (self.warmup_steps, self.schedule_steps.unwrap_or(self.max_steps)) {
-            if w > s {
-                e.push(ParamError::new("warmup_steps", format!("{w} is longer than the schedule ({s} updates)")));
+            if w >= s && w > 0 {
+                e.push(ParamError::new("warmup_steps", format!("{w} leaves no decay in a schedule of {s} updates (warm-up must be shorter)")));
             }
         }
         e
@@ -161,6 +176,8 @@ pub struct Student {
     pub seed: u64,
     pub position: Option<DataPosition>,
     pub epoch: u32,
+    /// The encoder's output frame rate on the data seen (input rate / front-end stride).
+    pub frame_rate: Option<f64>,
 }
 
 /// What one update produced.
@@ -186,7 +203,7 @@ impl Student {
             vars.insert(k, Var::from_tensor(&t)?);
         }
         let adam = AdamW::new(p.betas[0], p.betas[1], p.adam_eps, p.weight_decay, p.exempt_1d);
-        Ok(Student { p, cfg, device, vars, teacher, adam, step: 0, seed, position: None, epoch: 0 })
+        Ok(Student { p, cfg, device, vars, teacher, adam, step: 0, seed, position: None, epoch: 0, frame_rate: None })
     }
 
     /// Current student weights (variables: gradients flow through them).
@@ -250,7 +267,7 @@ impl Student {
         let y = Tensor::from_slice(m.taught.targets.as_slice(), (n * t, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?;
         let y_m = y.index_select(&idx, 0)?.reshape((n, mm, d))?;
         let yhat_m = yhat.reshape((n * t, d))?.index_select(&idx, 0)?.reshape((n, mm, d))?;
-        let ell = losses::recon_per_frame(&yhat_m, &y_m)?;
+        let ell = losses::recon_per_frame_with(&yhat_m, &y_m, self.p.loss_beta, self.p.loss_scale)?;
         let ell_host = values(&ell)?;
         let count = (n * mm) as f64;
         let rec_sum = ell.sum_all()?;
@@ -303,6 +320,7 @@ impl Student {
         }
         self.position = Some(b.position);
         self.epoch = b.epoch;
+        self.frame_rate = Some(b.frame_rate / self.cfg.stride() as f64);
         // Metrics (§1.10).
         let (n, t, mm, d) = (b.size(), parts.t, parts.mm, m.taught.target_dim);
         let loss = parts.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -345,8 +363,9 @@ impl Student {
             hard_ratio: m.hard_ratio as f64,
             masked_frac: mm as f64 / t as f64,
             frames: (n * t) as u64,
-            utterances: n as u64,
-            audio_s: (n * b.frames) as f64 / b.frame_rate,
+            // Distinct audio: cloned rows (clone_batch) are counted once.
+            utterances: (n / m.clones.max(1)) as u64,
+            audio_s: ((n / m.clones.max(1)) * b.frames) as f64 / b.frame_rate,
             step_ms: t0.elapsed().as_secs_f64() * 1e3,
             target_std,
             pred_std,
@@ -359,7 +378,7 @@ impl Student {
             step: b.step,
             epoch: b.epoch,
             utt_ids: b.utt_ids.clone(),
-            offsets: b.offsets.iter().map(|o| o / stride).collect(),
+            offsets_s: b.offsets.iter().map(|&o| o as f64 / b.frame_rate).collect(),
             frame_rate: b.frame_rate / stride as f64,
             frames: t,
             mask: m.mask.clone(),
@@ -403,6 +422,7 @@ impl Student {
             adam_t: self.adam.t,
             model: self.cfg.clone(),
             tensors: format!("step-{:08}.safetensors", self.step),
+            frame_rate: self.frame_rate,
         }
     }
 
@@ -431,6 +451,7 @@ impl Student {
         self.step = meta.step;
         self.position = meta.position;
         self.epoch = meta.epoch;
+        self.frame_rate = meta.frame_rate;
         Ok(())
     }
 }

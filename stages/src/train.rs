@@ -245,6 +245,10 @@ pub struct CheckpointMeta {
     pub model: ModelConfig,
     /// File of the tensors, relative to the checkpoint directory.
     pub tensors: String,
+    /// The encoder's output frames per second on the training data (absent before the first
+    /// update).
+    #[serde(default)]
+    pub frame_rate: Option<f64>,
 }
 
 pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
@@ -363,7 +367,7 @@ pub fn export(run_dir: &Path, out: &Path, teacher: bool) -> Result<ExportConfig,
         weights: if teacher { "teacher".into() } else { "student".into() },
         step: meta.step,
         source: path.display().to_string(),
-        frame_rate: 50.0,
+        frame_rate: meta.frame_rate.unwrap_or(50.0),
         input,
         tensors: w.keys().cloned().collect(),
     };

@@ -7,6 +7,8 @@ pub struct Utterance {
     /// without extension).
     pub utt_id: String,
     pub speaker: Option<String>,
+    /// LibriSpeech chapter (book chapter id), where the layout has one.
+    pub chapter: Option<String>,
     /// Path relative to the input root, with `/` separators.
     pub source: String,
     pub transcript: Option<String>,
@@ -74,6 +76,9 @@ pub struct Masked {
     pub hard_spans: Vec<usize>,
     /// The mask stage kind that made it (`mask.easy_to_hard`, …).
     pub strategy: String,
+    /// Copies of each utterance in the batch (`clone_batch`, method §1.5.6): rows `c·i … c·i+c−1`
+    /// are utterance `i` with independent masks. 1 = no cloning.
+    pub clones: usize,
 }
 
 /// One student update, for `log.steps` (method §1.10 health metrics included).
@@ -114,8 +119,9 @@ pub struct FrameRecord {
     pub step: u64,
     pub epoch: u32,
     pub utt_ids: Vec<String>,
-    /// Crop offset of each member in its utterance's features, in frames.
-    pub offsets: Vec<usize>,
+    /// Crop offset of each member in its utterance, in seconds (exact whatever the front-end's
+    /// stride: a waveform crop may start between two output frames).
+    pub offsets_s: Vec<f64>,
     pub frame_rate: f64,
     pub frames: usize,
     pub mask: Vec<bool>,

@@ -52,7 +52,11 @@ proptest! {
         let min = (min_utt * 50.0).ceil() as usize;
         let max = (max_utt * 50.0).floor() as usize;
         for b in &batches {
-            prop_assert!(b.cost_frames() <= budget, "cost {} > budget {budget}", b.cost_frames());
+            // Padded cost: the longest member (before the crop to the shortest) × members.
+            let longest = b.utt_ids.iter().map(|id| lens[id[1..].parse::<usize>().unwrap()].min(max.min(budget))).max().unwrap();
+            prop_assert_eq!(b.cost_frames(), longest * b.size());
+            prop_assert!(longest * b.size() <= budget, "cost {} > budget {budget}", longest * b.size());
+            prop_assert!(b.frames * b.size() <= budget);
             prop_assert_eq!(b.data.len(), b.size() * b.frames * 2);
             for (i, id) in b.utt_ids.iter().enumerate() {
                 let u: usize = id[1..].parse().unwrap();

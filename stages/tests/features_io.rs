@@ -7,6 +7,12 @@ use std::sync::Mutex;
 mod common;
 
 static BATCHES: Mutex<Vec<stages::batch::Batch>> = Mutex::new(Vec::new());
+/// The tests that collect into `BATCHES` take turns (the harness runs tests on parallel threads).
+static BATCHES_IN_USE: Mutex<()> = Mutex::new(());
+
+fn batches_in_use() -> std::sync::MutexGuard<'static, ()> {
+    BATCHES_IN_USE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 sink!(BatchSink, stages::batch::Batch, BATCHES, "test.batchsink", |b| b);
 
@@ -29,6 +35,7 @@ fn waveform_normalisation_is_a_layer_norm() {
 
 #[test]
 fn stored_features_read_back_identical_and_batch() {
+    let _turn = batches_in_use();
     let tmp = tempfile::tempdir().unwrap();
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let (shards, feats) = (tmp.path().join("shards"), tmp.path().join("feats"));
@@ -129,6 +136,7 @@ fn global_statistics_normalise_the_corpus() {
 
 #[test]
 fn the_data_stream_resumes_mid_epoch_without_rereading() {
+    let _turn = batches_in_use();
     let tmp = tempfile::tempdir().unwrap();
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let shards = tmp.path().join("shards");

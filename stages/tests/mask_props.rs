@@ -25,6 +25,7 @@ fn batch(step: u64, epoch: u32, frames: usize, lengths: &[usize]) -> Batch {
         utt_ids: (0..size).map(|i| format!("u{i}")).collect(),
         offsets: vec![0; size],
         lengths: lengths.to_vec(),
+        longest: lengths.iter().copied().max().unwrap_or(frames),
         frames,
         dim: 1,
         frame_rate: 50.0,
@@ -439,6 +440,40 @@ fn mask_dropout_removes_a_rounded_share() {
 // ---------------------------------------------------------------------------------------------
 // Parameters and registry
 // ---------------------------------------------------------------------------------------------
+
+/// Multi-mask (§1.5.6, `clone_batch: c`): every utterance becomes c consecutive rows with the
+/// same features, targets and predicted losses, each with its own mask; all rows mask the same
+/// number of frames.
+#[test]
+fn clone_batch_repeats_rows_with_independent_masks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (size, frames, c) = (3usize, 120usize, 4usize);
+    let lp = smooth_noise(&mut rng, size, frames);
+    let mut b = batch(7, 0, frames, &vec![frames; size]);
+    b.data = (0..size * frames).map(|i| i as f32).collect();
+    b.offsets = vec![5, 10, 15];
+    let t = Taught { targets: Arc::new((0..size * frames * 2).map(|i| -(i as f32)).collect()), target_dim: 2, ..taught(b, lp.clone()) };
+    let p: MaskParams = parse(&format!("{{clone_batch: {c}}}")).unwrap();
+    let m = Masker::random(&p, 1).apply(t).unwrap();
+    assert_eq!(m.clones, c);
+    let mb = &m.taught.batch;
+    assert_eq!(mb.size(), size * c);
+    for r in 0..size * c {
+        let i = r / c;
+        assert_eq!(mb.utt_ids[r], format!("u{i}"));
+        assert_eq!(mb.offsets[r], 5 * (i + 1));
+        assert_eq!(&mb.data[r * frames..(r + 1) * frames], &(i * frames..(i + 1) * frames).map(|x| x as f32).collect::<Vec<_>>()[..]);
+        assert_eq!(&m.taught.targets[r * frames * 2..(r + 1) * frames * 2], &(i * frames * 2..(i + 1) * frames * 2).map(|x| -(x as f32)).collect::<Vec<_>>()[..]);
+        assert_eq!(&m.taught.pred_loss[r * frames..(r + 1) * frames], &lp[i * frames..(i + 1) * frames]);
+        assert_eq!(count(row(&m.mask, r, frames)), m.masked_per_row);
+    }
+    // The copies of an utterance are masked independently.
+    for i in 0..size {
+        let copies: Vec<&[bool]> = (0..c).map(|k| row(&m.mask, i * c + k, frames)).collect();
+        assert!(copies.windows(2).any(|w| w[0] != w[1]), "utterance {i}: identical masks");
+    }
+    assert!(parse::<EasyToHardParams>("{clone_batch: 0}").is_err());
+}
 
 fn parse<P: pipeline::Params>(yaml: &str) -> Result<P, Vec<pipeline::ParamError>> {
     pipeline::parse_params::<P>(&serde_yaml::from_str(yaml).unwrap())

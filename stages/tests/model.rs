@@ -137,6 +137,7 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
         utt_ids: (0..rows).map(|r| format!("u{r}")).collect(),
         offsets: vec![0; rows],
         lengths: vec![t; rows],
+        longest: t,
         frames: t,
         dim: f,
         frame_rate: 50.0,
@@ -144,7 +145,7 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
         padding_mask: None,
     };
     let taught = Taught { batch, targets: Arc::new(targets), target_dim: d, frames: t, pred_loss: vec![0.0; rows * t], teacher_version: 0 };
-    Masked { taught, hard: vec![false; rows * t], mask, masked_per_row: masked, hard_ratio: 0.0, spans: vec![1; rows], hard_spans: vec![0; rows], strategy: "test".into() }
+    Masked { taught, hard: vec![false; rows * t], mask, masked_per_row: masked, hard_ratio: 0.0, spans: vec![1; rows], hard_spans: vec![0; rows], strategy: "test".into(), clones: 1 }
 }
 
 /// Gradients of the joint loss (§1.9, with the ranking loss of §1.8) against central finite
@@ -153,8 +154,9 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
 #[test]
 fn joint_loss_gradients_match_finite_differences() {
     let cfg = tiny_cfg();
-    for aux_norm in [AuxNorm::Joint, AuxNorm::Pairs] {
-        let p = StudentParams { alpha: 0.5, aux_norm, ..StudentParams::default() };
+    // The two normalisations of §1.9, and the smooth-L1 regression loss of §8.
+    for (aux_norm, loss_beta) in [(AuxNorm::Joint, 0.0), (AuxNorm::Pairs, 0.0), (AuxNorm::Joint, 0.25)] {
+        let p = StudentParams { alpha: 0.5, aux_norm, loss_beta, ..StudentParams::default() };
         let student = Student::new(p, cfg.clone(), Device::Cpu, 3, DType::F64).unwrap();
         let m = synthetic(&cfg, 2, 12, 5, 11);
         let eval = |s: &Student| -> (f64, candle_core::backprop::GradStore) {
@@ -374,4 +376,139 @@ fn cnn_frontend_gradients_match_finite_differences() {
             assert!(err < 1e-4, "{name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
         }
     }
+}
+
+/// §8 "regression loss": smooth L1 with threshold β, and an explicit scale, by hand.
+#[test]
+fn smooth_l1_reconstruction_loss_by_hand() {
+    let yhat = Tensor::new(&[[[0.0f64, 0.5, 3.0, -2.0]]], &Device::Cpu).unwrap();
+    let y = Tensor::zeros((1, 1, 4), DType::F64, &Device::Cpu).unwrap();
+    let l = |beta: f64, scale: Option<f64>| losses::recon_per_frame_with(&yhat, &y, beta, scale).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+    // β = 1: 0 + 0.5·0.25 + (3 − 0.5) + (2 − 0.5) = 4.125; default scale 1/√4.
+    assert!((l(1.0, Some(1.0)) - 4.125).abs() < 1e-12);
+    assert!((l(1.0, None) - 4.125 / 2.0).abs() < 1e-12);
+    // β = 0 is the MSE: 0 + 0.25 + 9 + 4 = 13.25.
+    assert!((l(0.0, Some(1.0)) - 13.25).abs() < 1e-12);
+    // A large β keeps every element quadratic: 13.25 / (2β).
+    assert!((l(10.0, Some(1.0)) - 13.25 / 20.0).abs() < 1e-12);
+}
+
+/// §1.8 written out independently in f64 (ε form) for one row of predictions and losses.
+fn ranking_by_hand(p: &[f64], l: &[f32]) -> (f64, usize) {
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let (mut s, mut pairs) = (0.0, 0);
+    for i in 0..p.len() {
+        for j in 0..p.len() {
+            if l[j] > l[i] {
+                s += -(sig(p[j] - p[i]) + 1e-6).ln();
+                pairs += 1;
+            } else if l[j] < l[i] {
+                s += -(1.0 - sig(p[j] - p[i]) + 1e-6).ln();
+                pairs += 1;
+            }
+        }
+    }
+    (s, pairs)
+}
+
+/// §1.9: the joint loss is (Σℓ + α·L_aux_raw)/N by default and L_rec + α·L_aux_raw/pairs with
+/// `aux_norm: pairs`, with L_aux_raw the plain sum over rows; checked against the parts the
+/// student computed and a ranking loss written out here.
+#[test]
+fn joint_loss_normalisations_by_hand() {
+    let cfg = tiny_cfg();
+    let m = synthetic(&cfg, 3, 13, 6, 21);
+    for aux_norm in [AuxNorm::Joint, AuxNorm::Pairs] {
+        let alpha = 0.3;
+        let p = StudentParams { alpha, aux_norm, ..StudentParams::default() };
+        let student = Student::new(p, cfg.clone(), Device::Cpu, 8, DType::F64).unwrap();
+        let parts = student.loss(&m, &mut Noise::new(5)).unwrap();
+        let (n, mm) = (3usize, parts.mm);
+        assert_eq!(parts.ell.len(), n * mm);
+        let sum_ell: f64 = parts.ell.iter().map(|&x| x as f64).sum();
+        let p_m = parts.pred.as_ref().unwrap().1.to_vec2::<f64>().unwrap();
+        let (mut raw, mut pairs) = (0.0, 0);
+        for (r, row) in p_m.iter().enumerate() {
+            let (s, k) = ranking_by_hand(row, &parts.ell[r * mm..(r + 1) * mm]);
+            raw += s;
+            pairs += k;
+        }
+        let want = match aux_norm {
+            AuxNorm::Joint => (sum_ell + alpha * raw) / (n * mm) as f64,
+            AuxNorm::Pairs => sum_ell / (n * mm) as f64 + alpha * raw / pairs as f64,
+        };
+        let got = parts.loss.to_scalar::<f64>().unwrap();
+        // ℓ passes through f32 on the host side: relative 1e-6.
+        assert!((got - want).abs() < 1e-6 * want.abs(), "{aux_norm:?}: {got} vs {want}");
+        assert!((parts.rec.to_scalar::<f64>().unwrap() - sum_ell / (n * mm) as f64).abs() < 1e-6);
+    }
+}
+
+/// §1.5.4: the student's ALiBi bias over the visible frames uses their original distances:
+/// bias[h, i, j] = −s_h·m_h·|pos_i − pos_j|, with the learned scale clamped at ≥ 0.
+#[test]
+fn alibi_keeps_original_distances_of_visible_frames() {
+    let cfg = tiny_cfg();
+    let mut w = model::init_weights(&cfg, 5, &Device::Cpu, DType::F64).unwrap();
+    w.insert("encoder.alibi_scale".into(), Tensor::new(&[2.0f64, -1.0], &Device::Cpu).unwrap());
+    let model = Model::new(&cfg, &w);
+    let positions = vec![vec![0usize, 3, 4, 9], vec![1, 2, 7, 8]];
+    let bias = model.alibi(&positions, DType::F64, &Device::Cpu).unwrap();
+    assert_eq!(bias.dims(), &[2, 2, 4, 4]);
+    let b = bias.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let slopes = model::alibi_slopes(2);
+    let scale = [2.0, 0.0]; // the negative scale is clamped to 0
+    for (r, pos) in positions.iter().enumerate() {
+        for h in 0..2 {
+            for i in 0..4 {
+                for j in 0..4 {
+                    let want = -scale[h] * slopes[h] * (pos[i] as f64 - pos[j] as f64).abs();
+                    let got = b[((r * 2 + h) * 4 + i) * 4 + j];
+                    assert!((got - want).abs() < 1e-12, "row {r} head {h} ({i},{j}): {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+/// §1.3 / §8 "target layer" and §10 #5: targets from the FFN outputs (default) or from the block
+/// outputs (`end_of_block_targets`), and the teacher's predictor on the targets (default) or on
+/// the last block's output (`teacher_pred_input: last_layer`), each against the encoder's own
+/// block outputs.
+#[test]
+fn target_layer_and_teacher_predictor_input_options() {
+    let cfg = tiny_cfg();
+    let mut w = model::init_weights(&cfg, 6, &Device::Cpu, DType::F64).unwrap();
+    // Scale the FFNs up so FFN and block outputs differ clearly.
+    for l in 0..2 {
+        let k = format!("encoder.blocks.{l}.fc2.weight");
+        let v = (w[&k].clone() * 300.0).unwrap();
+        w.insert(k, v);
+    }
+    let m = synthetic(&cfg, 2, 12, 3, 9);
+    let x = Tensor::from_slice(&m.taught.batch.data, (2, 12, 6), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let model = Model::new(&cfg, &w);
+    let z = model.frontend(&x).unwrap();
+    let outs = model.encode(&z).unwrap();
+    // Block-output targets: mean of the instance-normalised outputs of the top-2 (= both) blocks.
+    let mut block_cfg = cfg.clone();
+    block_cfg.end_of_block_targets = true;
+    let want = ((model::instance_norm_time(&outs[0].to_dtype(DType::F32).unwrap()).unwrap() + model::instance_norm_time(&outs[1].to_dtype(DType::F32).unwrap()).unwrap()).unwrap() / 2.0).unwrap();
+    let got = Model::new(&block_cfg, &w).teacher(&z).unwrap().targets;
+    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "block-output targets differ by {diff}");
+    let ffn = model.teacher(&z).unwrap();
+    let gap = (ffn.targets.clone() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(gap > 1e-2, "FFN-output targets are another layer ({gap})");
+    // The predictor on the last block's output.
+    let mut last_cfg = cfg.clone();
+    last_cfg.teacher_pred_input = model::TeacherPredInput::LastLayer;
+    let got = Model::new(&last_cfg, &w).teacher(&z).unwrap().pred_loss;
+    let want = model.head("loss_predictor", &outs[1], &cfg.loss_predictor, true).unwrap().mean(candle_core::D::Minus1).unwrap().to_dtype(DType::F32).unwrap();
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-6, "{diff}");
+    // Default: on the targets.
+    let want = model.head("loss_predictor", &ffn.targets.to_dtype(DType::F64).unwrap(), &cfg.loss_predictor, true).unwrap().mean(candle_core::D::Minus1).unwrap().to_dtype(DType::F32).unwrap();
+    let diff = (ffn.pred_loss - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-6, "{diff}");
 }
