@@ -123,7 +123,10 @@ fn main() {
             println!("\npipeline shards.read → features.fbank ({cores} workers) → batch.by_duration, 20 epochs:");
             println!("  {:.0} audio s / s ({:.1} s wall for {:.0} s of audio)", total_s * 20.0 / wall, wall, total_s * 20.0);
             for r in &s.stages {
-                println!("  {:<4} {:<18} busy {:>6.2} s  starved {:>6.2} s  back-pressured {:>6.2} s  in {:>5} out {:>5}", r.stage, r.kind, r.busy_s, r.starved_s, r.backpressured_s, r.items_in, r.items_out);
+                println!(
+                    "  {:<4} {:<18} busy {:>6.2} s  starved {:>6.2} s  back-pressured {:>6.2} s  in {:>5} out {:>5}",
+                    r.stage, r.kind, r.busy_s, r.starved_s, r.backpressured_s, r.items_in, r.items_out
+                );
             }
         }
     }

@@ -55,7 +55,15 @@ fn dir_bytes(d: &Path) -> u64 {
 /// Writes `recs` through a frame log; returns (seconds, frame rows, bytes of the frames table).
 fn sink(recs: &[FrameRecord], dir: &Path, compression: LogCompression, inputs: bool, rotate: u64) -> (f64, u64, u64) {
     let _ = std::fs::remove_dir_all(dir);
-    let p = FramesLogParams { every: 1, utterances: 1.0, rotate_every: rotate, compression, inputs_table: if inputs { Some("inputs".into()) } else { None }, inputs_every: 0, ..FramesLogParams::default() };
+    let p = FramesLogParams {
+        every: 1,
+        utterances: 1.0,
+        rotate_every: rotate,
+        compression,
+        inputs_table: if inputs { Some("inputs".into()) } else { None },
+        inputs_every: 0,
+        ..FramesLogParams::default()
+    };
     let mut log = FrameLog::new(&p, "bench", "bench", dir, 7);
     let t = Instant::now();
     for r in recs {
@@ -169,7 +177,10 @@ fn main() {
         println!("answers: {} groups, counts and means {} DuckDB's", mine.len(), if same { "equal to" } else { "DIFFERENT from" });
     }
     if let Some(v) = reference.get("duckdb").and_then(|v| v.as_str()) {
-        println!("(DuckDB {v}, pyarrow {}; DuckDB queries the Arrow table pyarrow read from the same files; its query-only time is the second figure)", reference.get("pyarrow").and_then(|v| v.as_str()).unwrap_or("?"));
+        println!(
+            "(DuckDB {v}, pyarrow {}; DuckDB queries the Arrow table pyarrow read from the same files; its query-only time is the second figure)",
+            reference.get("pyarrow").and_then(|v| v.as_str()).unwrap_or("?")
+        );
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -87,10 +87,7 @@ fn main() {
     run(&root.join("specs/prep.yaml"), &[format!("run_dir={}", tmp.join("prep").display()), format!("stages.shards.with.dir={}", shards.display())]);
     println!("training benchmark: specs/tiny.yaml (D = 128, 4 blocks, fbank front-end, batches of ≤ 16 s), {steps} updates per row, {cores} cores");
     println!("steady state = updates 5.. from the steps table; threads = candle's CPU threads (RAYON_NUM_THREADS)\n");
-    println!(
-        "{:>7} {:>9} {:>10} {:>12} {:>9} {:>12} {:>14} {:>12}",
-        "threads", "staleness", "updates/s", "audio s / s", "ms/step", "student busy", "mask ms/step", "mask share"
-    );
+    println!("{:>7} {:>9} {:>10} {:>12} {:>9} {:>12} {:>14} {:>12}", "threads", "staleness", "updates/s", "audio s / s", "ms/step", "student busy", "mask ms/step", "mask share");
     let exe = std::env::current_exe().expect("own path");
     let mut results = Vec::new();
     let mut threads: Vec<usize> = vec![1, 2];
@@ -123,7 +120,12 @@ fn main() {
     }
     println!("\n(updates/s and audio s / s: end to end, start-up included; ms/step: the student's own time per update)");
     for (t, staleness, v) in &results {
-        println!("\ntime by stage, {t} thread(s), staleness {staleness} ({:.1} s wall, {:.0} frames and {:.1} utterances a batch):", v["wall_s"].as_f64().unwrap_or(0.0), v["frames_per_batch"].as_f64().unwrap_or(0.0), v["utterances_per_batch"].as_f64().unwrap_or(0.0));
+        println!(
+            "\ntime by stage, {t} thread(s), staleness {staleness} ({:.1} s wall, {:.0} frames and {:.1} utterances a batch):",
+            v["wall_s"].as_f64().unwrap_or(0.0),
+            v["frames_per_batch"].as_f64().unwrap_or(0.0),
+            v["utterances_per_batch"].as_f64().unwrap_or(0.0)
+        );
         for s in v["stages"].as_array().into_iter().flatten() {
             let w = s["wall_s"].as_f64().unwrap_or(0.0).max(1e-9);
             let pct = |k: &str| 100.0 * s[k].as_f64().unwrap_or(0.0) / w;

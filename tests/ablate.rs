@@ -40,7 +40,10 @@ fn a_sweep_runs_its_grid_skips_finished_runs_and_summarises() {
     let shards = demo_shards(tmp.path());
     let out = tmp.path().join("sweep");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["sweep", "specs/ablations/random_predictor.yaml", "specs/ablations/hard_only.yaml", "--grid", "stages.student.with.alpha=[0.5, 0.05]", "--quiet", "--out"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = ["sweep", "specs/ablations/random_predictor.yaml", "specs/ablations/hard_only.yaml", "--grid", "stages.student.with.alpha=[0.5, 0.05]", "--quiet", "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         a.push(out.display().to_string());
         for s in [format!("stages.shards.with.dir={}", shards.display()), "stages.student.with.max_steps=3".to_string()] {
             a.push("--set".into());
@@ -96,7 +99,17 @@ fn the_report_compares_runs_with_probe_and_masking_analysis() {
     let mut dirs = Vec::new();
     for name in ["random", "easy_to_hard"] {
         let dir = tmp.path().join(name);
-        ok(&["run", &format!("specs/ablations/{name}.yaml"), "--quiet", "--set", &format!("run_dir={}", dir.display()), "--set", &format!("stages.shards.with.dir={}", shards.display()), "--set", "stages.student.with.max_steps=4"]);
+        ok(&[
+            "run",
+            &format!("specs/ablations/{name}.yaml"),
+            "--quiet",
+            "--set",
+            &format!("run_dir={}", dir.display()),
+            "--set",
+            &format!("stages.shards.with.dir={}", shards.display()),
+            "--set",
+            "stages.student.with.max_steps=4",
+        ]);
         dirs.push(dir);
     }
     let out = tmp.path().join("report");

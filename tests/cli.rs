@@ -55,11 +55,8 @@ fn a_fairseq_manifest_is_read_in_order_with_missing_files_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = root().join("tests/fixtures/audio");
     let manifest = tmp.path().join("train.tsv");
-    std::fs::write(
-        &manifest,
-        format!("{}\nwav_s16_mono_16k.wav\t9600\nflac_s24_stereo_48k.flac\t28800\nmissing.wav\t100\nmp3_mono_22k.mp3\tlots\nogg_vorbis_stereo_44k.ogg\t26460\n", fx.display()),
-    )
-    .unwrap();
+    std::fs::write(&manifest, format!("{}\nwav_s16_mono_16k.wav\t9600\nflac_s24_stereo_48k.flac\t28800\nmissing.wav\t100\nmp3_mono_22k.mp3\tlots\nogg_vorbis_stereo_44k.ogg\t26460\n", fx.display()))
+        .unwrap();
     let spec = tmp.path().join("m.yaml");
     std::fs::write(
         &spec,

@@ -180,7 +180,10 @@ fn several_runs_union_and_run_tells_them_apart() {
     // Input features are logged every `inputs_every` steps, one row per logged frame.
     let inputs = query_csv(&[&fx.a], "SELECT step, count(*), min(feature_dim), max(cardinality(features)) FROM inputs GROUP BY step ORDER BY step");
     let per_step = |s: i64| read_frames(&fx.a).iter().filter(|r| r.step == s).count().to_string();
-    assert_eq!(inputs, vec![vec!["0".to_string(), per_step(0), "160".into(), "160".into()], vec!["2".into(), per_step(2), "160".into(), "160".into()], vec!["4".into(), per_step(4), "160".into(), "160".into()]]);
+    assert_eq!(
+        inputs,
+        vec![vec!["0".to_string(), per_step(0), "160".into(), "160".into()], vec!["2".into(), per_step(2), "160".into(), "160".into()], vec!["4".into(), per_step(4), "160".into(), "160".into()]]
+    );
     // JSON output keeps NULLs.
     let o = ok(&["query", "--format", "json", fx.a.to_str().unwrap(), "SELECT recon_loss FROM frames WHERE NOT masked LIMIT 1"]);
     assert!(o.contains("\"recon_loss\":null"), "{o}");

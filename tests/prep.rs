@@ -62,7 +62,10 @@ fn demo_prep_accounts_for_every_file_and_writes_valid_shards() {
     assert_eq!(r[5], "0", "every LibriSpeech utterance has a transcript");
     assert_eq!(r[6], "0", "duration_s = num_samples / sample_rate");
     // Speaker and chapter are the first two fields of the id, as in the LibriSpeech folders.
-    let bad = query_csv(&[&run], "SELECT count(*) FROM utterances WHERE chapter IS NULL OR source <> concat(speaker, '/', chapter, '/', utt_id, '.flac') OR utt_id NOT LIKE concat(speaker, '-', chapter, '-%')");
+    let bad = query_csv(
+        &[&run],
+        "SELECT count(*) FROM utterances WHERE chapter IS NULL OR source <> concat(speaker, '/', chapter, '/', utt_id, '.flac') OR utt_id NOT LIKE concat(speaker, '-', chapter, '-%')",
+    );
     assert_eq!(bad[0][0], "0", "speaker/chapter/utt_id.flac");
     let chapters = query_csv(&[&run], "SELECT count(DISTINCT concat(speaker, '-', chapter)) FROM utterances");
     assert_eq!(chapters[0][0], "15", "the demo corpus has 15 chapters");

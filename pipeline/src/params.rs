@@ -116,11 +116,7 @@ pub fn param_docs<P: Params>() -> Vec<ParamDoc> {
     let Some(props) = root.get("properties").and_then(|p| p.as_object()) else { return out };
     for (name, prop) in props {
         let ty = type_of(prop, root);
-        let doc = prop
-            .get("description")
-            .and_then(|d| d.as_str())
-            .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-            .unwrap_or_default();
+        let doc = prop.get("description").and_then(|d| d.as_str()).map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).unwrap_or_default();
         let default = match defaults.get(name) {
             Some(serde_json::Value::String(s)) if s.is_empty() => "(required)".to_string(),
             Some(serde_json::Value::Null) | None => "none".to_string(),
@@ -143,17 +139,8 @@ fn type_of(prop: &serde_json::Value, root: &serde_json::Value) -> String {
         return values.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join("|");
     }
     if let Some(one_of) = prop.get("oneOf").or_else(|| prop.get("anyOf")).and_then(|e| e.as_array()) {
-        let parts: Vec<String> = one_of
-            .iter()
-            .map(|p| {
-                if let Some(c) = p.get("const") {
-                    c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string())
-                } else {
-                    type_of(p, root)
-                }
-            })
-            .filter(|s| s != "null")
-            .collect();
+        let parts: Vec<String> =
+            one_of.iter().map(|p| if let Some(c) = p.get("const") { c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()) } else { type_of(p, root) }).filter(|s| s != "null").collect();
         return parts.join("|");
     }
     match prop.get("type") {

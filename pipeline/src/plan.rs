@@ -67,10 +67,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
     let shared = crate::stage::Shared::default();
     let loc = spec.locator.clone();
     if spec.device.starts_with("cuda") && !registry.cuda {
-        errs.push(loc.error(
-            "device",
-            format!("`{}` asks for a GPU, but this build has no CUDA support (rebuild with `cargo build --release --features cuda`)", spec.device),
-        ));
+        errs.push(loc.error("device", format!("`{}` asks for a GPU, but this build has no CUDA support (rebuild with `cargo build --release --features cuda`)", spec.device)));
     }
     let names: Vec<&str> = registry.names();
     let ids: Vec<&str> = spec.stages.iter().map(|s| s.id.as_str()).collect();
@@ -97,10 +94,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             shared: shared.clone(),
         };
         if s.workers > 1 && !kind.parallel() {
-            errs.push(loc.error(
-                &format!("{base}.workers"),
-                format!("`{}` keeps state from item to item and runs as one worker; remove `workers: {}`", s.kind, s.workers),
-            ));
+            errs.push(loc.error(&format!("{base}.workers"), format!("`{}` keeps state from item to item and runs as one worker; remove `workers: {}`", s.kind, s.workers)));
         }
         match kind.configure(&s.with, &ctx) {
             Ok(c) => partial.push(Some((kind.inputs(), kind.outputs(), kind.parallel(), kind.honors_skip(), c, ctx))),
@@ -186,10 +180,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
                     Some(p) => p,
                     None => {
                         let known: Vec<&str> = outs.iter().map(|p| p.name).collect();
-                        errs.push(loc.error(
-                            &path,
-                            format!("stage `{}` has no output `{pn}`{} (outputs: {})", c.from.stage, suggest(pn, known.iter().copied()), known.join(", ")),
-                        ));
+                        errs.push(loc.error(&path, format!("stage `{}` has no output `{pn}`{} (outputs: {})", c.from.stage, suggest(pn, known.iter().copied()), known.join(", "))));
                         continue;
                     }
                 },
@@ -208,13 +199,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             };
             let (want, got) = (&inputs[slot].ty, &outs[port].ty);
             if want.id != got.id {
-                errs.push(loc.error(
-                    &path,
-                    format!(
-                        "type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}",
-                        c.from.stage, outs[port].name, got.name, inputs[slot].name, s.id, want.name
-                    ),
-                ));
+                errs.push(loc.error(&path, format!("type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}", c.from.stage, outs[port].name, got.name, inputs[slot].name, s.id, want.name)));
                 continue;
             }
             slots[slot] = Some((pi, port));
@@ -240,10 +225,9 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
         if let Some((_, outs)) = ports_of(p) {
             if outs[port].ty.clone.is_none() {
                 let names: Vec<&str> = consumers.iter().map(|&c| spec.stages[c].id.as_str()).collect();
-                errs.push(loc.error(
-                    &format!("stages.{}", spec.stages[p].id),
-                    format!("output `{}` ({}) cannot be shared by several stages ({})", outs[port].name, outs[port].ty.name, names.join(", ")),
-                ));
+                errs.push(
+                    loc.error(&format!("stages.{}", spec.stages[p].id), format!("output `{}` ({}) cannot be shared by several stages ({})", outs[port].name, outs[port].ty.name, names.join(", "))),
+                );
             }
         }
     }

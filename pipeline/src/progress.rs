@@ -18,15 +18,7 @@ pub struct Progress {
 
 impl Progress {
     pub(crate) fn new(stage: &str, multi: Option<MultiProgress>) -> Self {
-        Progress {
-            stage: stage.to_string(),
-            pos: AtomicU64::new(0),
-            len: AtomicU64::new(0),
-            unit: Mutex::new("items".into()),
-            bar: Mutex::new(None),
-            multi,
-            started: Instant::now(),
-        }
+        Progress { stage: stage.to_string(), pos: AtomicU64::new(0), len: AtomicU64::new(0), unit: Mutex::new("items".into()), bar: Mutex::new(None), multi, started: Instant::now() }
     }
 
     /// Announces the amount of work (e.g. the number of files) and its unit.
@@ -38,8 +30,7 @@ impl Progress {
         if let (Some(multi), Ok(mut bar)) = (&self.multi, self.bar.lock()) {
             let b = bar.get_or_insert_with(|| multi.add(ProgressBar::new(len)));
             b.set_length(len);
-            let style = ProgressStyle::with_template(&format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"))
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template(&format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})")).unwrap_or_else(|_| ProgressStyle::default_bar());
             b.set_style(style.progress_chars("=> "));
             b.set_prefix(self.stage.clone());
             b.set_position(self.pos.load(Ordering::Relaxed));

@@ -87,11 +87,7 @@ impl Window {
             if cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
             }
-            guard = self
-                .cv
-                .wait_timeout(guard, Duration::from_millis(20))
-                .map_err(|_| StageError::failed("internal: window lock poisoned"))?
-                .0;
+            guard = self.cv.wait_timeout(guard, Duration::from_millis(20)).map_err(|_| StageError::failed("internal: window lock poisoned"))?.0;
         }
         Ok(())
     }
@@ -112,14 +108,7 @@ struct OutPort {
 
 /// Sends `item` to every sender (copies for all but the last). Drops senders whose consumer has
 /// finished; `Closed` once none is left.
-fn fan_out(
-    senders: &mut Vec<Sender<Msg>>,
-    clone: Option<CloneFn>,
-    seq: u64,
-    minor: u32,
-    item: Item,
-    cancel: &CancelToken,
-) -> Result<(), StageError> {
+fn fan_out(senders: &mut Vec<Sender<Msg>>, clone: Option<CloneFn>, seq: u64, minor: u32, item: Item, cancel: &CancelToken) -> Result<(), StageError> {
     let mut item = Some(item);
     let mut i = 0;
     while i < senders.len() {
@@ -281,10 +270,7 @@ impl StageIo {
                     }
                     return match item.downcast::<T>() {
                         Ok(t) => Ok(Some(*t)),
-                        Err(_) => Err(StageError::failed(format!(
-                            "internal: input #{port} of `{stage}` is not of type {}",
-                            std::any::type_name::<T>()
-                        ))),
+                        Err(_) => Err(StageError::failed(format!("internal: input #{port} of `{stage}` is not of type {}", std::any::type_name::<T>()))),
                     };
                 }
             }
@@ -412,17 +398,11 @@ fn prepare_run_dir(plan: &Plan, opts: &RunOptions) -> Result<PathBuf, RunError> 
     let path = dir.join("spec.yaml");
     if let Ok(old) = std::fs::read_to_string(&path) {
         if old != text && !opts.force {
-            return Err(RunError::Other(format!(
-                "{} holds a run of a different spec ({}); use another `name`/`run_dir`, or pass --force to run over it",
-                dir.display(),
-                path.display()
-            )));
+            return Err(RunError::Other(format!("{} holds a run of a different spec ({}); use another `name`/`run_dir`, or pass --force to run over it", dir.display(), path.display())));
         }
     }
     let tmp = dir.join("spec.yaml.tmp");
-    std::fs::write(&tmp, &text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), source: e })?;
+    std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), source: e })?;
     Ok(dir)
 }
 
@@ -528,9 +508,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         let window = if multi_worker && !node.outputs.is_empty() {
             Some(Arc::new(Window {
                 // Unconnected ports have no relay: they never hold workers back.
-                next: (0..node.outputs.len())
-                    .map(|pi| AtomicU64::new(if plan.consumers(ni, pi).is_empty() { u64::MAX / 2 } else { 0 }))
-                    .collect(),
+                next: (0..node.outputs.len()).map(|pi| AtomicU64::new(if plan.consumers(ni, pi).is_empty() { u64::MAX / 2 } else { 0 })).collect(),
                 size: (node.capacity * (node.workers + 1)).max(4) as u64,
                 lock: Mutex::new(()),
                 cv: Condvar::new(),
@@ -576,10 +554,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
                 worker: w,
                 workers: node.workers,
                 inputs: in_rx[ni].iter().enumerate().map(|(i, rx)| InPort { rx: rx.clone(), discard: if w == 0 { discard[ni][i] } else { 0 } }).collect(),
-                outputs: worker_outs
-                    .iter()
-                    .map(|(s, clone, connected)| OutPort { senders: s.clone(), clone: *clone, counter: 0, minor: 0, connected: *connected })
-                    .collect(),
+                outputs: worker_outs.iter().map(|(s, clone, connected)| OutPort { senders: s.clone(), clone: *clone, counter: 0, minor: 0, connected: *connected }).collect(),
                 tagged: multi_worker,
                 current: None,
                 cancel: cancel.clone(),
@@ -686,4 +661,3 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     status("complete", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), source: e })?;
     Ok(RunSummary { run_dir, stages: reports, wall_s })
 }
-

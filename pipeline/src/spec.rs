@@ -9,17 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Keys allowed at the top of a spec.
-pub const TOP_KEYS: &[&str] = &[
-    "name",
-    "description",
-    "extends",
-    "run_dir",
-    "seed",
-    "device",
-    "channel_capacity",
-    "model",
-    "stages",
-];
+pub const TOP_KEYS: &[&str] = &["name", "description", "extends", "run_dir", "seed", "device", "channel_capacity", "model", "stages"];
 /// Keys allowed in a stage entry.
 pub const STAGE_KEYS: &[&str] = &["kind", "from", "with", "workers", "capacity"];
 
@@ -112,11 +102,7 @@ impl Locator {
 
 /// Names the nearest candidates to `word` ("did you mean …?"), or an empty string.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    let mut scored: Vec<(f64, &str)> = candidates
-        .into_iter()
-        .map(|c| (strsim::jaro_winkler(word, c), c))
-        .filter(|(s, _)| *s >= 0.75)
-        .collect();
+    let mut scored: Vec<(f64, &str)> = candidates.into_iter().map(|c| (strsim::jaro_winkler(word, c), c)).filter(|(s, _)| *s >= 0.75).collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
     let names: Vec<String> = scored.iter().take(3).map(|(_, c)| format!("`{c}`")).collect();
     if names.is_empty() {
@@ -167,12 +153,7 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Spec, Sp
 
 fn parse_text(text: &str, file: &str) -> Result<Value, SpecErrors> {
     if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
-        return Err(SpecErrors(vec![SpecError {
-            file: file.into(),
-            path: String::new(),
-            line: None,
-            message: "the spec is empty".into(),
-        }]));
+        return Err(SpecErrors(vec![SpecError { file: file.into(), path: String::new(), line: None, message: "the spec is empty".into() }]));
     }
     serde_yaml::from_str::<Value>(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
@@ -182,19 +163,12 @@ fn parse_text(text: &str, file: &str) -> Result<Value, SpecErrors> {
 
 fn load_with_extends(path: &Path, locator: &mut Locator, chain: &mut Vec<PathBuf>) -> Result<Value, SpecErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        SpecErrors(vec![SpecError { file: file.clone(), path: String::new(), line: None, message: format!("cannot read the spec: {e}") }])
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| SpecErrors(vec![SpecError { file: file.clone(), path: String::new(), line: None, message: format!("cannot read the spec: {e}") }]))?;
     let value = parse_text(&text, &file)?;
     let index = line_index(&text);
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     if chain.contains(&canonical) {
-        return Err(SpecErrors(vec![SpecError {
-            file,
-            path: "extends".into(),
-            line: index.get("extends").copied(),
-            message: "`extends` forms a cycle".into(),
-        }]));
+        return Err(SpecErrors(vec![SpecError { file, path: "extends".into(), line: index.get("extends").copied(), message: "`extends` forms a cycle".into() }]));
     }
     chain.push(canonical);
     locator.files.push((file.clone(), index.clone()));
@@ -247,18 +221,12 @@ pub fn merge(parent: Value, child: Value) -> Value {
 
 /// Applies `a.b.c=VALUE` (VALUE read as a YAML scalar or flow value). Returns the path set.
 pub fn apply_override(root: &mut Value, o: &str) -> Result<String, String> {
-    let (path, raw) = o
-        .split_once('=')
-        .ok_or_else(|| format!("`{o}`: an override is PATH=VALUE, e.g. stages.mask.with.mask_prob=0.6"))?;
+    let (path, raw) = o.split_once('=').ok_or_else(|| format!("`{o}`: an override is PATH=VALUE, e.g. stages.mask.with.mask_prob=0.6"))?;
     let path = path.trim();
     if path.is_empty() || path.split('.').any(|s| s.is_empty()) {
         return Err(format!("`{o}`: the path `{path}` is empty or has an empty segment"));
     }
-    let value: Value = if raw.trim().is_empty() {
-        Value::String(String::new())
-    } else {
-        serde_yaml::from_str(raw).map_err(|e| format!("`{o}`: the value is not YAML: {e}"))?
-    };
+    let value: Value = if raw.trim().is_empty() { Value::String(String::new()) } else { serde_yaml::from_str(raw).map_err(|e| format!("`{o}`: the value is not YAML: {e}"))? };
     let segs: Vec<&str> = path.split('.').collect();
     let mut cur = root;
     for (i, seg) in segs.iter().enumerate() {
@@ -453,10 +421,7 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
     for k in m.keys() {
         match k.as_str() {
             Some(name) if STAGE_KEYS.contains(&name) => {}
-            Some(name) => errs.push(locator.error(
-                &format!("{base}.{name}"),
-                format!("unknown stage key{} (parameters go under `with:`)", suggest(name, STAGE_KEYS.iter().copied())),
-            )),
+            Some(name) => errs.push(locator.error(&format!("{base}.{name}"), format!("unknown stage key{} (parameters go under `with:`)", suggest(name, STAGE_KEYS.iter().copied())))),
             None => errs.push(locator.error(&base, "stage keys must be strings")),
         }
     }

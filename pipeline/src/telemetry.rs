@@ -95,11 +95,7 @@ pub fn format_table(reports: &[StageReport]) -> String {
     }
     let mut out = String::new();
     let fmt_row = |cells: Vec<String>, out: &mut String| {
-        let line: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| if i < 2 { format!("{:<w$}", c, w = widths[i]) } else { format!("{:>w$}", c, w = widths[i]) })
-            .collect();
+        let line: Vec<String> = cells.iter().enumerate().map(|(i, c)| if i < 2 { format!("{:<w$}", c, w = widths[i]) } else { format!("{:>w$}", c, w = widths[i]) }).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     };

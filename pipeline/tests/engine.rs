@@ -371,7 +371,8 @@ fn resume_skips_what_the_consumer_holds() {
     run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  out: { kind: test.collect, from: nums, with: { key: resume, resume: 12 } }\n").unwrap();
     assert_eq!(collected("resume"), (12..30).collect::<Vec<u64>>());
     // Behind a stage that cannot skip, the consumer's input drops the leading items itself.
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  sq: { kind: test.square, from: nums }\n  out: { kind: test.collect, from: sq, with: { key: resume2, resume: 5 } }\n").unwrap();
+    run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  sq: { kind: test.square, from: nums }\n  out: { kind: test.collect, from: sq, with: { key: resume2, resume: 5 } }\n")
+        .unwrap();
     assert_eq!(collected("resume2"), (5..30).map(|x| x * x).collect::<Vec<u64>>());
 }
 
@@ -407,8 +408,10 @@ fn telemetry_is_saved_as_the_stages_table() {
 fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    let mk = |n: u64| format!("name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: {n} }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}\n", run_dir.display());
-    let go = |yaml: String, force: bool| pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force, quiet: true }, &CancelToken::new());
+    let mk =
+        |n: u64| format!("name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: {n} }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}\n", run_dir.display());
+    let go =
+        |yaml: String, force: bool| pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force, quiet: true }, &CancelToken::new());
     go(mk(3), false).unwrap();
     go(mk(3), false).unwrap();
     let err = go(mk(4), false).unwrap_err();
@@ -455,12 +458,7 @@ fn overrides_apply_before_validation() {
     let spec = pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums, with: { n: 3 } }\n", "t.yaml", &["stages.a.with.n=7".into(), "seed=9".into()]).unwrap();
     assert_eq!(spec.seed, 9);
     assert_eq!(spec.stages[0].with["n"].as_u64(), Some(7));
-    let e = pipeline::validate(
-        pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums }\n", "t.yaml", &["stages.a.with.n=lots".into()]).unwrap(),
-        &registry(),
-    )
-    .err()
-    .unwrap();
+    let e = pipeline::validate(pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums }\n", "t.yaml", &["stages.a.with.n=lots".into()]).unwrap(), &registry()).err().unwrap();
     assert!(e.0[0].to_string().starts_with("--set: stages.a.with.n"), "{}", e);
 }
 

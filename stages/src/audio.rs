@@ -107,21 +107,15 @@ fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
         hint.with_extension(&ext.to_ascii_lowercase());
     }
     let fmt_opts = FormatOptions { enable_gapless: true, ..Default::default() };
-    let probed = symphonia::default::get_probe()
-        .format(&hint, mss, &fmt_opts, &MetadataOptions::default())
-        .map_err(|e| match e {
-            SymError::Unsupported(m) => reject(format!("not audio, or a format symphonia does not read ({m})")),
-            SymError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => reject("truncated: the file ends inside its header"),
-            SymError::IoError(io) => reject(format!("unreadable: {io}")),
-            SymError::DecodeError(m) => reject(format!("invalid header: {m}")),
-            other => reject(format!("invalid header: {other}")),
-        })?;
+    let probed = symphonia::default::get_probe().format(&hint, mss, &fmt_opts, &MetadataOptions::default()).map_err(|e| match e {
+        SymError::Unsupported(m) => reject(format!("not audio, or a format symphonia does not read ({m})")),
+        SymError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => reject("truncated: the file ends inside its header"),
+        SymError::IoError(io) => reject(format!("unreadable: {io}")),
+        SymError::DecodeError(m) => reject(format!("invalid header: {m}")),
+        other => reject(format!("invalid header: {other}")),
+    })?;
     let mut format = probed.format;
-    let track = format
-        .tracks()
-        .iter()
-        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
-        .ok_or_else(|| reject("not audio: no audio track"))?;
+    let track = format.tracks().iter().find(|t| t.codec_params.codec != CODEC_TYPE_NULL).ok_or_else(|| reject("not audio: no audio track"))?;
     let track_id = track.id;
     let params = track.codec_params.clone();
     let sample_rate = match params.sample_rate {
@@ -136,13 +130,8 @@ fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
             return Err(reject("invalid header: 0 channels"));
         }
     }
-    let codec = symphonia::default::get_codecs()
-        .get_codec(params.codec)
-        .map(|d| d.short_name.to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let mut decoder = symphonia::default::get_codecs()
-        .make(&params, &DecoderOptions::default())
-        .map_err(|e| reject(format!("unsupported codec `{codec}`: {e}")))?;
+    let codec = symphonia::default::get_codecs().get_codec(params.codec).map(|d| d.short_name.to_string()).unwrap_or_else(|| "unknown".into());
+    let mut decoder = symphonia::default::get_codecs().make(&params, &DecoderOptions::default()).map_err(|e| reject(format!("unsupported codec `{codec}`: {e}")))?;
 
     let mut out: Vec<f32> = Vec::new();
     let mut channels: Option<usize> = None;
@@ -275,7 +264,13 @@ pub fn mp4_edit(path: &Path, rate: u32) -> Option<(u64, Option<u64>)> {
     let be32 = |b: &[u8], o: usize| -> Option<u64> { b.get(o..o + 4).map(|x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]) as u64) };
     let be64 = |b: &[u8], o: usize| -> Option<u64> { b.get(o..o + 8).and_then(|x| x.try_into().ok()).map(u64::from_be_bytes) };
     // Timescale from mvhd/mdhd: version 0 at offset 12, version 1 at offset 20.
-    let timescale = |b: &[u8]| -> Option<u64> { if *b.first()? == 1 { be32(b, 20) } else { be32(b, 12) } };
+    let timescale = |b: &[u8]| -> Option<u64> {
+        if *b.first()? == 1 {
+            be32(b, 20)
+        } else {
+            be32(b, 12)
+        }
+    };
     let moov = boxes(&data).into_iter().find(|(k, _)| *k == b"moov")?.1;
     let movie_ts = boxes(moov).into_iter().find(|(k, _)| *k == b"mvhd").and_then(|(_, b)| timescale(b))?;
     for (k, trak) in boxes(moov) {
@@ -295,11 +290,7 @@ pub fn mp4_edit(path: &Path, rate: u32) -> Option<(u64, Option<u64>)> {
         let count = be32(elst, 4)?;
         let mut off = 8usize;
         for _ in 0..count {
-            let (dur, media_time, step) = if version == 1 {
-                (be64(elst, off)?, be64(elst, off + 8)? as i64, 20)
-            } else {
-                (be32(elst, off)?, be32(elst, off + 4)? as u32 as i32 as i64, 12)
-            };
+            let (dur, media_time, step) = if version == 1 { (be64(elst, off)?, be64(elst, off + 8)? as i64, 20) } else { (be32(elst, off)?, be32(elst, off + 4)? as u32 as i32 as i64, 12) };
             off += step;
             if media_time < 0 {
                 continue; // an empty edit (a delay), not a trim

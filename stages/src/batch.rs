@@ -176,19 +176,7 @@ fn mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
 
 impl Batcher {
     pub fn new(p: &BatchParams, seed: u64) -> Self {
-        Batcher {
-            p: p.clone(),
-            seed,
-            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
-            buffer: Vec::new(),
-            epoch: None,
-            step: 0,
-            index: 0,
-            buffer_start: 0,
-            flushes: 0,
-            skip: 0,
-            dropped: 0,
-        }
+        Batcher { p: p.clone(), seed, rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), buffer: Vec::new(), epoch: None, step: 0, index: 0, buffer_start: 0, flushes: 0, skip: 0, dropped: 0 }
     }
 
     /// A batcher that continues the stream at `pos` (from [`DataPosition::after`] of the last
@@ -345,7 +333,8 @@ pub struct BatchByDuration {
 impl StageDef for BatchByDuration {
     type Params = BatchParams;
     const KIND: &'static str = "batch.by_duration";
-    const DOC: &'static str = "Groups utterance features of similar length into batches under a padded-cost budget\n(longest × count); crops to the shortest member by default (no padding), or pads with a mask.";
+    const DOC: &'static str =
+        "Groups utterance features of similar length into batches under a padded-cost budget\n(longest × count); crops to the shortest member by default (no padding), or pads with a mask.";
 
     fn inputs() -> Vec<Port> {
         vec![Port::cloneable::<Features>("in", "utterance features")]

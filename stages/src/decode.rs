@@ -27,10 +27,7 @@ pub enum Layout {
 }
 
 fn default_extensions() -> Vec<String> {
-    ["wav", "wave", "flac", "ogg", "oga", "mp3", "mp2", "mp1", "mpga", "m4a", "mp4", "aac", "aif", "aiff", "aifc", "caf", "mka", "mkv", "webm"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    ["wav", "wave", "flac", "ogg", "oga", "mp3", "mp2", "mp1", "mpga", "m4a", "mp4", "aac", "aif", "aiff", "aifc", "caf", "mka", "mkv", "webm"].iter().map(|s| s.to_string()).collect()
 }
 
 /// Parameters of `audio.decode`.
@@ -56,14 +53,7 @@ pub struct DecodeParams {
 
 impl Default for DecodeParams {
     fn default() -> Self {
-        DecodeParams {
-            input: PathBuf::new(),
-            layout: Layout::Auto,
-            sample_rate: 16000,
-            min_seconds: 0.1,
-            extensions: default_extensions(),
-            listing: Arc::new(OnceLock::new()),
-        }
+        DecodeParams { input: PathBuf::new(), layout: Layout::Auto, sample_rate: 16000, min_seconds: 0.1, extensions: default_extensions(), listing: Arc::new(OnceLock::new()) }
     }
 }
 
@@ -151,7 +141,8 @@ fn has_trans_txt(dir: &Path, depth: usize) -> bool {
 
 /// Extensions of text and metadata files that sit beside audio in corpora (transcripts, speaker
 /// tables, manifests, checksums): not inputs, only counted.
-const METADATA_EXTENSIONS: &[&str] = &["txt", "tsv", "csv", "json", "jsonl", "md", "rst", "lab", "yaml", "yml", "xml", "html", "htm", "pdf", "lst", "scp", "ctm", "stm", "textgrid", "sha256", "md5", "log"];
+const METADATA_EXTENSIONS: &[&str] =
+    &["txt", "tsv", "csv", "json", "jsonl", "md", "rst", "lab", "yaml", "yml", "xml", "html", "htm", "pdf", "lst", "scp", "ctm", "stm", "textgrid", "sha256", "md5", "log"];
 
 fn ext_of(p: &Path) -> String {
     p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()

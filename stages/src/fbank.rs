@@ -229,11 +229,7 @@ impl Fbank {
         let mut out = vec![0.0f32; frames * dim];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         for f in 0..frames {
-            let start: i64 = if self.opts.snip_edges {
-                (f * self.frame_shift) as i64
-            } else {
-                (f * self.frame_shift + self.frame_shift / 2) as i64 - (self.frame_len / 2) as i64
-            };
+            let start: i64 = if self.opts.snip_edges { (f * self.frame_shift) as i64 } else { (f * self.frame_shift + self.frame_shift / 2) as i64 - (self.frame_len / 2) as i64 };
             for s in 0..self.frame_len {
                 let mut i = start + s as i64;
                 // Reflect at the edges (only reached with snip_edges: false).
@@ -409,7 +405,8 @@ pub struct FeaturesFbank {
 impl StageDef for FeaturesFbank {
     type Params = FbankParams;
     const KIND: &'static str = "features.fbank";
-    const DOC: &'static str = "Kaldi-compatible log-mel filterbanks (compute-fbank-feats defaults), per-utterance mean/variance\nnormalisation and frame stacking (default 80 bins at 100 Hz → 160 dims at 50 Hz).";
+    const DOC: &'static str =
+        "Kaldi-compatible log-mel filterbanks (compute-fbank-feats defaults), per-utterance mean/variance\nnormalisation and frame stacking (default 80 bins at 100 Hz → 160 dims at 50 Hz).";
     const PARALLEL: bool = true;
 
     fn inputs() -> Vec<Port> {

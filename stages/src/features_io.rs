@@ -62,17 +62,7 @@ impl Stage for FeaturesWaveform {
             let data = normalize_waveform(&u.samples);
             io.send(
                 0,
-                Features {
-                    utt_id: u.utt_id,
-                    speaker: u.speaker,
-                    source: u.source,
-                    transcript: u.transcript,
-                    epoch: u.epoch,
-                    frame_rate: u.sample_rate as f64,
-                    num_frames: data.len(),
-                    dim: 1,
-                    data,
-                },
+                Features { utt_id: u.utt_id, speaker: u.speaker, source: u.source, transcript: u.transcript, epoch: u.epoch, frame_rate: u.sample_rate as f64, num_frames: data.len(), dim: 1, data },
             )?;
         }
         Ok(())

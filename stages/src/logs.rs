@@ -22,9 +22,7 @@
 //! ([`utterance_sampled`]), so a long run's logs stay small and a rerun logs the same frames.
 
 use crate::types::{FrameRecord, StepRecord};
-use arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Array, Int64Builder, ListBuilder, StringBuilder,
-};
+use arrow::array::{Array, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Array, Int64Builder, ListBuilder, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
@@ -113,9 +111,7 @@ pub fn utterance_sampled(seed: u64, step: u64, utt_id: &str, fraction: f64) -> b
 }
 
 fn check_table_name(field: &str, name: &str) -> Option<ParamError> {
-    let ok = !name.is_empty()
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let ok = !name.is_empty() && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_') && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
         return Some(ParamError::new(field, format!("`{name}` is not a table name (lower-case letters, digits and `_`, not starting with a digit)")));
     }
@@ -675,7 +671,7 @@ impl FrameLog {
         let n = r.utt_ids.len();
         let t = r.frames;
         let cells = n * t;
-        let bad = |what: &str, got: usize, want: usize| StageError::failed(format!("frame record of step {}: `{what}` has {got} values, expected {want} ({n} utterances × {t} frames)", r.step, ));
+        let bad = |what: &str, got: usize, want: usize| StageError::failed(format!("frame record of step {}: `{what}` has {got} values, expected {want} ({n} utterances × {t} frames)", r.step,));
         for (what, got) in [("mask", r.mask.len()), ("hard", r.hard.len()), ("teacher_pred", r.teacher_pred.len()), ("student_pred", r.student_pred.len()), ("recon_loss", r.recon_loss.len())] {
             if got != cells {
                 return Err(bad(what, got, cells));
@@ -700,12 +696,7 @@ impl FrameLog {
         let per_member = if n > 0 && r.features.len() % n == 0 { r.features.len() / n } else { 0 };
         let per_frame = if t > 0 { per_member / t } else { 0 };
         if self.inputs.is_some() && per_frame == 0 && cells > 0 && !self.warned_features {
-            eprintln!(
-                "{}: warning: step {}: {} feature values do not cover {n} utterances × {t} frames; no inputs logged",
-                self.frames.who,
-                r.step,
-                r.features.len()
-            );
+            eprintln!("{}: warning: step {}: {} feature values do not cover {n} utterances × {t} frames; no inputs logged", self.frames.who, r.step, r.features.len());
             self.warned_features = true;
         }
         let step = r.step as i64;

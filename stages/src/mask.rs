@@ -761,7 +761,8 @@ pub struct MaskEasyToHard {
 impl StageDef for MaskEasyToHard {
     type Params = EasyToHardParams;
     const KIND: &'static str = "mask.easy_to_hard";
-    const DOC: &'static str = "EH-MAM easy-to-hard masking (method §4.1): spans of `span` frames, a share r(t) of them\nstarting at the frames with the largest predicted loss, the rest random; r follows `curriculum`.";
+    const DOC: &'static str =
+        "EH-MAM easy-to-hard masking (method §4.1): spans of `span` frames, a share r(t) of them\nstarting at the frames with the largest predicted loss, the rest random; r follows `curriculum`.";
     fn inputs() -> Vec<Port> {
         ports_in()
     }

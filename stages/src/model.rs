@@ -159,7 +159,19 @@ impl ModelConfig {
         ModelConfig {
             preset: "base".into(),
             frontend: FrontendConfig { kind: FrontendKind::Cnn, input_dim: 1, conv_layers: base_cnn() },
-            encoder: EncoderConfig { dim: 768, layers: 12, heads: 12, ffn: 3072, top_k: 8, pos_conv_depth: 5, pos_conv_kernel: 19, pos_conv_groups: 16, dropout: 0.1, attention_dropout: 0.1, layerdrop: 0.05 },
+            encoder: EncoderConfig {
+                dim: 768,
+                layers: 12,
+                heads: 12,
+                ffn: 3072,
+                top_k: 8,
+                pos_conv_depth: 5,
+                pos_conv_kernel: 19,
+                pos_conv_groups: 16,
+                dropout: 0.1,
+                attention_dropout: 0.1,
+                layerdrop: 0.05,
+            },
             decoder: HeadConfig { dim: 384, layers: 4, kernel: 7, groups: 16 },
             loss_predictor: HeadConfig { dim: 384, layers: 4, kernel: 7, groups: 16 },
             head_input_dropout: 0.1,
@@ -214,7 +226,8 @@ impl ModelConfig {
         need(enc.top_k >= 1 && enc.top_k <= enc.layers, "encoder.top_k", format!("must be in 1..={} (encoder.layers), got {}", enc.layers, enc.top_k));
         need(enc.pos_conv_kernel >= 1, "encoder.pos_conv_kernel", "must be at least 1".into());
         need(enc.pos_conv_groups >= 1 && enc.dim % enc.pos_conv_groups.max(1) == 0, "encoder.pos_conv_groups", format!("must divide encoder.dim ({}), got {}", enc.dim, enc.pos_conv_groups));
-        for (name, p) in [("encoder.dropout", enc.dropout), ("encoder.attention_dropout", enc.attention_dropout), ("encoder.layerdrop", enc.layerdrop), ("head_input_dropout", self.head_input_dropout)] {
+        for (name, p) in [("encoder.dropout", enc.dropout), ("encoder.attention_dropout", enc.attention_dropout), ("encoder.layerdrop", enc.layerdrop), ("head_input_dropout", self.head_input_dropout)]
+        {
             need((0.0..1.0).contains(&p), name, format!("must be in [0, 1), got {p}"));
         }
         need(self.mask_noise_std >= 0.0 && self.mask_noise_std.is_finite(), "mask_noise_std", format!("must be ≥ 0, got {}", self.mask_noise_std));
@@ -222,7 +235,11 @@ impl ModelConfig {
             need(h.dim >= 1, &format!("{name}.dim"), "must be at least 1".into());
             need(h.layers >= 1, &format!("{name}.layers"), "must be at least 1".into());
             need(h.kernel >= 1 && h.kernel % 2 == 1, &format!("{name}.kernel"), format!("must be odd (length-preserving padding), got {}", h.kernel));
-            need(h.groups >= 1 && h.dim % h.groups.max(1) == 0 && enc.dim % h.groups.max(1) == 0, &format!("{name}.groups"), format!("must divide {name}.dim ({}) and encoder.dim ({}), got {}", h.dim, enc.dim, h.groups));
+            need(
+                h.groups >= 1 && h.dim % h.groups.max(1) == 0 && enc.dim % h.groups.max(1) == 0,
+                &format!("{name}.groups"),
+                format!("must divide {name}.dim ({}) and encoder.dim ({}), got {}", h.dim, enc.dim, h.groups),
+            );
         }
         match self.frontend.kind {
             FrontendKind::Fbank => need(self.frontend.input_dim >= 1, "frontend.input_dim", "must be at least 1".into()),

@@ -144,16 +144,8 @@ fn range(vs: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 fn palette(i: usize) -> RGBColor {
-    const P: [RGBColor; 8] = [
-        RGBColor(31, 119, 180),
-        RGBColor(214, 39, 40),
-        RGBColor(44, 160, 44),
-        RGBColor(255, 127, 14),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(23, 190, 207),
-    ];
+    const P: [RGBColor; 8] =
+        [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(23, 190, 207)];
     P[i % P.len()]
 }
 
@@ -170,13 +162,8 @@ fn curves(path: &Path, title: &str, series: &[Series], panels: &[(&str, &str, us
     for (area, &(name, ylabel, k, companion, reference)) in areas.iter().zip(panels) {
         let all = series.iter().flat_map(|s| s.values[k].iter().copied().chain(companion.map(|c| s.values[c].clone()).unwrap_or_default())).chain(reference);
         let (y0, y1) = range(all);
-        let mut chart = ChartBuilder::on(area)
-            .caption(name, ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(70)
-            .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
-            .map_err(draw_err(path))?;
+        let mut chart =
+            ChartBuilder::on(area).caption(name, ("sans-serif", 18)).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(x0.max(0.0)..x1, y0..y1).map_err(draw_err(path))?;
         chart.configure_mesh().x_desc("update").y_desc(ylabel).label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
         if let Some(r) = reference {
             chart.draw_series(LineSeries::new(vec![(x0.max(0.0), r), (x1, r)], BLACK.mix(0.4).stroke_width(1))).map_err(draw_err(path))?;
@@ -221,7 +208,10 @@ fn curves(path: &Path, title: &str, series: &[Series], panels: &[(&str, &str, us
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum InputKind {
     /// fbank: `bins` mel bins stacked `stack` times per frame.
-    Fbank { bins: usize, stack: usize },
+    Fbank {
+        bins: usize,
+        stack: usize,
+    },
     /// Waveform samples (`features.waveform`).
     Waveform,
     Unknown,
@@ -258,7 +248,11 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
         Some(s) => s,
         None => {
             // The latest step whose input features were logged too, else the latest with frames.
-            let table = if session.has_table("inputs") && !session.query(&format!("SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"))?.iter().all(|b| b.num_rows() == 0) { "inputs" } else { "frames" };
+            let table = if session.has_table("inputs") && !session.query(&format!("SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"))?.iter().all(|b| b.num_rows() == 0) {
+                "inputs"
+            } else {
+                "frames"
+            };
             let b = session.query(&format!("SELECT max(step) AS s FROM {table} WHERE run = {r}{utt_filter}"))?;
             match col_f64(&b, "s")?.first() {
                 Some(s) if s.is_finite() => *s as u64,
@@ -318,12 +312,7 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
     let (top, bottom) = root.split_vertically(430);
     let (t0, t1) = (time[0], time[time.len() - 1] + frame_s);
     let (y0, y1) = range(teacher.iter().chain(student.iter()).chain(recon.iter()).copied());
-    let mut chart = ChartBuilder::on(&top)
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(70)
-        .build_cartesian_2d(t0..t1, y0..y1)
-        .map_err(draw_err(&path))?;
+    let mut chart = ChartBuilder::on(&top).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, y0..y1).map_err(draw_err(&path))?;
     chart.configure_mesh().x_desc("time in the utterance (s)").y_desc("loss").label_style(("sans-serif", 13)).draw().map_err(draw_err(&path))?;
     let shade = |on: &[bool], color: RGBAColor| -> Vec<Rectangle<(f64, f64)>> {
         time.iter().zip(on).filter(|(_, m)| **m).map(|(t, _)| Rectangle::new([(*t, y0), (*t + frame_s, y1)], color.filled())).collect()
@@ -406,9 +395,7 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
         }
     } else {
         let style = ("sans-serif", 16).into_font().color(&BLACK.mix(0.6));
-        bottom
-            .draw(&Text::new("no input features logged for these frames (log.frames inputs_table off)", (200, 150), style))
-            .map_err(draw_err(&path))?;
+        bottom.draw(&Text::new("no input features logged for these frames (log.frames inputs_table off)", (200, 150), style)).map_err(draw_err(&path))?;
     }
     root.present().map_err(draw_err(&path))?;
     Ok(Some(path.clone()))
@@ -442,7 +429,12 @@ pub fn plot(run_dirs: &[PathBuf], opts: &PlotOptions) -> Result<Vec<PathBuf>, Pl
     }
     let mut written = Vec::new();
     let p = opts.out.join("losses.png");
-    curves(&p, "Losses", &series, &[("L_rec (reconstruction, masked frames)", "L_rec", 0, None, None), ("L_aux (pairwise ranking, as normalised in L)", "L_aux", 1, None, None), ("L = L_rec + α·L_aux", "L", 2, None, None)])?;
+    curves(
+        &p,
+        "Losses",
+        &series,
+        &[("L_rec (reconstruction, masked frames)", "L_rec", 0, None, None), ("L_aux (pairwise ranking, as normalised in L)", "L_aux", 1, None, None), ("L = L_rec + α·L_aux", "L", 2, None, None)],
+    )?;
     written.push(p);
     let p = opts.out.join("health.png");
     curves(

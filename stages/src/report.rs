@@ -164,9 +164,8 @@ pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportE
             row.steps = n as u64;
             if n > 0.0 {
                 let from = (last + 1.0 - (n * tail).ceil().max(1.0)).max(0.0) as i64;
-                let b = session.query(&format!(
-                    "SELECT avg(loss_rec) AS rec, avg(rank_agreement) AS ra, avg(masked_frac) AS mf, avg(hard_ratio) AS hr FROM steps WHERE run = {r} AND step >= {from}"
-                ))?;
+                let b =
+                    session.query(&format!("SELECT avg(loss_rec) AS rec, avg(rank_agreement) AS ra, avg(masked_frac) AS mf, avg(hard_ratio) AS hr FROM steps WHERE run = {r} AND step >= {from}"))?;
                 row.loss_rec = f64s(&b, "rec")?[0];
                 row.rank_agreement = f64s(&b, "ra")?[0];
                 row.masked_frac = f64s(&b, "mf")?[0];
@@ -438,7 +437,8 @@ pub fn run_features(run_dir: &Path, work: &Path) -> Result<Vec<Features>, Report
     }
     let feat_dir = work.join("features");
     let _ = std::fs::remove_dir_all(&feat_dir);
-    let store: Value = serde_yaml::from_str(&format!("{{ kind: features.write, from: {features}, with: {{ dir: {} }} }}", serde_json::to_string(&feat_dir.display().to_string()).unwrap_or_default())).map_err(|e| ReportError::Input(e.to_string()))?;
+    let store: Value = serde_yaml::from_str(&format!("{{ kind: features.write, from: {features}, with: {{ dir: {} }} }}", serde_json::to_string(&feat_dir.display().to_string()).unwrap_or_default()))
+        .map_err(|e| ReportError::Input(e.to_string()))?;
     out.insert("probe_store".into(), store);
     let mut top = serde_yaml::Mapping::new();
     top.insert("name".into(), "probe-features".into());
@@ -469,9 +469,8 @@ pub struct Trained {
 }
 
 pub fn load_trained(run_dir: &Path) -> Result<Trained, ReportError> {
-    let (meta, path) = train::latest_checkpoint(run_dir)
-        .map_err(|e| ReportError::Input(e.to_string()))?
-        .ok_or_else(|| ReportError::Input(format!("{}: no checkpoint (train first)", run_dir.display())))?;
+    let (meta, path) =
+        train::latest_checkpoint(run_dir).map_err(|e| ReportError::Input(e.to_string()))?.ok_or_else(|| ReportError::Input(format!("{}: no checkpoint (train first)", run_dir.display())))?;
     let all = train::load_tensors(&path, &Device::Cpu).map_err(|e| ReportError::Input(e.to_string()))?;
     let mut student = Weights::new();
     let mut teacher = Weights::new();
@@ -666,21 +665,17 @@ fn rec_curves(path: &Path, session: &Session, runs: &[String]) -> Result<(), Rep
     let root = root.titled("Reconstruction loss L_rec per run (shared axes; thick: moving average)", ("sans-serif", 20)).map_err(draw_err(path))?;
     let areas = root.split_evenly((rows, cols));
     for (area, (run, s, v)) in areas.iter().zip(&series) {
-        let mut chart = ChartBuilder::on(area)
-            .caption(run, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0.0..x1, y0..y1)
-            .map_err(draw_err(path))?;
+        let mut chart = ChartBuilder::on(area).caption(run, ("sans-serif", 16)).margin(8).x_label_area_size(30).y_label_area_size(45).build_cartesian_2d(0.0..x1, y0..y1).map_err(draw_err(path))?;
         chart.configure_mesh().x_desc("update").label_style(("sans-serif", 11)).draw().map_err(draw_err(path))?;
         let pts: Vec<(f64, f64)> = s.iter().zip(v).filter(|(_, y)| y.is_finite()).map(|(x, y)| (*x, *y)).collect();
         chart.draw_series(LineSeries::new(pts.clone(), RGBColor(31, 119, 180).mix(0.3))).map_err(draw_err(path))?;
         let w = (pts.len() / 30).max(1);
-        let avg: Vec<(f64, f64)> = (0..pts.len()).map(|i| {
-            let lo = i.saturating_sub(w - 1);
-            (pts[i].0, pts[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i - lo + 1) as f64)
-        }).collect();
+        let avg: Vec<(f64, f64)> = (0..pts.len())
+            .map(|i| {
+                let lo = i.saturating_sub(w - 1);
+                (pts[i].0, pts[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i - lo + 1) as f64)
+            })
+            .collect();
         chart.draw_series(LineSeries::new(avg, RGBColor(31, 119, 180).stroke_width(2))).map_err(draw_err(path))?;
     }
     root.present().map_err(draw_err(path))?;
@@ -714,11 +709,7 @@ fn masking_figure(path: &Path, results: &[ProbeResult]) -> Result<(), ReportErro
         let c = palette[i % palette.len()];
         let hard: Vec<(f64, f64)> = r.masking.iter().map(|m| (m.0 * 100.0, m.1)).collect();
         let rand: Vec<(f64, f64)> = r.masking.iter().map(|m| (m.0 * 100.0, m.2)).collect();
-        chart
-            .draw_series(LineSeries::new(hard, c.stroke_width(2)))
-            .map_err(draw_err(path))?
-            .label(r.run.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(LineSeries::new(hard, c.stroke_width(2))).map_err(draw_err(path))?.label(r.run.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(DashedLineSeries::new(rand, 6, 4, c.stroke_width(2))).map_err(draw_err(path))?;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).label_font(("sans-serif", 13)).draw().map_err(draw_err(path))?;
@@ -773,10 +764,7 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
             md.push('\n');
         }
         if let Some(r) = results.first() {
-            md.push_str(&format!(
-                "\n{}\n",
-                r.accuracy.iter().map(|a| format!("{}: {} classes, {} test utterances.", a.0, a.3, a.4)).collect::<Vec<_>>().join(" ")
-            ));
+            md.push_str(&format!("\n{}\n", r.accuracy.iter().map(|a| format!("{}: {} classes, {} test utterances.", a.0, a.3, a.4)).collect::<Vec<_>>().join(" ")));
         }
         if opts.masking {
             md.push_str("\n## Masking analysis (the paper's Fig. 5)\n\nEach held-out utterance's top-X % frames by the teacher's predicted loss are hidden (hard), or X % chosen at random; the student (eval mode) reconstructs the teacher's targets there. ℓ is the mean per-frame loss on the hidden frames; the probes (trained on unmasked representations) classify the held-out utterances encoded with those frames hidden.\n\n");

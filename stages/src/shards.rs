@@ -8,16 +8,14 @@
 
 use crate::audio::to_i16;
 use crate::types::{Decoded, Reject, Utterance};
-use arrow::array::{
-    Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder, Int32Array, Int64Array, ListArray, ListBuilder, StringArray,
-};
+use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder, Int32Array, Int64Array, ListArray, ListBuilder, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -176,10 +174,13 @@ fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, 
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .set_key_value_metadata(Some(vec![
             KeyValue::new("ehmam.audio_format".to_string(), format.name().to_string()),
-            KeyValue::new("ehmam.audio_scale".to_string(), match format {
-                AudioFormat::Int16 => "32768".to_string(),
-                AudioFormat::Float32 => "1".to_string(),
-            }),
+            KeyValue::new(
+                "ehmam.audio_scale".to_string(),
+                match format {
+                    AudioFormat::Int16 => "32768".to_string(),
+                    AudioFormat::Float32 => "1".to_string(),
+                },
+            ),
         ]))
         .build();
     let result = (|| -> Result<(), String> {
@@ -356,9 +357,7 @@ fn read_metadata(path: &Path) -> Result<(Vec<(String, String)>, Vec<RecordBatch>
 }
 
 fn string_col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
-    b.column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .ok_or_else(|| format!("shard has no string column `{name}`"))
+    b.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| format!("shard has no string column `{name}`"))
 }
 
 impl ShardsWrite {
@@ -429,11 +428,7 @@ impl ShardsWrite {
         pipeline::telemetry::write_parquet_atomic(&p, &utts).map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
 
         let rejects: Vec<(&RejectEntry, Option<&str>)> = self.index.shards.iter().flat_map(|s| s.rejects.iter().map(move |r| (r, s.file.as_deref()))).collect();
-        let rschema = Arc::new(Schema::new(vec![
-            Field::new("run", DataType::Utf8, false),
-            Field::new("source", DataType::Utf8, false),
-            Field::new("reason", DataType::Utf8, false),
-        ]));
+        let rschema = Arc::new(Schema::new(vec![Field::new("run", DataType::Utf8, false), Field::new("source", DataType::Utf8, false), Field::new("reason", DataType::Utf8, false)]));
         let rb = RecordBatch::try_new(
             rschema,
             vec![
@@ -494,12 +489,7 @@ impl Stage for ShardsWrite {
         let rows: u64 = self.index.shards.iter().map(|s| s.rows).sum();
         let rejected: usize = self.index.shards.iter().map(|s| s.rejects.len()).sum();
         let hours: f64 = self.index.shards.iter().map(|s| s.duration_s).sum::<f64>() / 3600.0;
-        eprintln!(
-            "{}: {} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}",
-            io.stage(),
-            self.index.shards.iter().filter(|s| s.file.is_some()).count(),
-            self.p.dir.display()
-        );
+        eprintln!("{}: {} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}", io.stage(), self.index.shards.iter().filter(|s| s.file.is_some()).count(), self.p.dir.display());
         Ok(())
     }
 }
@@ -567,9 +557,7 @@ impl Params for ShardsReadParams {
 /// Reads every utterance of one shard file.
 pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.with_batch_size(64).build())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.with_batch_size(64).build()).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     for b in reader {
         let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
@@ -616,7 +604,8 @@ pub struct ShardsRead {
 impl StageDef for ShardsRead {
     type Params = ShardsReadParams;
     const KIND: &'static str = "shards.read";
-    const DOC: &'static str = "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard; `start_epoch`/`start_index` resume inside the stream.";
+    const DOC: &'static str =
+        "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard; `start_epoch`/`start_index` resume inside the stream.";
 
     fn inputs() -> Vec<Port> {
         vec![]

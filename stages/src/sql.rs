@@ -14,8 +14,8 @@
 //! warning.
 
 use arrow::array::{new_null_array, ArrayRef, StringArray};
-use arrow::record_batch::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::file_format::FileFormat;
@@ -74,11 +74,7 @@ fn discover_with_runs(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<(Path
         if !dir.is_dir() {
             return Err(SqlError::Input(format!("{} is not a run directory", dir.display())));
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| SqlError::Input(format!("cannot list {}: {e}", dir.display())))?
-            .flatten()
-            .map(|e| e.path())
-            .collect();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).map_err(|e| SqlError::Input(format!("cannot list {}: {e}", dir.display())))?.flatten().map(|e| e.path()).collect();
         entries.sort();
         for p in entries {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -116,10 +112,8 @@ fn is_table_name(name: &str) -> bool {
 
 /// The run name of a run directory: `name` in its `spec.yaml`, else the directory's name.
 pub fn run_name(dir: &Path) -> String {
-    let from_spec = std::fs::read_to_string(dir.join("spec.yaml"))
-        .ok()
-        .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
-        .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string));
+    let from_spec =
+        std::fs::read_to_string(dir.join("spec.yaml")).ok().and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok()).and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string));
     from_spec.unwrap_or_else(|| {
         let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
@@ -191,15 +185,9 @@ fn register(ctx: &SessionContext, name: &str, files: &[(PathBuf, usize)], runs: 
     // The union of the files' columns; a column some file lacks reads as NULL there.
     let mut merged = plain(&good[0].2);
     for (f, _, s) in &good[1..] {
-        merged = Schema::try_merge(vec![merged, plain(s)])
-            .map_err(|e| SqlError::Input(format!("{}: its columns do not fit the other `{name}` files: {e}", f.display())))?;
+        merged = Schema::try_merge(vec![merged, plain(s)]).map_err(|e| SqlError::Input(format!("{}: its columns do not fit the other `{name}` files: {e}", f.display())))?;
     }
-    let everywhere: BTreeSet<String> = merged
-        .fields()
-        .iter()
-        .filter(|fl| good.iter().all(|(_, _, s)| s.field_with_name(fl.name()).is_ok()))
-        .map(|fl| fl.name().clone())
-        .collect();
+    let everywhere: BTreeSet<String> = merged.fields().iter().filter(|fl| good.iter().all(|(_, _, s)| s.field_with_name(fl.name()).is_ok())).map(|fl| fl.name().clone()).collect();
     let mut fields: Vec<Field> = merged
         .fields()
         .iter()
@@ -270,11 +258,7 @@ pub fn session(run_dirs: &[PathBuf]) -> Result<(SessionContext, Vec<String>), Sq
     let runs: Vec<String> = run_dirs.iter().map(|d| run_name(d)).collect();
     for (i, r) in runs.iter().enumerate() {
         if let Some(j) = runs[..i].iter().position(|o| o == r) {
-            eprintln!(
-                "warning: {} and {} both hold run `{r}`: the `run` column cannot tell their rows apart (give runs different `name`s)",
-                run_dirs[j].display(),
-                run_dirs[i].display()
-            );
+            eprintln!("warning: {} and {} both hold run `{r}`: the `run` column cannot tell their rows apart (give runs different `name`s)", run_dirs[j].display(), run_dirs[i].display());
         }
     }
     let tables = discover_with_runs(run_dirs)?;
@@ -341,11 +325,7 @@ pub struct Session {
 impl Session {
     pub fn open(run_dirs: &[PathBuf]) -> Result<Session, SqlError> {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-            .map_err(|e| SqlError::Query(format!("cannot start the query runtime: {e}")))?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build().map_err(|e| SqlError::Query(format!("cannot start the query runtime: {e}")))?;
         let (ctx, tables) = session(run_dirs)?;
         Ok(Session { rt, ctx, tables })
     }
@@ -373,10 +353,7 @@ impl Session {
                         return Err(SqlError::Refused(msg.lines().next().unwrap_or("").to_string()));
                     }
                     if msg.contains("table") && msg.contains("not found") {
-                        return Err(SqlError::Query(format!(
-                            "{msg}\n  tables here: {}",
-                            if names.is_empty() { "none".to_string() } else { names.join(", ") }
-                        )));
+                        return Err(SqlError::Query(format!("{msg}\n  tables here: {}", if names.is_empty() { "none".to_string() } else { names.join(", ") })));
                     }
                     return Err(SqlError::Query(msg));
                 }

@@ -64,10 +64,7 @@ impl StageDef for TeacherStage {
 /// Runs the teacher on one batch with the given weights.
 pub fn teach(cfg: &ModelConfig, w: &crate::model::Weights, batch: &Batch, device: &Device) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
     if batch.padding_mask.is_some() {
-        return Err(StageError::failed(format!(
-            "batch {}: padded batches (batch.by_duration crop: pad) cannot be trained on; use crop: shortest (the data2vec 2.0 recipe)",
-            batch.step
-        )));
+        return Err(StageError::failed(format!("batch {}: padded batches (batch.by_duration crop: pad) cannot be trained on; use crop: shortest (the data2vec 2.0 recipe)", batch.step)));
     }
     if batch.dim != cfg.input_dim() {
         return Err(StageError::failed(format!(

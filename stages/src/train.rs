@@ -259,7 +259,8 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
 pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(CheckpointMeta, PathBuf)>, StageError> {
     let dir = checkpoint_dir(run_dir);
     let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(None) };
-    let mut metas: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"))).collect();
+    let mut metas: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"))).collect();
     metas.sort();
     while let Some(p) = metas.pop() {
         let text = std::fs::read_to_string(&p).map_err(|e| StageError::failed(format!("cannot read {}: {e}", p.display())))?;
@@ -291,7 +292,8 @@ pub fn save_checkpoint(run_dir: &Path, meta: &CheckpointMeta, tensors: &BTreeMap
     // Prune.
     if keep > 0 {
         if let Ok(entries) = std::fs::read_dir(&dir) {
-            let mut metas: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"))).collect();
+            let mut metas: Vec<PathBuf> =
+                entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"))).collect();
             metas.sort();
             let n = metas.len();
             for old in metas.into_iter().take(n.saturating_sub(keep)) {

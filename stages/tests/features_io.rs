@@ -59,7 +59,17 @@ fn stored_features_read_back_identical_and_batch() {
     let first = stages::shards::read_shard(&shards.join("shard-00000.parquet"), 0).unwrap();
     let mut fb = <stages::fbank::FeaturesFbank as pipeline::StageDef>::create(
         &Default::default(),
-        &pipeline::StageContext { stage: "fb".into(), kind: "features.fbank".into(), run: "b".into(), run_dir: tmp.path().into(), seed: 0, device: "cpu".into(), model: None, workers: 1, shared: Default::default() },
+        &pipeline::StageContext {
+            stage: "fb".into(),
+            kind: "features.fbank".into(),
+            run: "b".into(),
+            run_dir: tmp.path().into(),
+            seed: 0,
+            device: "cpu".into(),
+            model: None,
+            workers: 1,
+            shared: Default::default(),
+        },
         0,
     )
     .unwrap();

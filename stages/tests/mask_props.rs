@@ -487,7 +487,13 @@ fn curriculum_as_users_type_it() {
     let p: EasyToHardParams = parse("{curriculum: linear, ramp_updates: 400000, r_max: 0.8}").unwrap();
     assert_eq!(p.curriculum(), Curriculum::Linear { ramp_updates: 400_000, r_max: 0.8 });
     let code = Curriculum::EpochClamped { total_epochs: 150, jump_at: 0.7, jump_to: 0.8 };
-    for y in ["{curriculum: epoch_clamped}", "{curriculum: {epoch_clamped: {total_epochs: 150}}}", "{curriculum: {epoch_clamped: {}}}", "{curriculum: {kind: epoch_clamped, jump_to: 0.8}}", "{curriculum: !epoch_clamped {jump_at: 0.7}}"] {
+    for y in [
+        "{curriculum: epoch_clamped}",
+        "{curriculum: {epoch_clamped: {total_epochs: 150}}}",
+        "{curriculum: {epoch_clamped: {}}}",
+        "{curriculum: {kind: epoch_clamped, jump_to: 0.8}}",
+        "{curriculum: !epoch_clamped {jump_at: 0.7}}",
+    ] {
         assert_eq!(parse::<EasyToHardParams>(y).unwrap().curriculum(), code, "{y}");
     }
     let p: EasyToHardParams = parse("{curriculum: {epoch_clamped: {total_epochs: 300, jump_at: 0.9, jump_to: 1.0}}}").unwrap();

@@ -59,7 +59,17 @@ fn probe_separates_separable_classes_and_not_noise() {
 #[test]
 fn probe_split_is_stratified() {
     let ids: Vec<String> = (0..50).map(|i| format!("u{i:02}")).collect();
-    let labels: Vec<Option<String>> = (0..50).map(|i| if i == 49 { None } else if i == 48 { Some("lonely".into()) } else { Some(format!("c{}", i % 6)) }).collect();
+    let labels: Vec<Option<String>> = (0..50)
+        .map(|i| {
+            if i == 49 {
+                None
+            } else if i == 48 {
+                Some("lonely".into())
+            } else {
+                Some(format!("c{}", i % 6))
+            }
+        })
+        .collect();
     let t = task("speaker", &ids, &labels).unwrap();
     assert_eq!(t.classes.len(), 6);
     assert_eq!(t.labels[48], None);
