@@ -144,3 +144,50 @@ fn the_report_compares_runs_with_probe_and_masking_analysis() {
     assert!(!o.contains("masking.png"));
     assert!(!std::fs::read_to_string(tmp.path().join("r2/report.md")).unwrap().contains("Linear probe"));
 }
+
+/// A run that fails is reported and the sweep goes on: the next run trains for real (its own
+/// cancel token, not the failed run's) and ends complete; the sweep exits non-zero.
+#[test]
+fn a_failing_run_does_not_stop_the_sweep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = demo_shards(tmp.path());
+    let out = tmp.path().join("sweep");
+    // `crop: pad` validates but fails at the teacher (padded batches cannot be trained on).
+    let a = [
+        "sweep",
+        "specs/ablations/random_predictor.yaml",
+        "--grid",
+        "stages.batch.with.crop=[pad, shortest]",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &format!("stages.shards.with.dir={}", shards.display()),
+        "--set",
+        "stages.student.with.max_steps=2",
+    ];
+    let o = ehmam(&a);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("random_predictor-crop=pad") && t.contains("failed:"), "{t}");
+    let good = out.join("random_predictor-crop=shortest");
+    assert!(pipeline::RunStatus::read(&good).unwrap().is_complete(), "{t}");
+    assert_eq!(query_csv(&[&good], "SELECT count(*) FROM steps")[0][0], "2", "the run after the failed one trained");
+    assert_eq!(pipeline::RunStatus::read(&out.join("random_predictor-crop=pad")).unwrap().status, "failed");
+    // A rerun skips the finished run and tries the failed one again.
+    let o = ehmam(&a);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(text(&o).matches("skipped (finished)").count(), 1, "{}", text(&o));
+    // A changed spec over a finished run directory is refused, not silently continued from the
+    // old run's checkpoints; --force runs over it.
+    let mut b: Vec<&str> = a.to_vec();
+    b[3] = "stages.batch.with.crop=[shortest]";
+    b.extend(["--set", "stages.student.with.lr=0.002"]);
+    let o = ehmam(&b);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("different spec"), "{}", text(&o));
+    b.push("--force");
+    let o = ehmam(&b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read_to_string(good.join("spec.yaml")).unwrap().contains("lr: 0.002"));
+}

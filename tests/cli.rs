@@ -80,6 +80,15 @@ fn a_fairseq_manifest_is_read_in_order_with_missing_files_rejected() {
     let utts = query_csv(&[&run], "SELECT utt_id, source, num_samples FROM utterances ORDER BY shard, utt_id");
     let ids: Vec<&str> = utts.iter().map(|r| r[0].as_str()).collect();
     assert_eq!(ids, ["flac_s24_stereo_48k", "ogg_vorbis_stereo_44k", "wav_s16_mono_16k"]);
+    // Stored in manifest order (not sorted): the shard's rows as the manifest lists them.
+    let shard = std::fs::File::open(tmp.path().join("shards/shard-00000.parquet")).unwrap();
+    let mut stored = Vec::new();
+    for b in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(shard).unwrap().build().unwrap() {
+        let b = b.unwrap();
+        let c = b.column_by_name("utt_id").unwrap().as_any().downcast_ref::<arrow::array::StringArray>().unwrap().clone();
+        stored.extend(c.iter().flatten().map(str::to_string));
+    }
+    assert_eq!(stored, ["wav_s16_mono_16k", "flac_s24_stereo_48k", "ogg_vorbis_stereo_44k"]);
     // Resampled to 16 kHz: 0.6 s each.
     assert!(utts.iter().all(|r| r[2] == "9600"), "{utts:?}");
     let rejects = query_csv(&[&run], "SELECT source, reason FROM rejects ORDER BY source");

@@ -5,14 +5,13 @@ use pipeline::schemars::JsonSchema;
 use pipeline::{CancelToken, ParamError, Params, Port, Registry, RunError, RunOptions, Stage, StageContext, StageDef, StageError, StageIo};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 static COLLECTED: Mutex<BTreeMap<String, Vec<u64>>> = Mutex::new(BTreeMap::new());
 static LIVE: AtomicI64 = AtomicI64::new(0);
 static MAX_LIVE: AtomicI64 = AtomicI64::new(0);
-static SKIPPED: AtomicU64 = AtomicU64::new(0);
 
 /// A large item that counts how many exist at once.
 struct Big {
@@ -78,7 +77,6 @@ impl StageDef for Nums {
 impl Stage for Nums {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
         let skip = io.skip_leading(0);
-        SKIPPED.store(skip, Ordering::SeqCst);
         let total = if self.0.forever { u64::MAX } else { self.0.n - skip.min(self.0.n) };
         while let Some(u) = io.claim(total)? {
             // Uneven work so that workers finish out of order.

@@ -130,6 +130,9 @@ impl Stage for FeaturesStats {
         let (mut sum, mut sq): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
         let (mut frames, mut utts) = (0u64, 0u64);
         while let Some(f) = io.recv::<Features>(0)? {
+            if f.dim == 0 || f.data.len() != f.num_frames * f.dim {
+                return Err(StageError::failed(format!("{}: {} values for {} frames × {} dims", f.utt_id, f.data.len(), f.num_frames, f.dim)));
+            }
             if sum.is_empty() {
                 sum = vec![0.0; f.dim];
                 sq = vec![0.0; f.dim];
@@ -187,7 +190,13 @@ impl FeatureIndex {
     pub fn load(dir: &Path) -> Result<Option<FeatureIndex>, String> {
         let p = dir.join(FEATURES_INDEX);
         match std::fs::read_to_string(&p) {
-            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| format!("{}: not a feature index: {e}", p.display())),
+            Ok(t) => {
+                let index: FeatureIndex = serde_json::from_str(&t).map_err(|e| format!("{}: not a feature index: {e}", p.display()))?;
+                if let Some(part) = index.parts.iter().find(|x| x.rows > x.bytes.max(1)) {
+                    return Err(format!("{}: part {} claims {} rows in {} bytes: the index is damaged", p.display(), part.file, part.rows, part.bytes));
+                }
+                Ok(Some(index))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("cannot read {}: {e}", p.display())),
         }
@@ -364,7 +373,7 @@ pub fn read_features(path: &Path, epoch: Option<u32>) -> Result<Vec<Features>, S
             let v = feats.value(i);
             let data = v.as_any().downcast_ref::<Float32Array>().ok_or_else(|| err("features"))?.values().to_vec();
             let (n, d) = (nf.value(i).max(0) as usize, dim.value(i).max(0) as usize);
-            if n * d != data.len() {
+            if d == 0 || n * d != data.len() {
                 return Err(format!("{}: row {i} ({}) has {} values for {n} × {d}", path.display(), ids.value(i), data.len()));
             }
             out.push(Features {

@@ -87,7 +87,15 @@ impl ShardIndex {
     pub fn load(dir: &Path) -> Result<Option<ShardIndex>, String> {
         let path = dir.join(INDEX_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| format!("{}: not a shard index: {e}", path.display())),
+            Ok(t) => {
+                let index: ShardIndex = serde_json::from_str(&t).map_err(|e| format!("{}: not a shard index: {e}", path.display()))?;
+                // A row takes at least a byte: a larger count is a damaged index (and must not
+                // size allocations).
+                if let Some((i, s)) = index.shards.iter().enumerate().find(|(_, s)| s.rows > s.bytes.max(1) || (s.file.is_none() && s.rows > 0)) {
+                    return Err(format!("{}: shard {i} claims {} rows in {} bytes: the index is damaged", path.display(), s.rows, s.bytes));
+                }
+                Ok(Some(index))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
