@@ -17,6 +17,15 @@
 //! trim every F_b to m = min_b |F_b| frames (uniform random subset), then mask_dropout
 //! ```
 //!
+//! Span shape (method §8, fairseq's `mask_type` and `mask_other`): with `mask_type: static` (the
+//! default) every span has `L` frames. Otherwise each of the S spans draws its own length, as
+//! `compute_mask_indices` does: `uniform` an integer in [mask_other, 2L], `normal`
+//! max(1, round(N(L, mask_other²))), `poisson` round(Poisson(L)). Hard spans take the first
+//! S_hard lengths (largest predicted loss first), random spans the rest; random starts come from
+//! [0, n − min length), widened to S + 1 when that is ≤ S, and spans are cut at n. If every length
+//! is 0 (possible with `uniform` from 0 and `poisson`), the first span gets min(L, n − 1) frames
+//! (fairseq's fallback). S stays `max(1, floor(P·n/L + u))` with the mean length L.
+//!
 //! `unit: frame` is the paper-literal Alg. 1 (method §4.4): the top `floor(P·r·n)` frames plus
 //! `floor(P·(1−r)·n)` random others, as single frames, trimmed the same way.
 //!
@@ -54,6 +63,32 @@ pub enum MaskUnit {
     Frame,
 }
 
+/// How span lengths are drawn (method §8 "span shape"; fairseq's `mask_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SpanShape {
+    /// Every span `span` frames long (the method's default).
+    #[default]
+    Static,
+    /// Lengths uniform on the integers of [mask_other, 2·span].
+    Uniform,
+    /// Lengths max(1, round(N(span, mask_other²))): mask_other is the standard deviation.
+    Normal,
+    /// Lengths round(Poisson(span)); mask_other unused.
+    Poisson,
+}
+
+impl SpanShape {
+    pub fn name(self) -> &'static str {
+        match self {
+            SpanShape::Static => "static",
+            SpanShape::Uniform => "uniform",
+            SpanShape::Normal => "normal",
+            SpanShape::Poisson => "poisson",
+        }
+    }
+}
+
 /// How the probabilistic-rounding draw `u` of `S = max(1, floor(P·n/L + u))` is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Rounding {
@@ -75,11 +110,15 @@ pub struct MaskSpec {
     /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
     pub mask_dropout: f64,
     pub rounding: Rounding,
+    /// How span lengths are drawn (`unit: span` only).
+    pub mask_type: SpanShape,
+    /// The second parameter of `mask_type`: the lower bound (uniform) or standard deviation (normal).
+    pub mask_other: f64,
 }
 
 impl Default for MaskSpec {
     fn default() -> Self {
-        MaskSpec { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, rounding: Rounding::PerBatch }
+        MaskSpec { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, rounding: Rounding::PerBatch, mask_type: SpanShape::Static, mask_other: 0.0 }
     }
 }
 
@@ -95,6 +134,26 @@ impl MaskSpec {
         }
         if !(self.mask_dropout >= 0.0 && self.mask_dropout < 1.0) {
             e.push(ParamError::new("mask_dropout", format!("must be in [0, 1), got {}", self.mask_dropout)));
+        }
+        let other = self.mask_other;
+        if !other.is_finite() {
+            e.push(ParamError::new("mask_other", format!("must be a finite number, got {other}")));
+            return e;
+        }
+        if self.unit == MaskUnit::Frame && self.mask_type != SpanShape::Static {
+            e.push(ParamError::new("mask_type", format!("{} span lengths need unit: span (unit: frame masks single frames)", self.mask_type.name())));
+        }
+        match self.mask_type {
+            SpanShape::Static | SpanShape::Poisson if other != 0.0 => {
+                e.push(ParamError::new("mask_other", format!("is not used by mask_type: {} (leave it at 0), got {other}", self.mask_type.name())));
+            }
+            SpanShape::Uniform if !(other >= 0.0 && other.fract() == 0.0 && other <= 2.0 * self.span as f64) => {
+                e.push(ParamError::new("mask_other", format!("is the smallest span length of mask_type: uniform: a whole number in [0, 2·span = {}], got {other}", 2 * self.span)));
+            }
+            SpanShape::Normal if other < 0.0 => {
+                e.push(ParamError::new("mask_other", format!("is the standard deviation of mask_type: normal: must be ≥ 0, got {other}")));
+            }
+            _ => {}
         }
         e
     }
@@ -117,6 +176,10 @@ pub struct MaskOut {
     pub hard_starts: Vec<Vec<usize>>,
     /// Random starts per row, ascending.
     pub rand_starts: Vec<Vec<usize>>,
+    /// Span lengths per row, aligned with `hard_starts` (1 for `unit: frame`).
+    pub hard_lengths: Vec<Vec<usize>>,
+    /// Span lengths per row, aligned with `rand_starts` (1 for `unit: frame`).
+    pub rand_lengths: Vec<Vec<usize>>,
     /// `|F_b|` per row: frames covered before trimming to the batch minimum.
     pub covered: Vec<usize>,
 }
@@ -185,15 +248,42 @@ struct Row {
     spans: usize,
     hard_starts: Vec<usize>,
     rand_starts: Vec<usize>,
+    hard_lengths: Vec<usize>,
+    rand_lengths: Vec<usize>,
+}
+
+/// The lengths of `s` spans of mean `l` (method §8 span shape; fairseq `compute_mask_indices`).
+/// Static draws nothing, so the default consumes the random stream exactly as before.
+pub fn span_lengths<R: Rng + ?Sized>(shape: SpanShape, l: usize, other: f64, s: usize, n: usize, rng: &mut R) -> Vec<usize> {
+    let mut lengths: Vec<usize> = match shape {
+        SpanShape::Static => return vec![l; s],
+        SpanShape::Uniform => {
+            let lo = (other.max(0.0) as usize).min(2 * l);
+            (0..s).map(|_| rng.random_range(lo..=2 * l)).collect()
+        }
+        SpanShape::Normal => match rand_distr::Normal::new(l as f64, other.max(0.0)) {
+            Ok(d) => (0..s).map(|_| (rng.sample(d).round().max(1.0)) as usize).collect(),
+            Err(_) => vec![l; s],
+        },
+        SpanShape::Poisson => match rand_distr::Poisson::new(l as f64) {
+            Ok(d) => (0..s).map(|_| rng.sample::<f64, _>(d).round().max(0.0) as usize).collect(),
+            Err(_) => vec![l; s],
+        },
+    };
+    if !lengths.is_empty() && lengths.iter().all(|&x| x == 0) {
+        lengths[0] = l.min(n.saturating_sub(1)).max(1);
+    }
+    lengths
 }
 
 /// Method §4.1 for one row of `lp.len()` valid frames.
 fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &mut R) -> Row {
     let n = lp.len();
-    let l = spec.span;
-    let s = num_spans(spec.mask_prob, n, l, u);
+    let s = num_spans(spec.mask_prob, n, spec.span, u);
+    let lengths = span_lengths(spec.mask_type, spec.span, spec.mask_other, s, n, rng);
+    let l_min = lengths.iter().copied().min().unwrap_or(spec.span);
     // Random starts come from [0, range); the code widens it when the row is too short.
-    let range = if n > l && n - l > s { n - l } else { s + 1 };
+    let range = if n > l_min && n - l_min > s { n - l_min } else { s + 1 };
     let s_hard = num_hard(s, r);
     let s_rand = s - s_hard;
     let hard_starts = top_k(lp, s_hard);
@@ -209,19 +299,23 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
     rand_starts.sort_unstable();
     let mut cover = vec![false; n];
     let mut hard_cover = vec![false; n];
-    for &st in &hard_starts {
+    // Hard spans take the first lengths (hard_starts may be fewer than S_hard on a short row).
+    let (hard_len, rand_len) = lengths.split_at(hard_starts.len().min(lengths.len()));
+    for (&st, &l) in hard_starts.iter().zip(hard_len) {
         for t in st..(st + l).min(n) {
             cover[t] = true;
             hard_cover[t] = true;
         }
     }
-    for &st in &rand_starts {
+    for (&st, &l) in rand_starts.iter().zip(rand_len) {
         for t in st.min(n)..(st + l).min(n) {
             cover[t] = true;
         }
     }
     let frames = (0..n).filter(|&t| cover[t]).collect();
-    Row { frames, hard_cover, spans: s, hard_starts, rand_starts }
+    let hard_lengths = hard_len[..hard_starts.len().min(hard_len.len())].to_vec();
+    let rand_lengths = rand_len[..rand_starts.len().min(rand_len.len())].to_vec();
+    Row { frames, hard_cover, spans: s, hard_starts, rand_starts, hard_lengths, rand_lengths }
 }
 
 /// Method §4.4 for one row: single frames, the top ones plus random others.
@@ -238,7 +332,8 @@ fn frame_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, rng: &mut R) 
     rand_starts.sort_unstable();
     let mut frames: Vec<usize> = hard_starts.iter().chain(&rand_starts).copied().collect();
     frames.sort_unstable();
-    Row { frames, hard_cover, spans: k_hard + k_rand, hard_starts, rand_starts }
+    let (hard_lengths, rand_lengths) = (vec![1; hard_starts.len()], vec![1; rand_starts.len()]);
+    Row { frames, hard_cover, spans: k_hard + k_rand, hard_starts, rand_starts, hard_lengths, rand_lengths }
 }
 
 /// Draws the mask of one batch (method §4.1, or §4.4 with `unit: frame`).
@@ -307,7 +402,9 @@ pub fn eh_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, l
         spans: rows.iter().map(|r| r.spans).collect(),
         hard_spans: rows.iter().map(|r| r.hard_starts.len()).collect(),
         hard_starts: rows.iter().map(|r| r.hard_starts.clone()).collect(),
-        rand_starts: rows.into_iter().map(|r| r.rand_starts).collect(),
+        rand_starts: rows.iter().map(|r| r.rand_starts.clone()).collect(),
+        hard_lengths: rows.iter().map(|r| r.hard_lengths.clone()).collect(),
+        rand_lengths: rows.into_iter().map(|r| r.rand_lengths).collect(),
         covered,
     })
 }
@@ -502,6 +599,12 @@ pub struct MaskParams {
     pub unit: MaskUnit,
     /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
     pub mask_dropout: f64,
+    /// Span lengths (method §8 span shape, fairseq's mask_type): static (every span `span`
+    /// frames), uniform (integers in [mask_other, 2·span]), normal (max(1, round(N(span,
+    /// mask_other²)))) or poisson (round(Poisson(span))).
+    pub mask_type: SpanShape,
+    /// Lower bound (uniform) or standard deviation (normal) of the span lengths; 0 otherwise.
+    pub mask_other: f64,
     /// Multi-mask (method §1.5.6, `clone_batch`): each utterance is repeated this many times with
     /// independent masks, all sharing one teacher pass. 1 = off (the README config).
     pub clone_batch: usize,
@@ -509,13 +612,13 @@ pub struct MaskParams {
 
 impl Default for MaskParams {
     fn default() -> Self {
-        MaskParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, clone_batch: 1 }
+        MaskParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, mask_type: SpanShape::Static, mask_other: 0.0, clone_batch: 1 }
     }
 }
 
 impl MaskParams {
     pub fn spec(&self, rounding: Rounding) -> MaskSpec {
-        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding }
+        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding, mask_type: self.mask_type, mask_other: self.mask_other }
     }
 }
 
@@ -547,6 +650,12 @@ pub struct EasyToHardParams {
     pub unit: MaskUnit,
     /// Share of each row's masked frames unmasked again after trimming, in [0, 1).
     pub mask_dropout: f64,
+    /// Span lengths (method §8 span shape, fairseq's mask_type): static (every span `span`
+    /// frames), uniform (integers in [mask_other, 2·span]), normal (max(1, round(N(span,
+    /// mask_other²)))) or poisson (round(Poisson(span))).
+    pub mask_type: SpanShape,
+    /// Lower bound (uniform) or standard deviation (normal) of the span lengths; 0 otherwise.
+    pub mask_other: f64,
     /// How the hard ratio r grows: linear (r = min(1, step/ramp_updates)·r_max, the paper),
     /// epoch_clamped (r = epoch/150, 0.8 once ≥ 0.7, the code; or {epoch_clamped: {total_epochs,
     /// jump_at, jump_to}}), or {constant: {r: x}}.
@@ -565,7 +674,18 @@ pub struct EasyToHardParams {
 
 impl Default for EasyToHardParams {
     fn default() -> Self {
-        EasyToHardParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, curriculum: CurriculumChoice::Linear, ramp_updates: None, r_max: 1.0, clone_batch: 1 }
+        EasyToHardParams {
+            mask_prob: 0.5,
+            span: 5,
+            unit: MaskUnit::Span,
+            mask_dropout: 0.0,
+            mask_type: SpanShape::Static,
+            mask_other: 0.0,
+            curriculum: CurriculumChoice::Linear,
+            ramp_updates: None,
+            r_max: 1.0,
+            clone_batch: 1,
+        }
     }
 }
 
@@ -574,7 +694,7 @@ pub const DEFAULT_RAMP_UPDATES: u64 = 2000;
 
 impl EasyToHardParams {
     pub fn spec(&self) -> MaskSpec {
-        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding: Rounding::PerBatch }
+        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding: Rounding::PerBatch, mask_type: self.mask_type, mask_other: self.mask_other }
     }
     /// The curriculum these parameters describe.
     pub fn curriculum(&self) -> Curriculum {

@@ -77,18 +77,34 @@ fn check_invariants(out: &MaskOut, frames: usize, lengths: &[usize], s: &MaskSpe
                 assert!(spans >= 1);
                 assert_eq!(out.hard_spans[b], num_hard(spans, r).min(n), "row {b}: S_hard = S − floor(S(1−r))");
                 assert_eq!(out.rand_starts[b].len(), spans - num_hard(spans, r), "row {b}: S_rand random starts");
+                let (hl, rl) = (&out.hard_lengths[b], &out.rand_lengths[b]);
+                assert_eq!(hl.len(), out.hard_starts[b].len(), "row {b}: a length per hard span");
+                assert_eq!(rl.len(), out.rand_starts[b].len(), "row {b}: a length per random span");
+                let lengths: Vec<usize> = hl.iter().chain(rl).copied().collect();
+                if s.mask_type == SpanShape::Static {
+                    assert!(lengths.iter().all(|&l| l == s.span), "row {b}: static spans are L long");
+                }
+                let hard_spans: Vec<(usize, usize)> = out.hard_starts[b].iter().copied().zip(hl.iter().copied()).collect();
+                let all_spans: Vec<(usize, usize)> = hard_spans.iter().copied().chain(out.rand_starts[b].iter().copied().zip(rl.iter().copied())).collect();
                 // Every hard-marked frame lies in a span started by a hard start.
                 for t in (0..n).filter(|&t| hard[t]) {
-                    assert!(out.hard_starts[b].iter().any(|&h| h <= t && t < h + s.span), "row {b}: frame {t} marked hard outside every hard span");
+                    assert!(hard_spans.iter().any(|&(h, l)| h <= t && t < h + l), "row {b}: frame {t} marked hard outside every hard span");
                 }
                 // Every masked frame lies in some span.
                 for t in (0..n).filter(|&t| mask[t]) {
-                    let starts = out.hard_starts[b].iter().chain(&out.rand_starts[b]);
-                    assert!(starts.clone().any(|&st| st <= t && t < st + s.span), "row {b}: frame {t} masked outside every span");
+                    assert!(all_spans.iter().any(|&(st, l)| st <= t && t < st + l), "row {b}: frame {t} masked outside every span");
                 }
-                // Random starts come from [0, n − L) unless the row is too short for that.
-                if n > s.span && n - s.span > spans {
-                    assert!(out.rand_starts[b].iter().all(|&st| st < n - s.span), "row {b}: random start in the last L frames");
+                // Without trimming, a row masks exactly the union of its spans.
+                if out.covered[b] == out.masked_per_row {
+                    for t in 0..n {
+                        assert_eq!(mask[t], all_spans.iter().any(|&(st, l)| st <= t && t < st + l), "row {b}: frame {t}");
+                        assert_eq!(hard[t], hard_spans.iter().any(|&(st, l)| st <= t && t < st + l), "row {b}: frame {t} hard");
+                    }
+                }
+                // Random starts come from [0, n − min length) unless the row is too short for that.
+                let l_min = lengths.iter().copied().min().unwrap_or(s.span);
+                if n > l_min && n - l_min > spans {
+                    assert!(out.rand_starts[b].iter().all(|&st| st < n - l_min), "row {b}: random start in the last L frames");
                 } else {
                     assert!(out.rand_starts[b].iter().all(|&st| st < spans + 1));
                 }
@@ -561,6 +577,132 @@ fn registry_offers_three_swappable_kinds() {
 // Property tests
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// Span shapes (method §8, fairseq's mask_type)
+// ---------------------------------------------------------------------------------------------
+
+/// Pearson's χ² of observed counts against expected probabilities (cells with p > 0).
+fn chi2(counts: &[usize], probs: &[f64], total: usize) -> f64 {
+    counts.iter().zip(probs).filter(|(_, &p)| p > 0.0).map(|(&o, &p)| (o as f64 - p * total as f64).powi(2) / (p * total as f64)).sum()
+}
+
+fn histogram(lengths: &[usize], cells: usize) -> Vec<usize> {
+    let mut h = vec![0; cells];
+    for &l in lengths {
+        h[l.min(cells - 1)] += 1;
+    }
+    h
+}
+
+#[test]
+fn span_lengths_follow_their_distributions() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let draws = 40_000;
+    // static: L every time, and no draw from the stream.
+    let mut a = ChaCha8Rng::seed_from_u64(3);
+    assert_eq!(span_lengths(SpanShape::Static, 5, 0.0, 4, 100, &mut a), vec![5; 4]);
+    assert_eq!(a.random::<u64>(), ChaCha8Rng::seed_from_u64(3).random::<u64>());
+
+    // uniform on the integers of [2, 2L = 10]: 9 equally likely values. χ² with 8 degrees of
+    // freedom; 26.1 is its 0.001 quantile.
+    let l = span_lengths(SpanShape::Uniform, 5, 2.0, draws, 1000, &mut rng);
+    assert!(l.iter().all(|&x| (2..=10).contains(&x)));
+    let probs: Vec<f64> = (0..12).map(|k| if (2..=10).contains(&k) { 1.0 / 9.0 } else { 0.0 }).collect();
+    let c = chi2(&histogram(&l, 12), &probs, draws);
+    assert!(c < 26.1, "uniform lengths: χ² = {c}");
+
+    // poisson(λ = L = 5): P(k) = e^−λ λ^k / k!, tail ≥ 14 pooled. χ² with 14 degrees of freedom;
+    // 36.1 is its 0.001 quantile.
+    let l = span_lengths(SpanShape::Poisson, 5, 0.0, draws, 1000, &mut rng);
+    let mut probs: Vec<f64> = (0..15).map(|k| (-5.0f64).exp() * 5f64.powi(k) / (1..=k).map(f64::from).product::<f64>()).collect();
+    probs[14] = 1.0 - probs[..14].iter().sum::<f64>();
+    let c = chi2(&histogram(&l, 15), &probs, draws);
+    assert!(c < 36.1, "poisson lengths: χ² = {c}");
+    assert!(l.contains(&0), "poisson lengths include 0 (P = e^−5)");
+
+    // normal(L = 10, σ = 2), rounded: mean 10, variance σ² + 1/12 (rounding); clamping at 1 is
+    // negligible here.
+    let l = span_lengths(SpanShape::Normal, 10, 2.0, draws, 1000, &mut rng);
+    let mean = l.iter().sum::<usize>() as f64 / draws as f64;
+    let var = l.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / draws as f64;
+    assert!((mean - 10.0).abs() < 0.05, "normal mean {mean}");
+    assert!((var - (4.0 + 1.0 / 12.0)).abs() < 0.15, "normal variance {var}");
+    // normal(L = 3, σ = 5): every draw below 1.5 becomes 1: P(1) = Φ((1.5 − 3)/5) = Φ(−0.3) = 0.38209.
+    let l = span_lengths(SpanShape::Normal, 3, 5.0, draws, 1000, &mut rng);
+    assert!(l.iter().all(|&x| x >= 1));
+    let p1 = l.iter().filter(|&&x| x == 1).count() as f64 / draws as f64;
+    assert!((p1 - 0.38209).abs() < 0.01, "P(length 1) = {p1}");
+}
+
+#[test]
+fn all_zero_lengths_fall_back_to_one_span() {
+    // uniform on [0, 2] with L = 1: one span of length 0 a third of the time; fairseq then gives
+    // the first span min(L, n − 1) frames.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for _ in 0..300 {
+        let l = span_lengths(SpanShape::Uniform, 1, 0.0, 1, 50, &mut rng);
+        assert!(l == vec![1] || l == vec![2], "{l:?}");
+        let l = span_lengths(SpanShape::Poisson, 1, 0.0, 2, 50, &mut rng);
+        assert!(l.iter().any(|&x| x > 0), "{l:?}");
+    }
+    // A row of one frame: still at least one frame.
+    let mut seen_zero_draw = false;
+    for _ in 0..300 {
+        let l = span_lengths(SpanShape::Uniform, 1, 0.0, 1, 1, &mut rng);
+        seen_zero_draw |= l == vec![1];
+        assert!(l[0] >= 1);
+    }
+    assert!(seen_zero_draw);
+}
+
+/// One long row at r = 0.5 with Poisson lengths: spans are placed where the lengths say, hard
+/// spans take the first lengths, and the masked share follows the mean length.
+#[test]
+fn shaped_spans_in_a_mask() {
+    let n = 4000;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let lp = smooth_noise(&mut rng, 1, n);
+    let mut covered = Vec::new();
+    for shape in [SpanShape::Static, SpanShape::Poisson, SpanShape::Uniform] {
+        let s = MaskSpec { mask_type: shape, mask_other: 0.0, ..spec(0.65, 10) };
+        let out = eh_mask(&lp, 1, n, &[n], &s, 0.5, &mut rng).unwrap();
+        check_invariants(&out, n, &[n], &s, 0.5);
+        let lengths: Vec<usize> = out.hard_lengths[0].iter().chain(&out.rand_lengths[0]).copied().collect();
+        assert_eq!(lengths.len(), out.spans[0]);
+        let mean = lengths.iter().sum::<usize>() as f64 / lengths.len() as f64;
+        assert!((mean - 10.0).abs() < 1.0, "{shape:?}: mean length {mean}");
+        if shape != SpanShape::Static {
+            assert!(lengths.iter().any(|&l| l != 10), "{shape:?}: lengths vary");
+        }
+        covered.push(out.covered[0] as f64 / n as f64);
+    }
+    // Same mean length, same number of spans: the covered shares agree within a few percent.
+    for c in &covered[1..] {
+        assert!((c - covered[0]).abs() < 0.06, "covered shares {covered:?}");
+    }
+}
+
+#[test]
+fn span_shape_parameters() {
+    let p: MaskParams = parse("{mask_type: poisson}").unwrap();
+    assert_eq!((p.mask_type, p.mask_other), (SpanShape::Poisson, 0.0));
+    let p: EasyToHardParams = parse("{mask_type: uniform, mask_other: 3, span: 4}").unwrap();
+    assert_eq!((p.spec().mask_type, p.spec().mask_other), (SpanShape::Uniform, 3.0));
+    let p: EasyToHardParams = parse("{mask_type: normal, mask_other: 1.5}").unwrap();
+    assert_eq!(p.spec().mask_type, SpanShape::Normal);
+    assert_eq!(parse::<MaskParams>("{}").unwrap().mask_type, SpanShape::Static);
+    let fields = |y: &str| -> Vec<String> { parse::<EasyToHardParams>(y).unwrap_err().into_iter().map(|e| e.field).collect() };
+    assert_eq!(fields("{mask_type: gamma}"), vec!["mask_type"]);
+    assert_eq!(fields("{mask_type: uniform, mask_other: 11, span: 5}"), vec!["mask_other"]);
+    assert_eq!(fields("{mask_type: uniform, mask_other: 1.5}"), vec!["mask_other"]);
+    assert_eq!(fields("{mask_type: normal, mask_other: -1}"), vec!["mask_other"]);
+    assert_eq!(fields("{mask_other: 2}"), vec!["mask_other"]);
+    assert_eq!(fields("{mask_type: poisson, mask_other: 2}"), vec!["mask_other"]);
+    assert_eq!(fields("{mask_type: poisson, unit: frame}"), vec!["mask_type"]);
+    let e = parse::<MaskParams>("{mask_type: uniform, mask_other: 11, span: 5}").unwrap_err();
+    assert!(e[0].message.contains("[0, 2·span = 10]"), "{}", e[0].message);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
@@ -573,6 +715,7 @@ proptest! {
         dropout in prop_oneof![Just(0.0), 0.0f64..0.9],
         frame in any::<bool>(),
         per_row in any::<bool>(),
+        shape in 0usize..4,
         seed in any::<u64>(),
     ) {
         let frames = lengths.iter().copied().max().unwrap_or(0) + pad_extra;
@@ -583,6 +726,9 @@ proptest! {
             unit: if frame { MaskUnit::Frame } else { MaskUnit::Span },
             mask_dropout: dropout,
             rounding: if per_row { Rounding::PerRow } else { Rounding::PerBatch },
+            // Span shapes (method §8) only with unit: span; uniform from 1, normal σ = 2.
+            mask_type: if frame { SpanShape::Static } else { [SpanShape::Static, SpanShape::Uniform, SpanShape::Normal, SpanShape::Poisson][shape] },
+            mask_other: match (frame, shape) { (false, 1) => 1.0, (false, 2) => 2.0, _ => 0.0 },
         };
         let out = eh_mask(&lp, lengths.len(), frames, &lengths, &s, r, &mut rng).unwrap();
         check_invariants(&out, frames, &lengths, &s, r);
