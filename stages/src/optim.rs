@@ -27,7 +27,10 @@ impl AdamW {
         AdamW { beta1, beta2, eps, weight_decay, exempt_1d, t: 0, m: BTreeMap::new(), v: BTreeMap::new() }
     }
 
-    /// One update of every variable that has a gradient, at learning rate `lr`.
+    /// One update of every variable at learning rate `lr`. A variable without a gradient this
+    /// step (a block skipped by layerdrop, a head the loss does not use) is updated as with a zero
+    /// gradient, as fairseq's fp16 trainer does (it fills missing gradients with zeros): its
+    /// moments decay, weight decay applies, and the Adam step follows the decayed moments.
     pub fn step(&mut self, vars: &BTreeMap<String, Var>, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
         self.t += 1;
         let t = self.t as i32;
@@ -35,7 +38,14 @@ impl AdamW {
         let bc2 = 1.0 - self.beta2.powi(t);
         let step_size = lr * bc2.sqrt() / bc1;
         for (name, var) in vars {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let zero;
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g,
+                None => {
+                    zero = var.as_tensor().zeros_like()?;
+                    &zero
+                }
+            };
             let m = match self.m.get(name) {
                 Some(m) => ((m * self.beta1)? + (g * (1.0 - self.beta1))?)?,
                 None => (g * (1.0 - self.beta1))?,

@@ -4,9 +4,10 @@ use candle_core::{DType, Device, Tensor};
 use stages::batch::{Batch, DataPosition};
 use stages::losses::{self, AuxNorm, RankForm};
 use stages::model::{self, Model, ModelConfig, Noise};
-use stages::optim::{lr_at, tau_at};
+use stages::optim::{lr_at, tau_at, AdamW};
 use stages::student::{Student, StudentParams};
 use stages::types::{Masked, Taught};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Method §2.9: the base model with the CNN front-end has 94,403,852 parameters.
@@ -511,4 +512,48 @@ fn target_layer_and_teacher_predictor_input_options() {
     let want = model.head("loss_predictor", &ffn.targets.to_dtype(DType::F64).unwrap(), &cfg.loss_predictor, true).unwrap().mean(candle_core::D::Minus1).unwrap().to_dtype(DType::F32).unwrap();
     let diff = (ffn.pred_loss - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-6, "{diff}");
+}
+
+/// fairseq's Adam (method §5), two updates worked by hand: lr 0.1, betas (0.9, 0.98), eps 1e-6,
+/// weight decay 0.01, `exempt_1d`. Loss per parameter pair x: 3·x₀ + ½·x₁², so g = (3, x₁).
+/// Update 1, w = (1, −2) (2-D, decayed): m = (0.3, −0.2), v = (0.18, 0.08), step size
+/// 0.1·√0.02/0.1 = 0.14142; decay gives (0.999, −1.998), m/√v = (0.70711, −0.70711), so
+/// w = (0.899, −1.898). b (1-D, exempt): (0.9, −1.9). c (no gradient, never had one): only
+/// decay, 2 → 1.998.
+/// Update 2, only b in the loss: w gets a zero gradient (fairseq's fp16 trainer zero-fills
+/// missing gradients): m = (0.27, −0.18), v = (0.1764, 0.0784), step size 0.1·√0.0396/0.19 =
+/// 0.104735, m/√v = ±0.642857: w = 0.999·(0.899, −1.898) ∓ 0.067330 = (0.830771, −1.828773).
+/// b: g = (3, −1.9), m = (0.57, −0.37), v = (0.3564, 0.1506): b = (0.8, −1.800143). c = 1.996002.
+#[test]
+fn adamw_matches_fairseq_by_hand() {
+    let dev = Device::Cpu;
+    let mut vars = BTreeMap::new();
+    vars.insert("w".to_string(), candle_core::Var::from_vec(vec![1.0f64, -2.0], (1, 2), &dev).unwrap());
+    vars.insert("b".to_string(), candle_core::Var::from_vec(vec![1.0f64, -2.0], 2, &dev).unwrap());
+    vars.insert("c".to_string(), candle_core::Var::from_vec(vec![2.0f64], (1, 1), &dev).unwrap());
+    let f = |x: &Tensor| -> Tensor {
+        let x = x.flatten_all().unwrap();
+        let a = (x.narrow(0, 0, 1).unwrap() * 3.0).unwrap().sum_all().unwrap();
+        let q = (x.narrow(0, 1, 1).unwrap().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+        (a + q).unwrap()
+    };
+    let get = |vars: &BTreeMap<String, candle_core::Var>, k: &str| vars[k].as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let close = |got: Vec<f64>, want: &[f64], what: &str| {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 2e-6, "{what}: got {got:?}, want {want:?}");
+        }
+    };
+    let mut adam = AdamW::new(0.9, 0.98, 1e-6, 0.01, true);
+    let loss = (f(vars["w"].as_tensor()) + f(vars["b"].as_tensor())).unwrap();
+    adam.step(&vars, &loss.backward().unwrap(), 0.1).unwrap();
+    close(get(&vars, "w"), &[0.899, -1.898], "w after 1");
+    close(get(&vars, "b"), &[0.9, -1.9], "b after 1 (exempt from decay)");
+    close(get(&vars, "c"), &[1.998], "c after 1 (decay only)");
+    let loss = f(vars["b"].as_tensor());
+    adam.step(&vars, &loss.backward().unwrap(), 0.1).unwrap();
+    close(get(&vars, "w"), &[0.830771, -1.828773], "w after 2 (zero gradient)");
+    close(get(&vars, "b"), &[0.8, -1.800143], "b after 2");
+    close(get(&vars, "c"), &[1.996002], "c after 2");
+    assert_eq!(adam.t, 2);
 }
