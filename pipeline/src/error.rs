@@ -57,12 +57,9 @@ pub enum StageError {
     /// A real failure, with a message that says what and where.
     #[error("{0}")]
     Failed(String),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is part of the message (not a `source`), so `{:#}` chains print it once.
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: std::io::Error },
 }
 
 impl StageError {
@@ -70,7 +67,7 @@ impl StageError {
         StageError::Failed(msg.into())
     }
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StageError::Io { context: context.into(), source }
+        StageError::Io { context: context.into(), cause: source }
     }
 }
 
@@ -83,12 +80,9 @@ pub enum RunError {
     Stage { stage: String, kind: String, message: String },
     #[error("interrupted (Ctrl-C); every stage stopped, outputs already finished are intact")]
     Interrupted,
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is part of the message (not a `source`), so `{:#}` chains print it once.
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: std::io::Error },
     #[error("{0}")]
     Other(String),
 }

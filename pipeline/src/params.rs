@@ -36,6 +36,17 @@ impl Params for NoParams {}
 
 /// Deserializes `with` into `P`, reporting every unknown or mistyped field and every failed check.
 pub fn parse_params<P: Params>(with: &Value) -> Result<P, Vec<ParamError>> {
+    match parse_params_partial::<P>(with) {
+        (Some(p), errors) if errors.is_empty() => Ok(p),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// [`parse_params`] that also returns the parameters it could build when some are wrong: every
+/// mistyped or unknown field left at its default, every well-typed one as given (range errors
+/// included). Validation uses them to run a stage's own checks (files, the machine) alongside
+/// the parameter errors, so that one run of `validate` reports both.
+pub fn parse_params_partial<P: Params>(with: &Value) -> (Option<P>, Vec<ParamError>) {
     let defaults = match serde_yaml::to_value(P::default()) {
         Ok(Value::Mapping(m)) => m,
         _ => Mapping::new(),
@@ -43,7 +54,7 @@ pub fn parse_params<P: Params>(with: &Value) -> Result<P, Vec<ParamError>> {
     let given = match with {
         Value::Null => Mapping::new(),
         Value::Mapping(m) => m.clone(),
-        _ => return Err(vec![ParamError::new("", "parameters must be a mapping")]),
+        _ => return (None, vec![ParamError::new("", "parameters must be a mapping")]),
     };
     let mut errors = Vec::new();
     let known: Vec<String> = defaults.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
@@ -77,15 +88,11 @@ pub fn parse_params<P: Params>(with: &Value) -> Result<P, Vec<ParamError>> {
     match serde_path_to_error::deserialize::<_, P>(Value::Mapping(all)) {
         Ok(p) => {
             errors.extend(p.check());
-            if errors.is_empty() {
-                Ok(p)
-            } else {
-                Err(errors)
-            }
+            (Some(p), errors)
         }
         Err(e) => {
             errors.push(ParamError::new(e.path().to_string(), clean_message(&e.inner().to_string())));
-            Err(errors)
+            (None, errors)
         }
     }
 }

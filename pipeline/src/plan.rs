@@ -99,7 +99,10 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
         match kind.configure(&s.with, &ctx) {
             Ok(c) => partial.push(Some((kind.inputs(), kind.outputs(), kind.parallel(), kind.honors_skip(), c, ctx))),
             Err(pe) => {
-                for e in pe {
+                // `with:` that is not a mapping is already reported; its stand-in (no parameters)
+                // would only add "required" errors.
+                let bad_with = spec.errors.iter().any(|e| e.path == format!("{base}.with"));
+                for e in pe.into_iter().filter(|e| !bad_with || e.field.starts_with('/')) {
                     // A field starting with `/` is a path from the spec's top (`/model.encoder.dim`):
                     // reported once even when several stages read that block.
                     let path = match e.field.strip_prefix('/') {
@@ -134,6 +137,8 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
         let mut upstream_unknown = vec![false; inputs.len()];
         let mut positional = 0usize;
         let errs_before = errs.len();
+        // A `from:` the loader could not read is already reported.
+        let bad_from = spec.errors.iter().any(|e| e.path == format!("{base}.from") || e.path.starts_with(&format!("{base}.from.")));
         for (ci, c) in s.from.iter().enumerate() {
             let path = match &c.input {
                 Some(p) => format!("{base}.from.{p}"),
@@ -205,7 +210,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             slots[slot] = Some((pi, port));
         }
         for (i, slot) in slots.iter().enumerate() {
-            if slot.is_none() && !upstream_unknown[i] && errs.len() == errs_before {
+            if slot.is_none() && !upstream_unknown[i] && errs.len() == errs_before && !bad_from {
                 errs.push(loc.error(&base, format!("input `{}` ({}) is not connected: add `from:`", inputs[i].name, inputs[i].ty.name)));
             }
         }

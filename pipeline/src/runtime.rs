@@ -227,7 +227,12 @@ impl StageIo {
             return Ok(None);
         }
         if let Some(w) = &self.window {
-            w.wait(s, &self.cancel)?;
+            // Held back by the ordering window: downstream has not taken the earlier items yet,
+            // which is back-pressure, not work.
+            let t0 = Instant::now();
+            let r = w.wait(s, &self.cancel);
+            Stats::add(&self.stats.blocked_ns, t0.elapsed().as_nanos() as u64);
+            r?;
         }
         if self.tagged {
             self.current = Some(s);
@@ -264,7 +269,10 @@ impl StageIo {
                     Stats::add(&self.stats.items_in, 1);
                     if self.tagged {
                         if let Some(w) = &self.window {
-                            w.wait(seq, &self.cancel)?;
+                            let t0 = Instant::now();
+                            let r = w.wait(seq, &self.cancel);
+                            Stats::add(&self.stats.blocked_ns, t0.elapsed().as_nanos() as u64);
+                            r?;
                         }
                         self.current = Some(seq);
                     }
@@ -393,17 +401,73 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 /// Saves the resolved spec in the run directory; refuses a different one unless `force`.
 fn prepare_run_dir(plan: &Plan, opts: &RunOptions) -> Result<PathBuf, RunError> {
     let dir = plan.spec.run_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), source: e })?;
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
     let text = serde_yaml::to_string(&plan.spec.resolved).map_err(|e| RunError::Other(format!("cannot serialise the spec: {e}")))?;
     let path = dir.join("spec.yaml");
     if let Ok(old) = std::fs::read_to_string(&path) {
-        if old != text && !opts.force {
-            return Err(RunError::Other(format!("{} holds a run of a different spec ({}); use another `name`/`run_dir`, or pass --force to run over it", dir.display(), path.display())));
+        // Compared as values: key order and 1 vs 1.0 do not make a different spec.
+        let mut changed = Vec::new();
+        match serde_yaml::from_str::<serde_yaml::Value>(&old) {
+            Ok(old) => spec_diff(&old, &plan.spec.resolved, "", &mut changed),
+            Err(_) => changed.push("(the saved spec.yaml is not YAML)".to_string()),
+        }
+        if !changed.is_empty() && !opts.force {
+            let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
+            let more = if changed.len() > 5 { format!(" and {} more", changed.len() - 5) } else { String::new() };
+            return Err(RunError::Other(format!(
+                "{} holds a run of a different spec ({}; changed: {}{more}); use another `name`/`run_dir`, or pass --force to run over it",
+                dir.display(),
+                path.display(),
+                shown.join(", ")
+            )));
         }
     }
     let tmp = dir.join("spec.yaml.tmp");
-    std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), source: e })?;
+    std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), cause: e })?;
     Ok(dir)
+}
+
+/// The paths at which two resolved specs differ. Mappings compare key by key whatever their
+/// order; numbers compare by value (`1` equals `1.0`).
+pub fn spec_diff(old: &serde_yaml::Value, new: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+    use serde_yaml::Value;
+    let at = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    let here = || if path.is_empty() { "(the whole spec)".to_string() } else { path.to_string() };
+    match (old, new) {
+        (Value::Mapping(a), Value::Mapping(b)) => {
+            let key = |k: &Value| k.as_str().map(str::to_string).unwrap_or_else(|| serde_yaml::to_string(k).unwrap_or_default().trim().to_string());
+            for (k, va) in a {
+                match b.get(k) {
+                    Some(vb) => spec_diff(va, vb, &at(&key(k)), out),
+                    None => out.push(at(&key(k))),
+                }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(at(&key(k)));
+            }
+        }
+        (Value::Sequence(a), Value::Sequence(b)) if a.len() == b.len() => {
+            for (i, (va, vb)) in a.iter().zip(b).enumerate() {
+                spec_diff(va, vb, &at(&i.to_string()), out);
+            }
+        }
+        (Value::Number(a), Value::Number(b)) => {
+            let same = match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ => a.as_f64() == b.as_f64(),
+            };
+            if !same {
+                out.push(here());
+            }
+        }
+        (Value::Tagged(a), Value::Tagged(b)) if a.tag == b.tag => spec_diff(&a.value, &b.value, path, out),
+        (a, b) => {
+            if a != b {
+                out.push(here());
+            }
+        }
+    }
 }
 
 /// `run.json` in a run directory: whether the run finished, and its wall time over all attempts.
@@ -446,7 +510,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     let before = RunStatus::read(&run_dir);
     let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
     let status = |state: &str, error: Option<String>| RunStatus { status: state.into(), wall_s: prior_wall + started.elapsed().as_secs_f64(), attempts: prior_attempts + 1, error };
-    status("running", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), source: e })?;
+    status("running", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), cause: e })?;
     let n = plan.nodes.len();
     let show_bars = !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
     let multi = if show_bars { Some(indicatif::MultiProgress::new()) } else { None };
@@ -458,7 +522,15 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         if node.inputs.len() != 1 || node.workers != 1 {
             continue;
         }
-        let k = node.configured.resume_skip().map_err(|e| RunError::Stage { stage: node.id.clone(), kind: node.kind.clone(), message: e.to_string() })?;
+        let k = match node.configured.resume_skip() {
+            Ok(k) => k,
+            Err(e) => {
+                // Failed before any thread started: the attempt is over, say so in run.json.
+                let (stage, kind, message) = (node.id.clone(), node.kind.clone(), e.to_string());
+                let _ = status("failed", Some(format!("stage `{stage}` ({kind}): {message}"))).write(&run_dir);
+                return Err(RunError::Stage { stage, kind, message });
+            }
+        };
         if k == 0 {
             continue;
         }
@@ -539,7 +611,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
                             Err(e) => rec(&id, &kind, e.to_string()),
                         }
                     })
-                    .map_err(|e| RunError::Io { context: "cannot start a thread".into(), source: e })?;
+                    .map_err(|e| RunError::Io { context: "cannot start a thread".into(), cause: e })?;
                 handles.push((ni, handle));
                 worker_outs.push((vec![rtx], port.ty.clone, true));
             } else {
@@ -584,7 +656,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
                         Err(p) => rec(&id, &kind, format!("internal error (panic): {}", panic_message(p.as_ref()))),
                     }
                 })
-                .map_err(|e| RunError::Io { context: "cannot start a thread".into(), source: e })?;
+                .map_err(|e| RunError::Io { context: "cannot start a thread".into(), cause: e })?;
             handles.push((ni, handle));
         }
     }
@@ -641,7 +713,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     let save = to_batch(&plan.spec.name, &reports)
         .map_err(std::io::Error::other)
         .and_then(|b| write_parquet_atomic(&stages_path, &b))
-        .map_err(|e| RunError::Io { context: format!("cannot write {}", stages_path.display()), source: e });
+        .map_err(|e| RunError::Io { context: format!("cannot write {}", stages_path.display()), cause: e });
 
     let err = first_error.lock().ok().and_then(|mut e| e.take());
     if let Some((stage, kind, message)) = err {
@@ -658,6 +730,6 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         return Err(RunError::Other("the run was cancelled".into()));
     }
     save?;
-    status("complete", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), source: e })?;
+    status("complete", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), cause: e })?;
     Ok(RunSummary { run_dir, stages: reports, wall_s })
 }

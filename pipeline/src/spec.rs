@@ -82,6 +82,11 @@ impl Locator {
         if self.overridden.iter().any(|o| path == o || path.starts_with(&format!("{o}."))) {
             return SpecError { file: "--set".into(), path: path.into(), line: None, message };
         }
+        // A path no file defines, created by an override below it (`--set x.y=1` makes `x`).
+        let known = |p: &str| self.files.iter().any(|(_, lines)| lines.contains_key(p));
+        if !known(path) && !path.is_empty() && self.overridden.iter().any(|o| o.starts_with(&format!("{path}."))) {
+            return SpecError { file: "--set".into(), path: path.into(), line: None, message };
+        }
         // Longest prefix of the path that some file knows.
         let mut p = path.to_string();
         loop {
@@ -102,7 +107,12 @@ impl Locator {
 
 /// Names the nearest candidates to `word` ("did you mean …?"), or an empty string.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    let mut scored: Vec<(f64, &str)> = candidates.into_iter().map(|c| (strsim::jaro_winkler(word, c), c)).filter(|(s, _)| *s >= 0.75).collect();
+    // Also against the part after the last dot, so `fbank` finds `features.fbank`.
+    let score = |c: &str| {
+        let tail = c.rsplit('.').next().unwrap_or(c);
+        strsim::jaro_winkler(word, c).max(if tail.len() < c.len() { strsim::jaro_winkler(word, tail) } else { 0.0 })
+    };
+    let mut scored: Vec<(f64, &str)> = candidates.into_iter().map(|c| (score(c), c)).filter(|(s, _)| *s >= 0.75).collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
     let names: Vec<String> = scored.iter().take(3).map(|(_, c)| format!("`{c}`")).collect();
     if names.is_empty() {
@@ -119,6 +129,15 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Spec, SpecErrors> {
     let mut value = load_with_extends(path, &mut locator, &mut Vec::new())?;
     let mut errors = Vec::new();
     for o in overrides {
+        if o.split_once('=').is_some_and(|(p, _)| p.trim() == "extends" || p.trim().starts_with("extends.")) {
+            errors.push(SpecError {
+                file: "--set".into(),
+                path: "extends".into(),
+                line: None,
+                message: format!("`{o}`: `extends` cannot be overridden (it is read before any --set); edit the spec or run the other spec"),
+            });
+            continue;
+        }
         match apply_override(&mut value, o) {
             Ok(p) => locator.overridden.push(p),
             Err(msg) => errors.push(SpecError { file: "--set".into(), path: String::new(), line: None, message: msg }),
@@ -219,12 +238,18 @@ pub fn merge(parent: Value, child: Value) -> Value {
     }
 }
 
+/// Deepest `--set` path accepted (specs are a few levels deep; this keeps nesting bounded).
+pub const MAX_OVERRIDE_DEPTH: usize = 64;
+
 /// Applies `a.b.c=VALUE` (VALUE read as a YAML scalar or flow value). Returns the path set.
 pub fn apply_override(root: &mut Value, o: &str) -> Result<String, String> {
     let (path, raw) = o.split_once('=').ok_or_else(|| format!("`{o}`: an override is PATH=VALUE, e.g. stages.mask.with.mask_prob=0.6"))?;
     let path = path.trim();
     if path.is_empty() || path.split('.').any(|s| s.is_empty()) {
         return Err(format!("`{o}`: the path `{path}` is empty or has an empty segment"));
+    }
+    if path.split('.').count() > MAX_OVERRIDE_DEPTH {
+        return Err(format!("`{}…`: the path has more than {MAX_OVERRIDE_DEPTH} segments", o.chars().take(60).collect::<String>()));
     }
     let value: Value = if raw.trim().is_empty() { Value::String(String::new()) } else { serde_yaml::from_str(raw).map_err(|e| format!("`{o}`: the value is not YAML: {e}"))? };
     let segs: Vec<&str> = path.split('.').collect();
@@ -303,14 +328,23 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             n
         }
         None => {
-            if !top.contains_key("name") {
+            if top.contains_key("name") {
+                errs.push(locator.error("name", "must be the run's name, found null"));
+            } else {
                 errs.push(locator.error("", "missing `name` (the run's name)"));
             }
             String::new()
         }
     };
     let description = get_str("description", &mut errs);
-    let run_dir = get_str("run_dir", &mut errs).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    let run_dir = match get_str("run_dir", &mut errs) {
+        Some(d) if d.trim().is_empty() => {
+            errs.push(locator.error("run_dir", "must not be empty (leave it out for runs/<name>)"));
+            PathBuf::from("runs").join(&name)
+        }
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from("runs").join(&name),
+    };
     let seed = match top.get("seed") {
         None | Some(Value::Null) => 0,
         Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),

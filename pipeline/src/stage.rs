@@ -2,7 +2,7 @@
 //! registry of kinds (an explicit table, filled by the binary).
 
 use crate::error::StageError;
-use crate::params::{param_docs, parse_params, ParamDoc, ParamError, Params};
+use crate::params::{param_docs, ParamDoc, ParamError, Params};
 use crate::runtime::StageIo;
 use serde_yaml::Value;
 use std::any::{Any, TypeId};
@@ -188,8 +188,18 @@ impl<D: StageDef> StageKind for KindOf<D> {
         param_docs::<D::Params>()
     }
     fn configure(&self, with: &Value, ctx: &StageContext) -> Result<Box<dyn Configured>, Vec<ParamError>> {
-        let params = parse_params::<D::Params>(with)?;
-        let errors = D::validate(&params, ctx);
+        let (params, mut errors) = crate::params::parse_params_partial::<D::Params>(with);
+        let Some(params) = params else { return Err(errors) };
+        if errors.is_empty() {
+            errors = D::validate(&params, ctx);
+        } else {
+            // The stage's own checks over what is well typed, unless a field already has an
+            // error (its default stands in for it, so a check on it would mislead).
+            let top = |f: &str| f.trim_start_matches('/').split(['.', '[', '/']).next().unwrap_or("").to_string();
+            let bad: Vec<String> = errors.iter().map(|e| top(&e.field)).collect();
+            let more: Vec<ParamError> = D::validate(&params, ctx).into_iter().filter(|e| !bad.contains(&top(&e.field))).collect();
+            errors.extend(more);
+        }
         if !errors.is_empty() {
             return Err(errors);
         }

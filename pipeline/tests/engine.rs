@@ -260,9 +260,65 @@ impl Stage for Text {
     }
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+struct FileParams {
+    /// A file that must exist (checked on the machine, by `validate`).
+    path: String,
+    /// At most 10.
+    n: u64,
+}
+impl Params for FileParams {
+    fn check(&self) -> Vec<ParamError> {
+        if self.n > 10 {
+            vec![ParamError::new("n", format!("must be at most 10, got {}", self.n))]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// A sink whose `validate` looks at the file system; its resume query fails for a `path`
+/// ending in `fail-before-start`.
+struct FileSource;
+impl StageDef for FileSource {
+    type Params = FileParams;
+    const KIND: &'static str = "test.file";
+    const DOC: &'static str = "checks a file";
+    fn inputs() -> Vec<Port> {
+        vec![Port::of::<u64>("in", "numbers")]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn validate(p: &FileParams, _: &StageContext) -> Vec<ParamError> {
+        if std::path::Path::new(&p.path).exists() {
+            vec![]
+        } else {
+            vec![ParamError::new("path", format!("{} does not exist", p.path))]
+        }
+    }
+    fn resume_skip(p: &FileParams, _: &StageContext) -> Result<u64, StageError> {
+        if p.path.ends_with("fail-before-start") {
+            Err(StageError::failed("cannot read what an earlier attempt left"))
+        } else {
+            Ok(0)
+        }
+    }
+    fn create(_: &FileParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(FileSource)
+    }
+}
+impl Stage for FileSource {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        while io.recv::<u64>(0)?.is_some() {}
+        Ok(())
+    }
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
-    r.with::<Nums>().with::<Square>().with::<Collect>().with::<BigSource>().with::<SlowSink>().with::<Text>();
+    r.with::<Nums>().with::<Square>().with::<Collect>().with::<BigSource>().with::<SlowSink>().with::<Text>().with::<FileSource>();
     r
 }
 
@@ -474,4 +530,123 @@ fn a_parallel_stage_with_an_unconnected_output_does_not_stall() {
     let summary = run_spec("name: t\nchannel_capacity: 2\nstages:\n  nums: { kind: test.nums, with: { n: 200 } }\n  sq: { kind: test.square, from: nums, workers: 3 }\n").unwrap();
     let sq = summary.stages.iter().find(|s| s.stage == "sq").unwrap();
     assert_eq!((sq.items_in, sq.items_out), (200, 200));
+}
+
+#[test]
+fn every_error_once_and_where_it_comes_from() {
+    // A stage's own checks (the file system) are reported alongside its parameter errors, but
+    // not on a field that already has one.
+    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: { path: /no/such/file, n: 99 } }\n");
+    assert!(errs.iter().any(|e| e.contains("stages.f.with.n") && e.contains("at most 10")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("stages.f.with.path") && e.contains("does not exist")), "{errs:#?}");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: { path: [1], n: 3 } }\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("stages.f.with.path") && errs[0].contains("invalid type"), "{errs:#?}");
+    // A `from:` or `with:` that cannot be read is one error, not two.
+    for from in ["5", "'a.b.c'", "''"] {
+        let errs = errors_of(&format!("name: t\nstages:\n  a: {{ kind: test.nums }}\n  b: {{ kind: test.collect, from: {from} }}\n"));
+        assert_eq!(errs.len(), 1, "from: {from}: {errs:#?}");
+        assert!(errs[0].contains("stages.b.from"), "{errs:#?}");
+    }
+    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: [1, 2] }\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("stages.f.with") && errs[0].contains("must be a mapping"), "{errs:#?}");
+    // A null name or an empty run_dir would put the run's files in the wrong place.
+    let errs = errors_of("name:\nstages:\n  a: { kind: test.nums }\n");
+    assert!(errs.iter().any(|e| e.contains("bad.yaml:1: name") && e.contains("null")), "{errs:#?}");
+    let errs = errors_of("name: t\nrun_dir: ''\nstages:\n  a: { kind: test.nums }\n");
+    assert!(errs.iter().any(|e| e.contains("run_dir") && e.contains("must not be empty")), "{errs:#?}");
+    // Unknown kinds are matched on their last part too.
+    let errs = errors_of("name: t\nstages:\n  a: { kind: nums }\n");
+    assert!(errs.iter().any(|e| e.contains("(did you mean `test.nums`")), "{errs:#?}");
+}
+
+#[test]
+fn errors_made_by_overrides_point_at_set() {
+    let yaml = "name: t\nstages:\n  a: { kind: test.nums }\n";
+    let load = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        match pipeline::load_str(yaml, "t.yaml", &sets).and_then(|s| pipeline::validate(s, &registry()).map(|_| ())) {
+            Ok(()) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        }
+    };
+    let errs = load(&["x.y=z"]);
+    assert_eq!(errs, vec!["--set: x: unknown top-level key".to_string()]);
+    let errs = load(&["stages.nosuch.with.n=1"]);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("--set: stages.nosuch:") && errs[0].contains("kind"), "{errs:#?}");
+    // A path the file defines still points at the file.
+    let errs = load(&["stages.b.from=a"]);
+    assert!(errs.iter().all(|e| !e.starts_with("t.yaml")), "{errs:#?}");
+    // Depth is bounded, not a stack overflow.
+    let deep = format!("{}=1", vec!["k"; 100_000].join("."));
+    let errs = load(&[deep.as_str()]);
+    assert!(errs.len() == 1 && errs[0].contains("more than 64 segments"), "{errs:#?}");
+}
+
+#[test]
+fn a_run_that_fails_before_starting_is_recorded_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let marker = dir.path().join("fail-before-start");
+    std::fs::write(&marker, "x").unwrap();
+    let yaml = format!("name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n  f: {{ kind: test.file, from: a, with: {{ path: {} }} }}\n", run_dir.display(), marker.display());
+    let go = || pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force: false, quiet: true }, &CancelToken::new());
+    let err = go().unwrap_err().to_string();
+    assert!(err.contains("stage `f`") && err.contains("earlier attempt"), "{err}");
+    let st = pipeline::RunStatus::read(&run_dir).unwrap();
+    assert_eq!(st.status, "failed");
+    assert!(st.error.as_deref().unwrap_or("").contains("earlier attempt"), "{st:?}");
+    go().unwrap_err();
+    assert_eq!(pipeline::RunStatus::read(&run_dir).unwrap().attempts, 2);
+}
+
+#[test]
+fn an_io_error_names_its_cause_once() {
+    // The run directory lies below a plain file: nothing can be written, and the error says why
+    // once (the command line prints the error with its sources).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain");
+    std::fs::write(&file, "x").unwrap();
+    let yaml = format!("name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n", file.join("run").display());
+    let err = pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force: false, quiet: true }, &CancelToken::new()).unwrap_err();
+    let chain = anyhow_like(&err);
+    assert_eq!(chain.matches("os error").count(), 1, "the cause is printed once: {chain}");
+}
+
+/// `{:#}`-style chain of an error and its sources, as the command line prints it.
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
+}
+
+#[test]
+fn the_same_spec_written_differently_is_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let go =
+        |yaml: String, force: bool| pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force, quiet: true }, &CancelToken::new());
+    let rd = run_dir.display();
+    go(format!("name: t\nrun_dir: {rd}\nseed: 3\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 3, sleep_ms: 0 }} }}\n"), false).unwrap();
+    // Keys in another order: the same spec.
+    go(format!("seed: 3\nname: t\nrun_dir: {rd}\nstages:\n  nums: {{ with: {{ sleep_ms: 0, n: 3 }}, kind: test.nums }}\n"), false).unwrap();
+    // A changed value is named.
+    let err = go(format!("name: t\nrun_dir: {rd}\nseed: 4\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 5, sleep_ms: 0 }} }}\n"), false).unwrap_err().to_string();
+    assert!(err.contains("different spec") && err.contains("seed") && err.contains("stages.nums.with.n"), "{err}");
+    // 1 and 1.0 are the same number.
+    let mut changed = Vec::new();
+    let a: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{x: 1, y: [1, 2.5], z: {q: true}}").unwrap();
+    let b: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{z: {q: true}, y: [1.0, 2.5], x: 1.0}").unwrap();
+    pipeline::runtime::spec_diff(&a, &b, "", &mut changed);
+    assert!(changed.is_empty(), "{changed:?}");
+    let c: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{x: 2, y: [1, 2.5, 3], w: 0}").unwrap();
+    pipeline::runtime::spec_diff(&a, &c, "", &mut changed);
+    assert_eq!(changed, vec!["x", "y", "z", "w"]);
 }

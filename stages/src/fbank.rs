@@ -421,9 +421,16 @@ impl StageDef for FeaturesFbank {
         }
         let path = p.stats_path(ctx);
         match crate::features_io::FeatureStats::load(&path) {
-            Ok(st) if st.dim != p.kaldi.num_mel_bins * p.stack => vec![ParamError::new(
+            Ok(st) if Some(st.dim) != p.kaldi.num_mel_bins.checked_mul(p.stack) => vec![ParamError::new(
                 "stats",
-                format!("{} holds statistics of {}-dimensional features; this stage makes {} × {} = {}", path.display(), st.dim, p.kaldi.num_mel_bins, p.stack, p.kaldi.num_mel_bins * p.stack),
+                format!(
+                    "{} holds statistics of {}-dimensional features; this stage makes {} × {} = {}",
+                    path.display(),
+                    st.dim,
+                    p.kaldi.num_mel_bins,
+                    p.stack,
+                    p.kaldi.num_mel_bins.saturating_mul(p.stack)
+                ),
             )],
             Ok(_) => Vec::new(),
             Err(e) => vec![ParamError::new("stats", format!("{e}; run a spec with `features.stats` (over `normalize: none` features) first"))],

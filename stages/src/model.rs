@@ -195,18 +195,42 @@ impl ModelConfig {
             Some(serde_yaml::Value::String(s)) if s == "base" => ModelConfig::base(),
             Some(other) => return Err(vec![("model.preset".into(), format!("must be `tiny` or `base`, got {}", crate::model::yaml_brief(other)))]),
         };
-        let mut merged = serde_yaml::to_value(&preset).map_err(|e| vec![("model".into(), e.to_string())])?;
+        let preset_value = serde_yaml::to_value(&preset).map_err(|e| vec![("model".into(), e.to_string())])?;
+        let mut merged = preset_value.clone();
         merge(&mut merged, v);
-        let cfg: ModelConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
-            let p = e.path().to_string();
-            let path = if p == "." || p.is_empty() { "model".to_string() } else { format!("model.{p}") };
-            vec![(path, e.inner().to_string())]
-        })?;
-        let errs = cfg.check();
-        if errs.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(errs)
+        // Every mistyped or unknown field: report it, put the preset's value (or nothing) in its
+        // place and read again, so that one pass reports them all.
+        let mut errs: Vec<(String, String)> = Vec::new();
+        let cfg = loop {
+            match serde_path_to_error::deserialize::<_, ModelConfig>(merged.clone()) {
+                Ok(cfg) => break Some(cfg),
+                Err(e) => {
+                    let p = e.path().to_string();
+                    let path = if p == "." || p.is_empty() { "model".to_string() } else { format!("model.{p}") };
+                    errs.push((path, e.inner().to_string()));
+                    let segs: Vec<String> = e
+                        .path()
+                        .iter()
+                        .filter_map(|s| match s {
+                            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                            _ => None,
+                        })
+                        .collect();
+                    if errs.len() > 64 || segs.is_empty() || !replace_at(&mut merged, &preset_value, &segs) {
+                        break None;
+                    }
+                }
+            }
+        };
+        let reported: Vec<String> = errs.iter().map(|(p, _)| p.clone()).collect();
+        if let Some(cfg) = &cfg {
+            // Consistency checks over what was readable, except on fields already reported.
+            errs.extend(cfg.check().into_iter().filter(|(p, _)| !reported.iter().any(|r| r == p || p.starts_with(&format!("{r}.")))));
+        }
+        match cfg {
+            Some(cfg) if errs.is_empty() => Ok(cfg),
+            _ => Err(errs),
         }
     }
 
@@ -278,6 +302,53 @@ impl ModelConfig {
 
 pub(crate) fn yaml_brief(v: &serde_yaml::Value) -> String {
     serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// Puts `preset`'s value at `path` into `v` (or removes the key where the preset has none).
+/// False when nothing could be changed.
+fn replace_at(v: &mut serde_yaml::Value, preset: &serde_yaml::Value, path: &[String]) -> bool {
+    use serde_yaml::Value;
+    let Some((head, rest)) = path.split_first() else { return false };
+    let sub = |p: &Value| -> Option<Value> {
+        match p {
+            Value::Mapping(m) => m.get(head.as_str()).cloned(),
+            Value::Sequence(s) => head.parse::<usize>().ok().and_then(|i| s.get(i).cloned()),
+            _ => None,
+        }
+    };
+    let pre = sub(preset);
+    match v {
+        Value::Mapping(m) => {
+            let key = Value::String(head.clone());
+            if rest.is_empty() {
+                return match pre {
+                    Some(p) => {
+                        m.insert(key, p);
+                        true
+                    }
+                    None => m.remove(&key).is_some(),
+                };
+            }
+            match m.get_mut(&key) {
+                Some(child) => replace_at(child, pre.as_ref().unwrap_or(&Value::Null), rest),
+                None => false,
+            }
+        }
+        Value::Sequence(s) => {
+            let Some(i) = head.parse::<usize>().ok().filter(|&i| i < s.len()) else { return false };
+            if rest.is_empty() {
+                match pre {
+                    Some(p) => s[i] = p,
+                    None => {
+                        s.remove(i);
+                    }
+                }
+                return true;
+            }
+            replace_at(&mut s[i], pre.as_ref().unwrap_or(&Value::Null), rest)
+        }
+        _ => false,
+    }
 }
 
 fn merge(base: &mut serde_yaml::Value, over: &serde_yaml::Value) {

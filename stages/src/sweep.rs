@@ -113,5 +113,8 @@ pub fn is_finished(run: &SweepRun, resolved: &Value) -> bool {
         return false;
     }
     let Ok(old) = std::fs::read_to_string(run.run_dir.join("spec.yaml")) else { return false };
-    serde_yaml::to_string(resolved).is_ok_and(|t| t == old)
+    let Ok(old) = serde_yaml::from_str::<Value>(&old) else { return false };
+    let mut changed = Vec::new();
+    pipeline::runtime::spec_diff(&old, resolved, "", &mut changed);
+    changed.is_empty()
 }

@@ -203,9 +203,7 @@ pub fn validate_model(ctx: &StageContext) -> Vec<ParamError> {
     if let Err(errs) = ModelConfig::from_spec(ctx.model.as_ref()) {
         e.extend(errs.into_iter().map(|(p, m)| ParamError::new(format!("/{p}"), m)));
     }
-    if ctx.device != "cpu" && !ctx.device.starts_with("cuda:") {
-        e.push(ParamError::new("/device", format!("unknown device `{}` (cpu or cuda:N)", ctx.device)));
-    }
+    // Unknown device names are the spec's own check (`device`); not repeated here.
     e
 }
 
