@@ -148,6 +148,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         },
         Command::Run { spec, set, force, quiet } => {
+            if force {
+                // A run of another spec in the run directory is moved aside before validation
+                // (which would otherwise read its checkpoints).
+                if let Ok(s) = pipeline::load(&spec, &set) {
+                    pipeline::runtime::claim_run_dir(&s)?;
+                }
+            }
             let plan = match load_plan(&spec, &set) {
                 Ok(p) => p,
                 Err(errs) => {
@@ -269,6 +276,27 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
         }
         if stop.load(Ordering::SeqCst) {
             break;
+        }
+        let mut plan = plan;
+        if force {
+            // Move a run of another spec aside first, then validate again (validation reads the
+            // run directory's checkpoints).
+            match pipeline::runtime::claim_run_dir(&plan.spec) {
+                Ok(None) => {}
+                Ok(Some(_)) => match pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string())) {
+                    Ok(p) => plan = p,
+                    Err(e) => {
+                        eprintln!("{}: {e}", r.name);
+                        outcome.push((r.clone(), format!("failed: {e}")));
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    eprintln!("{}: {e}", r.name);
+                    outcome.push((r.clone(), format!("failed: {e}")));
+                    continue;
+                }
+            }
         }
         eprintln!("[{}/{n}] {}: running {} into {}", i + 1, r.name, r.spec.display(), r.run_dir.display());
         // Without --force a run directory that holds another spec's run is refused (as `ehmam run`

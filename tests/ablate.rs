@@ -75,8 +75,12 @@ fn a_sweep_runs_its_grid_skips_finished_runs_and_summarises() {
     // The resolved spec carries the grid's value.
     let spec = std::fs::read_to_string(out.join("hard_only-alpha=0.05/spec.yaml")).unwrap();
     assert!(spec.contains("alpha: 0.05") && spec.contains("kind: mask.hard"), "{spec}");
-    // A rerun skips all four, and a changed grid point runs only the new one.
-    let second = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // A rerun skips all four (whatever the spelling of --out), and a changed grid point runs
+    // only the new one.
+    let mut a2 = a.clone();
+    let o = a2.iter().position(|s| s == "--out").unwrap() + 1;
+    a2[o] = tmp.path().join(".").join("sweep").display().to_string();
+    let second = ok(&a2.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(second.matches("skipped (finished)").count(), 4, "{second}");
     let mut b = args(&[]);
     let g = b.iter().position(|s| s.starts_with("stages.student.with.alpha=")).unwrap();
@@ -139,6 +143,32 @@ fn the_report_compares_runs_with_probe_and_masking_analysis() {
         assert!(h > 0.0 && rnd > 0.0);
         assert!((h / rnd - ratio).abs() < 0.006, "{r:?}");
     }
+    // A second run of the same name (a copy without checkpoints, as a run stopped before its
+    // first): rows labelled by directory, each from its own tables; the probe names the run it
+    // could not probe and the report is still written.
+    let twin = tmp.path().join("twin").join("easy_to_hard");
+    std::fs::create_dir_all(&twin).unwrap();
+    for e in std::fs::read_dir(&dirs[1]).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), twin.join(e.file_name())).unwrap();
+        } else if e.file_name() != "checkpoints" {
+            let to = twin.join(e.file_name());
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let out3 = tmp.path().join("r3");
+    ok(&["report", dirs[1].to_str().unwrap(), twin.to_str().unwrap(), "--out", out3.to_str().unwrap(), "--no-masking"]);
+    let md = std::fs::read_to_string(out3.join("report.md")).unwrap();
+    for d in [&dirs[1], &twin] {
+        let row = md.lines().find(|l| l.starts_with(&format!("| {} | mask.easy_to_hard", d.display()))).unwrap_or_else(|| panic!("no row for {}: {md}", d.display()));
+        assert_eq!(row.split('|').map(str::trim).nth(5), Some("4"), "4 updates each, not merged: {row}");
+    }
+    assert!(md.contains("Not probed: `") && md.contains("no checkpoint"), "{md}");
     // Tables only.
     let o = ok(&["report", dirs[1].to_str().unwrap(), "--out", tmp.path().join("r2").to_str().unwrap(), "--no-probe"]);
     assert!(!o.contains("masking.png"));

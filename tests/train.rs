@@ -33,7 +33,7 @@ fn train(run: &Path, extra: &[&str]) -> String {
         "model.encoder.dropout=0.0".into(),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
-    let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into(), "--force".into()];
+    let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
     for s in &sets {
         args.push("--set".into());
         args.push(s.clone());

@@ -15,6 +15,8 @@ pub struct Node {
     pub capacity: usize,
     pub parallel: bool,
     pub honors_skip: bool,
+    /// Parameters whose change between attempts continues the run (see `StageDef::CONTINUABLE`).
+    pub continuable: &'static [&'static str],
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     /// For each input port: (producer node, producer output port).
@@ -279,6 +281,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             capacity: s.capacity.unwrap_or(spec.channel_capacity),
             parallel,
             honors_skip,
+            continuable: registry.get(&s.kind).map_or(&[], |k| k.continuable()),
             inputs,
             outputs,
             sources: slots.into_iter().flatten().collect(),

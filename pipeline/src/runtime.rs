@@ -404,12 +404,20 @@ fn prepare_run_dir(plan: &Plan, opts: &RunOptions) -> Result<PathBuf, RunError> 
     std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
     let text = serde_yaml::to_string(&plan.spec.resolved).map_err(|e| RunError::Other(format!("cannot serialise the spec: {e}")))?;
     let path = dir.join("spec.yaml");
-    if let Ok(old) = std::fs::read_to_string(&path) {
-        // Compared as values: key order and 1 vs 1.0 do not make a different spec.
-        let mut changed = Vec::new();
-        match serde_yaml::from_str::<serde_yaml::Value>(&old) {
-            Ok(old) => spec_diff(&old, &plan.spec.resolved, "", &mut changed),
-            Err(_) => changed.push("(the saved spec.yaml is not YAML)".to_string()),
+    {
+        let mut changed = saved_spec_changes(&dir, &plan.spec.resolved);
+        // Continuable parameters (a trainer's max_steps) continue the run; said, not refused.
+        let cont: Vec<String> = plan.nodes.iter().flat_map(|n| n.continuable.iter().map(move |p| format!("stages.{}.with.{p}", n.id))).collect();
+        let continued: Vec<String> = changed.iter().filter(|c| cont.contains(c)).cloned().collect();
+        changed.retain(|c| !cont.contains(c));
+        if changed.is_empty() && !continued.is_empty() && !opts.quiet {
+            eprintln!("{}: continuing the run there with a changed {}", dir.display(), continued.join(", "));
+        }
+        if !changed.is_empty() && opts.force {
+            // Validation may have read the earlier run (a checkpoint to resume from): a caller
+            // that forces must claim the directory before validating (`claim_run_dir`).
+            move_aside(&dir, &changed)?;
+            std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
         }
         if !changed.is_empty() && !opts.force {
             let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
@@ -425,6 +433,52 @@ fn prepare_run_dir(plan: &Plan, opts: &RunOptions) -> Result<PathBuf, RunError> 
     let tmp = dir.join("spec.yaml.tmp");
     std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)).map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), cause: e })?;
     Ok(dir)
+}
+
+/// What differs between the spec saved in `dir` (if any) and `resolved`.
+fn saved_spec_changes(dir: &Path, resolved: &serde_yaml::Value) -> Vec<String> {
+    match std::fs::read_to_string(dir.join("spec.yaml")) {
+        Err(_) => Vec::new(),
+        Ok(old) => match serde_yaml::from_str::<serde_yaml::Value>(&old) {
+            Ok(old) => run_spec_changes(&old, resolved),
+            Err(_) => vec!["(the saved spec.yaml is not YAML)".to_string()],
+        },
+    }
+}
+
+/// Moves an earlier run out of the way (`DIR.replaced-N`), whole: nothing is deleted.
+fn move_aside(dir: &Path, changed: &[String]) -> Result<PathBuf, RunError> {
+    let aside = (1..).map(|k| PathBuf::from(format!("{}.replaced-{k}", dir.display()))).find(|p| !p.exists()).unwrap_or_else(|| dir.with_extension("replaced"));
+    std::fs::rename(dir, &aside).map_err(|e| RunError::Io { context: format!("cannot move the earlier run {} aside to {}", dir.display(), aside.display()), cause: e })?;
+    eprintln!("--force: {} held a run of a different spec (changed: {}); moved it to {}", dir.display(), changed.iter().take(5).cloned().collect::<Vec<_>>().join(", "), aside.display());
+    Ok(aside)
+}
+
+/// `--force` before validation: when the spec's run directory holds a run of a different spec,
+/// moves that run aside (`RUN_DIR.replaced-N`) so that the new one starts afresh and validation
+/// does not read the old run's checkpoints. Returns where it went, if it moved.
+pub fn claim_run_dir(spec: &crate::Spec) -> Result<Option<PathBuf>, RunError> {
+    let changed = saved_spec_changes(&spec.run_dir, &spec.resolved);
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    move_aside(&spec.run_dir, &changed).map(Some)
+}
+
+/// What differs between the spec saved in a run directory and the one about to run there:
+/// [`spec_diff`] without the top-level `run_dir` (the same directory may be named differently,
+/// `runs/x` or `./runs/x`).
+pub fn run_spec_changes(old: &serde_yaml::Value, new: &serde_yaml::Value) -> Vec<String> {
+    let strip = |v: &serde_yaml::Value| {
+        let mut v = v.clone();
+        if let serde_yaml::Value::Mapping(m) = &mut v {
+            m.remove("run_dir");
+        }
+        v
+    };
+    let mut changed = Vec::new();
+    spec_diff(&strip(old), &strip(new), "", &mut changed);
+    changed
 }
 
 /// The paths at which two resolved specs differ. Mappings compare key by key whatever their
@@ -664,8 +718,27 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     drop(in_tx);
     drop(in_rx);
 
-    // Plain progress lines when not on a terminal.
     let finished = Arc::new(AtomicBool::new(false));
+    // run.json keeps the wall time of this attempt up to date (every 10 s), so an attempt that
+    // is killed still counts in "wall time over all attempts".
+    let heartbeat = {
+        let finished = finished.clone();
+        let dir = run_dir.clone();
+        let (prior_wall, prior_attempts) = (prior_wall, prior_attempts);
+        std::thread::spawn(move || {
+            let mut tick = 0u64;
+            while !finished.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                tick += 1;
+                if tick.is_multiple_of(100) && !finished.load(Ordering::SeqCst) {
+                    let st = RunStatus { status: "running".into(), wall_s: prior_wall + started.elapsed().as_secs_f64(), attempts: prior_attempts + 1, error: None };
+                    let _ = st.write(&dir);
+                }
+            }
+        })
+    };
+    // Plain progress lines when not on a terminal.
+
     let reporter = if !opts.quiet && !show_bars {
         let finished = finished.clone();
         let progress = progress.clone();
@@ -676,7 +749,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
             while !finished.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
                 tick += 1;
-                if tick % 100 != 0 {
+                if !tick.is_multiple_of(100) {
                     continue;
                 }
                 for (i, p) in progress.iter().enumerate() {
@@ -697,6 +770,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         let _ = h.join();
     }
     finished.store(true, Ordering::SeqCst);
+    let _ = heartbeat.join();
     if let Some(r) = reporter {
         let _ = r.join();
     }

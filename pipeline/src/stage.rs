@@ -114,6 +114,8 @@ pub trait StageKind: Send + Sync {
     fn parallel(&self) -> bool;
     /// A source that skips the leading items its consumer already holds (resume).
     fn honors_skip(&self) -> bool;
+    /// Parameters whose change continues a run instead of making it another one.
+    fn continuable(&self) -> &'static [&'static str];
     fn params(&self) -> Vec<ParamDoc>;
     /// Checks parameters (every error, paths relative to `with`) and returns the configured stage.
     fn configure(&self, with: &Value, ctx: &StageContext) -> Result<Box<dyn Configured>, Vec<ParamError>>;
@@ -137,6 +139,9 @@ pub trait StageDef: Stage + Sized + 'static {
     const PARALLEL: bool = false;
     /// Sources that honour [`StageIo::skip_leading`].
     const HONORS_SKIP: bool = false;
+    /// Parameters that may change between attempts of one run without making it another run
+    /// (e.g. a trainer's `max_steps`: a rerun with a larger one trains on from the checkpoint).
+    const CONTINUABLE: &'static [&'static str] = &[];
     fn inputs() -> Vec<Port>;
     fn outputs() -> Vec<Port>;
     /// Checks that need the context (paths exist, device, model block); every error reported.
@@ -183,6 +188,9 @@ impl<D: StageDef> StageKind for KindOf<D> {
     }
     fn honors_skip(&self) -> bool {
         D::HONORS_SKIP
+    }
+    fn continuable(&self) -> &'static [&'static str] {
+        D::CONTINUABLE
     }
     fn params(&self) -> Vec<ParamDoc> {
         param_docs::<D::Params>()

@@ -470,7 +470,13 @@ fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
     go(mk(3), false).unwrap();
     let err = go(mk(4), false).unwrap_err();
     assert!(err.to_string().contains("different spec"), "{err}");
+    // --force starts afresh: the earlier run is moved aside whole, not continued.
+    std::fs::write(run_dir.join("left-by-the-old-run"), "x").unwrap();
     go(mk(4), true).unwrap();
+    let aside = dir.path().join("run.replaced-1");
+    assert!(aside.join("left-by-the-old-run").is_file() && aside.join("spec.yaml").is_file());
+    assert!(!run_dir.join("left-by-the-old-run").exists());
+    assert_eq!(pipeline::RunStatus::read(&run_dir).unwrap().attempts, 1);
 }
 
 #[test]

@@ -413,7 +413,7 @@ impl<R: Rows> TableWriter<R> {
             eprintln!(
                 "{}: resuming at step {k}: replaced {} of an earlier attempt's rows from step {k} on in {} ({dropped} parts deleted)",
                 self.who,
-                if cut > 0 { format!("{cut}+") } else { "the".to_string() },
+                if cut > 0 { format!("{cut}+") } else { "those".to_string() },
                 self.dir.display()
             );
         }

@@ -9,8 +9,8 @@
 //! - **Probe** of representation quality: the run's data stages (its own reader and features,
 //!   one pass, no shuffling) give every utterance's features; the frozen student encoder's last
 //!   block, mean-pooled over time, is the representation; a multinomial logistic regression
-//!   (standardised inputs, L2) is trained on 3/4 of the utterances of each class and tested on the
-//!   rest, for speaker and for phrase (the transcript, when utterances share it). The same probe
+//!   (standardised inputs, L2) is tested on every 4th utterance of each class (hashed order) and
+//!   trained on the others, for speaker and for phrase (the transcript, when utterances share it). The same probe
 //!   on the same architecture at its random initialisation is the baseline.
 //! - **Masking analysis** (the paper's Fig. 5): on each trained model, hide the top X % of each
 //!   held-out utterance's frames by the teacher's predicted loss, or X % at random, X = 10…50 %; compare
@@ -133,17 +133,27 @@ fn masking_of(spec: &Value) -> (String, f64) {
     (masking, alpha)
 }
 
-/// The summary rows of the runs (one SQL session over all of them).
+/// How each run is named in the report: its spec's name, or its directory where several runs
+/// share a name.
+pub fn run_labels(run_dirs: &[PathBuf]) -> Vec<String> {
+    let names: Vec<String> = run_dirs.iter().map(|d| crate::sql::run_name(d)).collect();
+    names.iter().zip(run_dirs).map(|(n, d)| if names.iter().filter(|m| *m == n).count() > 1 { d.display().to_string() } else { n.clone() }).collect()
+}
+
+/// The summary rows of the runs (each from its own run directory's tables).
 pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportError> {
-    let session = Session::open(run_dirs)?;
     let mut rows = Vec::new();
-    for dir in run_dirs {
+    let labels = run_labels(run_dirs);
+    for (dir, label) in run_dirs.iter().zip(labels) {
+        // One session per run directory: two runs of the same name (seed replicates in two
+        // sweeps) never mix.
+        let session = Session::open(std::slice::from_ref(dir))?;
         let run = crate::sql::run_name(dir);
         let spec = spec_of(dir).unwrap_or(Value::Null);
         let (masking, alpha) = masking_of(&spec);
         let status = pipeline::RunStatus::read(dir);
         let mut row = RunRow {
-            run: run.clone(),
+            run: label,
             dir: dir.clone(),
             masking,
             alpha,
@@ -161,9 +171,11 @@ pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportE
             let b = session.query(&format!("SELECT count(*) AS n, max(step) AS last FROM steps WHERE run = {r}"))?;
             let n = f64s(&b, "n")?.first().copied().unwrap_or(0.0);
             let last = f64s(&b, "last")?.first().copied().unwrap_or(f64::NAN);
-            row.steps = n as u64;
-            if n > 0.0 {
-                let from = (last + 1.0 - (n * tail).ceil().max(1.0)).max(0.0) as i64;
+            if n > 0.0 && last.is_finite() {
+                // Updates = the last step + 1 (rows lost to a crash do not shorten the run).
+                let updates = last + 1.0;
+                row.steps = updates as u64;
+                let from = (updates - (updates * tail).ceil().max(1.0)).max(0.0) as i64;
                 let b =
                     session.query(&format!("SELECT avg(loss_rec) AS rec, avg(rank_agreement) AS ra, avg(masked_frac) AS mf, avg(hard_ratio) AS hr FROM steps WHERE run = {r} AND step >= {from}"))?;
                 row.loss_rec = f64s(&b, "rec")?[0];
@@ -171,10 +183,7 @@ pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportE
                 row.masked_frac = f64s(&b, "mf")?[0];
                 row.hard_ratio = f64s(&b, "hr")?[0];
                 if session.has_table("frames") {
-                    // The same window, or the last logged step when no frames were logged in it.
-                    let b = session.query(&format!("SELECT max(step) AS s FROM frames WHERE run = {r}"))?;
-                    let last_logged = f64s(&b, "s")?.first().copied().unwrap_or(f64::NAN);
-                    let from = if last_logged.is_finite() { from.min(last_logged as i64) } else { from };
+                    // The same window; no figure ("–") when no frames were logged in it.
                     let b = session.query(&format!(
                         "SELECT CAST(sum(CASE WHEN hard THEN 1 ELSE 0 END) AS DOUBLE) / CAST(sum(CASE WHEN masked THEN 1 ELSE 0 END) AS DOUBLE) AS hs FROM frames WHERE run = {r} AND step >= {from}"
                     ))?;
@@ -549,7 +558,11 @@ pub const MASK_SHARES: [f64; 5] = [0.1, 0.2, 0.3, 0.4, 0.5];
 /// Probe (and masking analysis) of one run.
 pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResult, ReportError> {
     let trained = load_trained(run_dir)?;
-    let feats = run_features(run_dir, work)?;
+    let mut feats = run_features(run_dir, work)?;
+    // One row per utterance: a reader over a store written for several epochs gives each
+    // utterance more than once, and a copy on each side of the split would leak.
+    let mut seen = std::collections::HashSet::new();
+    feats.retain(|f| seen.insert(f.utt_id.clone()));
     if feats.is_empty() {
         return Err(ReportError::Input(format!("{}: its data stages gave no utterances", run_dir.display())));
     }
@@ -641,11 +654,16 @@ fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> ReportError + '_
 }
 
 /// L_rec curves, one panel per run, shared axes.
-fn rec_curves(path: &Path, session: &Session, runs: &[String]) -> Result<(), ReportError> {
+fn rec_curves(path: &Path, run_dirs: &[PathBuf], labels: &[String]) -> Result<(), ReportError> {
     let mut series = Vec::new();
-    for r in runs {
-        let b = session.query(&format!("SELECT step, loss_rec FROM steps WHERE run = {} ORDER BY step", lit(r)))?;
-        series.push((r.clone(), f64s(&b, "step")?, f64s(&b, "loss_rec")?));
+    for (dir, label) in run_dirs.iter().zip(labels) {
+        let session = Session::open(std::slice::from_ref(dir))?;
+        if !session.has_table("steps") {
+            series.push((label.clone(), Vec::new(), Vec::new()));
+            continue;
+        }
+        let b = session.query(&format!("SELECT step, loss_rec FROM steps WHERE run = {} ORDER BY step", lit(&crate::sql::run_name(dir))))?;
+        series.push((label.clone(), f64s(&b, "step")?, f64s(&b, "loss_rec")?));
     }
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for (_, s, v) in &series {
@@ -677,6 +695,10 @@ fn rec_curves(path: &Path, session: &Session, runs: &[String]) -> Result<(), Rep
             })
             .collect();
         chart.draw_series(LineSeries::new(avg, RGBColor(31, 119, 180).stroke_width(2))).map_err(draw_err(path))?;
+        if pts.len() <= 60 {
+            // Short runs: the points themselves (a single update draws no line).
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, RGBColor(31, 119, 180).filled()))).map_err(draw_err(path))?;
+        }
     }
     root.present().map_err(draw_err(path))?;
     Ok(())
@@ -735,17 +757,28 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
     md.push_str(&summary_markdown(&rows));
     let mut files = Vec::new();
     let rec = opts.out.join("rec_loss.png");
-    rec_curves(&rec, &session, &rows.iter().map(|r| r.run.clone()).collect::<Vec<_>>())?;
+    rec_curves(&rec, run_dirs, &rows.iter().map(|r| r.run.clone()).collect::<Vec<_>>())?;
     md.push_str("\n![L_rec per run](rec_loss.png)\n");
     files.push(rec);
     if opts.probe {
         let work = tempfile::tempdir().map_err(|e| ReportError::Input(format!("temporary directory: {e}")))?;
         let mut results = Vec::new();
+        let mut skipped = Vec::new();
         for (i, d) in run_dirs.iter().enumerate() {
             eprintln!("report: probing {} ({}/{})", d.display(), i + 1, run_dirs.len());
-            results.push(probe_run(d, &work.path().join(format!("{i}")), opts.masking)?);
+            // A run that cannot be probed (no checkpoint yet, no labels) is named, not fatal.
+            match probe_run(d, &work.path().join(format!("{i}")), opts.masking) {
+                Ok(mut r) => {
+                    r.run = rows[i].run.clone();
+                    results.push(r);
+                }
+                Err(e) => {
+                    eprintln!("report: no probe for {}: {e}", d.display());
+                    skipped.push(format!("`{}`: {e}", rows[i].run));
+                }
+            }
         }
-        md.push_str("\n## Linear probe on frozen representations\n\nMean-pooled output of the student's last block (all frames visible), multinomial logistic regression on standardised features (L2 0.01); trained on 3/4 of each class's utterances, tested on the rest. Baseline: the same probe on the same architecture at its random initialisation (what training adds; the mean-pooled input features themselves carry nothing once normalised per utterance).\n\n");
+        md.push_str("\n## Linear probe on frozen representations\n\nMean-pooled output of the student's last block (all frames visible), multinomial logistic regression on standardised features (L2 0.01); tested on every 4th utterance of each class (in an order fixed by a hash of its id, at least one), trained on the others; the test utterances are held out from the probe, not from pre-training. Baseline: the same probe on the same architecture at its random initialisation (what training adds; the mean-pooled input features themselves carry nothing once normalised per utterance).\n\n");
         let names: Vec<String> = results.first().map(|r| r.accuracy.iter().map(|a| a.0.clone()).collect()).unwrap_or_default();
         md.push_str("| run | update |");
         for n in &names {
@@ -765,6 +798,9 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
         }
         if let Some(r) = results.first() {
             md.push_str(&format!("\n{}\n", r.accuracy.iter().map(|a| format!("{}: {} classes, {} test utterances.", a.0, a.3, a.4)).collect::<Vec<_>>().join(" ")));
+        }
+        if !skipped.is_empty() {
+            md.push_str(&format!("\nNot probed: {}.\n", skipped.join("; ")));
         }
         if opts.masking {
             md.push_str("\n## Masking analysis (the paper's Fig. 5)\n\nEach held-out utterance's top-X % frames by the teacher's predicted loss are hidden (hard), or X % chosen at random; the student (eval mode) reconstructs the teacher's targets there. ℓ is the mean per-frame loss on the hidden frames; the probes (trained on unmasked representations) classify the held-out utterances encoded with those frames hidden.\n\n");
@@ -787,9 +823,15 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
                 }
             }
             let p = opts.out.join("masking.png");
-            masking_figure(&p, &results)?;
-            md.push_str("\n![masking analysis](masking.png)\n");
-            files.push(p);
+            if results.is_empty() {
+                md.push_str("\nNo run could be probed, so there is no masking analysis.\n");
+            } else {
+                masking_figure(&p, &results)?;
+            }
+            if !results.is_empty() {
+                md.push_str("\n![masking analysis](masking.png)\n");
+                files.push(p);
+            }
         }
     }
     let path = opts.out.join("report.md");

@@ -480,6 +480,8 @@ pub struct StudentStage {
 
 impl StageDef for StudentStage {
     type Params = StudentParams;
+    /// A rerun with a larger `max_steps` trains on from the last checkpoint (same run).
+    const CONTINUABLE: &'static [&'static str] = &["max_steps"];
     const KIND: &'static str = "student";
     const DOC: &'static str = "Updates the student on masked batches (L = L_rec + α·L_aux), keeps the EMA teacher and publishes\nits weights by version, logs steps and frames, and checkpoints (resumes from the run's last one).";
 
@@ -509,12 +511,22 @@ impl StageDef for StudentStage {
         let cfg = train::model_config(ctx)?;
         let device = train::device(&ctx.device).map_err(StageError::failed)?;
         let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32).map_err(stage_err("student: building the model"))?;
+        let mut resumed_at = None;
         if p.resume {
             if let Some((meta, path)) = train::latest_checkpoint(&ctx.run_dir)? {
                 let tensors = train::load_tensors(&path, &device)?;
                 student.restore(&meta, &tensors).map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
                 eprintln!("{}: resuming from {} (step {})", ctx.stage, path.display(), meta.step);
+                resumed_at = meta.position.map(|p| p.after());
             }
+        }
+        // The data stages start where validation said the checkpoint continues; a checkpoint
+        // that appeared or went away since would put the teacher and the student out of step.
+        if resumed_at != train::announced_resume_position(ctx) {
+            return Err(StageError::failed(format!(
+                "the checkpoints in {} changed between validation and start (a run moved aside or another process writing there); run again",
+                ctx.run_dir.join("checkpoints").display()
+            )));
         }
         Ok(StudentStage { student, cell: WeightCell::of(ctx)?, run_dir: ctx.run_dir.clone() })
     }

@@ -114,7 +114,5 @@ pub fn is_finished(run: &SweepRun, resolved: &Value) -> bool {
     }
     let Ok(old) = std::fs::read_to_string(run.run_dir.join("spec.yaml")) else { return false };
     let Ok(old) = serde_yaml::from_str::<Value>(&old) else { return false };
-    let mut changed = Vec::new();
-    pipeline::runtime::spec_diff(&old, resolved, "", &mut changed);
-    changed.is_empty()
+    pipeline::runtime::run_spec_changes(&old, resolved).is_empty()
 }

@@ -160,6 +160,14 @@ pub fn set_resume_position(ctx: &StageContext, pos: DataPosition) {
     }
 }
 
+/// The position the student announced at validation, whatever the readers (for its own check
+/// at start that the checkpoint it resumes from is still the one validation saw).
+pub fn announced_resume_position(ctx: &StageContext) -> Option<DataPosition> {
+    let s = resume_state(ctx)?;
+    let s = s.lock().unwrap_or_else(|e| e.into_inner());
+    s.position
+}
+
 /// Where the data stages of this plan start: the position after the student's checkpoint, when
 /// the student resumes and exactly one reader can start there (with several readers, or none,
 /// the stream starts from the top and the teacher skips the batches already learned from).
