@@ -166,7 +166,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             {
                 let c = cancel.clone();
                 ctrlc::set_handler(move || {
-                    eprintln!("\nstopping (Ctrl-C)…");
+                    second_interrupt_exits();
+                    eprintln!("\nstopping (Ctrl-C; press again to quit at once)…");
                     c.interrupt();
                 })
                 .context("cannot install the Ctrl-C handler")?;
@@ -250,7 +251,8 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
     {
         let (stop, current) = (stop.clone(), current.clone());
         ctrlc::set_handler(move || {
-            eprintln!("\nstopping the sweep (Ctrl-C)…");
+            second_interrupt_exits();
+            eprintln!("\nstopping the sweep (Ctrl-C; press again to quit at once)…");
             stop.store(true, Ordering::SeqCst);
             if let Ok(c) = current.lock() {
                 c.interrupt();
@@ -331,4 +333,15 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
     }
     let failed = outcome.iter().any(|(_, o)| o.starts_with("failed")) || outcome.len() < n;
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// A second Ctrl-C quits at once (exit status 130), for a stage stuck in a long computation.
+/// Every output is written to a temporary name and renamed when complete, and `run.json` still
+/// says `running`, so nothing left behind reads as finished.
+fn second_interrupt_exits() {
+    static PRESSED: AtomicBool = AtomicBool::new(false);
+    if PRESSED.swap(true, Ordering::SeqCst) {
+        eprintln!("\nquitting (second Ctrl-C)");
+        std::process::exit(130);
+    }
 }
