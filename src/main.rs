@@ -229,10 +229,11 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
     let runs = stages::sweep::plan(specs, &axes, set, out).map_err(anyhow::Error::msg)?;
     // Every run is validated before any starts.
     let registry = stages::registry();
+    let validate = |r: &stages::sweep::SweepRun| pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string()));
     let mut plans = Vec::new();
     let mut bad = false;
     for r in &runs {
-        match pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string())) {
+        match validate(r) {
             Ok(p) => plans.push(Some(p)),
             Err(e) => {
                 eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
@@ -283,16 +284,9 @@ fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Pa
         if force {
             // Move a run of another spec aside first, then validate again (validation reads the
             // run directory's checkpoints).
-            match pipeline::runtime::claim_run_dir(&plan.spec) {
+            match pipeline::runtime::claim_run_dir(&plan.spec).map_err(|e| e.to_string()).and_then(|moved| moved.map(|_| validate(r)).transpose()) {
                 Ok(None) => {}
-                Ok(Some(_)) => match pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string())) {
-                    Ok(p) => plan = p,
-                    Err(e) => {
-                        eprintln!("{}: {e}", r.name);
-                        outcome.push((r.clone(), format!("failed: {e}")));
-                        continue;
-                    }
-                },
+                Ok(Some(p)) => plan = p,
                 Err(e) => {
                     eprintln!("{}: {e}", r.name);
                     outcome.push((r.clone(), format!("failed: {e}")));

@@ -218,6 +218,16 @@ impl StageIo {
         }
     }
 
+    /// Waits until the ordering window admits item `seq`. Being held back means downstream has
+    /// not taken the earlier items yet: back-pressure, not work.
+    fn wait_in_order(&self, seq: u64) -> Result<(), StageError> {
+        let Some(w) = &self.window else { return Ok(()) };
+        let t0 = Instant::now();
+        let r = w.wait(seq, &self.cancel);
+        Stats::add(&self.stats.blocked_ns, t0.elapsed().as_nanos() as u64);
+        r
+    }
+
     /// Next unit of work for a parallel source: indices `0..total`, each handed to one worker.
     pub fn claim(&mut self, total: u64) -> Result<Option<u64>, StageError> {
         self.finish_unit();
@@ -226,14 +236,7 @@ impl StageIo {
         if s >= total {
             return Ok(None);
         }
-        if let Some(w) = &self.window {
-            // Held back by the ordering window: downstream has not taken the earlier items yet,
-            // which is back-pressure, not work.
-            let t0 = Instant::now();
-            let r = w.wait(s, &self.cancel);
-            Stats::add(&self.stats.blocked_ns, t0.elapsed().as_nanos() as u64);
-            r?;
-        }
+        self.wait_in_order(s)?;
         if self.tagged {
             self.current = Some(s);
         }
@@ -268,12 +271,7 @@ impl StageIo {
                     }
                     Stats::add(&self.stats.items_in, 1);
                     if self.tagged {
-                        if let Some(w) = &self.window {
-                            let t0 = Instant::now();
-                            let r = w.wait(seq, &self.cancel);
-                            Stats::add(&self.stats.blocked_ns, t0.elapsed().as_nanos() as u64);
-                            r?;
-                        }
+                        self.wait_in_order(seq)?;
                         self.current = Some(seq);
                     }
                     return match item.downcast::<T>() {
@@ -563,7 +561,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     let run_dir = prepare_run_dir(&plan, opts)?;
     let before = RunStatus::read(&run_dir);
     let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
-    let status = |state: &str, error: Option<String>| RunStatus { status: state.into(), wall_s: prior_wall + started.elapsed().as_secs_f64(), attempts: prior_attempts + 1, error };
+    let status = move |state: &str, error: Option<String>| RunStatus { status: state.into(), wall_s: prior_wall + started.elapsed().as_secs_f64(), attempts: prior_attempts + 1, error };
     status("running", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), cause: e })?;
     let n = plan.nodes.len();
     let show_bars = !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
@@ -724,21 +722,18 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     let heartbeat = {
         let finished = finished.clone();
         let dir = run_dir.clone();
-        let (prior_wall, prior_attempts) = (prior_wall, prior_attempts);
         std::thread::spawn(move || {
             let mut tick = 0u64;
             while !finished.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
                 tick += 1;
                 if tick.is_multiple_of(100) && !finished.load(Ordering::SeqCst) {
-                    let st = RunStatus { status: "running".into(), wall_s: prior_wall + started.elapsed().as_secs_f64(), attempts: prior_attempts + 1, error: None };
-                    let _ = st.write(&dir);
+                    let _ = status("running", None).write(&dir);
                 }
             }
         })
     };
     // Plain progress lines when not on a terminal.
-
     let reporter = if !opts.quiet && !show_bars {
         let finished = finished.clone();
         let progress = progress.clone();

@@ -198,16 +198,11 @@ impl<D: StageDef> StageKind for KindOf<D> {
     fn configure(&self, with: &Value, ctx: &StageContext) -> Result<Box<dyn Configured>, Vec<ParamError>> {
         let (params, mut errors) = crate::params::parse_params_partial::<D::Params>(with);
         let Some(params) = params else { return Err(errors) };
-        if errors.is_empty() {
-            errors = D::validate(&params, ctx);
-        } else {
-            // The stage's own checks over what is well typed, unless a field already has an
-            // error (its default stands in for it, so a check on it would mislead).
-            let top = |f: &str| f.trim_start_matches('/').split(['.', '[', '/']).next().unwrap_or("").to_string();
-            let bad: Vec<String> = errors.iter().map(|e| top(&e.field)).collect();
-            let more: Vec<ParamError> = D::validate(&params, ctx).into_iter().filter(|e| !bad.contains(&top(&e.field))).collect();
-            errors.extend(more);
-        }
+        // The stage's own checks run over what is well typed, except on a field that already has
+        // an error (its default stands in for it, so a check on it would mislead).
+        let top = |f: &str| f.trim_start_matches('/').split(['.', '[', '/']).next().unwrap_or("").to_string();
+        let bad: Vec<String> = errors.iter().map(|e| top(&e.field)).collect();
+        errors.extend(D::validate(&params, ctx).into_iter().filter(|e| !bad.contains(&top(&e.field))));
         if !errors.is_empty() {
             return Err(errors);
         }

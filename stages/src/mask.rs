@@ -313,8 +313,8 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
         }
     }
     let frames = (0..n).filter(|&t| cover[t]).collect();
-    let hard_lengths = hard_len[..hard_starts.len().min(hard_len.len())].to_vec();
-    let rand_lengths = rand_len[..rand_starts.len().min(rand_len.len())].to_vec();
+    // S_rand ≤ the lengths left after the hard ones (fewer hard starts on a short row leave more).
+    let (hard_lengths, rand_lengths) = (hard_len.to_vec(), rand_len[..rand_starts.len()].to_vec());
     Row { frames, hard_cover, spans: s, hard_starts, rand_starts, hard_lengths, rand_lengths }
 }
 

@@ -827,8 +827,6 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
                 md.push_str("\nNo run could be probed, so there is no masking analysis.\n");
             } else {
                 masking_figure(&p, &results)?;
-            }
-            if !results.is_empty() {
                 md.push_str("\n![masking analysis](masking.png)\n");
                 files.push(p);
             }

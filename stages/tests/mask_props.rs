@@ -521,13 +521,15 @@ fn curriculum_as_users_type_it() {
     assert_eq!((p.mask_prob, p.span, p.unit, p.mask_dropout), (0.3, 10, MaskUnit::Frame, 0.1));
 }
 
+/// The fields `mask.easy_to_hard` refuses in `yaml`, sorted.
+fn fields(yaml: &str) -> Vec<String> {
+    let mut f: Vec<String> = parse::<EasyToHardParams>(yaml).unwrap_err().into_iter().map(|e| e.field).collect();
+    f.sort();
+    f
+}
+
 #[test]
 fn bad_parameters_are_refused_with_their_field() {
-    let fields = |y: &str| -> Vec<String> {
-        let mut f: Vec<String> = parse::<EasyToHardParams>(y).unwrap_err().into_iter().map(|e| e.field).collect();
-        f.sort();
-        f
-    };
     assert_eq!(fields("{mask_prob: 0, span: 0, r_max: 1.5, mask_dropout: 1.0, ramp_updates: 0}"), vec!["mask_dropout", "mask_prob", "r_max", "ramp_updates", "span"]);
     assert_eq!(fields("{mask_prob: 1.01}"), vec!["mask_prob"]);
     assert_eq!(fields("{curriculum: {constant: {r: 2}}}"), vec!["curriculum.r"]);
@@ -691,7 +693,6 @@ fn span_shape_parameters() {
     let p: EasyToHardParams = parse("{mask_type: normal, mask_other: 1.5}").unwrap();
     assert_eq!(p.spec().mask_type, SpanShape::Normal);
     assert_eq!(parse::<MaskParams>("{}").unwrap().mask_type, SpanShape::Static);
-    let fields = |y: &str| -> Vec<String> { parse::<EasyToHardParams>(y).unwrap_err().into_iter().map(|e| e.field).collect() };
     assert_eq!(fields("{mask_type: gamma}"), vec!["mask_type"]);
     assert_eq!(fields("{mask_type: uniform, mask_other: 11, span: 5}"), vec!["mask_other"]);
     assert_eq!(fields("{mask_type: uniform, mask_other: 1.5}"), vec!["mask_other"]);
