@@ -6,7 +6,7 @@
 //   cargo bench --bench fbank        (release build)
 //   cargo run --example bench_fbank  (the same, in the test profile)
 
-use stages::fbank::{Fbank, FbankOptions};
+use stages::data::fbank::{Fbank, FbankOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -37,7 +37,7 @@ fn main() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut files = Vec::new();
     list(&root.join("data/demo"), &mut files);
-    let utts: Vec<Vec<f32>> = files.iter().map(|f| stages::audio::decode_file(f).expect("demo decodes").to_mono()).collect();
+    let utts: Vec<Vec<f32>> = files.iter().map(|f| stages::data::audio::decode_file(f).expect("demo decodes").to_mono()).collect();
     let total_s: f64 = utts.iter().map(|u| u.len() as f64 / 16000.0).sum();
     let reps = 5;
     println!("fbank benchmark: {} demo utterances, {total_s:.1} s of audio, best of {reps}, {cores} cores", utts.len());
@@ -78,7 +78,7 @@ fn main() {
     let mut raw = Vec::new();
     for u in &utts {
         for &x in u {
-            raw.extend_from_slice(&stages::audio::to_i16(x).to_le_bytes());
+            raw.extend_from_slice(&stages::data::audio::to_i16(x).to_le_bytes());
         }
     }
     let _ = std::fs::write(tmp.join("audio.s16"), raw);

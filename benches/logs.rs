@@ -11,8 +11,9 @@
 // masked, ids from a pool of 160.
 
 use rand::{Rng, SeedableRng};
-use stages::logs::{FrameLog, FramesLogParams, LogCompression};
-use stages::types::FrameRecord;
+use stages::logs::frames::{FrameLog, FramesLogParams};
+use stages::logs::LogCompression;
+use stages::items::FrameRecord;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -125,7 +126,7 @@ fn main() {
         ("per utterance", "SELECT utt_id, count(*) AS n, avg(recon_loss) AS rec, avg(teacher_pred) AS tp FROM frames WHERE masked GROUP BY utt_id ORDER BY rec DESC"),
         ("per 1000 steps", "SELECT step / 1000 AS k, avg(CASE WHEN hard THEN 1.0 ELSE 0.0 END) AS hard_share, sum(CASE WHEN masked THEN 1 ELSE 0 END) AS masked, avg(student_pred) AS sp FROM frames GROUP BY step / 1000 ORDER BY k"),
     ];
-    let session = stages::sql::Session::open(&[run.clone()]).expect("session");
+    let session = lab::sql::Session::open(&[run.clone()]).expect("session");
     let mut ours = Vec::new();
     let first = session.query(queries[0].1).expect("query");
     let mut mine: Vec<(String, i64, f64)> = Vec::new();

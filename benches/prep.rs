@@ -25,7 +25,7 @@ fn prep_once(input: &Path, workers: usize, out: &Path) -> (f64, f64) {
     let t0 = Instant::now();
     pipeline::run(plan, &pipeline::RunOptions { force: true, quiet: true }, &pipeline::CancelToken::new()).expect("bench run");
     let wall = t0.elapsed().as_secs_f64();
-    let index = stages::shards::ShardIndex::load(&out.join("shards")).expect("index").expect("index present");
+    let index = stages::data::shards::ShardIndex::load(&out.join("shards")).expect("index").expect("index present");
     let audio_s: f64 = index.shards.iter().map(|s| s.duration_s).sum();
     (audio_s, wall)
 }

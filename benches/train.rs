@@ -22,8 +22,8 @@ fn run(yaml_path: &Path, sets: &[String]) -> pipeline::RunSummary {
 }
 
 fn query(dir: &Path, sql: &str) -> Vec<Vec<String>> {
-    let batches = stages::sql::query_batches(&[dir.to_path_buf()], sql).expect("query");
-    let text = stages::sql::format_batches(&batches, stages::sql::Format::Csv).expect("format");
+    let batches = lab::sql::query_batches(&[dir.to_path_buf()], sql).expect("query");
+    let text = lab::sql::format_batches(&batches, lab::sql::Format::Csv).expect("format");
     text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
 }
 

@@ -1,11 +1,10 @@
 //! `ehmam`: the command line. A thin layer that registers the stages and calls the engine.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use lab::runs::{RunsError, SweepOptions, SweepOutcome};
 
 #[derive(Parser)]
 #[command(name = "ehmam", version, about = "Dataflow pipeline for self-supervised speech pre-training with EH-MAM")]
@@ -129,17 +128,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_plan(spec: &PathBuf, set: &[String]) -> Result<pipeline::Plan, pipeline::SpecErrors> {
-    let registry = stages::registry();
-    let spec = pipeline::load(spec, set)?;
-    pipeline::validate(spec, &registry)
-}
-
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Validate { spec, set } => match load_plan(&spec, &set) {
+        Command::Validate { spec, set } => match lab::runs::load_plan(&spec, &set) {
             Ok(plan) => {
                 println!("{}: ok ({} stages, run directory {})", spec.display(), plan.nodes.len(), plan.spec.run_dir.display());
+                for l in plan.links() {
+                    let from = l.provider.as_deref().unwrap_or("(nobody)");
+                    let to = if l.readers.is_empty() { "(nobody)".to_string() } else { l.readers.join(", ") };
+                    println!("  link {}: {from} → {to}", l.name);
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(errs) => {
@@ -147,38 +145,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
-        Command::Run { spec, set, force, quiet } => {
-            if force {
-                // A run of another spec in the run directory is moved aside before validation
-                // (which would otherwise read its checkpoints).
-                if let Ok(s) = pipeline::load(&spec, &set) {
-                    pipeline::runtime::claim_run_dir(&s)?;
+        Command::Run { spec, set, force, quiet } => match lab::runs::run_spec(&spec, &set, force, quiet) {
+            Ok(summary) => {
+                if !quiet {
+                    eprintln!("done in {:.1} s; run directory {}", summary.wall_s, summary.run_dir.display());
                 }
+                Ok(ExitCode::SUCCESS)
             }
-            let plan = match load_plan(&spec, &set) {
-                Ok(p) => p,
-                Err(errs) => {
-                    eprint!("{errs}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            let cancel = pipeline::CancelToken::new();
-            {
-                let c = cancel.clone();
-                ctrlc::set_handler(move || {
-                    second_interrupt_exits();
-                    eprintln!("\nstopping (Ctrl-C; press again to quit at once)…");
-                    c.interrupt();
-                })
-                .context("cannot install the Ctrl-C handler")?;
+            Err(RunsError::Spec(errs)) => {
+                eprint!("{errs}");
+                Ok(ExitCode::from(2))
             }
-            let opts = pipeline::RunOptions { force, quiet };
-            let summary = pipeline::run(plan, &opts, &cancel)?;
-            if !quiet {
-                eprintln!("done in {:.1} s; run directory {}", summary.wall_s, summary.run_dir.display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+            Err(e) => Err(e.into()),
+        },
         Command::Export { run_dir, out, teacher } => {
             let cfg = stages::train::export(&run_dir, &out, teacher)?;
             println!(
@@ -193,15 +172,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { run_dirs, out, no_probe, no_masking } => {
-            let opts = stages::report::ReportOptions { out, probe: !no_probe, masking: !no_probe && !no_masking, ..Default::default() };
-            for f in stages::report::report(&run_dirs, &opts)? {
+            let opts = lab::report::ReportOptions { out, probe: !no_probe, masking: !no_probe && !no_masking, ..Default::default() };
+            for f in lab::report::report(&run_dirs, &opts)? {
                 println!("{}", f.display());
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep { specs, grid, set, out, report, force, quiet } => sweep(&specs, &grid, &set, &out, report, force, quiet),
+        Command::Sweep { specs, grid, set, out, report, force, quiet } => {
+            let o = SweepOptions { specs: &specs, grid: &grid, set: &set, out: &out, report, force, quiet };
+            match lab::runs::run_sweep(&o) {
+                Ok(SweepOutcome::Done) => Ok(ExitCode::SUCCESS),
+                Ok(SweepOutcome::Failed) => Ok(ExitCode::FAILURE),
+                Err(RunsError::Spec(_)) => Ok(ExitCode::from(2)),
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Plot { run_dirs, out, utt, step } => {
-            let files = stages::plot::plot(&run_dirs, &stages::plot::PlotOptions { out, utt, step })?;
+            let files = lab::plot::plot(&run_dirs, &lab::plot::PlotOptions { out, utt, step })?;
             for f in files {
                 println!("{}", f.display());
             }
@@ -212,130 +199,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query { mut args, format } => {
-            let format: stages::sql::Format = format.parse().map_err(anyhow::Error::msg)?;
+            let format: lab::sql::Format = format.parse().map_err(anyhow::Error::msg)?;
             let Some(sql) = args.pop() else { bail!("usage: ehmam query RUN_DIR... \"SQL\"") };
             let dirs: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
-            let out = stages::sql::query(&dirs, &sql, format)?;
+            let out = lab::sql::query(&dirs, &sql, format)?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// `ehmam sweep`.
-#[allow(clippy::too_many_arguments)]
-fn sweep(specs: &[PathBuf], grid: &[String], set: &[String], out: &std::path::Path, report: bool, force: bool, quiet: bool) -> Result<ExitCode> {
-    let axes = grid.iter().map(|g| stages::sweep::parse_axis(g)).collect::<std::result::Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
-    let runs = stages::sweep::plan(specs, &axes, set, out).map_err(anyhow::Error::msg)?;
-    // Every run is validated before any starts.
-    let registry = stages::registry();
-    let validate = |r: &stages::sweep::SweepRun| pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string()));
-    let mut plans = Vec::new();
-    let mut bad = false;
-    for r in &runs {
-        match validate(r) {
-            Ok(p) => plans.push(Some(p)),
-            Err(e) => {
-                eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
-                bad = true;
-                plans.push(None);
-            }
-        }
-    }
-    if bad {
-        return Ok(ExitCode::from(2));
-    }
-    // Each run gets its own cancel token (a failed run cancels its own graph only); Ctrl-C
-    // interrupts the current run and stops the sweep.
-    let stop = Arc::new(AtomicBool::new(false));
-    let current = Arc::new(Mutex::new(pipeline::CancelToken::new()));
-    {
-        let (stop, current) = (stop.clone(), current.clone());
-        ctrlc::set_handler(move || {
-            second_interrupt_exits();
-            eprintln!("\nstopping the sweep (Ctrl-C; press again to quit at once)…");
-            stop.store(true, Ordering::SeqCst);
-            if let Ok(c) = current.lock() {
-                c.interrupt();
-            }
-        })
-        .context("cannot install the Ctrl-C handler")?;
-    }
-    let mut outcome = Vec::new();
-    let n = runs.len();
-    for (i, (r, p)) in runs.iter().zip(plans).enumerate() {
-        let Some(plan) = p else { continue };
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        if stages::sweep::is_finished(r, &plan.spec.resolved) {
-            eprintln!("[{}/{n}] {}: finished earlier, skipped", i + 1, r.name);
-            outcome.push((r.clone(), "skipped (finished)".to_string()));
-            continue;
-        }
-        let cancel = pipeline::CancelToken::new();
-        if let Ok(mut c) = current.lock() {
-            *c = cancel.clone();
-        }
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let mut plan = plan;
-        if force {
-            // Move a run of another spec aside first, then validate again (validation reads the
-            // run directory's checkpoints).
-            match pipeline::runtime::claim_run_dir(&plan.spec).map_err(|e| e.to_string()).and_then(|moved| moved.map(|_| validate(r)).transpose()) {
-                Ok(None) => {}
-                Ok(Some(p)) => plan = p,
-                Err(e) => {
-                    eprintln!("{}: {e}", r.name);
-                    outcome.push((r.clone(), format!("failed: {e}")));
-                    continue;
-                }
-            }
-        }
-        eprintln!("[{}/{n}] {}: running {} into {}", i + 1, r.name, r.spec.display(), r.run_dir.display());
-        // Without --force a run directory that holds another spec's run is refused (as `ehmam run`
-        // does), never silently continued from that run's checkpoints.
-        match pipeline::run(plan, &pipeline::RunOptions { force, quiet }, &cancel) {
-            Ok(s) => outcome.push((r.clone(), format!("ran ({:.0} s)", s.wall_s))),
-            Err(e) => {
-                eprintln!("{}: {e}", r.name);
-                outcome.push((r.clone(), format!("failed: {e}")));
-                if cancel.was_interrupted() {
-                    break;
-                }
-            }
-        }
-    }
-    let dirs: Vec<PathBuf> = outcome.iter().map(|(r, _)| r.run_dir.clone()).filter(|d| d.join("spec.yaml").exists()).collect();
-    println!("\nsweep of {n} runs in {}:\n", out.display());
-    for (r, o) in &outcome {
-        println!("  {:<40} {o}", r.name);
-    }
-    if !dirs.is_empty() {
-        let rows = stages::report::summarize(&dirs, 0.1)?;
-        println!("\n{}", stages::report::summary_markdown(&rows));
-        let _ = std::fs::create_dir_all(out);
-        let _ = std::fs::write(out.join("summary.md"), stages::report::summary_markdown(&rows));
-        if report {
-            let opts = stages::report::ReportOptions { out: out.join("report"), ..Default::default() };
-            for f in stages::report::report(&dirs, &opts)? {
-                println!("{}", f.display());
-            }
-        }
-    }
-    let failed = outcome.iter().any(|(_, o)| o.starts_with("failed")) || outcome.len() < n;
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
-}
-
-/// A second Ctrl-C quits at once (exit status 130), for a stage stuck in a long computation.
-/// Every output is written to a temporary name and renamed when complete, and `run.json` still
-/// says `running`, so nothing left behind reads as finished.
-fn second_interrupt_exits() {
-    static PRESSED: AtomicBool = AtomicBool::new(false);
-    if PRESSED.swap(true, Ordering::SeqCst) {
-        eprintln!("\nquitting (second Ctrl-C)");
-        std::process::exit(130);
-    }
-}

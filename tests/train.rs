@@ -46,7 +46,7 @@ fn train(run: &Path, extra: &[&str]) -> String {
 
 fn checkpoint_tensors(run: &Path) -> (u64, BTreeMap<String, Vec<f32>>) {
     let (meta, path) = stages::train::latest_checkpoint(run).unwrap().expect("a checkpoint");
-    let t = stages::train::load_tensors(&path, &candle_core::Device::Cpu).unwrap();
+    let t = stages::train::load_tensors(&path, &stages::candle_core::Device::Cpu).unwrap();
     (meta.step, t.into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect())
 }
 
@@ -94,7 +94,7 @@ fn short_run_learns() {
     let export = tmp.path().join("export");
     let out = ok(&["export", run.to_str().unwrap(), "--out", export.to_str().unwrap()]);
     assert!(out.contains("step 120"), "{out}");
-    let (cfg, w) = stages::train::load_encoder(&export, &candle_core::Device::Cpu).unwrap();
+    let (cfg, w) = stages::train::load_encoder(&export, &stages::candle_core::Device::Cpu).unwrap();
     assert!(w.contains_key("frontend.proj.weight") && w.contains_key("encoder.blocks.3.fc2.weight"));
     assert!(!w.keys().any(|k| k.starts_with("decoder.") || k.starts_with("loss_predictor.")));
     assert_eq!(w["encoder.blocks.0.fc1.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), t["student.encoder.blocks.0.fc1.weight"]);

@@ -1,24 +1,39 @@
-//! The ehmam engine: YAML specs, validation into a plan, the stage contract and registry, running a
-//! plan on threads and bounded channels, cancellation, telemetry and progress.
+//! The ehmam engine: YAML specs, validation into a plan, the stage contract and registry, links
+//! between stages, running a plan on threads and bounded channels, cancellation, run
+//! directories, telemetry and progress.
 //!
 //! It knows nothing of speech: stages live in the `stages` crate and register here.
+//!
+//! Modules depend one way: `spec`, `params`, `error`, `atomic`, `cancel`, `telemetry`,
+//! `progress` at the bottom; `io` (ports, channels, ordering) over them; `links` and `stage`
+//! (the contract) over `io`; `plan` (validation and the link step) over `stage`; `run_dir`
+//! over `plan`; `runtime` (thread wiring) on top.
 
+pub mod atomic;
+pub mod cancel;
 pub mod error;
+pub mod io;
+pub mod links;
 pub mod params;
 pub mod plan;
 pub mod progress;
+pub mod run_dir;
 pub mod runtime;
 pub mod spec;
 pub mod stage;
 pub mod telemetry;
 
+pub use cancel::CancelToken;
 pub use error::{RunError, SpecError, SpecErrors, StageError};
+pub use io::{Port, StageIo};
+pub use links::{Link, LinkInfo, Linker, Links};
 pub use params::{parse_params, NoParams, ParamDoc, ParamError, Params};
 pub use plan::{validate, Plan};
 pub use progress::Progress;
-pub use runtime::{run, CancelToken, RunOptions, RunStatus, RunSummary, StageIo};
+pub use run_dir::{claim_run_dir, run_spec_changes, spec_diff, RunStatus};
+pub use runtime::{run, RunOptions, RunSummary};
 pub use spec::{load, load_str, Spec};
-pub use stage::{kind, Configured, Port, Registry, Shared, Stage, StageContext, StageDef, StageKind};
+pub use stage::{kind, Configured, Registry, Stage, StageContext, StageDef, StageKind};
 pub use telemetry::StageReport;
 
 /// Re-exported so stage crates derive parameters with the same versions.

@@ -3,7 +3,11 @@
 
 use crate::error::{SpecError, SpecErrors};
 use crate::spec::{suggest, Spec};
-use crate::stage::{Configured, Port, Registry, StageContext};
+use crate::io::Port;
+use crate::links::{LinkInfo, LinkTable, Linker, Links};
+use crate::params::ParamError;
+use crate::spec::Locator;
+use crate::stage::{Configured, Registry, StageContext};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -31,9 +35,15 @@ pub struct Plan {
     pub nodes: Vec<Node>,
     /// Node indices in dependency order.
     pub order: Vec<usize>,
+    /// The values stages hand each other outside the channels.
+    pub links: Links,
 }
 
 impl Plan {
+    /// Every link of the plan: its value type, who provides it and who reads it.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        self.links.list()
+    }
     /// Consumers of output `port` of node `n`: (consumer node, its input port).
     pub fn consumers(&self, n: usize, port: usize) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
@@ -63,20 +73,64 @@ pub fn stage_seed(seed: u64, stage: &str) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Validates a spec against the registry; returns the plan or every error found.
+/// What configuring one stage gave: its ports, flags, the configured stage and its context.
+struct Configuring {
+    inputs: Vec<Port>,
+    outputs: Vec<Port>,
+    parallel: bool,
+    honors_skip: bool,
+    configured: Box<dyn Configured>,
+    ctx: StageContext,
+}
+
+/// A `(producer node, producer port)` for each input port of each stage, where connected.
+type Sources = Vec<Vec<Option<(usize, usize)>>>;
+
+/// Validates a spec against the registry, then runs the link step; returns the plan or every
+/// error found.
 pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
     let mut errs: Vec<SpecError> = spec.errors.clone();
-    let shared = crate::stage::Shared::default();
     let loc = spec.locator.clone();
     if spec.device.starts_with("cuda") && !registry.cuda {
         errs.push(loc.error("device", format!("`{}` asks for a GPU, but this build has no CUDA support (rebuild with `cargo build --release --features cuda`)", spec.device)));
     }
-    let names: Vec<&str> = registry.names();
-    let ids: Vec<&str> = spec.stages.iter().map(|s| s.id.as_str()).collect();
-    let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let links = Links::default();
+    let partial = configure(&spec, registry, &links, &mut errs);
+    let sources = connect(&spec, registry, &mut errs);
+    check_fan_out(&spec, registry, &sources, &mut errs);
+    let order = topological_order(&spec, &sources, &mut errs);
+    link(&spec, &partial, &links, &mut errs);
+    if !errs.is_empty() {
+        return Err(SpecErrors(errs));
+    }
+    let mut nodes = Vec::new();
+    for ((s, p), slots) in spec.stages.iter().zip(partial).zip(sources) {
+        let Some(Configuring { inputs, outputs, parallel, honors_skip, configured, ctx }) = p else {
+            return Err(SpecErrors(vec![loc.error(&format!("stages.{}", s.id), "internal: stage was not configured")]));
+        };
+        nodes.push(Node {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            workers: s.workers,
+            capacity: s.capacity.unwrap_or(spec.channel_capacity),
+            parallel,
+            honors_skip,
+            continuable: registry.get(&s.kind).map_or(&[], |k| k.continuable()),
+            inputs,
+            outputs,
+            sources: slots.into_iter().flatten().collect(),
+            configured: Arc::from(configured),
+            ctx,
+        });
+    }
+    Ok(Plan { spec, nodes, order, links })
+}
 
-    // Kinds and parameters.
-    let mut partial: Vec<Option<(Vec<Port>, Vec<Port>, bool, bool, Box<dyn Configured>, StageContext)>> = Vec::new();
+/// Resolves each stage's kind and checks its parameters (`None` where that failed).
+fn configure(spec: &Spec, registry: &Registry, links: &Links, errs: &mut Vec<SpecError>) -> Vec<Option<Configuring>> {
+    let loc = &spec.locator;
+    let names: Vec<&str> = registry.names();
+    let mut partial: Vec<Option<Configuring>> = Vec::new();
     for s in &spec.stages {
         let base = format!("stages.{}", s.id);
         let Some(kind) = registry.get(&s.kind) else {
@@ -93,42 +147,72 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             device: spec.device.clone(),
             model: spec.model.clone(),
             workers: s.workers,
-            shared: shared.clone(),
+            links: links.clone(),
         };
         if s.workers > 1 && !kind.parallel() {
             errs.push(loc.error(&format!("{base}.workers"), format!("`{}` keeps state from item to item and runs as one worker; remove `workers: {}`", s.kind, s.workers)));
         }
         match kind.configure(&s.with, &ctx) {
-            Ok(c) => partial.push(Some((kind.inputs(), kind.outputs(), kind.parallel(), kind.honors_skip(), c, ctx))),
+            Ok(configured) => partial.push(Some(Configuring {
+                inputs: kind.inputs(),
+                outputs: kind.outputs(),
+                parallel: kind.parallel(),
+                honors_skip: kind.honors_skip(),
+                configured,
+                ctx,
+            })),
             Err(pe) => {
                 // `with:` that is not a mapping is already reported; its stand-in (no parameters)
                 // would only add "required" errors.
                 let bad_with = spec.errors.iter().any(|e| e.path == format!("{base}.with"));
-                for e in pe.into_iter().filter(|e| !bad_with || e.field.starts_with('/')) {
-                    // A field starting with `/` is a path from the spec's top (`/model.encoder.dim`):
-                    // reported once even when several stages read that block.
-                    let path = match e.field.strip_prefix('/') {
-                        Some(abs) => abs.to_string(),
-                        None if e.field.is_empty() => format!("{base}.with"),
-                        None => format!("{base}.with.{}", e.field),
-                    };
-                    let err = loc.error(&path, e.message);
-                    if !errs.contains(&err) {
-                        errs.push(err);
-                    }
-                }
+                push_param_errors(loc, &base, pe.into_iter().filter(|e| !bad_with || e.field.starts_with('/')), errs);
                 // Ports are still known: check the connections too.
                 partial.push(None);
             }
         }
     }
 
-    // Connections.
+    partial
+}
+
+/// Parameter errors of stage `base` as spec errors. A field starting with `/` is a path from the
+/// spec's top (`/model.encoder.dim`): reported once even when several stages read that block.
+fn push_param_errors(loc: &Locator, base: &str, pe: impl IntoIterator<Item = ParamError>, errs: &mut Vec<SpecError>) {
+    for e in pe {
+        let path = match e.field.strip_prefix('/') {
+            Some(abs) => abs.to_string(),
+            None if e.field.is_empty() => format!("{base}.with"),
+            None => format!("{base}.with.{}", e.field),
+        };
+        let err = loc.error(&path, e.message);
+        if !errs.contains(&err) {
+            errs.push(err);
+        }
+    }
+}
+
+/// The link step: every configured stage declares what it provides and reads, in spec order;
+/// the table is then frozen for the stages to read when they are created.
+fn link(spec: &Spec, partial: &[Option<Configuring>], links: &Links, errs: &mut Vec<SpecError>) {
+    let mut table = LinkTable::default();
+    for (s, p) in spec.stages.iter().zip(partial) {
+        let Some(c) = p else { continue };
+        let pe = c.configured.link(&mut Linker::new(&s.id, &mut table));
+        push_param_errors(&spec.locator, &format!("stages.{}", s.id), pe, errs);
+    }
+    links.freeze(table);
+}
+
+/// Resolves every `from:` into (producer, port) per input, checking names and item types.
+fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sources {
+    let loc = &spec.locator;
+    let ids: Vec<&str> = spec.stages.iter().map(|s| s.id.as_str()).collect();
+    let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, s)| (*s, i)).collect();
     let ports_of = |i: usize| -> Option<(Vec<Port>, Vec<Port>)> {
         let s = &spec.stages[i];
         registry.get(&s.kind).map(|k| (k.inputs(), k.outputs()))
     };
-    let mut sources: Vec<Vec<Option<(usize, usize)>>> = Vec::new();
+    let mut sources: Sources = Vec::new();
     for (si, s) in spec.stages.iter().enumerate() {
         let base = format!("stages.{}", s.id);
         let Some((inputs, _)) = ports_of(si) else {
@@ -219,7 +303,13 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
         sources.push(slots);
     }
 
-    // Fan-out needs copyable items.
+    sources
+}
+
+/// An output read by several stages must carry items that can be copied.
+fn check_fan_out(spec: &Spec, registry: &Registry, sources: &Sources, errs: &mut Vec<SpecError>) {
+    let loc = &spec.locator;
+    let ports_of = |i: usize| -> Option<Vec<Port>> { registry.get(&spec.stages[i].kind).map(|k| k.outputs()) };
     let mut uses: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
     for (ci, slots) in sources.iter().enumerate() {
         for &(p, port) in slots.iter().flatten() {
@@ -229,7 +319,7 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
     let mut fan: Vec<_> = uses.iter().filter(|(_, c)| c.len() > 1).collect();
     fan.sort_by_key(|(k, _)| **k);
     for (&(p, port), consumers) in fan {
-        if let Some((_, outs)) = ports_of(p) {
+        if let Some(outs) = ports_of(p) {
             if outs[port].ty.clone.is_none() {
                 let names: Vec<&str> = consumers.iter().map(|&c| spec.stages[c].id.as_str()).collect();
                 errs.push(
@@ -239,7 +329,11 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
         }
     }
 
-    // Cycles (Kahn's algorithm over the edges found).
+}
+
+/// The stages in dependency order (Kahn's algorithm); a cycle is an error.
+fn topological_order(spec: &Spec, sources: &Sources, errs: &mut Vec<SpecError>) -> Vec<usize> {
+    let loc = &spec.locator;
     let n = spec.stages.len();
     let mut indeg = vec![0usize; n];
     let mut adj: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -266,28 +360,5 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
         errs.push(loc.error("stages", format!("the stages form a cycle: {} (data must flow one way; feedback such as EMA weights is not a connection)", in_cycle.join(" → "))));
     }
 
-    if !errs.is_empty() {
-        return Err(SpecErrors(errs));
-    }
-    let mut nodes = Vec::new();
-    for ((s, p), slots) in spec.stages.iter().zip(partial).zip(sources) {
-        let Some((inputs, outputs, parallel, honors_skip, configured, ctx)) = p else {
-            return Err(SpecErrors(vec![loc.error(&format!("stages.{}", s.id), "internal: stage was not configured")]));
-        };
-        nodes.push(Node {
-            id: s.id.clone(),
-            kind: s.kind.clone(),
-            workers: s.workers,
-            capacity: s.capacity.unwrap_or(spec.channel_capacity),
-            parallel,
-            honors_skip,
-            continuable: registry.get(&s.kind).map_or(&[], |k| k.continuable()),
-            inputs,
-            outputs,
-            sources: slots.into_iter().flatten().collect(),
-            configured: Arc::from(configured),
-            ctx,
-        });
-    }
-    Ok(Plan { spec, nodes, order })
+    order
 }

@@ -14,11 +14,36 @@ pub struct Progress {
     bar: Mutex<Option<ProgressBar>>,
     multi: Option<MultiProgress>,
     started: Instant,
+    quiet: bool,
 }
 
 impl Progress {
-    pub(crate) fn new(stage: &str, multi: Option<MultiProgress>) -> Self {
-        Progress { stage: stage.to_string(), pos: AtomicU64::new(0), len: AtomicU64::new(0), unit: Mutex::new("items".into()), bar: Mutex::new(None), multi, started: Instant::now() }
+    pub(crate) fn new(stage: &str, multi: Option<MultiProgress>, quiet: bool) -> Self {
+        Progress {
+            stage: stage.to_string(),
+            pos: AtomicU64::new(0),
+            len: AtomicU64::new(0),
+            unit: Mutex::new("items".into()),
+            bar: Mutex::new(None),
+            multi,
+            started: Instant::now(),
+            quiet,
+        }
+    }
+
+    /// Prints a line above the bars (or on stderr without them); nothing when quiet.
+    pub fn note(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
+        match &self.multi {
+            Some(m) => {
+                if m.println(line).is_err() {
+                    eprintln!("{line}");
+                }
+            }
+            None => eprintln!("{line}"),
+        }
     }
 
     /// Announces the amount of work (e.g. the number of files) and its unit.

@@ -2,61 +2,11 @@
 //! registry of kinds (an explicit table, filled by the binary).
 
 use crate::error::StageError;
+use crate::io::{Port, StageIo};
+use crate::links::{Linker, Links};
 use crate::params::{param_docs, ParamDoc, ParamError, Params};
-use crate::runtime::StageIo;
 use serde_yaml::Value;
-use std::any::{Any, TypeId};
 use std::path::PathBuf;
-
-pub(crate) type Item = Box<dyn Any + Send>;
-pub(crate) type CloneFn = fn(&Item) -> Option<Item>;
-
-/// The Rust type carried by a port: connections are checked by `TypeId`.
-#[derive(Clone, Copy)]
-pub struct PortType {
-    pub name: &'static str,
-    pub(crate) id: TypeId,
-    /// Present when items can be copied to several consumers (fan-out).
-    pub(crate) clone: Option<CloneFn>,
-}
-
-impl std::fmt::Debug for PortType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name)
-    }
-}
-
-fn short_type_name<T>() -> &'static str {
-    let full = std::any::type_name::<T>();
-    // "stages::audio::Decoded" → "Decoded"; generic arguments kept whole.
-    match full.find('<') {
-        Some(_) => full,
-        None => full.rsplit("::").next().unwrap_or(full),
-    }
-}
-
-fn clone_item<T: Clone + Send + 'static>(item: &Item) -> Option<Item> {
-    item.downcast_ref::<T>().map(|t| Box::new(t.clone()) as Item)
-}
-
-/// A named input or output of a stage kind.
-#[derive(Clone, Debug)]
-pub struct Port {
-    pub name: &'static str,
-    pub ty: PortType,
-    pub doc: &'static str,
-}
-
-impl Port {
-    /// A port whose items go to at most one consumer.
-    pub fn of<T: Send + 'static>(name: &'static str, doc: &'static str) -> Port {
-        Port { name, doc, ty: PortType { name: short_type_name::<T>(), id: TypeId::of::<T>(), clone: None } }
-    }
-    /// A port whose items may be copied to several consumers.
-    pub fn cloneable<T: Clone + Send + 'static>(name: &'static str, doc: &'static str) -> Port {
-        Port { name, doc, ty: PortType { name: short_type_name::<T>(), id: TypeId::of::<T>(), clone: Some(clone_item::<T>) } }
-    }
-}
 
 /// What a stage knows about where it runs.
 #[derive(Clone, Debug)]
@@ -74,29 +24,9 @@ pub struct StageContext {
     /// The spec's `model:` block, shared by the model stages.
     pub model: Option<Value>,
     pub workers: usize,
-    /// State shared by the stages of one plan (one per validated spec), for stages that must meet
-    /// outside the channels (a learner publishing weights to the stage that uses them).
-    pub shared: Shared,
-}
-
-/// A type map shared by all stages of one plan: `get_or_insert` hands every caller the same value
-/// for a key. A new plan starts empty, so nothing leaks between runs in one process.
-#[derive(Clone, Default)]
-pub struct Shared(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<dyn Any + Send + Sync>>>>);
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Shared")
-    }
-}
-
-impl Shared {
-    /// The value under `key`, made by `make` on first use. `None` if the key holds another type.
-    pub fn get_or_insert<T: Any + Send + Sync>(&self, key: &str, make: impl FnOnce() -> T) -> Option<std::sync::Arc<T>> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let v = map.entry(key.to_string()).or_insert_with(|| std::sync::Arc::new(make())).clone();
-        v.downcast::<T>().ok()
-    }
+    /// The values stages of this plan hand each other outside the channels (filled by the link
+    /// step after validation, before any stage is built; see [`crate::links`]).
+    pub links: Links,
 }
 
 /// A running instance of a stage (one per worker).
@@ -123,6 +53,8 @@ pub trait StageKind: Send + Sync {
 
 /// A stage whose parameters passed validation.
 pub trait Configured: Send + Sync {
+    /// Declares the links this stage provides and reads (the link step, after validation).
+    fn link(&self, linker: &mut Linker) -> Vec<ParamError>;
     /// Leading items of the (single) input that an earlier run already consumed for good.
     fn resume_skip(&self) -> Result<u64, StageError>;
     /// Builds the instance for worker `worker` (0-based).
@@ -148,6 +80,11 @@ pub trait StageDef: Stage + Sized + 'static {
     fn validate(_params: &Self::Params, _ctx: &StageContext) -> Vec<ParamError> {
         Vec::new()
     }
+    /// The link step: values this stage provides to others and links it reads (errors name a
+    /// parameter, as in `validate`). Runs after every stage validated, before any is created.
+    fn link(_params: &Self::Params, _ctx: &StageContext, _linker: &mut Linker) -> Vec<ParamError> {
+        Vec::new()
+    }
     fn create(params: &Self::Params, ctx: &StageContext, worker: usize) -> Result<Self, StageError>;
     fn resume_skip(_params: &Self::Params, _ctx: &StageContext) -> Result<u64, StageError> {
         Ok(0)
@@ -162,6 +99,9 @@ struct ConfiguredOf<D: StageDef> {
 }
 
 impl<D: StageDef> Configured for ConfiguredOf<D> {
+    fn link(&self, linker: &mut Linker) -> Vec<ParamError> {
+        D::link(&self.params, &self.ctx, linker)
+    }
     fn resume_skip(&self) -> Result<u64, StageError> {
         D::resume_skip(&self.params, &self.ctx)
     }

@@ -1,12 +1,13 @@
 //! Per-stage telemetry: items in and out, time busy, starved (waiting for input) and
 //! back-pressured (waiting to send). Printed as a table and saved as the `stages` table.
 
-use arrow::array::{ArrayRef, Float64Array, StringArray, UInt64Array};
+use arrow::array::{Array, ArrayRef, Float64Array, MapBuilder, StringArray, StringBuilder, UInt64Array, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Counters of one stage, summed over its workers.
 #[derive(Default, Debug)]
@@ -16,11 +17,17 @@ pub struct Stats {
     pub starved_ns: AtomicU64,
     pub blocked_ns: AtomicU64,
     pub wall_ns: AtomicU64,
+    /// What the stage counted through `StageIo::count`.
+    pub counts: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
     pub(crate) fn add(counter: &AtomicU64, v: u64) {
         counter.fetch_add(v, Ordering::Relaxed);
+    }
+    pub(crate) fn count(&self, name: &str, n: u64) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *c.entry(name.to_string()).or_insert(0) += n;
     }
 }
 
@@ -37,6 +44,8 @@ pub struct StageReport {
     pub busy_s: f64,
     pub starved_s: f64,
     pub backpressured_s: f64,
+    /// The stage's own counts (`StageIo::count`), by name.
+    pub counts: BTreeMap<String, u64>,
 }
 
 impl StageReport {
@@ -55,6 +64,7 @@ impl StageReport {
             busy_s: (wall - starved - blocked).max(0.0),
             starved_s: starved,
             backpressured_s: blocked,
+            counts: s.counts.lock().map(|c| c.clone()).unwrap_or_default(),
         }
     }
 
@@ -104,11 +114,25 @@ pub fn format_table(reports: &[StageReport]) -> String {
     for row in rows {
         fmt_row(row, &mut out);
     }
+    for r in reports.iter().filter(|r| !r.counts.is_empty()) {
+        let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        out.push_str(&format!("{}: {}\n", r.stage, counts.join(", ")));
+    }
     out
 }
 
 /// The reports as an Arrow batch (the `stages` table).
 pub fn to_batch(run: &str, reports: &[StageReport]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    // `counts` is a map column: `SELECT stage, counts['rejected'] FROM stages`.
+    let mut counts = MapBuilder::new(None, StringBuilder::new(), UInt64Builder::new());
+    for r in reports {
+        for (k, v) in &r.counts {
+            counts.keys().append_value(k);
+            counts.values().append_value(*v);
+        }
+        counts.append(true)?;
+    }
+    let counts = counts.finish();
     let schema = Arc::new(Schema::new(vec![
         Field::new("run", DataType::Utf8, false),
         Field::new("stage", DataType::Utf8, false),
@@ -120,6 +144,7 @@ pub fn to_batch(run: &str, reports: &[StageReport]) -> Result<RecordBatch, arrow
         Field::new("busy_s", DataType::Float64, false),
         Field::new("starved_s", DataType::Float64, false),
         Field::new("backpressured_s", DataType::Float64, false),
+        Field::new("counts", counts.data_type().clone(), false),
     ]));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run; reports.len()])),
@@ -132,19 +157,17 @@ pub fn to_batch(run: &str, reports: &[StageReport]) -> Result<RecordBatch, arrow
         Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.busy_s))),
         Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.starved_s))),
         Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.backpressured_s))),
+        Arc::new(counts),
     ];
     RecordBatch::try_new(schema, cols)
 }
 
 /// Writes `batch` to `path` as Parquet, atomically (temporary file, then rename).
 pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> std::io::Result<()> {
-    let tmp = path.with_extension("parquet.tmp");
-    {
-        let file = std::fs::File::create(&tmp)?;
+    crate::atomic::write_atomic_with(path, |file| {
         let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).map_err(std::io::Error::other)?;
         w.write(batch).map_err(std::io::Error::other)?;
-        let file = w.into_inner().map_err(std::io::Error::other)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+        w.finish().map_err(std::io::Error::other)?;
+        Ok(())
+    })
 }

@@ -650,9 +650,9 @@ fn the_same_spec_written_differently_is_the_same_run() {
     let mut changed = Vec::new();
     let a: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{x: 1, y: [1, 2.5], z: {q: true}}").unwrap();
     let b: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{z: {q: true}, y: [1.0, 2.5], x: 1.0}").unwrap();
-    pipeline::runtime::spec_diff(&a, &b, "", &mut changed);
+    pipeline::spec_diff(&a, &b, "", &mut changed);
     assert!(changed.is_empty(), "{changed:?}");
     let c: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{x: 2, y: [1, 2.5, 3], w: 0}").unwrap();
-    pipeline::runtime::spec_diff(&a, &c, "", &mut changed);
+    pipeline::spec_diff(&a, &c, "", &mut changed);
     assert_eq!(changed, vec!["x", "y", "z", "w"]);
 }

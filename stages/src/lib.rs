@@ -1,46 +1,45 @@
-//! ehmam's speech stages. Each stage kind is one module; [`registry`] is the table of them.
+//! ehmam's speech stages. [`registry`] is the table of stage kinds.
+//!
+//! Modules depend one way: `items`, `seed` and `error` at the bottom; `stream` (positions, epoch
+//! order, the part directory) over them; `data` and `model` over those; `train` over `model`
+//! and `stream`; `logs` over `items` and `stream`. `data` never imports `train`; nothing here
+//! imports the `lab` crate.
 
-pub mod audio;
-pub mod batch;
-pub mod decode;
-pub mod fbank;
-pub mod features_io;
+pub mod data;
+pub mod error;
+pub mod items;
 pub mod logs;
-pub mod losses;
-pub mod mask;
 pub mod model;
-pub mod optim;
-pub mod plot;
-pub mod report;
-pub mod shards;
-pub mod sql;
-pub mod student;
-pub mod sweep;
-pub mod teacher;
+pub mod seed;
+pub mod stream;
 pub mod train;
-pub mod types;
+
+pub use error::{Error, Result};
+
+/// The tensor library the model runs on, for callers that read checkpoints and exports.
+pub use candle_core;
 
 use pipeline::Registry;
 
 /// Every stage kind this build offers: one line per kind.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.with::<decode::AudioDecode>();
-    r.with::<shards::ShardsWrite>();
-    r.with::<shards::ShardsRead>();
-    r.with::<fbank::FeaturesFbank>();
-    r.with::<features_io::FeaturesWaveform>();
-    r.with::<features_io::FeaturesWrite>();
-    r.with::<features_io::FeaturesRead>();
-    r.with::<features_io::FeaturesStats>();
-    r.with::<batch::BatchByDuration>();
-    r.with::<teacher::TeacherStage>();
-    r.with::<student::StudentStage>();
-    r.with::<mask::MaskEasyToHard>();
-    r.with::<mask::MaskRandom>();
-    r.with::<mask::MaskHard>();
-    r.with::<logs::LogFrames>();
-    r.with::<logs::LogSteps>();
+    r.with::<data::decode::AudioDecode>();
+    r.with::<data::shards::ShardsWrite>();
+    r.with::<data::shards::ShardsRead>();
+    r.with::<data::fbank::FeaturesFbank>();
+    r.with::<data::waveform::FeaturesWaveform>();
+    r.with::<data::store::FeaturesWrite>();
+    r.with::<data::store::FeaturesRead>();
+    r.with::<data::stats::FeaturesStats>();
+    r.with::<data::batch::BatchByDuration>();
+    r.with::<train::teacher::TeacherStage>();
+    r.with::<train::student::StudentStage>();
+    r.with::<train::mask::MaskStage<train::mask::EasyToHard>>();
+    r.with::<train::mask::MaskStage<train::mask::Random>>();
+    r.with::<train::mask::MaskStage<train::mask::Hard>>();
+    r.with::<logs::frames::LogFrames>();
+    r.with::<logs::steps::LogSteps>();
     r.cuda = cfg!(feature = "cuda");
     r
 }

@@ -3,8 +3,8 @@
 //! and every member is the frames of its utterance at its recorded offset.
 
 use proptest::prelude::*;
-use stages::batch::{BatchParams, Batcher, CropMode};
-use stages::fbank::Features;
+use stages::data::batch::{BatchParams, Batcher, CropMode};
+use stages::items::Features;
 
 /// Utterance `u` of `n` frames, dim 2: frame t holds [u, t] so a crop can be checked.
 fn utt(u: usize, n: usize, epoch: u32) -> Features {
@@ -21,7 +21,7 @@ fn utt(u: usize, n: usize, epoch: u32) -> Features {
     }
 }
 
-fn run(lens: &[usize], epochs: u32, p: &BatchParams, seed: u64) -> (Vec<stages::batch::Batch>, u64) {
+fn run(lens: &[usize], epochs: u32, p: &BatchParams, seed: u64) -> (Vec<stages::items::Batch>, u64) {
     let mut b = Batcher::new(p, seed);
     let mut out = Vec::new();
     for e in 0..epochs {

@@ -1,12 +1,12 @@
 //! Features stored and read back unchanged; waveform normalisation; batches from stored features.
 
 use pipeline::{CancelToken, RunOptions};
-use stages::features_io::normalize_waveform;
+use stages::data::waveform::normalize_waveform;
 use std::sync::Mutex;
 
 mod common;
 
-static BATCHES: Mutex<Vec<stages::batch::Batch>> = Mutex::new(Vec::new());
+static BATCHES: Mutex<Vec<stages::items::Batch>> = Mutex::new(Vec::new());
 /// The tests that collect into `BATCHES` take turns (the harness runs tests on parallel threads).
 static BATCHES_IN_USE: Mutex<()> = Mutex::new(());
 
@@ -14,7 +14,7 @@ fn batches_in_use() -> std::sync::MutexGuard<'static, ()> {
     BATCHES_IN_USE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-sink!(BatchSink, stages::batch::Batch, BATCHES, "test.batchsink", |b| b);
+sink!(BatchSink, stages::items::Batch, BATCHES, "test.batchsink", |b| b);
 
 fn go(yaml: &str) {
     let mut reg = stages::registry();
@@ -51,13 +51,13 @@ fn stored_features_read_back_identical_and_batch() {
         shards.display(),
         feats.display()
     ));
-    let index = stages::features_io::FeatureIndex::load(&feats).unwrap().unwrap();
+    let index = stages::data::store::FeatureIndex::load(&feats).unwrap().unwrap();
     assert!(index.complete && index.parts.len() >= 2, "{index:?}");
     // Recompute directly and compare with what was stored.
-    let stored: Vec<stages::fbank::Features> = index.parts.iter().flat_map(|p| stages::features_io::read_features(&feats.join(&p.file), None).unwrap()).collect();
+    let stored: Vec<stages::items::Features> = index.parts.iter().flat_map(|p| stages::data::store::read_features(&feats.join(&p.file), None).unwrap()).collect();
     assert_eq!(stored.len(), 160);
-    let first = stages::shards::read_shard(&shards.join("shard-00000.parquet"), 0).unwrap();
-    let mut fb = <stages::fbank::FeaturesFbank as pipeline::StageDef>::create(
+    let first = stages::data::shards::read_shard(&shards.join("shard-00000.parquet"), 0).unwrap();
+    let mut fb = <stages::data::fbank::FeaturesFbank as pipeline::StageDef>::create(
         &Default::default(),
         &pipeline::StageContext {
             stage: "fb".into(),
@@ -68,7 +68,7 @@ fn stored_features_read_back_identical_and_batch() {
             device: "cpu".into(),
             model: None,
             workers: 1,
-            shared: Default::default(),
+            links: Default::default(),
         },
         0,
     )
@@ -91,9 +91,9 @@ fn stored_features_read_back_identical_and_batch() {
     assert!(batches.iter().all(|b| b.frames * b.size() <= 16 * 50 && b.dim == 160 && b.frames <= 150));
 }
 
-static FEATS: Mutex<Vec<stages::fbank::Features>> = Mutex::new(Vec::new());
+static FEATS: Mutex<Vec<stages::items::Features>> = Mutex::new(Vec::new());
 
-sink!(FeatSink, stages::fbank::Features, FEATS, "test.feats", |f| f);
+sink!(FeatSink, stages::items::Features, FEATS, "test.feats", |f| f);
 
 #[test]
 fn global_statistics_normalise_the_corpus() {
@@ -120,7 +120,7 @@ fn global_statistics_normalise_the_corpus() {
         stats.display(),
         shards.display()
     ));
-    let st = stages::features_io::FeatureStats::load(&stats.join("feature_stats.json")).unwrap();
+    let st = stages::data::stats::FeatureStats::load(&stats.join("feature_stats.json")).unwrap();
     assert_eq!((st.dim, st.utterances), (160, 160));
     let mut reg = stages::registry();
     reg.with::<FeatSink>();

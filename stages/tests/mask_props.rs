@@ -5,9 +5,10 @@
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use stages::batch::{Batch, DataPosition};
-use stages::mask::*;
-use stages::types::Taught;
+use stages::items::{Batch, DataPosition};
+use stages::train::mask::*;
+use stages::train::masking::*;
+use stages::items::Taught;
 use std::sync::Arc;
 
 fn spec(p: f64, l: usize) -> MaskSpec {

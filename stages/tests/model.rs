@@ -1,12 +1,12 @@
 //! Model, losses, optimiser and schedules against hand-worked values and finite differences.
 
 use candle_core::{DType, Device, Tensor};
-use stages::batch::{Batch, DataPosition};
-use stages::losses::{self, AuxNorm, RankForm};
+use stages::items::{Batch, DataPosition};
+use stages::model::losses::{self, AuxNorm, RankForm};
 use stages::model::{self, Model, ModelConfig, Noise};
-use stages::optim::{lr_at, tau_at, AdamW};
-use stages::student::{Student, StudentParams};
-use stages::types::{Masked, Taught};
+use stages::model::optim::{lr_at, tau_at, AdamW};
+use stages::train::student::{Student, StudentParams};
+use stages::items::{Masked, Taught};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@ mod common;
 
 static SEEN: Mutex<Vec<(u32, String, usize)>> = Mutex::new(Vec::new());
 
-sink!(Sink, stages::types::Utterance, SEEN, "test.sink", |u| (u.epoch, u.utt_id, u.samples.len()));
+sink!(Sink, stages::items::Utterance, SEEN, "test.sink", |u| (u.epoch, u.utt_id, u.samples.len()));
 
 fn run(yaml: &str) -> Vec<(u32, String, usize)> {
     SEEN.lock().unwrap().clear();
@@ -66,7 +66,7 @@ fn read_back_every_epoch_shuffled_by_seed() {
 
 static FEATS: Mutex<Vec<(String, usize, usize, f64, f32)>> = Mutex::new(Vec::new());
 
-sink!(FeatSink, stages::fbank::Features, FEATS, "test.featsink", |f| {
+sink!(FeatSink, stages::items::Features, FEATS, "test.featsink", |f| {
     let mean = f.data.iter().sum::<f32>() / f.data.len().max(1) as f32;
     (f.utt_id, f.num_frames, f.dim, f.frame_rate, mean)
 });

@@ -4,10 +4,10 @@
 //! current front-end weights (detached), the teacher blocks, the targets (instance-normalised
 //! FFN outputs of the top-K blocks, averaged) and the teacher's loss predictor on the targets.
 
-use crate::batch::Batch;
+use crate::items::Batch;
 use crate::model::{Model, ModelConfig};
 use crate::train::{self, stage_err, Wait, WeightCell};
-use crate::types::Taught;
+use crate::items::Taught;
 use candle_core::{DType, Device, Tensor};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
@@ -54,10 +54,15 @@ impl StageDef for TeacherStage {
     fn validate(_p: &TeacherParams, ctx: &StageContext) -> Vec<ParamError> {
         train::validate_model(ctx)
     }
+    fn link(_: &TeacherParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+        linker.read(&train::TEACHER_WEIGHTS);
+        Vec::new()
+    }
     fn create(p: &TeacherParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let cfg = train::model_config(ctx)?;
         let device = train::device(&ctx.device).map_err(StageError::failed)?;
-        Ok(TeacherStage { p: p.clone(), cfg, device, cell: WeightCell::of(ctx)? })
+        let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| StageError::failed("the teacher needs a `student` stage in the same spec (it publishes the weights)"))?;
+        Ok(TeacherStage { p: p.clone(), cfg, device, cell: (*cell).clone() })
     }
 }
 

@@ -6,8 +6,8 @@
 //! index is replaced atomically after each shard, so a reader never sees half a shard and a rerun
 //! resumes after the last finished one.
 
-use crate::audio::to_i16;
-use crate::types::{Decoded, Reject, Utterance};
+use crate::data::audio::to_i16;
+use crate::items::{Decoded, Reject, Utterance};
 use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder, Int32Array, Int64Array, ListArray, ListBuilder, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -16,6 +16,7 @@ use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use crate::stream::EpochReader;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -84,30 +85,18 @@ pub struct ShardIndex {
 }
 
 impl ShardIndex {
-    pub fn load(dir: &Path) -> Result<Option<ShardIndex>, String> {
-        let path = dir.join(INDEX_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(t) => {
-                let index: ShardIndex = serde_json::from_str(&t).map_err(|e| format!("{}: not a shard index: {e}", path.display()))?;
-                // A row takes at least a byte: a larger count is a damaged index (and must not
-                // size allocations).
-                if let Some((i, s)) = index.shards.iter().enumerate().find(|(_, s)| s.rows > s.bytes.max(1) || (s.file.is_none() && s.rows > 0)) {
-                    return Err(format!("{}: shard {i} claims {} rows in {} bytes: the index is damaged", path.display(), s.rows, s.bytes));
-                }
-                Ok(Some(index))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    pub fn load(dir: &Path) -> crate::Result<Option<ShardIndex>> {
+        let Some(index) = crate::stream::store::load_index::<ShardIndex>(dir, "shard index")? else { return Ok(None) };
+        // A row takes at least a byte: a larger count is a damaged index (and must not size
+        // allocations).
+        if let Some((i, s)) = index.shards.iter().enumerate().find(|(_, s)| s.rows > s.bytes.max(1) || (s.file.is_none() && s.rows > 0)) {
+            let what = format!("shard {i} claims {} rows in {} bytes: the index is damaged", s.rows, s.bytes);
+            return Err(crate::Error::damaged(dir.join(INDEX_FILE), what));
         }
+        Ok(Some(index))
     }
-    fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(INDEX_FILE))
+    fn save(&self, dir: &Path) -> crate::Result<()> {
+        crate::stream::store::save_index(dir, self)
     }
     pub fn inputs_done(&self) -> u64 {
         self.shards.iter().map(|s| s.inputs).sum()
@@ -174,8 +163,6 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> Result<RecordBatch, S
 
 /// Writes one shard file atomically; returns (bytes, blake3 hex).
 fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, zstd_level: i32, row_group_rows: usize) -> Result<(u64, String), String> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
     let level = ZstdLevel::try_new(zstd_level).map_err(|e| e.to_string())?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
@@ -191,29 +178,19 @@ fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, 
             ),
         ]))
         .build();
-    let result = (|| -> Result<(), String> {
-        let file = File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let mut w = ArrowWriter::try_new(file, shard_schema(format), Some(props)).map_err(|e| e.to_string())?;
+    let written = crate::stream::store::write_part(dir, name, |file| {
+        let mut w = ArrowWriter::try_new(file, shard_schema(format), Some(props)).map_err(std::io::Error::other)?;
         for chunk in rows.chunks(row_group_rows.max(1)) {
-            let batch = shard_batch(chunk, format)?;
-            w.write(&batch).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+            let batch = shard_batch(chunk, format).map_err(std::io::Error::other)?;
+            w.write(&batch).map_err(std::io::Error::other)?;
         }
-        let file = w.into_inner().map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        file.sync_all().map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        w.close().map_err(std::io::Error::other)?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
-    hash_file(&path)
+    })
+    .map_err(|e| e.to_string())?;
+    Ok((written.bytes, written.blake3))
 }
 
-pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok((bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
-}
 
 /// Parameters of `shards.write`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -257,26 +234,29 @@ impl Params for ShardsWriteParams {
 }
 
 /// Loads the index of `dir` and checks that it can be continued with `p`.
-fn resumable_index(p: &ShardsWriteParams) -> Result<Option<ShardIndex>, String> {
+fn resumable_index(p: &ShardsWriteParams) -> crate::Result<Option<ShardIndex>> {
     let Some(index) = ShardIndex::load(&p.dir)? else { return Ok(None) };
+    let index_path = p.dir.join(INDEX_FILE);
     if index.format != INDEX_FORMAT {
-        return Err(format!("{}: index format `{}` is not `{INDEX_FORMAT}`", p.dir.display(), index.format));
+        return Err(crate::Error::damaged(&index_path, format!("index format `{}` is not `{INDEX_FORMAT}`", index.format)));
     }
     if index.audio_format != p.audio_format || index.target_mb != p.target_mb {
-        return Err(format!(
+        return Err(crate::Error::invalid(format!(
             "{} holds shards written with audio_format={}, target_mb={}; this spec asks for audio_format={}, target_mb={}: use another `dir` or delete it",
             p.dir.display(),
             index.audio_format.name(),
             index.target_mb,
             p.audio_format.name(),
             p.target_mb
-        ));
+        )));
     }
     for s in &index.shards {
         if let (Some(f), Some(h)) = (&s.file, &s.blake3) {
-            let (bytes, hash) = hash_file(&p.dir.join(f)).map_err(|e| format!("{e} (listed in {}; delete the directory to start over)", p.dir.join(INDEX_FILE).display()))?;
-            if bytes != s.bytes || &hash != h {
-                return Err(format!("{} does not match its index entry (changed since it was written); delete the directory to start over", p.dir.join(f).display()));
+            let part = p.dir.join(f);
+            let written = crate::stream::store::hash_file(&part)
+                .map_err(|e| crate::Error::invalid(format!("{e} (listed in {}; delete the directory to start over)", index_path.display())))?;
+            if written.bytes != s.bytes || &written.blake3 != h {
+                return Err(crate::Error::damaged(&part, "does not match its index entry (changed since it was written); delete the directory to start over"));
             }
         }
     }
@@ -307,7 +287,7 @@ impl StageDef for ShardsWrite {
         vec![]
     }
     fn resume_skip(p: &ShardsWriteParams, _ctx: &StageContext) -> Result<u64, StageError> {
-        Ok(resumable_index(p).map_err(StageError::Failed)?.map(|i| i.inputs_done()).unwrap_or(0))
+        Ok(resumable_index(p)?.map(|i| i.inputs_done()).unwrap_or(0))
     }
     fn create(p: &ShardsWriteParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         std::fs::create_dir_all(&p.dir).map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
@@ -320,7 +300,7 @@ impl StageDef for ShardsWrite {
                 }
             }
         }
-        let index = resumable_index(p).map_err(StageError::Failed)?.unwrap_or(ShardIndex {
+        let index = resumable_index(p)?.unwrap_or(ShardIndex {
             format: INDEX_FORMAT.into(),
             audio_format: p.audio_format,
             target_mb: p.target_mb,
@@ -392,7 +372,7 @@ impl ShardsWrite {
             inputs: self.pending_inputs,
             rejects: std::mem::take(&mut self.rejects),
         });
-        self.index.save(&self.p.dir).map_err(|e| StageError::io(format!("cannot write {}", self.p.dir.join(INDEX_FILE).display()), e))?;
+        self.index.save(&self.p.dir)?;
         self.rows.clear();
         self.pending_inputs = 0;
         self.pending_bytes = 0.0;
@@ -464,13 +444,15 @@ impl Stage for ShardsWrite {
             self.pending_inputs += 1;
             match item {
                 Decoded::Rejected(Reject { source, reason }) => {
-                    eprintln!("{}: rejected {source}: {reason}", io.stage());
+                    io.count("rejected", 1);
+                    io.note(format!("rejected {source}: {reason}"));
                     self.rejects.push(RejectEntry { source, reason });
                 }
                 Decoded::Utterance(u) => {
                     if let Some(other) = self.ids.get(&u.utt_id) {
                         let reason = format!("duplicate utt_id `{}` (also {other})", u.utt_id);
-                        eprintln!("{}: rejected {}: {reason}", io.stage(), u.source);
+                        io.count("rejected", 1);
+                        io.note(format!("rejected {}: {reason}", u.source));
                         self.rejects.push(RejectEntry { source: u.source, reason });
                     } else {
                         match self.index.sample_rate {
@@ -492,12 +474,12 @@ impl Stage for ShardsWrite {
         }
         self.flush()?;
         self.index.complete = true;
-        self.index.save(&self.p.dir).map_err(|e| StageError::io(format!("cannot write {}", self.p.dir.join(INDEX_FILE).display()), e))?;
+        self.index.save(&self.p.dir)?;
         self.write_tables()?;
         let rows: u64 = self.index.shards.iter().map(|s| s.rows).sum();
         let rejected: usize = self.index.shards.iter().map(|s| s.rejects.len()).sum();
         let hours: f64 = self.index.shards.iter().map(|s| s.duration_s).sum::<f64>() / 3600.0;
-        eprintln!("{}: {} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}", io.stage(), self.index.shards.iter().filter(|s| s.file.is_some()).count(), self.p.dir.display());
+        io.note(format!("{} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}", self.index.shards.iter().filter(|s| s.file.is_some()).count(), self.p.dir.display()));
         Ok(())
     }
 }
@@ -525,26 +507,7 @@ impl Default for ShardsReadParams {
     }
 }
 
-/// The utterance order of one epoch: (shard, row permutation) in reading order. A pure function
-/// of the seed, the epoch and the shards' row counts, so a resumed run finds its place without
-/// reading anything before it.
-pub fn epoch_order(seed: u64, epoch: u32, rows: &[u64], shuffle: bool) -> Vec<(usize, Vec<usize>)> {
-    let stream = |a: u64, b: u64| rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    if shuffle {
-        order.shuffle(&mut stream(epoch as u64 + 1, u64::MAX));
-    }
-    order
-        .into_iter()
-        .map(|k| {
-            let mut perm: Vec<usize> = (0..rows[k] as usize).collect();
-            if shuffle {
-                perm.shuffle(&mut stream(epoch as u64 + 1, k as u64));
-            }
-            (k, perm)
-        })
-        .collect()
-}
+pub use crate::stream::epoch_order;
 
 impl Params for ShardsReadParams {
     fn check(&self) -> Vec<ParamError> {
@@ -621,22 +584,25 @@ impl StageDef for ShardsRead {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Utterance>("out", "utterances, epoch by epoch")]
     }
-    fn validate(p: &ShardsReadParams, ctx: &StageContext) -> Vec<ParamError> {
-        crate::train::register_resumable_reader(ctx);
+    fn link(_: &ShardsReadParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+        linker.read(&crate::stream::READER_START);
+        Vec::new()
+    }
+    fn validate(p: &ShardsReadParams, _ctx: &StageContext) -> Vec<ParamError> {
         match ShardIndex::load(&p.dir) {
             Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the prep that writes it has not finished; rerun it to complete the shards", p.dir.display()))],
             Ok(Some(_)) => vec![],
             Ok(None) => vec![ParamError::new("dir", format!("no shard index at {}: run the prep spec first", p.dir.join(INDEX_FILE).display()))],
-            Err(e) => vec![ParamError::new("dir", e)],
+            Err(e) => vec![ParamError::new("dir", e.to_string())],
         }
     }
     fn create(p: &ShardsReadParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        let index = ShardIndex::load(&p.dir).map_err(StageError::Failed)?.ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
+        let index = ShardIndex::load(&p.dir)?.ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
         let with_files: Vec<&ShardEntry> = index.shards.iter().filter(|s| s.file.is_some()).collect();
         let files = with_files.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
         let rows = with_files.iter().map(|s| s.rows).collect();
         let mut p = p.clone();
-        if let Some((epoch, index)) = crate::train::reader_start(ctx, p.epochs) {
+        if let Some((epoch, index)) = crate::stream::reader_start(ctx, p.epochs) {
             p.start_epoch = epoch;
             p.start_index = index;
         }
@@ -646,30 +612,14 @@ impl StageDef for ShardsRead {
 
 impl Stage for ShardsRead {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        io.progress().set_length(self.files.len() as u64 * (self.p.epochs - self.p.start_epoch) as u64, "shards");
-        for epoch in self.p.start_epoch..self.p.epochs {
-            let mut skip = if epoch == self.p.start_epoch { self.p.start_index } else { 0 };
-            for (k, perm) in epoch_order(self.seed, epoch, &self.rows, self.p.shuffle) {
-                if skip >= perm.len() as u64 {
-                    // Resuming: this whole shard lies before the start; not even opened.
-                    skip -= perm.len() as u64;
-                    io.progress().inc(1);
-                    continue;
-                }
-                let utts = read_shard(&self.files[k], epoch).map_err(StageError::Failed)?;
-                if utts.len() != perm.len() {
-                    return Err(StageError::failed(format!("{}: {} rows, the index says {}", self.files[k].display(), utts.len(), perm.len())));
-                }
-                let mut slots: Vec<Option<Utterance>> = utts.into_iter().map(Some).collect();
-                for &r in perm.iter().skip(skip as usize) {
-                    if let Some(u) = slots[r].take() {
-                        io.send(0, u)?;
-                    }
-                }
-                skip = 0;
-                io.progress().inc(1);
-            }
-        }
-        Ok(())
+        let reader = EpochReader {
+            seed: self.seed,
+            epochs: self.p.epochs,
+            shuffle: self.p.shuffle,
+            start_epoch: self.p.start_epoch,
+            start_index: self.p.start_index,
+            parts: self.files.iter().cloned().zip(self.rows.iter().copied()).collect(),
+        };
+        reader.run(io, "shards", |path, epoch| read_shard(path, epoch).map_err(StageError::Failed))
     }
 }

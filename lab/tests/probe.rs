@@ -2,7 +2,7 @@
 //! probe's class-stratified split; sweep grids.
 
 use rand::{Rng, SeedableRng};
-use stages::report::{task, LinearProbe};
+use lab::probe::{task, LinearProbe};
 
 /// The gradient of the probe's loss (mean softmax cross-entropy + L2) against central
 /// finite differences.
@@ -88,16 +88,16 @@ fn probe_split_is_stratified() {
 
 #[test]
 fn sweep_grids_name_their_runs() {
-    let a = stages::sweep::parse_axis("stages.student.with.alpha=[1, 0.5, 0.05]").unwrap();
+    let a = lab::sweep::parse_axis("stages.student.with.alpha=[1, 0.5, 0.05]").unwrap();
     assert_eq!(a.path, "stages.student.with.alpha");
     assert_eq!(a.values.len(), 3);
-    assert_eq!(stages::sweep::parse_axis("stages.mask.kind=mask.random").unwrap().values.len(), 1);
-    assert!(stages::sweep::parse_axis("alpha").is_err());
-    assert!(stages::sweep::parse_axis("a..b=[1]").is_err());
-    assert!(stages::sweep::parse_axis("a=[]").is_err());
+    assert_eq!(lab::sweep::parse_axis("stages.mask.kind=mask.random").unwrap().values.len(), 1);
+    assert!(lab::sweep::parse_axis("alpha").is_err());
+    assert!(lab::sweep::parse_axis("a..b=[1]").is_err());
+    assert!(lab::sweep::parse_axis("a=[]").is_err());
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let b = stages::sweep::parse_axis("stages.mask.with.mask_prob=[0.3, 0.5]").unwrap();
-    let runs = stages::sweep::plan(&[root.join("specs/tiny.yaml")], &[a, b], &[], std::path::Path::new("/tmp/s")).unwrap();
+    let b = lab::sweep::parse_axis("stages.mask.with.mask_prob=[0.3, 0.5]").unwrap();
+    let runs = lab::sweep::plan(&[root.join("specs/tiny.yaml")], &[a, b], &[], std::path::Path::new("/tmp/s")).unwrap();
     assert_eq!(runs.len(), 6);
     assert_eq!(runs[0].name, "tiny-alpha=1-mask_prob=0.3");
     assert_eq!(runs[5].name, "tiny-alpha=0.05-mask_prob=0.5");

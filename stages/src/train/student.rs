@@ -6,12 +6,12 @@
 //! writes checkpoints (safetensors) every `checkpoint_every` updates and at the end; a rerun of
 //! the same spec continues from the last one.
 
-use crate::batch::DataPosition;
-use crate::losses::{self, AuxNorm, RankForm};
+use crate::items::DataPosition;
+use crate::model::losses::{self, AuxNorm, RankForm};
 use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
-use crate::optim::{lr_at, tau_at, AdamW};
-use crate::train::{self, mix, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
-use crate::types::{FrameRecord, Masked, StepRecord};
+use crate::model::optim::{lr_at, tau_at, AdamW};
+use crate::train::{self, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
+use crate::items::{FrameRecord, Masked, StepRecord};
 use candle_core::{DType, Device, Tensor, Var, D};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
@@ -193,7 +193,7 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 impl Student {
     /// A fresh student (teacher = exact copy) from `seed`, in `dtype` (f32; f64 for checks).
     pub fn new(p: StudentParams, cfg: ModelConfig, device: Device, seed: u64, dtype: DType) -> candle_core::Result<Self> {
-        let w = model::init_weights(&cfg, mix(seed, 0x5EED, 0), &device, dtype)?;
+        let w = model::init_weights(&cfg, crate::seed::model_init(seed), &device, dtype)?;
         let mut vars = BTreeMap::new();
         let mut teacher = Weights::new();
         for (k, t) in w {
@@ -305,7 +305,7 @@ impl Student {
     pub fn train_step(&mut self, m: &Masked) -> candle_core::Result<StepOut> {
         let t0 = Instant::now();
         let b = &m.taught.batch;
-        let mut noise = Noise::new(mix(self.seed, self.step, 1));
+        let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
         let parts = self.loss(m, &mut noise)?;
         let grads = parts.loss.backward()?;
         let lr = lr_at(self.step, self.p.lr, self.warmup_steps(), self.schedule_steps());
@@ -476,6 +476,8 @@ pub struct StudentStage {
     student: Student,
     cell: Arc<WeightCell>,
     run_dir: PathBuf,
+    /// Said once the stage runs (where the progress bars are).
+    resumed_from: Option<String>,
 }
 
 impl StageDef for StudentStage {
@@ -493,17 +495,24 @@ impl StageDef for StudentStage {
     }
     fn validate(p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
         let mut e = train::validate_model(ctx);
-        train::set_total_updates(ctx, p.schedule_steps.unwrap_or(p.max_steps));
         if p.resume {
-            match train::latest_checkpoint(&ctx.run_dir) {
-                Ok(Some((meta, _))) => {
-                    if let Some(pos) = meta.position {
-                        train::set_resume_position(ctx, pos.after());
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => e.push(ParamError::new("resume", format!("{err} (set resume: false to start afresh)"))),
+            if let Err(err) = train::latest_checkpoint(&ctx.run_dir) {
+                e.push(ParamError::new("resume", format!("{err} (set resume: false to start afresh)")));
             }
+        }
+        e
+    }
+    fn link(p: &StudentParams, ctx: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        let mut provide = |r: Result<(), String>| {
+            if let Err(other) = r {
+                e.push(ParamError::new("", format!("stage `{other}` is a student too: one spec trains one student")));
+            }
+        };
+        provide(linker.provide(&train::TOTAL_UPDATES, p.schedule_steps.unwrap_or(p.max_steps)));
+        provide(linker.provide(&train::TEACHER_WEIGHTS, Arc::new(WeightCell::default())));
+        if let Some(pos) = resume_position(p, ctx) {
+            provide(crate::stream::provide_resume(linker, pos));
         }
         e
     }
@@ -512,24 +521,35 @@ impl StageDef for StudentStage {
         let device = train::device(&ctx.device).map_err(StageError::failed)?;
         let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32).map_err(stage_err("student: building the model"))?;
         let mut resumed_at = None;
+        let mut resumed_from = None;
         if p.resume {
             if let Some((meta, path)) = train::latest_checkpoint(&ctx.run_dir)? {
                 let tensors = train::load_tensors(&path, &device)?;
                 student.restore(&meta, &tensors).map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
-                eprintln!("{}: resuming from {} (step {})", ctx.stage, path.display(), meta.step);
+                resumed_from = Some(format!("resuming from {} (step {})", path.display(), meta.step));
                 resumed_at = meta.position.map(|p| p.after());
             }
         }
         // The data stages start where validation said the checkpoint continues; a checkpoint
         // that appeared or went away since would put the teacher and the student out of step.
-        if resumed_at != train::announced_resume_position(ctx) {
+        if resumed_at != ctx.links.get(&crate::stream::RESUME_POSITION).map(|p| *p) {
             return Err(StageError::failed(format!(
                 "the checkpoints in {} changed between validation and start (a run moved aside or another process writing there); run again",
                 ctx.run_dir.join("checkpoints").display()
             )));
         }
-        Ok(StudentStage { student, cell: WeightCell::of(ctx)?, run_dir: ctx.run_dir.clone() })
+        let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| StageError::failed("internal: the student's weight cell was not linked"))?;
+        Ok(StudentStage { student, cell: (*cell).clone(), run_dir: ctx.run_dir.clone(), resumed_from })
     }
+}
+
+/// Where the data stream continues when the student resumes from its latest checkpoint.
+fn resume_position(p: &StudentParams, ctx: &StageContext) -> Option<crate::items::DataPosition> {
+    if !p.resume {
+        return None;
+    }
+    let (meta, _) = train::latest_checkpoint(&ctx.run_dir).ok()??;
+    meta.position.map(|pos| pos.after())
 }
 
 impl StudentStage {
@@ -543,9 +563,12 @@ impl StudentStage {
 impl Stage for StudentStage {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
         let _close = CloseOnDrop(self.cell.clone());
+        if let Some(line) = self.resumed_from.take() {
+            io.note(line);
+        }
         let max = self.student.p.max_steps;
         if self.student.step >= max {
-            eprintln!("{}: already at step {} of max_steps {}; nothing to train", io.stage(), self.student.step, max);
+            io.note(format!("already at step {} of max_steps {}; nothing to train", self.student.step, max));
             return Ok(());
         }
         self.cell.publish(self.student.teacher_weights().map_err(stage_err("student"))?);

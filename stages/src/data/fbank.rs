@@ -7,7 +7,8 @@
 //! `feat/mel-computations.cc` (mel banks) and `feat/feature-fbank.cc` (power spectrum, log floor).
 //! Parity with kaldi-native-fbank is tested against committed fixtures (tests/fbank.rs).
 
-use crate::types::Utterance;
+use crate::items::Features;
+use crate::items::Utterance;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::{Rng, SeedableRng};
 use realfft::{RealFftPlanner, RealToComplex};
@@ -317,22 +318,6 @@ pub fn stack(data: &[f32], frames: usize, dim: usize, k: usize) -> (usize, Vec<f
     (out_frames, data[..out_frames * k * dim].to_vec())
 }
 
-/// Features of one utterance.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Features {
-    pub utt_id: String,
-    pub speaker: Option<String>,
-    pub source: String,
-    pub transcript: Option<String>,
-    pub epoch: u32,
-    /// Frames per second after stacking.
-    pub frame_rate: f64,
-    pub num_frames: usize,
-    pub dim: usize,
-    /// Row-major `num_frames × dim`.
-    pub data: Vec<f32>,
-}
-
 /// Feature normalisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -369,7 +354,7 @@ impl Default for FbankParams {
 
 impl FbankParams {
     fn stats_path(&self, ctx: &StageContext) -> std::path::PathBuf {
-        self.stats.clone().unwrap_or_else(|| ctx.run_dir.join(crate::features_io::STATS_FILE))
+        self.stats.clone().unwrap_or_else(|| ctx.run_dir.join(crate::data::stats::STATS_FILE))
     }
 }
 
@@ -420,7 +405,7 @@ impl StageDef for FeaturesFbank {
             return Vec::new();
         }
         let path = p.stats_path(ctx);
-        match crate::features_io::FeatureStats::load(&path) {
+        match crate::data::stats::FeatureStats::load(&path) {
             Ok(st) if Some(st.dim) != p.kaldi.num_mel_bins.checked_mul(p.stack) => vec![ParamError::new(
                 "stats",
                 format!(
@@ -438,7 +423,7 @@ impl StageDef for FeaturesFbank {
     }
     fn create(p: &FbankParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let global = if p.normalize == Normalize::Global {
-            let st = crate::features_io::FeatureStats::load(&p.stats_path(ctx)).map_err(StageError::Failed)?;
+            let st = crate::data::stats::FeatureStats::load(&p.stats_path(ctx)).map_err(StageError::Failed)?;
             let inv = st.var.iter().map(|&v| (1.0 / (v + 1e-10).sqrt()) as f32).collect();
             Some((st.mean.iter().map(|&m| m as f32).collect(), inv))
         } else {
@@ -448,14 +433,6 @@ impl StageDef for FeaturesFbank {
     }
 }
 
-fn hash_id(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
 
 impl FeaturesFbank {
     /// Features of one utterance (also used by tests and benchmarks).
@@ -466,7 +443,7 @@ impl FeaturesFbank {
         }
         let Some((_, fb)) = self.fbank.as_mut() else { return Err(StageError::failed("internal: no fbank")) };
         // Dither depends on the utterance and epoch only, never on which worker computes it.
-        let seed = self.seed ^ hash_id(&u.utt_id) ^ (u.epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let seed = crate::seed::fbank_dither(self.seed, &u.utt_id, u.epoch);
         let (frames, mut data) = fb.compute(&u.samples, seed);
         let dim = fb.dim();
         let shift_s = fb.frame_shift as f64 / u.sample_rate as f64;

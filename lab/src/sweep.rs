@@ -114,5 +114,5 @@ pub fn is_finished(run: &SweepRun, resolved: &Value) -> bool {
     }
     let Ok(old) = std::fs::read_to_string(run.run_dir.join("spec.yaml")) else { return false };
     let Ok(old) = serde_yaml::from_str::<Value>(&old) else { return false };
-    pipeline::runtime::run_spec_changes(&old, resolved).is_empty()
+    pipeline::run_spec_changes(&old, resolved).is_empty()
 }

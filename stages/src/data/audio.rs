@@ -93,6 +93,27 @@ pub fn decode_file(path: &Path) -> Result<PcmAudio, Rejection> {
 }
 
 fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
+    let (mut format, track_id, params, sample_rate, codec) = open_track(path)?;
+    let mut decoder = symphonia::default::get_codecs().make(&params, &DecoderOptions::default()).map_err(|e| reject(format!("unsupported codec `{codec}`: {e}")))?;
+    let d = decode_packets(format.as_mut(), decoder.as_mut(), track_id)?;
+    finish_decoding(path, d, &params, sample_rate, codec)
+}
+
+/// What the packet loop gathered: interleaved samples, the channel count and what went wrong.
+struct Packets {
+    out: Vec<f32>,
+    channels: Option<usize>,
+    packets: usize,
+    bad_packets: usize,
+    first_error: String,
+    /// The container broke off mid-structure.
+    cut: bool,
+}
+
+type Track = (Box<dyn symphonia::core::formats::FormatReader>, u32, symphonia::core::codecs::CodecParameters, u32, String);
+
+/// Opens and probes a file; its first audio track, with a sane sample rate and channel count.
+fn open_track(path: &Path) -> Result<Track, Rejection> {
     let meta = std::fs::metadata(path).map_err(|e| reject(format!("unreadable: {e}")))?;
     if !meta.is_file() {
         return Err(reject("not a regular file"));
@@ -114,7 +135,7 @@ fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
         SymError::DecodeError(m) => reject(format!("invalid header: {m}")),
         other => reject(format!("invalid header: {other}")),
     })?;
-    let mut format = probed.format;
+    let format = probed.format;
     let track = format.tracks().iter().find(|t| t.codec_params.codec != CODEC_TYPE_NULL).ok_or_else(|| reject("not audio: no audio track"))?;
     let track_id = track.id;
     let params = track.codec_params.clone();
@@ -131,8 +152,12 @@ fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
         }
     }
     let codec = symphonia::default::get_codecs().get_codec(params.codec).map(|d| d.short_name.to_string()).unwrap_or_else(|| "unknown".into());
-    let mut decoder = symphonia::default::get_codecs().make(&params, &DecoderOptions::default()).map_err(|e| reject(format!("unsupported codec `{codec}`: {e}")))?;
 
+    Ok((format, track_id, params, sample_rate, codec))
+}
+
+/// Decodes every packet of track `track_id`.
+fn decode_packets(format: &mut dyn symphonia::core::formats::FormatReader, decoder: &mut dyn symphonia::core::codecs::Decoder, track_id: u32) -> Result<Packets, Rejection> {
     let mut out: Vec<f32> = Vec::new();
     let mut channels: Option<usize> = None;
     let mut sbuf: Option<SampleBuffer<f32>> = None;
@@ -194,6 +219,13 @@ fn decode_file_inner(path: &Path) -> Result<PcmAudio, Rejection> {
             Err(e) => return Err(reject(format!("decode error: {e}"))),
         }
     }
+    Ok(Packets { out, channels, packets, bad_packets, first_error, cut })
+}
+
+/// Checks what was decoded against the header (truncation, corruption, non-finite samples) and
+/// applies an MP4 edit list.
+fn finish_decoding(path: &Path, d: Packets, params: &symphonia::core::codecs::CodecParameters, sample_rate: u32, codec: String) -> Result<PcmAudio, Rejection> {
+    let Packets { mut out, channels, packets, bad_packets, first_error, cut } = d;
     let channels = channels.or(params.channels.map(|c| c.count())).unwrap_or(1);
     let frames = out.len() / channels;
     if let Some(expected) = params.n_frames {

@@ -1,4 +1,8 @@
-//! Items that flow between the speech stages.
+//! Every item type that flows on a channel between the speech stages, and nothing that imports
+//! a stage: decoded audio, features, batches, what the teacher, masking and student stages hand on.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// One utterance: mono audio at `sample_rate` with its metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +48,7 @@ pub enum Decoded {
 /// loss of every frame. What every `mask.*` stage takes.
 #[derive(Debug, Clone)]
 pub struct Taught {
-    pub batch: crate::batch::Batch,
+    pub batch: crate::items::Batch,
     /// Targets `y`: `size × frames × target_dim`, row-major (average of the instance-normalised
     /// FFN outputs of the top-K teacher blocks).
     pub targets: std::sync::Arc<Vec<f32>>,
@@ -134,4 +138,82 @@ pub struct FrameRecord {
     /// The student's input features, `size × frames × feature_dim` (for plots).
     pub features: std::sync::Arc<Vec<f32>>,
     pub feature_dim: usize,
+}
+
+
+/// Features of one utterance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    pub utt_id: String,
+    pub speaker: Option<String>,
+    pub source: String,
+    pub transcript: Option<String>,
+    pub epoch: u32,
+    /// Frames per second after stacking.
+    pub frame_rate: f64,
+    pub num_frames: usize,
+    pub dim: usize,
+    /// Row-major `num_frames × dim`.
+    pub data: Vec<f32>,
+}
+
+
+/// Where a batch comes from in the data stream, enough to regenerate the stream from there
+/// without re-reading the epoch from its start: the batcher's randomness is drawn per epoch,
+/// per utterance and per buffer, never from one running stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataPosition {
+    pub epoch: u32,
+    /// Index, in the epoch's utterance order, of the first utterance of this batch's buffer.
+    pub start: u64,
+    /// Buffer number within the epoch.
+    pub flush: u64,
+    /// Batch number within the buffer.
+    pub index: u64,
+    /// The batch's step.
+    pub step: u64,
+}
+
+impl DataPosition {
+    /// The position to resume from once this batch has been consumed.
+    pub fn after(&self) -> DataPosition {
+        DataPosition { index: self.index + 1, step: self.step + 1, ..*self }
+    }
+}
+
+/// A batch: `size × frames × dim` features, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// 0-based index of the batch in the run.
+    pub step: u64,
+    /// Where it comes from (for resuming the data stream).
+    pub position: DataPosition,
+    pub epoch: u32,
+    pub utt_ids: Vec<String>,
+    /// Where each member starts in its utterance's features (frames); seconds = offset / frame_rate.
+    pub offsets: Vec<usize>,
+    /// Valid frames of each member (all equal to `frames` unless padded).
+    pub lengths: Vec<usize>,
+    /// Frames of the longest member before the crop to the shortest (after the `max_utt_seconds`
+    /// crop): the batch's padded cost is `longest × size`, whatever the crop mode.
+    pub longest: usize,
+    pub frames: usize,
+    pub dim: usize,
+    pub frame_rate: f64,
+    pub data: Vec<f32>,
+    /// `size × frames`, true where a frame is padding (`crop: pad` only).
+    pub padding_mask: Option<Vec<bool>>,
+}
+
+impl Batch {
+    pub fn size(&self) -> usize {
+        self.utt_ids.len()
+    }
+    /// Padded cost in frames: longest member × members (what a padded batch of the same
+    /// utterances would hold; the budget is counted this way in both crop modes, as fairseq's
+    /// `max_tokens` is).
+    pub fn cost_frames(&self) -> usize {
+        self.longest * self.size()
+    }
 }

@@ -2,8 +2,8 @@
 //! wav2vec manifest), decodes every file, down-mixes to mono and resamples. A file that cannot be
 //! used becomes a `Rejected` item with its reason; the run goes on.
 
-use crate::audio::{decode_file, resample};
-use crate::types::{Decoded, Reject, Utterance};
+use crate::data::audio::{decode_file, resample};
+use crate::items::{Decoded, Reject, Utterance};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -400,10 +400,13 @@ impl Stage for AudioDecode {
         if io.worker() == 0 {
             if !self.listing.ignored.is_empty() {
                 let list: Vec<String> = self.listing.ignored.iter().map(|(e, n)| format!(".{e} ×{n}")).collect();
-                eprintln!("{}: ignored {} text and metadata files ({})", io.stage(), self.listing.ignored.values().sum::<usize>(), list.join(", "));
+                let ignored = self.listing.ignored.values().sum::<usize>();
+                io.count("ignored_files", ignored as u64);
+                io.note(format!("ignored {ignored} text and metadata files ({})", list.join(", ")));
             }
             if skip > 0 {
-                eprintln!("{}: resuming: {skip} of {} inputs are already stored", io.stage(), files.len());
+                io.count("resumed_inputs", skip as u64);
+                io.note(format!("resuming: {skip} of {} inputs are already stored", files.len()));
             }
             io.progress().set_length(todo, "files");
         }

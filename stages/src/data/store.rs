@@ -1,13 +1,7 @@
-//! `features.waveform`, `features.write` and `features.read`.
-//!
-//! `features.waveform` is the input of the CNN front-end (method.md §1.1): each utterance's samples
-//! normalised to zero mean and unit variance (a layer norm over all samples, eps 1e-5, no affine),
-//! as one-dimensional frames at the sample rate. `features.write` stores features as Parquet parts
-//! (`utt_id`, `num_frames`, `dim`, `features` as a row-major list of float32, …) with an index, for
-//! users who compute features once and train many times; `features.read` streams them back.
+//! The feature store: `features.write` (Parquet parts with an index) and `features.read`.
 
-use crate::fbank::Features;
-use crate::types::Utterance;
+use crate::items::Features;
+use crate::items::Utterance;
 use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int32Array, ListArray, ListBuilder, StringArray, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -15,6 +9,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use crate::stream::EpochReader;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -24,152 +19,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Zero mean, unit variance over all samples (population variance, eps 1e-5), as fairseq's
-/// `postprocess` with `normalize: true`.
-pub fn normalize_waveform(x: &[f32]) -> Vec<f32> {
-    if x.is_empty() {
-        return Vec::new();
-    }
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let inv = 1.0 / (var + 1e-5).sqrt();
-    x.iter().map(|&v| ((v as f64 - mean) * inv) as f32).collect()
-}
-
-/// The `features.waveform` stage.
-pub struct FeaturesWaveform;
-
-impl StageDef for FeaturesWaveform {
-    type Params = pipeline::NoParams;
-    const KIND: &'static str = "features.waveform";
-    const DOC: &'static str = "The CNN front-end's input: each utterance normalised to zero mean and unit variance over its\nsamples (method §1.1), as 1-dimensional frames at the sample rate.";
-    const PARALLEL: bool = true;
-    fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<Utterance>("in", "utterances")]
-    }
-    fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Features>("out", "normalised waveforms (dim 1)")]
-    }
-    fn create(_: &pipeline::NoParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
-        Ok(FeaturesWaveform)
-    }
-}
-
-impl Stage for FeaturesWaveform {
-    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        while let Some(u) = io.recv::<Utterance>(0)? {
-            let data = normalize_waveform(&u.samples);
-            io.send(
-                0,
-                Features { utt_id: u.utt_id, speaker: u.speaker, source: u.source, transcript: u.transcript, epoch: u.epoch, frame_rate: u.sample_rate as f64, num_frames: data.len(), dim: 1, data },
-            )?;
-        }
-        Ok(())
-    }
-}
-
-pub const FEATURES_INDEX: &str = "index.json";
-/// File name of the corpus statistics `features.stats` writes into its run directory.
-pub const STATS_FILE: &str = "feature_stats.json";
-
-/// Mean and (population) variance per feature dimension over every frame seen.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FeatureStats {
-    pub dim: usize,
-    pub frames: u64,
-    pub utterances: u64,
-    pub mean: Vec<f64>,
-    pub var: Vec<f64>,
-}
-
-impl FeatureStats {
-    pub fn load(path: &Path) -> Result<FeatureStats, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let st: FeatureStats = serde_json::from_str(&text).map_err(|e| format!("{}: not feature statistics: {e}", path.display()))?;
-        if st.mean.len() != st.dim || st.var.len() != st.dim {
-            return Err(format!("{}: mean/var lengths differ from dim {}", path.display(), st.dim));
-        }
-        Ok(st)
-    }
-}
-
-/// Parameters of `features.stats`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct StatsParams {
-    /// Also write the statistics here (besides `feature_stats.json` in the run directory).
-    pub out: Option<PathBuf>,
-}
-impl Params for StatsParams {}
-
-/// The `features.stats` stage.
-pub struct FeaturesStats {
-    p: StatsParams,
-    run_dir: PathBuf,
-}
-
-impl StageDef for FeaturesStats {
-    type Params = StatsParams;
-    const KIND: &'static str = "features.stats";
-    const DOC: &'static str = "Corpus mean and variance per feature dimension (feed it `normalize: none` features, one epoch);
-writes feature_stats.json into the run directory for `features.fbank` with `normalize: global`.";
-    fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<Features>("in", "features")]
-    }
-    fn outputs() -> Vec<Port> {
-        vec![]
-    }
-    fn create(p: &StatsParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
-        Ok(FeaturesStats { p: p.clone(), run_dir: ctx.run_dir.clone() })
-    }
-}
-
-impl Stage for FeaturesStats {
-    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        let (mut sum, mut sq): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
-        let (mut frames, mut utts) = (0u64, 0u64);
-        while let Some(f) = io.recv::<Features>(0)? {
-            if f.dim == 0 || f.data.len() != f.num_frames * f.dim {
-                return Err(StageError::failed(format!("{}: {} values for {} frames × {} dims", f.utt_id, f.data.len(), f.num_frames, f.dim)));
-            }
-            if sum.is_empty() {
-                sum = vec![0.0; f.dim];
-                sq = vec![0.0; f.dim];
-            } else if f.dim != sum.len() {
-                return Err(StageError::failed(format!("{}: dim {} differs from the first utterance's {}", f.utt_id, f.dim, sum.len())));
-            }
-            for row in f.data.chunks_exact(f.dim) {
-                for ((s, q), &x) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
-                    *s += x as f64;
-                    *q += (x as f64) * (x as f64);
-                }
-            }
-            frames += f.num_frames as u64;
-            utts += 1;
-        }
-        if frames == 0 {
-            return Err(StageError::failed("no frames: nothing to compute statistics from"));
-        }
-        let n = frames as f64;
-        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let var: Vec<f64> = sq.iter().zip(&mean).map(|(q, m)| (q / n - m * m).max(0.0)).collect();
-        let st = FeatureStats { dim: mean.len(), frames, utterances: utts, mean, var };
-        let text = serde_json::to_string_pretty(&st).map_err(|e| StageError::failed(e.to_string()))? + "\n";
-        let mut targets = vec![self.run_dir.join(STATS_FILE)];
-        targets.extend(self.p.out.clone());
-        for t in targets {
-            if let Some(parent) = t.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| StageError::io(format!("cannot create {}", parent.display()), e))?;
-            }
-            let tmp = t.with_extension("json.tmp");
-            std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &t)).map_err(|e| StageError::io(format!("cannot write {}", t.display()), e))?;
-        }
-        eprintln!("{}: statistics of {utts} utterances, {frames} frames, {} dims", io.stage(), st.dim);
-        Ok(())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeaturePart {
     pub file: String,
@@ -177,6 +26,8 @@ pub struct FeaturePart {
     pub bytes: u64,
     pub blake3: String,
 }
+
+pub const FEATURES_INDEX: &str = "index.json";
 
 /// `index.json` of a feature directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,24 +38,18 @@ pub struct FeatureIndex {
 }
 
 impl FeatureIndex {
-    pub fn load(dir: &Path) -> Result<Option<FeatureIndex>, String> {
-        let p = dir.join(FEATURES_INDEX);
-        match std::fs::read_to_string(&p) {
-            Ok(t) => {
-                let index: FeatureIndex = serde_json::from_str(&t).map_err(|e| format!("{}: not a feature index: {e}", p.display()))?;
-                if let Some(part) = index.parts.iter().find(|x| x.rows > x.bytes.max(1)) {
-                    return Err(format!("{}: part {} claims {} rows in {} bytes: the index is damaged", p.display(), part.file, part.rows, part.bytes));
-                }
-                Ok(Some(index))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+    pub fn load(dir: &Path) -> crate::Result<Option<FeatureIndex>> {
+        let Some(index) = crate::stream::store::load_index::<FeatureIndex>(dir, "feature index")? else { return Ok(None) };
+        // A row takes at least a byte: a larger count is a damaged index (and must not size
+        // allocations).
+        if let Some(part) = index.parts.iter().find(|x| x.rows > x.bytes.max(1)) {
+            let what = format!("part {} claims {} rows in {} bytes: the index is damaged", part.file, part.rows, part.bytes);
+            return Err(crate::Error::damaged(dir.join(FEATURES_INDEX), what));
         }
+        Ok(Some(index))
     }
-    fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join(format!("{FEATURES_INDEX}.tmp"));
-        std::fs::write(&tmp, serde_json::to_string_pretty(self).map_err(std::io::Error::other)? + "\n")?;
-        std::fs::rename(&tmp, dir.join(FEATURES_INDEX))
+    fn save(&self, dir: &Path) -> crate::Result<()> {
+        crate::stream::store::save_index(dir, self)
     }
 }
 
@@ -317,20 +162,17 @@ impl FeaturesWrite {
             return Ok(());
         }
         let name = format!("features-{:05}.parquet", self.index.parts.len());
-        let tmp = self.p.dir.join(format!(".{name}.tmp"));
         let level = ZstdLevel::try_new(self.p.zstd_level).map_err(|e| StageError::failed(e.to_string()))?;
         let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).set_max_row_group_row_count(Some(256)).build();
         let batch = feature_batch(&self.rows).map_err(StageError::Failed)?;
-        let file = File::create(&tmp).map_err(|e| StageError::io(format!("cannot create {}", tmp.display()), e))?;
-        let mut w = ArrowWriter::try_new(file, feature_schema(), Some(props)).map_err(|e| StageError::failed(e.to_string()))?;
-        w.write(&batch).map_err(|e| StageError::failed(format!("writing {}: {e}", tmp.display())))?;
-        let file = w.into_inner().map_err(|e| StageError::failed(format!("writing {}: {e}", tmp.display())))?;
-        file.sync_all().map_err(|e| StageError::io(format!("writing {}", tmp.display()), e))?;
-        let path = self.p.dir.join(&name);
-        std::fs::rename(&tmp, &path).map_err(|e| StageError::io(format!("cannot rename {}", tmp.display()), e))?;
-        let (bytes, blake3) = crate::shards::hash_file(&path).map_err(StageError::Failed)?;
+        let crate::stream::store::Written { bytes, blake3 } = crate::stream::store::write_part(&self.p.dir, &name, |file| {
+            let mut w = ArrowWriter::try_new(file, feature_schema(), Some(props)).map_err(std::io::Error::other)?;
+            w.write(&batch).map_err(std::io::Error::other)?;
+            w.close().map_err(std::io::Error::other)?;
+            Ok(())
+        })?;
         self.index.parts.push(FeaturePart { file: name, rows: self.rows.len() as u64, bytes, blake3 });
-        self.index.save(&self.p.dir).map_err(|e| StageError::io("cannot write the feature index", e))?;
+        self.index.save(&self.p.dir)?;
         self.rows.clear();
         self.bytes = 0.0;
         Ok(())
@@ -348,7 +190,7 @@ impl Stage for FeaturesWrite {
         }
         self.flush()?;
         self.index.complete = true;
-        self.index.save(&self.p.dir).map_err(|e| StageError::io("cannot write the feature index", e))?;
+        self.index.save(&self.p.dir)?;
         Ok(())
     }
 }
@@ -449,19 +291,22 @@ impl StageDef for FeaturesRead {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Features>("out", "features, epoch by epoch")]
     }
-    fn validate(p: &FeaturesReadParams, ctx: &StageContext) -> Vec<ParamError> {
-        crate::train::register_resumable_reader(ctx);
+    fn link(_: &FeaturesReadParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+        linker.read(&crate::stream::READER_START);
+        Vec::new()
+    }
+    fn validate(p: &FeaturesReadParams, _ctx: &StageContext) -> Vec<ParamError> {
         match FeatureIndex::load(&p.dir) {
             Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the run that writes it has not finished", p.dir.display()))],
             Ok(Some(_)) => vec![],
             Ok(None) => vec![ParamError::new("dir", format!("no feature index at {}", p.dir.join(FEATURES_INDEX).display()))],
-            Err(e) => vec![ParamError::new("dir", e)],
+            Err(e) => vec![ParamError::new("dir", e.to_string())],
         }
     }
     fn create(p: &FeaturesReadParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
-        let index = FeatureIndex::load(&p.dir).map_err(StageError::Failed)?.ok_or_else(|| StageError::failed(format!("no feature index in {}", p.dir.display())))?;
+        let index = FeatureIndex::load(&p.dir)?.ok_or_else(|| StageError::failed(format!("no feature index in {}", p.dir.display())))?;
         let mut p = p.clone();
-        if let Some((epoch, index)) = crate::train::reader_start(ctx, p.epochs) {
+        if let Some((epoch, index)) = crate::stream::reader_start(ctx, p.epochs) {
             p.start_epoch = epoch;
             p.start_index = index;
         }
@@ -471,41 +316,14 @@ impl StageDef for FeaturesRead {
 
 impl Stage for FeaturesRead {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        io.progress().set_length(self.files.len() as u64 * (self.p.epochs - self.p.start_epoch) as u64, "parts");
-        for epoch in self.p.start_epoch..self.p.epochs {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let mut order: Vec<usize> = (0..self.files.len()).collect();
-            if self.p.shuffle {
-                order.shuffle(&mut rng);
-            }
-            let mut skip = if epoch == self.p.start_epoch { self.p.start_index } else { 0 };
-            for i in order {
-                // A row permutation drawn from the row count alone (the same draws as shuffling
-                // the rows), so parts before the start are skipped without being read.
-                let n = self.rows[i] as usize;
-                let mut perm: Vec<usize> = (0..n).collect();
-                if self.p.shuffle {
-                    perm.shuffle(&mut rng);
-                }
-                if skip >= n as u64 {
-                    skip -= n as u64;
-                    io.progress().inc(1);
-                    continue;
-                }
-                let rows = read_features(&self.files[i], Some(epoch)).map_err(StageError::Failed)?;
-                if rows.len() != n {
-                    return Err(StageError::failed(format!("{}: {} rows, the index says {n}", self.files[i].display(), rows.len())));
-                }
-                let mut slots: Vec<Option<Features>> = rows.into_iter().map(Some).collect();
-                for &r in perm.iter().skip(skip as usize) {
-                    if let Some(f) = slots[r].take() {
-                        io.send(0, f)?;
-                    }
-                }
-                skip = 0;
-                io.progress().inc(1);
-            }
-        }
-        Ok(())
+        let reader = EpochReader {
+            seed: self.seed,
+            epochs: self.p.epochs,
+            shuffle: self.p.shuffle,
+            start_epoch: self.p.start_epoch,
+            start_index: self.p.start_index,
+            parts: self.files.iter().cloned().zip(self.rows.iter().copied()).collect(),
+        };
+        reader.run(io, "parts", |path, epoch| read_features(path, Some(epoch)).map_err(StageError::Failed))
     }
 }

@@ -244,25 +244,7 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
     }
     let r = lit(run);
     let utt_filter = opts.utt.as_ref().map(|u| format!(" AND utt_id = {}", lit(u))).unwrap_or_default();
-    let step = match opts.step {
-        Some(s) => s,
-        None => {
-            // The latest step whose input features were logged too, else the latest with frames.
-            let table = if session.has_table("inputs") && !session.query(&format!("SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"))?.iter().all(|b| b.num_rows() == 0) {
-                "inputs"
-            } else {
-                "frames"
-            };
-            let b = session.query(&format!("SELECT max(step) AS s FROM {table} WHERE run = {r}{utt_filter}"))?;
-            match col_f64(&b, "s")?.first() {
-                Some(s) if s.is_finite() => *s as u64,
-                _ => match &opts.utt {
-                    Some(u) => return Err(PlotError::Input(format!("run `{run}`: no logged frames of utterance `{u}` (see: ehmam query RUN \"SELECT DISTINCT utt_id FROM frames\")"))),
-                    None => return Ok(None),
-                },
-            }
-        }
-    };
+    let Some(step) = figure_step(session, run, &r, &utt_filter, opts)? else { return Ok(None) };
     let utt = match &opts.utt {
         Some(u) => u.clone(),
         None => {
@@ -273,70 +255,122 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
             }
         }
     };
-    let b = session.query(&format!(
-        "SELECT frame, time_s, masked, hard, teacher_pred, student_pred, recon_loss, hard_ratio FROM frames WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame",
-        lit(&utt)
-    ))?;
-    let time = col_f64(&b, "time_s")?;
-    if time.is_empty() {
-        return Err(PlotError::Input(format!("run `{run}`: no logged frames of utterance `{utt}` at step {step} (see: ehmam query RUN \"SELECT DISTINCT step, utt_id FROM frames\")")));
-    }
-    let masked = col_bool(&b, "masked")?;
-    let hard = col_bool(&b, "hard")?;
-    let teacher = col_f64(&b, "teacher_pred")?;
-    let student = col_f64(&b, "student_pred")?;
-    let recon = col_f64(&b, "recon_loss")?;
-    let hard_ratio = col_f64(&b, "hard_ratio")?.first().copied().unwrap_or(f64::NAN);
-    let frame_s = if time.len() > 1 { (time[time.len() - 1] - time[0]) / (time.len() - 1) as f64 } else { 0.02 };
-    // The student's input under it.
-    let mut features: Vec<Vec<f32>> = Vec::new();
-    if session.has_table("inputs") {
-        let b = session.query(&format!("SELECT frame, features FROM inputs WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame", lit(&utt)))?;
-        for batch in &b {
-            if let Some(l) = batch.column_by_name("features").and_then(|c| c.as_list_opt::<i32>()) {
-                for i in 0..l.len() {
-                    let v = l.value(i);
-                    let v = arrow::compute::cast(&v, &DataType::Float64).map_err(|e| PlotError::Input(e.to_string()))?;
-                    let a = v.as_primitive::<Float64Type>();
-                    features.push(a.values().iter().map(|&x| x as f32).collect());
-                }
-            }
-        }
-    }
+    let d = FrameData::load(session, run, &r, step, &utt)?;
     let safe = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect::<String>();
     let path = opts.out.join(format!("frames-{}-step{step}-{}.png", safe(run), safe(&utt)));
     let root = BitMapBackend::new(&path, (1400, 820)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(&path))?;
-    let title = format!("{run}: {utt}, update {step} (hard ratio {hard_ratio:.2}): grey = masked at random, red = masked by predicted hardness");
+    let title = format!("{run}: {utt}, update {step} (hard ratio {:.2}): grey = masked at random, red = masked by predicted hardness", d.hard_ratio);
     let root = root.titled(&title, ("sans-serif", 20)).map_err(draw_err(&path))?;
     let (top, bottom) = root.split_vertically(430);
+    draw_frame_losses(&top, &d, &path)?;
+    draw_frame_input(&bottom, &d, run_dir, run, &path)?;
+    root.present().map_err(draw_err(&path))?;
+    Ok(Some(path.clone()))
+}
+
+/// The step of the frame figure: asked for, else the latest step whose input features were
+/// logged too, else the latest with frames; `None` when nothing was logged.
+fn figure_step(session: &Session, run: &str, r: &str, utt_filter: &str, opts: &PlotOptions) -> Result<Option<u64>, PlotError> {
+    if let Some(s) = opts.step {
+        return Ok(Some(s));
+    }
+    let table = if session.has_table("inputs") && !session.query(&format!("SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"))?.iter().all(|b| b.num_rows() == 0) {
+        "inputs"
+    } else {
+        "frames"
+    };
+    let b = session.query(&format!("SELECT max(step) AS s FROM {table} WHERE run = {r}{utt_filter}"))?;
+    match col_f64(&b, "s")?.first() {
+        Some(s) if s.is_finite() => Ok(Some(*s as u64)),
+        _ => match &opts.utt {
+            Some(u) => Err(PlotError::Input(format!("run `{run}`: no logged frames of utterance `{u}` (see: ehmam query RUN \"SELECT DISTINCT utt_id FROM frames\")"))),
+            None => Ok(None),
+        },
+    }
+}
+
+/// One utterance's logged frames at one step, and the input features under them.
+struct FrameData {
+    time: Vec<f64>,
+    masked: Vec<bool>,
+    hard: Vec<bool>,
+    teacher: Vec<f64>,
+    student: Vec<f64>,
+    recon: Vec<f64>,
+    hard_ratio: f64,
+    /// Seconds per frame.
+    frame_s: f64,
+    features: Vec<Vec<f32>>,
+}
+
+impl FrameData {
+    fn load(session: &Session, run: &str, r: &str, step: u64, utt: &str) -> Result<FrameData, PlotError> {
+        let b = session.query(&format!(
+            "SELECT frame, time_s, masked, hard, teacher_pred, student_pred, recon_loss, hard_ratio FROM frames WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame",
+            lit(utt)
+        ))?;
+        let time = col_f64(&b, "time_s")?;
+        if time.is_empty() {
+            return Err(PlotError::Input(format!("run `{run}`: no logged frames of utterance `{utt}` at step {step} (see: ehmam query RUN \"SELECT DISTINCT step, utt_id FROM frames\")")));
+        }
+        let masked = col_bool(&b, "masked")?;
+        let hard = col_bool(&b, "hard")?;
+        let teacher = col_f64(&b, "teacher_pred")?;
+        let student = col_f64(&b, "student_pred")?;
+        let recon = col_f64(&b, "recon_loss")?;
+        let hard_ratio = col_f64(&b, "hard_ratio")?.first().copied().unwrap_or(f64::NAN);
+        let frame_s = if time.len() > 1 { (time[time.len() - 1] - time[0]) / (time.len() - 1) as f64 } else { 0.02 };
+        // The student's input under it.
+        let mut features: Vec<Vec<f32>> = Vec::new();
+        if session.has_table("inputs") {
+            let b = session.query(&format!("SELECT frame, features FROM inputs WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame", lit(utt)))?;
+            for batch in &b {
+                if let Some(l) = batch.column_by_name("features").and_then(|c| c.as_list_opt::<i32>()) {
+                    for i in 0..l.len() {
+                        let v = l.value(i);
+                        let v = arrow::compute::cast(&v, &DataType::Float64).map_err(|e| PlotError::Input(e.to_string()))?;
+                        let a = v.as_primitive::<Float64Type>();
+                        features.push(a.values().iter().map(|&x| x as f32).collect());
+                    }
+                }
+            }
+        }
+        Ok(FrameData { time, masked, hard, teacher, student, recon, hard_ratio, frame_s, features })
+    }
+}
+
+/// Top half: predicted and actual losses over the masked frames.
+fn draw_frame_losses(top: &DrawingArea<BitMapBackend, plotters::coord::Shift>, d: &FrameData, path: &Path) -> Result<(), PlotError> {
+    let FrameData { time, masked, hard, teacher, student, recon, frame_s, .. } = d;
+    let frame_s = *frame_s;
     let (t0, t1) = (time[0], time[time.len() - 1] + frame_s);
     let (y0, y1) = range(teacher.iter().chain(student.iter()).chain(recon.iter()).copied());
-    let mut chart = ChartBuilder::on(&top).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, y0..y1).map_err(draw_err(&path))?;
-    chart.configure_mesh().x_desc("time in the utterance (s)").y_desc("loss").label_style(("sans-serif", 13)).draw().map_err(draw_err(&path))?;
+    let mut chart = ChartBuilder::on(top).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, y0..y1).map_err(draw_err(path))?;
+    chart.configure_mesh().x_desc("time in the utterance (s)").y_desc("loss").label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
     let shade = |on: &[bool], color: RGBAColor| -> Vec<Rectangle<(f64, f64)>> {
         time.iter().zip(on).filter(|(_, m)| **m).map(|(t, _)| Rectangle::new([(*t, y0), (*t + frame_s, y1)], color.filled())).collect()
     };
-    let random: Vec<bool> = masked.iter().zip(&hard).map(|(m, h)| *m && !*h).collect();
-    chart.draw_series(shade(&random, RGBColor(120, 120, 120).mix(0.3))).map_err(draw_err(&path))?;
-    chart.draw_series(shade(&hard, RGBColor(214, 39, 40).mix(0.25))).map_err(draw_err(&path))?;
+    let random: Vec<bool> = masked.iter().zip(hard).map(|(m, h)| *m && !*h).collect();
+    chart.draw_series(shade(&random, RGBColor(120, 120, 120).mix(0.3))).map_err(draw_err(path))?;
+    chart.draw_series(shade(hard, RGBColor(214, 39, 40).mix(0.25))).map_err(draw_err(path))?;
     let mid = |i: usize| time[i] + frame_s / 2.0;
     let line = |v: &[f64]| -> Vec<(f64, f64)> { (0..v.len()).filter(|&i| v[i].is_finite()).map(|i| (mid(i), v[i])).collect() };
     chart
-        .draw_series(LineSeries::new(line(&teacher), palette(0).stroke_width(2)))
-        .map_err(draw_err(&path))?
+        .draw_series(LineSeries::new(line(teacher), palette(0).stroke_width(2)))
+        .map_err(draw_err(path))?
         .label("teacher's predicted loss")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], palette(0).stroke_width(2)));
     if student.iter().any(|v| v.is_finite()) {
         chart
-            .draw_series(LineSeries::new(line(&student), palette(3).stroke_width(1)))
-            .map_err(draw_err(&path))?
+            .draw_series(LineSeries::new(line(student), palette(3).stroke_width(1)))
+            .map_err(draw_err(path))?
             .label("student's predicted loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], palette(3).stroke_width(1)));
     }
     chart
         .draw_series((0..recon.len()).filter(|&i| recon[i].is_finite()).map(|i| Circle::new((mid(i), recon[i]), 3, BLACK.filled())))
-        .map_err(draw_err(&path))?
+        .map_err(draw_err(path))?
         .label("actual reconstruction loss (masked frames)")
         .legend(|(x, y)| Circle::new((x + 10, y), 3, BLACK.filled()));
     chart
@@ -346,9 +380,16 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
         .label_font(("sans-serif", 13))
         .position(SeriesLabelPosition::UpperRight)
         .draw()
-        .map_err(draw_err(&path))?;
+        .map_err(draw_err(path))?;
 
-    // Bottom: the input.
+    Ok(())
+}
+
+/// Bottom half: the student's input under the frames (waveform envelope or feature image).
+fn draw_frame_input(bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>, d: &FrameData, run_dir: &Path, run: &str, path: &Path) -> Result<(), PlotError> {
+    let FrameData { time, features, frame_s, .. } = d;
+    let frame_s = *frame_s;
+    let (t0, t1) = (time[0], time[time.len() - 1] + frame_s);
     let kind = features.first().map_or(InputKind::Unknown, |f| input_kind(run_dir, f.len()));
     let n = features.len();
     if n == time.len() && n > 0 {
@@ -364,9 +405,9 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
                     })
                     .collect();
                 let (a0, a1) = range(env.iter().flat_map(|e| [e.1, e.2]));
-                let mut c = ChartBuilder::on(&bottom).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, a0..a1).map_err(draw_err(&path))?;
-                c.configure_mesh().x_desc("time in the utterance (s)").y_desc("waveform (normalised)").label_style(("sans-serif", 13)).draw().map_err(draw_err(&path))?;
-                c.draw_series(env.iter().map(|&(t, lo, hi)| Rectangle::new([(t, lo), (t + frame_s, hi)], palette(0).filled()))).map_err(draw_err(&path))?;
+                let mut c = ChartBuilder::on(bottom).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, a0..a1).map_err(draw_err(path))?;
+                c.configure_mesh().x_desc("time in the utterance (s)").y_desc("waveform (normalised)").label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
+                c.draw_series(env.iter().map(|&(t, lo, hi)| Rectangle::new([(t, lo), (t + frame_s, hi)], palette(0).filled()))).map_err(draw_err(path))?;
             }
             _ => {
                 // Rows of the image: mel bins; stacked frames are laid out side by side in time.
@@ -377,8 +418,8 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
                 let (v0, v1) = range(features.iter().flat_map(|f| f.iter().map(|&x| x as f64)));
                 let sub = frame_s / stack as f64;
                 let ylabel = if matches!(kind, InputKind::Fbank { .. }) { "mel bin" } else { "feature" };
-                let mut c = ChartBuilder::on(&bottom).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, 0.0..bins as f64).map_err(draw_err(&path))?;
-                c.configure_mesh().disable_mesh().x_desc("time in the utterance (s)").y_desc(ylabel).label_style(("sans-serif", 13)).draw().map_err(draw_err(&path))?;
+                let mut c = ChartBuilder::on(bottom).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, 0.0..bins as f64).map_err(draw_err(path))?;
+                c.configure_mesh().disable_mesh().x_desc("time in the utterance (s)").y_desc(ylabel).label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
                 let mut cells = Vec::with_capacity(n * bins * stack);
                 for (i, f) in features.iter().enumerate() {
                     for s in 0..stack {
@@ -390,15 +431,14 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
                         }
                     }
                 }
-                c.draw_series(cells).map_err(draw_err(&path))?;
+                c.draw_series(cells).map_err(draw_err(path))?;
             }
         }
     } else {
         let style = ("sans-serif", 16).into_font().color(&BLACK.mix(0.6));
-        bottom.draw(&Text::new("no input features logged for these frames (log.frames inputs_table off)", (200, 150), style)).map_err(draw_err(&path))?;
+        bottom.draw(&Text::new("no input features logged for these frames (log.frames inputs_table off)", (200, 150), style)).map_err(draw_err(path))?;
     }
-    root.present().map_err(draw_err(&path))?;
-    Ok(Some(path.clone()))
+    Ok(())
 }
 
 /// Draws the figures; returns the files written.

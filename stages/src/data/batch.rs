@@ -8,7 +8,8 @@
 //! `crop: pad` members are padded to the longest and a padding mask is carried. Each batch carries
 //! its step, epoch, utterance ids and crop offsets, so logs can point back into the audio.
 
-use crate::fbank::Features;
+use crate::items::{Batch, DataPosition};
+use crate::items::Features;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -80,66 +81,6 @@ impl Params for BatchParams {
     }
 }
 
-/// Where a batch comes from in the data stream, enough to regenerate the stream from there
-/// without re-reading the epoch from its start: the batcher's randomness is drawn per epoch,
-/// per utterance and per buffer, never from one running stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DataPosition {
-    pub epoch: u32,
-    /// Index, in the epoch's utterance order, of the first utterance of this batch's buffer.
-    pub start: u64,
-    /// Buffer number within the epoch.
-    pub flush: u64,
-    /// Batch number within the buffer.
-    pub index: u64,
-    /// The batch's step.
-    pub step: u64,
-}
-
-impl DataPosition {
-    /// The position to resume from once this batch has been consumed.
-    pub fn after(&self) -> DataPosition {
-        DataPosition { index: self.index + 1, step: self.step + 1, ..*self }
-    }
-}
-
-/// A batch: `size × frames × dim` features, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    /// 0-based index of the batch in the run.
-    pub step: u64,
-    /// Where it comes from (for resuming the data stream).
-    pub position: DataPosition,
-    pub epoch: u32,
-    pub utt_ids: Vec<String>,
-    /// Where each member starts in its utterance's features (frames); seconds = offset / frame_rate.
-    pub offsets: Vec<usize>,
-    /// Valid frames of each member (all equal to `frames` unless padded).
-    pub lengths: Vec<usize>,
-    /// Frames of the longest member before the crop to the shortest (after the `max_utt_seconds`
-    /// crop): the batch's padded cost is `longest × size`, whatever the crop mode.
-    pub longest: usize,
-    pub frames: usize,
-    pub dim: usize,
-    pub frame_rate: f64,
-    pub data: Vec<f32>,
-    /// `size × frames`, true where a frame is padding (`crop: pad` only).
-    pub padding_mask: Option<Vec<bool>>,
-}
-
-impl Batch {
-    pub fn size(&self) -> usize {
-        self.utt_ids.len()
-    }
-    /// Padded cost in frames: longest member × members (what a padded batch of the same
-    /// utterances would hold; the budget is counted this way in both crop modes, as fairseq's
-    /// `max_tokens` is).
-    pub fn cost_frames(&self) -> usize {
-        self.longest * self.size()
-    }
-}
-
 /// An utterance after the length filter and the first crop.
 struct Item {
     f: Features,
@@ -167,12 +108,6 @@ pub struct Batcher {
     pub dropped: u64,
 }
 
-fn mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
-    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ c.wrapping_mul(0x94D0_49BB_1331_11EB);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 impl Batcher {
     pub fn new(p: &BatchParams, seed: u64) -> Self {
@@ -209,7 +144,7 @@ impl Batcher {
         // Crops of this utterance draw from its own stream (epoch, index in the epoch).
         let i = self.index;
         self.index += 1;
-        self.rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(self.seed, f.epoch as u64, i, 0));
+        self.rng = crate::seed::batch_crop(self.seed, f.epoch, i);
         let min = (self.p.min_utt_seconds * f.frame_rate).ceil() as usize;
         let max = ((self.p.max_utt_seconds * f.frame_rate).floor() as usize).min(self.budget(f.frame_rate)).max(1);
         if f.num_frames < min.max(1) {
@@ -241,7 +176,7 @@ impl Batcher {
         }
         // This buffer's batching draws from its own stream (epoch, buffer number).
         let epoch = self.epoch.unwrap_or(0);
-        self.rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, flush, 1));
+        self.rng = crate::seed::batch_order(self.seed, epoch, flush);
         // Sort by length (ties by id, so the order never depends on arrival).
         items.sort_by(|a, b| a.f.num_frames.cmp(&b.f.num_frames).then_with(|| a.f.utt_id.cmp(&b.f.utt_id)));
         let budget = self.budget(items[0].f.frame_rate);
@@ -342,10 +277,14 @@ impl StageDef for BatchByDuration {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Batch>("out", "batches")]
     }
+    fn link(_: &BatchParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+        linker.read(&crate::stream::RESUME_POSITION);
+        Vec::new()
+    }
     fn create(p: &BatchParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         // A training run resuming from a checkpoint continues the stream where it stopped, when
         // its reader (shards.read, features.read) resumes too.
-        let resume = crate::train::resume_position(ctx).or(p.resume_from);
+        let resume = crate::stream::resume_position(ctx).or(p.resume_from);
         let batcher = match resume {
             Some(pos) => Batcher::resume(p, ctx.seed, pos),
             None => Batcher::new(p, ctx.seed),
@@ -365,7 +304,8 @@ impl Stage for BatchByDuration {
             io.send(0, b)?;
         }
         if self.batcher.dropped > 0 {
-            eprintln!("{}: dropped {} utterances shorter than min_utt_seconds", io.stage(), self.batcher.dropped);
+            io.count("dropped_short", self.batcher.dropped);
+            io.note(format!("dropped {} utterances shorter than min_utt_seconds", self.batcher.dropped));
         }
         Ok(())
     }

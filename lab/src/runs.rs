@@ -1,0 +1,195 @@
+//! Running specs: one run with Ctrl-C handling, and a sweep (a grid of runs, each validated before
+//! any starts, finished ones skipped, a summary and optionally a report at the end).
+
+use crate::report::{self, ReportError};
+use crate::sweep::{self, SweepRun};
+use pipeline::{CancelToken, Plan, RunError, RunOptions, RunSummary, SpecErrors};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Errors of running specs.
+#[derive(Debug, thiserror::Error)]
+pub enum RunsError {
+    /// The spec (or one of a sweep's) did not validate: exit status 2.
+    #[error("{0}")]
+    Spec(SpecErrors),
+    #[error("{0}")]
+    Run(#[from] RunError),
+    #[error("{0}")]
+    Report(#[from] ReportError),
+    /// A grid or spec list that cannot make a sweep.
+    #[error("{0}")]
+    Sweep(String),
+    #[error("cannot install the Ctrl-C handler: {0}")]
+    Signal(String),
+}
+
+/// Loads and validates a spec with `--set` overrides.
+pub fn load_plan(spec: &Path, set: &[String]) -> Result<Plan, SpecErrors> {
+    let registry = stages::registry();
+    let spec = pipeline::load(spec, set)?;
+    pipeline::validate(spec, &registry)
+}
+
+/// `ehmam run`: validates, then runs with Ctrl-C stopping every stage cleanly.
+pub fn run_spec(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<RunSummary, RunsError> {
+    if force {
+        // A run of another spec in the run directory is moved aside before validation
+        // (which would otherwise read its checkpoints).
+        if let Ok(s) = pipeline::load(spec, set) {
+            pipeline::claim_run_dir(&s)?;
+        }
+    }
+    let plan = load_plan(spec, set).map_err(RunsError::Spec)?;
+    let cancel = CancelToken::new();
+    {
+        let c = cancel.clone();
+        ctrlc::set_handler(move || {
+            second_interrupt_exits();
+            eprintln!("\nstopping (Ctrl-C; press again to quit at once)…");
+            c.interrupt();
+        })
+        .map_err(|e| RunsError::Signal(e.to_string()))?;
+    }
+    Ok(pipeline::run(plan, &RunOptions { force, quiet }, &cancel)?)
+}
+
+/// What `ehmam sweep` asks for.
+pub struct SweepOptions<'a> {
+    pub specs: &'a [PathBuf],
+    pub grid: &'a [String],
+    pub set: &'a [String],
+    pub out: &'a Path,
+    pub report: bool,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+/// How a sweep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepOutcome {
+    /// Every run ran or was finished before.
+    Done,
+    /// A run failed, or the sweep was stopped.
+    Failed,
+}
+
+/// `ehmam sweep`: every run validated first (any error refuses the whole sweep), then run one by
+/// one, each with its own cancel token; a summary table at the end.
+pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
+    let SweepOptions { specs, grid, set, out, report, force, quiet } = *o;
+    let axes = grid.iter().map(|g| sweep::parse_axis(g)).collect::<std::result::Result<Vec<_>, _>>().map_err(RunsError::Sweep)?;
+    let runs = sweep::plan(specs, &axes, set, out).map_err(RunsError::Sweep)?;
+    // Every run is validated before any starts.
+    let registry = stages::registry();
+    let validate = |r: &SweepRun| pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string()));
+    let mut plans = Vec::new();
+    let mut bad = false;
+    for r in &runs {
+        match validate(r) {
+            Ok(p) => plans.push(Some(p)),
+            Err(e) => {
+                eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
+                bad = true;
+                plans.push(None);
+            }
+        }
+    }
+    if bad {
+        return Err(RunsError::Spec(SpecErrors(Vec::new())));
+    }
+    // Each run gets its own cancel token (a failed run cancels its own graph only); Ctrl-C
+    // interrupts the current run and stops the sweep.
+    let stop = Arc::new(AtomicBool::new(false));
+    let current = Arc::new(Mutex::new(pipeline::CancelToken::new()));
+    {
+        let (stop, current) = (stop.clone(), current.clone());
+        ctrlc::set_handler(move || {
+            second_interrupt_exits();
+            eprintln!("\nstopping the sweep (Ctrl-C; press again to quit at once)…");
+            stop.store(true, Ordering::SeqCst);
+            if let Ok(c) = current.lock() {
+                c.interrupt();
+            }
+        })
+        .map_err(|e| RunsError::Signal(e.to_string()))?;
+    }
+    let mut outcome = Vec::new();
+    let n = runs.len();
+    for (i, (r, p)) in runs.iter().zip(plans).enumerate() {
+        let Some(plan) = p else { continue };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if sweep::is_finished(r, &plan.spec.resolved) {
+            eprintln!("[{}/{n}] {}: finished earlier, skipped", i + 1, r.name);
+            outcome.push((r.clone(), "skipped (finished)".to_string()));
+            continue;
+        }
+        let cancel = pipeline::CancelToken::new();
+        if let Ok(mut c) = current.lock() {
+            *c = cancel.clone();
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut plan = plan;
+        if force {
+            // Move a run of another spec aside first, then validate again (validation reads the
+            // run directory's checkpoints).
+            match pipeline::claim_run_dir(&plan.spec).map_err(|e| e.to_string()).and_then(|moved| moved.map(|_| validate(r)).transpose()) {
+                Ok(None) => {}
+                Ok(Some(p)) => plan = p,
+                Err(e) => {
+                    eprintln!("{}: {e}", r.name);
+                    outcome.push((r.clone(), format!("failed: {e}")));
+                    continue;
+                }
+            }
+        }
+        eprintln!("[{}/{n}] {}: running {} into {}", i + 1, r.name, r.spec.display(), r.run_dir.display());
+        // Without --force a run directory that holds another spec's run is refused (as `ehmam run`
+        // does), never silently continued from that run's checkpoints.
+        match pipeline::run(plan, &pipeline::RunOptions { force, quiet }, &cancel) {
+            Ok(s) => outcome.push((r.clone(), format!("ran ({:.0} s)", s.wall_s))),
+            Err(e) => {
+                eprintln!("{}: {e}", r.name);
+                outcome.push((r.clone(), format!("failed: {e}")));
+                if cancel.was_interrupted() {
+                    break;
+                }
+            }
+        }
+    }
+    let dirs: Vec<PathBuf> = outcome.iter().map(|(r, _)| r.run_dir.clone()).filter(|d| d.join("spec.yaml").exists()).collect();
+    println!("\nsweep of {n} runs in {}:\n", out.display());
+    for (r, o) in &outcome {
+        println!("  {:<40} {o}", r.name);
+    }
+    if !dirs.is_empty() {
+        let rows = report::summarize(&dirs, 0.1)?;
+        println!("\n{}", report::summary_markdown(&rows));
+        let _ = std::fs::create_dir_all(out);
+        let _ = std::fs::write(out.join("summary.md"), report::summary_markdown(&rows));
+        if report {
+            let opts = report::ReportOptions { out: out.join("report"), ..Default::default() };
+            for f in report::report(&dirs, &opts)? {
+                println!("{}", f.display());
+            }
+        }
+    }
+    let failed = outcome.iter().any(|(_, o)| o.starts_with("failed")) || outcome.len() < n;
+    Ok(if failed { SweepOutcome::Failed } else { SweepOutcome::Done })
+}
+
+/// A second Ctrl-C quits at once (exit status 130), for a stage stuck in a long computation.
+/// Every output is written to a temporary name and renamed when complete, and `run.json` still
+/// says `running`, so nothing left behind reads as finished.
+pub fn second_interrupt_exits() {
+    static PRESSED: AtomicBool = AtomicBool::new(false);
+    if PRESSED.swap(true, Ordering::SeqCst) {
+        eprintln!("\nquitting (second Ctrl-C)");
+        std::process::exit(130);
+    }
+}

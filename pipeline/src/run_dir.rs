@@ -1,0 +1,164 @@
+//! Run directories: the resolved spec saved there and compared with the next run's (what
+//! changed, what may change and continue), moving an earlier run aside, and `run.json`, the
+//! run's status.
+
+use crate::atomic::write_atomic;
+use crate::error::RunError;
+use crate::plan::Plan;
+use crate::spec::Spec;
+use std::path::{Path, PathBuf};
+
+/// Saves the resolved spec in the run directory; refuses a different one unless `force`.
+pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<PathBuf, RunError> {
+    let dir = plan.spec.run_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
+    let text = serde_yaml::to_string(&plan.spec.resolved).map_err(|e| RunError::Other(format!("cannot serialise the spec: {e}")))?;
+    let path = dir.join("spec.yaml");
+    {
+        let mut changed = saved_spec_changes(&dir, &plan.spec.resolved);
+        // Continuable parameters (a trainer's max_steps) continue the run; said, not refused.
+        let cont: Vec<String> = plan.nodes.iter().flat_map(|n| n.continuable.iter().map(move |p| format!("stages.{}.with.{p}", n.id))).collect();
+        let continued: Vec<String> = changed.iter().filter(|c| cont.contains(c)).cloned().collect();
+        changed.retain(|c| !cont.contains(c));
+        if changed.is_empty() && !continued.is_empty() && !quiet {
+            eprintln!("{}: continuing the run there with a changed {}", dir.display(), continued.join(", "));
+        }
+        if !changed.is_empty() && force {
+            // Validation may have read the earlier run (a checkpoint to resume from): a caller
+            // that forces must claim the directory before validating (`claim_run_dir`).
+            move_aside(&dir, &changed)?;
+            std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
+        }
+        if !changed.is_empty() && !force {
+            let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
+            let more = if changed.len() > 5 { format!(" and {} more", changed.len() - 5) } else { String::new() };
+            return Err(RunError::Other(format!(
+                "{} holds a run of a different spec ({}; changed: {}{more}); use another `name`/`run_dir`, or pass --force to run over it",
+                dir.display(),
+                path.display(),
+                shown.join(", ")
+            )));
+        }
+    }
+    write_atomic(&path, text.as_bytes()).map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), cause: e })?;
+    Ok(dir)
+}
+
+/// What differs between the spec saved in `dir` (if any) and `resolved`.
+fn saved_spec_changes(dir: &Path, resolved: &serde_yaml::Value) -> Vec<String> {
+    match std::fs::read_to_string(dir.join("spec.yaml")) {
+        Err(_) => Vec::new(),
+        Ok(old) => match serde_yaml::from_str::<serde_yaml::Value>(&old) {
+            Ok(old) => run_spec_changes(&old, resolved),
+            Err(_) => vec!["(the saved spec.yaml is not YAML)".to_string()],
+        },
+    }
+}
+
+/// Moves an earlier run out of the way (`DIR.replaced-N`), whole: nothing is deleted.
+fn move_aside(dir: &Path, changed: &[String]) -> Result<PathBuf, RunError> {
+    let aside = (1..).map(|k| PathBuf::from(format!("{}.replaced-{k}", dir.display()))).find(|p| !p.exists()).unwrap_or_else(|| dir.with_extension("replaced"));
+    std::fs::rename(dir, &aside).map_err(|e| RunError::Io { context: format!("cannot move the earlier run {} aside to {}", dir.display(), aside.display()), cause: e })?;
+    eprintln!("--force: {} held a run of a different spec (changed: {}); moved it to {}", dir.display(), changed.iter().take(5).cloned().collect::<Vec<_>>().join(", "), aside.display());
+    Ok(aside)
+}
+
+/// `--force` before validation: when the spec's run directory holds a run of a different spec,
+/// moves that run aside (`RUN_DIR.replaced-N`) so that the new one starts afresh and validation
+/// does not read the old run's checkpoints. Returns where it went, if it moved.
+pub fn claim_run_dir(spec: &Spec) -> Result<Option<PathBuf>, RunError> {
+    let changed = saved_spec_changes(&spec.run_dir, &spec.resolved);
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    move_aside(&spec.run_dir, &changed).map(Some)
+}
+
+/// What differs between the spec saved in a run directory and the one about to run there:
+/// [`spec_diff`] without the top-level `run_dir` (the same directory may be named differently,
+/// `runs/x` or `./runs/x`).
+pub fn run_spec_changes(old: &serde_yaml::Value, new: &serde_yaml::Value) -> Vec<String> {
+    let strip = |v: &serde_yaml::Value| {
+        let mut v = v.clone();
+        if let serde_yaml::Value::Mapping(m) = &mut v {
+            m.remove("run_dir");
+        }
+        v
+    };
+    let mut changed = Vec::new();
+    spec_diff(&strip(old), &strip(new), "", &mut changed);
+    changed
+}
+
+/// The paths at which two resolved specs differ. Mappings compare key by key whatever their
+/// order; numbers compare by value (`1` equals `1.0`).
+pub fn spec_diff(old: &serde_yaml::Value, new: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+    use serde_yaml::Value;
+    let at = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    let here = || if path.is_empty() { "(the whole spec)".to_string() } else { path.to_string() };
+    match (old, new) {
+        (Value::Mapping(a), Value::Mapping(b)) => {
+            let key = |k: &Value| k.as_str().map(str::to_string).unwrap_or_else(|| serde_yaml::to_string(k).unwrap_or_default().trim().to_string());
+            for (k, va) in a {
+                match b.get(k) {
+                    Some(vb) => spec_diff(va, vb, &at(&key(k)), out),
+                    None => out.push(at(&key(k))),
+                }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(at(&key(k)));
+            }
+        }
+        (Value::Sequence(a), Value::Sequence(b)) if a.len() == b.len() => {
+            for (i, (va, vb)) in a.iter().zip(b).enumerate() {
+                spec_diff(va, vb, &at(&i.to_string()), out);
+            }
+        }
+        (Value::Number(a), Value::Number(b)) => {
+            let same = match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ => a.as_f64() == b.as_f64(),
+            };
+            if !same {
+                out.push(here());
+            }
+        }
+        (Value::Tagged(a), Value::Tagged(b)) if a.tag == b.tag => spec_diff(&a.value, &b.value, path, out),
+        (a, b) => {
+            if a != b {
+                out.push(here());
+            }
+        }
+    }
+}
+
+/// `run.json` in a run directory: whether the run finished, and its wall time over all attempts.
+/// Written as `running` when an attempt starts and replaced (atomically) when it ends, so a run
+/// that crashed or was stopped never reads as complete.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunStatus {
+    /// `running`, `complete`, `failed` or `interrupted`.
+    pub status: String,
+    /// Wall time of every attempt so far, in seconds.
+    pub wall_s: f64,
+    pub attempts: u64,
+    /// The error of a failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunStatus {
+    pub fn read(run_dir: &Path) -> Option<RunStatus> {
+        let text = std::fs::read_to_string(run_dir.join("run.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+    pub fn is_complete(&self) -> bool {
+        self.status == "complete"
+    }
+    pub(crate) fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        write_atomic(&run_dir.join("run.json"), text.as_bytes())
+    }
+}
+

@@ -1,0 +1,261 @@
+//! The forward pass: front-end, encoder blocks, decoder and loss predictor (method §1–§2).
+
+use super::config::*;
+use super::ops::*;
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The model's forward functions over a weight map.
+pub struct Model<'a> {
+    pub cfg: &'a ModelConfig,
+    pub w: &'a Weights,
+}
+
+/// What the teacher produces for a batch (§1.3–1.4).
+pub struct TeacherOut {
+    /// `[B, T, D]` targets.
+    pub targets: Tensor,
+    /// `[B, T]` predicted per-frame losses.
+    pub pred_loss: Tensor,
+}
+
+impl<'a> Model<'a> {
+    pub fn new(cfg: &'a ModelConfig, w: &'a Weights) -> Self {
+        Model { cfg, w }
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.w.get(name).ok_or_else(|| candle_core::Error::Msg(format!("model weight `{name}` missing")))
+    }
+
+    fn ln(&self, x: &Tensor, p: &str) -> Result<Tensor> {
+        layer_norm(x, Some((self.get(&format!("{p}.weight"))?, self.get(&format!("{p}.bias"))?)), 1e-5)
+    }
+
+    fn lin(&self, x: &Tensor, p: &str) -> Result<Tensor> {
+        linear(x, self.get(&format!("{p}.weight"))?, Some(self.get(&format!("{p}.bias"))?))
+    }
+
+    /// Same-length grouped conv over time of a `[B, T, C]` tensor (returns `[B, T, O]`).
+    fn conv_time(&self, x: &Tensor, p: &str, groups: usize) -> Result<Tensor> {
+        let w = self.get(&format!("{p}.weight"))?;
+        let b = self.get(&format!("{p}.bias"))?;
+        let k = w.dim(2)?;
+        let t = x.dim(1)?;
+        let y = conv1d_time(x, w, k / 2, 1, groups)?;
+        // Even kernels give one extra frame (fairseq's SamePad drops it).
+        let y = if y.dim(1)? > t { y.narrow(1, 0, t)? } else { y };
+        y.broadcast_add(b)
+    }
+
+    /// Front-end (§1.2, §7): batch features `[B, N, F]` → frames `[B, T, D]`.
+    pub fn frontend(&self, x: &Tensor) -> Result<Tensor> {
+        match self.cfg.frontend.kind {
+            FrontendKind::Fbank => {
+                let y = self.ln(x, "frontend.ln")?;
+                self.lin(&y, "frontend.proj")
+            }
+            FrontendKind::Cnn => {
+                // Channels last throughout: [B, samples, 1] → [B, T, 512].
+                let mut h = x.clone();
+                for (i, l) in self.cfg.frontend.conv_layers.iter().enumerate() {
+                    let w = self.get(&format!("frontend.conv.{i}.weight"))?;
+                    h = conv1d_time(&h, w, 0, l[2], 1)?;
+                    // LayerNorm over channels, then GELU.
+                    h = self.ln(&h, &format!("frontend.conv.{i}.ln"))?.gelu_erf()?;
+                }
+                let y = self.ln(&h, "frontend.ln")?;
+                self.lin(&y, "frontend.proj")
+            }
+        }
+    }
+
+    /// Convolutional positional encoder (§2.3): `[B, T, D]` → `[B, T, D]` (to be added).
+    pub fn pos_conv(&self, x: &Tensor) -> Result<Tensor> {
+        let e = &self.cfg.encoder;
+        let mut h = x.clone();
+        for l in 0..e.pos_conv_depth {
+            h = self.conv_time(&h, &format!("encoder.pos_conv.{l}"), e.pos_conv_groups)?;
+            h = layer_norm(&h, None, 1e-5)?.gelu_erf()?;
+        }
+        Ok(h)
+    }
+
+    /// ALiBi bias `[B|1, H, Tv, Tv]` for the kept positions of each row, scaled by the learned
+    /// per-head scale clamped at ≥ 0 (§2.4).
+    pub fn alibi(&self, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<Tensor> {
+        let h = self.cfg.encoder.heads;
+        let rows = positions.len();
+        let tv = positions.first().map_or(0, |p| p.len());
+        let dist = Tensor::from_vec(distances(positions), (rows, 1, tv, tv), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let slopes: Vec<f32> = alibi_slopes(h).into_iter().map(|s| s as f32).collect();
+        let slopes = Tensor::from_vec(slopes, (1, h, 1, 1), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let scale = self.get("encoder.alibi_scale")?.relu()?.reshape((1, h, 1, 1))?;
+        let m = slopes.mul(&scale)?;
+        dist.broadcast_mul(&m)?.neg()
+    }
+
+    /// One post-LN block (§2.5). Returns the block output and its FFN output `f` (the target
+    /// layer, before dropout, residual and LN2).
+    pub fn block(&self, l: usize, x: &Tensor, bias: &Tensor, noise: &mut Option<&mut Noise>) -> Result<(Tensor, Tensor)> {
+        let e = &self.cfg.encoder;
+        let p = format!("encoder.blocks.{l}");
+        let (b, t, d) = x.dims3()?;
+        let h = e.heads;
+        let dh = d / h;
+        let qkv = self.lin(x, &format!("{p}.attn.qkv"))?.reshape((b, t, 3, h, dh))?.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * (1.0 / (dh as f64).sqrt()))?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+        let mut att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        if let Some(n) = noise.as_deref_mut() {
+            att = n.dropout(&att, e.attention_dropout)?;
+        }
+        let o = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?;
+        let mut o = self.lin(&o, &format!("{p}.attn.proj"))?;
+        if let Some(n) = noise.as_deref_mut() {
+            o = n.dropout(&o, e.dropout)?;
+        }
+        let h1 = self.ln(&(x + o)?, &format!("{p}.ln1"))?;
+        let f = self.lin(&self.lin(&h1, &format!("{p}.fc1"))?.gelu_erf()?, &format!("{p}.fc2"))?;
+        let fd = match noise.as_deref_mut() {
+            Some(n) => n.dropout(&f, e.dropout)?,
+            None => f.clone(),
+        };
+        let out = self.ln(&(h1 + fd)?, &format!("{p}.ln2"))?;
+        Ok((out, f))
+    }
+
+    /// Teacher forward (§1.3–1.4) on front-end frames `z` `[B, T, D]` (detached by the caller):
+    /// targets = mean of the instance-normalised FFN outputs of the top-K blocks; predicted
+    /// loss = mean over channels of the loss predictor applied to the targets.
+    pub fn teacher(&self, z: &Tensor) -> Result<TeacherOut> {
+        let e = &self.cfg.encoder;
+        let (b, t, _) = z.dims3()?;
+        let x = (z + self.pos_conv(z)?)?;
+        let mut x = self.ln(&x, "encoder.ln_in")?;
+        let positions: Vec<Vec<usize>> = vec![(0..t).collect()];
+        let bias = self.alibi(&positions, z.dtype(), z.device())?;
+        let mut acc: Option<Tensor> = None;
+        let mut none = None;
+        for l in 0..e.layers {
+            let (out, f) = self.block(l, &x, &bias, &mut none)?;
+            if l + e.top_k >= e.layers {
+                let layer = if self.cfg.end_of_block_targets { &out } else { &f };
+                let n = instance_norm_time(&layer.to_dtype(DType::F32)?)?;
+                acc = Some(match acc {
+                    Some(a) => (a + n)?,
+                    None => n,
+                });
+            }
+            x = out;
+        }
+        let targets = match acc {
+            Some(a) => (a / e.top_k as f64)?,
+            None => candle_core::bail!("top_k is 0"),
+        };
+        let pred_in = match self.cfg.teacher_pred_input {
+            TeacherPredInput::Targets => targets.to_dtype(z.dtype())?,
+            TeacherPredInput::LastLayer => x,
+        };
+        let pred = self.head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?;
+        let pred_loss = pred.mean(D::Minus1)?.to_dtype(DType::F32)?;
+        let _ = b;
+        Ok(TeacherOut { targets, pred_loss })
+    }
+
+    /// Student encoder (§1.5) on frames `z` `[B, T, D]` (with gradient) and the mask (`true` =
+    /// hidden; every row hides the same number of frames). Returns `h` `[B, T − M, D]` and the
+    /// visible positions of each row.
+    pub fn student_encoder(&self, z: &Tensor, mask: &[bool], noise: &mut Option<&mut Noise>) -> Result<(Tensor, Vec<Vec<usize>>)> {
+        let e = &self.cfg.encoder;
+        let (b, t, d) = z.dims3()?;
+        let keep: Vec<f32> = mask.iter().map(|&m| if m { 0.0 } else { 1.0 }).collect();
+        let keep = Tensor::from_vec(keep, (b, t, 1), &Device::Cpu)?.to_dtype(z.dtype())?.to_device(z.device())?;
+        let x0 = z.broadcast_mul(&keep)?;
+        let pos = self.pos_conv(&x0)?;
+        let positions: Vec<Vec<usize>> = (0..b).map(|r| (0..t).filter(|&i| !mask[r * t + i]).collect()).collect();
+        let tv = positions.first().map_or(0, |p| p.len());
+        if positions.iter().any(|p| p.len() != tv) {
+            candle_core::bail!("every row must hide the same number of frames");
+        }
+        let idx: Vec<u32> = positions.iter().enumerate().flat_map(|(r, p)| p.iter().map(move |&i| (r * t + i) as u32)).collect();
+        let idx = Tensor::from_vec(idx, b * tv, z.device())?;
+        let v = (z + pos)?.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, tv, d))?;
+        let mut x = self.ln(&v, "encoder.ln_in")?;
+        if let Some(n) = noise.as_deref_mut() {
+            x = n.dropout(&x, e.dropout)?;
+        }
+        let bias = self.alibi(&positions, z.dtype(), z.device())?;
+        for l in 0..e.layers {
+            if let Some(n) = noise.as_deref_mut() {
+                if n.coin(e.layerdrop) {
+                    continue;
+                }
+            }
+            x = self.block(l, &x, &bias, noise)?.0;
+        }
+        Ok((x, positions))
+    }
+
+    /// Encoder for downstream use: every frame visible, no dropout. Returns the output of each
+    /// block (`[B, T, D]` each).
+    pub fn encode(&self, z: &Tensor) -> Result<Vec<Tensor>> {
+        let (_, t, _) = z.dims3()?;
+        let x = (z + self.pos_conv(z)?)?;
+        let mut x = self.ln(&x, "encoder.ln_in")?;
+        let bias = self.alibi(&[(0..t).collect()], z.dtype(), z.device())?;
+        let mut none = None;
+        let mut outs = Vec::new();
+        for l in 0..self.cfg.encoder.layers {
+            x = self.block(l, &x, &bias, &mut none)?.0;
+            outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
+    /// Decoder (§2.6) or loss predictor (§2.7) over `[B, T, D]` → `[B, T, D]`.
+    pub fn head(&self, p: &str, u: &Tensor, h: &HeadConfig, predictor: bool) -> Result<Tensor> {
+        let mut x = u.clone();
+        for l in 0..h.layers {
+            let y = self.conv_time(&x, &format!("{p}.blocks.{l}.conv"), h.groups)?;
+            let y = layer_norm(&y, None, 1e-5)?.gelu_erf()?;
+            x = if l == 0 { y } else { (x + y)? };
+        }
+        if predictor {
+            x = self.ln(&x, &format!("{p}.ln"))?;
+        }
+        self.lin(&x, &format!("{p}.proj"))
+    }
+
+    /// `fill` of §1.6: dropout on `h` `[B, Tv, D]`, scattered back to its positions among `T`
+    /// frames, fresh noise tokens N(0, σ²) at the hidden ones.
+    pub fn fill(&self, h: &Tensor, positions: &[Vec<usize>], t: usize, dropped: Tensor, noise: &mut Noise) -> Result<Tensor> {
+        let (b, tv, d) = h.dims3()?;
+        let m = t - tv;
+        let tokens = noise.normal(&[b * m, d], self.cfg.mask_noise_std, h.dtype(), h.device())?;
+        let _ = h;
+        let all = Tensor::cat(&[&dropped.reshape((b * tv, d))?, &tokens], 0)?;
+        // Row r, frame i: visible → its index among the kept rows; hidden → a noise token.
+        let mut idx = Vec::with_capacity(b * t);
+        for (r, p) in positions.iter().enumerate() {
+            let mut k = 0usize;
+            let mut hidden = 0usize;
+            for i in 0..t {
+                if k < p.len() && p[k] == i {
+                    idx.push((r * tv + k) as u32);
+                    k += 1;
+                } else {
+                    idx.push((b * tv + r * m + hidden) as u32);
+                    hidden += 1;
+                }
+            }
+        }
+        let idx = Tensor::from_vec(idx, b * t, h.device())?;
+        all.index_select(&idx, 0)?.reshape((b, t, d))
+    }
+}

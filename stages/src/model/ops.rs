@@ -1,0 +1,164 @@
+//! Building blocks: seeded noise (dropout, layerdrop, noise tokens), layer norm, linear,
+//! the grouped convolution over time, instance norm, ALiBi.
+
+use super::config::*;
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+// ---------------------------------------------------------------------------------------------
+// Randomness for dropout, layerdrop and noise tokens (seeded, host-drawn)
+// ---------------------------------------------------------------------------------------------
+
+/// The student's training randomness: `None` for eval (teacher, export).
+pub struct Noise {
+    pub rng: ChaCha8Rng,
+}
+
+impl Noise {
+    pub fn new(seed: u64) -> Self {
+        Noise { rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    /// Inverted dropout with keep-mask drawn from the seeded stream.
+    pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let scale = 1.0 / (1.0 - p);
+        let m: Vec<f32> = (0..n).map(|_| if self.rng.random::<f64>() < p { 0.0 } else { scale as f32 }).collect();
+        let m = Tensor::from_vec(m, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
+        x.mul(&m)
+    }
+
+    /// Gaussian noise N(0, std²) of `shape`.
+    pub fn normal(&mut self, shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let u1: f64 = self.rng.random::<f64>().max(1e-300);
+                let u2: f64 = self.rng.random::<f64>();
+                (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    }
+
+    pub fn coin(&mut self, p: f64) -> bool {
+        p > 0.0 && self.rng.random::<f64>() < p
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks
+// ---------------------------------------------------------------------------------------------
+
+/// LayerNorm over the last dimension (eps 1e-5), with or without affine. Written with primitive
+/// ops so that it differentiates (candle's fused layer_norm has no backward).
+pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / d)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / d)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    match affine {
+        Some((w, b)) => y.broadcast_mul(w)?.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `x W^T + b` over the last dimension of a `[.., in]` tensor.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let i = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / i.max(1);
+    let y = x.reshape((rows, i))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    if let Some(l) = out.last_mut() {
+        *l = w.dim(0)?;
+    }
+    y.reshape(out)
+}
+
+/// Grouped 1-D convolution over time of a `[B, L, C]` tensor (channels last) with a PyTorch-layout
+/// kernel `[O, C/groups, k]`: zero padding `pad` on both sides, stride `stride`; returns
+/// `[B, L_out, O]` with `L_out = floor((L + 2·pad − k)/stride) + 1`. Written as im2col
+/// (index_select of the k taps) and one batched matmul, so the backward pass is the matmul's:
+/// candle 0.11's own grouped conv1d backward disagrees with finite differences (it runs the kernel
+/// gradient of each group on non-contiguous views), which the gradient test caught.
+pub fn conv1d_time(x: &Tensor, w: &Tensor, pad: usize, stride: usize, groups: usize) -> Result<Tensor> {
+    let (b, l, c) = x.dims3()?;
+    let (o, cg, k) = w.dims3()?;
+    if groups == 0 || c != cg * groups || o % groups != 0 {
+        candle_core::bail!("conv1d_time: input has {c} channels, kernel {:?}, groups {groups}", w.dims());
+    }
+    let lp = l + 2 * pad;
+    if lp < k {
+        candle_core::bail!("conv1d_time: {l} frames (+{pad} padding each side) are fewer than the kernel's {k}");
+    }
+    let stride = stride.max(1);
+    let l_out = (lp - k) / stride + 1;
+    let xp = if pad > 0 {
+        let z = Tensor::zeros((b, pad, c), x.dtype(), x.device())?;
+        Tensor::cat(&[&z, x, &z], 1)?
+    } else {
+        x.clone()
+    };
+    // cols[b, t, c, j] = xp[b, t·stride + j, c]
+    let idx: Vec<u32> = (0..l_out).flat_map(|t| (0..k).map(move |j| (t * stride + j) as u32)).collect();
+    let idx = Tensor::from_vec(idx, l_out * k, x.device())?;
+    let cols = xp.index_select(&idx, 1)?.reshape((b, l_out, k, c))?.transpose(2, 3)?; // [B, L_out, C, k]
+    let og = o / groups;
+    // [G, B·L_out, cg·k] × [G, cg·k, og] → [G, B·L_out, og]
+    let cols = cols.contiguous()?.reshape((b * l_out, groups, cg * k))?.transpose(0, 1)?.contiguous()?;
+    let wg = w.reshape((groups, og, cg * k))?.transpose(1, 2)?.contiguous()?;
+    let y = cols.matmul(&wg)?; // [G, B·L_out, og]
+    y.transpose(0, 1)?.contiguous()?.reshape((b, l_out, o))
+}
+
+/// Instance norm over time (dim 1) of a `[B, T, C]` tensor, no affine, eps 1e-5 (§1.3).
+pub fn instance_norm_time(x: &Tensor) -> Result<Tensor> {
+    let t = x.dim(1)? as f64;
+    let mean = (x.sum_keepdim(1)? / t)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(1)? / t)?;
+    xc.broadcast_div(&(var + 1e-5)?.sqrt()?)
+}
+
+/// ALiBi slopes for `h` heads (the usual rule for head counts that are not powers of two, §2.4).
+pub fn alibi_slopes(h: usize) -> Vec<f64> {
+    fn pow2(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / n as f64);
+        (0..n).map(|i| start.powi(i as i32 + 1)).collect()
+    }
+    if h == 0 {
+        return Vec::new();
+    }
+    if h.is_power_of_two() {
+        return pow2(h);
+    }
+    let p = 1usize << (usize::BITS - 1 - h.leading_zeros());
+    let mut s = pow2(p);
+    s.extend(pow2(2 * p).into_iter().step_by(2).take(h - p));
+    s
+}
+
+/// Dense `[B, Tv, Tv]` distances `|pos_i − pos_j|` between the kept frames of each row.
+pub(crate) fn distances(positions: &[Vec<usize>]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for p in positions {
+        for &i in p {
+            for &j in p {
+                out.push((i as f32 - j as f32).abs());
+            }
+        }
+    }
+    out
+}

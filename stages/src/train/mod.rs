@@ -1,0 +1,54 @@
+//! Training: the weight cell through which the student publishes EMA teacher weights, checkpoints
+//! and export, the teacher, the masking strategies (pure) and the mask stage, the student.
+
+pub mod checkpoint;
+pub mod mask;
+pub mod masking;
+pub mod student;
+pub mod teacher;
+pub mod weights;
+
+pub use checkpoint::*;
+pub use weights::*;
+
+use crate::model::ModelConfig;
+use candle_core::Device;
+use pipeline::{Link, ParamError, StageContext, StageError};
+
+/// The length of the student's schedule (its `schedule_steps`, else `max_steps`): the default
+/// ramp of the easy-to-hard curriculum.
+pub const TOTAL_UPDATES: Link<u64> = Link::new("train.total_updates");
+
+/// The student's weight cell: the student provides it, the teacher reads it.
+pub const TEACHER_WEIGHTS: Link<std::sync::Arc<WeightCell>> = Link::new("train.teacher_weights");
+
+/// candle device of a spec's `device` string.
+pub fn device(name: &str) -> Result<Device, String> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = name.strip_prefix("cuda:") {
+        let n: usize = n.parse().map_err(|_| format!("`{name}`: expected cuda:N with N a GPU index"))?;
+        return Device::new_cuda(n).map_err(|e| format!("cannot open {name}: {e}"));
+    }
+    Err(format!("unknown device `{name}` (cpu or cuda:N)"))
+}
+
+/// The model block and device, checked at validation; errors carry spec-top paths.
+pub fn validate_model(ctx: &StageContext) -> Vec<ParamError> {
+    let mut e = Vec::new();
+    if let Err(errs) = ModelConfig::from_spec(ctx.model.as_ref()) {
+        e.extend(errs.into_iter().map(|(p, m)| ParamError::new(format!("/{p}"), m)));
+    }
+    // Unknown device names are the spec's own check (`device`); not repeated here.
+    e
+}
+
+pub fn model_config(ctx: &StageContext) -> Result<ModelConfig, StageError> {
+    ModelConfig::from_spec(ctx.model.as_ref()).map_err(|e| StageError::failed(e.into_iter().map(|(p, m)| format!("{p}: {m}")).collect::<Vec<_>>().join("; ")))
+}
+
+pub fn stage_err(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
+    move |e| StageError::failed(format!("{what}: {e}"))
+}
+
