@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 fn list(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut es: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let mut es: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     es.sort();
     for p in es {
         if p.is_dir() {
@@ -24,20 +29,46 @@ fn list(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn run_spec(yaml: &str) -> pipeline::RunSummary {
-    let plan = pipeline::validate(pipeline::load_str(yaml, "bench.yaml", &[]).expect("spec"), &stages::registry()).expect("plan");
-    pipeline::run(plan, &pipeline::RunOptions { force: true, quiet: true }, &pipeline::CancelToken::new()).expect("run")
+    let plan = pipeline::validate(
+        pipeline::load_str(yaml, "bench.yaml", &[]).expect("spec"),
+        &stages::registry(),
+    )
+    .expect("plan");
+    pipeline::run(
+        plan,
+        &pipeline::RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &pipeline::CancelToken::new(),
+    )
+    .expect("run")
 }
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut files = Vec::new();
     list(&root.join("data/demo"), &mut files);
-    let utts: Vec<Vec<f32>> = files.iter().map(|f| stages::data::audio::decode_file(f).expect("demo decodes").to_mono()).collect();
+    let utts: Vec<Vec<f32>> = files
+        .iter()
+        .map(|f| {
+            stages::data::audio::decode_file(f)
+                .expect("demo decodes")
+                .to_mono()
+        })
+        .collect();
     let total_s: f64 = utts.iter().map(|u| u.len() as f64 / 16000.0).sum();
     let reps = 5;
     println!("fbank benchmark: {} demo utterances, {total_s:.1} s of audio, best of {reps}, {cores} cores", utts.len());
@@ -82,7 +113,16 @@ fn main() {
         }
     }
     let _ = std::fs::write(tmp.join("audio.s16"), raw);
-    let _ = std::fs::write(tmp.join("lengths.json"), format!("[{}]", utts.iter().map(|u| u.len().to_string()).collect::<Vec<_>>().join(",")));
+    let _ = std::fs::write(
+        tmp.join("lengths.json"),
+        format!(
+            "[{}]",
+            utts.iter()
+                .map(|u| u.len().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    );
     let refs: serde_json::Value = std::process::Command::new("python3")
         .arg(root.join("benches/fbank_reference.py"))
         .arg(&tmp)
@@ -90,13 +130,35 @@ fn main() {
         .ok()
         .and_then(|o| serde_json::from_slice(&o.stdout).ok())
         .unwrap_or(serde_json::Value::Null);
-    println!("{:<28} {:>8} {:>16} {:>12}", "fbank (80 bins, Kaldi defaults)", "threads", "audio s / s", "per core");
+    println!(
+        "{:<28} {:>8} {:>16} {:>12}",
+        "fbank (80 bins, Kaldi defaults)", "threads", "audio s / s", "per core"
+    );
     println!("{:<28} {:>8} {:>16.0} {:>12.0}", "ehmam", 1, single, single);
-    println!("{:<28} {:>8} {:>16.0} {:>12.0}", "ehmam", cores, all, all / cores as f64);
+    println!(
+        "{:<28} {:>8} {:>16.0} {:>12.0}",
+        "ehmam",
+        cores,
+        all,
+        all / cores as f64
+    );
     for name in ["kaldi-native-fbank", "torchaudio"] {
         match refs.get(name).and_then(|v| v.as_f64()) {
-            Some(v) => println!("{:<28} {:>8} {:>16.0} {:>12.0}   (ehmam single thread: {:.2}×)", name, 1, v, v, single / v),
-            None => println!("{:<28} {:>8} {:>16} {:>12}", format!("{name} (not installed)"), 1, "-", "-"),
+            Some(v) => println!(
+                "{:<28} {:>8} {:>16.0} {:>12.0}   (ehmam single thread: {:.2}×)",
+                name,
+                1,
+                v,
+                v,
+                single / v
+            ),
+            None => println!(
+                "{:<28} {:>8} {:>16} {:>12}",
+                format!("{name} (not installed)"),
+                1,
+                "-",
+                "-"
+            ),
         }
     }
 
@@ -121,7 +183,12 @@ fn main() {
         peaks.push((epochs, status_kb("VmHWM:").unwrap_or(0)));
         if epochs == 20 {
             println!("\npipeline shards.read → features.fbank ({cores} workers) → batch.by_duration, 20 epochs:");
-            println!("  {:.0} audio s / s ({:.1} s wall for {:.0} s of audio)", total_s * 20.0 / wall, wall, total_s * 20.0);
+            println!(
+                "  {:.0} audio s / s ({:.1} s wall for {:.0} s of audio)",
+                total_s * 20.0 / wall,
+                wall,
+                total_s * 20.0
+            );
             for r in &s.stages {
                 println!(
                     "  {:<4} {:<18} busy {:>6.2} s  starved {:>6.2} s  back-pressured {:>6.2} s  in {:>5} out {:>5}",
@@ -130,6 +197,10 @@ fn main() {
             }
         }
     }
-    println!("  peak RSS: {} MB after 2 epochs, {} MB after 20 epochs", peaks[0].1 / 1024, peaks[1].1 / 1024);
+    println!(
+        "  peak RSS: {} MB after 2 epochs, {} MB after 20 epochs",
+        peaks[0].1 / 1024,
+        peaks[1].1 / 1024
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }

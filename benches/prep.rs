@@ -23,20 +23,37 @@ fn prep_once(input: &Path, workers: usize, out: &Path) -> (f64, f64) {
     let spec = pipeline::load_str(&yaml, "bench.yaml", &[]).expect("bench spec");
     let plan = pipeline::validate(spec, &stages::registry()).expect("bench plan");
     let t0 = Instant::now();
-    pipeline::run(plan, &pipeline::RunOptions { force: true, quiet: true }, &pipeline::CancelToken::new()).expect("bench run");
+    pipeline::run(
+        plan,
+        &pipeline::RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &pipeline::CancelToken::new(),
+    )
+    .expect("bench run");
     let wall = t0.elapsed().as_secs_f64();
-    let index = stages::data::shards::ShardIndex::load(&out.join("shards")).expect("index").expect("index present");
+    let index = stages::data::shards::ShardIndex::load(&out.join("shards"))
+        .expect("index")
+        .expect("index present");
     let audio_s: f64 = index.shards.iter().map(|s| s.duration_s).sum();
     (audio_s, wall)
 }
 
 fn list(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
             list(&p, out);
-        } else if p.extension().is_some_and(|e| ["flac", "wav", "mp3", "ogg", "m4a"].contains(&e.to_string_lossy().as_ref())) {
+        } else if p.extension().is_some_and(|e| {
+            ["flac", "wav", "mp3", "ogg", "m4a"].contains(&e.to_string_lossy().as_ref())
+        }) {
             out.push(p);
         }
     }
@@ -68,18 +85,38 @@ fn ffmpeg_once(files: &[PathBuf], procs: usize) -> Option<f64> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let input = args.first().map(PathBuf::from).unwrap_or_else(|| root.join("data/demo"));
+    let input = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("data/demo"));
     let reps: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let tmp = std::env::temp_dir().join(format!("ehmam-bench-prep-{}", std::process::id()));
     let mut files = Vec::new();
     list(&input, &mut files);
-    println!("prep benchmark: {} ({} files), best of {reps} runs, {cores} cores", input.display(), files.len());
-    let have_ffmpeg = Command::new("ffmpeg").arg("-version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    println!(
+        "prep benchmark: {} ({} files), best of {reps} runs, {cores} cores",
+        input.display(),
+        files.len()
+    );
+    let have_ffmpeg = Command::new("ffmpeg")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
 
-    println!("{:<34} {:>8} {:>10} {:>14} {:>10}", "", "workers", "audio s", "audio s / s", "vs ffmpeg");
+    println!(
+        "{:<34} {:>8} {:>10} {:>14} {:>10}",
+        "", "workers", "audio s", "audio s / s", "vs ffmpeg"
+    );
     for workers in [1, cores] {
         let mut best_ours = f64::INFINITY;
         let mut audio = 0.0;
@@ -100,11 +137,22 @@ fn main() {
         } else {
             None
         };
-        let ratio = theirs.map(|t| format!("{:.2}×", ours / t)).unwrap_or_else(|| "-".into());
-        println!("{:<34} {:>8} {:>10.1} {:>14.1} {:>10}", "ehmam decode+resample+shard", workers, audio, ours, ratio);
+        let ratio = theirs
+            .map(|t| format!("{:.2}×", ours / t))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<34} {:>8} {:>10.1} {:>14.1} {:>10}",
+            "ehmam decode+resample+shard", workers, audio, ours, ratio
+        );
         match theirs {
-            Some(t) => println!("{:<34} {:>8} {:>10.1} {:>14.1} {:>10}", "ffmpeg → 16 kHz mono s16 (pipe)", workers, audio, t, "1.00×"),
-            None => println!("{:<34} {:>8} {:>10} {:>14} {:>10}", "ffmpeg (not installed: skipped)", workers, "-", "-", "-"),
+            Some(t) => println!(
+                "{:<34} {:>8} {:>10.1} {:>14.1} {:>10}",
+                "ffmpeg → 16 kHz mono s16 (pipe)", workers, audio, t, "1.00×"
+            ),
+            None => println!(
+                "{:<34} {:>8} {:>10} {:>14} {:>10}",
+                "ffmpeg (not installed: skipped)", workers, "-", "-", "-"
+            ),
         }
     }
     // Without process start-up: one long 44.1 kHz stereo FLAC made from the same audio, so both
@@ -113,10 +161,15 @@ fn main() {
         let long_dir = tmp.join("long");
         let _ = std::fs::create_dir_all(&long_dir);
         let list = tmp.join("list.txt");
-        let text: String = files.iter().map(|f| format!("file '{}'\n", f.display())).collect();
+        let text: String = files
+            .iter()
+            .map(|f| format!("file '{}'\n", f.display()))
+            .collect();
         let made = std::fs::write(&list, text).is_ok()
             && Command::new("ffmpeg")
-                .args(["-nostdin", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i"])
+                .args([
+                    "-nostdin", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i",
+                ])
                 .arg(&list)
                 .args(["-ar", "44100", "-ac", "2", "-c:a", "flac"])
                 .arg(long_dir.join("long.flac"))
@@ -139,8 +192,22 @@ fn main() {
                 }
             }
             println!("one {audio:.0} s file, 44.1 kHz stereo FLAC → 16 kHz mono (decode, down-mix, resample, store):");
-            println!("{:<34} {:>8} {:>10.1} {:>14.1} {:>10}", "ehmam decode+resample+shard", 1, audio, audio / best_ours, format!("{:.2}×", best / best_ours));
-            println!("{:<34} {:>8} {:>10.1} {:>14.1} {:>10}", "ffmpeg → 16 kHz mono s16 (pipe)", 1, audio, audio / best, "1.00×");
+            println!(
+                "{:<34} {:>8} {:>10.1} {:>14.1} {:>10}",
+                "ehmam decode+resample+shard",
+                1,
+                audio,
+                audio / best_ours,
+                format!("{:.2}×", best / best_ours)
+            );
+            println!(
+                "{:<34} {:>8} {:>10.1} {:>14.1} {:>10}",
+                "ffmpeg → 16 kHz mono s16 (pipe)",
+                1,
+                audio,
+                audio / best,
+                "1.00×"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);

@@ -17,14 +17,26 @@ use std::time::Instant;
 
 fn run(yaml_path: &Path, sets: &[String]) -> pipeline::RunSummary {
     let spec = pipeline::load(yaml_path, sets).unwrap_or_else(|e| panic!("spec: {e}"));
-    let plan = pipeline::validate(spec, &stages::registry()).unwrap_or_else(|e| panic!("plan: {e}"));
-    pipeline::run(plan, &pipeline::RunOptions { force: true, quiet: true }, &pipeline::CancelToken::new()).unwrap_or_else(|e| panic!("run: {e}"))
+    let plan =
+        pipeline::validate(spec, &stages::registry()).unwrap_or_else(|e| panic!("plan: {e}"));
+    pipeline::run(
+        plan,
+        &pipeline::RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &pipeline::CancelToken::new(),
+    )
+    .unwrap_or_else(|e| panic!("run: {e}"))
 }
 
 fn query(dir: &Path, sql: &str) -> Vec<Vec<String>> {
     let batches = lab::sql::query_batches(&[dir.to_path_buf()], sql).expect("query");
     let text = lab::sql::format_batches(&batches, lab::sql::Format::Csv).expect("format");
-    text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+    text.lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
 }
 
 /// One configuration, in this process (the child).
@@ -45,7 +57,13 @@ fn child(root: &Path, shards: &Path, out: &Path, staleness: u32, steps: u64) {
     let r = &rows[0];
     let f = |i: usize| r[i].parse::<f64>().unwrap_or(f64::NAN);
     let (n, audio, step_ms, frames, utts) = (f(0), f(1), f(2), f(3), f(4));
-    let stage = |name: &str| s.stages.iter().find(|x| x.stage == name).cloned().expect("stage");
+    let stage = |name: &str| {
+        s.stages
+            .iter()
+            .find(|x| x.stage == name)
+            .cloned()
+            .expect("stage")
+    };
     let student = stage("student");
     let mask = stage("mask");
     let mut o = serde_json::json!({
@@ -77,17 +95,49 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("--child") {
         let staleness: u32 = args[2].parse().expect("staleness");
         let steps: u64 = args[3].parse().expect("steps");
-        child(&root, &shards, &tmp.join(format!("run-{}-{staleness}", std::env::var("RAYON_NUM_THREADS").unwrap_or_default())), staleness, steps);
+        child(
+            &root,
+            &shards,
+            &tmp.join(format!(
+                "run-{}-{staleness}",
+                std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
+            )),
+            staleness,
+            steps,
+        );
         return;
     }
-    let steps: u64 = args.iter().skip(1).find(|a| !a.starts_with('-')).and_then(|a| a.parse().ok()).unwrap_or(60);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let steps: u64 = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(60);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     // Demo shards once.
     let _ = std::fs::remove_dir_all(&tmp);
-    run(&root.join("specs/prep.yaml"), &[format!("run_dir={}", tmp.join("prep").display()), format!("stages.shards.with.dir={}", shards.display())]);
+    run(
+        &root.join("specs/prep.yaml"),
+        &[
+            format!("run_dir={}", tmp.join("prep").display()),
+            format!("stages.shards.with.dir={}", shards.display()),
+        ],
+    );
     println!("training benchmark: specs/tiny.yaml (D = 128, 4 blocks, fbank front-end, batches of ≤ 16 s), {steps} updates per row, {cores} cores");
     println!("steady state = updates 5.. from the steps table; threads = candle's CPU threads (RAYON_NUM_THREADS)\n");
-    println!("{:>7} {:>9} {:>10} {:>12} {:>9} {:>12} {:>14} {:>12}", "threads", "staleness", "updates/s", "audio s / s", "ms/step", "student busy", "mask ms/step", "mask share");
+    println!(
+        "{:>7} {:>9} {:>10} {:>12} {:>9} {:>12} {:>14} {:>12}",
+        "threads",
+        "staleness",
+        "updates/s",
+        "audio s / s",
+        "ms/step",
+        "student busy",
+        "mask ms/step",
+        "mask share"
+    );
     let exe = std::env::current_exe().expect("own path");
     let mut results = Vec::new();
     let mut threads: Vec<usize> = vec![1, 2];
@@ -96,10 +146,17 @@ fn main() {
     }
     for &t in &threads {
         for staleness in [0u32, 1] {
-            let o = Command::new(&exe).args(["--child", &staleness.to_string(), &steps.to_string()]).env("RAYON_NUM_THREADS", t.to_string()).output().expect("child");
+            let o = Command::new(&exe)
+                .args(["--child", &staleness.to_string(), &steps.to_string()])
+                .env("RAYON_NUM_THREADS", t.to_string())
+                .output()
+                .expect("child");
             let text = String::from_utf8_lossy(&o.stdout);
             let Some(line) = text.lines().find_map(|l| l.strip_prefix("BENCH ")) else {
-                eprintln!("child failed:\n{text}\n{}", String::from_utf8_lossy(&o.stderr));
+                eprintln!(
+                    "child failed:\n{text}\n{}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
                 std::process::exit(1);
             };
             let v: serde_json::Value = serde_json::from_str(line).expect("json");
@@ -149,12 +206,31 @@ fn main() {
         tmp.join("data").display(),
         shards.display()
     );
-    let plan = pipeline::validate(pipeline::load_str(&yaml, "data.yaml", &[]).expect("spec"), &stages::registry()).expect("plan");
+    let plan = pipeline::validate(
+        pipeline::load_str(&yaml, "data.yaml", &[]).expect("spec"),
+        &stages::registry(),
+    )
+    .expect("plan");
     let t0 = Instant::now();
-    let s = pipeline::run(plan, &pipeline::RunOptions { force: true, quiet: true }, &pipeline::CancelToken::new()).expect("run");
+    let s = pipeline::run(
+        plan,
+        &pipeline::RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &pipeline::CancelToken::new(),
+    )
+    .expect("run");
     let wall = t0.elapsed().as_secs_f64();
-    let batches = s.stages.iter().find(|x| x.stage == "batch").map_or(0, |x| x.items_out);
-    let fastest = results.iter().map(|(_, _, v)| 1e3 / v["step_ms"].as_f64().unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
+    let batches = s
+        .stages
+        .iter()
+        .find(|x| x.stage == "batch")
+        .map_or(0, |x| x.items_out);
+    let fastest = results
+        .iter()
+        .map(|(_, _, v)| 1e3 / v["step_ms"].as_f64().unwrap_or(f64::INFINITY))
+        .fold(0.0, f64::max);
     println!(
         "\ndata stages alone (shards.read → features.fbank ×2 → batch.by_duration, 20 epochs): {batches} batches in {wall:.1} s = {:.0} batches/s, {:.0}× the fastest student above ({fastest:.2} updates/s)",
         batches as f64 / wall,

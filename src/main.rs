@@ -2,12 +2,16 @@
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use lab::runs::{RunsError, SweepOptions, SweepOutcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use lab::runs::{RunsError, SweepOptions, SweepOutcome};
 
 #[derive(Parser)]
-#[command(name = "ehmam", version, about = "Dataflow pipeline for self-supervised speech pre-training with EH-MAM")]
+#[command(
+    name = "ehmam",
+    version,
+    about = "Dataflow pipeline for self-supervised speech pre-training with EH-MAM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -132,10 +136,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate { spec, set } => match lab::runs::load_plan(&spec, &set) {
             Ok(plan) => {
-                println!("{}: ok ({} stages, run directory {})", spec.display(), plan.nodes.len(), plan.spec.run_dir.display());
+                println!(
+                    "{}: ok ({} stages, run directory {})",
+                    spec.display(),
+                    plan.nodes.len(),
+                    plan.spec.run_dir.display()
+                );
                 for l in plan.links() {
                     let from = l.provider.as_deref().unwrap_or("(nobody)");
-                    let to = if l.readers.is_empty() { "(nobody)".to_string() } else { l.readers.join(", ") };
+                    let to = if l.readers.is_empty() {
+                        "(nobody)".to_string()
+                    } else {
+                        l.readers.join(", ")
+                    };
                     println!("  link {}: {from} → {to}", l.name);
                 }
                 Ok(ExitCode::SUCCESS)
@@ -145,10 +158,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
-        Command::Run { spec, set, force, quiet } => match lab::runs::run_spec(&spec, &set, force, quiet) {
+        Command::Run {
+            spec,
+            set,
+            force,
+            quiet,
+        } => match lab::runs::run_spec(&spec, &set, force, quiet) {
             Ok(summary) => {
                 if !quiet {
-                    eprintln!("done in {:.1} s; run directory {}", summary.wall_s, summary.run_dir.display());
+                    eprintln!(
+                        "done in {:.1} s; run directory {}",
+                        summary.wall_s,
+                        summary.run_dir.display()
+                    );
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -158,7 +180,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Err(e) => Err(e.into()),
         },
-        Command::Export { run_dir, out, teacher } => {
+        Command::Export {
+            run_dir,
+            out,
+            teacher,
+        } => {
             let cfg = stages::train::export(&run_dir, &out, teacher)?;
             println!(
                 "exported the {} encoder of {} at step {} ({} tensors, {} parameters) to {}",
@@ -166,20 +192,50 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 run_dir.display(),
                 cfg.step,
                 cfg.tensors.len(),
-                stages::model::shapes_of(&cfg.model).iter().filter(|(n, _)| cfg.tensors.contains(n)).map(|(_, s)| s.iter().product::<usize>()).sum::<usize>(),
+                stages::model::shapes_of(&cfg.model)
+                    .iter()
+                    .filter(|(n, _)| cfg.tensors.contains(n))
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum::<usize>(),
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { run_dirs, out, no_probe, no_masking } => {
-            let opts = lab::report::ReportOptions { out, probe: !no_probe, masking: !no_probe && !no_masking, ..Default::default() };
+        Command::Report {
+            run_dirs,
+            out,
+            no_probe,
+            no_masking,
+        } => {
+            let opts = lab::report::ReportOptions {
+                out,
+                probe: !no_probe,
+                masking: !no_probe && !no_masking,
+                ..Default::default()
+            };
             for f in lab::report::report(&run_dirs, &opts)? {
                 println!("{}", f.display());
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep { specs, grid, set, out, report, force, quiet } => {
-            let o = SweepOptions { specs: &specs, grid: &grid, set: &set, out: &out, report, force, quiet };
+        Command::Sweep {
+            specs,
+            grid,
+            set,
+            out,
+            report,
+            force,
+            quiet,
+        } => {
+            let o = SweepOptions {
+                specs: &specs,
+                grid: &grid,
+                set: &set,
+                out: &out,
+                report,
+                force,
+                quiet,
+            };
             match lab::runs::run_sweep(&o) {
                 Ok(SweepOutcome::Done) => Ok(ExitCode::SUCCESS),
                 Ok(SweepOutcome::Failed) => Ok(ExitCode::FAILURE),
@@ -187,7 +243,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Plot { run_dirs, out, utt, step } => {
+        Command::Plot {
+            run_dirs,
+            out,
+            utt,
+            step,
+        } => {
             let files = lab::plot::plot(&run_dirs, &lab::plot::PlotOptions { out, utt, step })?;
             for f in files {
                 println!("{}", f.display());
@@ -200,7 +261,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Query { mut args, format } => {
             let format: lab::sql::Format = format.parse().map_err(anyhow::Error::msg)?;
-            let Some(sql) = args.pop() else { bail!("usage: ehmam query RUN_DIR... \"SQL\"") };
+            let Some(sql) = args.pop() else {
+                bail!("usage: ehmam query RUN_DIR... \"SQL\"")
+            };
             let dirs: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
             let out = lab::sql::query(&dirs, &sql, format)?;
             print!("{out}");
@@ -208,4 +271,3 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
     }
 }
-

@@ -36,16 +36,34 @@ fn validate_prints_every_error_and_exits_non_zero() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("the spec is empty"), "{}", text(&o));
     // A bad override is named as such.
-    let o = ehmam(&["validate", "specs/prep.yaml", "--set", "stages.decode.with.sample_rate=fast"]);
+    let o = ehmam(&[
+        "validate",
+        "specs/prep.yaml",
+        "--set",
+        "stages.decode.with.sample_rate=fast",
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("--set: stages.decode.with.sample_rate"), "{}", text(&o));
+    assert!(
+        text(&o).contains("--set: stages.decode.with.sample_rate"),
+        "{}",
+        text(&o)
+    );
     assert!(ok(&["validate", "specs/prep.yaml"]).contains("ok"));
 }
 
 #[test]
 fn stages_lists_kinds_ports_and_parameters() {
     let out = ok(&["stages"]);
-    for needle in ["audio.decode", "shards.write", "shards.read", "outputs: out (Decoded)", "min_seconds", "layout", "auto|dir|librispeech|manifest", "target_mb"] {
+    for needle in [
+        "audio.decode",
+        "shards.write",
+        "shards.read",
+        "outputs: out (Decoded)",
+        "min_seconds",
+        "layout",
+        "auto|dir|librispeech|manifest",
+        "target_mb",
+    ] {
         assert!(out.contains(needle), "missing {needle} in\n{out}");
     }
 }
@@ -74,25 +92,68 @@ fn a_fairseq_manifest_is_read_in_order_with_missing_files_rejected() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("run the prep spec first"), "{}", text(&o));
     let s = std::fs::read_to_string(&spec).unwrap();
-    std::fs::write(&spec, s.lines().filter(|l| !l.contains("read:")).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        &spec,
+        s.lines()
+            .filter(|l| !l.contains("read:"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
     ok(&["run", spec.to_str().unwrap()]);
     let run = tmp.path().join("run");
-    let utts = query_csv(&[&run], "SELECT utt_id, source, num_samples FROM utterances ORDER BY shard, utt_id");
+    let utts = query_csv(
+        &[&run],
+        "SELECT utt_id, source, num_samples FROM utterances ORDER BY shard, utt_id",
+    );
     let ids: Vec<&str> = utts.iter().map(|r| r[0].as_str()).collect();
-    assert_eq!(ids, ["flac_s24_stereo_48k", "ogg_vorbis_stereo_44k", "wav_s16_mono_16k"]);
+    assert_eq!(
+        ids,
+        [
+            "flac_s24_stereo_48k",
+            "ogg_vorbis_stereo_44k",
+            "wav_s16_mono_16k"
+        ]
+    );
     // Stored in manifest order (not sorted): the shard's rows as the manifest lists them.
     let shard = std::fs::File::open(tmp.path().join("shards/shard-00000.parquet")).unwrap();
     let mut stored = Vec::new();
-    for b in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(shard).unwrap().build().unwrap() {
+    for b in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(shard)
+        .unwrap()
+        .build()
+        .unwrap()
+    {
         let b = b.unwrap();
-        let c = b.column_by_name("utt_id").unwrap().as_any().downcast_ref::<arrow::array::StringArray>().unwrap().clone();
+        let c = b
+            .column_by_name("utt_id")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .clone();
         stored.extend(c.iter().flatten().map(str::to_string));
     }
-    assert_eq!(stored, ["wav_s16_mono_16k", "flac_s24_stereo_48k", "ogg_vorbis_stereo_44k"]);
+    assert_eq!(
+        stored,
+        [
+            "wav_s16_mono_16k",
+            "flac_s24_stereo_48k",
+            "ogg_vorbis_stereo_44k"
+        ]
+    );
     // Resampled to 16 kHz: 0.6 s each.
     assert!(utts.iter().all(|r| r[2] == "9600"), "{utts:?}");
-    let rejects = query_csv(&[&run], "SELECT source, reason FROM rejects ORDER BY source");
+    let rejects = query_csv(
+        &[&run],
+        "SELECT source, reason FROM rejects ORDER BY source",
+    );
     assert_eq!(rejects.len(), 2, "{rejects:?}");
-    assert!(rejects[0][0] == "missing.wav" && rejects[0][1].contains("missing: manifest line 4"), "{rejects:?}");
-    assert!(rejects[1][0] == "mp3_mono_22k.mp3" && rejects[1][1].contains("num_samples"), "{rejects:?}");
+    assert!(
+        rejects[0][0] == "missing.wav" && rejects[0][1].contains("missing: manifest line 4"),
+        "{rejects:?}"
+    );
+    assert!(
+        rejects[1][0] == "mp3_mono_22k.mp3" && rejects[1][1].contains("num_samples"),
+        "{rejects:?}"
+    );
 }

@@ -39,7 +39,11 @@ fn a_prep_over_a_mixed_folder_accounts_for_every_file() {
     let fx = fixtures();
     for (i, f) in fx.iter().enumerate() {
         // Half of the files one level down, to exercise the recursive listing.
-        let dst = if i % 2 == 0 { input.join(&f.file) } else { input.join("sub").join(&f.file) };
+        let dst = if i % 2 == 0 {
+            input.join(&f.file)
+        } else {
+            input.join("sub").join(&f.file)
+        };
         std::fs::copy(dir().join(&f.file), dst).unwrap();
     }
     // Text beside the audio is metadata (counted, not an input); any other file is an input that
@@ -60,20 +64,43 @@ fn a_prep_over_a_mixed_folder_accounts_for_every_file() {
     .unwrap();
     let out = ehmam(&["run", spec.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("ignored 1 text and metadata files"), "{}", text(&out));
+    assert!(
+        text(&out).contains("ignored 1 text and metadata files"),
+        "{}",
+        text(&out)
+    );
     let run = tmp.path().join("run");
-    let utts: Vec<String> = query_csv(&[&run], "SELECT source FROM utterances").into_iter().map(|r| r[0].clone()).collect();
-    let rejects: Vec<(String, String)> = query_csv(&[&run], "SELECT source, reason FROM rejects").into_iter().map(|r| (r[0].clone(), r[1..].join(","))).collect();
+    let utts: Vec<String> = query_csv(&[&run], "SELECT source FROM utterances")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let rejects: Vec<(String, String)> = query_csv(&[&run], "SELECT source, reason FROM rejects")
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1..].join(",")))
+        .collect();
     assert_eq!(utts.len() + rejects.len(), fx.len() + 2);
     for name in ["sub/blob.dat", "NOEXT"] {
-        assert!(rejects.iter().any(|(s, r)| s == name && r.starts_with("not audio")), "{name}: {rejects:?}");
+        assert!(
+            rejects
+                .iter()
+                .any(|(s, r)| s == name && r.starts_with("not audio")),
+            "{name}: {rejects:?}"
+        );
     }
     for f in &fx {
         let name = |s: &String| s.rsplit('/').next() == Some(f.file.as_str());
         if f.expect == "ok" {
-            assert!(utts.iter().any(name), "{} should be an utterance; rejects: {rejects:?}", f.file);
+            assert!(
+                utts.iter().any(name),
+                "{} should be an utterance; rejects: {rejects:?}",
+                f.file
+            );
         } else {
-            assert!(rejects.iter().any(|(s, _)| name(s)), "{} should be rejected", f.file);
+            assert!(
+                rejects.iter().any(|(s, _)| name(s)),
+                "{} should be rejected",
+                f.file
+            );
         }
     }
 }

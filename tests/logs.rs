@@ -24,7 +24,15 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let shards = tmp.path().join("shards");
-        ok(&["run", "specs/prep.yaml", "--quiet", "--set", &format!("run_dir={}", tmp.path().join("prep").display()), "--set", &format!("stages.shards.with.dir={}", shards.display())]);
+        ok(&[
+            "run",
+            "specs/prep.yaml",
+            "--quiet",
+            "--set",
+            &format!("run_dir={}", tmp.path().join("prep").display()),
+            "--set",
+            &format!("stages.shards.with.dir={}", shards.display()),
+        ]);
         let run = |name: &str, mask: &str| -> PathBuf {
             let dir = tmp.path().join(name);
             let sets = [
@@ -39,7 +47,11 @@ fn fixture() -> &'static Fixture {
                 "stages.frames.with.rotate_every=2".into(),
                 "stages.steps.with.rotate_every=2".into(),
             ];
-            let mut args = vec!["run".to_string(), "specs/tiny.yaml".into(), "--quiet".into()];
+            let mut args = vec![
+                "run".to_string(),
+                "specs/tiny.yaml".into(),
+                "--quiet".into(),
+            ];
             for s in &sets {
                 args.push("--set".into());
                 args.push(s.clone());
@@ -67,17 +79,27 @@ struct Frame {
 }
 
 fn read_frames(run: &Path) -> Vec<Frame> {
-    let mut parts: Vec<PathBuf> = std::fs::read_dir(run.join("frames")).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "arrow")).collect();
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(run.join("frames"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "arrow"))
+        .collect();
     parts.sort();
-    assert!(parts.len() >= 3, "5 steps rotated every 2 give 3 parts: {parts:?}");
+    assert!(
+        parts.len() >= 3,
+        "5 steps rotated every 2 give 3 parts: {parts:?}"
+    );
     let mut out = Vec::new();
     for p in parts {
-        let r = arrow::ipc::reader::FileReader::try_new(std::fs::File::open(&p).unwrap(), None).unwrap();
+        let r = arrow::ipc::reader::FileReader::try_new(std::fs::File::open(&p).unwrap(), None)
+            .unwrap();
         for b in r {
             let b = b.unwrap();
             let c = |n: &str| b.column_by_name(n).unwrap().clone();
             let (step, utt, member, frame) = (c("step"), c("utt_id"), c("member"), c("frame"));
-            let (masked, hard, sp, rl) = (c("masked"), c("hard"), c("student_pred"), c("recon_loss"));
+            let (masked, hard, sp, rl) =
+                (c("masked"), c("hard"), c("student_pred"), c("recon_loss"));
             for i in 0..b.num_rows() {
                 let rl = rl.as_primitive::<Float32Type>();
                 out.push(Frame {
@@ -88,7 +110,11 @@ fn read_frames(run: &Path) -> Vec<Frame> {
                     masked: masked.as_boolean().value(i),
                     hard: hard.as_boolean().value(i),
                     student_pred: sp.as_primitive::<Float32Type>().value(i),
-                    recon: if rl.is_null(i) { None } else { Some(rl.value(i)) },
+                    recon: if rl.is_null(i) {
+                        None
+                    } else {
+                        Some(rl.value(i))
+                    },
                 });
             }
         }
@@ -118,29 +144,57 @@ fn query_results_equal_an_independent_reading_of_the_logs() {
         e.3 += r.hard as u64;
         assert!(!r.hard || r.masked, "hard frames are masked");
     }
-    assert_eq!(mine.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        mine.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
     let rows = query_csv(&[&fx.a], "SELECT step, count(*), sum(CASE WHEN masked THEN 1 ELSE 0 END), avg(recon_loss), sum(CASE WHEN hard THEN 1 ELSE 0 END) FROM frames GROUP BY step ORDER BY step");
     assert_eq!(rows.len(), 5);
     for r in &rows {
         let (n, m, mean, h) = mine[&(f(&r[0]) as i64)];
-        assert_eq!((f(&r[1]) as u64, f(&r[2]) as u64, f(&r[4]) as u64), (n, m, h), "step {}", r[0]);
-        assert!((f(&r[3]) - mean / m as f64).abs() < 1e-5, "step {}: avg(recon_loss) {} vs {}", r[0], r[3], mean / m as f64);
+        assert_eq!(
+            (f(&r[1]) as u64, f(&r[2]) as u64, f(&r[4]) as u64),
+            (n, m, h),
+            "step {}",
+            r[0]
+        );
+        assert!(
+            (f(&r[3]) - mean / m as f64).abs() < 1e-5,
+            "step {}: avg(recon_loss) {} vs {}",
+            r[0],
+            r[3],
+            mean / m as f64
+        );
     }
     // With every utterance of every step logged, the frames table reproduces the student's
     // step records: L_rec is the mean per-frame loss over masked frames (method §1.7), the
     // masked fraction is masked / frames, and the student predictor's rank agreement is the
     // share of masked pairs (within an utterance, distinct losses) it orders like the losses.
-    let steps = query_csv(&[&fx.a], "SELECT step, loss_rec, masked_frac, frames, rank_agreement FROM steps ORDER BY step");
+    let steps = query_csv(
+        &[&fx.a],
+        "SELECT step, loss_rec, masked_frac, frames, rank_agreement FROM steps ORDER BY step",
+    );
     assert_eq!(steps.len(), 5);
     for s in &steps {
         let step = f(&s[0]) as i64;
         let (n, m, sum, _) = mine[&step];
-        assert!((f(&s[1]) - sum / m as f64).abs() < 1e-4 * f(&s[1]).abs().max(1.0), "step {step}: loss_rec {} vs frames {}", s[1], sum / m as f64);
-        assert!((f(&s[2]) - m as f64 / n as f64).abs() < 1e-9, "step {step}: masked_frac");
+        assert!(
+            (f(&s[1]) - sum / m as f64).abs() < 1e-4 * f(&s[1]).abs().max(1.0),
+            "step {step}: loss_rec {} vs frames {}",
+            s[1],
+            sum / m as f64
+        );
+        assert!(
+            (f(&s[2]) - m as f64 / n as f64).abs() < 1e-9,
+            "step {step}: masked_frac"
+        );
         assert_eq!(f(&s[3]) as u64, n);
         let mut by_utt: BTreeMap<(i32, &str), Vec<(f32, f32)>> = BTreeMap::new();
         for r in frames.iter().filter(|r| r.step == step && r.masked) {
-            by_utt.entry((r.member, r.utt.as_str())).or_default().push((r.student_pred, r.recon.unwrap_or(f32::NAN)));
+            by_utt
+                .entry((r.member, r.utt.as_str()))
+                .or_default()
+                .push((r.student_pred, r.recon.unwrap_or(f32::NAN)));
         }
         let (mut agree, mut total) = (0u64, 0u64);
         for v in by_utt.values() {
@@ -153,7 +207,11 @@ fn query_results_equal_an_independent_reading_of_the_logs() {
                 }
             }
         }
-        assert!((f(&s[4]) - agree as f64 / total as f64).abs() < 1e-12, "step {step}: rank_agreement {} vs {agree}/{total}", s[4]);
+        assert!(
+            (f(&s[4]) - agree as f64 / total as f64).abs() < 1e-12,
+            "step {step}: rank_agreement {} vs {agree}/{total}",
+            s[4]
+        );
     }
     // Frame indices run 0..T per member, without holes.
     let mut per: BTreeMap<(i64, i32), Vec<i32>> = BTreeMap::new();
@@ -170,22 +228,50 @@ fn several_runs_union_and_run_tells_them_apart() {
     let fx = fixture();
     let rows = query_csv(&[&fx.a, &fx.b], "SELECT run, count(*), sum(CASE WHEN hard THEN 1 ELSE 0 END), max(hard_ratio) FROM frames GROUP BY run ORDER BY run");
     assert_eq!(rows.len(), 2);
-    assert_eq!((rows[0][0].as_str(), rows[1][0].as_str()), ("alpha", "beta"));
+    assert_eq!(
+        (rows[0][0].as_str(), rows[1][0].as_str()),
+        ("alpha", "beta")
+    );
     assert_eq!(f(&rows[0][1]) as usize, read_frames(&fx.a).len());
     assert_eq!(f(&rows[1][1]) as usize, read_frames(&fx.b).len());
     assert_eq!(rows[1][2], "0", "mask.random chooses nothing by hardness");
     assert_eq!(f(&rows[1][3]), 0.0);
-    let steps = query_csv(&[&fx.a, &fx.b], "SELECT run, count(*), count(DISTINCT step) FROM steps GROUP BY run ORDER BY run");
-    assert_eq!(steps, vec![vec!["alpha".to_string(), "5".into(), "5".into()], vec!["beta".to_string(), "5".into(), "5".into()]]);
+    let steps = query_csv(
+        &[&fx.a, &fx.b],
+        "SELECT run, count(*), count(DISTINCT step) FROM steps GROUP BY run ORDER BY run",
+    );
+    assert_eq!(
+        steps,
+        vec![
+            vec!["alpha".to_string(), "5".into(), "5".into()],
+            vec!["beta".to_string(), "5".into(), "5".into()]
+        ]
+    );
     // Input features are logged every `inputs_every` steps, one row per logged frame.
     let inputs = query_csv(&[&fx.a], "SELECT step, count(*), min(feature_dim), max(cardinality(features)) FROM inputs GROUP BY step ORDER BY step");
-    let per_step = |s: i64| read_frames(&fx.a).iter().filter(|r| r.step == s).count().to_string();
+    let per_step = |s: i64| {
+        read_frames(&fx.a)
+            .iter()
+            .filter(|r| r.step == s)
+            .count()
+            .to_string()
+    };
     assert_eq!(
         inputs,
-        vec![vec!["0".to_string(), per_step(0), "160".into(), "160".into()], vec!["2".into(), per_step(2), "160".into(), "160".into()], vec!["4".into(), per_step(4), "160".into(), "160".into()]]
+        vec![
+            vec!["0".to_string(), per_step(0), "160".into(), "160".into()],
+            vec!["2".into(), per_step(2), "160".into(), "160".into()],
+            vec!["4".into(), per_step(4), "160".into(), "160".into()]
+        ]
     );
     // JSON output keeps NULLs.
-    let o = ok(&["query", "--format", "json", fx.a.to_str().unwrap(), "SELECT recon_loss FROM frames WHERE NOT masked LIMIT 1"]);
+    let o = ok(&[
+        "query",
+        "--format",
+        "json",
+        fx.a.to_str().unwrap(),
+        "SELECT recon_loss FROM frames WHERE NOT masked LIMIT 1",
+    ]);
     assert!(o.contains("\"recon_loss\":null"), "{o}");
 }
 
@@ -199,7 +285,10 @@ fn writing_statements_and_other_files_are_refused() {
         "CREATE TABLE t AS SELECT * FROM steps".to_string(),
         "INSERT INTO steps SELECT * FROM steps".to_string(),
         "DROP TABLE frames".to_string(),
-        format!("CREATE EXTERNAL TABLE x STORED AS ARROW LOCATION '{}'", fx.a.join("frames").display()),
+        format!(
+            "CREATE EXTERNAL TABLE x STORED AS ARROW LOCATION '{}'",
+            fx.a.join("frames").display()
+        ),
         "SET datafusion.execution.batch_size = 1".to_string(),
         format!("SELECT * FROM '{}'", fx.b.join("steps").display()),
         "SELECT 1; DROP TABLE steps".to_string(),
@@ -210,7 +299,11 @@ fn writing_statements_and_other_files_are_refused() {
     }
     assert!(!target.exists());
     let o = ehmam(&["query", a, "COPY (SELECT 1) TO 'x.csv'"]);
-    assert!(text(&o).to_lowercase().contains("read-only") || text(&o).contains("refused"), "{}", text(&o));
+    assert!(
+        text(&o).to_lowercase().contains("read-only") || text(&o).contains("refused"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -219,28 +312,65 @@ fn a_part_cut_off_by_a_crash_is_skipped_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("alpha");
     copy_tree(&fx.a, &copy);
-    let mut parts: Vec<PathBuf> = std::fs::read_dir(copy.join("frames")).unwrap().flatten().map(|e| e.path()).collect();
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(copy.join("frames"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     parts.sort();
     let last = parts.last().unwrap().clone();
     let bytes = std::fs::read(&last).unwrap();
     std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
     // A leftover temporary part (a crash mid-write) is not a table file either.
-    std::fs::write(copy.join("frames").join("part-000000099.arrow.tmp"), b"partial").unwrap();
-    let o = ehmam(&["query", "--format", "csv", copy.to_str().unwrap(), "SELECT count(*), max(step) FROM frames"]);
+    std::fs::write(
+        copy.join("frames").join("part-000000099.arrow.tmp"),
+        b"partial",
+    )
+    .unwrap();
+    let o = ehmam(&[
+        "query",
+        "--format",
+        "csv",
+        copy.to_str().unwrap(),
+        "SELECT count(*), max(step) FROM frames",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("warning") && text(&o).contains(&last.file_name().unwrap().to_string_lossy().to_string()), "{}", text(&o));
-    let row: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().nth(1).unwrap().split(',').map(str::to_string).collect();
+    assert!(
+        text(&o).contains("warning")
+            && text(&o).contains(&last.file_name().unwrap().to_string_lossy().to_string()),
+        "{}",
+        text(&o)
+    );
+    let row: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect();
     let whole = read_frames(&fx.a);
     let kept = whole.iter().filter(|r| r.step < 4).count();
-    assert_eq!(f(&row[0]) as usize, kept, "the rows of the intact parts (steps 0–3)");
+    assert_eq!(
+        f(&row[0]) as usize,
+        kept,
+        "the rows of the intact parts (steps 0–3)"
+    );
     assert_eq!(row[1], "3");
 }
 
 /// PNG width and height from the IHDR chunk.
 fn png_size(path: &Path) -> (u32, u32) {
     let b = std::fs::read(path).unwrap();
-    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
-    (u32::from_be_bytes([b[16], b[17], b[18], b[19]]), u32::from_be_bytes([b[20], b[21], b[22], b[23]]))
+    assert_eq!(
+        &b[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    (
+        u32::from_be_bytes([b[16], b[17], b[18], b[19]]),
+        u32::from_be_bytes([b[20], b[21], b[22], b[23]]),
+    )
 }
 
 #[test]
@@ -248,18 +378,67 @@ fn plot_draws_the_figures() {
     let fx = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("plots");
-    let o = ok(&["plot", fx.a.to_str().unwrap(), fx.b.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = ok(&[
+        "plot",
+        fx.a.to_str().unwrap(),
+        fx.b.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let files: Vec<PathBuf> = o.lines().map(PathBuf::from).collect();
     assert_eq!(files.len(), 4, "{o}");
     assert_eq!(png_size(&out.join("losses.png")), (1200, 940));
     assert_eq!(png_size(&out.join("health.png")), (1200, 940));
-    let frames: Vec<&PathBuf> = files.iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("frames-alpha-step4-")).collect();
+    let frames: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("frames-alpha-step4-")
+        })
+        .collect();
     assert_eq!(frames.len(), 1, "{o}");
     assert_eq!(png_size(frames[0]), (1400, 820));
     // A chosen utterance and step; an unknown one is a clear error.
-    let utt = read_frames(&fx.a).into_iter().find(|r| r.step == 2).unwrap().utt;
-    let o = ok(&["plot", fx.a.to_str().unwrap(), "--out", out.to_str().unwrap(), "--utt", &utt, "--step", "2"]);
-    assert!(o.contains(&format!("frames-alpha-step2-{}", utt.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_"))), "{o}");
-    let o = ehmam(&["plot", fx.a.to_str().unwrap(), "--out", out.to_str().unwrap(), "--utt", "no-such-utterance"]);
-    assert!(!o.status.success() && text(&o).contains("no-such-utterance") && !text(&o).contains("panicked"), "{}", text(&o));
+    let utt = read_frames(&fx.a)
+        .into_iter()
+        .find(|r| r.step == 2)
+        .unwrap()
+        .utt;
+    let o = ok(&[
+        "plot",
+        fx.a.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--utt",
+        &utt,
+        "--step",
+        "2",
+    ]);
+    assert!(
+        o.contains(&format!(
+            "frames-alpha-step2-{}",
+            utt.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_"
+            )
+        )),
+        "{o}"
+    );
+    let o = ehmam(&[
+        "plot",
+        fx.a.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--utt",
+        "no-such-utterance",
+    ]);
+    assert!(
+        !o.status.success()
+            && text(&o).contains("no-such-utterance")
+            && !text(&o).contains("panicked"),
+        "{}",
+        text(&o)
+    );
 }

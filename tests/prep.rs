@@ -8,7 +8,14 @@ use std::path::Path;
 fn prep(run: &Path, shards: &Path, extra: &[&str]) -> String {
     let run_set = format!("run_dir={}", run.display());
     let dir_set = format!("stages.shards.with.dir={}", shards.display());
-    let mut args = vec!["run", "specs/prep.yaml", "--set", run_set.as_str(), "--set", dir_set.as_str()];
+    let mut args = vec![
+        "run",
+        "specs/prep.yaml",
+        "--set",
+        run_set.as_str(),
+        "--set",
+        dir_set.as_str(),
+    ];
     for e in extra {
         args.push("--set");
         args.push(e);
@@ -30,7 +37,11 @@ fn demo_files() -> Vec<String> {
             }
         }
     }
-    walk(&root().join("data/demo"), &root().join("data/demo"), &mut out);
+    walk(
+        &root().join("data/demo"),
+        &root().join("data/demo"),
+        &mut out,
+    );
     out.sort();
     out
 }
@@ -44,10 +55,18 @@ fn demo_prep_accounts_for_every_file_and_writes_valid_shards() {
     // Every input file is in exactly one of utterances and rejects.
     let utts = query_csv(&[&run], "SELECT source FROM utterances ORDER BY source");
     let rejects = query_csv(&[&run], "SELECT source FROM rejects ORDER BY source");
-    let mut seen: Vec<String> = utts.iter().chain(rejects.iter()).map(|r| r[0].clone()).collect();
+    let mut seen: Vec<String> = utts
+        .iter()
+        .chain(rejects.iter())
+        .map(|r| r[0].clone())
+        .collect();
     seen.sort();
     assert_eq!(seen, demo_files());
-    assert!(utts.len() >= 100, "the demo corpus should give at least 100 utterances, got {}", utts.len());
+    assert!(
+        utts.len() >= 100,
+        "the demo corpus should give at least 100 utterances, got {}",
+        utts.len()
+    );
 
     // Columns and metadata as documented; ids unique; transcripts and speakers from LibriSpeech.
     let rows = query_csv(
@@ -67,22 +86,50 @@ fn demo_prep_accounts_for_every_file_and_writes_valid_shards() {
         "SELECT count(*) FROM utterances WHERE chapter IS NULL OR source <> concat(speaker, '/', chapter, '/', utt_id, '.flac') OR utt_id NOT LIKE concat(speaker, '-', chapter, '-%')",
     );
     assert_eq!(bad[0][0], "0", "speaker/chapter/utt_id.flac");
-    let chapters = query_csv(&[&run], "SELECT count(DISTINCT concat(speaker, '-', chapter)) FROM utterances");
+    let chapters = query_csv(
+        &[&run],
+        "SELECT count(DISTINCT concat(speaker, '-', chapter)) FROM utterances",
+    );
     assert_eq!(chapters[0][0], "15", "the demo corpus has 15 chapters");
 
     // The index lists each shard with its rows and content hash, and the shards hold the rows.
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shards.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shards.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["complete"], true);
     let mut total = 0u64;
     for s in index["shards"].as_array().unwrap() {
-        let Some(file) = s["file"].as_str() else { continue };
+        let Some(file) = s["file"].as_str() else {
+            continue;
+        };
         let bytes = std::fs::read(shards.join(file)).unwrap();
         assert_eq!(bytes.len() as u64, s["bytes"].as_u64().unwrap());
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(shards.join(file)).unwrap()).unwrap();
-        let kv = reader.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
-        assert!(kv.iter().any(|k| k.key == "ehmam.audio_format" && k.value.as_deref() == Some("int16")), "{kv:?}");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(shards.join(file)).unwrap(),
+        )
+        .unwrap();
+        let kv = reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            kv.iter()
+                .any(|k| k.key == "ehmam.audio_format" && k.value.as_deref() == Some("int16")),
+            "{kv:?}"
+        );
         let schema = reader.schema().clone();
-        for col in ["utt_id", "speaker", "chapter", "source", "sample_rate", "num_samples", "duration_s", "transcript", "audio"] {
+        for col in [
+            "utt_id",
+            "speaker",
+            "chapter",
+            "source",
+            "sample_rate",
+            "num_samples",
+            "duration_s",
+            "transcript",
+            "audio",
+        ] {
             assert!(schema.field_with_name(col).is_ok(), "missing column {col}");
         }
         let rows: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
@@ -90,10 +137,16 @@ fn demo_prep_accounts_for_every_file_and_writes_valid_shards() {
         total += rows as u64;
     }
     assert_eq!(total as usize, utts.len());
-    assert!(index["shards"].as_array().unwrap().len() > 1, "target_mb: 1 should give several shards");
+    assert!(
+        index["shards"].as_array().unwrap().len() > 1,
+        "target_mb: 1 should give several shards"
+    );
 
     // The stages table has the telemetry of both stages.
-    let st = query_csv(&[&run], "SELECT stage, items_in, items_out FROM stages ORDER BY stage");
+    let st = query_csv(
+        &[&run],
+        "SELECT stage, items_in, items_out FROM stages ORDER BY stage",
+    );
     assert_eq!(st.len(), 2);
     assert_eq!(st[0][0], "decode");
     assert_eq!(st[0][2], demo_files().len().to_string());
@@ -105,8 +158,16 @@ fn shards_are_byte_identical_for_one_and_four_workers() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
-    prep(&a.join("run"), &a.join("shards"), &["stages.decode.workers=1"]);
-    prep(&b.join("run"), &b.join("shards"), &["stages.decode.workers=4"]);
+    prep(
+        &a.join("run"),
+        &a.join("shards"),
+        &["stages.decode.workers=1"],
+    );
+    prep(
+        &b.join("run"),
+        &b.join("shards"),
+        &["stages.decode.workers=4"],
+    );
     let ta = tree_bytes(&a.join("shards"));
     let tb = tree_bytes(&b.join("shards"));
     assert_eq!(ta.len(), tb.len());
@@ -120,14 +181,19 @@ fn shards_are_byte_identical_for_one_and_four_workers() {
 fn an_interrupted_prep_resumes_and_ends_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full");
-    prep(&full.join("run"), &full.join("shards"), &["stages.shards.with.target_mb=0.5"]);
+    prep(
+        &full.join("run"),
+        &full.join("shards"),
+        &["stages.shards.with.target_mb=0.5"],
+    );
 
     // What a crash after the second shard leaves: the index up to it, not complete, the next
     // shard half-written under its temporary name.
     let cut = tmp.path().join("cut");
     copy_tree(&full.join("shards"), &cut.join("shards"));
     let ipath = cut.join("shards/index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ipath).unwrap()).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ipath).unwrap()).unwrap();
     let all = index["shards"].as_array().unwrap().clone();
     assert!(all.len() >= 4, "need several shards, got {}", all.len());
     let kept: Vec<serde_json::Value> = all[..2].to_vec();
@@ -136,29 +202,53 @@ fn an_interrupted_prep_resumes_and_ends_identical() {
             std::fs::remove_file(cut.join("shards").join(f)).unwrap();
         }
     }
-    std::fs::write(cut.join("shards/.shard-00002.parquet.tmp"), b"PAR1 half a shard").unwrap();
+    std::fs::write(
+        cut.join("shards/.shard-00002.parquet.tmp"),
+        b"PAR1 half a shard",
+    )
+    .unwrap();
     index["shards"] = serde_json::Value::Array(kept.clone());
     index["complete"] = serde_json::Value::Bool(false);
     std::fs::write(&ipath, serde_json::to_string_pretty(&index).unwrap()).unwrap();
 
     // A reader refuses the incomplete directory, before anything runs.
     let read_spec = tmp.path().join("read.yaml");
-    std::fs::write(&read_spec, format!("name: r\nstages:\n  read: {{ kind: shards.read, with: {{ dir: {} }} }}\n", cut.join("shards").display())).unwrap();
+    std::fs::write(
+        &read_spec,
+        format!(
+            "name: r\nstages:\n  read: {{ kind: shards.read, with: {{ dir: {} }} }}\n",
+            cut.join("shards").display()
+        ),
+    )
+    .unwrap();
     let o = ehmam(&["validate", read_spec.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("has not finished"), "{}", text(&o));
 
-    let log = prep(&cut.join("run"), &cut.join("shards"), &["stages.shards.with.target_mb=0.5"]);
+    let log = prep(
+        &cut.join("run"),
+        &cut.join("shards"),
+        &["stages.shards.with.target_mb=0.5"],
+    );
     let done: u64 = kept.iter().map(|s| s["inputs"].as_u64().unwrap()).sum();
-    assert!(log.contains(&format!("resuming: {done} of")), "the rerun should skip the finished inputs:\n{log}");
+    assert!(
+        log.contains(&format!("resuming: {done} of")),
+        "the rerun should skip the finished inputs:\n{log}"
+    );
     let ta = tree_bytes(&full.join("shards"));
     let tb = tree_bytes(&cut.join("shards"));
-    assert_eq!(ta.iter().map(|t| &t.0).collect::<Vec<_>>(), tb.iter().map(|t| &t.0).collect::<Vec<_>>());
+    assert_eq!(
+        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        tb.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
     for ((n, a), (_, b)) in ta.iter().zip(&tb) {
         assert!(a == b, "{n} differs after resume");
     }
     // The tables of the resumed run cover every file, not just the new ones.
-    let n = query_csv(&[&cut.join("run")], "SELECT (SELECT count(*) FROM utterances) + (SELECT count(*) FROM rejects)");
+    let n = query_csv(
+        &[&cut.join("run")],
+        "SELECT (SELECT count(*) FROM utterances) + (SELECT count(*) FROM rejects)",
+    );
     assert_eq!(n[0][0], demo_files().len().to_string());
 }
 
@@ -203,7 +293,11 @@ fn query_is_read_only_and_unions_runs() {
         assert!(!o.status.success(), "{sql} should be refused");
         assert!(text(&o).contains("query refused"), "{sql}: {}", text(&o));
     }
-    let o = ehmam(&["query", run.to_str().unwrap(), "SELECT * FROM '/etc/passwd'"]);
+    let o = ehmam(&[
+        "query",
+        run.to_str().unwrap(),
+        "SELECT * FROM '/etc/passwd'",
+    ]);
     assert!(!o.status.success(), "reading other files must fail");
 
     // Two runs: the union, told apart by `run`.
@@ -211,10 +305,23 @@ fn query_is_read_only_and_unions_runs() {
     copy_tree(&run, &run2);
     let rows = query_csv(&[&run, &run2], "SELECT count(*) FROM utterances");
     let one = query_csv(&[&run], "SELECT count(*) FROM utterances");
-    assert_eq!(rows[0][0].parse::<u64>().unwrap(), 2 * one[0][0].parse::<u64>().unwrap());
-    let json = ok(&["query", "--format", "json", run.to_str().unwrap(), "SELECT utt_id, speaker FROM utterances ORDER BY utt_id LIMIT 2"]);
+    assert_eq!(
+        rows[0][0].parse::<u64>().unwrap(),
+        2 * one[0][0].parse::<u64>().unwrap()
+    );
+    let json = ok(&[
+        "query",
+        "--format",
+        "json",
+        run.to_str().unwrap(),
+        "SELECT utt_id, speaker FROM utterances ORDER BY utt_id LIMIT 2",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
-    let table = ok(&["query", run.to_str().unwrap(), "SELECT count(*) AS n FROM rejects"]);
+    let table = ok(&[
+        "query",
+        run.to_str().unwrap(),
+        "SELECT count(*) AS n FROM rejects",
+    ]);
     assert!(table.contains("| n |") || table.contains("| n "), "{table}");
 }

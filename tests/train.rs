@@ -15,8 +15,19 @@ fn shards() -> &'static Path {
     let dir = DIR.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let run = format!("run_dir={}", tmp.path().join("prep").display());
-        let out = format!("stages.shards.with.dir={}", tmp.path().join("shards").display());
-        ok(&["run", "specs/prep.yaml", "--quiet", "--set", &run, "--set", &out]);
+        let out = format!(
+            "stages.shards.with.dir={}",
+            tmp.path().join("shards").display()
+        );
+        ok(&[
+            "run",
+            "specs/prep.yaml",
+            "--quiet",
+            "--set",
+            &run,
+            "--set",
+            &out,
+        ]);
         tmp
     });
     Box::leak(Box::new(dir.path().join("shards")))
@@ -40,14 +51,25 @@ fn train(run: &Path, extra: &[&str]) -> String {
     }
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = ehmam(&a);
-    assert!(o.status.success() && !text(&o).contains("panicked"), "ehmam {a:?} failed:\n{}", text(&o));
+    assert!(
+        o.status.success() && !text(&o).contains("panicked"),
+        "ehmam {a:?} failed:\n{}",
+        text(&o)
+    );
     text(&o)
 }
 
 fn checkpoint_tensors(run: &Path) -> (u64, BTreeMap<String, Vec<f32>>) {
-    let (meta, path) = stages::train::latest_checkpoint(run).unwrap().expect("a checkpoint");
+    let (meta, path) = stages::train::latest_checkpoint(run)
+        .unwrap()
+        .expect("a checkpoint");
     let t = stages::train::load_tensors(&path, &stages::candle_core::Device::Cpu).unwrap();
-    (meta.step, t.into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect())
+    (
+        meta.step,
+        t.into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect(),
+    )
 }
 
 fn steps(run: &Path) -> Vec<Vec<String>> {
@@ -62,42 +84,96 @@ fn f(s: &str) -> f64 {
 fn short_run_learns() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60"]);
+    train(
+        &run,
+        &[
+            "stages.student.with.max_steps=120",
+            "stages.student.with.checkpoint_every=60",
+        ],
+    );
     let rows = steps(&run);
     assert_eq!(rows.len(), 120, "one steps row per update");
     let st = pipeline::RunStatus::read(&run).expect("run.json");
-    assert!(st.is_complete() && st.attempts == 1 && st.wall_s > 0.0, "{st:?}");
-    let mean = |rs: &[Vec<String>], c: usize| rs.iter().map(|r| f(&r[c])).sum::<f64>() / rs.len() as f64;
+    assert!(
+        st.is_complete() && st.attempts == 1 && st.wall_s > 0.0,
+        "{st:?}"
+    );
+    let mean =
+        |rs: &[Vec<String>], c: usize| rs.iter().map(|r| f(&r[c])).sum::<f64>() / rs.len() as f64;
     let (first, last) = (&rows[..10], &rows[rows.len() - 20..]);
     let (rec0, rec1) = (mean(first, 1), mean(last, 1));
-    assert!(rec1 < 0.8 * rec0, "L_rec should fall: first 10 steps {rec0:.4}, last 20 {rec1:.4}");
+    assert!(
+        rec1 < 0.8 * rec0,
+        "L_rec should fall: first 10 steps {rec0:.4}, last 20 {rec1:.4}"
+    );
     for r in &rows {
-        assert!(f(&r[2]) > 0.1, "target std collapsed at step {}: {}", r[0], r[2]);
+        assert!(
+            f(&r[2]) > 0.1,
+            "target std collapsed at step {}: {}",
+            r[0],
+            r[2]
+        );
         assert!(f(&r[6]).is_finite());
     }
     let agree = mean(last, 3);
     assert!(agree > 0.5, "the student's loss predictor should rank masked frames better than chance by the end: {agree:.3}");
     // Easy to hard: r ramps from 0 to 1; the masked share shrinks as r grows (method §4.3).
-    assert!(f(&rows[0][5]) < 0.02 && f(&rows[119][5]) > 0.95, "hard_ratio {} → {}", rows[0][5], rows[119][5]);
-    assert!(mean(first, 4) > mean(last, 4), "masked_frac should shrink as the hard share grows");
+    assert!(
+        f(&rows[0][5]) < 0.02 && f(&rows[119][5]) > 0.95,
+        "hard_ratio {} → {}",
+        rows[0][5],
+        rows[119][5]
+    );
+    assert!(
+        mean(first, 4) > mean(last, 4),
+        "masked_frac should shrink as the hard share grows"
+    );
     // Checkpoints every 60 updates and at the end, with the data position.
     let (step, t) = checkpoint_tensors(&run);
     assert_eq!(step, 120);
-    assert!(t.keys().any(|k| k.starts_with("teacher.encoder.")) && t.keys().any(|k| k.starts_with("adam.m.")));
+    assert!(
+        t.keys().any(|k| k.starts_with("teacher.encoder."))
+            && t.keys().any(|k| k.starts_with("adam.m."))
+    );
     // Rerunning a finished run trains nothing.
-    let out = train(&run, &["stages.student.with.max_steps=120", "stages.student.with.checkpoint_every=60"]);
+    let out = train(
+        &run,
+        &[
+            "stages.student.with.max_steps=120",
+            "stages.student.with.checkpoint_every=60",
+        ],
+    );
     let _ = out;
     assert_eq!(steps(&run).len(), 120);
     let st2 = pipeline::RunStatus::read(&run).expect("run.json");
-    assert!(st2.is_complete() && st2.attempts == 2 && st2.wall_s > st.wall_s, "{st2:?}");
+    assert!(
+        st2.is_complete() && st2.attempts == 2 && st2.wall_s > st.wall_s,
+        "{st2:?}"
+    );
     // Export the encoder for downstream use.
     let export = tmp.path().join("export");
-    let out = ok(&["export", run.to_str().unwrap(), "--out", export.to_str().unwrap()]);
+    let out = ok(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
     assert!(out.contains("step 120"), "{out}");
     let (cfg, w) = stages::train::load_encoder(&export, &stages::candle_core::Device::Cpu).unwrap();
-    assert!(w.contains_key("frontend.proj.weight") && w.contains_key("encoder.blocks.3.fc2.weight"));
-    assert!(!w.keys().any(|k| k.starts_with("decoder.") || k.starts_with("loss_predictor.")));
-    assert_eq!(w["encoder.blocks.0.fc1.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), t["student.encoder.blocks.0.fc1.weight"]);
+    assert!(
+        w.contains_key("frontend.proj.weight") && w.contains_key("encoder.blocks.3.fc2.weight")
+    );
+    assert!(!w
+        .keys()
+        .any(|k| k.starts_with("decoder.") || k.starts_with("loss_predictor.")));
+    assert_eq!(
+        w["encoder.blocks.0.fc1.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        t["student.encoder.blocks.0.fc1.weight"]
+    );
     assert_eq!(cfg.step, 120);
 }
 
@@ -105,7 +181,10 @@ fn short_run_learns() {
 fn stopped_and_resumed_run_ends_with_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let common = ["stages.student.with.schedule_steps=24", "stages.student.with.checkpoint_every=6"];
+    let common = [
+        "stages.student.with.schedule_steps=24",
+        "stages.student.with.checkpoint_every=6",
+    ];
     let with = |max: &str| -> Vec<String> {
         let mut v: Vec<String> = common.iter().map(|s| s.to_string()).collect();
         v.push(format!("stages.student.with.max_steps={max}"));
@@ -120,24 +199,47 @@ fn stopped_and_resumed_run_ends_with_the_same_weights() {
     run(&b, "10");
     assert_eq!(checkpoint_tensors(&b).0, 10);
     let out = run(&b, "24");
-    assert!(out.contains("resuming from") && out.contains("(step 10)"), "{out}");
+    assert!(
+        out.contains("resuming from") && out.contains("(step 10)"),
+        "{out}"
+    );
     // The data stream continues at the checkpoint's position instead of being read again.
-    assert!(out.contains("shards: resuming the data stream at epoch"), "{out}");
+    assert!(
+        out.contains("shards: resuming the data stream at epoch"),
+        "{out}"
+    );
     let ((sa, ta), (sb, tb)) = (checkpoint_tensors(&a), checkpoint_tensors(&b));
     assert_eq!((sa, sb), (24, 24));
     assert_eq!(ta.len(), tb.len());
     for (k, v) in &ta {
-        assert!(tb[k] == *v, "{k} differs between the uninterrupted and the resumed run");
+        assert!(
+            tb[k] == *v,
+            "{k} differs between the uninterrupted and the resumed run"
+        );
     }
     // The logged losses of the steps after the resume equal the uninterrupted run's.
     let (la, lb) = (steps(&a), steps(&b));
-    let tail = |rows: &[Vec<String>]| rows.iter().filter(|r| f(&r[0]) >= 10.0).map(|r| r[6].clone()).collect::<Vec<_>>();
+    let tail = |rows: &[Vec<String>]| {
+        rows.iter()
+            .filter(|r| f(&r[0]) >= 10.0)
+            .map(|r| r[6].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(tail(&la), tail(&lb));
 }
 
 #[test]
 fn bad_model_blocks_and_devices_are_refused_before_running() {
-    let o = ehmam(&["validate", "specs/tiny.yaml", "--set", "model.encoder.heads=3", "--set", "model.decoder.kernel=4", "--set", "stages.student.with.alpha=-1"]);
+    let o = ehmam(&[
+        "validate",
+        "specs/tiny.yaml",
+        "--set",
+        "model.encoder.heads=3",
+        "--set",
+        "model.decoder.kernel=4",
+        "--set",
+        "stages.student.with.alpha=-1",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("model.encoder.heads"), "{t}");
@@ -159,9 +261,25 @@ fn bad_model_blocks_and_devices_are_refused_before_running() {
 fn mask_kinds_swap_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     for (kind, hard_where_masked) in [("mask.hard", true), ("mask.random", false)] {
-        assert!(ok(&["validate", "specs/tiny.yaml", "--set", &format!("stages.mask.kind={kind}"), "--set", &format!("stages.shards.with.dir={}", shards().display())]).contains("ok"));
+        assert!(ok(&[
+            "validate",
+            "specs/tiny.yaml",
+            "--set",
+            &format!("stages.mask.kind={kind}"),
+            "--set",
+            &format!("stages.shards.with.dir={}", shards().display())
+        ])
+        .contains("ok"));
         let run = tmp.path().join(kind);
-        train(&run, &[&format!("stages.mask.kind={kind}"), "stages.student.with.max_steps=3", "stages.frames.with.every=1", "stages.frames.with.utterances=1.0"]);
+        train(
+            &run,
+            &[
+                &format!("stages.mask.kind={kind}"),
+                "stages.student.with.max_steps=3",
+                "stages.frames.with.every=1",
+                "stages.frames.with.utterances=1.0",
+            ],
+        );
         let rows = query_csv(&[&run], "SELECT count(*), sum(CASE WHEN hard THEN 1 ELSE 0 END), min(hard_ratio), max(hard_ratio) FROM frames WHERE masked");
         let (n, hard): (u64, u64) = (rows[0][0].parse().unwrap(), rows[0][1].parse().unwrap());
         assert!(n > 0);
@@ -173,7 +291,10 @@ fn mask_kinds_swap_in_one_line() {
             assert_eq!((rows[0][2].as_str(), rows[0][3].as_str()), ("0.0", "0.0"));
         }
         // The frames table points back into the audio: time_s = (crop offset + frame) / 50.
-        let bad = query_csv(&[&run], "SELECT count(*) FROM frames WHERE time_s < frame / 50.0 - 1e-9");
+        let bad = query_csv(
+            &[&run],
+            "SELECT count(*) FROM frames WHERE time_s < frame / 50.0 - 1e-9",
+        );
         assert_eq!(bad[0][0], "0");
     }
 }
@@ -185,14 +306,25 @@ fn a_failed_run_is_marked_failed() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
-    for s in [format!("run_dir={}", run.display()), format!("stages.shards.with.dir={}", shards().display()), "stages.batch.with.crop=pad".into()] {
+    for s in [
+        format!("run_dir={}", run.display()),
+        format!("stages.shards.with.dir={}", shards().display()),
+        "stages.batch.with.crop=pad".into(),
+    ] {
         args.push("--set".into());
         args.push(s);
     }
     let o = ehmam(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!o.status.success());
-    assert!(text(&o).contains("crop: shortest") && !text(&o).contains("panicked"), "{}", text(&o));
+    assert!(
+        text(&o).contains("crop: shortest") && !text(&o).contains("panicked"),
+        "{}",
+        text(&o)
+    );
     let st = pipeline::RunStatus::read(&run).expect("run.json");
     assert_eq!(st.status, "failed");
-    assert!(st.error.as_deref().is_some_and(|e| e.contains("teacher")), "{st:?}");
+    assert!(
+        st.error.as_deref().is_some_and(|e| e.contains("teacher")),
+        "{st:?}"
+    );
 }

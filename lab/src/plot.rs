@@ -44,7 +44,10 @@ pub enum PlotError {
 }
 
 fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> PlotError + '_ {
-    move |e| PlotError::Draw { path: path.display().to_string(), message: e.to_string() }
+    move |e| PlotError::Draw {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
 }
 
 pub(crate) fn register_font() {
@@ -58,8 +61,11 @@ pub(crate) fn register_font() {
 pub(crate) fn column_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, String> {
     let mut out = Vec::new();
     for b in batches {
-        let c = b.column_by_name(name).ok_or_else(|| format!("no column `{name}`"))?;
-        let c = arrow::compute::cast(c, &DataType::Float64).map_err(|e| format!("column `{name}`: {e}"))?;
+        let c = b
+            .column_by_name(name)
+            .ok_or_else(|| format!("no column `{name}`"))?;
+        let c = arrow::compute::cast(c, &DataType::Float64)
+            .map_err(|e| format!("column `{name}`: {e}"))?;
         let a = c.as_primitive::<Float64Type>();
         out.extend((0..a.len()).map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) }));
     }
@@ -73,8 +79,11 @@ fn col_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, PlotError> {
 fn col_str(batches: &[RecordBatch], name: &str) -> Result<Vec<String>, PlotError> {
     let mut out = Vec::new();
     for b in batches {
-        let c = b.column_by_name(name).ok_or_else(|| PlotError::Input(format!("no column `{name}`")))?;
-        let c = arrow::compute::cast(c, &DataType::Utf8).map_err(|e| PlotError::Input(format!("column `{name}`: {e}")))?;
+        let c = b
+            .column_by_name(name)
+            .ok_or_else(|| PlotError::Input(format!("no column `{name}`")))?;
+        let c = arrow::compute::cast(c, &DataType::Utf8)
+            .map_err(|e| PlotError::Input(format!("column `{name}`: {e}")))?;
         let a = c.as_string::<i32>();
         out.extend((0..a.len()).map(|i| a.value(i).to_string()));
     }
@@ -84,8 +93,12 @@ fn col_str(batches: &[RecordBatch], name: &str) -> Result<Vec<String>, PlotError
 fn col_bool(batches: &[RecordBatch], name: &str) -> Result<Vec<bool>, PlotError> {
     let mut out = Vec::new();
     for b in batches {
-        let c = b.column_by_name(name).ok_or_else(|| PlotError::Input(format!("no column `{name}`")))?;
-        let a = c.as_boolean_opt().ok_or_else(|| PlotError::Input(format!("column `{name}` is not boolean")))?;
+        let c = b
+            .column_by_name(name)
+            .ok_or_else(|| PlotError::Input(format!("no column `{name}`")))?;
+        let a = c
+            .as_boolean_opt()
+            .ok_or_else(|| PlotError::Input(format!("column `{name}` is not boolean")))?;
         out.extend((0..a.len()).map(|i| !a.is_null(i) && a.value(i)));
     }
     Ok(out)
@@ -144,43 +157,100 @@ fn range(vs: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 fn palette(i: usize) -> RGBColor {
-    const P: [RGBColor; 8] =
-        [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(23, 190, 207)];
+    const P: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(23, 190, 207),
+    ];
     P[i % P.len()]
 }
 
 /// Draws stacked panels of per-run curves; `panels[k]` = (title, y label, index into
 /// `Series::values`, optional dashed companion index, optional horizontal reference line).
-fn curves(path: &Path, title: &str, series: &[Series], panels: &[(&str, &str, usize, Option<usize>, Option<f64>)]) -> Result<(), PlotError> {
+fn curves(
+    path: &Path,
+    title: &str,
+    series: &[Series],
+    panels: &[(&str, &str, usize, Option<usize>, Option<f64>)],
+) -> Result<(), PlotError> {
     let height = 40 + 300 * panels.len() as u32;
     let root = BitMapBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
-    let root = root.titled(title, ("sans-serif", 24)).map_err(draw_err(path))?;
+    let root = root
+        .titled(title, ("sans-serif", 24))
+        .map_err(draw_err(path))?;
     let areas = root.split_evenly((panels.len(), 1));
     let steps = series.iter().flat_map(|s| s.step.iter().copied());
     let (x0, x1) = range(steps);
     for (area, &(name, ylabel, k, companion, reference)) in areas.iter().zip(panels) {
-        let all = series.iter().flat_map(|s| s.values[k].iter().copied().chain(companion.map(|c| s.values[c].clone()).unwrap_or_default())).chain(reference);
+        let all = series
+            .iter()
+            .flat_map(|s| {
+                s.values[k]
+                    .iter()
+                    .copied()
+                    .chain(companion.map(|c| s.values[c].clone()).unwrap_or_default())
+            })
+            .chain(reference);
         let (y0, y1) = range(all);
-        let mut chart =
-            ChartBuilder::on(area).caption(name, ("sans-serif", 18)).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(x0.max(0.0)..x1, y0..y1).map_err(draw_err(path))?;
-        chart.configure_mesh().x_desc("update").y_desc(ylabel).label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
+        let mut chart = ChartBuilder::on(area)
+            .caption(name, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
+            .map_err(draw_err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("update")
+            .y_desc(ylabel)
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(draw_err(path))?;
         if let Some(r) = reference {
-            chart.draw_series(LineSeries::new(vec![(x0.max(0.0), r), (x1, r)], BLACK.mix(0.4).stroke_width(1))).map_err(draw_err(path))?;
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(x0.max(0.0), r), (x1, r)],
+                    BLACK.mix(0.4).stroke_width(1),
+                ))
+                .map_err(draw_err(path))?;
         }
         for (i, s) in series.iter().enumerate() {
             let c = palette(i);
             let v = &s.values[k];
             let w = (v.len() / 40).max(1);
-            let pts = |v: &[f64]| -> Vec<(f64, f64)> { s.step.iter().zip(v).filter(|(_, y)| y.is_finite()).map(|(x, y)| (*x, *y)).collect() };
+            let pts = |v: &[f64]| -> Vec<(f64, f64)> {
+                s.step
+                    .iter()
+                    .zip(v)
+                    .filter(|(_, y)| y.is_finite())
+                    .map(|(x, y)| (*x, *y))
+                    .collect()
+            };
             if w > 1 {
-                chart.draw_series(LineSeries::new(pts(v), c.mix(0.25).stroke_width(1))).map_err(draw_err(path))?;
+                chart
+                    .draw_series(LineSeries::new(pts(v), c.mix(0.25).stroke_width(1)))
+                    .map_err(draw_err(path))?;
             }
             chart
-                .draw_series(LineSeries::new(pts(&moving_average(v, w)), c.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    pts(&moving_average(v, w)),
+                    c.stroke_width(2),
+                ))
                 .map_err(draw_err(path))?
-                .label(if companion.is_some() { format!("{} (student)", s.run) } else { s.run.clone() })
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .label(if companion.is_some() {
+                    format!("{} (student)", s.run)
+                } else {
+                    s.run.clone()
+                })
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
             if let Some(ci) = companion {
                 let m = moving_average(&s.values[ci], w);
                 let p = pts(&m);
@@ -188,7 +258,9 @@ fn curves(path: &Path, title: &str, series: &[Series], panels: &[(&str, &str, us
                     .draw_series(DashedLineSeries::new(p, 6, 4, c.stroke_width(2)))
                     .map_err(draw_err(path))?
                     .label(format!("{} (teacher)", s.run))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.mix(0.6).stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], c.mix(0.6).stroke_width(2))
+                    });
             }
         }
         chart
@@ -218,13 +290,25 @@ enum InputKind {
 }
 
 fn input_kind(run_dir: &Path, feature_dim: usize) -> InputKind {
-    let spec = std::fs::read_to_string(run_dir.join("spec.yaml")).ok().and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok());
-    let Some(stages) = spec.as_ref().and_then(|s| s.get("stages")).and_then(|s| s.as_mapping()) else { return InputKind::Unknown };
+    let spec = std::fs::read_to_string(run_dir.join("spec.yaml"))
+        .ok()
+        .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok());
+    let Some(stages) = spec
+        .as_ref()
+        .and_then(|s| s.get("stages"))
+        .and_then(|s| s.as_mapping())
+    else {
+        return InputKind::Unknown;
+    };
     for (_, st) in stages {
         match st.get("kind").and_then(|k| k.as_str()) {
             Some("features.fbank") => {
                 let with = st.get("with");
-                let get = |k: &str, d: u64| with.and_then(|w| w.get(k)).and_then(|v| v.as_u64()).unwrap_or(d) as usize;
+                let get = |k: &str, d: u64| {
+                    with.and_then(|w| w.get(k))
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(d) as usize
+                };
                 let (bins, stack) = (get("num_mel_bins", 80), get("stack", 2).max(1));
                 if bins * stack == feature_dim {
                     return InputKind::Fbank { bins, stack };
@@ -238,13 +322,24 @@ fn input_kind(run_dir: &Path, feature_dim: usize) -> InputKind {
 }
 
 /// The frame figure of one run.
-fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions) -> Result<Option<PathBuf>, PlotError> {
+fn frame_figure(
+    session: &Session,
+    run: &str,
+    run_dir: &Path,
+    opts: &PlotOptions,
+) -> Result<Option<PathBuf>, PlotError> {
     if !session.has_table("frames") {
         return Ok(None);
     }
     let r = lit(run);
-    let utt_filter = opts.utt.as_ref().map(|u| format!(" AND utt_id = {}", lit(u))).unwrap_or_default();
-    let Some(step) = figure_step(session, run, &r, &utt_filter, opts)? else { return Ok(None) };
+    let utt_filter = opts
+        .utt
+        .as_ref()
+        .map(|u| format!(" AND utt_id = {}", lit(u)))
+        .unwrap_or_default();
+    let Some(step) = figure_step(session, run, &r, &utt_filter, opts)? else {
+        return Ok(None);
+    };
     let utt = match &opts.utt {
         Some(u) => u.clone(),
         None => {
@@ -256,12 +351,28 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
         }
     };
     let d = FrameData::load(session, run, &r, step, &utt)?;
-    let safe = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect::<String>();
-    let path = opts.out.join(format!("frames-{}-step{step}-{}.png", safe(run), safe(&utt)));
+    let safe = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+    };
+    let path = opts.out.join(format!(
+        "frames-{}-step{step}-{}.png",
+        safe(run),
+        safe(&utt)
+    ));
     let root = BitMapBackend::new(&path, (1400, 820)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(&path))?;
     let title = format!("{run}: {utt}, update {step} (hard ratio {:.2}): grey = masked at random, red = masked by predicted hardness", d.hard_ratio);
-    let root = root.titled(&title, ("sans-serif", 20)).map_err(draw_err(&path))?;
+    let root = root
+        .titled(&title, ("sans-serif", 20))
+        .map_err(draw_err(&path))?;
     let (top, bottom) = root.split_vertically(430);
     draw_frame_losses(&top, &d, &path)?;
     draw_frame_input(&bottom, &d, run_dir, run, &path)?;
@@ -271,16 +382,31 @@ fn frame_figure(session: &Session, run: &str, run_dir: &Path, opts: &PlotOptions
 
 /// The step of the frame figure: asked for, else the latest step whose input features were
 /// logged too, else the latest with frames; `None` when nothing was logged.
-fn figure_step(session: &Session, run: &str, r: &str, utt_filter: &str, opts: &PlotOptions) -> Result<Option<u64>, PlotError> {
+fn figure_step(
+    session: &Session,
+    run: &str,
+    r: &str,
+    utt_filter: &str,
+    opts: &PlotOptions,
+) -> Result<Option<u64>, PlotError> {
     if let Some(s) = opts.step {
         return Ok(Some(s));
     }
-    let table = if session.has_table("inputs") && !session.query(&format!("SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"))?.iter().all(|b| b.num_rows() == 0) {
+    let table = if session.has_table("inputs")
+        && !session
+            .query(&format!(
+                "SELECT step FROM inputs WHERE run = {r}{utt_filter} LIMIT 1"
+            ))?
+            .iter()
+            .all(|b| b.num_rows() == 0)
+    {
         "inputs"
     } else {
         "frames"
     };
-    let b = session.query(&format!("SELECT max(step) AS s FROM {table} WHERE run = {r}{utt_filter}"))?;
+    let b = session.query(&format!(
+        "SELECT max(step) AS s FROM {table} WHERE run = {r}{utt_filter}"
+    ))?;
     match col_f64(&b, "s")?.first() {
         Some(s) if s.is_finite() => Ok(Some(*s as u64)),
         _ => match &opts.utt {
@@ -305,7 +431,13 @@ struct FrameData {
 }
 
 impl FrameData {
-    fn load(session: &Session, run: &str, r: &str, step: u64, utt: &str) -> Result<FrameData, PlotError> {
+    fn load(
+        session: &Session,
+        run: &str,
+        r: &str,
+        step: u64,
+        utt: &str,
+    ) -> Result<FrameData, PlotError> {
         let b = session.query(&format!(
             "SELECT frame, time_s, masked, hard, teacher_pred, student_pred, recon_loss, hard_ratio FROM frames WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame",
             lit(utt)
@@ -319,43 +451,107 @@ impl FrameData {
         let teacher = col_f64(&b, "teacher_pred")?;
         let student = col_f64(&b, "student_pred")?;
         let recon = col_f64(&b, "recon_loss")?;
-        let hard_ratio = col_f64(&b, "hard_ratio")?.first().copied().unwrap_or(f64::NAN);
-        let frame_s = if time.len() > 1 { (time[time.len() - 1] - time[0]) / (time.len() - 1) as f64 } else { 0.02 };
+        let hard_ratio = col_f64(&b, "hard_ratio")?
+            .first()
+            .copied()
+            .unwrap_or(f64::NAN);
+        let frame_s = if time.len() > 1 {
+            (time[time.len() - 1] - time[0]) / (time.len() - 1) as f64
+        } else {
+            0.02
+        };
         // The student's input under it.
         let mut features: Vec<Vec<f32>> = Vec::new();
         if session.has_table("inputs") {
             let b = session.query(&format!("SELECT frame, features FROM inputs WHERE run = {r} AND step = {step} AND utt_id = {} ORDER BY frame", lit(utt)))?;
             for batch in &b {
-                if let Some(l) = batch.column_by_name("features").and_then(|c| c.as_list_opt::<i32>()) {
+                if let Some(l) = batch
+                    .column_by_name("features")
+                    .and_then(|c| c.as_list_opt::<i32>())
+                {
                     for i in 0..l.len() {
                         let v = l.value(i);
-                        let v = arrow::compute::cast(&v, &DataType::Float64).map_err(|e| PlotError::Input(e.to_string()))?;
+                        let v = arrow::compute::cast(&v, &DataType::Float64)
+                            .map_err(|e| PlotError::Input(e.to_string()))?;
                         let a = v.as_primitive::<Float64Type>();
                         features.push(a.values().iter().map(|&x| x as f32).collect());
                     }
                 }
             }
         }
-        Ok(FrameData { time, masked, hard, teacher, student, recon, hard_ratio, frame_s, features })
+        Ok(FrameData {
+            time,
+            masked,
+            hard,
+            teacher,
+            student,
+            recon,
+            hard_ratio,
+            frame_s,
+            features,
+        })
     }
 }
 
 /// Top half: predicted and actual losses over the masked frames.
-fn draw_frame_losses(top: &DrawingArea<BitMapBackend, plotters::coord::Shift>, d: &FrameData, path: &Path) -> Result<(), PlotError> {
-    let FrameData { time, masked, hard, teacher, student, recon, frame_s, .. } = d;
+fn draw_frame_losses(
+    top: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    d: &FrameData,
+    path: &Path,
+) -> Result<(), PlotError> {
+    let FrameData {
+        time,
+        masked,
+        hard,
+        teacher,
+        student,
+        recon,
+        frame_s,
+        ..
+    } = d;
     let frame_s = *frame_s;
     let (t0, t1) = (time[0], time[time.len() - 1] + frame_s);
-    let (y0, y1) = range(teacher.iter().chain(student.iter()).chain(recon.iter()).copied());
-    let mut chart = ChartBuilder::on(top).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, y0..y1).map_err(draw_err(path))?;
-    chart.configure_mesh().x_desc("time in the utterance (s)").y_desc("loss").label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
+    let (y0, y1) = range(
+        teacher
+            .iter()
+            .chain(student.iter())
+            .chain(recon.iter())
+            .copied(),
+    );
+    let mut chart = ChartBuilder::on(top)
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(t0..t1, y0..y1)
+        .map_err(draw_err(path))?;
+    chart
+        .configure_mesh()
+        .x_desc("time in the utterance (s)")
+        .y_desc("loss")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(draw_err(path))?;
     let shade = |on: &[bool], color: RGBAColor| -> Vec<Rectangle<(f64, f64)>> {
-        time.iter().zip(on).filter(|(_, m)| **m).map(|(t, _)| Rectangle::new([(*t, y0), (*t + frame_s, y1)], color.filled())).collect()
+        time.iter()
+            .zip(on)
+            .filter(|(_, m)| **m)
+            .map(|(t, _)| Rectangle::new([(*t, y0), (*t + frame_s, y1)], color.filled()))
+            .collect()
     };
     let random: Vec<bool> = masked.iter().zip(hard).map(|(m, h)| *m && !*h).collect();
-    chart.draw_series(shade(&random, RGBColor(120, 120, 120).mix(0.3))).map_err(draw_err(path))?;
-    chart.draw_series(shade(hard, RGBColor(214, 39, 40).mix(0.25))).map_err(draw_err(path))?;
+    chart
+        .draw_series(shade(&random, RGBColor(120, 120, 120).mix(0.3)))
+        .map_err(draw_err(path))?;
+    chart
+        .draw_series(shade(hard, RGBColor(214, 39, 40).mix(0.25)))
+        .map_err(draw_err(path))?;
     let mid = |i: usize| time[i] + frame_s / 2.0;
-    let line = |v: &[f64]| -> Vec<(f64, f64)> { (0..v.len()).filter(|&i| v[i].is_finite()).map(|i| (mid(i), v[i])).collect() };
+    let line = |v: &[f64]| -> Vec<(f64, f64)> {
+        (0..v.len())
+            .filter(|&i| v[i].is_finite())
+            .map(|i| (mid(i), v[i]))
+            .collect()
+    };
     chart
         .draw_series(LineSeries::new(line(teacher), palette(0).stroke_width(2)))
         .map_err(draw_err(path))?
@@ -366,10 +562,16 @@ fn draw_frame_losses(top: &DrawingArea<BitMapBackend, plotters::coord::Shift>, d
             .draw_series(LineSeries::new(line(student), palette(3).stroke_width(1)))
             .map_err(draw_err(path))?
             .label("student's predicted loss")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], palette(3).stroke_width(1)));
+            .legend(|(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], palette(3).stroke_width(1))
+            });
     }
     chart
-        .draw_series((0..recon.len()).filter(|&i| recon[i].is_finite()).map(|i| Circle::new((mid(i), recon[i]), 3, BLACK.filled())))
+        .draw_series(
+            (0..recon.len())
+                .filter(|&i| recon[i].is_finite())
+                .map(|i| Circle::new((mid(i), recon[i]), 3, BLACK.filled())),
+        )
         .map_err(draw_err(path))?
         .label("actual reconstruction loss (masked frames)")
         .legend(|(x, y)| Circle::new((x + 10, y), 3, BLACK.filled()));
@@ -386,11 +588,24 @@ fn draw_frame_losses(top: &DrawingArea<BitMapBackend, plotters::coord::Shift>, d
 }
 
 /// Bottom half: the student's input under the frames (waveform envelope or feature image).
-fn draw_frame_input(bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>, d: &FrameData, run_dir: &Path, run: &str, path: &Path) -> Result<(), PlotError> {
-    let FrameData { time, features, frame_s, .. } = d;
+fn draw_frame_input(
+    bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    d: &FrameData,
+    run_dir: &Path,
+    _run: &str,
+    path: &Path,
+) -> Result<(), PlotError> {
+    let FrameData {
+        time,
+        features,
+        frame_s,
+        ..
+    } = d;
     let frame_s = *frame_s;
     let (t0, t1) = (time[0], time[time.len() - 1] + frame_s);
-    let kind = features.first().map_or(InputKind::Unknown, |f| input_kind(run_dir, f.len()));
+    let kind = features
+        .first()
+        .map_or(InputKind::Unknown, |f| input_kind(run_dir, f.len()));
     let n = features.len();
     if n == time.len() && n > 0 {
         match kind {
@@ -405,9 +620,22 @@ fn draw_frame_input(bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
                     })
                     .collect();
                 let (a0, a1) = range(env.iter().flat_map(|e| [e.1, e.2]));
-                let mut c = ChartBuilder::on(bottom).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, a0..a1).map_err(draw_err(path))?;
-                c.configure_mesh().x_desc("time in the utterance (s)").y_desc("waveform (normalised)").label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
-                c.draw_series(env.iter().map(|&(t, lo, hi)| Rectangle::new([(t, lo), (t + frame_s, hi)], palette(0).filled()))).map_err(draw_err(path))?;
+                let mut c = ChartBuilder::on(bottom)
+                    .margin(10)
+                    .x_label_area_size(35)
+                    .y_label_area_size(70)
+                    .build_cartesian_2d(t0..t1, a0..a1)
+                    .map_err(draw_err(path))?;
+                c.configure_mesh()
+                    .x_desc("time in the utterance (s)")
+                    .y_desc("waveform (normalised)")
+                    .label_style(("sans-serif", 13))
+                    .draw()
+                    .map_err(draw_err(path))?;
+                c.draw_series(env.iter().map(|&(t, lo, hi)| {
+                    Rectangle::new([(t, lo), (t + frame_s, hi)], palette(0).filled())
+                }))
+                .map_err(draw_err(path))?;
             }
             _ => {
                 // Rows of the image: mel bins; stacked frames are laid out side by side in time.
@@ -417,17 +645,39 @@ fn draw_frame_input(bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
                 };
                 let (v0, v1) = range(features.iter().flat_map(|f| f.iter().map(|&x| x as f64)));
                 let sub = frame_s / stack as f64;
-                let ylabel = if matches!(kind, InputKind::Fbank { .. }) { "mel bin" } else { "feature" };
-                let mut c = ChartBuilder::on(bottom).margin(10).x_label_area_size(35).y_label_area_size(70).build_cartesian_2d(t0..t1, 0.0..bins as f64).map_err(draw_err(path))?;
-                c.configure_mesh().disable_mesh().x_desc("time in the utterance (s)").y_desc(ylabel).label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
+                let ylabel = if matches!(kind, InputKind::Fbank { .. }) {
+                    "mel bin"
+                } else {
+                    "feature"
+                };
+                let mut c = ChartBuilder::on(bottom)
+                    .margin(10)
+                    .x_label_area_size(35)
+                    .y_label_area_size(70)
+                    .build_cartesian_2d(t0..t1, 0.0..bins as f64)
+                    .map_err(draw_err(path))?;
+                c.configure_mesh()
+                    .disable_mesh()
+                    .x_desc("time in the utterance (s)")
+                    .y_desc(ylabel)
+                    .label_style(("sans-serif", 13))
+                    .draw()
+                    .map_err(draw_err(path))?;
                 let mut cells = Vec::with_capacity(n * bins * stack);
                 for (i, f) in features.iter().enumerate() {
                     for s in 0..stack {
                         for k in 0..bins {
                             let v = f.get(s * bins + k).copied().unwrap_or(f32::NAN) as f64;
-                            let color = if v.is_finite() { ViridisRGB::get_color_normalized(v, v0, v1) } else { BLACK };
+                            let color = if v.is_finite() {
+                                ViridisRGB::get_color_normalized(v, v0, v1)
+                            } else {
+                                BLACK
+                            };
                             let x = time[i] + s as f64 * sub;
-                            cells.push(Rectangle::new([(x, k as f64), (x + sub, k as f64 + 1.0)], color.filled()));
+                            cells.push(Rectangle::new(
+                                [(x, k as f64), (x + sub, k as f64 + 1.0)],
+                                color.filled(),
+                            ));
                         }
                     }
                 }
@@ -436,7 +686,13 @@ fn draw_frame_input(bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
         }
     } else {
         let style = ("sans-serif", 16).into_font().color(&BLACK.mix(0.6));
-        bottom.draw(&Text::new("no input features logged for these frames (log.frames inputs_table off)", (200, 150), style)).map_err(draw_err(path))?;
+        bottom
+            .draw(&Text::new(
+                "no input features logged for these frames (log.frames inputs_table off)",
+                (200, 150),
+                style,
+            ))
+            .map_err(draw_err(path))?;
     }
     Ok(())
 }
@@ -444,25 +700,49 @@ fn draw_frame_input(bottom: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
 /// Draws the figures; returns the files written.
 pub fn plot(run_dirs: &[PathBuf], opts: &PlotOptions) -> Result<Vec<PathBuf>, PlotError> {
     register_font();
-    std::fs::create_dir_all(&opts.out).map_err(|e| PlotError::Input(format!("cannot create {}: {e}", opts.out.display())))?;
+    std::fs::create_dir_all(&opts.out)
+        .map_err(|e| PlotError::Input(format!("cannot create {}: {e}", opts.out.display())))?;
     let session = Session::open(run_dirs)?;
     if !session.has_table("steps") {
         return Err(PlotError::Input(format!(
             "no `steps` table in {}: plots need a training run with a log.steps stage",
-            run_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            run_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let runs: Vec<String> = run_dirs.iter().map(|d| crate::sql::run_name(d)).collect();
     let mut series = Vec::new();
-    let cols = ["loss_rec", "loss_aux", "loss", "rank_agreement", "teacher_rank_agreement", "masked_frac", "hard_ratio"];
+    let cols = [
+        "loss_rec",
+        "loss_aux",
+        "loss",
+        "rank_agreement",
+        "teacher_rank_agreement",
+        "masked_frac",
+        "hard_ratio",
+    ];
     for run in &runs {
-        let b = session.query(&format!("SELECT step, {} FROM steps WHERE run = {} ORDER BY step", cols.join(", "), lit(run)))?;
+        let b = session.query(&format!(
+            "SELECT step, {} FROM steps WHERE run = {} ORDER BY step",
+            cols.join(", "),
+            lit(run)
+        ))?;
         let step = col_f64(&b, "step")?;
         if step.is_empty() {
             continue;
         }
-        let values = cols.iter().map(|c| col_f64(&b, c)).collect::<Result<Vec<_>, _>>()?;
-        series.push(Series { run: run.clone(), step, values });
+        let values = cols
+            .iter()
+            .map(|c| col_f64(&b, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        series.push(Series {
+            run: run.clone(),
+            step,
+            values,
+        });
     }
     if series.is_empty() {
         return Err(PlotError::Input("the `steps` tables hold no rows".into()));
@@ -473,7 +753,23 @@ pub fn plot(run_dirs: &[PathBuf], opts: &PlotOptions) -> Result<Vec<PathBuf>, Pl
         &p,
         "Losses",
         &series,
-        &[("L_rec (reconstruction, masked frames)", "L_rec", 0, None, None), ("L_aux (pairwise ranking, as normalised in L)", "L_aux", 1, None, None), ("L = L_rec + α·L_aux", "L", 2, None, None)],
+        &[
+            (
+                "L_rec (reconstruction, masked frames)",
+                "L_rec",
+                0,
+                None,
+                None,
+            ),
+            (
+                "L_aux (pairwise ranking, as normalised in L)",
+                "L_aux",
+                1,
+                None,
+                None,
+            ),
+            ("L = L_rec + α·L_aux", "L", 2, None, None),
+        ],
     )?;
     written.push(p);
     let p = opts.out.join("health.png");
@@ -492,7 +788,9 @@ pub fn plot(run_dirs: &[PathBuf], opts: &PlotOptions) -> Result<Vec<PathBuf>, Pl
         match frame_figure(&session, run, dir, opts) {
             Ok(Some(p)) => written.push(p),
             Ok(None) => {}
-            Err(PlotError::Input(m)) if opts.utt.is_some() && run_dirs.len() > 1 => eprintln!("warning: {m}"),
+            Err(PlotError::Input(m)) if opts.utt.is_some() && run_dirs.len() > 1 => {
+                eprintln!("warning: {m}")
+            }
             Err(e) => return Err(e),
         }
     }

@@ -2,22 +2,19 @@
 //! logistic regression on them, and the masking analysis (method Fig. 5).
 
 use crate::runinfo::{kind_of, spec_of, stages_of};
-use stages::items::Features;
-use stages::model::{Model, ModelConfig, Noise, Weights};
-use crate::sql::{Session, SqlError};
-use stages::train;
-use arrow::record_batch::RecordBatch;
+use crate::sql::SqlError;
 use candle_core::{DType, Device, Tensor};
-use plotters::prelude::*;
 use rand::SeedableRng;
 use serde_yaml::Value;
+use stages::items::Features;
+use stages::model::{Model, ModelConfig, Noise, Weights};
+use stages::train;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 // ---------------------------------------------------------------------------------------------
 // Probe
 // ---------------------------------------------------------------------------------------------
-
 
 /// Errors of the probe.
 #[derive(Debug, thiserror::Error)]
@@ -49,18 +46,33 @@ pub struct LinearProbe {
 
 impl LinearProbe {
     fn standardise(&self, x: &[f32]) -> Vec<f64> {
-        x.iter().zip(&self.mean).zip(&self.inv_std).map(|((&v, m), s)| (v as f64 - m) * s).collect()
+        x.iter()
+            .zip(&self.mean)
+            .zip(&self.inv_std)
+            .map(|((&v, m), s)| (v as f64 - m) * s)
+            .collect()
     }
 
     /// Class scores of one input.
     pub fn logits(&self, x: &[f32]) -> Vec<f64> {
         let z = self.standardise(x);
-        (0..self.classes).map(|c| self.b[c] + self.w[c * self.dim..(c + 1) * self.dim].iter().zip(&z).map(|(a, b)| a * b).sum::<f64>()).collect()
+        (0..self.classes)
+            .map(|c| {
+                self.b[c]
+                    + self.w[c * self.dim..(c + 1) * self.dim]
+                        .iter()
+                        .zip(&z)
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+            })
+            .collect()
     }
 
     pub fn predict(&self, x: &[f32]) -> usize {
         let l = self.logits(x);
-        (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap_or(0)
+        (0..l.len())
+            .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+            .unwrap_or(0)
     }
 
     /// Share of `xs` classified as `ys`.
@@ -68,18 +80,37 @@ impl LinearProbe {
         if xs.is_empty() {
             return f64::NAN;
         }
-        xs.iter().zip(ys).filter(|(x, y)| self.predict(x) == **y).count() as f64 / xs.len() as f64
+        xs.iter()
+            .zip(ys)
+            .filter(|(x, y)| self.predict(x) == **y)
+            .count() as f64
+            / xs.len() as f64
     }
 
     /// Mean cross-entropy + l2/2·|W|² and its gradient, on standardised inputs `z`.
-    pub fn loss_and_grad(w: &[f64], b: &[f64], z: &[Vec<f64>], ys: &[usize], classes: usize, l2: f64) -> (f64, Vec<f64>, Vec<f64>) {
+    pub fn loss_and_grad(
+        w: &[f64],
+        b: &[f64],
+        z: &[Vec<f64>],
+        ys: &[usize],
+        classes: usize,
+        l2: f64,
+    ) -> (f64, Vec<f64>, Vec<f64>) {
         let dim = z.first().map_or(0, |r| r.len());
         let n = z.len().max(1) as f64;
         let mut gw = vec![0.0; classes * dim];
         let mut gb = vec![0.0; classes];
         let mut loss = 0.0;
         for (x, &y) in z.iter().zip(ys) {
-            let logits: Vec<f64> = (0..classes).map(|c| b[c] + w[c * dim..(c + 1) * dim].iter().zip(x).map(|(a, b)| a * b).sum::<f64>()).collect();
+            let logits: Vec<f64> = (0..classes)
+                .map(|c| {
+                    b[c] + w[c * dim..(c + 1) * dim]
+                        .iter()
+                        .zip(x)
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+                })
+                .collect();
             let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
             let sum: f64 = e.iter().sum();
@@ -101,7 +132,13 @@ impl LinearProbe {
     }
 
     /// Fits on `xs` (each of the same length) with labels in `0..classes`.
-    pub fn fit(xs: &[Vec<f32>], ys: &[usize], classes: usize, l2: f64, iters: usize) -> LinearProbe {
+    pub fn fit(
+        xs: &[Vec<f32>],
+        ys: &[usize],
+        classes: usize,
+        l2: f64,
+        iters: usize,
+    ) -> LinearProbe {
         let dim = xs.first().map_or(0, |r| r.len());
         let n = xs.len().max(1) as f64;
         let mut mean = vec![0.0; dim];
@@ -117,7 +154,14 @@ impl LinearProbe {
             }
         }
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v.sqrt() + 1e-6)).collect();
-        let mut p = LinearProbe { classes, dim, w: vec![0.0; classes * dim], b: vec![0.0; classes], mean, inv_std };
+        let mut p = LinearProbe {
+            classes,
+            dim,
+            w: vec![0.0; classes * dim],
+            b: vec![0.0; classes],
+            mean,
+            inv_std,
+        };
         let z: Vec<Vec<f64>> = xs.iter().map(|x| p.standardise(x)).collect();
         // The loss is (1 + l2)-smooth-ish on standardised inputs; a step of 1/(1 + dim/… ) is
         // conservative, momentum makes up for it.
@@ -180,7 +224,12 @@ pub fn task(name: &str, utt_ids: &[String], labels: &[Option<String>]) -> Option
             test[i] = k % 4 == 3 || (members.len() < 4 && k == members.len() - 1);
         }
     }
-    Some(Task { name: name.into(), classes, labels: lab, test })
+    Some(Task {
+        name: name.into(),
+        classes,
+        labels: lab,
+        test,
+    })
 }
 
 /// Fits on the training utterances; returns the probe and its test accuracy.
@@ -205,10 +254,18 @@ pub fn run_task(t: &Task, emb: &[Vec<f32>]) -> (LinearProbe, f64) {
 /// Every utterance's features as the run's own data stages make them: its reader (one pass, in
 /// order) and the features stage that feeds its batcher, into a temporary `features.write`.
 pub fn run_features(run_dir: &Path, work: &Path) -> Result<Vec<Features>, ProbeError> {
-    let spec = spec_of(run_dir).ok_or_else(|| ProbeError::Input(format!("{}: no spec.yaml (not a run directory)", run_dir.display())))?;
+    let spec = spec_of(run_dir).ok_or_else(|| {
+        ProbeError::Input(format!(
+            "{}: no spec.yaml (not a run directory)",
+            run_dir.display()
+        ))
+    })?;
     let stages = stages_of(&spec);
     let from_names = |st: &Value| -> Vec<String> {
-        let one = |v: &Value| v.as_str().map(|s| s.split('.').next().unwrap_or(s).to_string());
+        let one = |v: &Value| {
+            v.as_str()
+                .map(|s| s.split('.').next().unwrap_or(s).to_string())
+        };
         match st.get("from") {
             Some(Value::String(_)) => st.get("from").and_then(one).into_iter().collect(),
             Some(Value::Sequence(s)) => s.iter().filter_map(one).collect(),
@@ -216,11 +273,19 @@ pub fn run_features(run_dir: &Path, work: &Path) -> Result<Vec<Features>, ProbeE
             _ => Vec::new(),
         }
     };
-    let batcher = stages.iter().find(|(_, st)| kind_of(st) == "batch.by_duration").map(|(n, _)| n.clone());
+    let batcher = stages
+        .iter()
+        .find(|(_, st)| kind_of(st) == "batch.by_duration")
+        .map(|(n, _)| n.clone());
     let features = batcher
         .as_ref()
         .and_then(|b| from_names(&stages[b]).into_iter().next())
-        .ok_or_else(|| ProbeError::Input(format!("{}: the spec has no batch.by_duration stage fed by a features stage", run_dir.display())))?;
+        .ok_or_else(|| {
+            ProbeError::Input(format!(
+                "{}: the spec has no batch.by_duration stage fed by a features stage",
+                run_dir.display()
+            ))
+        })?;
     // The features stage and everything upstream of it.
     let mut keep = vec![features.clone()];
     let mut i = 0;
@@ -236,7 +301,11 @@ pub fn run_features(run_dir: &Path, work: &Path) -> Result<Vec<Features>, ProbeE
     }
     let mut out = serde_yaml::Mapping::new();
     for name in &keep {
-        let Some(st) = stages.get(name) else { return Err(ProbeError::Input(format!("stage `{name}` is missing from the spec"))) };
+        let Some(st) = stages.get(name) else {
+            return Err(ProbeError::Input(format!(
+                "stage `{name}` is missing from the spec"
+            )));
+        };
         let mut st = st.clone();
         if matches!(kind_of(&st), "shards.read" | "features.read") {
             if let Some(Value::Mapping(w)) = st.get_mut("with") {
@@ -250,24 +319,54 @@ pub fn run_features(run_dir: &Path, work: &Path) -> Result<Vec<Features>, ProbeE
     }
     let feat_dir = work.join("features");
     let _ = std::fs::remove_dir_all(&feat_dir);
-    let store: Value = serde_yaml::from_str(&format!("{{ kind: features.write, from: {features}, with: {{ dir: {} }} }}", serde_json::to_string(&feat_dir.display().to_string()).unwrap_or_default()))
-        .map_err(|e| ProbeError::Input(e.to_string()))?;
+    let store: Value = serde_yaml::from_str(&format!(
+        "{{ kind: features.write, from: {features}, with: {{ dir: {} }} }}",
+        serde_json::to_string(&feat_dir.display().to_string()).unwrap_or_default()
+    ))
+    .map_err(|e| ProbeError::Input(e.to_string()))?;
     out.insert("probe_store".into(), store);
     let mut top = serde_yaml::Mapping::new();
     top.insert("name".into(), "probe-features".into());
-    top.insert("run_dir".into(), work.join("run").display().to_string().into());
+    top.insert(
+        "run_dir".into(),
+        work.join("run").display().to_string().into(),
+    );
     if let Some(seed) = spec.get("seed") {
         top.insert("seed".into(), seed.clone());
     }
     top.insert("stages".into(), Value::Mapping(out));
-    let text = serde_yaml::to_string(&Value::Mapping(top)).map_err(|e| ProbeError::Input(e.to_string()))?;
-    let loaded = pipeline::load_str(&text, "probe-features.yaml", &[]).map_err(|e| ProbeError::Input(format!("{}: the data stages of its spec: {e}", run_dir.display())))?;
-    let plan = pipeline::validate(loaded, &stages::registry()).map_err(|e| ProbeError::Input(format!("{}: the data stages of its spec: {e}", run_dir.display())))?;
-    pipeline::run(plan, &pipeline::RunOptions { force: true, quiet: true }, &pipeline::CancelToken::new()).map_err(|e| ProbeError::Input(format!("computing the probe's features: {e}")))?;
-    let index = stages::data::store::FeatureIndex::load(&feat_dir).map_err(|e| ProbeError::Input(e.to_string()))?.ok_or_else(|| ProbeError::Input("no features written".into()))?;
+    let text = serde_yaml::to_string(&Value::Mapping(top))
+        .map_err(|e| ProbeError::Input(e.to_string()))?;
+    let loaded = pipeline::load_str(&text, "probe-features.yaml", &[]).map_err(|e| {
+        ProbeError::Input(format!(
+            "{}: the data stages of its spec: {e}",
+            run_dir.display()
+        ))
+    })?;
+    let plan = pipeline::validate(loaded, &stages::registry()).map_err(|e| {
+        ProbeError::Input(format!(
+            "{}: the data stages of its spec: {e}",
+            run_dir.display()
+        ))
+    })?;
+    pipeline::run(
+        plan,
+        &pipeline::RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &pipeline::CancelToken::new(),
+    )
+    .map_err(|e| ProbeError::Input(format!("computing the probe's features: {e}")))?;
+    let index = stages::data::store::FeatureIndex::load(&feat_dir)
+        .map_err(|e| ProbeError::Input(e.to_string()))?
+        .ok_or_else(|| ProbeError::Input("no features written".into()))?;
     let mut all = Vec::new();
     for p in &index.parts {
-        all.extend(stages::data::store::read_features(&feat_dir.join(&p.file), None).map_err(|e| ProbeError::Input(e.to_string()))?);
+        all.extend(
+            stages::data::store::read_features(&feat_dir.join(&p.file), None)
+                .map_err(|e| ProbeError::Input(e.to_string()))?,
+        );
     }
     Ok(all)
 }
@@ -282,9 +381,16 @@ pub struct Trained {
 }
 
 pub fn load_trained(run_dir: &Path) -> Result<Trained, ProbeError> {
-    let (meta, path) =
-        train::latest_checkpoint(run_dir).map_err(|e| ProbeError::Input(e.to_string()))?.ok_or_else(|| ProbeError::Input(format!("{}: no checkpoint (train first)", run_dir.display())))?;
-    let all = train::load_tensors(&path, &Device::Cpu).map_err(|e| ProbeError::Input(e.to_string()))?;
+    let (meta, path) = train::latest_checkpoint(run_dir)
+        .map_err(|e| ProbeError::Input(e.to_string()))?
+        .ok_or_else(|| {
+            ProbeError::Input(format!(
+                "{}: no checkpoint (train first)",
+                run_dir.display()
+            ))
+        })?;
+    let all =
+        train::load_tensors(&path, &Device::Cpu).map_err(|e| ProbeError::Input(e.to_string()))?;
     let mut student = Weights::new();
     let mut teacher = Weights::new();
     for (k, v) in all {
@@ -297,7 +403,12 @@ pub fn load_trained(run_dir: &Path) -> Result<Trained, ProbeError> {
             teacher.insert(n.to_string(), v);
         }
     }
-    Ok(Trained { cfg: meta.model, step: meta.step, student, teacher })
+    Ok(Trained {
+        cfg: meta.model,
+        step: meta.step,
+        student,
+        teacher,
+    })
 }
 
 fn input(f: &Features) -> Result<Tensor, ProbeError> {
@@ -305,7 +416,14 @@ fn input(f: &Features) -> Result<Tensor, ProbeError> {
 }
 
 fn mean_time(h: &Tensor) -> Result<Vec<f32>, ProbeError> {
-    h.mean(1).map_err(me)?.flatten_all().map_err(me)?.to_dtype(DType::F32).map_err(me)?.to_vec1::<f32>().map_err(me)
+    h.mean(1)
+        .map_err(me)?
+        .flatten_all()
+        .map_err(me)?
+        .to_dtype(DType::F32)
+        .map_err(me)?
+        .to_vec1::<f32>()
+        .map_err(me)
 }
 
 /// Mean-pooled output of the student's last block, every frame visible.
@@ -313,7 +431,10 @@ pub fn embed(m: &Trained, f: &Features) -> Result<Vec<f32>, ProbeError> {
     let model = Model::new(&m.cfg, &m.student);
     let z = model.frontend(&input(f)?).map_err(me)?;
     let outs = model.encode(&z).map_err(me)?;
-    mean_time(outs.last().ok_or_else(|| ProbeError::Model("no blocks".into()))?)
+    mean_time(
+        outs.last()
+            .ok_or_else(|| ProbeError::Model("no blocks".into()))?,
+    )
 }
 
 /// Mean-pooled input features (the probe's baseline).
@@ -329,20 +450,47 @@ pub fn embed_input(f: &Features) -> Vec<f32> {
 
 /// One utterance with frames hidden: the student's reconstruction loss on them (method §1.7,
 /// eval mode) and its mean-pooled representation of the visible frames.
-fn masked_pass(m: &Trained, z: &Tensor, y: &Tensor, mask: &[bool], seed: u64) -> Result<(f64, Vec<f32>), ProbeError> {
+fn masked_pass(
+    m: &Trained,
+    z: &Tensor,
+    y: &Tensor,
+    mask: &[bool],
+    seed: u64,
+) -> Result<(f64, Vec<f32>), ProbeError> {
     let model = Model::new(&m.cfg, &m.student);
     let t = mask.len();
     let (h, pos) = model.student_encoder(z, mask, &mut None).map_err(me)?;
     let mut noise = Noise::new(seed);
     let u = model.fill(&h, &pos, t, h.clone(), &mut noise).map_err(me)?;
-    let yhat = model.head("decoder", &u, &m.cfg.decoder, false).map_err(me)?;
+    let yhat = model
+        .head("decoder", &u, &m.cfg.decoder, false)
+        .map_err(me)?;
     let idx: Vec<u32> = (0..t).filter(|&i| mask[i]).map(|i| i as u32).collect();
     let k = idx.len();
     let idx = Tensor::from_vec(idx, k, &Device::Cpu).map_err(me)?;
     let d = y.dim(2).map_err(me)?;
-    let yh = yhat.reshape((t, d)).map_err(me)?.index_select(&idx, 0).map_err(me)?.unsqueeze(0).map_err(me)?;
-    let yt = y.reshape((t, d)).map_err(me)?.index_select(&idx, 0).map_err(me)?.unsqueeze(0).map_err(me)?;
-    let ell = stages::model::losses::recon_per_frame(&yh, &yt).map_err(me)?.mean_all().map_err(me)?.to_dtype(DType::F64).map_err(me)?.to_scalar::<f64>().map_err(me)?;
+    let yh = yhat
+        .reshape((t, d))
+        .map_err(me)?
+        .index_select(&idx, 0)
+        .map_err(me)?
+        .unsqueeze(0)
+        .map_err(me)?;
+    let yt = y
+        .reshape((t, d))
+        .map_err(me)?
+        .index_select(&idx, 0)
+        .map_err(me)?
+        .unsqueeze(0)
+        .map_err(me)?;
+    let ell = stages::model::losses::recon_per_frame(&yh, &yt)
+        .map_err(me)?
+        .mean_all()
+        .map_err(me)?
+        .to_dtype(DType::F64)
+        .map_err(me)?
+        .to_scalar::<f64>()
+        .map_err(me)?;
     Ok((ell, mean_time(&h)?))
 }
 
@@ -368,30 +516,69 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
     let mut seen = std::collections::HashSet::new();
     feats.retain(|f| seen.insert(f.utt_id.clone()));
     if feats.is_empty() {
-        return Err(ProbeError::Input(format!("{}: its data stages gave no utterances", run_dir.display())));
+        return Err(ProbeError::Input(format!(
+            "{}: its data stages gave no utterances",
+            run_dir.display()
+        )));
     }
     let ids: Vec<String> = feats.iter().map(|f| f.utt_id.clone()).collect();
     let mut tasks = Vec::new();
-    if let Some(t) = task("speaker", &ids, &feats.iter().map(|f| f.speaker.clone()).collect::<Vec<_>>()) {
+    if let Some(t) = task(
+        "speaker",
+        &ids,
+        &feats.iter().map(|f| f.speaker.clone()).collect::<Vec<_>>(),
+    ) {
         tasks.push(t);
     }
-    if let Some(t) = task("phrase", &ids, &feats.iter().map(|f| f.transcript.clone()).collect::<Vec<_>>()) {
+    if let Some(t) = task(
+        "phrase",
+        &ids,
+        &feats
+            .iter()
+            .map(|f| f.transcript.clone())
+            .collect::<Vec<_>>(),
+    ) {
         tasks.push(t);
     }
     if tasks.is_empty() {
-        return Err(ProbeError::Input(format!("{}: no probe labels (utterances need speakers, or transcripts that repeat)", run_dir.display())));
+        return Err(ProbeError::Input(format!(
+            "{}: no probe labels (utterances need speakers, or transcripts that repeat)",
+            run_dir.display()
+        )));
     }
-    let emb: Vec<Vec<f32>> = feats.iter().map(|f| embed(&trained, f)).collect::<Result<_, _>>()?;
+    let emb: Vec<Vec<f32>> = feats
+        .iter()
+        .map(|f| embed(&trained, f))
+        .collect::<Result<_, _>>()?;
     // Baseline: the same architecture at its initialisation (what training adds).
-    let init = Trained { cfg: trained.cfg.clone(), step: 0, student: stages::model::init_weights(&trained.cfg, 0x1417, &Device::Cpu, DType::F32).map_err(me)?, teacher: Weights::new() };
-    let base: Vec<Vec<f32>> = feats.iter().map(|f| embed(&init, f)).collect::<Result<_, _>>()?;
-    let mut res = ProbeResult { run: crate::sql::run_name(run_dir), step: trained.step, ..Default::default() };
+    let init = Trained {
+        cfg: trained.cfg.clone(),
+        step: 0,
+        student: stages::model::init_weights(&trained.cfg, 0x1417, &Device::Cpu, DType::F32)
+            .map_err(me)?,
+        teacher: Weights::new(),
+    };
+    let base: Vec<Vec<f32>> = feats
+        .iter()
+        .map(|f| embed(&init, f))
+        .collect::<Result<_, _>>()?;
+    let mut res = ProbeResult {
+        run: crate::sql::run_name(run_dir),
+        step: trained.step,
+        ..Default::default()
+    };
     let mut probes = Vec::new();
     for t in &tasks {
         let (p, acc) = run_task(t, &emb);
         let (_, acc_base) = run_task(t, &base);
-        let n_test = t.test.iter().zip(&t.labels).filter(|(te, l)| **te && l.is_some()).count();
-        res.accuracy.push((t.name.clone(), acc, acc_base, t.classes.len(), n_test));
+        let n_test = t
+            .test
+            .iter()
+            .zip(&t.labels)
+            .filter(|(te, l)| **te && l.is_some())
+            .count();
+        res.accuracy
+            .push((t.name.clone(), acc, acc_base, t.classes.len(), n_test));
         probes.push(p);
     }
     if !masking {
@@ -400,10 +587,15 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
     // Fig. 5: per utterance, the teacher's predicted losses pick the frames to hide.
     let teacher = Model::new(&trained.cfg, &trained.teacher);
     let student = Model::new(&trained.cfg, &trained.student);
-    let mut acc_rows: Vec<(f64, f64, f64, Vec<(u64, u64, u64)>)> = MASK_SHARES.iter().map(|&x| (x, 0.0, 0.0, vec![(0, 0, 0); tasks.len()])).collect();
+    let mut acc_rows: Vec<(f64, f64, f64, Vec<(u64, u64, u64)>)> = MASK_SHARES
+        .iter()
+        .map(|&x| (x, 0.0, 0.0, vec![(0, 0, 0); tasks.len()]))
+        .collect();
     let mut counted = 0usize;
     // The held-out utterances of any task (the probes' test sets).
-    let held_out: Vec<bool> = (0..feats.len()).map(|i| tasks.iter().any(|t| t.test[i] && t.labels[i].is_some())).collect();
+    let held_out: Vec<bool> = (0..feats.len())
+        .map(|i| tasks.iter().any(|t| t.test[i] && t.labels[i].is_some()))
+        .collect();
     for (i, f) in feats.iter().enumerate() {
         if !held_out[i] {
             continue;
@@ -414,7 +606,12 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
             continue;
         }
         let out = teacher.teacher(&z).map_err(me)?;
-        let lp = out.pred_loss.flatten_all().map_err(me)?.to_vec1::<f32>().map_err(me)?;
+        let lp = out
+            .pred_loss
+            .flatten_all()
+            .map_err(me)?
+            .to_vec1::<f32>()
+            .map_err(me)?;
         counted += 1;
         for (ri, &x) in MASK_SHARES.iter().enumerate() {
             let k = ((x * t as f64).round() as usize).clamp(1, t - 1);
@@ -422,7 +619,8 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
             for j in stages::train::masking::top_k(&lp, k) {
                 hard[j] = true;
             }
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hash(&format!("{}/{x}", f.utt_id)));
+            let mut rng =
+                rand_chacha::ChaCha8Rng::seed_from_u64(hash(&format!("{}/{x}", f.utt_id)));
             let mut rand_mask = vec![false; t];
             for j in rand::seq::index::sample(&mut rng, t, k) {
                 rand_mask[j] = true;
@@ -444,7 +642,16 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
     }
     res.masking = acc_rows
         .into_iter()
-        .map(|(x, lh, lr, accs)| (x, lh / counted.max(1) as f64, lr / counted.max(1) as f64, accs.into_iter().map(|(h, r, n)| (h as f64 / n.max(1) as f64, r as f64 / n.max(1) as f64)).collect()))
+        .map(|(x, lh, lr, accs)| {
+            (
+                x,
+                lh / counted.max(1) as f64,
+                lr / counted.max(1) as f64,
+                accs.into_iter()
+                    .map(|(h, r, n)| (h as f64 / n.max(1) as f64, r as f64 / n.max(1) as f64))
+                    .collect(),
+            )
+        })
         .collect();
     Ok(res)
 }

@@ -17,19 +17,13 @@
 //!   the student's reconstruction loss on the hidden frames and the probes' accuracy on the
 //!   held-out utterances encoded with those frames hidden (`masking.png`).
 
-use stages::items::Features;
-use stages::model::{Model, ModelConfig, Noise, Weights};
-use crate::sql::{Session, SqlError};
-use stages::train;
-use arrow::record_batch::RecordBatch;
-use candle_core::{DType, Device, Tensor};
-use plotters::prelude::*;
-use rand::SeedableRng;
-use serde_yaml::Value;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use crate::probe::{probe_run, ProbeError, ProbeResult};
 use crate::runinfo::{kind_of, spec_of, stages_of};
+use crate::sql::{Session, SqlError};
+use arrow::record_batch::RecordBatch;
+use plotters::prelude::*;
+use serde_yaml::Value;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -41,10 +35,6 @@ pub enum ReportError {
     Input(String),
     #[error("{0}")]
     Model(String),
-}
-
-fn me(e: candle_core::Error) -> ReportError {
-    ReportError::Model(e.to_string())
 }
 
 /// What to compute.
@@ -60,7 +50,12 @@ pub struct ReportOptions {
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        ReportOptions { out: PathBuf::from("report"), probe: true, masking: true, tail: 0.1 }
+        ReportOptions {
+            out: PathBuf::from("report"),
+            probe: true,
+            masking: true,
+            tail: 0.1,
+        }
     }
 }
 
@@ -93,9 +88,6 @@ fn f64s(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, ReportError> {
 
 use crate::plot::lit;
 
-
-
-
 /// The masking stage and α of a run, from its spec.
 fn masking_of(spec: &Value) -> (String, f64) {
     let stages = stages_of(spec);
@@ -112,11 +104,17 @@ fn masking_of(spec: &Value) -> (String, f64) {
             if k == "mask.easy_to_hard" {
                 match with.and_then(|w| w.get("curriculum")) {
                     Some(Value::String(s)) => extra.push(s.clone()),
-                    Some(Value::Mapping(m)) => extra.extend(m.keys().filter_map(|k| k.as_str().map(str::to_string))),
+                    Some(Value::Mapping(m)) => {
+                        extra.extend(m.keys().filter_map(|k| k.as_str().map(str::to_string)))
+                    }
                     _ => extra.push("linear".into()),
                 }
             }
-            masking = if extra.is_empty() { k.to_string() } else { format!("{k} ({})", extra.join(", ")) };
+            masking = if extra.is_empty() {
+                k.to_string()
+            } else {
+                format!("{k} ({})", extra.join(", "))
+            };
         }
         if k == "student" {
             if let Some(a) = with.and_then(|w| w.get("alpha")).and_then(|a| a.as_f64()) {
@@ -131,7 +129,17 @@ fn masking_of(spec: &Value) -> (String, f64) {
 /// share a name.
 pub fn run_labels(run_dirs: &[PathBuf]) -> Vec<String> {
     let names: Vec<String> = run_dirs.iter().map(|d| crate::sql::run_name(d)).collect();
-    names.iter().zip(run_dirs).map(|(n, d)| if names.iter().filter(|m| *m == n).count() > 1 { d.display().to_string() } else { n.clone() }).collect()
+    names
+        .iter()
+        .zip(run_dirs)
+        .map(|(n, d)| {
+            if names.iter().filter(|m| *m == n).count() > 1 {
+                d.display().to_string()
+            } else {
+                n.clone()
+            }
+        })
+        .collect()
 }
 
 /// The summary rows of the runs (each from its own run directory's tables).
@@ -151,7 +159,9 @@ pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportE
             dir: dir.clone(),
             masking,
             alpha,
-            status: status.as_ref().map_or("unknown".into(), |s| s.status.clone()),
+            status: status
+                .as_ref()
+                .map_or("unknown".into(), |s| s.status.clone()),
             wall_s: status.as_ref().map_or(f64::NAN, |s| s.wall_s),
             loss_rec: f64::NAN,
             rank_agreement: f64::NAN,
@@ -162,7 +172,9 @@ pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportE
         };
         if session.has_table("steps") {
             let r = lit(&run);
-            let b = session.query(&format!("SELECT count(*) AS n, max(step) AS last FROM steps WHERE run = {r}"))?;
+            let b = session.query(&format!(
+                "SELECT count(*) AS n, max(step) AS last FROM steps WHERE run = {r}"
+            ))?;
             let n = f64s(&b, "n")?.first().copied().unwrap_or(0.0);
             let last = f64s(&b, "last")?.first().copied().unwrap_or(f64::NAN);
             if n > 0.0 && last.is_finite() {
@@ -237,7 +249,10 @@ fn rec_curves(path: &Path, run_dirs: &[PathBuf], labels: &[String]) -> Result<()
             series.push((label.clone(), Vec::new(), Vec::new()));
             continue;
         }
-        let b = session.query(&format!("SELECT step, loss_rec FROM steps WHERE run = {} ORDER BY step", lit(&crate::sql::run_name(dir))))?;
+        let b = session.query(&format!(
+            "SELECT step, loss_rec FROM steps WHERE run = {} ORDER BY step",
+            lit(&crate::sql::run_name(dir))
+        ))?;
         series.push((label.clone(), f64s(&b, "step")?, f64s(&b, "loss_rec")?));
     }
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -253,26 +268,63 @@ fn rec_curves(path: &Path, run_dirs: &[PathBuf], labels: &[String]) -> Result<()
     }
     let cols = series.len().clamp(1, 3);
     let rows = series.len().div_ceil(cols).max(1);
-    let root = BitMapBackend::new(path, (420 * cols as u32, 40 + 320 * rows as u32)).into_drawing_area();
+    let root =
+        BitMapBackend::new(path, (420 * cols as u32, 40 + 320 * rows as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
-    let root = root.titled("Reconstruction loss L_rec per run (shared axes; thick: moving average)", ("sans-serif", 20)).map_err(draw_err(path))?;
+    let root = root
+        .titled(
+            "Reconstruction loss L_rec per run (shared axes; thick: moving average)",
+            ("sans-serif", 20),
+        )
+        .map_err(draw_err(path))?;
     let areas = root.split_evenly((rows, cols));
     for (area, (run, s, v)) in areas.iter().zip(&series) {
-        let mut chart = ChartBuilder::on(area).caption(run, ("sans-serif", 16)).margin(8).x_label_area_size(30).y_label_area_size(45).build_cartesian_2d(0.0..x1, y0..y1).map_err(draw_err(path))?;
-        chart.configure_mesh().x_desc("update").label_style(("sans-serif", 11)).draw().map_err(draw_err(path))?;
-        let pts: Vec<(f64, f64)> = s.iter().zip(v).filter(|(_, y)| y.is_finite()).map(|(x, y)| (*x, *y)).collect();
-        chart.draw_series(LineSeries::new(pts.clone(), RGBColor(31, 119, 180).mix(0.3))).map_err(draw_err(path))?;
+        let mut chart = ChartBuilder::on(area)
+            .caption(run, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.0..x1, y0..y1)
+            .map_err(draw_err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("update")
+            .label_style(("sans-serif", 11))
+            .draw()
+            .map_err(draw_err(path))?;
+        let pts: Vec<(f64, f64)> = s
+            .iter()
+            .zip(v)
+            .filter(|(_, y)| y.is_finite())
+            .map(|(x, y)| (*x, *y))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(
+                pts.clone(),
+                RGBColor(31, 119, 180).mix(0.3),
+            ))
+            .map_err(draw_err(path))?;
         let w = (pts.len() / 30).max(1);
         let avg: Vec<(f64, f64)> = (0..pts.len())
             .map(|i| {
                 let lo = i.saturating_sub(w - 1);
-                (pts[i].0, pts[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i - lo + 1) as f64)
+                (
+                    pts[i].0,
+                    pts[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i - lo + 1) as f64,
+                )
             })
             .collect();
-        chart.draw_series(LineSeries::new(avg, RGBColor(31, 119, 180).stroke_width(2))).map_err(draw_err(path))?;
+        chart
+            .draw_series(LineSeries::new(avg, RGBColor(31, 119, 180).stroke_width(2)))
+            .map_err(draw_err(path))?;
         if pts.len() <= 60 {
             // Short runs: the points themselves (a single update draws no line).
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, RGBColor(31, 119, 180).filled()))).map_err(draw_err(path))?;
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|&p| Circle::new(p, 3, RGBColor(31, 119, 180).filled())),
+                )
+                .map_err(draw_err(path))?;
         }
     }
     root.present().map_err(draw_err(path))?;
@@ -283,7 +335,10 @@ fn rec_curves(path: &Path, run_dirs: &[PathBuf], labels: &[String]) -> Result<()
 fn masking_figure(path: &Path, results: &[ProbeResult]) -> Result<(), ReportError> {
     let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
-    let vals = results.iter().flat_map(|r| r.masking.iter().flat_map(|m| [m.1, m.2])).filter(|v| v.is_finite());
+    let vals = results
+        .iter()
+        .flat_map(|r| r.masking.iter().flat_map(|m| [m.1, m.2]))
+        .filter(|v| v.is_finite());
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for v in vals {
         lo = lo.min(v);
@@ -300,16 +355,41 @@ fn masking_figure(path: &Path, results: &[ProbeResult]) -> Result<(), ReportErro
         .y_label_area_size(60)
         .build_cartesian_2d(5.0..55.0, (lo - pad)..(hi + pad))
         .map_err(draw_err(path))?;
-    chart.configure_mesh().x_desc("frames hidden (%)").y_desc("mean per-frame loss ℓ").label_style(("sans-serif", 13)).draw().map_err(draw_err(path))?;
-    let palette = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+    chart
+        .configure_mesh()
+        .x_desc("frames hidden (%)")
+        .y_desc("mean per-frame loss ℓ")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(draw_err(path))?;
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+    ];
     for (i, r) in results.iter().enumerate() {
         let c = palette[i % palette.len()];
         let hard: Vec<(f64, f64)> = r.masking.iter().map(|m| (m.0 * 100.0, m.1)).collect();
         let rand: Vec<(f64, f64)> = r.masking.iter().map(|m| (m.0 * 100.0, m.2)).collect();
-        chart.draw_series(LineSeries::new(hard, c.stroke_width(2))).map_err(draw_err(path))?.label(r.run.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(DashedLineSeries::new(rand, 6, 4, c.stroke_width(2))).map_err(draw_err(path))?;
+        chart
+            .draw_series(LineSeries::new(hard, c.stroke_width(2)))
+            .map_err(draw_err(path))?
+            .label(r.run.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(DashedLineSeries::new(rand, 6, 4, c.stroke_width(2)))
+            .map_err(draw_err(path))?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).label_font(("sans-serif", 13)).draw().map_err(draw_err(path))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(draw_err(path))?;
     root.present().map_err(draw_err(path))?;
     Ok(())
 }
@@ -317,11 +397,14 @@ fn masking_figure(path: &Path, results: &[ProbeResult]) -> Result<(), ReportErro
 /// Writes `report.md`, `rec_loss.png` and (with the probe) `masking.png` into `opts.out`.
 pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>, ReportError> {
     crate::plot::register_font();
-    std::fs::create_dir_all(&opts.out).map_err(|e| ReportError::Input(format!("cannot create {}: {e}", opts.out.display())))?;
+    std::fs::create_dir_all(&opts.out)
+        .map_err(|e| ReportError::Input(format!("cannot create {}: {e}", opts.out.display())))?;
     let rows = summarize(run_dirs, opts.tail)?;
     let session = Session::open(run_dirs)?;
     if !session.has_table("steps") {
-        return Err(ReportError::Input("no `steps` table: a report needs training runs with a log.steps stage".into()));
+        return Err(ReportError::Input(
+            "no `steps` table: a report needs training runs with a log.steps stage".into(),
+        ));
     }
     let mut md = String::from("# EH-MAM runs compared\n\n");
     md.push_str(&format!(
@@ -332,15 +415,25 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
     md.push_str(&summary_markdown(&rows));
     let mut files = Vec::new();
     let rec = opts.out.join("rec_loss.png");
-    rec_curves(&rec, run_dirs, &rows.iter().map(|r| r.run.clone()).collect::<Vec<_>>())?;
+    rec_curves(
+        &rec,
+        run_dirs,
+        &rows.iter().map(|r| r.run.clone()).collect::<Vec<_>>(),
+    )?;
     md.push_str("\n![L_rec per run](rec_loss.png)\n");
     files.push(rec);
     if opts.probe {
-        let work = tempfile::tempdir().map_err(|e| ReportError::Input(format!("temporary directory: {e}")))?;
+        let work = tempfile::tempdir()
+            .map_err(|e| ReportError::Input(format!("temporary directory: {e}")))?;
         let mut results = Vec::new();
         let mut skipped = Vec::new();
         for (i, d) in run_dirs.iter().enumerate() {
-            eprintln!("report: probing {} ({}/{})", d.display(), i + 1, run_dirs.len());
+            eprintln!(
+                "report: probing {} ({}/{})",
+                d.display(),
+                i + 1,
+                run_dirs.len()
+            );
             // A run that cannot be probed (no checkpoint yet, no labels) is named, not fatal.
             match probe_run(d, &work.path().join(format!("{i}")), opts.masking) {
                 Ok(mut r) => {
@@ -354,7 +447,10 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
             }
         }
         md.push_str("\n## Linear probe on frozen representations\n\nMean-pooled output of the student's last block (all frames visible), multinomial logistic regression on standardised features (L2 0.01); tested on every 4th utterance of each class (in an order fixed by a hash of its id, at least one), trained on the others; the test utterances are held out from the probe, not from pre-training. Baseline: the same probe on the same architecture at its random initialisation (what training adds; the mean-pooled input features themselves carry nothing once normalised per utterance).\n\n");
-        let names: Vec<String> = results.first().map(|r| r.accuracy.iter().map(|a| a.0.clone()).collect()).unwrap_or_default();
+        let names: Vec<String> = results
+            .first()
+            .map(|r| r.accuracy.iter().map(|a| a.0.clone()).collect())
+            .unwrap_or_default();
         md.push_str("| run | update |");
         for n in &names {
             md.push_str(&format!(" {n} accuracy | {n} at initialisation |"));
@@ -372,7 +468,14 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
             md.push('\n');
         }
         if let Some(r) = results.first() {
-            md.push_str(&format!("\n{}\n", r.accuracy.iter().map(|a| format!("{}: {} classes, {} test utterances.", a.0, a.3, a.4)).collect::<Vec<_>>().join(" ")));
+            md.push_str(&format!(
+                "\n{}\n",
+                r.accuracy
+                    .iter()
+                    .map(|a| format!("{}: {} classes, {} test utterances.", a.0, a.3, a.4))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
         }
         if !skipped.is_empty() {
             md.push_str(&format!("\nNot probed: {}.\n", skipped.join("; ")));
@@ -390,7 +493,14 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
             md.push('\n');
             for r in &results {
                 for m in &r.masking {
-                    md.push_str(&format!("| {} | {:.0} % | {:.3} | {:.3} | {:.2} |", r.run, m.0 * 100.0, m.1, m.2, m.1 / m.2));
+                    md.push_str(&format!(
+                        "| {} | {:.0} % | {:.3} | {:.3} | {:.2} |",
+                        r.run,
+                        m.0 * 100.0,
+                        m.1,
+                        m.2,
+                        m.1 / m.2
+                    ));
                     for a in &m.3 {
                         md.push_str(&format!(" {:.3} | {:.3} |", a.0, a.1));
                     }
@@ -408,7 +518,8 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
         }
     }
     let path = opts.out.join("report.md");
-    std::fs::write(&path, md).map_err(|e| ReportError::Input(format!("cannot write {}: {e}", path.display())))?;
+    std::fs::write(&path, md)
+        .map_err(|e| ReportError::Input(format!("cannot write {}: {e}", path.display())))?;
     files.insert(0, path);
     Ok(files)
 }

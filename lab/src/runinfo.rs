@@ -11,7 +11,14 @@ pub fn spec_of(dir: &Path) -> Option<Value> {
 
 /// Stages of a resolved spec by name.
 pub fn stages_of(spec: &Value) -> BTreeMap<String, Value> {
-    spec.get("stages").and_then(|s| s.as_mapping()).map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.clone()))).collect()).unwrap_or_default()
+    spec.get("stages")
+        .and_then(|s| s.as_mapping())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A stage's kind.

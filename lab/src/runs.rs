@@ -33,7 +33,12 @@ pub fn load_plan(spec: &Path, set: &[String]) -> Result<Plan, SpecErrors> {
 }
 
 /// `ehmam run`: validates, then runs with Ctrl-C stopping every stage cleanly.
-pub fn run_spec(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<RunSummary, RunsError> {
+pub fn run_spec(
+    spec: &Path,
+    set: &[String],
+    force: bool,
+    quiet: bool,
+) -> Result<RunSummary, RunsError> {
     if force {
         // A run of another spec in the run directory is moved aside before validation
         // (which would otherwise read its checkpoints).
@@ -78,12 +83,28 @@ pub enum SweepOutcome {
 /// `ehmam sweep`: every run validated first (any error refuses the whole sweep), then run one by
 /// one, each with its own cancel token; a summary table at the end.
 pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
-    let SweepOptions { specs, grid, set, out, report, force, quiet } = *o;
-    let axes = grid.iter().map(|g| sweep::parse_axis(g)).collect::<std::result::Result<Vec<_>, _>>().map_err(RunsError::Sweep)?;
+    let SweepOptions {
+        specs,
+        grid,
+        set,
+        out,
+        report,
+        force,
+        quiet,
+    } = *o;
+    let axes = grid
+        .iter()
+        .map(|g| sweep::parse_axis(g))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(RunsError::Sweep)?;
     let runs = sweep::plan(specs, &axes, set, out).map_err(RunsError::Sweep)?;
     // Every run is validated before any starts.
     let registry = stages::registry();
-    let validate = |r: &SweepRun| pipeline::load(&r.spec, &r.sets).map_err(|e| e.to_string()).and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string()));
+    let validate = |r: &SweepRun| {
+        pipeline::load(&r.spec, &r.sets)
+            .map_err(|e| e.to_string())
+            .and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string()))
+    };
     let mut plans = Vec::new();
     let mut bad = false;
     for r in &runs {
@@ -138,7 +159,10 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
         if force {
             // Move a run of another spec aside first, then validate again (validation reads the
             // run directory's checkpoints).
-            match pipeline::claim_run_dir(&plan.spec).map_err(|e| e.to_string()).and_then(|moved| moved.map(|_| validate(r)).transpose()) {
+            match pipeline::claim_run_dir(&plan.spec)
+                .map_err(|e| e.to_string())
+                .and_then(|moved| moved.map(|_| validate(r)).transpose())
+            {
                 Ok(None) => {}
                 Ok(Some(p)) => plan = p,
                 Err(e) => {
@@ -148,7 +172,13 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
                 }
             }
         }
-        eprintln!("[{}/{n}] {}: running {} into {}", i + 1, r.name, r.spec.display(), r.run_dir.display());
+        eprintln!(
+            "[{}/{n}] {}: running {} into {}",
+            i + 1,
+            r.name,
+            r.spec.display(),
+            r.run_dir.display()
+        );
         // Without --force a run directory that holds another spec's run is refused (as `ehmam run`
         // does), never silently continued from that run's checkpoints.
         match pipeline::run(plan, &pipeline::RunOptions { force, quiet }, &cancel) {
@@ -162,7 +192,11 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
             }
         }
     }
-    let dirs: Vec<PathBuf> = outcome.iter().map(|(r, _)| r.run_dir.clone()).filter(|d| d.join("spec.yaml").exists()).collect();
+    let dirs: Vec<PathBuf> = outcome
+        .iter()
+        .map(|(r, _)| r.run_dir.clone())
+        .filter(|d| d.join("spec.yaml").exists())
+        .collect();
     println!("\nsweep of {n} runs in {}:\n", out.display());
     for (r, o) in &outcome {
         println!("  {:<40} {o}", r.name);
@@ -173,14 +207,21 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
         let _ = std::fs::create_dir_all(out);
         let _ = std::fs::write(out.join("summary.md"), report::summary_markdown(&rows));
         if report {
-            let opts = report::ReportOptions { out: out.join("report"), ..Default::default() };
+            let opts = report::ReportOptions {
+                out: out.join("report"),
+                ..Default::default()
+            };
             for f in report::report(&dirs, &opts)? {
                 println!("{}", f.display());
             }
         }
     }
     let failed = outcome.iter().any(|(_, o)| o.starts_with("failed")) || outcome.len() < n;
-    Ok(if failed { SweepOutcome::Failed } else { SweepOutcome::Done })
+    Ok(if failed {
+        SweepOutcome::Failed
+    } else {
+        SweepOutcome::Done
+    })
 }
 
 /// A second Ctrl-C quits at once (exit status 130), for a stage stuck in a long computation.

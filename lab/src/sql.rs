@@ -19,7 +19,9 @@ use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::file_format::FileFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
@@ -34,7 +36,9 @@ use std::sync::Arc;
 pub enum SqlError {
     #[error("{0}")]
     Input(String),
-    #[error("query refused: {0} — `ehmam query` only reads (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE)")]
+    #[error(
+        "query refused: {0} — `ehmam query` only reads (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE)"
+    )]
     Refused(String),
     #[error("query failed: {0}")]
     Query(String),
@@ -64,20 +68,35 @@ impl std::str::FromStr for Format {
 /// directory's top, and every `*.arrow` file of a sub-directory (names starting with `.` and
 /// unfinished parts, which never end in `.arrow`, are left out).
 pub fn discover(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<PathBuf>>, SqlError> {
-    Ok(discover_with_runs(run_dirs)?.into_iter().map(|(name, files)| (name, files.into_iter().map(|(f, _)| f).collect())).collect())
+    Ok(discover_with_runs(run_dirs)?
+        .into_iter()
+        .map(|(name, files)| (name, files.into_iter().map(|(f, _)| f).collect()))
+        .collect())
 }
 
 /// Like [`discover`], with the index of the run directory each file belongs to.
-fn discover_with_runs(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<(PathBuf, usize)>>, SqlError> {
+fn discover_with_runs(
+    run_dirs: &[PathBuf],
+) -> Result<BTreeMap<String, Vec<(PathBuf, usize)>>, SqlError> {
     let mut tables: BTreeMap<String, Vec<(PathBuf, usize)>> = BTreeMap::new();
     for (ri, dir) in run_dirs.iter().enumerate() {
         if !dir.is_dir() {
-            return Err(SqlError::Input(format!("{} is not a run directory", dir.display())));
+            return Err(SqlError::Input(format!(
+                "{} is not a run directory",
+                dir.display()
+            )));
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).map_err(|e| SqlError::Input(format!("cannot list {}: {e}", dir.display())))?.flatten().map(|e| e.path()).collect();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| SqlError::Input(format!("cannot list {}: {e}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         entries.sort();
         for p in entries {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if name.starts_with('.') {
                 continue;
             }
@@ -91,11 +110,19 @@ fn discover_with_runs(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<(Path
                     .map_err(|e| SqlError::Input(format!("cannot list {}: {e}", p.display())))?
                     .flatten()
                     .map(|e| e.path())
-                    .filter(|f| f.extension().is_some_and(|x| x == "arrow") && !f.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                    .filter(|f| {
+                        f.extension().is_some_and(|x| x == "arrow")
+                            && !f
+                                .file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                    })
                     .collect();
                 parts.sort();
                 if !parts.is_empty() {
-                    tables.entry(name).or_default().extend(parts.into_iter().map(|f| (f, ri)));
+                    tables
+                        .entry(name)
+                        .or_default()
+                        .extend(parts.into_iter().map(|f| (f, ri)));
                 }
             }
         }
@@ -107,16 +134,22 @@ fn discover_with_runs(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<(Path
 /// directory is not a table (DataFusion would read the dot as a schema) and is left alone.
 fn is_table_name(name: &str) -> bool {
     let mut c = name.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 /// The run name of a run directory: `name` in its `spec.yaml`, else the directory's name.
 pub fn run_name(dir: &Path) -> String {
-    let from_spec =
-        std::fs::read_to_string(dir.join("spec.yaml")).ok().and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok()).and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string));
+    let from_spec = std::fs::read_to_string(dir.join("spec.yaml"))
+        .ok()
+        .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+        .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string));
     from_spec.unwrap_or_else(|| {
         let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
+        abs.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string())
     })
 }
 
@@ -127,16 +160,24 @@ fn is_parquet(path: &Path) -> bool {
 /// The schema of a Parquet or Arrow IPC file, read from its footer. `None` (with a warning) for
 /// a damaged file.
 fn file_schema(path: &Path) -> Result<Option<SchemaRef>, SqlError> {
-    let file = File::open(path).map_err(|e| SqlError::Input(format!("cannot open {}: {e}", path.display())))?;
+    let file = File::open(path)
+        .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", path.display())))?;
     let schema = if is_parquet(path) {
-        ParquetRecordBatchReaderBuilder::try_new(file).map(|b| b.schema().clone()).map_err(|e| e.to_string())
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .map(|b| b.schema().clone())
+            .map_err(|e| e.to_string())
     } else {
-        arrow::ipc::reader::FileReader::try_new(file, None).map(|r| r.schema()).map_err(|e| e.to_string())
+        arrow::ipc::reader::FileReader::try_new(file, None)
+            .map(|r| r.schema())
+            .map_err(|e| e.to_string())
     };
     match schema {
         Ok(s) => Ok(Some(s)),
         Err(e) => {
-            eprintln!("warning: skipping {} (unreadable, probably cut off by a crash): {e}", path.display());
+            eprintln!(
+                "warning: skipping {} (unreadable, probably cut off by a crash): {e}",
+                path.display()
+            );
             Ok(None)
         }
     }
@@ -144,7 +185,8 @@ fn file_schema(path: &Path) -> Result<Option<SchemaRef>, SqlError> {
 
 /// Reads a whole Parquet or Arrow IPC file; `None` (with a warning) for a damaged one.
 fn read_file(path: &Path) -> Result<Option<Vec<RecordBatch>>, SqlError> {
-    let file = File::open(path).map_err(|e| SqlError::Input(format!("cannot open {}: {e}", path.display())))?;
+    let file = File::open(path)
+        .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", path.display())))?;
     let batches: Result<Vec<RecordBatch>, String> = if is_parquet(path) {
         match ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()) {
             Ok(r) => r.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string()),
@@ -167,12 +209,23 @@ fn read_file(path: &Path) -> Result<Option<Vec<RecordBatch>>, SqlError> {
 
 /// Fields without metadata, so that files written with different key-value metadata merge.
 fn plain(schema: &Schema) -> Schema {
-    Schema::new(schema.fields().iter().map(|f| f.as_ref().clone().with_metadata(Default::default())).collect::<Vec<Field>>())
+    Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_metadata(Default::default()))
+            .collect::<Vec<Field>>(),
+    )
 }
 
 /// Registers one table: lazily (a listing over its files, columns read on demand) when every
 /// file has a `run` column, else in memory with `run` filled in.
-fn register(ctx: &SessionContext, name: &str, files: &[(PathBuf, usize)], runs: &[String]) -> Result<bool, SqlError> {
+fn register(
+    ctx: &SessionContext,
+    name: &str,
+    files: &[(PathBuf, usize)],
+    runs: &[String],
+) -> Result<bool, SqlError> {
     let mut good: Vec<(PathBuf, usize, SchemaRef)> = Vec::new();
     for (f, ri) in files {
         if let Some(s) = file_schema(f)? {
@@ -185,9 +238,22 @@ fn register(ctx: &SessionContext, name: &str, files: &[(PathBuf, usize)], runs: 
     // The union of the files' columns; a column some file lacks reads as NULL there.
     let mut merged = plain(&good[0].2);
     for (f, _, s) in &good[1..] {
-        merged = Schema::try_merge(vec![merged, plain(s)]).map_err(|e| SqlError::Input(format!("{}: its columns do not fit the other `{name}` files: {e}", f.display())))?;
+        merged = Schema::try_merge(vec![merged, plain(s)]).map_err(|e| {
+            SqlError::Input(format!(
+                "{}: its columns do not fit the other `{name}` files: {e}",
+                f.display()
+            ))
+        })?;
     }
-    let everywhere: BTreeSet<String> = merged.fields().iter().filter(|fl| good.iter().all(|(_, _, s)| s.field_with_name(fl.name()).is_ok())).map(|fl| fl.name().clone()).collect();
+    let everywhere: BTreeSet<String> = merged
+        .fields()
+        .iter()
+        .filter(|fl| {
+            good.iter()
+                .all(|(_, _, s)| s.field_with_name(fl.name()).is_ok())
+        })
+        .map(|fl| fl.name().clone())
+        .collect();
     let mut fields: Vec<Field> = merged
         .fields()
         .iter()
@@ -202,8 +268,15 @@ fn register(ctx: &SessionContext, name: &str, files: &[(PathBuf, usize)], runs: 
         .collect();
     let has_run = everywhere.contains("run");
     if has_run {
-        if let Some(run) = merged.field_with_name("run").ok().filter(|f| f.data_type() != &DataType::Utf8) {
-            return Err(SqlError::Input(format!("table `{name}`: its `run` column is {} (expected a string)", run.data_type())));
+        if let Some(run) = merged
+            .field_with_name("run")
+            .ok()
+            .filter(|f| f.data_type() != &DataType::Utf8)
+        {
+            return Err(SqlError::Input(format!(
+                "table `{name}`: its `run` column is {} (expected a string)",
+                run.data_type()
+            )));
         }
     } else {
         fields.retain(|f| f.name() != "run");
@@ -214,40 +287,63 @@ fn register(ctx: &SessionContext, name: &str, files: &[(PathBuf, usize)], runs: 
     if has_run && !good.iter().any(|(f, _, _)| globby(f)) {
         let mut urls = Vec::new();
         for (f, _, _) in &good {
-            let abs = std::fs::canonicalize(f).map_err(|e| SqlError::Input(format!("cannot open {}: {e}", f.display())))?;
-            urls.push(ListingTableUrl::parse(abs.to_string_lossy()).map_err(|e| SqlError::Input(format!("{}: {e}", f.display())))?);
+            let abs = std::fs::canonicalize(f)
+                .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", f.display())))?;
+            urls.push(
+                ListingTableUrl::parse(abs.to_string_lossy())
+                    .map_err(|e| SqlError::Input(format!("{}: {e}", f.display())))?,
+            );
         }
         let parquet = is_parquet(&good[0].0);
         if good.iter().any(|(f, _, _)| is_parquet(f) != parquet) {
-            return Err(SqlError::Input(format!("table `{name}` mixes Parquet and Arrow files")));
+            return Err(SqlError::Input(format!(
+                "table `{name}` mixes Parquet and Arrow files"
+            )));
         }
-        let (format, ext): (Arc<dyn FileFormat>, &str) = if parquet { (Arc::new(ParquetFormat::default()), ".parquet") } else { (Arc::new(ArrowFormat), ".arrow") };
+        let (format, ext): (Arc<dyn FileFormat>, &str) = if parquet {
+            (Arc::new(ParquetFormat::default()), ".parquet")
+        } else {
+            (Arc::new(ArrowFormat), ".arrow")
+        };
         let options = ListingOptions::new(format).with_file_extension(ext);
-        let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-        let table = ListingTable::try_new(config).map_err(|e| SqlError::Input(format!("table `{name}`: {e}")))?;
-        ctx.register_table(name, Arc::new(table)).map_err(|e| SqlError::Input(e.to_string()))?;
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema);
+        let table = ListingTable::try_new(config)
+            .map_err(|e| SqlError::Input(format!("table `{name}`: {e}")))?;
+        ctx.register_table(name, Arc::new(table))
+            .map_err(|e| SqlError::Input(e.to_string()))?;
         return Ok(true);
     }
     // In memory: a few small tables written without a `run` column.
     let mut parts = Vec::new();
     for (f, ri, _) in &good {
-        let Some(batches) = read_file(f)? else { continue };
+        let Some(batches) = read_file(f)? else {
+            continue;
+        };
         for b in batches {
             let n = b.num_rows();
             let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
             for field in schema.fields() {
                 let col = match b.column_by_name(field.name()) {
                     Some(c) => c.clone(),
-                    None if field.name() == "run" => Arc::new(StringArray::from(vec![runs[*ri].as_str(); n])),
+                    None if field.name() == "run" => {
+                        Arc::new(StringArray::from(vec![runs[*ri].as_str(); n]))
+                    }
                     None => new_null_array(field.data_type(), n),
                 };
                 cols.push(col);
             }
-            parts.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| SqlError::Input(format!("{}: {e}", f.display())))?);
+            parts.push(
+                RecordBatch::try_new(schema.clone(), cols)
+                    .map_err(|e| SqlError::Input(format!("{}: {e}", f.display())))?,
+            );
         }
     }
-    let table = MemTable::try_new(schema, vec![parts]).map_err(|e| SqlError::Input(e.to_string()))?;
-    ctx.register_table(name, Arc::new(table)).map_err(|e| SqlError::Input(e.to_string()))?;
+    let table =
+        MemTable::try_new(schema, vec![parts]).map_err(|e| SqlError::Input(e.to_string()))?;
+    ctx.register_table(name, Arc::new(table))
+        .map_err(|e| SqlError::Input(e.to_string()))?;
     Ok(true)
 }
 
@@ -276,9 +372,16 @@ pub fn session(run_dirs: &[PathBuf]) -> Result<(SessionContext, Vec<String>), Sq
 
 /// The leading keywords of a statement, to name it in a refusal (`CREATE TABLE`, `INSERT INTO`).
 fn statement_kind(text: &str) -> String {
-    let words: Vec<&str> = text.split_whitespace().take_while(|w| w.chars().all(|c| c.is_ascii_uppercase())).take(3).collect();
+    let words: Vec<&str> = text
+        .split_whitespace()
+        .take_while(|w| w.chars().all(|c| c.is_ascii_uppercase()))
+        .take(3)
+        .collect();
     if words.is_empty() {
-        text.split_whitespace().next().unwrap_or("statement").to_string()
+        text.split_whitespace()
+            .next()
+            .unwrap_or("statement")
+            .to_string()
     } else {
         words.join(" ")
     }
@@ -301,13 +404,18 @@ fn check_sql_statement(s: &SqlStatement) -> Result<(), SqlError> {
 pub fn check_read_only(sql: &str) -> Result<(), SqlError> {
     let statements = DFParser::parse_sql(sql).map_err(|e| SqlError::Query(e.to_string()))?;
     if statements.len() != 1 {
-        return Err(SqlError::Query(format!("give exactly one statement (found {})", statements.len())));
+        return Err(SqlError::Query(format!(
+            "give exactly one statement (found {})",
+            statements.len()
+        )));
     }
     fn check(s: &DfStatement) -> Result<(), SqlError> {
         match s {
             DfStatement::Statement(st) => check_sql_statement(st),
             DfStatement::Explain(e) => check(&e.statement),
-            DfStatement::CreateExternalTable(_) => Err(SqlError::Refused("CREATE EXTERNAL TABLE".into())),
+            DfStatement::CreateExternalTable(_) => {
+                Err(SqlError::Refused("CREATE EXTERNAL TABLE".into()))
+            }
             DfStatement::CopyTo(_) => Err(SqlError::Refused("COPY".into())),
             DfStatement::Reset(_) => Err(SqlError::Refused("RESET".into())),
         }
@@ -324,8 +432,14 @@ pub struct Session {
 
 impl Session {
     pub fn open(run_dirs: &[PathBuf]) -> Result<Session, SqlError> {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build().map_err(|e| SqlError::Query(format!("cannot start the query runtime: {e}")))?;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .map_err(|e| SqlError::Query(format!("cannot start the query runtime: {e}")))?;
         let (ctx, tables) = session(run_dirs)?;
         Ok(Session { rt, ctx, tables })
     }
@@ -342,23 +456,39 @@ impl Session {
     /// Runs one read-only statement and returns the result batches.
     pub fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
         check_read_only(sql)?;
-        let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
         let names = &self.tables;
         self.rt.block_on(async {
             let df = match self.ctx.sql_with_options(sql, options).await {
                 Ok(df) => df,
                 Err(e) => {
                     let msg = e.to_string();
-                    if msg.contains("not supported: ") && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement")) {
-                        return Err(SqlError::Refused(msg.lines().next().unwrap_or("").to_string()));
+                    if msg.contains("not supported: ")
+                        && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement"))
+                    {
+                        return Err(SqlError::Refused(
+                            msg.lines().next().unwrap_or("").to_string(),
+                        ));
                     }
                     if msg.contains("table") && msg.contains("not found") {
-                        return Err(SqlError::Query(format!("{msg}\n  tables here: {}", if names.is_empty() { "none".to_string() } else { names.join(", ") })));
+                        return Err(SqlError::Query(format!(
+                            "{msg}\n  tables here: {}",
+                            if names.is_empty() {
+                                "none".to_string()
+                            } else {
+                                names.join(", ")
+                            }
+                        )));
                     }
                     return Err(SqlError::Query(msg));
                 }
             };
-            df.collect().await.map_err(|e| SqlError::Query(e.to_string()))
+            df.collect()
+                .await
+                .map_err(|e| SqlError::Query(e.to_string()))
         })
     }
 }
@@ -373,13 +503,21 @@ pub fn query_batches(run_dirs: &[PathBuf], sql: &str) -> Result<Vec<RecordBatch>
 /// (NULLs written as `null`).
 pub fn format_batches(batches: &[RecordBatch], format: Format) -> Result<String, SqlError> {
     match format {
-        Format::Table => arrow::util::pretty::pretty_format_batches(batches).map(|t| format!("{t}\n")).map_err(|e| SqlError::Query(e.to_string())),
+        Format::Table => arrow::util::pretty::pretty_format_batches(batches)
+            .map(|t| format!("{t}\n"))
+            .map_err(|e| SqlError::Query(e.to_string())),
         Format::Csv => {
             let mut buf = Vec::new();
             {
-                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
                 for b in batches {
-                    w.write(b).map_err(|e| SqlError::Query(format!("{e} (list columns have no CSV form: use --format json or table)")))?;
+                    w.write(b).map_err(|e| {
+                        SqlError::Query(format!(
+                            "{e} (list columns have no CSV form: use --format json or table)"
+                        ))
+                    })?;
                 }
             }
             String::from_utf8(buf).map_err(|e| SqlError::Query(e.to_string()))
@@ -387,7 +525,9 @@ pub fn format_batches(batches: &[RecordBatch], format: Format) -> Result<String,
         Format::Json => {
             let mut buf = Vec::new();
             {
-                let mut w = arrow::json::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow::json::writer::JsonArray>(&mut buf);
+                let mut w = arrow::json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow::json::writer::JsonArray>(&mut buf);
                 for b in batches {
                     w.write(b).map_err(|e| SqlError::Query(e.to_string()))?;
                 }

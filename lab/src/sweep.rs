@@ -30,12 +30,15 @@ pub struct Axis {
 
 /// Parses `PATH=[v1, v2, …]` (a YAML flow sequence; a single value is an axis of one).
 pub fn parse_axis(s: &str) -> Result<Axis, String> {
-    let (path, vals) = s.split_once('=').ok_or_else(|| format!("--grid `{s}`: expected PATH=[V1, V2, …]"))?;
+    let (path, vals) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--grid `{s}`: expected PATH=[V1, V2, …]"))?;
     let path = path.trim();
     if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
         return Err(format!("--grid `{s}`: `{path}` is not a dotted path"));
     }
-    let v: Value = serde_yaml::from_str(vals).map_err(|e| format!("--grid `{s}`: the values are not YAML: {e}"))?;
+    let v: Value = serde_yaml::from_str(vals)
+        .map_err(|e| format!("--grid `{s}`: the values are not YAML: {e}"))?;
     let values = match v {
         Value::Sequence(seq) => seq,
         other => vec![other],
@@ -43,14 +46,19 @@ pub fn parse_axis(s: &str) -> Result<Axis, String> {
     if values.is_empty() {
         return Err(format!("--grid `{s}`: no values"));
     }
-    Ok(Axis { path: path.to_string(), values })
+    Ok(Axis {
+        path: path.to_string(),
+        values,
+    })
 }
 
 /// A value as it appears in a run name and in a `--set` override.
 fn scalar_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other).map(|t| t.trim().to_string()).unwrap_or_default(),
+        other => serde_yaml::to_string(other)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -62,11 +70,24 @@ fn flow(v: &Value) -> String {
 }
 
 fn safe(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.=+".contains(c) { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.=+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The runs of a sweep, in order (specs outermost, then the axes as given).
-pub fn plan(specs: &[PathBuf], axes: &[Axis], sets: &[String], out: &Path) -> Result<Vec<SweepRun>, String> {
+pub fn plan(
+    specs: &[PathBuf],
+    axes: &[Axis],
+    sets: &[String],
+    out: &Path,
+) -> Result<Vec<SweepRun>, String> {
     let mut points: Vec<Vec<(String, Value)>> = vec![Vec::new()];
     for a in axes {
         let mut next = Vec::new();
@@ -94,13 +115,21 @@ pub fn plan(specs: &[PathBuf], axes: &[Axis], sets: &[String], out: &Path) -> Re
             s.extend(p.iter().map(|(path, v)| format!("{path}={}", flow(v))));
             s.push(format!("name={name}"));
             s.push(format!("run_dir={}", run_dir.display()));
-            runs.push(SweepRun { spec: spec.clone(), name, run_dir, sets: s });
+            runs.push(SweepRun {
+                spec: spec.clone(),
+                name,
+                run_dir,
+                sets: s,
+            });
         }
     }
     let mut seen = std::collections::BTreeSet::new();
     for r in &runs {
         if !seen.insert(r.name.clone()) {
-            return Err(format!("two runs of the sweep are both named `{}` (give the specs different names)", r.name));
+            return Err(format!(
+                "two runs of the sweep are both named `{}` (give the specs different names)",
+                r.name
+            ));
         }
     }
     Ok(runs)
@@ -108,11 +137,17 @@ pub fn plan(specs: &[PathBuf], axes: &[Axis], sets: &[String], out: &Path) -> Re
 
 /// Whether a run is finished: `run.json` complete and the resolved spec as this sweep makes it.
 pub fn is_finished(run: &SweepRun, resolved: &Value) -> bool {
-    let Some(st) = pipeline::RunStatus::read(&run.run_dir) else { return false };
+    let Some(st) = pipeline::RunStatus::read(&run.run_dir) else {
+        return false;
+    };
     if !st.is_complete() {
         return false;
     }
-    let Ok(old) = std::fs::read_to_string(run.run_dir.join("spec.yaml")) else { return false };
-    let Ok(old) = serde_yaml::from_str::<Value>(&old) else { return false };
+    let Ok(old) = std::fs::read_to_string(run.run_dir.join("spec.yaml")) else {
+        return false;
+    };
+    let Ok(old) = serde_yaml::from_str::<Value>(&old) else {
+        return false;
+    };
     pipeline::run_spec_changes(&old, resolved).is_empty()
 }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 /// The temporary name `path` is written under: `.NAME.tmp` beside it.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }
 
@@ -20,7 +23,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Creates the temporary file, lets `write` fill it, syncs it and renames it over `path`. On an
 /// error the temporary file is removed and `path` is left as it was.
-pub fn write_atomic_with<T>(path: &Path, write: impl FnOnce(&mut File) -> io::Result<T>) -> io::Result<T> {
+pub fn write_atomic_with<T>(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<T>,
+) -> io::Result<T> {
     commit_atomic(path, |tmp| {
         let mut file = File::create(tmp)?;
         let out = write(&mut file)?;

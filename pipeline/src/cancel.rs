@@ -24,7 +24,12 @@ impl Default for CancelToken {
 impl CancelToken {
     pub fn new() -> Self {
         let (tx, rx) = bounded(0);
-        CancelToken(Arc::new(CancelInner { flag: AtomicBool::new(false), interrupted: AtomicBool::new(false), tx: Mutex::new(Some(tx)), rx }))
+        CancelToken(Arc::new(CancelInner {
+            flag: AtomicBool::new(false),
+            interrupted: AtomicBool::new(false),
+            tx: Mutex::new(Some(tx)),
+            rx,
+        }))
     }
     pub fn cancel(&self) {
         self.0.flag.store(true, Ordering::SeqCst);
@@ -47,4 +52,3 @@ impl CancelToken {
         &self.0.rx
     }
 }
-

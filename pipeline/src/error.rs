@@ -35,7 +35,11 @@ pub struct SpecErrors(pub Vec<SpecError>);
 impl fmt::Display for SpecErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        writeln!(f, "the spec has {n} error{}:", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "the spec has {n} error{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.0 {
             writeln!(f, "  {e}")?;
         }
@@ -59,7 +63,10 @@ pub enum StageError {
     Failed(String),
     /// The cause is part of the message (not a `source`), so `{:#}` chains print it once.
     #[error("{context}: {cause}")]
-    Io { context: String, cause: std::io::Error },
+    Io {
+        context: String,
+        cause: std::io::Error,
+    },
 }
 
 impl StageError {
@@ -67,7 +74,10 @@ impl StageError {
         StageError::Failed(msg.into())
     }
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StageError::Io { context: context.into(), cause: source }
+        StageError::Io {
+            context: context.into(),
+            cause: source,
+        }
     }
 }
 
@@ -77,12 +87,19 @@ pub enum RunError {
     #[error("{0}")]
     Spec(#[from] SpecErrors),
     #[error("stage `{stage}` ({kind}) failed: {message}")]
-    Stage { stage: String, kind: String, message: String },
+    Stage {
+        stage: String,
+        kind: String,
+        message: String,
+    },
     #[error("interrupted (Ctrl-C); every stage stopped, outputs already finished are intact")]
     Interrupted,
     /// The cause is part of the message (not a `source`), so `{:#}` chains print it once.
     #[error("{context}: {cause}")]
-    Io { context: String, cause: std::io::Error },
+    Io {
+        context: String,
+        cause: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }

@@ -48,7 +48,8 @@ fn short_type_name<T>() -> &'static str {
 }
 
 fn clone_item<T: Clone + Send + 'static>(item: &Item) -> Option<Item> {
-    item.downcast_ref::<T>().map(|t| Box::new(t.clone()) as Item)
+    item.downcast_ref::<T>()
+        .map(|t| Box::new(t.clone()) as Item)
 }
 
 /// A named input or output of a stage kind.
@@ -62,11 +63,27 @@ pub struct Port {
 impl Port {
     /// A port whose items go to at most one consumer.
     pub fn of<T: Send + 'static>(name: &'static str, doc: &'static str) -> Port {
-        Port { name, doc, ty: PortType { name: short_type_name::<T>(), id: TypeId::of::<T>(), clone: None } }
+        Port {
+            name,
+            doc,
+            ty: PortType {
+                name: short_type_name::<T>(),
+                id: TypeId::of::<T>(),
+                clone: None,
+            },
+        }
     }
     /// A port whose items may be copied to several consumers.
     pub fn cloneable<T: Clone + Send + 'static>(name: &'static str, doc: &'static str) -> Port {
-        Port { name, doc, ty: PortType { name: short_type_name::<T>(), id: TypeId::of::<T>(), clone: Some(clone_item::<T>) } }
+        Port {
+            name,
+            doc,
+            ty: PortType {
+                name: short_type_name::<T>(),
+                id: TypeId::of::<T>(),
+                clone: Some(clone_item::<T>),
+            },
+        }
     }
 }
 
@@ -86,21 +103,37 @@ pub(crate) struct Window {
 impl Window {
     /// A window of `size` units over `next`, the next unit each relay waits for.
     pub(crate) fn new(next: Vec<AtomicU64>, size: u64) -> Self {
-        Window { next, size, lock: Mutex::new(()), cv: Condvar::new() }
+        Window {
+            next,
+            size,
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
     }
 }
 
 impl Window {
     fn min_next(&self) -> u64 {
-        self.next.iter().map(|n| n.load(Ordering::SeqCst)).min().unwrap_or(u64::MAX)
+        self.next
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst))
+            .min()
+            .unwrap_or(u64::MAX)
     }
     fn wait(&self, seq: u64, cancel: &CancelToken) -> Result<(), StageError> {
-        let mut guard = self.lock.lock().map_err(|_| StageError::failed("internal: window lock poisoned"))?;
+        let mut guard = self
+            .lock
+            .lock()
+            .map_err(|_| StageError::failed("internal: window lock poisoned"))?;
         while seq >= self.min_next().saturating_add(self.size) {
             if cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
             }
-            guard = self.cv.wait_timeout(guard, Duration::from_millis(20)).map_err(|_| StageError::failed("internal: window lock poisoned"))?.0;
+            guard = self
+                .cv
+                .wait_timeout(guard, Duration::from_millis(20))
+                .map_err(|_| StageError::failed("internal: window lock poisoned"))?
+                .0;
         }
         Ok(())
     }
@@ -121,13 +154,26 @@ pub(crate) struct OutPort {
 
 impl OutPort {
     pub(crate) fn new(senders: Vec<Sender<Msg>>, clone: Option<CloneFn>, connected: bool) -> Self {
-        OutPort { senders, clone, counter: 0, minor: 0, connected }
+        OutPort {
+            senders,
+            clone,
+            counter: 0,
+            minor: 0,
+            connected,
+        }
     }
 }
 
 /// Sends `item` to every sender (copies for all but the last). Drops senders whose consumer has
 /// finished; `Closed` once none is left.
-pub(crate) fn fan_out(senders: &mut Vec<Sender<Msg>>, clone: Option<CloneFn>, seq: u64, minor: u32, item: Item, cancel: &CancelToken) -> Result<(), StageError> {
+pub(crate) fn fan_out(
+    senders: &mut Vec<Sender<Msg>>,
+    clone: Option<CloneFn>,
+    seq: u64,
+    minor: u32,
+    item: Item,
+    cancel: &CancelToken,
+) -> Result<(), StageError> {
     let mut item = Some(item);
     let mut i = 0;
     while i < senders.len() {
@@ -141,9 +187,15 @@ pub(crate) fn fan_out(senders: &mut Vec<Sender<Msg>>, clone: Option<CloneFn>, se
             }
         };
         let Some(payload) = payload else {
-            return Err(StageError::failed("internal: cannot copy an item for several consumers"));
+            return Err(StageError::failed(
+                "internal: cannot copy an item for several consumers",
+            ));
         };
-        let msg = Msg::Item { seq, minor, item: payload };
+        let msg = Msg::Item {
+            seq,
+            minor,
+            item: payload,
+        };
         select! {
             send(senders[i], msg) -> r => {
                 if r.is_err() {
@@ -280,7 +332,9 @@ impl StageIo {
         self.finish_unit();
         let stage = self.stage.clone();
         let Some(input) = self.inputs.get_mut(port) else {
-            return Err(StageError::failed(format!("internal: stage `{stage}` has no input #{port}")));
+            return Err(StageError::failed(format!(
+                "internal: stage `{stage}` has no input #{port}"
+            )));
         };
         loop {
             let t0 = Instant::now();
@@ -307,7 +361,10 @@ impl StageIo {
                     }
                     return match item.downcast::<T>() {
                         Ok(t) => Ok(Some(*t)),
-                        Err(_) => Err(StageError::failed(format!("internal: input #{port} of `{stage}` is not of type {}", std::any::type_name::<T>()))),
+                        Err(_) => Err(StageError::failed(format!(
+                            "internal: input #{port} of `{stage}` is not of type {}",
+                            std::any::type_name::<T>()
+                        ))),
                     };
                 }
             }
@@ -320,7 +377,9 @@ impl StageIo {
         let current = self.current;
         let tagged = self.tagged;
         let Some(out) = self.outputs.get_mut(port) else {
-            return Err(StageError::failed(format!("internal: stage `{stage}` has no output #{port}")));
+            return Err(StageError::failed(format!(
+                "internal: stage `{stage}` has no output #{port}"
+            )));
         };
         Stats::add(&self.stats.items_out, 1);
         if !out.connected {
@@ -328,7 +387,9 @@ impl StageIo {
         }
         let (seq, minor) = if tagged {
             let Some(seq) = current else {
-                return Err(StageError::failed(format!("internal: parallel stage `{stage}` sent outside a unit of work")));
+                return Err(StageError::failed(format!(
+                    "internal: parallel stage `{stage}` sent outside a unit of work"
+                )));
             };
             out.minor += 1;
             (seq, out.minor - 1)
@@ -337,9 +398,21 @@ impl StageIo {
             (out.counter - 1, 0)
         };
         let t0 = Instant::now();
-        let r = fan_out(&mut out.senders, out.clone, seq, minor, Box::new(item), &self.cancel);
+        let r = fan_out(
+            &mut out.senders,
+            out.clone,
+            seq,
+            minor,
+            Box::new(item),
+            &self.cancel,
+        );
         Stats::add(&self.stats.blocked_ns, t0.elapsed().as_nanos() as u64);
-        if matches!(r, Err(StageError::Closed)) && self.outputs.iter().any(|o| o.connected && !o.senders.is_empty()) {
+        if matches!(r, Err(StageError::Closed))
+            && self
+                .outputs
+                .iter()
+                .any(|o| o.connected && !o.senders.is_empty())
+        {
             // This port's consumers are done but others still read: keep going.
             return Ok(());
         }
@@ -356,20 +429,27 @@ impl StageIo {
 }
 
 /// Puts the units of a parallel stage's output back in order and hands them on.
-pub(crate) fn relay(rx: Receiver<Msg>, mut out: OutPort, window: Arc<Window>, index: usize, cancel: CancelToken) -> Result<(), StageError> {
+pub(crate) fn relay(
+    rx: Receiver<Msg>,
+    mut out: OutPort,
+    window: Arc<Window>,
+    index: usize,
+    cancel: CancelToken,
+) -> Result<(), StageError> {
     let mut buffer: BTreeMap<u64, Vec<(u32, Item)>> = BTreeMap::new();
     let mut done: BTreeSet<u64> = BTreeSet::new();
     let mut next: u64 = 0;
     let mut counter: u64 = 0;
-    let emit = |items: Vec<(u32, Item)>, out: &mut OutPort, counter: &mut u64| -> Result<(), StageError> {
-        let mut items = items;
-        items.sort_by_key(|(m, _)| *m);
-        for (_, item) in items {
-            fan_out(&mut out.senders, out.clone, *counter, 0, item, &cancel)?;
-            *counter += 1;
-        }
-        Ok(())
-    };
+    let emit =
+        |items: Vec<(u32, Item)>, out: &mut OutPort, counter: &mut u64| -> Result<(), StageError> {
+            let mut items = items;
+            items.sort_by_key(|(m, _)| *m);
+            for (_, item) in items {
+                fan_out(&mut out.senders, out.clone, *counter, 0, item, &cancel)?;
+                *counter += 1;
+            }
+            Ok(())
+        };
     loop {
         let msg = select! {
             recv(rx) -> m => m,
@@ -377,7 +457,9 @@ pub(crate) fn relay(rx: Receiver<Msg>, mut out: OutPort, window: Arc<Window>, in
         };
         match msg {
             Err(_) => break,
-            Ok(Msg::Item { seq, minor, item }) => buffer.entry(seq).or_default().push((minor, item)),
+            Ok(Msg::Item { seq, minor, item }) => {
+                buffer.entry(seq).or_default().push((minor, item))
+            }
             Ok(Msg::Done { seq }) => {
                 done.insert(seq);
             }
@@ -399,4 +481,3 @@ pub(crate) fn relay(rx: Receiver<Msg>, mut out: OutPort, window: Arc<Window>, in
     window.advance(index, u64::MAX / 2);
     Ok(())
 }
-

@@ -21,11 +21,17 @@ pub struct Link<T> {
 impl<T: Any + Send + Sync> Link<T> {
     /// A link with a fixed name (`train.weights`).
     pub const fn new(name: &'static str) -> Self {
-        Link { name: std::borrow::Cow::Borrowed(name), _t: PhantomData }
+        Link {
+            name: std::borrow::Cow::Borrowed(name),
+            _t: PhantomData,
+        }
     }
     /// A link whose name is made at validation (`logs.table.steps`).
     pub fn named(name: String) -> Self {
-        Link { name: std::borrow::Cow::Owned(name), _t: PhantomData }
+        Link {
+            name: std::borrow::Cow::Owned(name),
+            _t: PhantomData,
+        }
     }
     pub fn name(&self) -> &str {
         &self.name
@@ -67,7 +73,11 @@ impl<'a> Linker<'a> {
     }
     /// This stage provides `link` with `value`. A link has one provider: `Err(stage)` names the
     /// stage that already provides it (the caller words the error for its parameter).
-    pub fn provide<T: Any + Send + Sync>(&mut self, link: &Link<T>, value: T) -> Result<(), String> {
+    pub fn provide<T: Any + Send + Sync>(
+        &mut self,
+        link: &Link<T>,
+        value: T,
+    ) -> Result<(), String> {
         let e = self.table.entries.entry(link.name.to_string()).or_default();
         e.ty = std::any::type_name::<T>();
         match &e.provider {
@@ -97,7 +107,9 @@ pub struct Links(Arc<OnceLock<LinkTable>>);
 
 impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.list().iter().map(|l| &l.name)).finish()
+        f.debug_list()
+            .entries(self.list().iter().map(|l| &l.name))
+            .finish()
     }
 }
 
@@ -112,14 +124,25 @@ impl Links {
     }
     /// The stages that declared they read `link`.
     pub fn readers<T>(&self, link: &Link<T>) -> Vec<String> {
-        self.0.get().and_then(|t| t.entries.get(link.name.as_ref())).map(|e| e.readers.clone()).unwrap_or_default()
+        self.0
+            .get()
+            .and_then(|t| t.entries.get(link.name.as_ref()))
+            .map(|e| e.readers.clone())
+            .unwrap_or_default()
     }
     /// Every link of the plan, by name.
     pub fn list(&self) -> Vec<LinkInfo> {
-        let Some(t) = self.0.get() else { return Vec::new() };
+        let Some(t) = self.0.get() else {
+            return Vec::new();
+        };
         t.entries
             .iter()
-            .map(|(name, e)| LinkInfo { name: name.clone(), ty: e.ty, provider: e.provider.clone(), readers: e.readers.clone() })
+            .map(|(name, e)| LinkInfo {
+                name: name.clone(),
+                ty: e.ty,
+                provider: e.provider.clone(),
+                readers: e.readers.clone(),
+            })
             .collect()
     }
 }
@@ -134,14 +157,20 @@ mod tests {
         let mut t = LinkTable::default();
         Linker::new("mask", &mut t).read(&STEPS);
         Linker::new("student", &mut t).provide(&STEPS, 300).unwrap();
-        assert_eq!(Linker::new("other", &mut t).provide(&STEPS, 5), Err("student".to_string()));
+        assert_eq!(
+            Linker::new("other", &mut t).provide(&STEPS, 5),
+            Err("student".to_string())
+        );
         let links = Links::default();
         assert!(links.get(&STEPS).is_none(), "nothing before the link step");
         links.freeze(t);
         assert_eq!(links.get(&STEPS).as_deref(), Some(&300));
         assert_eq!(links.readers(&STEPS), vec!["mask".to_string()]);
         let wrong: Link<String> = Link::named("train.steps".into());
-        assert!(links.get(&wrong).is_none(), "another type under the name is not handed out");
+        assert!(
+            links.get(&wrong).is_none(),
+            "another type under the name is not handed out"
+        );
         let l = &links.list()[0];
         assert_eq!((l.provider.as_deref(), l.ty), (Some("student"), "u64"));
     }

@@ -15,13 +15,18 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ParamError { field: field.into(), message: message.into() }
+        ParamError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// A stage's parameter struct. Derive `Deserialize, Serialize, Default, JsonSchema` with
 /// `#[serde(default, deny_unknown_fields)]`; `check` adds range and cross-field checks.
-pub trait Params: DeserializeOwned + Serialize + Default + JsonSchema + Send + Sync + 'static {
+pub trait Params:
+    DeserializeOwned + Serialize + Default + JsonSchema + Send + Sync + 'static
+{
     /// Range and consistency checks, every problem reported.
     fn check(&self) -> Vec<ParamError> {
         Vec::new()
@@ -54,10 +59,18 @@ pub fn parse_params_partial<P: Params>(with: &Value) -> (Option<P>, Vec<ParamErr
     let given = match with {
         Value::Null => Mapping::new(),
         Value::Mapping(m) => m.clone(),
-        _ => return (None, vec![ParamError::new("", "parameters must be a mapping")]),
+        _ => {
+            return (
+                None,
+                vec![ParamError::new("", "parameters must be a mapping")],
+            )
+        }
     };
     let mut errors = Vec::new();
-    let known: Vec<String> = defaults.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+    let known: Vec<String> = defaults
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
     let mut all = defaults.clone();
     for (k, v) in &given {
         let Some(name) = k.as_str() else {
@@ -66,7 +79,11 @@ pub fn parse_params_partial<P: Params>(with: &Value) -> (Option<P>, Vec<ParamErr
         };
         if !defaults.contains_key(k) {
             let hint = crate::spec::suggest(name, known.iter().map(String::as_str));
-            let list = if hint.is_empty() { format!(" (known: {})", known.join(", ")) } else { hint };
+            let list = if hint.is_empty() {
+                format!(" (known: {})", known.join(", "))
+            } else {
+                hint
+            };
             errors.push(ParamError::new(name, format!("unknown parameter{list}")));
             continue;
         }
@@ -79,8 +96,15 @@ pub fn parse_params_partial<P: Params>(with: &Value) -> (Option<P>, Vec<ParamErr
             }
             Err(e) => {
                 let path = e.path().to_string();
-                let field = if path == "." || path.is_empty() { name.to_string() } else { path };
-                errors.push(ParamError::new(field, clean_message(&e.inner().to_string())));
+                let field = if path == "." || path.is_empty() {
+                    name.to_string()
+                } else {
+                    path
+                };
+                errors.push(ParamError::new(
+                    field,
+                    clean_message(&e.inner().to_string()),
+                ));
             }
         }
     }
@@ -91,7 +115,10 @@ pub fn parse_params_partial<P: Params>(with: &Value) -> (Option<P>, Vec<ParamErr
             (Some(p), errors)
         }
         Err(e) => {
-            errors.push(ParamError::new(e.path().to_string(), clean_message(&e.inner().to_string())));
+            errors.push(ParamError::new(
+                e.path().to_string(),
+                clean_message(&e.inner().to_string()),
+            ));
             (None, errors)
         }
     }
@@ -120,16 +147,27 @@ pub fn param_docs<P: Params>() -> Vec<ParamDoc> {
     let root = schema.as_value();
     let defaults = serde_json::to_value(P::default()).unwrap_or(serde_json::Value::Null);
     let mut out = Vec::new();
-    let Some(props) = root.get("properties").and_then(|p| p.as_object()) else { return out };
+    let Some(props) = root.get("properties").and_then(|p| p.as_object()) else {
+        return out;
+    };
     for (name, prop) in props {
         let ty = type_of(prop, root);
-        let doc = prop.get("description").and_then(|d| d.as_str()).map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).unwrap_or_default();
+        let doc = prop
+            .get("description")
+            .and_then(|d| d.as_str())
+            .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
         let default = match defaults.get(name) {
             Some(serde_json::Value::String(s)) if s.is_empty() => "(required)".to_string(),
             Some(serde_json::Value::Null) | None => "none".to_string(),
             Some(v) => v.to_string(),
         };
-        out.push(ParamDoc { name: name.clone(), ty, default, doc });
+        out.push(ParamDoc {
+            name: name.clone(),
+            ty,
+            default,
+            doc,
+        });
     }
     out
 }
@@ -143,23 +181,54 @@ fn type_of(prop: &serde_json::Value, root: &serde_json::Value) -> String {
         return name.to_string();
     }
     if let Some(values) = prop.get("enum").and_then(|e| e.as_array()) {
-        return values.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join("|");
+        return values
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join("|");
     }
-    if let Some(one_of) = prop.get("oneOf").or_else(|| prop.get("anyOf")).and_then(|e| e.as_array()) {
-        let parts: Vec<String> =
-            one_of.iter().map(|p| if let Some(c) = p.get("const") { c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()) } else { type_of(p, root) }).filter(|s| s != "null").collect();
+    if let Some(one_of) = prop
+        .get("oneOf")
+        .or_else(|| prop.get("anyOf"))
+        .and_then(|e| e.as_array())
+    {
+        let parts: Vec<String> = one_of
+            .iter()
+            .map(|p| {
+                if let Some(c) = p.get("const") {
+                    c.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| c.to_string())
+                } else {
+                    type_of(p, root)
+                }
+            })
+            .filter(|s| s != "null")
+            .collect();
         return parts.join("|");
     }
     match prop.get("type") {
         Some(serde_json::Value::String(t)) => {
             if t == "array" {
-                let item = prop.get("items").map(|i| type_of(i, root)).unwrap_or_default();
+                let item = prop
+                    .get("items")
+                    .map(|i| type_of(i, root))
+                    .unwrap_or_default();
                 format!("list of {item}")
             } else {
                 t.clone()
             }
         }
-        Some(serde_json::Value::Array(ts)) => ts.iter().filter_map(|t| t.as_str()).filter(|t| *t != "null").collect::<Vec<_>>().join("|"),
+        Some(serde_json::Value::Array(ts)) => ts
+            .iter()
+            .filter_map(|t| t.as_str())
+            .filter(|t| *t != "null")
+            .collect::<Vec<_>>()
+            .join("|"),
         _ => "any".into(),
     }
 }
@@ -180,14 +249,21 @@ mod tests {
     }
     impl Default for P {
         fn default() -> Self {
-            P { prob: 0.5, count: 3, name: String::new() }
+            P {
+                prob: 0.5,
+                count: 3,
+                name: String::new(),
+            }
         }
     }
     impl Params for P {
         fn check(&self) -> Vec<ParamError> {
             let mut e = vec![];
             if !(0.0..=1.0).contains(&self.prob) {
-                e.push(ParamError::new("prob", format!("must be in [0, 1], got {}", self.prob)));
+                e.push(ParamError::new(
+                    "prob",
+                    format!("must be in [0, 1], got {}", self.prob),
+                ));
             }
             e
         }
@@ -200,14 +276,19 @@ mod tests {
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(errs.iter().any(|e| e.field == "prob"));
         assert!(errs.iter().any(|e| e.field == "count"));
-        assert!(errs.iter().any(|e| e.field == "nmae" && e.message.contains("`name`")));
+        assert!(errs
+            .iter()
+            .any(|e| e.field == "nmae" && e.message.contains("`name`")));
     }
 
     #[test]
     fn range_checks_run_after_types() {
         let with: Value = serde_yaml::from_str("{ prob: 1.5 }").unwrap();
         let errs = parse_params::<P>(&with).unwrap_err();
-        assert_eq!(errs, vec![ParamError::new("prob", "must be in [0, 1], got 1.5")]);
+        assert_eq!(
+            errs,
+            vec![ParamError::new("prob", "must be in [0, 1], got 1.5")]
+        );
         let ok = parse_params::<P>(&serde_yaml::from_str("{ count: 7 }").unwrap()).unwrap();
         assert_eq!((ok.prob, ok.count), (0.5, 7));
     }
@@ -219,6 +300,9 @@ mod tests {
         assert_eq!(prob.doc, "A probability.");
         assert_eq!(prob.ty, "number");
         assert_eq!(prob.default, "0.5");
-        assert_eq!(docs.iter().find(|d| d.name == "name").unwrap().default, "(required)");
+        assert_eq!(
+            docs.iter().find(|d| d.name == "name").unwrap().default,
+            "(required)"
+        );
     }
 }

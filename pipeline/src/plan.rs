@@ -2,11 +2,11 @@
 //! connected and type-checked, no cycles), or every error found.
 
 use crate::error::{SpecError, SpecErrors};
-use crate::spec::{suggest, Spec};
 use crate::io::Port;
 use crate::links::{LinkInfo, LinkTable, Linker, Links};
 use crate::params::ParamError;
 use crate::spec::Locator;
+use crate::spec::{suggest, Spec};
 use crate::stage::{Configured, Registry, StageContext};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,8 +105,19 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
     }
     let mut nodes = Vec::new();
     for ((s, p), slots) in spec.stages.iter().zip(partial).zip(sources) {
-        let Some(Configuring { inputs, outputs, parallel, honors_skip, configured, ctx }) = p else {
-            return Err(SpecErrors(vec![loc.error(&format!("stages.{}", s.id), "internal: stage was not configured")]));
+        let Some(Configuring {
+            inputs,
+            outputs,
+            parallel,
+            honors_skip,
+            configured,
+            ctx,
+        }) = p
+        else {
+            return Err(SpecErrors(vec![loc.error(
+                &format!("stages.{}", s.id),
+                "internal: stage was not configured",
+            )]));
         };
         nodes.push(Node {
             id: s.id.clone(),
@@ -123,18 +134,35 @@ pub fn validate(spec: Spec, registry: &Registry) -> Result<Plan, SpecErrors> {
             ctx,
         });
     }
-    Ok(Plan { spec, nodes, order, links })
+    Ok(Plan {
+        spec,
+        nodes,
+        order,
+        links,
+    })
 }
 
 /// Resolves each stage's kind and checks its parameters (`None` where that failed).
-fn configure(spec: &Spec, registry: &Registry, links: &Links, errs: &mut Vec<SpecError>) -> Vec<Option<Configuring>> {
+fn configure(
+    spec: &Spec,
+    registry: &Registry,
+    links: &Links,
+    errs: &mut Vec<SpecError>,
+) -> Vec<Option<Configuring>> {
     let loc = &spec.locator;
     let names: Vec<&str> = registry.names();
     let mut partial: Vec<Option<Configuring>> = Vec::new();
     for s in &spec.stages {
         let base = format!("stages.{}", s.id);
         let Some(kind) = registry.get(&s.kind) else {
-            errs.push(loc.error(&format!("{base}.kind"), format!("unknown stage kind `{}`{}", s.kind, suggest(&s.kind, names.iter().copied()))));
+            errs.push(loc.error(
+                &format!("{base}.kind"),
+                format!(
+                    "unknown stage kind `{}`{}",
+                    s.kind,
+                    suggest(&s.kind, names.iter().copied())
+                ),
+            ));
             partial.push(None);
             continue;
         };
@@ -165,7 +193,13 @@ fn configure(spec: &Spec, registry: &Registry, links: &Links, errs: &mut Vec<Spe
                 // `with:` that is not a mapping is already reported; its stand-in (no parameters)
                 // would only add "required" errors.
                 let bad_with = spec.errors.iter().any(|e| e.path == format!("{base}.with"));
-                push_param_errors(loc, &base, pe.into_iter().filter(|e| !bad_with || e.field.starts_with('/')), errs);
+                push_param_errors(
+                    loc,
+                    &base,
+                    pe.into_iter()
+                        .filter(|e| !bad_with || e.field.starts_with('/')),
+                    errs,
+                );
                 // Ports are still known: check the connections too.
                 partial.push(None);
             }
@@ -177,7 +211,12 @@ fn configure(spec: &Spec, registry: &Registry, links: &Links, errs: &mut Vec<Spe
 
 /// Parameter errors of stage `base` as spec errors. A field starting with `/` is a path from the
 /// spec's top (`/model.encoder.dim`): reported once even when several stages read that block.
-fn push_param_errors(loc: &Locator, base: &str, pe: impl IntoIterator<Item = ParamError>, errs: &mut Vec<SpecError>) {
+fn push_param_errors(
+    loc: &Locator,
+    base: &str,
+    pe: impl IntoIterator<Item = ParamError>,
+    errs: &mut Vec<SpecError>,
+) {
     for e in pe {
         let path = match e.field.strip_prefix('/') {
             Some(abs) => abs.to_string(),
@@ -224,7 +263,9 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
         let mut positional = 0usize;
         let errs_before = errs.len();
         // A `from:` the loader could not read is already reported.
-        let bad_from = spec.errors.iter().any(|e| e.path == format!("{base}.from") || e.path.starts_with(&format!("{base}.from.")));
+        let bad_from = spec.errors.iter().any(|e| {
+            e.path == format!("{base}.from") || e.path.starts_with(&format!("{base}.from."))
+        });
         for (ci, c) in s.from.iter().enumerate() {
             let path = match &c.input {
                 Some(p) => format!("{base}.from.{p}"),
@@ -237,7 +278,14 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
                     Some(i) => i,
                     None => {
                         let known: Vec<&str> = inputs.iter().map(|p| p.name).collect();
-                        errs.push(loc.error(&path, format!("`{}` has no input `{name}`{}", s.kind, suggest(name, known.iter().copied()))));
+                        errs.push(loc.error(
+                            &path,
+                            format!(
+                                "`{}` has no input `{name}`{}",
+                                s.kind,
+                                suggest(name, known.iter().copied())
+                            ),
+                        ));
                         continue;
                     }
                 },
@@ -245,19 +293,36 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
                     let i = positional;
                     positional += 1;
                     if i >= inputs.len() {
-                        errs.push(loc.error(&path, format!("`{}` takes {} input(s), but `from` names more", s.kind, inputs.len())));
+                        errs.push(loc.error(
+                            &path,
+                            format!(
+                                "`{}` takes {} input(s), but `from` names more",
+                                s.kind,
+                                inputs.len()
+                            ),
+                        ));
                         continue;
                     }
                     i
                 }
             };
             if slots[slot].is_some() {
-                errs.push(loc.error(&path, format!("input `{}` is connected twice", inputs[slot].name)));
+                errs.push(loc.error(
+                    &path,
+                    format!("input `{}` is connected twice", inputs[slot].name),
+                ));
                 continue;
             }
             // Which producer and port.
             let Some(&pi) = index.get(c.from.stage.as_str()) else {
-                errs.push(loc.error(&path, format!("`{}` is not a stage of this spec{}", c.from.stage, suggest(&c.from.stage, ids.iter().copied()))));
+                errs.push(loc.error(
+                    &path,
+                    format!(
+                        "`{}` is not a stage of this spec{}",
+                        c.from.stage,
+                        suggest(&c.from.stage, ids.iter().copied())
+                    ),
+                ));
                 continue;
             };
             let Some((_, outs)) = ports_of(pi) else {
@@ -271,33 +336,66 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
                     Some(p) => p,
                     None => {
                         let known: Vec<&str> = outs.iter().map(|p| p.name).collect();
-                        errs.push(loc.error(&path, format!("stage `{}` has no output `{pn}`{} (outputs: {})", c.from.stage, suggest(pn, known.iter().copied()), known.join(", "))));
+                        errs.push(loc.error(
+                            &path,
+                            format!(
+                                "stage `{}` has no output `{pn}`{} (outputs: {})",
+                                c.from.stage,
+                                suggest(pn, known.iter().copied()),
+                                known.join(", ")
+                            ),
+                        ));
                         continue;
                     }
                 },
                 None => match outs.len() {
                     1 => 0,
                     0 => {
-                        errs.push(loc.error(&path, format!("stage `{}` has no outputs to read from", c.from.stage)));
+                        errs.push(loc.error(
+                            &path,
+                            format!("stage `{}` has no outputs to read from", c.from.stage),
+                        ));
                         continue;
                     }
                     _ => {
-                        let known: Vec<String> = outs.iter().map(|p| format!("{}.{}", c.from.stage, p.name)).collect();
-                        errs.push(loc.error(&path, format!("stage `{}` has several outputs; name one: {}", c.from.stage, known.join(", "))));
+                        let known: Vec<String> = outs
+                            .iter()
+                            .map(|p| format!("{}.{}", c.from.stage, p.name))
+                            .collect();
+                        errs.push(loc.error(
+                            &path,
+                            format!(
+                                "stage `{}` has several outputs; name one: {}",
+                                c.from.stage,
+                                known.join(", ")
+                            ),
+                        ));
                         continue;
                     }
                 },
             };
             let (want, got) = (&inputs[slot].ty, &outs[port].ty);
             if want.id != got.id {
-                errs.push(loc.error(&path, format!("type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}", c.from.stage, outs[port].name, got.name, inputs[slot].name, s.id, want.name)));
+                errs.push(loc.error(
+                    &path,
+                    format!(
+                        "type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}",
+                        c.from.stage, outs[port].name, got.name, inputs[slot].name, s.id, want.name
+                    ),
+                ));
                 continue;
             }
             slots[slot] = Some((pi, port));
         }
         for (i, slot) in slots.iter().enumerate() {
             if slot.is_none() && !upstream_unknown[i] && errs.len() == errs_before && !bad_from {
-                errs.push(loc.error(&base, format!("input `{}` ({}) is not connected: add `from:`", inputs[i].name, inputs[i].ty.name)));
+                errs.push(loc.error(
+                    &base,
+                    format!(
+                        "input `{}` ({}) is not connected: add `from:`",
+                        inputs[i].name, inputs[i].ty.name
+                    ),
+                ));
             }
         }
         sources.push(slots);
@@ -309,7 +407,8 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
 /// An output read by several stages must carry items that can be copied.
 fn check_fan_out(spec: &Spec, registry: &Registry, sources: &Sources, errs: &mut Vec<SpecError>) {
     let loc = &spec.locator;
-    let ports_of = |i: usize| -> Option<Vec<Port>> { registry.get(&spec.stages[i].kind).map(|k| k.outputs()) };
+    let ports_of =
+        |i: usize| -> Option<Vec<Port>> { registry.get(&spec.stages[i].kind).map(|k| k.outputs()) };
     let mut uses: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
     for (ci, slots) in sources.iter().enumerate() {
         for &(p, port) in slots.iter().flatten() {
@@ -321,14 +420,22 @@ fn check_fan_out(spec: &Spec, registry: &Registry, sources: &Sources, errs: &mut
     for (&(p, port), consumers) in fan {
         if let Some(outs) = ports_of(p) {
             if outs[port].ty.clone.is_none() {
-                let names: Vec<&str> = consumers.iter().map(|&c| spec.stages[c].id.as_str()).collect();
-                errs.push(
-                    loc.error(&format!("stages.{}", spec.stages[p].id), format!("output `{}` ({}) cannot be shared by several stages ({})", outs[port].name, outs[port].ty.name, names.join(", "))),
-                );
+                let names: Vec<&str> = consumers
+                    .iter()
+                    .map(|&c| spec.stages[c].id.as_str())
+                    .collect();
+                errs.push(loc.error(
+                    &format!("stages.{}", spec.stages[p].id),
+                    format!(
+                        "output `{}` ({}) cannot be shared by several stages ({})",
+                        outs[port].name,
+                        outs[port].ty.name,
+                        names.join(", ")
+                    ),
+                ));
             }
         }
     }
-
 }
 
 /// The stages in dependency order (Kahn's algorithm); a cycle is an error.
@@ -356,7 +463,10 @@ fn topological_order(spec: &Spec, sources: &Sources, errs: &mut Vec<SpecError>) 
         }
     }
     if order.len() < n {
-        let in_cycle: Vec<&str> = (0..n).filter(|&i| indeg[i] > 0).map(|i| spec.stages[i].id.as_str()).collect();
+        let in_cycle: Vec<&str> = (0..n)
+            .filter(|&i| indeg[i] > 0)
+            .map(|i| spec.stages[i].id.as_str())
+            .collect();
         errs.push(loc.error("stages", format!("the stages form a cycle: {} (data must flow one way; feedback such as EMA weights is not a connection)", in_cycle.join(" → "))));
     }
 

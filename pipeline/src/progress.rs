@@ -55,7 +55,10 @@ impl Progress {
         if let (Some(multi), Ok(mut bar)) = (&self.multi, self.bar.lock()) {
             let b = bar.get_or_insert_with(|| multi.add(ProgressBar::new(len)));
             b.set_length(len);
-            let style = ProgressStyle::with_template(&format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})")).unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template(&format!(
+                "{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
             b.set_style(style.progress_chars("=> "));
             b.set_prefix(self.stage.clone());
             b.set_position(self.pos.load(Ordering::Relaxed));
@@ -90,9 +93,16 @@ impl Progress {
         let secs = self.started.elapsed().as_secs_f64();
         let rate = if secs > 0.0 { pos as f64 / secs } else { 0.0 };
         Some(if len > 0 {
-            format!("{}: {pos}/{len} {unit} ({:.0}%), {rate:.1} {unit}/s, {secs:.0} s", self.stage, 100.0 * pos as f64 / len as f64)
+            format!(
+                "{}: {pos}/{len} {unit} ({:.0}%), {rate:.1} {unit}/s, {secs:.0} s",
+                self.stage,
+                100.0 * pos as f64 / len as f64
+            )
         } else {
-            format!("{}: {pos} {unit}, {rate:.1} {unit}/s, {secs:.0} s", self.stage)
+            format!(
+                "{}: {pos} {unit}, {rate:.1} {unit}/s, {secs:.0} s",
+                self.stage
+            )
         })
     }
 

@@ -11,27 +11,54 @@ use std::path::{Path, PathBuf};
 /// Saves the resolved spec in the run directory; refuses a different one unless `force`.
 pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<PathBuf, RunError> {
     let dir = plan.spec.run_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
-    let text = serde_yaml::to_string(&plan.spec.resolved).map_err(|e| RunError::Other(format!("cannot serialise the spec: {e}")))?;
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io {
+        context: format!("cannot create run directory {}", dir.display()),
+        cause: e,
+    })?;
+    let text = serde_yaml::to_string(&plan.spec.resolved)
+        .map_err(|e| RunError::Other(format!("cannot serialise the spec: {e}")))?;
     let path = dir.join("spec.yaml");
     {
         let mut changed = saved_spec_changes(&dir, &plan.spec.resolved);
         // Continuable parameters (a trainer's max_steps) continue the run; said, not refused.
-        let cont: Vec<String> = plan.nodes.iter().flat_map(|n| n.continuable.iter().map(move |p| format!("stages.{}.with.{p}", n.id))).collect();
-        let continued: Vec<String> = changed.iter().filter(|c| cont.contains(c)).cloned().collect();
+        let cont: Vec<String> = plan
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.continuable
+                    .iter()
+                    .map(move |p| format!("stages.{}.with.{p}", n.id))
+            })
+            .collect();
+        let continued: Vec<String> = changed
+            .iter()
+            .filter(|c| cont.contains(c))
+            .cloned()
+            .collect();
         changed.retain(|c| !cont.contains(c));
         if changed.is_empty() && !continued.is_empty() && !quiet {
-            eprintln!("{}: continuing the run there with a changed {}", dir.display(), continued.join(", "));
+            eprintln!(
+                "{}: continuing the run there with a changed {}",
+                dir.display(),
+                continued.join(", ")
+            );
         }
         if !changed.is_empty() && force {
             // Validation may have read the earlier run (a checkpoint to resume from): a caller
             // that forces must claim the directory before validating (`claim_run_dir`).
             move_aside(&dir, &changed)?;
-            std::fs::create_dir_all(&dir).map_err(|e| RunError::Io { context: format!("cannot create run directory {}", dir.display()), cause: e })?;
+            std::fs::create_dir_all(&dir).map_err(|e| RunError::Io {
+                context: format!("cannot create run directory {}", dir.display()),
+                cause: e,
+            })?;
         }
         if !changed.is_empty() && !force {
             let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
-            let more = if changed.len() > 5 { format!(" and {} more", changed.len() - 5) } else { String::new() };
+            let more = if changed.len() > 5 {
+                format!(" and {} more", changed.len() - 5)
+            } else {
+                String::new()
+            };
             return Err(RunError::Other(format!(
                 "{} holds a run of a different spec ({}; changed: {}{more}); use another `name`/`run_dir`, or pass --force to run over it",
                 dir.display(),
@@ -40,7 +67,10 @@ pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<P
             )));
         }
     }
-    write_atomic(&path, text.as_bytes()).map_err(|e| RunError::Io { context: format!("cannot write {}", path.display()), cause: e })?;
+    write_atomic(&path, text.as_bytes()).map_err(|e| RunError::Io {
+        context: format!("cannot write {}", path.display()),
+        cause: e,
+    })?;
     Ok(dir)
 }
 
@@ -57,9 +87,29 @@ fn saved_spec_changes(dir: &Path, resolved: &serde_yaml::Value) -> Vec<String> {
 
 /// Moves an earlier run out of the way (`DIR.replaced-N`), whole: nothing is deleted.
 fn move_aside(dir: &Path, changed: &[String]) -> Result<PathBuf, RunError> {
-    let aside = (1..).map(|k| PathBuf::from(format!("{}.replaced-{k}", dir.display()))).find(|p| !p.exists()).unwrap_or_else(|| dir.with_extension("replaced"));
-    std::fs::rename(dir, &aside).map_err(|e| RunError::Io { context: format!("cannot move the earlier run {} aside to {}", dir.display(), aside.display()), cause: e })?;
-    eprintln!("--force: {} held a run of a different spec (changed: {}); moved it to {}", dir.display(), changed.iter().take(5).cloned().collect::<Vec<_>>().join(", "), aside.display());
+    let aside = (1..)
+        .map(|k| PathBuf::from(format!("{}.replaced-{k}", dir.display())))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| dir.with_extension("replaced"));
+    std::fs::rename(dir, &aside).map_err(|e| RunError::Io {
+        context: format!(
+            "cannot move the earlier run {} aside to {}",
+            dir.display(),
+            aside.display()
+        ),
+        cause: e,
+    })?;
+    eprintln!(
+        "--force: {} held a run of a different spec (changed: {}); moved it to {}",
+        dir.display(),
+        changed
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        aside.display()
+    );
     Ok(aside)
 }
 
@@ -92,13 +142,37 @@ pub fn run_spec_changes(old: &serde_yaml::Value, new: &serde_yaml::Value) -> Vec
 
 /// The paths at which two resolved specs differ. Mappings compare key by key whatever their
 /// order; numbers compare by value (`1` equals `1.0`).
-pub fn spec_diff(old: &serde_yaml::Value, new: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+pub fn spec_diff(
+    old: &serde_yaml::Value,
+    new: &serde_yaml::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
     use serde_yaml::Value;
-    let at = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
-    let here = || if path.is_empty() { "(the whole spec)".to_string() } else { path.to_string() };
+    let at = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    let here = || {
+        if path.is_empty() {
+            "(the whole spec)".to_string()
+        } else {
+            path.to_string()
+        }
+    };
     match (old, new) {
         (Value::Mapping(a), Value::Mapping(b)) => {
-            let key = |k: &Value| k.as_str().map(str::to_string).unwrap_or_else(|| serde_yaml::to_string(k).unwrap_or_default().trim().to_string());
+            let key = |k: &Value| {
+                k.as_str().map(str::to_string).unwrap_or_else(|| {
+                    serde_yaml::to_string(k)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                })
+            };
             for (k, va) in a {
                 match b.get(k) {
                     Some(vb) => spec_diff(va, vb, &at(&key(k)), out),
@@ -124,7 +198,9 @@ pub fn spec_diff(old: &serde_yaml::Value, new: &serde_yaml::Value, path: &str, o
                 out.push(here());
             }
         }
-        (Value::Tagged(a), Value::Tagged(b)) if a.tag == b.tag => spec_diff(&a.value, &b.value, path, out),
+        (Value::Tagged(a), Value::Tagged(b)) if a.tag == b.tag => {
+            spec_diff(&a.value, &b.value, path, out)
+        }
         (a, b) => {
             if a != b {
                 out.push(here());
@@ -161,4 +237,3 @@ impl RunStatus {
         write_atomic(&run_dir.join("run.json"), text.as_bytes())
     }
 }
-

@@ -88,42 +88,90 @@ impl Attempt {
 pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     if cancel.is_cancelled() {
-        return Err(if cancel.was_interrupted() { RunError::Interrupted } else { RunError::Other("the run was cancelled before it started".into()) });
+        return Err(if cancel.was_interrupted() {
+            RunError::Interrupted
+        } else {
+            RunError::Other("the run was cancelled before it started".into())
+        });
     }
     let run_dir = prepare_run_dir(&plan, opts.force, opts.quiet)?;
     let before = RunStatus::read(&run_dir);
     let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
-    let attempt = Attempt { started, prior_wall, prior_attempts };
-    attempt.status("running", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), cause: e })?;
-    let show_bars = !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
-    let multi = if show_bars { Some(indicatif::MultiProgress::new()) } else { None };
+    let attempt = Attempt {
+        started,
+        prior_wall,
+        prior_attempts,
+    };
+    attempt
+        .status("running", None)
+        .write(&run_dir)
+        .map_err(|e| RunError::Io {
+            context: format!("cannot write {}", run_dir.join("run.json").display()),
+            cause: e,
+        })?;
+    let show_bars =
+        !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
+    let multi = if show_bars {
+        Some(indicatif::MultiProgress::new())
+    } else {
+        None
+    };
 
     let (skip_out, discard) = match resume_skips(&plan) {
         Ok(s) => s,
         Err(e) => {
             // Failed before any thread started: the attempt is over, say so in run.json.
-            if let RunError::Stage { stage, kind, message } = &e {
-                let _ = attempt.status("failed", Some(format!("stage `{stage}` ({kind}): {message}"))).write(&run_dir);
+            if let RunError::Stage {
+                stage,
+                kind,
+                message,
+            } = &e
+            {
+                let _ = attempt
+                    .status(
+                        "failed",
+                        Some(format!("stage `{stage}` ({kind}): {message}")),
+                    )
+                    .write(&run_dir);
             }
             return Err(e);
         }
     };
-    let stats: Vec<Arc<Stats>> = plan.nodes.iter().map(|_| Arc::new(Stats::default())).collect();
-    let progress: Vec<Arc<Progress>> = plan.nodes.iter().map(|nd| Arc::new(Progress::new(&nd.id, multi.clone(), opts.quiet))).collect();
-    let recorder = Recorder { first: Arc::new(Mutex::new(None)), cancel: cancel.clone() };
+    let stats: Vec<Arc<Stats>> = plan
+        .nodes
+        .iter()
+        .map(|_| Arc::new(Stats::default()))
+        .collect();
+    let progress: Vec<Arc<Progress>> = plan
+        .nodes
+        .iter()
+        .map(|nd| Arc::new(Progress::new(&nd.id, multi.clone(), opts.quiet)))
+        .collect();
+    let recorder = Recorder {
+        first: Arc::new(Mutex::new(None)),
+        cancel: cancel.clone(),
+    };
     let mut handles = Vec::new();
     {
         // The engine keeps no sender: a stage's input ends when its producers finish.
         let (in_tx, in_rx) = channels(&plan);
         for (ni, node) in plan.nodes.iter().enumerate() {
-            let wiring = Wiring { in_tx: &in_tx, in_rx: &in_rx[ni], skip: &skip_out[ni], discard: &discard[ni], stats: &stats[ni], progress: &progress[ni] };
+            let wiring = Wiring {
+                in_tx: &in_tx,
+                in_rx: &in_rx[ni],
+                skip: &skip_out[ni],
+                discard: &discard[ni],
+                stats: &stats[ni],
+                progress: &progress[ni],
+            };
             spawn_node(&plan, ni, node, &wiring, &recorder, cancel, &mut handles)?;
         }
     }
 
     let finished = Arc::new(AtomicBool::new(false));
     let heartbeat = spawn_heartbeat(finished.clone(), run_dir.clone(), attempt);
-    let reporter = (!opts.quiet && !show_bars).then(|| spawn_reporter(finished.clone(), progress.clone(), plan.spec.name.clone()));
+    let reporter = (!opts.quiet && !show_bars)
+        .then(|| spawn_reporter(finished.clone(), progress.clone(), plan.spec.name.clone()));
     for h in handles {
         let _ = h.join();
     }
@@ -135,7 +183,15 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     for p in &progress {
         p.finish();
     }
-    finish(&plan, opts, cancel, &recorder.first, &stats, run_dir, attempt)
+    finish(
+        &plan,
+        opts,
+        cancel,
+        &recorder.first,
+        &stats,
+        run_dir,
+        attempt,
+    )
 }
 
 /// Leading items each output may skip and each input must discard: what the consumers already
@@ -147,13 +203,25 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
 /// store writer's own index (prep skips finished inputs). The first is the engine's fallback
 /// when no reader can start inside its stream.
 fn resume_skips(plan: &Plan) -> Result<(Vec<Vec<u64>>, Vec<Vec<u64>>), RunError> {
-    let mut skip_out: Vec<Vec<u64>> = plan.nodes.iter().map(|nd| vec![0; nd.outputs.len()]).collect();
-    let mut discard: Vec<Vec<u64>> = plan.nodes.iter().map(|nd| vec![0; nd.inputs.len()]).collect();
+    let mut skip_out: Vec<Vec<u64>> = plan
+        .nodes
+        .iter()
+        .map(|nd| vec![0; nd.outputs.len()])
+        .collect();
+    let mut discard: Vec<Vec<u64>> = plan
+        .nodes
+        .iter()
+        .map(|nd| vec![0; nd.inputs.len()])
+        .collect();
     for (c, node) in plan.nodes.iter().enumerate() {
         if node.inputs.len() != 1 || node.workers != 1 {
             continue;
         }
-        let k = node.configured.resume_skip().map_err(|e| RunError::Stage { stage: node.id.clone(), kind: node.kind.clone(), message: e.to_string() })?;
+        let k = node.configured.resume_skip().map_err(|e| RunError::Stage {
+            stage: node.id.clone(),
+            kind: node.kind.clone(),
+            message: e.to_string(),
+        })?;
         if k == 0 {
             continue;
         }
@@ -174,10 +242,14 @@ fn channels(plan: &Plan) -> Channels {
     let mut in_tx = Vec::new();
     let mut in_rx = Vec::new();
     for node in &plan.nodes {
-        let (txs, rxs): (Vec<_>, Vec<_>) = node.inputs.iter().map(|_| {
-            let (tx, rx) = bounded(node.capacity);
-            (Some(tx), rx)
-        }).unzip();
+        let (txs, rxs): (Vec<_>, Vec<_>) = node
+            .inputs
+            .iter()
+            .map(|_| {
+                let (tx, rx) = bounded(node.capacity);
+                (Some(tx), rx)
+            })
+            .unzip();
         in_tx.push(txs);
         in_rx.push(rxs);
     }
@@ -195,23 +267,54 @@ struct Wiring<'a> {
 }
 
 /// Starts a node's workers, and a relay per connected output when it runs as several workers.
-fn spawn_node(plan: &Plan, ni: usize, node: &Node, wiring: &Wiring, recorder: &Recorder, cancel: &CancelToken, handles: &mut Vec<JoinHandle<()>>) -> Result<(), RunError> {
+fn spawn_node(
+    plan: &Plan,
+    ni: usize,
+    node: &Node,
+    wiring: &Wiring,
+    recorder: &Recorder,
+    cancel: &CancelToken,
+    handles: &mut Vec<JoinHandle<()>>,
+) -> Result<(), RunError> {
     let multi_worker = node.workers > 1;
     // Output ports: direct to consumers, or through a relay that restores order.
     let window = (multi_worker && !node.outputs.is_empty()).then(|| {
         // Unconnected ports have no relay: they never hold workers back.
-        let next = (0..node.outputs.len()).map(|pi| AtomicU64::new(if plan.consumers(ni, pi).is_empty() { u64::MAX / 2 } else { 0 })).collect();
-        Arc::new(Window::new(next, (node.capacity * (node.workers + 1)).max(4) as u64))
+        let next = (0..node.outputs.len())
+            .map(|pi| {
+                AtomicU64::new(if plan.consumers(ni, pi).is_empty() {
+                    u64::MAX / 2
+                } else {
+                    0
+                })
+            })
+            .collect();
+        Arc::new(Window::new(
+            next,
+            (node.capacity * (node.workers + 1)).max(4) as u64,
+        ))
     });
     let mut worker_outs: Vec<(Vec<Sender<Msg>>, Option<CloneFn>, bool)> = Vec::new();
     for (pi, port) in node.outputs.iter().enumerate() {
-        let senders: Vec<Sender<Msg>> = plan.consumers(ni, pi).iter().filter_map(|&(c, ci)| wiring.in_tx[c][ci].clone()).collect();
+        let senders: Vec<Sender<Msg>> = plan
+            .consumers(ni, pi)
+            .iter()
+            .filter_map(|&(c, ci)| wiring.in_tx[c][ci].clone())
+            .collect();
         let connected = !senders.is_empty();
         match (&window, connected) {
             (Some(w), true) => {
                 let (rtx, rrx) = bounded::<Msg>(node.capacity * node.workers);
                 let out = OutPort::new(senders, port.ty.clone, connected);
-                handles.push(spawn_relay(node, rrx, out, w.clone(), pi, recorder, cancel)?);
+                handles.push(spawn_relay(
+                    node,
+                    rrx,
+                    out,
+                    w.clone(),
+                    pi,
+                    recorder,
+                    cancel,
+                )?);
                 worker_outs.push((vec![rtx], port.ty.clone, true));
             }
             _ => worker_outs.push((senders, port.ty.clone, connected)),
@@ -223,8 +326,19 @@ fn spawn_node(plan: &Plan, ni: usize, node: &Node, wiring: &Wiring, recorder: &R
             stage: node.id.clone(),
             worker: w,
             workers: node.workers,
-            inputs: wiring.in_rx.iter().enumerate().map(|(i, rx)| InPort { rx: rx.clone(), discard: if w == 0 { wiring.discard[i] } else { 0 } }).collect(),
-            outputs: worker_outs.iter().map(|(s, clone, connected)| OutPort::new(s.clone(), *clone, *connected)).collect(),
+            inputs: wiring
+                .in_rx
+                .iter()
+                .enumerate()
+                .map(|(i, rx)| InPort {
+                    rx: rx.clone(),
+                    discard: if w == 0 { wiring.discard[i] } else { 0 },
+                })
+                .collect(),
+            outputs: worker_outs
+                .iter()
+                .map(|(s, clone, connected)| OutPort::new(s.clone(), *clone, *connected))
+                .collect(),
             tagged: multi_worker,
             current: None,
             cancel: cancel.clone(),
@@ -239,7 +353,15 @@ fn spawn_node(plan: &Plan, ni: usize, node: &Node, wiring: &Wiring, recorder: &R
     Ok(())
 }
 
-fn spawn_relay(node: &Node, rx: Receiver<Msg>, out: OutPort, w: Arc<Window>, pi: usize, recorder: &Recorder, cancel: &CancelToken) -> Result<JoinHandle<()>, RunError> {
+fn spawn_relay(
+    node: &Node,
+    rx: Receiver<Msg>,
+    out: OutPort,
+    w: Arc<Window>,
+    pi: usize,
+    recorder: &Recorder,
+    cancel: &CancelToken,
+) -> Result<JoinHandle<()>, RunError> {
     let (c, rec) = (cancel.clone(), recorder.clone());
     let (id, kind) = (node.id.clone(), node.kind.clone());
     std::thread::Builder::new()
@@ -253,10 +375,18 @@ fn spawn_relay(node: &Node, rx: Receiver<Msg>, out: OutPort, w: Arc<Window>, pi:
                 Err(e) => rec.record(&id, &kind, e.to_string()),
             }
         })
-        .map_err(|e| RunError::Io { context: "cannot start a thread".into(), cause: e })
+        .map_err(|e| RunError::Io {
+            context: "cannot start a thread".into(),
+            cause: e,
+        })
 }
 
-fn spawn_worker(node: &Node, w: usize, mut io: StageIo, recorder: &Recorder) -> Result<JoinHandle<()>, RunError> {
+fn spawn_worker(
+    node: &Node,
+    w: usize,
+    mut io: StageIo,
+    recorder: &Recorder,
+) -> Result<JoinHandle<()>, RunError> {
     let configured = node.configured.clone();
     let rec = recorder.clone();
     let (id, kind) = (node.id.clone(), node.kind.clone());
@@ -273,10 +403,17 @@ fn spawn_worker(node: &Node, w: usize, mut io: StageIo, recorder: &Recorder) -> 
             match result {
                 Ok(Ok(())) | Ok(Err(StageError::Cancelled)) | Ok(Err(StageError::Closed)) => {}
                 Ok(Err(e)) => rec.record(&id, &kind, e.to_string()),
-                Err(p) => rec.record(&id, &kind, format!("internal error (panic): {}", panic_message(p.as_ref()))),
+                Err(p) => rec.record(
+                    &id,
+                    &kind,
+                    format!("internal error (panic): {}", panic_message(p.as_ref())),
+                ),
             }
         })
-        .map_err(|e| RunError::Io { context: "cannot start a thread".into(), cause: e })
+        .map_err(|e| RunError::Io {
+            context: "cannot start a thread".into(),
+            cause: e,
+        })
 }
 
 /// Keeps `run.json`'s wall time of this attempt up to date (every 10 s), so an attempt that is
@@ -295,7 +432,11 @@ fn spawn_heartbeat(finished: Arc<AtomicBool>, dir: PathBuf, attempt: Attempt) ->
 }
 
 /// Plain progress lines every 10 s when stderr is not a terminal.
-fn spawn_reporter(finished: Arc<AtomicBool>, progress: Vec<Arc<Progress>>, name: String) -> JoinHandle<()> {
+fn spawn_reporter(
+    finished: Arc<AtomicBool>,
+    progress: Vec<Arc<Progress>>,
+    name: String,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut last: Vec<u64> = vec![u64::MAX; progress.len()];
         let mut tick = 0u64;
@@ -318,8 +459,21 @@ fn spawn_reporter(finished: Arc<AtomicBool>, progress: Vec<Arc<Progress>>, name:
 }
 
 /// Telemetry table and file, then the run's outcome in `run.json`.
-fn finish(plan: &Plan, opts: &RunOptions, cancel: &CancelToken, first_error: &FirstError, stats: &[Arc<Stats>], run_dir: PathBuf, attempt: Attempt) -> Result<RunSummary, RunError> {
-    let reports: Vec<StageReport> = plan.nodes.iter().enumerate().map(|(i, nd)| StageReport::from_stats(&nd.id, &nd.kind, nd.workers, &stats[i])).collect();
+fn finish(
+    plan: &Plan,
+    opts: &RunOptions,
+    cancel: &CancelToken,
+    first_error: &FirstError,
+    stats: &[Arc<Stats>],
+    run_dir: PathBuf,
+    attempt: Attempt,
+) -> Result<RunSummary, RunError> {
+    let reports: Vec<StageReport> = plan
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, nd)| StageReport::from_stats(&nd.id, &nd.kind, nd.workers, &stats[i]))
+        .collect();
     let wall_s = attempt.started.elapsed().as_secs_f64();
     if !opts.quiet {
         eprintln!("\n{}", format_table(&reports));
@@ -328,12 +482,24 @@ fn finish(plan: &Plan, opts: &RunOptions, cancel: &CancelToken, first_error: &Fi
     let save = to_batch(&plan.spec.name, &reports)
         .map_err(std::io::Error::other)
         .and_then(|b| write_parquet_atomic(&stages_path, &b))
-        .map_err(|e| RunError::Io { context: format!("cannot write {}", stages_path.display()), cause: e });
+        .map_err(|e| RunError::Io {
+            context: format!("cannot write {}", stages_path.display()),
+            cause: e,
+        });
 
     let err = first_error.lock().ok().and_then(|mut e| e.take());
     if let Some((stage, kind, message)) = err {
-        let _ = attempt.status("failed", Some(format!("stage `{stage}` ({kind}): {message}"))).write(&run_dir);
-        return Err(RunError::Stage { stage, kind, message });
+        let _ = attempt
+            .status(
+                "failed",
+                Some(format!("stage `{stage}` ({kind}): {message}")),
+            )
+            .write(&run_dir);
+        return Err(RunError::Stage {
+            stage,
+            kind,
+            message,
+        });
     }
     if cancel.was_interrupted() {
         let _ = attempt.status("interrupted", None).write(&run_dir);
@@ -345,6 +511,16 @@ fn finish(plan: &Plan, opts: &RunOptions, cancel: &CancelToken, first_error: &Fi
         return Err(RunError::Other("the run was cancelled".into()));
     }
     save?;
-    attempt.status("complete", None).write(&run_dir).map_err(|e| RunError::Io { context: format!("cannot write {}", run_dir.join("run.json").display()), cause: e })?;
-    Ok(RunSummary { run_dir, stages: reports, wall_s })
+    attempt
+        .status("complete", None)
+        .write(&run_dir)
+        .map_err(|e| RunError::Io {
+            context: format!("cannot write {}", run_dir.join("run.json").display()),
+            cause: e,
+        })?;
+    Ok(RunSummary {
+        run_dir,
+        stages: reports,
+        wall_s,
+    })
 }

@@ -9,7 +9,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Keys allowed at the top of a spec.
-pub const TOP_KEYS: &[&str] = &["name", "description", "extends", "run_dir", "seed", "device", "channel_capacity", "model", "stages"];
+pub const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "extends",
+    "run_dir",
+    "seed",
+    "device",
+    "channel_capacity",
+    "model",
+    "stages",
+];
 /// Keys allowed in a stage entry.
 pub const STAGE_KEYS: &[&str] = &["kind", "from", "with", "workers", "capacity"];
 
@@ -79,20 +89,45 @@ impl Locator {
     /// An error at `path`, located in the file that defines it (or at `--set`).
     pub fn error(&self, path: &str, message: impl Into<String>) -> SpecError {
         let message = message.into();
-        if self.overridden.iter().any(|o| path == o || path.starts_with(&format!("{o}."))) {
-            return SpecError { file: "--set".into(), path: path.into(), line: None, message };
+        if self
+            .overridden
+            .iter()
+            .any(|o| path == o || path.starts_with(&format!("{o}.")))
+        {
+            return SpecError {
+                file: "--set".into(),
+                path: path.into(),
+                line: None,
+                message,
+            };
         }
         // A path no file defines, created by an override below it (`--set x.y=1` makes `x`).
         let known = |p: &str| self.files.iter().any(|(_, lines)| lines.contains_key(p));
-        if !known(path) && !path.is_empty() && self.overridden.iter().any(|o| o.starts_with(&format!("{path}."))) {
-            return SpecError { file: "--set".into(), path: path.into(), line: None, message };
+        if !known(path)
+            && !path.is_empty()
+            && self
+                .overridden
+                .iter()
+                .any(|o| o.starts_with(&format!("{path}.")))
+        {
+            return SpecError {
+                file: "--set".into(),
+                path: path.into(),
+                line: None,
+                message,
+            };
         }
         // Longest prefix of the path that some file knows.
         let mut p = path.to_string();
         loop {
             for (file, lines) in &self.files {
                 if let Some(&line) = lines.get(&p) {
-                    return SpecError { file: file.clone(), path: path.into(), line: Some(line), message };
+                    return SpecError {
+                        file: file.clone(),
+                        path: path.into(),
+                        line: Some(line),
+                        message,
+                    };
                 }
             }
             match p.rfind('.') {
@@ -101,7 +136,12 @@ impl Locator {
             }
         }
         let file = self.files.first().map(|f| f.0.clone()).unwrap_or_default();
-        SpecError { file, path: path.into(), line: None, message }
+        SpecError {
+            file,
+            path: path.into(),
+            line: None,
+            message,
+        }
     }
 }
 
@@ -110,11 +150,23 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     // Also against the part after the last dot, so `fbank` finds `features.fbank`.
     let score = |c: &str| {
         let tail = c.rsplit('.').next().unwrap_or(c);
-        strsim::jaro_winkler(word, c).max(if tail.len() < c.len() { strsim::jaro_winkler(word, tail) } else { 0.0 })
+        strsim::jaro_winkler(word, c).max(if tail.len() < c.len() {
+            strsim::jaro_winkler(word, tail)
+        } else {
+            0.0
+        })
     };
-    let mut scored: Vec<(f64, &str)> = candidates.into_iter().map(|c| (score(c), c)).filter(|(s, _)| *s >= 0.75).collect();
+    let mut scored: Vec<(f64, &str)> = candidates
+        .into_iter()
+        .map(|c| (score(c), c))
+        .filter(|(s, _)| *s >= 0.75)
+        .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
-    let names: Vec<String> = scored.iter().take(3).map(|(_, c)| format!("`{c}`")).collect();
+    let names: Vec<String> = scored
+        .iter()
+        .take(3)
+        .map(|(_, c)| format!("`{c}`"))
+        .collect();
     if names.is_empty() {
         String::new()
     } else {
@@ -129,7 +181,9 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Spec, SpecErrors> {
     let mut value = load_with_extends(path, &mut locator, &mut Vec::new())?;
     let mut errors = Vec::new();
     for o in overrides {
-        if o.split_once('=').is_some_and(|(p, _)| p.trim() == "extends" || p.trim().starts_with("extends.")) {
+        if o.split_once('=')
+            .is_some_and(|(p, _)| p.trim() == "extends" || p.trim().starts_with("extends."))
+        {
             errors.push(SpecError {
                 file: "--set".into(),
                 path: "extends".into(),
@@ -140,7 +194,12 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Spec, SpecErrors> {
         }
         match apply_override(&mut value, o) {
             Ok(p) => locator.overridden.push(p),
-            Err(msg) => errors.push(SpecError { file: "--set".into(), path: String::new(), line: None, message: msg }),
+            Err(msg) => errors.push(SpecError {
+                file: "--set".into(),
+                path: String::new(),
+                line: None,
+                message: msg,
+            }),
         }
     }
     if let Value::Mapping(m) = &mut value {
@@ -161,7 +220,12 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Spec, Sp
     for o in overrides {
         match apply_override(&mut value, o) {
             Ok(p) => locator.overridden.push(p),
-            Err(msg) => errors.push(SpecError { file: "--set".into(), path: String::new(), line: None, message: msg }),
+            Err(msg) => errors.push(SpecError {
+                file: "--set".into(),
+                path: String::new(),
+                line: None,
+                message: msg,
+            }),
         }
     }
     if !errors.is_empty() {
@@ -171,23 +235,53 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Spec, Sp
 }
 
 fn parse_text(text: &str, file: &str) -> Result<Value, SpecErrors> {
-    if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
-        return Err(SpecErrors(vec![SpecError { file: file.into(), path: String::new(), line: None, message: "the spec is empty".into() }]));
+    if text.trim().is_empty()
+        || text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Err(SpecErrors(vec![SpecError {
+            file: file.into(),
+            path: String::new(),
+            line: None,
+            message: "the spec is empty".into(),
+        }]));
     }
     serde_yaml::from_str::<Value>(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
-        SpecErrors(vec![SpecError { file: file.into(), path: String::new(), line, message: format!("invalid YAML: {e}") }])
+        SpecErrors(vec![SpecError {
+            file: file.into(),
+            path: String::new(),
+            line,
+            message: format!("invalid YAML: {e}"),
+        }])
     })
 }
 
-fn load_with_extends(path: &Path, locator: &mut Locator, chain: &mut Vec<PathBuf>) -> Result<Value, SpecErrors> {
+fn load_with_extends(
+    path: &Path,
+    locator: &mut Locator,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Value, SpecErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| SpecErrors(vec![SpecError { file: file.clone(), path: String::new(), line: None, message: format!("cannot read the spec: {e}") }]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        SpecErrors(vec![SpecError {
+            file: file.clone(),
+            path: String::new(),
+            line: None,
+            message: format!("cannot read the spec: {e}"),
+        }])
+    })?;
     let value = parse_text(&text, &file)?;
     let index = line_index(&text);
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     if chain.contains(&canonical) {
-        return Err(SpecErrors(vec![SpecError { file, path: "extends".into(), line: index.get("extends").copied(), message: "`extends` forms a cycle".into() }]));
+        return Err(SpecErrors(vec![SpecError {
+            file,
+            path: "extends".into(),
+            line: index.get("extends").copied(),
+            message: "`extends` forms a cycle".into(),
+        }]));
     }
     chain.push(canonical);
     locator.files.push((file.clone(), index.clone()));
@@ -243,15 +337,26 @@ pub const MAX_OVERRIDE_DEPTH: usize = 64;
 
 /// Applies `a.b.c=VALUE` (VALUE read as a YAML scalar or flow value). Returns the path set.
 pub fn apply_override(root: &mut Value, o: &str) -> Result<String, String> {
-    let (path, raw) = o.split_once('=').ok_or_else(|| format!("`{o}`: an override is PATH=VALUE, e.g. stages.mask.with.mask_prob=0.6"))?;
+    let (path, raw) = o.split_once('=').ok_or_else(|| {
+        format!("`{o}`: an override is PATH=VALUE, e.g. stages.mask.with.mask_prob=0.6")
+    })?;
     let path = path.trim();
     if path.is_empty() || path.split('.').any(|s| s.is_empty()) {
-        return Err(format!("`{o}`: the path `{path}` is empty or has an empty segment"));
+        return Err(format!(
+            "`{o}`: the path `{path}` is empty or has an empty segment"
+        ));
     }
     if path.split('.').count() > MAX_OVERRIDE_DEPTH {
-        return Err(format!("`{}…`: the path has more than {MAX_OVERRIDE_DEPTH} segments", o.chars().take(60).collect::<String>()));
+        return Err(format!(
+            "`{}…`: the path has more than {MAX_OVERRIDE_DEPTH} segments",
+            o.chars().take(60).collect::<String>()
+        ));
     }
-    let value: Value = if raw.trim().is_empty() { Value::String(String::new()) } else { serde_yaml::from_str(raw).map_err(|e| format!("`{o}`: the value is not YAML: {e}"))? };
+    let value: Value = if raw.trim().is_empty() {
+        Value::String(String::new())
+    } else {
+        serde_yaml::from_str(raw).map_err(|e| format!("`{o}`: the value is not YAML: {e}"))?
+    };
     let segs: Vec<&str> = path.split('.').collect();
     let mut cur = root;
     for (i, seg) in segs.iter().enumerate() {
@@ -261,7 +366,10 @@ pub fn apply_override(root: &mut Value, o: &str) -> Result<String, String> {
         let m = match cur {
             Value::Mapping(m) => m,
             _ => {
-                return Err(format!("`{o}`: `{}` is not a mapping, so `{seg}` cannot be set in it", segs[..i].join(".")));
+                return Err(format!(
+                    "`{o}`: `{}` is not a mapping, so `{seg}` cannot be set in it",
+                    segs[..i].join(".")
+                ));
             }
         };
         let key = Value::String(seg.to_string());
@@ -272,7 +380,9 @@ pub fn apply_override(root: &mut Value, o: &str) -> Result<String, String> {
         if !m.contains_key(&key) {
             m.insert(key.clone(), Value::Mapping(Mapping::new()));
         }
-        cur = m.get_mut(&key).ok_or_else(|| format!("`{o}`: cannot set `{seg}`"))?;
+        cur = m
+            .get_mut(&key)
+            .ok_or_else(|| format!("`{o}`: cannot set `{seg}`"))?;
     }
     Ok(path.to_string())
 }
@@ -295,13 +405,22 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
     let top = match &value {
         Value::Mapping(m) => m.clone(),
         other => {
-            return Err(SpecErrors(vec![locator.error("", format!("the spec must be a mapping, found {}", type_name(other)))]));
+            return Err(SpecErrors(vec![locator.error(
+                "",
+                format!("the spec must be a mapping, found {}", type_name(other)),
+            )]));
         }
     };
     for k in top.keys() {
         match k.as_str() {
             Some(name) if TOP_KEYS.contains(&name) => {}
-            Some(name) => errs.push(locator.error(name, format!("unknown top-level key{}", suggest(name, TOP_KEYS.iter().copied())))),
+            Some(name) => errs.push(locator.error(
+                name,
+                format!(
+                    "unknown top-level key{}",
+                    suggest(name, TOP_KEYS.iter().copied())
+                ),
+            )),
             None => errs.push(locator.error("", "top-level keys must be strings")),
         }
     }
@@ -310,7 +429,9 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => {
-                errs.push(locator.error(key, format!("must be a string, found {}", type_name(other))));
+                errs.push(
+                    locator.error(key, format!("must be a string, found {}", type_name(other))),
+                );
                 None
             }
         }
@@ -323,7 +444,10 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         }
         Some(n) => {
             if n.contains('/') || n.contains('\\') || n.starts_with('.') {
-                errs.push(locator.error("name", format!("`{n}` must not contain path separators or start with '.'")));
+                errs.push(locator.error(
+                    "name",
+                    format!("`{n}` must not contain path separators or start with '.'"),
+                ));
             }
             n
         }
@@ -339,7 +463,10 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
     let description = get_str("description", &mut errs);
     let run_dir = match get_str("run_dir", &mut errs) {
         Some(d) if d.trim().is_empty() => {
-            errs.push(locator.error("run_dir", "must not be empty (leave it out for runs/<name>)"));
+            errs.push(locator.error(
+                "run_dir",
+                "must not be empty (leave it out for runs/<name>)",
+            ));
             PathBuf::from("runs").join(&name)
         }
         Some(d) => PathBuf::from(d),
@@ -349,7 +476,10 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         None | Some(Value::Null) => 0,
         Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
         Some(other) => {
-            errs.push(locator.error("seed", format!("must be a non-negative integer, found {}", describe(other))));
+            errs.push(locator.error(
+                "seed",
+                format!("must be a non-negative integer, found {}", describe(other)),
+            ));
             0
         }
     };
@@ -362,7 +492,10 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => n as usize,
             _ => {
-                errs.push(locator.error("channel_capacity", format!("must be an integer ≥ 1, found {}", describe(v))));
+                errs.push(locator.error(
+                    "channel_capacity",
+                    format!("must be an integer ≥ 1, found {}", describe(v)),
+                ));
                 8
             }
         },
@@ -371,13 +504,18 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         None | Some(Value::Null) => None,
         Some(v @ Value::Mapping(_)) => Some(v.clone()),
         Some(other) => {
-            errs.push(locator.error("model", format!("must be a mapping, found {}", type_name(other))));
+            errs.push(locator.error(
+                "model",
+                format!("must be a mapping, found {}", type_name(other)),
+            ));
             None
         }
     };
     let mut stages = Vec::new();
     match top.get("stages") {
-        None | Some(Value::Null) => errs.push(locator.error("stages", "missing: a spec needs at least one stage")),
+        None | Some(Value::Null) => {
+            errs.push(locator.error("stages", "missing: a spec needs at least one stage"))
+        }
         Some(Value::Mapping(m)) => {
             if m.is_empty() {
                 errs.push(locator.error("stages", "a spec needs at least one stage"));
@@ -392,9 +530,27 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
                 }
             }
         }
-        Some(other) => errs.push(locator.error("stages", format!("must be a mapping of stage name → stage, found {}", type_name(other)))),
+        Some(other) => errs.push(locator.error(
+            "stages",
+            format!(
+                "must be a mapping of stage name → stage, found {}",
+                type_name(other)
+            ),
+        )),
     }
-    Ok(Spec { name, description, run_dir, seed, device, channel_capacity, model, stages, resolved: value, locator, errors: errs })
+    Ok(Spec {
+        name,
+        description,
+        run_dir,
+        seed,
+        device,
+        channel_capacity,
+        model,
+        stages,
+        resolved: value,
+        locator,
+        errors: errs,
+    })
 }
 
 fn describe(v: &Value) -> String {
@@ -413,7 +569,9 @@ pub fn check_device(device: &str) -> Result<(), String> {
     }
     if let Some(n) = device.strip_prefix("cuda:") {
         if n.parse::<usize>().is_err() {
-            return Err(format!("`{device}`: expected `cpu` or `cuda:N` with N a GPU index"));
+            return Err(format!(
+                "`{device}`: expected `cpu` or `cuda:N` with N a GPU index"
+            ));
         }
         return Ok(());
     }
@@ -424,7 +582,10 @@ pub fn check_device(device: &str) -> Result<(), String> {
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn parse_endpoint(s: &str) -> Option<Endpoint> {
@@ -436,10 +597,18 @@ fn parse_endpoint(s: &str) -> Option<Endpoint> {
     if !valid_id(stage) || port.as_deref().is_some_and(|p| !valid_id(p)) {
         return None;
     }
-    Some(Endpoint { stage: stage.to_string(), port })
+    Some(Endpoint {
+        stage: stage.to_string(),
+        port,
+    })
 }
 
-fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecError>) -> Option<StageSpec> {
+fn stage_from_value(
+    id: &str,
+    v: &Value,
+    locator: &Locator,
+    errs: &mut Vec<SpecError>,
+) -> Option<StageSpec> {
     let base = format!("stages.{id}");
     if !valid_id(id) {
         errs.push(locator.error(&base, "stage names use letters, digits, '_' and '-' only (a '.' separates a stage from its port)"));
@@ -447,7 +616,10 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
     let m = match v {
         Value::Mapping(m) => m,
         other => {
-            errs.push(locator.error(&base, format!("must be a mapping with `kind`, found {}", type_name(other))));
+            errs.push(locator.error(
+                &base,
+                format!("must be a mapping with `kind`, found {}", type_name(other)),
+            ));
             return None;
         }
     };
@@ -455,7 +627,13 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
     for k in m.keys() {
         match k.as_str() {
             Some(name) if STAGE_KEYS.contains(&name) => {}
-            Some(name) => errs.push(locator.error(&format!("{base}.{name}"), format!("unknown stage key{} (parameters go under `with:`)", suggest(name, STAGE_KEYS.iter().copied())))),
+            Some(name) => errs.push(locator.error(
+                &format!("{base}.{name}"),
+                format!(
+                    "unknown stage key{} (parameters go under `with:`)",
+                    suggest(name, STAGE_KEYS.iter().copied())
+                ),
+            )),
             None => errs.push(locator.error(&base, "stage keys must be strings")),
         }
     }
@@ -466,16 +644,26 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
             String::new()
         }
         Some(other) => {
-            errs.push(locator.error(&format!("{base}.kind"), format!("must be a string, found {}", type_name(other))));
+            errs.push(locator.error(
+                &format!("{base}.kind"),
+                format!("must be a string, found {}", type_name(other)),
+            ));
             String::new()
         }
     };
     let mut from = Vec::new();
     let from_path = format!("{base}.from");
-    let mut push_ep = |input: Option<String>, v: &Value, path: &str, errs: &mut Vec<SpecError>| match v.as_str().and_then(parse_endpoint) {
-        Some(ep) => from.push(Connection { input, from: ep }),
-        None => errs.push(locator.error(path, format!("expected `stage` or `stage.port`, found {}", describe(v)))),
-    };
+    let mut push_ep =
+        |input: Option<String>, v: &Value, path: &str, errs: &mut Vec<SpecError>| match v
+            .as_str()
+            .and_then(parse_endpoint)
+        {
+            Some(ep) => from.push(Connection { input, from: ep }),
+            None => errs.push(locator.error(
+                path,
+                format!("expected `stage` or `stage.port`, found {}", describe(v)),
+            )),
+        };
     match m.get("from") {
         None | Some(Value::Null) => {}
         Some(v @ Value::String(_)) => push_ep(None, v, &from_path, errs),
@@ -487,18 +675,37 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
         Some(Value::Mapping(map)) => {
             for (k, item) in map {
                 match k.as_str() {
-                    Some(port) => push_ep(Some(port.to_string()), item, &format!("{from_path}.{port}"), errs),
-                    None => errs.push(locator.error(&from_path, "input port names must be strings")),
+                    Some(port) => push_ep(
+                        Some(port.to_string()),
+                        item,
+                        &format!("{from_path}.{port}"),
+                        errs,
+                    ),
+                    None => {
+                        errs.push(locator.error(&from_path, "input port names must be strings"))
+                    }
                 }
             }
         }
-        Some(other) => errs.push(locator.error(&from_path, format!("must be a stage name, a list, or input → stage mapping; found {}", type_name(other)))),
+        Some(other) => errs.push(locator.error(
+            &from_path,
+            format!(
+                "must be a stage name, a list, or input → stage mapping; found {}",
+                type_name(other)
+            ),
+        )),
     }
     let with = match m.get("with") {
         None | Some(Value::Null) => Value::Mapping(Mapping::new()),
         Some(v @ Value::Mapping(_)) => v.clone(),
         Some(other) => {
-            errs.push(locator.error(&format!("{base}.with"), format!("must be a mapping of parameters, found {}", type_name(other))));
+            errs.push(locator.error(
+                &format!("{base}.with"),
+                format!(
+                    "must be a mapping of parameters, found {}",
+                    type_name(other)
+                ),
+            ));
             Value::Mapping(Mapping::new())
         }
     };
@@ -506,12 +713,18 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
         None | Some(Value::Null) => 1,
         Some(v) => match v.as_u64() {
             Some(0) => {
-                errs.push(locator.error(&format!("{base}.workers"), "must be at least 1 (`workers: 0` would never run the stage)"));
+                errs.push(locator.error(
+                    &format!("{base}.workers"),
+                    "must be at least 1 (`workers: 0` would never run the stage)",
+                ));
                 1
             }
             Some(n) if n <= 1024 => n as usize,
             _ => {
-                errs.push(locator.error(&format!("{base}.workers"), format!("must be an integer from 1 to 1024, found {}", describe(v))));
+                errs.push(locator.error(
+                    &format!("{base}.workers"),
+                    format!("must be an integer from 1 to 1024, found {}", describe(v)),
+                ));
                 1
             }
         },
@@ -521,7 +734,10 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => Some(n as usize),
             _ => {
-                errs.push(locator.error(&format!("{base}.capacity"), format!("must be an integer ≥ 1, found {}", describe(v))));
+                errs.push(locator.error(
+                    &format!("{base}.capacity"),
+                    format!("must be an integer ≥ 1, found {}", describe(v)),
+                ));
                 None
             }
         },
@@ -530,7 +746,14 @@ fn stage_from_value(id: &str, v: &Value, locator: &Locator, errs: &mut Vec<SpecE
     if errs.len() > before && kind.is_empty() {
         return None;
     }
-    Some(StageSpec { id: id.to_string(), kind, from, with, workers, capacity })
+    Some(StageSpec {
+        id: id.to_string(),
+        kind,
+        from,
+        with,
+        workers,
+        capacity,
+    })
 }
 
 /// Maps each dotted key path of a YAML text to its 1-based line: block mappings by indentation,
@@ -547,7 +770,9 @@ pub fn line_index(text: &str) -> HashMap<String, usize> {
         }
         let indent = line.len() - line.trim_start().len();
         let body = line.trim_start();
-        let Some((key, rest)) = split_key(body) else { continue };
+        let Some((key, rest)) = split_key(body) else {
+            continue;
+        };
         while stack.last().is_some_and(|(ind, _)| *ind >= indent) {
             stack.pop();
         }
@@ -593,7 +818,10 @@ fn split_key(body: &str) -> Option<(String, &str)> {
     let body = body.strip_prefix("- ").unwrap_or(body);
     let (k, rest) = if let Some(stripped) = body.strip_prefix('"') {
         let end = stripped.find('"')?;
-        (stripped[..end].to_string(), stripped[end + 1..].strip_prefix(':')?)
+        (
+            stripped[..end].to_string(),
+            stripped[end + 1..].strip_prefix(':')?,
+        )
     } else {
         let idx = body.find(':')?;
         let after = &body[idx + 1..];
@@ -644,7 +872,10 @@ fn index_flow(s: &str, base: &str, lineno: usize, out: &mut HashMap<String, usiz
             }
             ',' | '[' | ']' => token.clear(),
             ':' => {
-                let k = token.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
+                let k = token
+                    .trim()
+                    .trim_matches(|c| c == '"' || c == '\'')
+                    .to_string();
                 if !k.is_empty() {
                     if let Some(p) = stack.last() {
                         out.entry(format!("{p}.{k}")).or_insert(lineno);
@@ -702,17 +933,37 @@ mod tests {
         let text = "name: t\nseedd: 1\nstages:\n  a: { kind: x, workers: 0, wiht: {} }\n  b: 5\n";
         let errs = load_str(text, "t.yaml", &[]).unwrap().errors;
         let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        assert!(msgs.iter().any(|m| m.contains("seedd") && m.contains("did you mean `seed`")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("stages.a.workers") && m.contains("t.yaml:4")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("stages.a.wiht") && m.contains("`with`")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("stages.b") && m.contains("mapping")), "{msgs:?}");
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("seedd") && m.contains("did you mean `seed`")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("stages.a.workers") && m.contains("t.yaml:4")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("stages.a.wiht") && m.contains("`with`")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("stages.b") && m.contains("mapping")),
+            "{msgs:?}"
+        );
         assert_eq!(errs.len(), 4, "{msgs:?}");
     }
 
     #[test]
     fn empty_and_invalid_yaml_are_refused() {
-        assert!(load_str("", "e.yaml", &[]).unwrap_err().0[0].message.contains("empty"));
-        let e = load_str("name: a\nstages: {a: [}\n", "b.yaml", &[]).unwrap_err().0;
+        assert!(load_str("", "e.yaml", &[]).unwrap_err().0[0]
+            .message
+            .contains("empty"));
+        let e = load_str("name: a\nstages: {a: [}\n", "b.yaml", &[])
+            .unwrap_err()
+            .0;
         assert!(e[0].message.contains("invalid YAML"));
         assert!(e[0].line.is_some());
     }

@@ -48,7 +48,11 @@ pub trait StageKind: Send + Sync {
     fn continuable(&self) -> &'static [&'static str];
     fn params(&self) -> Vec<ParamDoc>;
     /// Checks parameters (every error, paths relative to `with`) and returns the configured stage.
-    fn configure(&self, with: &Value, ctx: &StageContext) -> Result<Box<dyn Configured>, Vec<ParamError>>;
+    fn configure(
+        &self,
+        with: &Value,
+        ctx: &StageContext,
+    ) -> Result<Box<dyn Configured>, Vec<ParamError>>;
 }
 
 /// A stage whose parameters passed validation.
@@ -85,7 +89,8 @@ pub trait StageDef: Stage + Sized + 'static {
     fn link(_params: &Self::Params, _ctx: &StageContext, _linker: &mut Linker) -> Vec<ParamError> {
         Vec::new()
     }
-    fn create(params: &Self::Params, ctx: &StageContext, worker: usize) -> Result<Self, StageError>;
+    fn create(params: &Self::Params, ctx: &StageContext, worker: usize)
+        -> Result<Self, StageError>;
     fn resume_skip(_params: &Self::Params, _ctx: &StageContext) -> Result<u64, StageError> {
         Ok(0)
     }
@@ -135,18 +140,37 @@ impl<D: StageDef> StageKind for KindOf<D> {
     fn params(&self) -> Vec<ParamDoc> {
         param_docs::<D::Params>()
     }
-    fn configure(&self, with: &Value, ctx: &StageContext) -> Result<Box<dyn Configured>, Vec<ParamError>> {
+    fn configure(
+        &self,
+        with: &Value,
+        ctx: &StageContext,
+    ) -> Result<Box<dyn Configured>, Vec<ParamError>> {
         let (params, mut errors) = crate::params::parse_params_partial::<D::Params>(with);
-        let Some(params) = params else { return Err(errors) };
+        let Some(params) = params else {
+            return Err(errors);
+        };
         // The stage's own checks run over what is well typed, except on a field that already has
         // an error (its default stands in for it, so a check on it would mislead).
-        let top = |f: &str| f.trim_start_matches('/').split(['.', '[', '/']).next().unwrap_or("").to_string();
+        let top = |f: &str| {
+            f.trim_start_matches('/')
+                .split(['.', '[', '/'])
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
         let bad: Vec<String> = errors.iter().map(|e| top(&e.field)).collect();
-        errors.extend(D::validate(&params, ctx).into_iter().filter(|e| !bad.contains(&top(&e.field))));
+        errors.extend(
+            D::validate(&params, ctx)
+                .into_iter()
+                .filter(|e| !bad.contains(&top(&e.field))),
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Box::new(ConfiguredOf::<D> { params, ctx: ctx.clone() }))
+        Ok(Box::new(ConfiguredOf::<D> {
+            params,
+            ctx: ctx.clone(),
+        }))
     }
 }
 
@@ -175,7 +199,10 @@ impl Registry {
         self.add(kind::<D>())
     }
     pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
-        self.kinds.iter().find(|k| k.name() == name).map(|k| k.as_ref())
+        self.kinds
+            .iter()
+            .find(|k| k.name() == name)
+            .map(|k| k.as_ref())
     }
     pub fn kinds(&self) -> impl Iterator<Item = &dyn StageKind> {
         self.kinds.iter().map(|k| k.as_ref())
@@ -188,7 +215,15 @@ impl Registry {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for k in &self.kinds {
-            out.push_str(&format!("{}{}\n", k.name(), if k.parallel() { "  [parallel: workers: N]" } else { "" }));
+            out.push_str(&format!(
+                "{}{}\n",
+                k.name(),
+                if k.parallel() {
+                    "  [parallel: workers: N]"
+                } else {
+                    ""
+                }
+            ));
             for line in k.doc().lines() {
                 out.push_str(&format!("    {line}\n"));
             }
@@ -196,7 +231,10 @@ impl Registry {
                 if ps.is_empty() {
                     "none".to_string()
                 } else {
-                    ps.iter().map(|p| format!("{} ({})", p.name, p.ty.name)).collect::<Vec<_>>().join(", ")
+                    ps.iter()
+                        .map(|p| format!("{} ({})", p.name, p.ty.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             };
             out.push_str(&format!("  inputs:  {}\n", ports(k.inputs())));
@@ -208,7 +246,14 @@ impl Registry {
                 out.push_str("  parameters:\n");
                 let w = params.iter().map(|p| p.name.len()).max().unwrap_or(0);
                 for p in params {
-                    out.push_str(&format!("    {:w$}  {} = {}  {}\n", p.name, p.ty, p.default, p.doc, w = w));
+                    out.push_str(&format!(
+                        "    {:w$}  {} = {}  {}\n",
+                        p.name,
+                        p.ty,
+                        p.default,
+                        p.doc,
+                        w = w
+                    ));
                 }
             }
             out.push('\n');

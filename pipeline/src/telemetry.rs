@@ -1,7 +1,10 @@
 //! Per-stage telemetry: items in and out, time busy, starved (waiting for input) and
 //! back-pressured (waiting to send). Printed as a table and saved as the `stages` table.
 
-use arrow::array::{Array, ArrayRef, Float64Array, MapBuilder, StringArray, StringBuilder, UInt64Array, UInt64Builder};
+use arrow::array::{
+    Array, ArrayRef, Float64Array, MapBuilder, StringArray, StringBuilder, UInt64Array,
+    UInt64Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use std::collections::BTreeMap;
@@ -80,7 +83,17 @@ impl StageReport {
 
 /// An aligned text table of the reports.
 pub fn format_table(reports: &[StageReport]) -> String {
-    let header = ["stage", "kind", "workers", "in", "out", "busy s", "starved s", "backpressured s", "busy %"];
+    let header = [
+        "stage",
+        "kind",
+        "workers",
+        "in",
+        "out",
+        "busy s",
+        "starved s",
+        "backpressured s",
+        "busy %",
+    ];
     let rows: Vec<Vec<String>> = reports
         .iter()
         .map(|r| {
@@ -105,7 +118,17 @@ pub fn format_table(reports: &[StageReport]) -> String {
     }
     let mut out = String::new();
     let fmt_row = |cells: Vec<String>, out: &mut String| {
-        let line: Vec<String> = cells.iter().enumerate().map(|(i, c)| if i < 2 { format!("{:<w$}", c, w = widths[i]) } else { format!("{:>w$}", c, w = widths[i]) }).collect();
+        let line: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < 2 {
+                    format!("{:<w$}", c, w = widths[i])
+                } else {
+                    format!("{:>w$}", c, w = widths[i])
+                }
+            })
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     };
@@ -122,7 +145,10 @@ pub fn format_table(reports: &[StageReport]) -> String {
 }
 
 /// The reports as an Arrow batch (the `stages` table).
-pub fn to_batch(run: &str, reports: &[StageReport]) -> Result<RecordBatch, arrow::error::ArrowError> {
+pub fn to_batch(
+    run: &str,
+    reports: &[StageReport],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     // `counts` is a map column: `SELECT stage, counts['rejected'] FROM stages`.
     let mut counts = MapBuilder::new(None, StringBuilder::new(), UInt64Builder::new());
     for r in reports {
@@ -148,15 +174,33 @@ pub fn to_batch(run: &str, reports: &[StageReport]) -> Result<RecordBatch, arrow
     ]));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run; reports.len()])),
-        Arc::new(StringArray::from_iter_values(reports.iter().map(|r| r.stage.as_str()))),
-        Arc::new(StringArray::from_iter_values(reports.iter().map(|r| r.kind.as_str()))),
-        Arc::new(UInt64Array::from_iter_values(reports.iter().map(|r| r.workers))),
-        Arc::new(UInt64Array::from_iter_values(reports.iter().map(|r| r.items_in))),
-        Arc::new(UInt64Array::from_iter_values(reports.iter().map(|r| r.items_out))),
-        Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.wall_s))),
-        Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.busy_s))),
-        Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.starved_s))),
-        Arc::new(Float64Array::from_iter_values(reports.iter().map(|r| r.backpressured_s))),
+        Arc::new(StringArray::from_iter_values(
+            reports.iter().map(|r| r.stage.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            reports.iter().map(|r| r.kind.as_str()),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            reports.iter().map(|r| r.workers),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            reports.iter().map(|r| r.items_in),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            reports.iter().map(|r| r.items_out),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            reports.iter().map(|r| r.wall_s),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            reports.iter().map(|r| r.busy_s),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            reports.iter().map(|r| r.starved_s),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            reports.iter().map(|r| r.backpressured_s),
+        )),
         Arc::new(counts),
     ];
     RecordBatch::try_new(schema, cols)
@@ -165,7 +209,8 @@ pub fn to_batch(run: &str, reports: &[StageReport]) -> Result<RecordBatch, arrow
 /// Writes `batch` to `path` as Parquet, atomically (temporary file, then rename).
 pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> std::io::Result<()> {
     crate::atomic::write_atomic_with(path, |file| {
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).map_err(std::io::Error::other)?;
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+            .map_err(std::io::Error::other)?;
         w.write(batch).map_err(std::io::Error::other)?;
         w.finish().map_err(std::io::Error::other)?;
         Ok(())

@@ -2,7 +2,10 @@
 //! cancellation, resume skipping and bounded memory under back-pressure.
 
 use pipeline::schemars::JsonSchema;
-use pipeline::{CancelToken, ParamError, Params, Port, Registry, RunError, RunOptions, Stage, StageContext, StageDef, StageError, StageIo};
+use pipeline::{
+    CancelToken, ParamError, Params, Port, Registry, RunError, RunOptions, Stage, StageContext,
+    StageDef, StageError, StageIo,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,7 +25,10 @@ impl Big {
     fn new(n: u64) -> Self {
         let live = LIVE.fetch_add(1, Ordering::SeqCst) + 1;
         MAX_LIVE.fetch_max(live, Ordering::SeqCst);
-        Big { n, _payload: vec![0u8; 1 << 16] }
+        Big {
+            n,
+            _payload: vec![0u8; 1 << 16],
+        }
     }
 }
 impl Drop for Big {
@@ -43,13 +49,20 @@ struct NumsParams {
 }
 impl Default for NumsParams {
     fn default() -> Self {
-        NumsParams { n: 10, sleep_ms: 0, forever: false }
+        NumsParams {
+            n: 10,
+            sleep_ms: 0,
+            forever: false,
+        }
     }
 }
 impl Params for NumsParams {
     fn check(&self) -> Vec<ParamError> {
         if self.n > 1_000_000 {
-            vec![ParamError::new("n", format!("must be at most 1000000, got {}", self.n))]
+            vec![ParamError::new(
+                "n",
+                format!("must be at most 1000000, got {}", self.n),
+            )]
         } else {
             vec![]
         }
@@ -77,10 +90,16 @@ impl StageDef for Nums {
 impl Stage for Nums {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
         let skip = io.skip_leading(0);
-        let total = if self.0.forever { u64::MAX } else { self.0.n - skip.min(self.0.n) };
+        let total = if self.0.forever {
+            u64::MAX
+        } else {
+            self.0.n - skip.min(self.0.n)
+        };
         while let Some(u) = io.claim(total)? {
             // Uneven work so that workers finish out of order.
-            std::thread::sleep(Duration::from_micros(((u * 7919) % 13) * 100 + self.0.sleep_ms * 1000));
+            std::thread::sleep(Duration::from_micros(
+                ((u * 7919) % 13) * 100 + self.0.sleep_ms * 1000,
+            ));
             io.send(0, skip + u)?;
         }
         Ok(())
@@ -271,7 +290,10 @@ struct FileParams {
 impl Params for FileParams {
     fn check(&self) -> Vec<ParamError> {
         if self.n > 10 {
-            vec![ParamError::new("n", format!("must be at most 10, got {}", self.n))]
+            vec![ParamError::new(
+                "n",
+                format!("must be at most 10, got {}", self.n),
+            )]
         } else {
             vec![]
         }
@@ -295,12 +317,17 @@ impl StageDef for FileSource {
         if std::path::Path::new(&p.path).exists() {
             vec![]
         } else {
-            vec![ParamError::new("path", format!("{} does not exist", p.path))]
+            vec![ParamError::new(
+                "path",
+                format!("{} does not exist", p.path),
+            )]
         }
     }
     fn resume_skip(p: &FileParams, _: &StageContext) -> Result<u64, StageError> {
         if p.path.ends_with("fail-before-start") {
-            Err(StageError::failed("cannot read what an earlier attempt left"))
+            Err(StageError::failed(
+                "cannot read what an earlier attempt left",
+            ))
         } else {
             Ok(0)
         }
@@ -318,7 +345,13 @@ impl Stage for FileSource {
 
 fn registry() -> Registry {
     let mut r = Registry::new();
-    r.with::<Nums>().with::<Square>().with::<Collect>().with::<BigSource>().with::<SlowSink>().with::<Text>().with::<FileSource>();
+    r.with::<Nums>()
+        .with::<Square>()
+        .with::<Collect>()
+        .with::<BigSource>()
+        .with::<SlowSink>()
+        .with::<Text>()
+        .with::<FileSource>();
     r
 }
 
@@ -327,15 +360,28 @@ fn run_spec(yaml: &str) -> Result<pipeline::RunSummary, RunError> {
     let yaml = format!("run_dir: {}\n{yaml}", dir.path().join("run").display());
     let spec = pipeline::load_str(&yaml, "test.yaml", &[])?;
     let plan = pipeline::validate(spec, &registry())?;
-    pipeline::run(plan, &RunOptions { force: false, quiet: true }, &CancelToken::new())
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: false,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
 }
 
 fn collected(key: &str) -> Vec<u64> {
-    COLLECTED.lock().unwrap().get(key).cloned().unwrap_or_default()
+    COLLECTED
+        .lock()
+        .unwrap()
+        .get(key)
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn errors_of(yaml: &str) -> Vec<String> {
-    let r = pipeline::load_str(yaml, "bad.yaml", &[]).and_then(|s| pipeline::validate(s, &registry()).map(|_| ()));
+    let r = pipeline::load_str(yaml, "bad.yaml", &[])
+        .and_then(|s| pipeline::validate(s, &registry()).map(|_| ()));
     match r {
         Ok(()) => vec![],
         Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
@@ -376,7 +422,11 @@ fn fan_out_copies_to_every_consumer() {
 fn first_error_stops_the_graph_and_names_the_stage() {
     let err = run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { forever: true } }\n  sq: { kind: test.square, from: nums, workers: 2, with: { fail_on: 25 } }\n  out: { kind: test.collect, from: sq, with: { key: err } }\n").unwrap_err();
     match err {
-        RunError::Stage { stage, kind, message } => {
+        RunError::Stage {
+            stage,
+            kind,
+            message,
+        } => {
             assert_eq!(stage, "sq");
             assert_eq!(kind, "test.square");
             assert!(message.contains("bad value 25"), "{message}");
@@ -388,7 +438,10 @@ fn first_error_stops_the_graph_and_names_the_stage() {
 #[test]
 fn a_panicking_stage_is_an_error_not_a_crash() {
     let err = run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 100 } }\n  sq: { kind: test.square, from: nums, with: { panic_on: 7 } }\n  out: { kind: test.collect, from: sq, with: { key: panic } }\n").unwrap_err();
-    assert!(matches!(&err, RunError::Stage { stage, message, .. } if stage == "sq" && message.contains("boom at 7")), "{err}");
+    assert!(
+        matches!(&err, RunError::Stage { stage, message, .. } if stage == "sq" && message.contains("boom at 7")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -405,7 +458,11 @@ fn cancellation_stops_every_thread() {
         "name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, workers: 2, with: {{ forever: true, sleep_ms: 1 }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: cancel }} }}\n",
         dir.path().join("r").display()
     );
-    let plan = pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap();
+    let plan = pipeline::validate(
+        pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
+        &registry(),
+    )
+    .unwrap();
     let cancel = CancelToken::new();
     let c = cancel.clone();
     let t = std::thread::spawn(move || {
@@ -413,7 +470,15 @@ fn cancellation_stops_every_thread() {
         c.interrupt();
     });
     let start = std::time::Instant::now();
-    let err = pipeline::run(plan, &RunOptions { force: false, quiet: true }, &cancel).unwrap_err();
+    let err = pipeline::run(
+        plan,
+        &RunOptions {
+            force: false,
+            quiet: true,
+        },
+        &cancel,
+    )
+    .unwrap_err();
     t.join().unwrap();
     assert!(matches!(err, RunError::Interrupted), "{err}");
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -427,7 +492,10 @@ fn resume_skips_what_the_consumer_holds() {
     // Behind a stage that cannot skip, the consumer's input drops the leading items itself.
     run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  sq: { kind: test.square, from: nums }\n  out: { kind: test.collect, from: sq, with: { key: resume2, resume: 5 } }\n")
         .unwrap();
-    assert_eq!(collected("resume2"), (5..30).map(|x| x * x).collect::<Vec<u64>>());
+    assert_eq!(
+        collected("resume2"),
+        (5..30).map(|x| x * x).collect::<Vec<u64>>()
+    );
 }
 
 #[test]
@@ -439,7 +507,10 @@ fn memory_is_bounded_under_back_pressure() {
     assert!(max <= 6, "at most 6 items should exist at once, saw {max}");
     let big = summary.stages.iter().find(|s| s.stage == "big").unwrap();
     assert_eq!(big.items_out, 200);
-    assert!(big.backpressured_s > 0.05, "the fast source should wait on the slow sink: {big:?}");
+    assert!(
+        big.backpressured_s > 0.05,
+        "the fast source should wait on the slow sink: {big:?}"
+    );
     let slow = summary.stages.iter().find(|s| s.stage == "slow").unwrap();
     assert_eq!(slow.items_in, 200);
 }
@@ -449,10 +520,25 @@ fn telemetry_is_saved_as_the_stages_table() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let yaml = format!("name: tele\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 5 }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: tele }} }}\n", run_dir.display());
-    let plan = pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap();
-    pipeline::run(plan, &RunOptions { force: false, quiet: true }, &CancelToken::new()).unwrap();
+    let plan = pipeline::validate(
+        pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
+        &registry(),
+    )
+    .unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: false,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
     let f = std::fs::File::open(run_dir.join("stages.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap();
     let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
     assert!(run_dir.join("spec.yaml").is_file());
@@ -462,10 +548,20 @@ fn telemetry_is_saved_as_the_stages_table() {
 fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    let mk =
-        |n: u64| format!("name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: {n} }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}\n", run_dir.display());
-    let go =
-        |yaml: String, force: bool| pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force, quiet: true }, &CancelToken::new());
+    let mk = |n: u64| {
+        format!("name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: {n} }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}\n", run_dir.display())
+    };
+    let go = |yaml: String, force: bool| {
+        pipeline::run(
+            pipeline::validate(
+                pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
+                &registry(),
+            )
+            .unwrap(),
+            &RunOptions { force, quiet: true },
+            &CancelToken::new(),
+        )
+    };
     go(mk(3), false).unwrap();
     go(mk(3), false).unwrap();
     let err = go(mk(4), false).unwrap_err();
@@ -484,15 +580,42 @@ fn validation_reports_every_error_with_paths_and_lines() {
     let yaml = "name: t\nstages:\n  nums: { kind: test.nums, with: { n: many, sleep: 3 } }\n  sq: { kind: test.sqaure, from: nums }\n  out: { kind: test.collect, from: nmus }\n  txt: { kind: test.text, from: nums }\n  big: { kind: test.big, with: { n: 2000000 } }\n  slow: { kind: test.slow, from: big, workers: 3 }\n  after: { kind: test.collect, from: sq, with: { key: after } }\n";
     let errs = errors_of(yaml);
     let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
-    assert!(has(&["bad.yaml:3", "stages.nums.with.n", "invalid type"]), "{errs:#?}");
-    assert!(has(&["stages.nums.with.sleep", "unknown parameter", "`sleep_ms`"]), "{errs:#?}");
-    assert!(has(&["bad.yaml:4", "unknown stage kind `test.sqaure`", "`test.square`"]), "{errs:#?}");
-    assert!(has(&["bad.yaml:5", "stages.out.from", "`nmus` is not a stage", "`nums`"]), "{errs:#?}");
-    assert!(has(&["stages.txt.from", "type mismatch", "u64", "String"]), "{errs:#?}");
+    assert!(
+        has(&["bad.yaml:3", "stages.nums.with.n", "invalid type"]),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&["stages.nums.with.sleep", "unknown parameter", "`sleep_ms`"]),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&[
+            "bad.yaml:4",
+            "unknown stage kind `test.sqaure`",
+            "`test.square`"
+        ]),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&[
+            "bad.yaml:5",
+            "stages.out.from",
+            "`nmus` is not a stage",
+            "`nums`"
+        ]),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&["stages.txt.from", "type mismatch", "u64", "String"]),
+        "{errs:#?}"
+    );
     assert!(has(&["stages.big.with.n", "at most 1000000"]), "{errs:#?}");
     assert!(has(&["stages.slow.workers", "one worker"]), "{errs:#?}");
     // `after` reads from the stage of unknown kind: nothing more to say about it.
-    assert!(!errs.iter().any(|e| e.contains("stages.after")), "{errs:#?}");
+    assert!(
+        !errs.iter().any(|e| e.contains("stages.after")),
+        "{errs:#?}"
+    );
     assert_eq!(errs.len(), 7, "{errs:#?}");
 }
 
@@ -501,25 +624,60 @@ fn validation_finds_cycles_missing_inputs_and_zero_workers() {
     let errs = errors_of("name: t\nstages:\n  a: { kind: test.square, from: b }\n  b: { kind: test.square, from: a }\n  c: { kind: test.collect }\n  d: { kind: test.nums, workers: 0 }\n");
     let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
     assert!(has(&["cycle", "a", "b"]), "{errs:#?}");
-    assert!(has(&["stages.c", "input `in`", "not connected"]), "{errs:#?}");
+    assert!(
+        has(&["stages.c", "input `in`", "not connected"]),
+        "{errs:#?}"
+    );
     assert!(has(&["stages.d.workers", "at least 1"]), "{errs:#?}");
     let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  b: { kind: test.collect, from: a.nope }\n  c: { kind: test.nums, device: gpu }\n");
-    assert!(errs.iter().any(|e| e.contains("has no output `nope`")), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.contains("stages.c.device") && e.contains("unknown stage key")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("has no output `nope`")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("stages.c.device") && e.contains("unknown stage key")),
+        "{errs:#?}"
+    );
     let errs = errors_of("name: t\ndevice: cuda:0\nstages:\n  a: { kind: test.nums }\n");
-    assert!(errs.iter().any(|e| e.contains("no CUDA support")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("no CUDA support")),
+        "{errs:#?}"
+    );
     // A non-copyable output cannot feed two stages.
     let errs = errors_of("name: t\nstages:\n  b: { kind: test.big }\n  s1: { kind: test.slow, from: b }\n  s2: { kind: test.slow, from: b }\n");
-    assert!(errs.iter().any(|e| e.contains("cannot be shared")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("cannot be shared")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
 fn overrides_apply_before_validation() {
-    let spec = pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums, with: { n: 3 } }\n", "t.yaml", &["stages.a.with.n=7".into(), "seed=9".into()]).unwrap();
+    let spec = pipeline::load_str(
+        "name: t\nstages:\n  a: { kind: test.nums, with: { n: 3 } }\n",
+        "t.yaml",
+        &["stages.a.with.n=7".into(), "seed=9".into()],
+    )
+    .unwrap();
     assert_eq!(spec.seed, 9);
     assert_eq!(spec.stages[0].with["n"].as_u64(), Some(7));
-    let e = pipeline::validate(pipeline::load_str("name: t\nstages:\n  a: { kind: test.nums }\n", "t.yaml", &["stages.a.with.n=lots".into()]).unwrap(), &registry()).err().unwrap();
-    assert!(e.0[0].to_string().starts_with("--set: stages.a.with.n"), "{}", e);
+    let e = pipeline::validate(
+        pipeline::load_str(
+            "name: t\nstages:\n  a: { kind: test.nums }\n",
+            "t.yaml",
+            &["stages.a.with.n=lots".into()],
+        )
+        .unwrap(),
+        &registry(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.0[0].to_string().starts_with("--set: stages.a.with.n"),
+        "{}",
+        e
+    );
 }
 
 #[test]
@@ -527,7 +685,10 @@ fn stages_listing_shows_ports_and_documented_parameters() {
     let text = registry().describe();
     assert!(text.contains("test.nums  [parallel: workers: N]"), "{text}");
     assert!(text.contains("outputs: out (u64)"), "{text}");
-    assert!(text.contains("sleep_ms  integer = 0  Sleep per item (ms)."), "{text}");
+    assert!(
+        text.contains("sleep_ms  integer = 0  Sleep per item (ms)."),
+        "{text}"
+    );
 }
 
 #[test]
@@ -543,12 +704,23 @@ fn every_error_once_and_where_it_comes_from() {
     // A stage's own checks (the file system) are reported alongside its parameter errors, but
     // not on a field that already has one.
     let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: { path: /no/such/file, n: 99 } }\n");
-    assert!(errs.iter().any(|e| e.contains("stages.f.with.n") && e.contains("at most 10")), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.contains("stages.f.with.path") && e.contains("does not exist")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("stages.f.with.n") && e.contains("at most 10")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("stages.f.with.path") && e.contains("does not exist")),
+        "{errs:#?}"
+    );
     assert_eq!(errs.len(), 2, "{errs:#?}");
     let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: { path: [1], n: 3 } }\n");
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert!(errs[0].contains("stages.f.with.path") && errs[0].contains("invalid type"), "{errs:#?}");
+    assert!(
+        errs[0].contains("stages.f.with.path") && errs[0].contains("invalid type"),
+        "{errs:#?}"
+    );
     // A `from:` or `with:` that cannot be read is one error, not two.
     for from in ["5", "'a.b.c'", "''"] {
         let errs = errors_of(&format!("name: t\nstages:\n  a: {{ kind: test.nums }}\n  b: {{ kind: test.collect, from: {from} }}\n"));
@@ -557,15 +729,29 @@ fn every_error_once_and_where_it_comes_from() {
     }
     let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: [1, 2] }\n");
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert!(errs[0].contains("stages.f.with") && errs[0].contains("must be a mapping"), "{errs:#?}");
+    assert!(
+        errs[0].contains("stages.f.with") && errs[0].contains("must be a mapping"),
+        "{errs:#?}"
+    );
     // A null name or an empty run_dir would put the run's files in the wrong place.
     let errs = errors_of("name:\nstages:\n  a: { kind: test.nums }\n");
-    assert!(errs.iter().any(|e| e.contains("bad.yaml:1: name") && e.contains("null")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("bad.yaml:1: name") && e.contains("null")),
+        "{errs:#?}"
+    );
     let errs = errors_of("name: t\nrun_dir: ''\nstages:\n  a: { kind: test.nums }\n");
-    assert!(errs.iter().any(|e| e.contains("run_dir") && e.contains("must not be empty")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("run_dir") && e.contains("must not be empty")),
+        "{errs:#?}"
+    );
     // Unknown kinds are matched on their last part too.
     let errs = errors_of("name: t\nstages:\n  a: { kind: nums }\n");
-    assert!(errs.iter().any(|e| e.contains("(did you mean `test.nums`")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("(did you mean `test.nums`")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -573,7 +759,9 @@ fn errors_made_by_overrides_point_at_set() {
     let yaml = "name: t\nstages:\n  a: { kind: test.nums }\n";
     let load = |sets: &[&str]| {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        match pipeline::load_str(yaml, "t.yaml", &sets).and_then(|s| pipeline::validate(s, &registry()).map(|_| ())) {
+        match pipeline::load_str(yaml, "t.yaml", &sets)
+            .and_then(|s| pipeline::validate(s, &registry()).map(|_| ()))
+        {
             Ok(()) => vec![],
             Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
         }
@@ -582,14 +770,20 @@ fn errors_made_by_overrides_point_at_set() {
     assert_eq!(errs, vec!["--set: x: unknown top-level key".to_string()]);
     let errs = load(&["stages.nosuch.with.n=1"]);
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert!(errs[0].starts_with("--set: stages.nosuch:") && errs[0].contains("kind"), "{errs:#?}");
+    assert!(
+        errs[0].starts_with("--set: stages.nosuch:") && errs[0].contains("kind"),
+        "{errs:#?}"
+    );
     // A path the file defines still points at the file.
     let errs = load(&["stages.b.from=a"]);
     assert!(errs.iter().all(|e| !e.starts_with("t.yaml")), "{errs:#?}");
     // Depth is bounded, not a stack overflow.
     let deep = format!("{}=1", vec!["k"; 100_000].join("."));
     let errs = load(&[deep.as_str()]);
-    assert!(errs.len() == 1 && errs[0].contains("more than 64 segments"), "{errs:#?}");
+    assert!(
+        errs.len() == 1 && errs[0].contains("more than 64 segments"),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -599,12 +793,34 @@ fn a_run_that_fails_before_starting_is_recorded_as_failed() {
     let marker = dir.path().join("fail-before-start");
     std::fs::write(&marker, "x").unwrap();
     let yaml = format!("name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n  f: {{ kind: test.file, from: a, with: {{ path: {} }} }}\n", run_dir.display(), marker.display());
-    let go = || pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force: false, quiet: true }, &CancelToken::new());
+    let go = || {
+        pipeline::run(
+            pipeline::validate(
+                pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
+                &registry(),
+            )
+            .unwrap(),
+            &RunOptions {
+                force: false,
+                quiet: true,
+            },
+            &CancelToken::new(),
+        )
+    };
     let err = go().unwrap_err().to_string();
-    assert!(err.contains("stage `f`") && err.contains("earlier attempt"), "{err}");
+    assert!(
+        err.contains("stage `f`") && err.contains("earlier attempt"),
+        "{err}"
+    );
     let st = pipeline::RunStatus::read(&run_dir).unwrap();
     assert_eq!(st.status, "failed");
-    assert!(st.error.as_deref().unwrap_or("").contains("earlier attempt"), "{st:?}");
+    assert!(
+        st.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("earlier attempt"),
+        "{st:?}"
+    );
     go().unwrap_err();
     assert_eq!(pipeline::RunStatus::read(&run_dir).unwrap().attempts, 2);
 }
@@ -616,10 +832,29 @@ fn an_io_error_names_its_cause_once() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plain");
     std::fs::write(&file, "x").unwrap();
-    let yaml = format!("name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n", file.join("run").display());
-    let err = pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force: false, quiet: true }, &CancelToken::new()).unwrap_err();
+    let yaml = format!(
+        "name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n",
+        file.join("run").display()
+    );
+    let err = pipeline::run(
+        pipeline::validate(
+            pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
+            &registry(),
+        )
+        .unwrap(),
+        &RunOptions {
+            force: false,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap_err();
     let chain = anyhow_like(&err);
-    assert_eq!(chain.matches("os error").count(), 1, "the cause is printed once: {chain}");
+    assert_eq!(
+        chain.matches("os error").count(),
+        1,
+        "the cause is printed once: {chain}"
+    );
 }
 
 /// `{:#}`-style chain of an error and its sources, as the command line prints it.
@@ -637,22 +872,39 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
 fn the_same_spec_written_differently_is_the_same_run() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    let go =
-        |yaml: String, force: bool| pipeline::run(pipeline::validate(pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(), &registry()).unwrap(), &RunOptions { force, quiet: true }, &CancelToken::new());
+    let go = |yaml: String, force: bool| {
+        pipeline::run(
+            pipeline::validate(
+                pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
+                &registry(),
+            )
+            .unwrap(),
+            &RunOptions { force, quiet: true },
+            &CancelToken::new(),
+        )
+    };
     let rd = run_dir.display();
     go(format!("name: t\nrun_dir: {rd}\nseed: 3\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 3, sleep_ms: 0 }} }}\n"), false).unwrap();
     // Keys in another order: the same spec.
     go(format!("seed: 3\nname: t\nrun_dir: {rd}\nstages:\n  nums: {{ with: {{ sleep_ms: 0, n: 3 }}, kind: test.nums }}\n"), false).unwrap();
     // A changed value is named.
     let err = go(format!("name: t\nrun_dir: {rd}\nseed: 4\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 5, sleep_ms: 0 }} }}\n"), false).unwrap_err().to_string();
-    assert!(err.contains("different spec") && err.contains("seed") && err.contains("stages.nums.with.n"), "{err}");
+    assert!(
+        err.contains("different spec")
+            && err.contains("seed")
+            && err.contains("stages.nums.with.n"),
+        "{err}"
+    );
     // 1 and 1.0 are the same number.
     let mut changed = Vec::new();
-    let a: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{x: 1, y: [1, 2.5], z: {q: true}}").unwrap();
-    let b: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{z: {q: true}, y: [1.0, 2.5], x: 1.0}").unwrap();
+    let a: pipeline::serde_yaml::Value =
+        pipeline::serde_yaml::from_str("{x: 1, y: [1, 2.5], z: {q: true}}").unwrap();
+    let b: pipeline::serde_yaml::Value =
+        pipeline::serde_yaml::from_str("{z: {q: true}, y: [1.0, 2.5], x: 1.0}").unwrap();
     pipeline::spec_diff(&a, &b, "", &mut changed);
     assert!(changed.is_empty(), "{changed:?}");
-    let c: pipeline::serde_yaml::Value = pipeline::serde_yaml::from_str("{x: 2, y: [1, 2.5, 3], w: 0}").unwrap();
+    let c: pipeline::serde_yaml::Value =
+        pipeline::serde_yaml::from_str("{x: 2, y: [1, 2.5, 3], w: 0}").unwrap();
     pipeline::spec_diff(&a, &c, "", &mut changed);
     assert_eq!(changed, vec!["x", "y", "z", "w"]);
 }

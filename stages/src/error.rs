@@ -17,10 +17,17 @@ pub enum Error {
     Diverged { step: u64, what: String },
     /// The compute device, or a tensor operation on it.
     #[error("{context}: {cause}")]
-    Device { context: String, cause: candle_core::Error },
+    Device {
+        context: String,
+        cause: candle_core::Error,
+    },
     /// A file operation, with the path it was about.
     #[error("{action} {path}: {cause}")]
-    Io { action: &'static str, path: PathBuf, cause: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     /// A value that is not what it should be (a configuration, a shape, a file's contents that
     /// are well formed but not usable).
     #[error("{0}")]
@@ -31,12 +38,22 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |cause| Error::Io { action, path, cause }
+        move |cause| Error::Io {
+            action,
+            path,
+            cause,
+        }
     }
     pub fn damaged(path: impl Into<PathBuf>, what: impl std::fmt::Display) -> Error {
-        Error::Damaged { path: path.into(), what: what.to_string() }
+        Error::Damaged {
+            path: path.into(),
+            what: what.to_string(),
+        }
     }
     pub fn device(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> Error {
         let context = context.into();
@@ -50,7 +67,11 @@ impl Error {
 impl From<Error> for pipeline::StageError {
     fn from(e: Error) -> Self {
         match e {
-            Error::Io { action, path, cause } => pipeline::StageError::io(format!("{action} {}", path.display()), cause),
+            Error::Io {
+                action,
+                path,
+                cause,
+            } => pipeline::StageError::io(format!("{action} {}", path.display()), cause),
             e => pipeline::StageError::Failed(e.to_string()),
         }
     }

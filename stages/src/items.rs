@@ -140,7 +140,6 @@ pub struct FrameRecord {
     pub feature_dim: usize,
 }
 
-
 /// Features of one utterance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Features {
@@ -156,7 +155,6 @@ pub struct Features {
     /// Row-major `num_frames × dim`.
     pub data: Vec<f32>,
 }
-
 
 /// Where a batch comes from in the data stream, enough to regenerate the stream from there
 /// without re-reading the epoch from its start: the batcher's randomness is drawn per epoch,
@@ -178,7 +176,11 @@ pub struct DataPosition {
 impl DataPosition {
     /// The position to resume from once this batch has been consumed.
     pub fn after(&self) -> DataPosition {
-        DataPosition { index: self.index + 1, step: self.step + 1, ..*self }
+        DataPosition {
+            index: self.index + 1,
+            step: self.step + 1,
+            ..*self
+        }
     }
 }
 

@@ -36,7 +36,11 @@ pub fn batch_order(seed: u64, epoch: u32, flush: u64) -> ChaCha8Rng {
 }
 
 fn batch_mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
-    finalise(seed ^ a.wrapping_mul(GOLDEN) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ c.wrapping_mul(0x94D0_49BB_1331_11EB))
+    finalise(
+        seed ^ a.wrapping_mul(GOLDEN)
+            ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+            ^ c.wrapping_mul(0x94D0_49BB_1331_11EB),
+    )
 }
 
 /// `shards.read` / `features.read`: the order of the parts of `epoch` (`part = None`) and of the
@@ -56,7 +60,9 @@ const MASK_STREAM: u64 = 0x6d61_736b;
 
 /// `mask.*`: the masks of the batch of update `step`.
 pub fn mask_batch(seed: u64, step: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(finalise(seed ^ step.wrapping_mul(GOLDEN) ^ MASK_STREAM.wrapping_mul(0xBF58_476D_1CE4_E5B9)))
+    ChaCha8Rng::seed_from_u64(finalise(
+        seed ^ step.wrapping_mul(GOLDEN) ^ MASK_STREAM.wrapping_mul(0xBF58_476D_1CE4_E5B9),
+    ))
 }
 
 fn train_mix(seed: u64, a: u64, b: u64) -> u64 {

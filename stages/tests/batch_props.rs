@@ -21,7 +21,12 @@ fn utt(u: usize, n: usize, epoch: u32) -> Features {
     }
 }
 
-fn run(lens: &[usize], epochs: u32, p: &BatchParams, seed: u64) -> (Vec<stages::items::Batch>, u64) {
+fn run(
+    lens: &[usize],
+    epochs: u32,
+    p: &BatchParams,
+    seed: u64,
+) -> (Vec<stages::items::Batch>, u64) {
     let mut b = Batcher::new(p, seed);
     let mut out = Vec::new();
     for e in 0..epochs {

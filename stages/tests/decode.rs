@@ -46,12 +46,18 @@ fn fixtures() -> Vec<Fixture> {
 
 fn read_f32(path: &Path) -> Vec<f32> {
     let b = std::fs::read(path).unwrap();
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn snr_db(reference: &[f32], test: &[f32]) -> f64 {
     let sig: f64 = reference.iter().map(|&x| (x as f64).powi(2)).sum();
-    let err: f64 = reference.iter().zip(test).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
+    let err: f64 = reference
+        .iter()
+        .zip(test)
+        .map(|(&a, &b)| ((a - b) as f64).powi(2))
+        .sum();
     10.0 * (sig / err.max(1e-30)).log10()
 }
 
@@ -70,7 +76,12 @@ fn good_fixtures_decode_like_ffmpeg() {
         }
         let lossy = f.sample_format.as_deref() == Some("lossy");
         if !lossy {
-            assert_eq!(pcm.frames(), f.frames.unwrap_or(want.len() / pcm.channels), "{}: frames", f.file);
+            assert_eq!(
+                pcm.frames(),
+                f.frames.unwrap_or(want.len() / pcm.channels),
+                "{}: frames",
+                f.file
+            );
         } else {
             // Priming and padding are trimmed from the stream's own metadata (LAME header, Ogg
             // granule positions, the MP4 edit list) to the encoder's input length. ffmpeg 5.1
@@ -79,13 +90,29 @@ fn good_fixtures_decode_like_ffmpeg() {
             assert_eq!(pcm.frames(), want_frames, "{}: frames (lossy)", f.file);
         }
         let n = want.len().min(pcm.interleaved.len());
-        let max = want[..n].iter().zip(&pcm.interleaved[..n]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max = want[..n]
+            .iter()
+            .zip(&pcm.interleaved[..n])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         if lossy {
             let snr = snr_db(&want[..n], &pcm.interleaved[..n]);
-            assert!(max <= TOL_LOSSY_MAX, "{}: max |diff| {max} > {TOL_LOSSY_MAX}", f.file);
-            assert!(snr >= LOSSY_MIN_SNR_DB, "{}: SNR {snr:.1} dB < {LOSSY_MIN_SNR_DB}", f.file);
+            assert!(
+                max <= TOL_LOSSY_MAX,
+                "{}: max |diff| {max} > {TOL_LOSSY_MAX}",
+                f.file
+            );
+            assert!(
+                snr >= LOSSY_MIN_SNR_DB,
+                "{}: SNR {snr:.1} dB < {LOSSY_MIN_SNR_DB}",
+                f.file
+            );
         } else {
-            assert!(max <= TOL_LOSSLESS, "{}: max |diff| {max} > {TOL_LOSSLESS}", f.file);
+            assert!(
+                max <= TOL_LOSSLESS,
+                "{}: max |diff| {max} > {TOL_LOSSLESS}",
+                f.file
+            );
         }
         checked += 1;
     }
@@ -96,7 +123,13 @@ fn spectrum(x: &[f32]) -> Vec<realfft::num_complex::Complex<f64>> {
     let n = x.len();
     let mut planner = realfft::RealFftPlanner::<f64>::new();
     let fft = planner.plan_fft_forward(n);
-    let mut input: Vec<f64> = x.iter().enumerate().map(|(i, &v)| v as f64 * (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n as f64).cos())).collect();
+    let mut input: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            v as f64 * (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n as f64).cos())
+        })
+        .collect();
     let mut out = fft.make_output_vec();
     fft.process(&mut input, &mut out).unwrap();
     out
@@ -118,9 +151,16 @@ fn resampling_matches_sox_very_high_quality() {
     let n = sox.len() as f64;
     let band = (7000.0 / 8000.0 * (a.len() - 1) as f64) as usize;
     let sig: f64 = a[..band].iter().map(|c| c.norm_sqr()).sum();
-    let mag_err: f64 = a[..band].iter().zip(&b[..band]).map(|(p, q)| (p.norm() - q.norm()).powi(2)).sum();
+    let mag_err: f64 = a[..band]
+        .iter()
+        .zip(&b[..band])
+        .map(|(p, q)| (p.norm() - q.norm()).powi(2))
+        .sum();
     let mag_snr = 10.0 * (sig / mag_err).log10();
-    assert!(mag_snr >= 60.0, "in-band magnitude agreement {mag_snr:.1} dB");
+    assert!(
+        mag_snr >= 60.0,
+        "in-band magnitude agreement {mag_snr:.1} dB"
+    );
     let mut best = (f64::MIN, 0.0);
     for step in -100..=100 {
         let delay = step as f64 / 100.0;
@@ -129,7 +169,10 @@ fn resampling_matches_sox_very_high_quality() {
             .zip(&b[..band])
             .enumerate()
             .map(|(k, (p, q))| {
-                let shift = realfft::num_complex::Complex::from_polar(1.0, 2.0 * std::f64::consts::PI * k as f64 * delay / n);
+                let shift = realfft::num_complex::Complex::from_polar(
+                    1.0,
+                    2.0 * std::f64::consts::PI * k as f64 * delay / n,
+                );
                 (p - q * shift).norm_sqr()
             })
             .sum();
@@ -138,8 +181,17 @@ fn resampling_matches_sox_very_high_quality() {
             best = (snr, delay);
         }
     }
-    assert!(best.1.abs() <= 0.5, "delay against sox {:.2} samples", best.1);
-    assert!(best.0 >= 50.0, "in-band agreement {:.1} dB after a {:.2}-sample delay", best.0, best.1);
+    assert!(
+        best.1.abs() <= 0.5,
+        "delay against sox {:.2} samples",
+        best.1
+    );
+    assert!(
+        best.0 >= 50.0,
+        "in-band agreement {:.1} dB after a {:.2}-sample delay",
+        best.0,
+        best.1
+    );
 }
 
 fn category(why: &str) -> &'static str {
@@ -158,15 +210,28 @@ fn category(why: &str) -> &'static str {
 fn broken_fixtures_are_rejected_with_their_reason() {
     let mut checked = 0;
     for f in fixtures().iter().filter(|f| f.expect == "reject") {
-        let input = InputFile { path: dir().join(&f.file), source: f.file.clone(), utt_id: f.file.clone(), speaker: None, chapter: None, transcript: None, problem: None };
+        let input = InputFile {
+            path: dir().join(&f.file),
+            source: f.file.clone(),
+            utt_id: f.file.clone(),
+            speaker: None,
+            chapter: None,
+            transcript: None,
+            problem: None,
+        };
         match decode_input(&input, 16000, 0.1) {
             Decoded::Utterance(_) => panic!("{} should be rejected ({:?})", f.file, f.why),
             Decoded::Rejected(r) => {
                 let want = category(f.why.as_deref().unwrap_or(""));
                 assert!(!want.is_empty(), "{}: unknown why {:?}", f.file, f.why);
                 // "invalid header" files may also be reported as not audio when no reader accepts them.
-                let ok = r.reason.starts_with(want) || (want == "invalid header" && r.reason.starts_with("not audio"));
-                assert!(ok, "{}: reason `{}` should start with `{want}`", f.file, r.reason);
+                let ok = r.reason.starts_with(want)
+                    || (want == "invalid header" && r.reason.starts_with("not audio"));
+                assert!(
+                    ok,
+                    "{}: reason `{}` should start with `{want}`",
+                    f.file, r.reason
+                );
             }
         }
         checked += 1;

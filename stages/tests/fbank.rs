@@ -22,7 +22,11 @@ struct Cases {
 }
 
 fn read<T: Copy, const N: usize>(path: &std::path::Path, f: fn([u8; N]) -> T) -> Vec<T> {
-    std::fs::read(path).unwrap().chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().unwrap()))
+        .collect()
 }
 
 fn options(v: &serde_json::Value) -> FbankOptions {
@@ -54,21 +58,32 @@ fn options(v: &serde_json::Value) -> FbankOptions {
 #[test]
 fn fbank_matches_kaldi_native_fbank() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fbank");
-    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases: Cases =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let mut worst = 0.0f32;
     for c in &cases.cases {
-        let x: Vec<f32> = read(&dir.join(&c.input), i16::from_le_bytes).into_iter().map(|v| v as f32 / 32768.0).collect();
+        let x: Vec<f32> = read(&dir.join(&c.input), i16::from_le_bytes)
+            .into_iter()
+            .map(|v| v as f32 / 32768.0)
+            .collect();
         let want: Vec<f32> = read(&dir.join(&c.output), f32::from_le_bytes);
         let o = options(&c.options);
         let mut fb = Fbank::new(&o, 16000).unwrap();
         let (frames, got) = fb.compute(&x, 0);
         assert_eq!(frames, c.frames, "{}: frames", c.output);
         assert_eq!(got.len(), want.len(), "{}", c.output);
-        let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(max <= TOL, "{}: max |diff| {max}", c.output);
         worst = worst.max(max);
     }
-    eprintln!("fbank parity: worst max |diff| over {} cases = {worst:e}", cases.cases.len());
+    eprintln!(
+        "fbank parity: worst max |diff| over {} cases = {worst:e}",
+        cases.cases.len()
+    );
 }
 
 #[test]
@@ -88,18 +103,34 @@ fn normalisation_and_stacking_by_hand() {
 #[test]
 fn dither_is_seeded_and_bad_options_are_refused() {
     let x: Vec<f32> = (0..4000).map(|i| ((i as f32) * 0.01).sin() * 0.1).collect();
-    let o = FbankOptions { dither: 1.0, ..FbankOptions::default() };
+    let o = FbankOptions {
+        dither: 1.0,
+        ..FbankOptions::default()
+    };
     let mut fb = Fbank::new(&o, 16000).unwrap();
     let a = fb.compute(&x, 1).1;
     let b = fb.compute(&x, 1).1;
     let c = fb.compute(&x, 2).1;
     assert_eq!(a, b);
     assert_ne!(a, c);
-    let bad = FbankOptions { high_freq: 9000.0, num_mel_bins: 1, ..FbankOptions::default() };
+    let bad = FbankOptions {
+        high_freq: 9000.0,
+        num_mel_bins: 1,
+        ..FbankOptions::default()
+    };
     let errs = bad.check(16000);
-    assert!(errs.iter().any(|e| e.field == "high_freq") && errs.iter().any(|e| e.field == "num_mel_bins"), "{errs:?}");
-    let t = validate_with("stages.fb={kind: features.fbank, from: decode, with: {stack: 0, window_type: hann}}");
-    assert!(t.contains("stages.fb.with.stack") && t.contains("stages.fb.with.window_type"), "{t}");
+    assert!(
+        errs.iter().any(|e| e.field == "high_freq")
+            && errs.iter().any(|e| e.field == "num_mel_bins"),
+        "{errs:?}"
+    );
+    let t = validate_with(
+        "stages.fb={kind: features.fbank, from: decode, with: {stack: 0, window_type: hann}}",
+    );
+    assert!(
+        t.contains("stages.fb.with.stack") && t.contains("stages.fb.with.window_type"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -112,21 +143,42 @@ fn log_and_input_scale_options_follow_their_definitions() {
             ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 1.8
         })
         .collect();
-    let (_, logs) = Fbank::new(&FbankOptions::default(), 16000).unwrap().compute(&x, 0);
+    let (_, logs) = Fbank::new(&FbankOptions::default(), 16000)
+        .unwrap()
+        .compute(&x, 0);
     let floor = f32::EPSILON.ln();
     let shift = 2.0 * 32768f32.ln();
     // Bins whose unscaled energy stays far above the floor (pre-emphasis all but removes the
     // lowest ones): the floor cannot touch them.
     let clear: Vec<bool> = logs.iter().map(|&v| v - shift > floor + 3.0).collect();
-    assert!(clear.iter().filter(|&&c| c).count() * 10 >= logs.len() * 9, "the test signal stays above the floor");
+    assert!(
+        clear.iter().filter(|&&c| c).count() * 10 >= logs.len() * 9,
+        "the test signal stays above the floor"
+    );
     // use_log_fbank: false gives the energies themselves: exp of the log values.
-    let (_, energies) = Fbank::new(&FbankOptions { use_log_fbank: false, ..FbankOptions::default() }, 16000).unwrap().compute(&x, 0);
+    let (_, energies) = Fbank::new(
+        &FbankOptions {
+            use_log_fbank: false,
+            ..FbankOptions::default()
+        },
+        16000,
+    )
+    .unwrap()
+    .compute(&x, 0);
     for (e, l) in energies.iter().zip(&logs) {
         assert!((e.ln() - l).abs() < 1e-4, "{e} vs exp({l})");
     }
     // input_scale: 1 analyses the [-1, 1] samples: every power falls by 32768², every log
     // energy by 2·ln 32768 (dither off; DC removal, pre-emphasis and window are linear).
-    let (_, unit) = Fbank::new(&FbankOptions { input_scale: 1.0, ..FbankOptions::default() }, 16000).unwrap().compute(&x, 0);
+    let (_, unit) = Fbank::new(
+        &FbankOptions {
+            input_scale: 1.0,
+            ..FbankOptions::default()
+        },
+        16000,
+    )
+    .unwrap()
+    .compute(&x, 0);
     for ((u, l), c) in unit.iter().zip(&logs).zip(&clear) {
         if *c {
             assert!((l - u - shift).abs() < 1e-3, "{l} − {u} ≠ {shift}");
@@ -134,14 +186,20 @@ fn log_and_input_scale_options_follow_their_definitions() {
             assert!(*u >= floor - 1e-6, "the floor holds: {u}");
         }
     }
-    let t = validate_with("stages.fb={kind: features.fbank, from: decode, with: {log_floor: 0, input_scale: -1}}");
-    assert!(t.contains("stages.fb.with.log_floor") && t.contains("stages.fb.with.input_scale"), "{t}");
+    let t = validate_with(
+        "stages.fb={kind: features.fbank, from: decode, with: {log_floor: 0, input_scale: -1}}",
+    );
+    assert!(
+        t.contains("stages.fb.with.log_floor") && t.contains("stages.fb.with.input_scale"),
+        "{t}"
+    );
 }
 
 /// The errors `ehmam validate specs/prep.yaml --set SET` reports (it must report some).
 fn validate_with(set: &str) -> String {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let spec = pipeline::load(&root.join("specs/prep.yaml"), &[set.to_string()]).expect("the spec loads");
+    let spec =
+        pipeline::load(&root.join("specs/prep.yaml"), &[set.to_string()]).expect("the spec loads");
     match pipeline::validate(spec, &stages::registry()) {
         Ok(_) => panic!("{set} was accepted"),
         Err(e) => e.to_string(),

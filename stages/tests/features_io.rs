@@ -14,13 +14,27 @@ fn batches_in_use() -> std::sync::MutexGuard<'static, ()> {
     BATCHES_IN_USE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-sink!(BatchSink, stages::items::Batch, BATCHES, "test.batchsink", |b| b);
+sink!(
+    BatchSink,
+    stages::items::Batch,
+    BATCHES,
+    "test.batchsink",
+    |b| b
+);
 
 fn go(yaml: &str) {
     let mut reg = stages::registry();
     reg.with::<BatchSink>();
     let plan = pipeline::validate(pipeline::load_str(yaml, "t.yaml", &[]).unwrap(), &reg).unwrap();
-    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -51,10 +65,16 @@ fn stored_features_read_back_identical_and_batch() {
         shards.display(),
         feats.display()
     ));
-    let index = stages::data::store::FeatureIndex::load(&feats).unwrap().unwrap();
+    let index = stages::data::store::FeatureIndex::load(&feats)
+        .unwrap()
+        .unwrap();
     assert!(index.complete && index.parts.len() >= 2, "{index:?}");
     // Recompute directly and compare with what was stored.
-    let stored: Vec<stages::items::Features> = index.parts.iter().flat_map(|p| stages::data::store::read_features(&feats.join(&p.file), None).unwrap()).collect();
+    let stored: Vec<stages::items::Features> = index
+        .parts
+        .iter()
+        .flat_map(|p| stages::data::store::read_features(&feats.join(&p.file), None).unwrap())
+        .collect();
     assert_eq!(stored.len(), 160);
     let first = stages::data::shards::read_shard(&shards.join("shard-00000.parquet"), 0).unwrap();
     let mut fb = <stages::data::fbank::FeaturesFbank as pipeline::StageDef>::create(
@@ -85,15 +105,27 @@ fn stored_features_read_back_identical_and_batch() {
     ));
     let batches = BATCHES.lock().unwrap().clone();
     for e in 0..2 {
-        let n: usize = batches.iter().filter(|b| b.epoch == e).map(|b| b.size()).sum();
+        let n: usize = batches
+            .iter()
+            .filter(|b| b.epoch == e)
+            .map(|b| b.size())
+            .sum();
         assert_eq!(n, 160, "epoch {e}");
     }
-    assert!(batches.iter().all(|b| b.frames * b.size() <= 16 * 50 && b.dim == 160 && b.frames <= 150));
+    assert!(batches
+        .iter()
+        .all(|b| b.frames * b.size() <= 16 * 50 && b.dim == 160 && b.frames <= 150));
 }
 
 static FEATS: Mutex<Vec<stages::items::Features>> = Mutex::new(Vec::new());
 
-sink!(FeatSink, stages::items::Features, FEATS, "test.feats", |f| f);
+sink!(
+    FeatSink,
+    stages::items::Features,
+    FEATS,
+    "test.feats",
+    |f| f
+);
 
 #[test]
 fn global_statistics_normalise_the_corpus() {
@@ -113,7 +145,12 @@ fn global_statistics_normalise_the_corpus() {
         stats.display(),
         shards.display()
     );
-    let errs = pipeline::validate(pipeline::load_str(&refused, "n.yaml", &[]).unwrap(), &stages::registry()).err().unwrap();
+    let errs = pipeline::validate(
+        pipeline::load_str(&refused, "n.yaml", &[]).unwrap(),
+        &stages::registry(),
+    )
+    .err()
+    .unwrap();
     assert!(errs.to_string().contains("features.stats"), "{errs}");
     go(&format!(
         "name: s\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 2, with: {{ normalize: none }} }}\n  st: {{ kind: features.stats, from: fb }}\n",
@@ -131,16 +168,30 @@ fn global_statistics_normalise_the_corpus() {
         stats.join("feature_stats.json").display()
     );
     let plan = pipeline::validate(pipeline::load_str(&yaml, "g.yaml", &[]).unwrap(), &reg).unwrap();
-    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
     let feats = FEATS.lock().unwrap().clone();
     // Over the whole corpus every dimension now has mean 0 and variance 1.
     let n: usize = feats.iter().map(|f| f.num_frames).sum();
     for d in [0usize, 40, 79, 80, 159] {
-        let xs: Vec<f64> = feats.iter().flat_map(|f| f.data.chunks_exact(160).map(move |r| r[d] as f64)).collect();
+        let xs: Vec<f64> = feats
+            .iter()
+            .flat_map(|f| f.data.chunks_exact(160).map(move |r| r[d] as f64))
+            .collect();
         assert_eq!(xs.len(), n);
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 1e-3 && (var - 1.0).abs() < 1e-3, "dim {d}: mean {mean}, var {var}");
+        assert!(
+            mean.abs() < 1e-3 && (var - 1.0).abs() < 1e-3,
+            "dim {d}: mean {mean}, var {var}"
+        );
     }
 }
 
@@ -167,14 +218,24 @@ fn the_data_stream_resumes_mid_epoch_without_rereading() {
     go(&spec("", ""));
     let full = std::mem::take(&mut *BATCHES.lock().unwrap());
     // Stop after a batch in the middle of epoch 1, then resume from its position.
-    let k = full.iter().position(|b| b.epoch == 1 && b.position.start > 0).unwrap() + 1;
+    let k = full
+        .iter()
+        .position(|b| b.epoch == 1 && b.position.start > 0)
+        .unwrap()
+        + 1;
     let pos = full[k].position.after();
     assert!(pos.start > 0, "resume inside the epoch: {pos:?}");
     go(&spec(
         &format!(", start_epoch: {}, start_index: {}", pos.epoch, pos.start),
-        &format!(", resume_from: {{ epoch: {}, start: {}, flush: {}, index: {}, step: {} }}", pos.epoch, pos.start, pos.flush, pos.index, pos.step),
+        &format!(
+            ", resume_from: {{ epoch: {}, start: {}, flush: {}, index: {}, step: {} }}",
+            pos.epoch, pos.start, pos.flush, pos.index, pos.step
+        ),
     ));
     let resumed = std::mem::take(&mut *BATCHES.lock().unwrap());
     assert_eq!(resumed.len(), full.len() - k - 1);
-    assert!(resumed == full[k + 1..], "the resumed stream differs from the uninterrupted one");
+    assert!(
+        resumed == full[k + 1..],
+        "the resumed stream differs from the uninterrupted one"
+    );
 }

@@ -2,11 +2,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use stages::items::{Batch, DataPosition};
-use stages::model::losses::{self, AuxNorm, RankForm};
-use stages::model::{self, Model, ModelConfig, Noise};
-use stages::model::optim::{lr_at, tau_at, AdamW};
-use stages::train::student::{Student, StudentParams};
 use stages::items::{Masked, Taught};
+use stages::model::losses::{self, AuxNorm, RankForm};
+use stages::model::optim::{lr_at, tau_at, AdamW};
+use stages::model::{self, Model, ModelConfig, Noise};
+use stages::train::student::{Student, StudentParams};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -17,7 +17,13 @@ fn base_parameter_count_matches_the_method() {
     assert_eq!(model::parameter_count(&cfg), 94_403_852);
     // And its parts, as §2.9 lists them.
     let shapes = model::shapes_of(&cfg);
-    let sum = |prefix: &str| shapes.iter().filter(|(n, _)| n.starts_with(prefix)).map(|(_, s)| s.iter().product::<usize>()).sum::<usize>();
+    let sum = |prefix: &str| {
+        shapes
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>()
+    };
     assert_eq!(sum("frontend.conv."), 4_206_592);
     assert_eq!(sum("frontend.ln.") + sum("frontend.proj."), 395_008);
     assert_eq!(sum("encoder.pos_conv."), 3_505_920);
@@ -33,20 +39,34 @@ fn base_parameter_count_matches_the_method() {
 #[test]
 fn alibi_slopes_follow_the_usual_rule() {
     let s12 = model::alibi_slopes(12);
-    let want12: Vec<f64> = [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -0.5, -1.5, -2.5, -3.5].iter().map(|e| 2f64.powf(*e)).collect();
+    let want12: Vec<f64> = [
+        -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -0.5, -1.5, -2.5, -3.5,
+    ]
+    .iter()
+    .map(|e| 2f64.powf(*e))
+    .collect();
     for (a, b) in s12.iter().zip(&want12) {
         assert!((a - b).abs() < 1e-12, "{s12:?}");
     }
-    assert_eq!(model::alibi_slopes(4), vec![0.25, 1.0 / 16.0, 1.0 / 64.0, 1.0 / 256.0]);
+    assert_eq!(
+        model::alibi_slopes(4),
+        vec![0.25, 1.0 / 16.0, 1.0 / 64.0, 1.0 / 256.0]
+    );
 }
 
 #[test]
 fn model_block_parses_presets_and_reports_bad_fields() {
-    let v: serde_yaml::Value = serde_yaml::from_str("{preset: tiny, encoder: {dim: 64, heads: 4}}").unwrap();
+    let v: serde_yaml::Value =
+        serde_yaml::from_str("{preset: tiny, encoder: {dim: 64, heads: 4}}").unwrap();
     let cfg = ModelConfig::from_spec(Some(&v)).unwrap();
     assert_eq!(cfg.encoder.dim, 64);
-    assert_eq!(cfg.encoder.layers, 4, "unspecified fields keep the preset's values");
-    let v: serde_yaml::Value = serde_yaml::from_str("{encoder: {dim: 130, heads: 4, top_k: 9}, decoder: {kernel: 4}}").unwrap();
+    assert_eq!(
+        cfg.encoder.layers, 4,
+        "unspecified fields keep the preset's values"
+    );
+    let v: serde_yaml::Value =
+        serde_yaml::from_str("{encoder: {dim: 130, heads: 4, top_k: 9}, decoder: {kernel: 4}}")
+            .unwrap();
     let errs = ModelConfig::from_spec(Some(&v)).unwrap_err();
     let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
     assert!(paths.contains(&"model.encoder.heads"), "{errs:?}");
@@ -63,7 +83,12 @@ fn model_block_parses_presets_and_reports_bad_fields() {
 fn reconstruction_loss_by_hand() {
     let yhat = Tensor::new(&[[[1.0f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
     let y = Tensor::new(&[[[0.0f32, 2.0, 5.0, 4.5]]], &Device::Cpu).unwrap();
-    let l = losses::recon_per_frame(&yhat, &y).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let l = losses::recon_per_frame(&yhat, &y)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     // (1 + 0 + 4 + 0.25) / 2 = 2.625
     assert!((l[0] - 2.625).abs() < 1e-6, "{l:?}");
 }
@@ -121,8 +146,12 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let f = cfg.input_dim();
     let d = cfg.encoder.dim;
-    let data: Vec<f32> = (0..rows * t * f).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let targets: Vec<f32> = (0..rows * t * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let data: Vec<f32> = (0..rows * t * f)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let targets: Vec<f32> = (0..rows * t * d)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     let mut mask = vec![false; rows * t];
     for r in 0..rows {
         // A different set per row, same count.
@@ -145,8 +174,25 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
         data,
         padding_mask: None,
     };
-    let taught = Taught { batch, targets: Arc::new(targets), target_dim: d, frames: t, pred_loss: vec![0.0; rows * t], teacher_version: 0 };
-    Masked { taught, hard: vec![false; rows * t], mask, masked_per_row: masked, hard_ratio: 0.0, spans: vec![1; rows], hard_spans: vec![0; rows], strategy: "test".into(), clones: 1 }
+    let taught = Taught {
+        batch,
+        targets: Arc::new(targets),
+        target_dim: d,
+        frames: t,
+        pred_loss: vec![0.0; rows * t],
+        teacher_version: 0,
+    };
+    Masked {
+        taught,
+        hard: vec![false; rows * t],
+        mask,
+        masked_per_row: masked,
+        hard_ratio: 0.0,
+        spans: vec![1; rows],
+        hard_spans: vec![0; rows],
+        strategy: "test".into(),
+        clones: 1,
+    }
 }
 
 /// Gradients of the joint loss (§1.9, with the ranking loss of §1.8) against central finite
@@ -156,8 +202,17 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
 fn joint_loss_gradients_match_finite_differences() {
     let cfg = tiny_cfg();
     // The two normalisations of §1.9, and the smooth-L1 regression loss of §8.
-    for (aux_norm, loss_beta) in [(AuxNorm::Joint, 0.0), (AuxNorm::Pairs, 0.0), (AuxNorm::Joint, 0.25)] {
-        let p = StudentParams { alpha: 0.5, aux_norm, loss_beta, ..StudentParams::default() };
+    for (aux_norm, loss_beta) in [
+        (AuxNorm::Joint, 0.0),
+        (AuxNorm::Pairs, 0.0),
+        (AuxNorm::Joint, 0.25),
+    ] {
+        let p = StudentParams {
+            alpha: 0.5,
+            aux_norm,
+            loss_beta,
+            ..StudentParams::default()
+        };
         let student = Student::new(p, cfg.clone(), Device::Cpu, 3, DType::F64).unwrap();
         let m = synthetic(&cfg, 2, 12, 5, 11);
         let eval = |s: &Student| -> (f64, candle_core::backprop::GradStore) {
@@ -184,14 +239,26 @@ fn joint_loss_gradients_match_finite_differences() {
         let mut checked = 0;
         for name in names {
             let var = &student.vars[name];
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             for &i in &[0usize, base.len() / 2, base.len() - 1] {
                 let h = 1e-6;
                 let set = |delta: f64| {
                     let mut v = base.clone();
                     v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                 };
                 set(h);
                 let (lp, _) = eval(&student);
@@ -200,7 +267,11 @@ fn joint_loss_gradients_match_finite_differences() {
                 set(0.0);
                 let fd = (lp - lm) / (2.0 * h);
                 let err = (fd - g[i]).abs() / (fd.abs().max(g[i].abs()).max(1e-4));
-                assert!(err < 1e-4, "{aux_norm:?} {name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
+                assert!(
+                    err < 1e-4,
+                    "{aux_norm:?} {name}[{i}]: analytic {} vs finite difference {fd}",
+                    g[i]
+                );
                 checked += 1;
             }
         }
@@ -222,7 +293,14 @@ fn teacher_targets_are_instance_normalised() {
     let out = model.teacher(&z).unwrap();
     assert_eq!(out.targets.dims(), &[3, 16, 8]);
     assert_eq!(out.pred_loss.dims(), &[3, 16]);
-    let mean = out.targets.mean(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mean = out
+        .targets
+        .mean(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(mean.iter().all(|v| v.abs() < 1e-5), "{mean:?}");
     // With top_k = 1 the targets are unit-variance per channel, up to the eps of 1e-5: at
     // initialisation (N(0, 0.02) weights, width 8) the FFN output's variance is about 1e-6, so
@@ -231,9 +309,21 @@ fn teacher_targets_are_instance_normalised() {
     one.encoder.top_k = 1;
     let mut w = w.clone();
     let fc2 = w["encoder.blocks.1.fc2.weight"].clone();
-    w.insert("encoder.blocks.1.fc2.weight".into(), (fc2 * 1000.0).unwrap());
+    w.insert(
+        "encoder.blocks.1.fc2.weight".into(),
+        (fc2 * 1000.0).unwrap(),
+    );
     let out = Model::new(&one, &w).teacher(&z).unwrap();
-    let var = out.targets.sqr().unwrap().mean(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let var = out
+        .targets
+        .sqr()
+        .unwrap()
+        .mean(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
 }
 
@@ -259,9 +349,18 @@ fn student_encoder_drops_masked_frames() {
     for v in &mut data2[hidden * 6..hidden * 6 + 6] {
         *v += 5.0;
     }
-    let z2 = model.frontend(&Tensor::from_slice(&data2, (2, 10, 6), &Device::Cpu).unwrap()).unwrap();
+    let z2 = model
+        .frontend(&Tensor::from_slice(&data2, (2, 10, 6), &Device::Cpu).unwrap())
+        .unwrap();
     let (h2, _) = model.student_encoder(&z2, &m.mask, &mut None).unwrap();
-    let diff = (h - h2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (h - h2)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-6, "{diff}");
 }
 
@@ -270,36 +369,78 @@ fn student_encoder_drops_masked_frames() {
 #[test]
 fn update_ema_and_checkpoint_round_trip() {
     let cfg = tiny_cfg();
-    let p = StudentParams { max_steps: 10, tau0: 0.9, tau_end: 0.9, tau_steps: Some(1), lr: 1e-2, warmup_steps: Some(0), ..StudentParams::default() };
+    let p = StudentParams {
+        max_steps: 10,
+        tau0: 0.9,
+        tau_end: 0.9,
+        tau_steps: Some(1),
+        lr: 1e-2,
+        warmup_steps: Some(0),
+        ..StudentParams::default()
+    };
     let mut s = Student::new(p.clone(), cfg.clone(), Device::Cpu, 1, DType::F32).unwrap();
-    let before = s.vars["encoder.blocks.0.fc1.weight"].as_tensor().copy().unwrap();
+    let before = s.vars["encoder.blocks.0.fc1.weight"]
+        .as_tensor()
+        .copy()
+        .unwrap();
     let m = synthetic(&cfg, 2, 12, 5, 1);
     let out = s.train_step(&m).unwrap();
     assert!(out.record.loss.is_finite());
     assert_eq!(s.step, 1);
-    let after = s.vars["encoder.blocks.0.fc1.weight"].as_tensor().copy().unwrap();
+    let after = s.vars["encoder.blocks.0.fc1.weight"]
+        .as_tensor()
+        .copy()
+        .unwrap();
     let teacher = &s.teacher["encoder.blocks.0.fc1.weight"];
     // θ_T = 0.9·θ_before + 0.1·θ_after
     let want = ((&before * 0.9).unwrap() + (&after * 0.1).unwrap()).unwrap();
-    let d = (teacher - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (teacher - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-6, "{d}");
-    let moved = (&after - &before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let moved = (&after - &before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(moved > 0.0);
     // The decoder is not in the teacher (§3).
     assert!(!s.teacher.contains_key("decoder.proj.weight"));
     assert!(s.teacher.contains_key("loss_predictor.proj.weight"));
     // Round trip.
     let dir = tempfile::tempdir().unwrap();
-    stages::train::save_checkpoint(dir.path(), &s.checkpoint_meta(), &s.checkpoint_tensors(), 2).unwrap();
-    let (meta, path) = stages::train::latest_checkpoint(dir.path()).unwrap().unwrap();
+    stages::train::save_checkpoint(dir.path(), &s.checkpoint_meta(), &s.checkpoint_tensors(), 2)
+        .unwrap();
+    let (meta, path) = stages::train::latest_checkpoint(dir.path())
+        .unwrap()
+        .unwrap();
     assert_eq!(meta.step, 1);
     let mut r = Student::new(p, cfg, Device::Cpu, 1, DType::F32).unwrap();
-    r.restore(&meta, &stages::train::load_tensors(&path, &Device::Cpu).unwrap()).unwrap();
+    r.restore(
+        &meta,
+        &stages::train::load_tensors(&path, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     let a = s.train_step(&m).unwrap().record;
     let b = r.train_step(&m).unwrap().record;
     assert_eq!(a.loss, b.loss);
     for (k, v) in &s.vars {
-        let d = (v.as_tensor() - r.vars[k].as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (v.as_tensor() - r.vars[k].as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{k}");
     }
 }
@@ -311,28 +452,74 @@ fn update_ema_and_checkpoint_round_trip() {
 fn conv_over_time_matches_candle_forward_and_finite_differences() {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    for &(c, o, k, pad, stride, groups, l) in &[(4usize, 6usize, 3usize, 1usize, 1usize, 2usize, 9usize), (8, 8, 5, 2, 1, 4, 7), (1, 3, 4, 0, 2, 1, 11), (6, 4, 2, 0, 2, 1, 8), (4, 4, 7, 3, 1, 4, 5)] {
-        let x: Vec<f64> = (0..2 * l * c).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let w: Vec<f64> = (0..o * (c / groups) * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    for &(c, o, k, pad, stride, groups, l) in &[
+        (4usize, 6usize, 3usize, 1usize, 1usize, 2usize, 9usize),
+        (8, 8, 5, 2, 1, 4, 7),
+        (1, 3, 4, 0, 2, 1, 11),
+        (6, 4, 2, 0, 2, 1, 8),
+        (4, 4, 7, 3, 1, 4, 5),
+    ] {
+        let x: Vec<f64> = (0..2 * l * c)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let w: Vec<f64> = (0..o * (c / groups) * k)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let xt = Tensor::from_vec(x.clone(), (2, l, c), &Device::Cpu).unwrap();
         let wt = Tensor::from_vec(w.clone(), (o, c / groups, k), &Device::Cpu).unwrap();
         let ours = model::conv1d_time(&xt, &wt, pad, stride, groups).unwrap();
-        let theirs = xt.transpose(1, 2).unwrap().contiguous().unwrap().conv1d(&wt, pad, stride, 1, groups).unwrap().transpose(1, 2).unwrap();
+        let theirs = xt
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .conv1d(&wt, pad, stride, 1, groups)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
         assert_eq!(ours.dims(), theirs.dims());
-        let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let d = (&ours - &theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d < 1e-12, "forward differs by {d}");
         // d/dw of Σ y² by central differences.
         let wv = candle_core::Var::from_tensor(&wt).unwrap();
-        let loss = |w: &Tensor| model::conv1d_time(&xt, w, pad, stride, groups).unwrap().sqr().unwrap().sum_all().unwrap();
-        let g = loss(wv.as_tensor()).backward().unwrap().get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let loss = |w: &Tensor| {
+            model::conv1d_time(&xt, w, pad, stride, groups)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let g = loss(wv.as_tensor())
+            .backward()
+            .unwrap()
+            .get(wv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for i in [0, w.len() / 3, w.len() - 1] {
             let at = |delta: f64| {
                 let mut v = w.clone();
                 v[i] += delta;
-                loss(&Tensor::from_vec(v, (o, c / groups, k), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
+                loss(&Tensor::from_vec(v, (o, c / groups, k), &Device::Cpu).unwrap())
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
-            assert!((fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0), "w[{i}]: analytic {} vs {fd}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0),
+                "w[{i}]: analytic {} vs {fd}",
+                g[i]
+            );
         }
     }
 }
@@ -347,7 +534,17 @@ fn cnn_frontend_gradients_match_finite_differences() {
     let cfg = ModelConfig::from_spec(Some(&v)).unwrap();
     // 50 samples → 24 → 11 frames.
     assert_eq!(cfg.frames_for(50), 11);
-    let student = Student::new(StudentParams { alpha: 0.5, ..StudentParams::default() }, cfg.clone(), Device::Cpu, 3, DType::F64).unwrap();
+    let student = Student::new(
+        StudentParams {
+            alpha: 0.5,
+            ..StudentParams::default()
+        },
+        cfg.clone(),
+        Device::Cpu,
+        3,
+        DType::F64,
+    )
+    .unwrap();
     let mut m = synthetic(&cfg, 2, 11, 4, 5);
     {
         use rand::{Rng, SeedableRng};
@@ -359,22 +556,44 @@ fn cnn_frontend_gradients_match_finite_differences() {
     }
     let eval = |s: &Student| s.loss(&m, &mut Noise::new(7)).unwrap().loss;
     let grads = eval(&student).backward().unwrap();
-    for name in ["frontend.conv.0.weight", "frontend.conv.1.weight", "frontend.conv.0.ln.weight", "frontend.proj.weight"] {
+    for name in [
+        "frontend.conv.0.weight",
+        "frontend.conv.1.weight",
+        "frontend.conv.0.ln.weight",
+        "frontend.proj.weight",
+    ] {
         let var = &student.vars[name];
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for i in [0, base.len() / 2, base.len() - 1] {
             let at = |delta: f64| {
                 let mut v = base.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let l = eval(&student).to_scalar::<f64>().unwrap();
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 l
             };
             let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
             let err = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1e-4);
-            assert!(err < 1e-4, "{name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
+            assert!(
+                err < 1e-4,
+                "{name}[{i}]: analytic {} vs finite difference {fd}",
+                g[i]
+            );
         }
     }
 }
@@ -384,7 +603,14 @@ fn cnn_frontend_gradients_match_finite_differences() {
 fn smooth_l1_reconstruction_loss_by_hand() {
     let yhat = Tensor::new(&[[[0.0f64, 0.5, 3.0, -2.0]]], &Device::Cpu).unwrap();
     let y = Tensor::zeros((1, 1, 4), DType::F64, &Device::Cpu).unwrap();
-    let l = |beta: f64, scale: Option<f64>| losses::recon_per_frame_with(&yhat, &y, beta, scale).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+    let l = |beta: f64, scale: Option<f64>| {
+        losses::recon_per_frame_with(&yhat, &y, beta, scale)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0]
+    };
     // β = 1: 0 + 0.5·0.25 + (3 − 0.5) + (2 − 0.5) = 4.125; default scale 1/√4.
     assert!((l(1.0, Some(1.0)) - 4.125).abs() < 1e-12);
     assert!((l(1.0, None) - 4.125 / 2.0).abs() < 1e-12);
@@ -421,7 +647,11 @@ fn joint_loss_normalisations_by_hand() {
     let m = synthetic(&cfg, 3, 13, 6, 21);
     for aux_norm in [AuxNorm::Joint, AuxNorm::Pairs] {
         let alpha = 0.3;
-        let p = StudentParams { alpha, aux_norm, ..StudentParams::default() };
+        let p = StudentParams {
+            alpha,
+            aux_norm,
+            ..StudentParams::default()
+        };
         let student = Student::new(p, cfg.clone(), Device::Cpu, 8, DType::F64).unwrap();
         let parts = student.loss(&m, &mut Noise::new(5)).unwrap();
         let (n, mm) = (3usize, parts.mm);
@@ -440,7 +670,10 @@ fn joint_loss_normalisations_by_hand() {
         };
         let got = parts.loss.to_scalar::<f64>().unwrap();
         // ℓ passes through f32 on the host side: relative 1e-6.
-        assert!((got - want).abs() < 1e-6 * want.abs(), "{aux_norm:?}: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-6 * want.abs(),
+            "{aux_norm:?}: {got} vs {want}"
+        );
         assert!((parts.rec.to_scalar::<f64>().unwrap() - sum_ell / (n * mm) as f64).abs() < 1e-6);
     }
 }
@@ -451,7 +684,10 @@ fn joint_loss_normalisations_by_hand() {
 fn alibi_keeps_original_distances_of_visible_frames() {
     let cfg = tiny_cfg();
     let mut w = model::init_weights(&cfg, 5, &Device::Cpu, DType::F64).unwrap();
-    w.insert("encoder.alibi_scale".into(), Tensor::new(&[2.0f64, -1.0], &Device::Cpu).unwrap());
+    w.insert(
+        "encoder.alibi_scale".into(),
+        Tensor::new(&[2.0f64, -1.0], &Device::Cpu).unwrap(),
+    );
     let model = Model::new(&cfg, &w);
     let positions = vec![vec![0usize, 3, 4, 9], vec![1, 2, 7, 8]];
     let bias = model.alibi(&positions, DType::F64, &Device::Cpu).unwrap();
@@ -465,7 +701,10 @@ fn alibi_keeps_original_distances_of_visible_frames() {
                 for j in 0..4 {
                     let want = -scale[h] * slopes[h] * (pos[i] as f64 - pos[j] as f64).abs();
                     let got = b[((r * 2 + h) * 4 + i) * 4 + j];
-                    assert!((got - want).abs() < 1e-12, "row {r} head {h} ({i},{j}): {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-12,
+                        "row {r} head {h} ({i},{j}): {got} vs {want}"
+                    );
                 }
             }
         }
@@ -487,30 +726,82 @@ fn target_layer_and_teacher_predictor_input_options() {
         w.insert(k, v);
     }
     let m = synthetic(&cfg, 2, 12, 3, 9);
-    let x = Tensor::from_slice(&m.taught.batch.data, (2, 12, 6), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let x = Tensor::from_slice(&m.taught.batch.data, (2, 12, 6), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let model = Model::new(&cfg, &w);
     let z = model.frontend(&x).unwrap();
     let outs = model.encode(&z).unwrap();
     // Block-output targets: mean of the instance-normalised outputs of the top-2 (= both) blocks.
     let mut block_cfg = cfg.clone();
     block_cfg.end_of_block_targets = true;
-    let want = ((model::instance_norm_time(&outs[0].to_dtype(DType::F32).unwrap()).unwrap() + model::instance_norm_time(&outs[1].to_dtype(DType::F32).unwrap()).unwrap()).unwrap() / 2.0).unwrap();
+    let want = ((model::instance_norm_time(&outs[0].to_dtype(DType::F32).unwrap()).unwrap()
+        + model::instance_norm_time(&outs[1].to_dtype(DType::F32).unwrap()).unwrap())
+    .unwrap()
+        / 2.0)
+        .unwrap();
     let got = Model::new(&block_cfg, &w).teacher(&z).unwrap().targets;
-    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "block-output targets differ by {diff}");
     let ffn = model.teacher(&z).unwrap();
-    let gap = (ffn.targets.clone() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let gap = (ffn.targets.clone() - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(gap > 1e-2, "FFN-output targets are another layer ({gap})");
     // The predictor on the last block's output.
     let mut last_cfg = cfg.clone();
     last_cfg.teacher_pred_input = model::TeacherPredInput::LastLayer;
     let got = Model::new(&last_cfg, &w).teacher(&z).unwrap().pred_loss;
-    let want = model.head("loss_predictor", &outs[1], &cfg.loss_predictor, true).unwrap().mean(candle_core::D::Minus1).unwrap().to_dtype(DType::F32).unwrap();
-    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let want = model
+        .head("loss_predictor", &outs[1], &cfg.loss_predictor, true)
+        .unwrap()
+        .mean(candle_core::D::Minus1)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-6, "{diff}");
     // Default: on the targets.
-    let want = model.head("loss_predictor", &ffn.targets.to_dtype(DType::F64).unwrap(), &cfg.loss_predictor, true).unwrap().mean(candle_core::D::Minus1).unwrap().to_dtype(DType::F32).unwrap();
-    let diff = (ffn.pred_loss - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let want = model
+        .head(
+            "loss_predictor",
+            &ffn.targets.to_dtype(DType::F64).unwrap(),
+            &cfg.loss_predictor,
+            true,
+        )
+        .unwrap()
+        .mean(candle_core::D::Minus1)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let diff = (ffn.pred_loss - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-6, "{diff}");
 }
 
@@ -528,16 +819,38 @@ fn target_layer_and_teacher_predictor_input_options() {
 fn adamw_matches_fairseq_by_hand() {
     let dev = Device::Cpu;
     let mut vars = BTreeMap::new();
-    vars.insert("w".to_string(), candle_core::Var::from_vec(vec![1.0f64, -2.0], (1, 2), &dev).unwrap());
-    vars.insert("b".to_string(), candle_core::Var::from_vec(vec![1.0f64, -2.0], 2, &dev).unwrap());
-    vars.insert("c".to_string(), candle_core::Var::from_vec(vec![2.0f64], (1, 1), &dev).unwrap());
+    vars.insert(
+        "w".to_string(),
+        candle_core::Var::from_vec(vec![1.0f64, -2.0], (1, 2), &dev).unwrap(),
+    );
+    vars.insert(
+        "b".to_string(),
+        candle_core::Var::from_vec(vec![1.0f64, -2.0], 2, &dev).unwrap(),
+    );
+    vars.insert(
+        "c".to_string(),
+        candle_core::Var::from_vec(vec![2.0f64], (1, 1), &dev).unwrap(),
+    );
     let f = |x: &Tensor| -> Tensor {
         let x = x.flatten_all().unwrap();
-        let a = (x.narrow(0, 0, 1).unwrap() * 3.0).unwrap().sum_all().unwrap();
-        let q = (x.narrow(0, 1, 1).unwrap().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+        let a = (x.narrow(0, 0, 1).unwrap() * 3.0)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let q = (x.narrow(0, 1, 1).unwrap().sqr().unwrap() * 0.5)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         (a + q).unwrap()
     };
-    let get = |vars: &BTreeMap<String, candle_core::Var>, k: &str| vars[k].as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let get = |vars: &BTreeMap<String, candle_core::Var>, k: &str| {
+        vars[k]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     let close = |got: Vec<f64>, want: &[f64], what: &str| {
         assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
@@ -548,11 +861,19 @@ fn adamw_matches_fairseq_by_hand() {
     let loss = (f(vars["w"].as_tensor()) + f(vars["b"].as_tensor())).unwrap();
     adam.step(&vars, &loss.backward().unwrap(), 0.1).unwrap();
     close(get(&vars, "w"), &[0.899, -1.898], "w after 1");
-    close(get(&vars, "b"), &[0.9, -1.9], "b after 1 (exempt from decay)");
+    close(
+        get(&vars, "b"),
+        &[0.9, -1.9],
+        "b after 1 (exempt from decay)",
+    );
     close(get(&vars, "c"), &[1.998], "c after 1 (decay only)");
     let loss = f(vars["b"].as_tensor());
     adam.step(&vars, &loss.backward().unwrap(), 0.1).unwrap();
-    close(get(&vars, "w"), &[0.830771, -1.828773], "w after 2 (zero gradient)");
+    close(
+        get(&vars, "w"),
+        &[0.830771, -1.828773],
+        "w after 2 (zero gradient)",
+    );
     close(get(&vars, "b"), &[0.8, -1.800143], "b after 2");
     close(get(&vars, "c"), &[1.996002], "c after 2");
     assert_eq!(adam.t, 2);

@@ -7,14 +7,26 @@ mod common;
 
 static SEEN: Mutex<Vec<(u32, String, usize)>> = Mutex::new(Vec::new());
 
-sink!(Sink, stages::items::Utterance, SEEN, "test.sink", |u| (u.epoch, u.utt_id, u.samples.len()));
+sink!(Sink, stages::items::Utterance, SEEN, "test.sink", |u| (
+    u.epoch,
+    u.utt_id,
+    u.samples.len()
+));
 
 fn run(yaml: &str) -> Vec<(u32, String, usize)> {
     SEEN.lock().unwrap().clear();
     let mut reg = stages::registry();
     reg.with::<Sink>();
     let plan = pipeline::validate(pipeline::load_str(yaml, "t.yaml", &[]).unwrap(), &reg).unwrap();
-    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
     SEEN.lock().unwrap().clone()
 }
 
@@ -29,8 +41,20 @@ fn read_back_every_epoch_shuffled_by_seed() {
         demo.display(),
         shards.display()
     );
-    let plan = pipeline::validate(pipeline::load_str(&prep, "p.yaml", &[]).unwrap(), &stages::registry()).unwrap();
-    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    let plan = pipeline::validate(
+        pipeline::load_str(&prep, "p.yaml", &[]).unwrap(),
+        &stages::registry(),
+    )
+    .unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
 
     let read = |seed: u64, shuffle: bool| {
         run(&format!(
@@ -47,7 +71,11 @@ fn read_back_every_epoch_shuffled_by_seed() {
     assert_ne!(a, c, "another seed, another order");
     for epoch in 0..3 {
         let ids = |v: &Vec<(u32, String, usize)>| {
-            let mut x: Vec<String> = v.iter().filter(|t| t.0 == epoch).map(|t| t.1.clone()).collect();
+            let mut x: Vec<String> = v
+                .iter()
+                .filter(|t| t.0 == epoch)
+                .map(|t| t.1.clone())
+                .collect();
             x.sort();
             x
         };
@@ -66,10 +94,16 @@ fn read_back_every_epoch_shuffled_by_seed() {
 
 static FEATS: Mutex<Vec<(String, usize, usize, f64, f32)>> = Mutex::new(Vec::new());
 
-sink!(FeatSink, stages::items::Features, FEATS, "test.featsink", |f| {
-    let mean = f.data.iter().sum::<f32>() / f.data.len().max(1) as f32;
-    (f.utt_id, f.num_frames, f.dim, f.frame_rate, mean)
-});
+sink!(
+    FeatSink,
+    stages::items::Features,
+    FEATS,
+    "test.featsink",
+    |f| {
+        let mean = f.data.iter().sum::<f32>() / f.data.len().max(1) as f32;
+        (f.utt_id, f.num_frames, f.dim, f.frame_rate, mean)
+    }
+);
 
 #[test]
 fn shards_to_fbank_end_to_end() {
@@ -81,8 +115,20 @@ fn shards_to_fbank_end_to_end() {
         demo.display(),
         tmp.path().join("shards").display()
     );
-    let plan = pipeline::validate(pipeline::load_str(&yaml, "p.yaml", &[]).unwrap(), &stages::registry()).unwrap();
-    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    let plan = pipeline::validate(
+        pipeline::load_str(&yaml, "p.yaml", &[]).unwrap(),
+        &stages::registry(),
+    )
+    .unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
     let mut reg = stages::registry();
     reg.with::<FeatSink>();
     let yaml = format!(
@@ -91,7 +137,15 @@ fn shards_to_fbank_end_to_end() {
         tmp.path().join("shards").display()
     );
     let plan = pipeline::validate(pipeline::load_str(&yaml, "g.yaml", &[]).unwrap(), &reg).unwrap();
-    pipeline::run(plan, &RunOptions { force: true, quiet: true }, &CancelToken::new()).unwrap();
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
     let feats = FEATS.lock().unwrap().clone();
     assert_eq!(feats.len(), 160);
     let ids: Vec<&String> = feats.iter().map(|f| &f.0).collect();

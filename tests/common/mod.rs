@@ -10,11 +10,20 @@ pub fn root() -> PathBuf {
 
 /// Runs `ehmam ARGS` from the repository root.
 pub fn ehmam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ehmam")).args(args).current_dir(root()).env("CI", "true").output().expect("cannot start ehmam")
+    Command::new(env!("CARGO_BIN_EXE_ehmam"))
+        .args(args)
+        .current_dir(root())
+        .env("CI", "true")
+        .output()
+        .expect("cannot start ehmam")
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Runs `ehmam` and asserts success.
@@ -32,20 +41,30 @@ pub fn query_csv(dirs: &[&Path], sql: &str) -> Vec<Vec<String>> {
     args.push(sql.into());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = ok(&a);
-    out.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+    out.lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
 }
 
 /// Every file below `dir` with its bytes, by relative path.
 pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     fn walk(base: &Path, d: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-        let mut es: Vec<PathBuf> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.path()).collect();
+        let mut es: Vec<PathBuf> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         es.sort();
         for p in es {
             if p.is_dir() {
                 walk(base, &p, out);
             } else {
-                out.push((p.strip_prefix(base).unwrap().display().to_string(), std::fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(base).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }
@@ -55,7 +74,10 @@ pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// Every file below `dir` with the BLAKE3 hash of its bytes, by relative path (printable).
 pub fn tree_hashes(dir: &Path) -> Vec<(String, String)> {
-    tree_bytes(dir).into_iter().map(|(n, b)| (n, blake3::hash(&b).to_hex().to_string())).collect()
+    tree_bytes(dir)
+        .into_iter()
+        .map(|(n, b)| (n, blake3::hash(&b).to_hex().to_string()))
+        .collect()
 }
 
 /// Copies a directory tree.

@@ -8,8 +8,8 @@
 //! `crop: pad` members are padded to the longest and a padding mask is carried. Each batch carries
 //! its step, epoch, utterance ids and crop offsets, so logs can point back into the audio.
 
-use crate::items::{Batch, DataPosition};
 use crate::items::Features;
+use crate::items::{Batch, DataPosition};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -52,7 +52,16 @@ pub struct BatchParams {
 
 impl Default for BatchParams {
     fn default() -> Self {
-        BatchParams { max_seconds: 32.0, max_frames: None, min_utt_seconds: 1.0, max_utt_seconds: 8.0, crop: CropMode::Shortest, buffer: 256, shuffle: true, resume_from: None }
+        BatchParams {
+            max_seconds: 32.0,
+            max_frames: None,
+            min_utt_seconds: 1.0,
+            max_utt_seconds: 8.0,
+            crop: CropMode::Shortest,
+            buffer: 256,
+            shuffle: true,
+            resume_from: None,
+        }
     }
 }
 
@@ -60,19 +69,37 @@ impl Params for BatchParams {
     fn check(&self) -> Vec<ParamError> {
         let mut e = Vec::new();
         if !(self.max_seconds > 0.0 && self.max_seconds.is_finite()) {
-            e.push(ParamError::new("max_seconds", format!("must be > 0, got {}", self.max_seconds)));
+            e.push(ParamError::new(
+                "max_seconds",
+                format!("must be > 0, got {}", self.max_seconds),
+            ));
         }
         if self.max_frames == Some(0) {
             e.push(ParamError::new("max_frames", "must be at least 1"));
         }
         if !(self.min_utt_seconds >= 0.0) {
-            e.push(ParamError::new("min_utt_seconds", format!("must be ≥ 0, got {}", self.min_utt_seconds)));
+            e.push(ParamError::new(
+                "min_utt_seconds",
+                format!("must be ≥ 0, got {}", self.min_utt_seconds),
+            ));
         }
         if !(self.max_utt_seconds > 0.0 && self.max_utt_seconds >= self.min_utt_seconds) {
-            e.push(ParamError::new("max_utt_seconds", format!("must be > 0 and ≥ min_utt_seconds ({}), got {}", self.min_utt_seconds, self.max_utt_seconds)));
+            e.push(ParamError::new(
+                "max_utt_seconds",
+                format!(
+                    "must be > 0 and ≥ min_utt_seconds ({}), got {}",
+                    self.min_utt_seconds, self.max_utt_seconds
+                ),
+            ));
         }
         if self.max_frames.is_none() && self.max_utt_seconds > self.max_seconds {
-            e.push(ParamError::new("max_utt_seconds", format!("{} s does not fit in a batch of max_seconds {}", self.max_utt_seconds, self.max_seconds)));
+            e.push(ParamError::new(
+                "max_utt_seconds",
+                format!(
+                    "{} s does not fit in a batch of max_seconds {}",
+                    self.max_utt_seconds, self.max_seconds
+                ),
+            ));
         }
         if self.buffer == 0 {
             e.push(ParamError::new("buffer", "must be at least 1"));
@@ -108,10 +135,21 @@ pub struct Batcher {
     pub dropped: u64,
 }
 
-
 impl Batcher {
     pub fn new(p: &BatchParams, seed: u64) -> Self {
-        Batcher { p: p.clone(), seed, rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), buffer: Vec::new(), epoch: None, step: 0, index: 0, buffer_start: 0, flushes: 0, skip: 0, dropped: 0 }
+        Batcher {
+            p: p.clone(),
+            seed,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            buffer: Vec::new(),
+            epoch: None,
+            step: 0,
+            index: 0,
+            buffer_start: 0,
+            flushes: 0,
+            skip: 0,
+            dropped: 0,
+        }
     }
 
     /// A batcher that continues the stream at `pos` (from [`DataPosition::after`] of the last
@@ -128,7 +166,10 @@ impl Batcher {
     }
 
     fn budget(&self, frame_rate: f64) -> usize {
-        self.p.max_frames.unwrap_or((self.p.max_seconds * frame_rate).floor() as usize).max(1)
+        self.p
+            .max_frames
+            .unwrap_or((self.p.max_seconds * frame_rate).floor() as usize)
+            .max(1)
     }
 
     /// Takes one utterance; returns the batches that became ready.
@@ -146,7 +187,9 @@ impl Batcher {
         self.index += 1;
         self.rng = crate::seed::batch_crop(self.seed, f.epoch, i);
         let min = (self.p.min_utt_seconds * f.frame_rate).ceil() as usize;
-        let max = ((self.p.max_utt_seconds * f.frame_rate).floor() as usize).min(self.budget(f.frame_rate)).max(1);
+        let max = ((self.p.max_utt_seconds * f.frame_rate).floor() as usize)
+            .min(self.budget(f.frame_rate))
+            .max(1);
         if f.num_frames < min.max(1) {
             self.dropped += 1;
             return out;
@@ -178,7 +221,11 @@ impl Batcher {
         let epoch = self.epoch.unwrap_or(0);
         self.rng = crate::seed::batch_order(self.seed, epoch, flush);
         // Sort by length (ties by id, so the order never depends on arrival).
-        items.sort_by(|a, b| a.f.num_frames.cmp(&b.f.num_frames).then_with(|| a.f.utt_id.cmp(&b.f.utt_id)));
+        items.sort_by(|a, b| {
+            a.f.num_frames
+                .cmp(&b.f.num_frames)
+                .then_with(|| a.f.utt_id.cmp(&b.f.utt_id))
+        });
         let budget = self.budget(items[0].f.frame_rate);
         let mut groups: Vec<Vec<Item>> = Vec::new();
         let mut cur: Vec<Item> = Vec::new();
@@ -200,7 +247,16 @@ impl Batcher {
         let mut out = Vec::new();
         for (j, g) in groups.into_iter().enumerate() {
             // Crops are drawn even for skipped batches, so the stream stays the same.
-            let b = self.make(g, DataPosition { epoch, start, flush, index: j as u64, step: 0 });
+            let b = self.make(
+                g,
+                DataPosition {
+                    epoch,
+                    start,
+                    flush,
+                    index: j as u64,
+                    step: 0,
+                },
+            );
             if j >= skip {
                 out.push(b);
             }
@@ -237,7 +293,11 @@ impl Batcher {
                 lengths.push(n);
             } else {
                 let extra = n - frames;
-                let o = if extra > 0 { self.rng.random_range(0..=extra) } else { 0 };
+                let o = if extra > 0 {
+                    self.rng.random_range(0..=extra)
+                } else {
+                    0
+                };
                 data.extend_from_slice(&it.f.data[o * dim..(o + frames) * dim]);
                 offsets.push(it.offset + o);
                 lengths.push(frames);
@@ -305,7 +365,10 @@ impl Stage for BatchByDuration {
         }
         if self.batcher.dropped > 0 {
             io.count("dropped_short", self.batcher.dropped);
-            io.note(format!("dropped {} utterances shorter than min_utt_seconds", self.batcher.dropped));
+            io.note(format!(
+                "dropped {} utterances shorter than min_utt_seconds",
+                self.batcher.dropped
+            ));
         }
         Ok(())
     }

@@ -27,7 +27,13 @@ pub enum Layout {
 }
 
 fn default_extensions() -> Vec<String> {
-    ["wav", "wave", "flac", "ogg", "oga", "mp3", "mp2", "mp1", "mpga", "m4a", "mp4", "aac", "aif", "aiff", "aifc", "caf", "mka", "mkv", "webm"].iter().map(|s| s.to_string()).collect()
+    [
+        "wav", "wave", "flac", "ogg", "oga", "mp3", "mp2", "mp1", "mpga", "m4a", "mp4", "aac",
+        "aif", "aiff", "aifc", "caf", "mka", "mkv", "webm",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Parameters of `audio.decode`.
@@ -53,7 +59,14 @@ pub struct DecodeParams {
 
 impl Default for DecodeParams {
     fn default() -> Self {
-        DecodeParams { input: PathBuf::new(), layout: Layout::Auto, sample_rate: 16000, min_seconds: 0.1, extensions: default_extensions(), listing: Arc::new(OnceLock::new()) }
+        DecodeParams {
+            input: PathBuf::new(),
+            layout: Layout::Auto,
+            sample_rate: 16000,
+            min_seconds: 0.1,
+            extensions: default_extensions(),
+            listing: Arc::new(OnceLock::new()),
+        }
     }
 }
 
@@ -61,13 +74,22 @@ impl Params for DecodeParams {
     fn check(&self) -> Vec<ParamError> {
         let mut e = Vec::new();
         if self.input.as_os_str().is_empty() {
-            e.push(ParamError::new("input", "required: a directory of audio or a manifest file"));
+            e.push(ParamError::new(
+                "input",
+                "required: a directory of audio or a manifest file",
+            ));
         }
         if !(1000..=384_000).contains(&self.sample_rate) {
-            e.push(ParamError::new("sample_rate", format!("must be from 1000 to 384000 Hz, got {}", self.sample_rate)));
+            e.push(ParamError::new(
+                "sample_rate",
+                format!("must be from 1000 to 384000 Hz, got {}", self.sample_rate),
+            ));
         }
         if !(self.min_seconds >= 0.0 && self.min_seconds.is_finite()) {
-            e.push(ParamError::new("min_seconds", format!("must be a number ≥ 0, got {}", self.min_seconds)));
+            e.push(ParamError::new(
+                "min_seconds",
+                format!("must be a number ≥ 0, got {}", self.min_seconds),
+            ));
         }
         e
     }
@@ -99,7 +121,10 @@ pub struct Listing {
 
 fn rel(root: &Path, p: &Path) -> String {
     let r = p.strip_prefix(root).unwrap_or(p);
-    r.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/")
+    r.components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
@@ -125,7 +150,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
 }
 
 fn has_trans_txt(dir: &Path, depth: usize) -> bool {
-    let Ok(rd) = std::fs::read_dir(dir) else { return false };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -141,11 +168,15 @@ fn has_trans_txt(dir: &Path, depth: usize) -> bool {
 
 /// Extensions of text and metadata files that sit beside audio in corpora (transcripts, speaker
 /// tables, manifests, checksums): not inputs, only counted.
-const METADATA_EXTENSIONS: &[&str] =
-    &["txt", "tsv", "csv", "json", "jsonl", "md", "rst", "lab", "yaml", "yml", "xml", "html", "htm", "pdf", "lst", "scp", "ctm", "stm", "textgrid", "sha256", "md5", "log"];
+const METADATA_EXTENSIONS: &[&str] = &[
+    "txt", "tsv", "csv", "json", "jsonl", "md", "rst", "lab", "yaml", "yml", "xml", "html", "htm",
+    "pdf", "lst", "scp", "ctm", "stm", "textgrid", "sha256", "md5", "log",
+];
 
 fn ext_of(p: &Path) -> String {
-    p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
+    p.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 /// Lists the inputs as `params` describe them.
@@ -167,18 +198,30 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
         Layout::Manifest => list_manifest(input),
         Layout::Dir | Layout::Librispeech | Layout::Auto => {
             if !input.is_dir() {
-                return Err(format!("{} is not a directory (layout `{layout:?}`)", input.display()).to_lowercase());
+                return Err(format!(
+                    "{} is not a directory (layout `{layout:?}`)",
+                    input.display()
+                )
+                .to_lowercase());
             }
             let mut paths = Vec::new();
             walk(input, &mut paths)?;
-            let exts: Vec<String> = params.extensions.iter().map(|e| e.trim_start_matches('.').to_ascii_lowercase()).collect();
+            let exts: Vec<String> = params
+                .extensions
+                .iter()
+                .map(|e| e.trim_start_matches('.').to_ascii_lowercase())
+                .collect();
             let mut ignored = BTreeMap::new();
             let mut transcripts: HashMap<String, String> = HashMap::new();
             let mut audio = Vec::new();
             for p in paths {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 if layout == Layout::Librispeech && name.ends_with(".trans.txt") {
-                    let text = std::fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                    let text = std::fs::read_to_string(&p)
+                        .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                     for line in text.lines() {
                         let line = line.trim();
                         if let Some((id, t)) = line.split_once(char::is_whitespace) {
@@ -195,7 +238,11 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
                 } else if METADATA_EXTENSIONS.contains(&ext.as_str()) {
                     *ignored.entry(ext).or_insert(0) += 1;
                 } else {
-                    let what = if ext.is_empty() { "no extension".to_string() } else { format!("extension `.{ext}`") };
+                    let what = if ext.is_empty() {
+                        "no extension".to_string()
+                    } else {
+                        format!("extension `.{ext}`")
+                    };
                     audio.push((p, Some(format!("not audio: {what} is not among the decodable audio extensions (`extensions`)"))));
                 }
             }
@@ -205,12 +252,17 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
                 .iter()
                 .map(|(p, problem)| {
                     let source = rel(input, p);
-                    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let stem = p
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     let utt_id = if layout == Layout::Librispeech {
                         stem.clone()
                     } else {
                         match source.rfind('.') {
-                            Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => source[..i].to_string(),
+                            Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => {
+                                source[..i].to_string()
+                            }
                             _ => source.clone(),
                         }
                     };
@@ -220,7 +272,15 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
                     } else {
                         (None, None, sidecar_transcript(p))
                     };
-                    InputFile { path: p.clone(), source, utt_id, speaker, chapter, transcript, problem: problem.clone() }
+                    InputFile {
+                        path: p.clone(),
+                        source,
+                        utt_id,
+                        speaker,
+                        chapter,
+                        transcript,
+                        problem: problem.clone(),
+                    }
                 })
                 .collect();
             let mut count: HashMap<String, usize> = HashMap::new();
@@ -232,7 +292,12 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
                     f.utt_id = f.source.clone();
                 }
             }
-            Ok(Listing { root: input.clone(), layout, files, ignored })
+            Ok(Listing {
+                root: input.clone(),
+                layout,
+                files,
+                ignored,
+            })
         }
     }
 }
@@ -246,9 +311,18 @@ fn librispeech_ids(stem: &str, source: &str) -> (Option<String>, Option<String>)
     }
     let dirs: Vec<&str> = source.split('/').collect();
     if dirs.len() >= 3 {
-        return (Some(dirs[dirs.len() - 3].to_string()), Some(dirs[dirs.len() - 2].to_string()));
+        return (
+            Some(dirs[dirs.len() - 3].to_string()),
+            Some(dirs[dirs.len() - 2].to_string()),
+        );
     }
-    (parts.first().filter(|p| !p.is_empty()).map(|p| p.to_string()), None)
+    (
+        parts
+            .first()
+            .filter(|p| !p.is_empty())
+            .map(|p| p.to_string()),
+        None,
+    )
 }
 
 /// `foo.wav` → the text of `foo.txt` or `foo.lab` beside it, if present.
@@ -268,11 +342,15 @@ fn sidecar_transcript(p: &Path) -> Option<String> {
 }
 
 fn list_manifest(path: &Path) -> Result<Listing, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
     let mut lines = text.lines();
     let root_line = lines.next().map(str::trim).unwrap_or("");
     if root_line.is_empty() {
-        return Err(format!("{}:1: a manifest starts with the root directory of its paths", path.display()));
+        return Err(format!(
+            "{}:1: a manifest starts with the root directory of its paths",
+            path.display()
+        ));
     }
     let mut root = PathBuf::from(root_line);
     if root.is_relative() {
@@ -294,12 +372,18 @@ fn list_manifest(path: &Path) -> Result<Listing, String> {
             problem = Some(format!("manifest line {lineno}: no path"));
         } else if let Some(n) = n {
             if n.trim().parse::<u64>().is_err() {
-                problem = Some(format!("manifest line {lineno}: num_samples `{}` is not a number", n.trim()));
+                problem = Some(format!(
+                    "manifest line {lineno}: num_samples `{}` is not a number",
+                    n.trim()
+                ));
             }
         }
         let p = root.join(relp);
         if problem.is_none() && !p.is_file() {
-            problem = Some(format!("missing: manifest line {lineno} names {}, which does not exist", p.display()));
+            problem = Some(format!(
+                "missing: manifest line {lineno} names {}, which does not exist",
+                p.display()
+            ));
         }
         let source = relp.replace('\\', "/");
         let base = match source.rfind('.') {
@@ -308,15 +392,37 @@ fn list_manifest(path: &Path) -> Result<Listing, String> {
         };
         let k = seen.entry(base.clone()).or_insert(0);
         *k += 1;
-        let utt_id = if *k > 1 { format!("{source}#{lineno}") } else { base };
-        files.push(InputFile { path: p, source, utt_id, speaker: None, chapter: None, transcript: None, problem });
+        let utt_id = if *k > 1 {
+            format!("{source}#{lineno}")
+        } else {
+            base
+        };
+        files.push(InputFile {
+            path: p,
+            source,
+            utt_id,
+            speaker: None,
+            chapter: None,
+            transcript: None,
+            problem,
+        });
     }
-    Ok(Listing { root, layout: Layout::Manifest, files, ignored: BTreeMap::new() })
+    Ok(Listing {
+        root,
+        layout: Layout::Manifest,
+        files,
+        ignored: BTreeMap::new(),
+    })
 }
 
 /// Decodes one input into an utterance or a rejection.
 pub fn decode_input(f: &InputFile, sample_rate: u32, min_seconds: f64) -> Decoded {
-    let rejected = |reason: String| Decoded::Rejected(Reject { source: f.source.clone(), reason });
+    let rejected = |reason: String| {
+        Decoded::Rejected(Reject {
+            source: f.source.clone(),
+            reason,
+        })
+    };
     if let Some(p) = &f.problem {
         return rejected(p.clone());
     }
@@ -326,7 +432,9 @@ pub fn decode_input(f: &InputFile, sample_rate: u32, min_seconds: f64) -> Decode
     };
     let secs = pcm.frames() as f64 / pcm.sample_rate as f64;
     if secs < min_seconds {
-        return rejected(format!("too short: {secs:.3} s < min_seconds {min_seconds}"));
+        return rejected(format!(
+            "too short: {secs:.3} s < min_seconds {min_seconds}"
+        ));
     }
     let mono = pcm.to_mono();
     let samples = match resample(&mono, pcm.sample_rate, sample_rate) {
@@ -362,26 +470,55 @@ impl StageDef for AudioDecode {
         vec![]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Decoded>("out", "every input file in order: an utterance or a reject")]
+        vec![Port::cloneable::<Decoded>(
+            "out",
+            "every input file in order: an utterance or a reject",
+        )]
     }
     fn validate(p: &DecodeParams, _ctx: &StageContext) -> Vec<ParamError> {
         let mut e = Vec::new();
         if !p.input.exists() {
-            e.push(ParamError::new("input", format!("{} does not exist", p.input.display())));
+            e.push(ParamError::new(
+                "input",
+                format!("{} does not exist", p.input.display()),
+            ));
         } else {
             match p.layout {
-                Layout::Manifest if !p.input.is_file() => e.push(ParamError::new("input", format!("layout `manifest` needs a file, {} is a directory", p.input.display()))),
-                Layout::Dir | Layout::Librispeech if !p.input.is_dir() => {
-                    e.push(ParamError::new("input", format!("layout `{:?}` needs a directory, {} is a file", p.layout, p.input.display()).to_lowercase()))
-                }
+                Layout::Manifest if !p.input.is_file() => e.push(ParamError::new(
+                    "input",
+                    format!(
+                        "layout `manifest` needs a file, {} is a directory",
+                        p.input.display()
+                    ),
+                )),
+                Layout::Dir | Layout::Librispeech if !p.input.is_dir() => e.push(ParamError::new(
+                    "input",
+                    format!(
+                        "layout `{:?}` needs a directory, {} is a file",
+                        p.layout,
+                        p.input.display()
+                    )
+                    .to_lowercase(),
+                )),
                 _ => {}
             }
         }
         e
     }
-    fn create(params: &DecodeParams, _ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        let listing = params.listing.get_or_init(|| list_inputs(params)).clone().map_err(StageError::Failed)?;
-        Ok(AudioDecode { params: params.clone(), listing })
+    fn create(
+        params: &DecodeParams,
+        _ctx: &StageContext,
+        _worker: usize,
+    ) -> Result<Self, StageError> {
+        let listing = params
+            .listing
+            .get_or_init(|| list_inputs(params))
+            .clone()
+            .map_err(StageError::Failed)?;
+        Ok(AudioDecode {
+            params: params.clone(),
+            listing,
+        })
     }
 }
 
@@ -399,14 +536,25 @@ impl Stage for AudioDecode {
         let todo = (files.len() - skip) as u64;
         if io.worker() == 0 {
             if !self.listing.ignored.is_empty() {
-                let list: Vec<String> = self.listing.ignored.iter().map(|(e, n)| format!(".{e} ×{n}")).collect();
+                let list: Vec<String> = self
+                    .listing
+                    .ignored
+                    .iter()
+                    .map(|(e, n)| format!(".{e} ×{n}"))
+                    .collect();
                 let ignored = self.listing.ignored.values().sum::<usize>();
                 io.count("ignored_files", ignored as u64);
-                io.note(format!("ignored {ignored} text and metadata files ({})", list.join(", ")));
+                io.note(format!(
+                    "ignored {ignored} text and metadata files ({})",
+                    list.join(", ")
+                ));
             }
             if skip > 0 {
                 io.count("resumed_inputs", skip as u64);
-                io.note(format!("resuming: {skip} of {} inputs are already stored", files.len()));
+                io.note(format!(
+                    "resuming: {skip} of {} inputs are already stored",
+                    files.len()
+                ));
             }
             io.progress().set_length(todo, "files");
         }

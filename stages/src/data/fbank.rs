@@ -94,35 +94,66 @@ impl FbankOptions {
     pub fn check(&self, sample_rate: u32) -> Vec<ParamError> {
         let mut e = Vec::new();
         let nyquist = sample_rate as f32 / 2.0;
-        let high = if self.high_freq > 0.0 { self.high_freq } else { nyquist + self.high_freq };
+        let high = if self.high_freq > 0.0 {
+            self.high_freq
+        } else {
+            nyquist + self.high_freq
+        };
         if self.num_mel_bins < 3 {
-            e.push(ParamError::new("num_mel_bins", format!("must be at least 3, got {}", self.num_mel_bins)));
+            e.push(ParamError::new(
+                "num_mel_bins",
+                format!("must be at least 3, got {}", self.num_mel_bins),
+            ));
         }
         let len = (sample_rate as f64 * self.frame_length_ms * 1e-3) as usize;
         let shift = (sample_rate as f64 * self.frame_shift_ms * 1e-3) as usize;
         if len < 2 {
-            e.push(ParamError::new("frame_length_ms", format!("{} ms is under two samples", self.frame_length_ms)));
+            e.push(ParamError::new(
+                "frame_length_ms",
+                format!("{} ms is under two samples", self.frame_length_ms),
+            ));
         }
         if shift < 1 || !(self.frame_shift_ms > 0.0) {
-            e.push(ParamError::new("frame_shift_ms", format!("must give at least one sample, got {} ms", self.frame_shift_ms)));
+            e.push(ParamError::new(
+                "frame_shift_ms",
+                format!(
+                    "must give at least one sample, got {} ms",
+                    self.frame_shift_ms
+                ),
+            ));
         }
         if !(0.0..=1.0).contains(&self.preemphasis_coefficient) {
-            e.push(ParamError::new("preemphasis_coefficient", format!("must be in [0, 1], got {}", self.preemphasis_coefficient)));
+            e.push(ParamError::new(
+                "preemphasis_coefficient",
+                format!("must be in [0, 1], got {}", self.preemphasis_coefficient),
+            ));
         }
         if !(self.low_freq >= 0.0 && self.low_freq < nyquist) {
-            e.push(ParamError::new("low_freq", format!("must be in [0, {nyquist}) Hz, got {}", self.low_freq)));
+            e.push(ParamError::new(
+                "low_freq",
+                format!("must be in [0, {nyquist}) Hz, got {}", self.low_freq),
+            ));
         }
         if !(high > self.low_freq && high <= nyquist) {
             e.push(ParamError::new("high_freq", format!("gives a high cut-off of {high} Hz, which must lie above low_freq ({}) and at most at Nyquist ({nyquist})", self.low_freq)));
         }
         if !(self.dither >= 0.0 && self.dither.is_finite()) {
-            e.push(ParamError::new("dither", format!("must be ≥ 0, got {}", self.dither)));
+            e.push(ParamError::new(
+                "dither",
+                format!("must be ≥ 0, got {}", self.dither),
+            ));
         }
         if !(self.log_floor > 0.0 && self.log_floor.is_finite()) && self.use_log_fbank {
-            e.push(ParamError::new("log_floor", format!("must be > 0 (the log of 0 is -inf), got {}", self.log_floor)));
+            e.push(ParamError::new(
+                "log_floor",
+                format!("must be > 0 (the log of 0 is -inf), got {}", self.log_floor),
+            ));
         }
         if !(self.input_scale > 0.0 && self.input_scale.is_finite()) {
-            e.push(ParamError::new("input_scale", format!("must be > 0, got {}", self.input_scale)));
+            e.push(ParamError::new(
+                "input_scale",
+                format!("must be > 0, got {}", self.input_scale),
+            ));
         }
         e
     }
@@ -156,7 +187,11 @@ impl Fbank {
         }
         let frame_len = (sample_rate as f64 * opts.frame_length_ms * 1e-3) as usize;
         let frame_shift = (sample_rate as f64 * opts.frame_shift_ms * 1e-3) as usize;
-        let padded = if opts.round_to_power_of_two { frame_len.next_power_of_two() } else { frame_len };
+        let padded = if opts.round_to_power_of_two {
+            frame_len.next_power_of_two()
+        } else {
+            frame_len
+        };
         let a = 2.0 * std::f64::consts::PI / (frame_len as f64 - 1.0);
         let window = (0..frame_len)
             .map(|i| {
@@ -172,7 +207,11 @@ impl Fbank {
             .collect();
         // Mel banks as Kaldi builds them (float arithmetic, Nyquist bin excluded).
         let nyquist = 0.5 * sample_rate as f32;
-        let high = if opts.high_freq > 0.0 { opts.high_freq } else { nyquist + opts.high_freq };
+        let high = if opts.high_freq > 0.0 {
+            opts.high_freq
+        } else {
+            nyquist + opts.high_freq
+        };
         let num_fft_bins = padded / 2;
         let bin_width = sample_rate as f32 / padded as f32;
         let (mel_low, mel_high) = (mel(opts.low_freq), mel(high));
@@ -187,7 +226,11 @@ impl Fbank {
             for i in 0..num_fft_bins {
                 let m = mel(bin_width * i as f32);
                 if m > left && m < right {
-                    let w = if m <= center { (m - left) / (center - left) } else { (right - m) / (right - center) };
+                    let w = if m <= center {
+                        (m - left) / (center - left)
+                    } else {
+                        (right - m) / (right - center)
+                    };
                     if first.is_none() {
                         first = Some(i);
                     }
@@ -201,7 +244,19 @@ impl Fbank {
         let fft = RealFftPlanner::<f32>::new().plan_fft_forward(padded);
         let spectrum = fft.make_output_vec();
         let scratch = fft.make_scratch_vec();
-        Ok(Fbank { opts: opts.clone(), frame_len, frame_shift, padded, window, banks, fft, frame: vec![0.0; padded], spectrum, power: vec![0.0; padded / 2 + 1], scratch })
+        Ok(Fbank {
+            opts: opts.clone(),
+            frame_len,
+            frame_shift,
+            padded,
+            window,
+            banks,
+            fft,
+            frame: vec![0.0; padded],
+            spectrum,
+            power: vec![0.0; padded / 2 + 1],
+            scratch,
+        })
     }
 
     /// Frames Kaldi computes for `n` samples.
@@ -230,7 +285,11 @@ impl Fbank {
         let mut out = vec![0.0f32; frames * dim];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         for f in 0..frames {
-            let start: i64 = if self.opts.snip_edges { (f * self.frame_shift) as i64 } else { (f * self.frame_shift + self.frame_shift / 2) as i64 - (self.frame_len / 2) as i64 };
+            let start: i64 = if self.opts.snip_edges {
+                (f * self.frame_shift) as i64
+            } else {
+                (f * self.frame_shift + self.frame_shift / 2) as i64 - (self.frame_len / 2) as i64
+            };
             for s in 0..self.frame_len {
                 let mut i = start + s as i64;
                 // Reflect at the edges (only reached with snip_edges: false).
@@ -245,7 +304,9 @@ impl Fbank {
                     // Box–Muller: a standard normal draw, as Kaldi's RandGauss.
                     let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
                     let u2: f32 = rng.random::<f32>();
-                    *x += self.opts.dither * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos();
+                    *x += self.opts.dither
+                        * (-2.0 * u1.ln()).sqrt()
+                        * (2.0 * std::f32::consts::PI * u2).cos();
                 }
             }
             if self.opts.remove_dc_offset {
@@ -268,7 +329,11 @@ impl Fbank {
                 *x = 0.0;
             }
             // The plan was made for `padded` samples, so the lengths always match.
-            if self.fft.process_with_scratch(&mut self.frame, &mut self.spectrum, &mut self.scratch).is_err() {
+            if self
+                .fft
+                .process_with_scratch(&mut self.frame, &mut self.spectrum, &mut self.scratch)
+                .is_err()
+            {
                 continue;
             }
             for (p, c) in self.power.iter_mut().zip(&self.spectrum) {
@@ -277,8 +342,16 @@ impl Fbank {
             }
             let row = &mut out[f * dim..(f + 1) * dim];
             for (r, (first, weights)) in row.iter_mut().zip(&self.banks) {
-                let e: f32 = weights.iter().zip(&self.power[*first..]).map(|(w, p)| w * p).sum();
-                *r = if self.opts.use_log_fbank { e.max(self.opts.log_floor).ln() } else { e };
+                let e: f32 = weights
+                    .iter()
+                    .zip(&self.power[*first..])
+                    .map(|(w, p)| w * p)
+                    .sum();
+                *r = if self.opts.use_log_fbank {
+                    e.max(self.opts.log_floor).ln()
+                } else {
+                    e
+                };
             }
         }
         let _ = self.padded;
@@ -348,13 +421,20 @@ pub struct FbankParams {
 
 impl Default for FbankParams {
     fn default() -> Self {
-        FbankParams { kaldi: FbankOptions::default(), normalize: Normalize::Utterance, stack: 2, stats: None }
+        FbankParams {
+            kaldi: FbankOptions::default(),
+            normalize: Normalize::Utterance,
+            stack: 2,
+            stats: None,
+        }
     }
 }
 
 impl FbankParams {
     fn stats_path(&self, ctx: &StageContext) -> std::path::PathBuf {
-        self.stats.clone().unwrap_or_else(|| ctx.run_dir.join(crate::data::stats::STATS_FILE))
+        self.stats
+            .clone()
+            .unwrap_or_else(|| ctx.run_dir.join(crate::data::stats::STATS_FILE))
     }
 }
 
@@ -369,10 +449,16 @@ impl Params for FbankParams {
         // Checked at 16 kHz here; the stage checks again at each utterance's rate.
         let mut e = self.options().check(16000);
         if self.stack == 0 {
-            e.push(ParamError::new("stack", "must be at least 1 (1 = no stacking)"));
+            e.push(ParamError::new(
+                "stack",
+                "must be at least 1 (1 = no stacking)",
+            ));
         }
         if self.stats.is_some() && self.normalize != Normalize::Global {
-            e.push(ParamError::new("stats", "only used with `normalize: global`"));
+            e.push(ParamError::new(
+                "stats",
+                "only used with `normalize: global`",
+            ));
         }
         e
     }
@@ -398,7 +484,10 @@ impl StageDef for FeaturesFbank {
         vec![Port::cloneable::<Utterance>("in", "utterances")]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Features>("out", "features, one item per utterance")]
+        vec![Port::cloneable::<Features>(
+            "out",
+            "features, one item per utterance",
+        )]
     }
     fn validate(p: &FbankParams, ctx: &StageContext) -> Vec<ParamError> {
         if p.normalize != Normalize::Global {
@@ -406,9 +495,10 @@ impl StageDef for FeaturesFbank {
         }
         let path = p.stats_path(ctx);
         match crate::data::stats::FeatureStats::load(&path) {
-            Ok(st) if Some(st.dim) != p.kaldi.num_mel_bins.checked_mul(p.stack) => vec![ParamError::new(
-                "stats",
-                format!(
+            Ok(st) if Some(st.dim) != p.kaldi.num_mel_bins.checked_mul(p.stack) => {
+                vec![ParamError::new(
+                    "stats",
+                    format!(
                     "{} holds statistics of {}-dimensional features; this stage makes {} × {} = {}",
                     path.display(),
                     st.dim,
@@ -416,32 +506,55 @@ impl StageDef for FeaturesFbank {
                     p.stack,
                     p.kaldi.num_mel_bins.saturating_mul(p.stack)
                 ),
-            )],
+                )]
+            }
             Ok(_) => Vec::new(),
-            Err(e) => vec![ParamError::new("stats", format!("{e}; run a spec with `features.stats` (over `normalize: none` features) first"))],
+            Err(e) => vec![ParamError::new(
+                "stats",
+                format!(
+                    "{e}; run a spec with `features.stats` (over `normalize: none` features) first"
+                ),
+            )],
         }
     }
     fn create(p: &FbankParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let global = if p.normalize == Normalize::Global {
-            let st = crate::data::stats::FeatureStats::load(&p.stats_path(ctx)).map_err(StageError::Failed)?;
-            let inv = st.var.iter().map(|&v| (1.0 / (v + 1e-10).sqrt()) as f32).collect();
+            let st = crate::data::stats::FeatureStats::load(&p.stats_path(ctx))
+                .map_err(StageError::Failed)?;
+            let inv = st
+                .var
+                .iter()
+                .map(|&v| (1.0 / (v + 1e-10).sqrt()) as f32)
+                .collect();
             Some((st.mean.iter().map(|&m| m as f32).collect(), inv))
         } else {
             None
         };
-        Ok(FeaturesFbank { p: p.clone(), seed: ctx.seed, fbank: None, global })
+        Ok(FeaturesFbank {
+            p: p.clone(),
+            seed: ctx.seed,
+            fbank: None,
+            global,
+        })
     }
 }
-
 
 impl FeaturesFbank {
     /// Features of one utterance (also used by tests and benchmarks).
     pub fn features(&mut self, u: &Utterance) -> Result<Features, StageError> {
-        if self.fbank.as_ref().is_none_or(|(sr, _)| *sr != u.sample_rate) {
-            let fb = Fbank::new(&self.p.options(), u.sample_rate).map_err(|e| StageError::failed(format!("{}: fbank at {} Hz: {e}", u.utt_id, u.sample_rate)))?;
+        if self
+            .fbank
+            .as_ref()
+            .is_none_or(|(sr, _)| *sr != u.sample_rate)
+        {
+            let fb = Fbank::new(&self.p.options(), u.sample_rate).map_err(|e| {
+                StageError::failed(format!("{}: fbank at {} Hz: {e}", u.utt_id, u.sample_rate))
+            })?;
             self.fbank = Some((u.sample_rate, fb));
         }
-        let Some((_, fb)) = self.fbank.as_mut() else { return Err(StageError::failed("internal: no fbank")) };
+        let Some((_, fb)) = self.fbank.as_mut() else {
+            return Err(StageError::failed("internal: no fbank"));
+        };
         // Dither depends on the utterance and epoch only, never on which worker computes it.
         let seed = crate::seed::fbank_dither(self.seed, &u.utt_id, u.epoch);
         let (frames, mut data) = fb.compute(&u.samples, seed);

@@ -8,7 +8,11 @@
 
 use crate::data::audio::to_i16;
 use crate::items::{Decoded, Reject, Utterance};
-use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder, Int32Array, Int64Array, ListArray, ListBuilder, StringArray};
+use crate::stream::EpochReader;
+use arrow::array::{
+    Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder,
+    Int32Array, Int64Array, ListArray, ListBuilder, StringArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -16,15 +20,11 @@ use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
-use crate::stream::EpochReader;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,11 +86,22 @@ pub struct ShardIndex {
 
 impl ShardIndex {
     pub fn load(dir: &Path) -> crate::Result<Option<ShardIndex>> {
-        let Some(index) = crate::stream::store::load_index::<ShardIndex>(dir, "shard index")? else { return Ok(None) };
+        let Some(index) = crate::stream::store::load_index::<ShardIndex>(dir, "shard index")?
+        else {
+            return Ok(None);
+        };
         // A row takes at least a byte: a larger count is a damaged index (and must not size
         // allocations).
-        if let Some((i, s)) = index.shards.iter().enumerate().find(|(_, s)| s.rows > s.bytes.max(1) || (s.file.is_none() && s.rows > 0)) {
-            let what = format!("shard {i} claims {} rows in {} bytes: the index is damaged", s.rows, s.bytes);
+        if let Some((i, s)) = index
+            .shards
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.rows > s.bytes.max(1) || (s.file.is_none() && s.rows > 0))
+        {
+            let what = format!(
+                "shard {i} claims {} rows in {} bytes: the index is damaged",
+                s.rows, s.bytes
+            );
             return Err(crate::Error::damaged(dir.join(INDEX_FILE), what));
         }
         Ok(Some(index))
@@ -109,7 +120,8 @@ pub fn shard_schema(format: AudioFormat) -> SchemaRef {
         AudioFormat::Int16 => DataType::Int16,
         AudioFormat::Float32 => DataType::Float32,
     };
-    let meta: HashMap<String, String> = [("ehmam.audio_format".to_string(), format.name().to_string())].into();
+    let meta: HashMap<String, String> =
+        [("ehmam.audio_format".to_string(), format.name().to_string())].into();
     Arc::new(
         Schema::new(vec![
             Field::new("utt_id", DataType::Utf8, false),
@@ -120,7 +132,11 @@ pub fn shard_schema(format: AudioFormat) -> SchemaRef {
             Field::new("num_samples", DataType::Int64, false),
             Field::new("duration_s", DataType::Float64, false),
             Field::new("transcript", DataType::Utf8, true),
-            Field::new("audio", DataType::List(Arc::new(Field::new("item", item, false))), false),
+            Field::new(
+                "audio",
+                DataType::List(Arc::new(Field::new("item", item, false))),
+                false,
+            ),
         ])
         .with_metadata(meta),
     )
@@ -128,41 +144,76 @@ pub fn shard_schema(format: AudioFormat) -> SchemaRef {
 
 fn shard_batch(rows: &[Utterance], format: AudioFormat) -> Result<RecordBatch, String> {
     let schema = shard_schema(format);
-    let audio: ArrayRef = match format {
-        AudioFormat::Int16 => {
-            let mut b = ListBuilder::new(Int16Builder::new()).with_field(Arc::new(Field::new("item", DataType::Int16, false)));
-            for u in rows {
-                let v: Vec<i16> = u.samples.iter().map(|&x| to_i16(x)).collect();
-                b.values().append_slice(&v);
-                b.append(true);
+    let audio: ArrayRef =
+        match format {
+            AudioFormat::Int16 => {
+                let mut b = ListBuilder::new(Int16Builder::new()).with_field(Arc::new(Field::new(
+                    "item",
+                    DataType::Int16,
+                    false,
+                )));
+                for u in rows {
+                    let v: Vec<i16> = u.samples.iter().map(|&x| to_i16(x)).collect();
+                    b.values().append_slice(&v);
+                    b.append(true);
+                }
+                Arc::new(b.finish())
             }
-            Arc::new(b.finish())
-        }
-        AudioFormat::Float32 => {
-            let mut b = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
-            for u in rows {
-                b.values().append_slice(&u.samples);
-                b.append(true);
+            AudioFormat::Float32 => {
+                let mut b = ListBuilder::new(Float32Builder::new())
+                    .with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+                for u in rows {
+                    b.values().append_slice(&u.samples);
+                    b.append(true);
+                }
+                Arc::new(b.finish())
             }
-            Arc::new(b.finish())
-        }
-    };
+        };
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|u| u.utt_id.as_str()))),
-        Arc::new(StringArray::from(rows.iter().map(|u| u.speaker.as_deref()).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(rows.iter().map(|u| u.chapter.as_deref()).collect::<Vec<_>>())),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|u| u.source.as_str()))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|u| u.sample_rate as i32))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|u| u.samples.len() as i64))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|u| u.duration_s()))),
-        Arc::new(StringArray::from(rows.iter().map(|u| u.transcript.as_deref()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|u| u.utt_id.as_str()),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|u| u.speaker.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|u| u.chapter.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|u| u.source.as_str()),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|u| u.sample_rate as i32),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|u| u.samples.len() as i64),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|u| u.duration_s()),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|u| u.transcript.as_deref())
+                .collect::<Vec<_>>(),
+        )),
         audio,
     ];
     RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
 }
 
 /// Writes one shard file atomically; returns (bytes, blake3 hex).
-fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, zstd_level: i32, row_group_rows: usize) -> Result<(u64, String), String> {
+fn write_shard(
+    dir: &Path,
+    name: &str,
+    rows: &[Utterance],
+    format: AudioFormat,
+    zstd_level: i32,
+    row_group_rows: usize,
+) -> Result<(u64, String), String> {
     let level = ZstdLevel::try_new(zstd_level).map_err(|e| e.to_string())?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
@@ -179,7 +230,8 @@ fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, 
         ]))
         .build();
     let written = crate::stream::store::write_part(dir, name, |file| {
-        let mut w = ArrowWriter::try_new(file, shard_schema(format), Some(props)).map_err(std::io::Error::other)?;
+        let mut w = ArrowWriter::try_new(file, shard_schema(format), Some(props))
+            .map_err(std::io::Error::other)?;
         for chunk in rows.chunks(row_group_rows.max(1)) {
             let batch = shard_batch(chunk, format).map_err(std::io::Error::other)?;
             w.write(&batch).map_err(std::io::Error::other)?;
@@ -190,7 +242,6 @@ fn write_shard(dir: &Path, name: &str, rows: &[Utterance], format: AudioFormat, 
     .map_err(|e| e.to_string())?;
     Ok((written.bytes, written.blake3))
 }
-
 
 /// Parameters of `shards.write`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -210,7 +261,13 @@ pub struct ShardsWriteParams {
 
 impl Default for ShardsWriteParams {
     fn default() -> Self {
-        ShardsWriteParams { dir: PathBuf::new(), target_mb: 64.0, audio_format: AudioFormat::Int16, zstd_level: 3, row_group_rows: 64 }
+        ShardsWriteParams {
+            dir: PathBuf::new(),
+            target_mb: 64.0,
+            audio_format: AudioFormat::Int16,
+            zstd_level: 3,
+            row_group_rows: 64,
+        }
     }
 }
 
@@ -221,10 +278,16 @@ impl Params for ShardsWriteParams {
             e.push(ParamError::new("dir", "required: the shard directory"));
         }
         if !(self.target_mb > 0.0 && self.target_mb.is_finite()) {
-            e.push(ParamError::new("target_mb", format!("must be > 0, got {}", self.target_mb)));
+            e.push(ParamError::new(
+                "target_mb",
+                format!("must be > 0, got {}", self.target_mb),
+            ));
         }
         if !(1..=22).contains(&self.zstd_level) {
-            e.push(ParamError::new("zstd_level", format!("must be from 1 to 22, got {}", self.zstd_level)));
+            e.push(ParamError::new(
+                "zstd_level",
+                format!("must be from 1 to 22, got {}", self.zstd_level),
+            ));
         }
         if self.row_group_rows == 0 {
             e.push(ParamError::new("row_group_rows", "must be at least 1"));
@@ -235,10 +298,15 @@ impl Params for ShardsWriteParams {
 
 /// Loads the index of `dir` and checks that it can be continued with `p`.
 fn resumable_index(p: &ShardsWriteParams) -> crate::Result<Option<ShardIndex>> {
-    let Some(index) = ShardIndex::load(&p.dir)? else { return Ok(None) };
+    let Some(index) = ShardIndex::load(&p.dir)? else {
+        return Ok(None);
+    };
     let index_path = p.dir.join(INDEX_FILE);
     if index.format != INDEX_FORMAT {
-        return Err(crate::Error::damaged(&index_path, format!("index format `{}` is not `{INDEX_FORMAT}`", index.format)));
+        return Err(crate::Error::damaged(
+            &index_path,
+            format!("index format `{}` is not `{INDEX_FORMAT}`", index.format),
+        ));
     }
     if index.audio_format != p.audio_format || index.target_mb != p.target_mb {
         return Err(crate::Error::invalid(format!(
@@ -253,8 +321,12 @@ fn resumable_index(p: &ShardsWriteParams) -> crate::Result<Option<ShardIndex>> {
     for s in &index.shards {
         if let (Some(f), Some(h)) = (&s.file, &s.blake3) {
             let part = p.dir.join(f);
-            let written = crate::stream::store::hash_file(&part)
-                .map_err(|e| crate::Error::invalid(format!("{e} (listed in {}; delete the directory to start over)", index_path.display())))?;
+            let written = crate::stream::store::hash_file(&part).map_err(|e| {
+                crate::Error::invalid(format!(
+                    "{e} (listed in {}; delete the directory to start over)",
+                    index_path.display()
+                ))
+            })?;
             if written.bytes != s.bytes || &written.blake3 != h {
                 return Err(crate::Error::damaged(&part, "does not match its index entry (changed since it was written); delete the directory to start over"));
             }
@@ -281,7 +353,10 @@ impl StageDef for ShardsWrite {
     const DOC: &'static str = "Stores decoded utterances as zstd Parquet shards with an index (atomic, resumable); writes the\n`utterances` and `rejects` tables into the run directory.";
 
     fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<Decoded>("in", "decoded files, in input order")]
+        vec![Port::cloneable::<Decoded>(
+            "in",
+            "decoded files, in input order",
+        )]
     }
     fn outputs() -> Vec<Port> {
         vec![]
@@ -289,8 +364,13 @@ impl StageDef for ShardsWrite {
     fn resume_skip(p: &ShardsWriteParams, _ctx: &StageContext) -> Result<u64, StageError> {
         Ok(resumable_index(p)?.map(|i| i.inputs_done()).unwrap_or(0))
     }
-    fn create(p: &ShardsWriteParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        std::fs::create_dir_all(&p.dir).map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
+    fn create(
+        p: &ShardsWriteParams,
+        ctx: &StageContext,
+        _worker: usize,
+    ) -> Result<Self, StageError> {
+        std::fs::create_dir_all(&p.dir)
+            .map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
         // Leftovers of an interrupted run are never listed in the index: remove them.
         if let Ok(rd) = std::fs::read_dir(&p.dir) {
             for e in rd.flatten() {
@@ -318,18 +398,38 @@ impl StageDef for ShardsWrite {
                 }
             }
         }
-        Ok(ShardsWrite { p: p.clone(), ctx: ctx.clone(), index, rows: Vec::new(), rejects: Vec::new(), pending_inputs: 0, pending_bytes: 0.0, ids })
+        Ok(ShardsWrite {
+            p: p.clone(),
+            ctx: ctx.clone(),
+            index,
+            rows: Vec::new(),
+            rejects: Vec::new(),
+            pending_inputs: 0,
+            pending_bytes: 0.0,
+            ids,
+        })
     }
 }
 
 /// Reads (utt_id, source) of a shard without its audio.
 fn read_metadata(path: &Path) -> Result<(Vec<(String, String)>, Vec<RecordBatch>), String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{}: {e}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     // Every column but the samples.
-    let cols: Vec<usize> = builder.schema().fields().iter().enumerate().filter(|(_, f)| f.name() != "audio").map(|(i, _)| i).collect();
+    let cols: Vec<usize> = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.name() != "audio")
+        .map(|(i, _)| i)
+        .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), cols);
-    let reader = builder.with_projection(mask).build().map_err(|e| format!("{}: {e}", path.display()))?;
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     let mut batches = Vec::new();
     for b in reader {
@@ -345,7 +445,9 @@ fn read_metadata(path: &Path) -> Result<(Vec<(String, String)>, Vec<RecordBatch>
 }
 
 fn string_col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
-    b.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| format!("shard has no string column `{name}`"))
+    b.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| format!("shard has no string column `{name}`"))
 }
 
 impl ShardsWrite {
@@ -359,7 +461,15 @@ impl ShardsWrite {
             (None, 0, None)
         } else {
             let name = format!("shard-{n:05}.parquet");
-            let (bytes, hash) = write_shard(&self.p.dir, &name, &self.rows, self.p.audio_format, self.p.zstd_level, self.p.row_group_rows).map_err(StageError::Failed)?;
+            let (bytes, hash) = write_shard(
+                &self.p.dir,
+                &name,
+                &self.rows,
+                self.p.audio_format,
+                self.p.zstd_level,
+                self.p.row_group_rows,
+            )
+            .map_err(StageError::Failed)?;
             (Some(name), bytes, Some(hash))
         };
         self.index.shards.push(ShardEntry {
@@ -390,8 +500,16 @@ impl ShardsWrite {
                     let n = b.num_rows();
                     let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![run; n]))];
                     // By name: a column that shards of an older version lack (chapter) is null.
-                    for field in shard_schema(self.p.audio_format).fields().iter().filter(|f| f.name() != "audio") {
-                        cols.push(b.column_by_name(field.name()).cloned().unwrap_or_else(|| arrow::array::new_null_array(field.data_type(), n)));
+                    for field in shard_schema(self.p.audio_format)
+                        .fields()
+                        .iter()
+                        .filter(|f| f.name() != "audio")
+                    {
+                        cols.push(
+                            b.column_by_name(field.name()).cloned().unwrap_or_else(|| {
+                                arrow::array::new_null_array(field.data_type(), n)
+                            }),
+                        );
                     }
                     cols.push(Arc::new(StringArray::from(vec![f.as_str(); n])));
                     batches.push(cols);
@@ -400,34 +518,59 @@ impl ShardsWrite {
         }
         let meta = shard_schema(self.p.audio_format);
         let mut fields: Vec<Field> = vec![Field::new("run", DataType::Utf8, false)];
-        fields.extend(meta.fields().iter().filter(|f| f.name() != "audio").map(|f| f.as_ref().clone()));
+        fields.extend(
+            meta.fields()
+                .iter()
+                .filter(|f| f.name() != "audio")
+                .map(|f| f.as_ref().clone()),
+        );
         fields.push(Field::new("shard", DataType::Utf8, false));
         let schema = Arc::new(Schema::new(fields));
         let utts = if batches.is_empty() {
             RecordBatch::new_empty(schema.clone())
         } else {
-            let parts: Result<Vec<RecordBatch>, _> = batches.into_iter().map(|c| RecordBatch::try_new(schema.clone(), c)).collect();
+            let parts: Result<Vec<RecordBatch>, _> = batches
+                .into_iter()
+                .map(|c| RecordBatch::try_new(schema.clone(), c))
+                .collect();
             let parts = parts.map_err(|e| StageError::failed(e.to_string()))?;
-            arrow::compute::concat_batches(&schema, &parts).map_err(|e| StageError::failed(e.to_string()))?
+            arrow::compute::concat_batches(&schema, &parts)
+                .map_err(|e| StageError::failed(e.to_string()))?
         };
         let run_dir = &self.ctx.run_dir;
-        std::fs::create_dir_all(run_dir).map_err(|e| StageError::io(format!("cannot create {}", run_dir.display()), e))?;
+        std::fs::create_dir_all(run_dir)
+            .map_err(|e| StageError::io(format!("cannot create {}", run_dir.display()), e))?;
         let p = run_dir.join("utterances.parquet");
-        pipeline::telemetry::write_parquet_atomic(&p, &utts).map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
+        pipeline::telemetry::write_parquet_atomic(&p, &utts)
+            .map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
 
-        let rejects: Vec<(&RejectEntry, Option<&str>)> = self.index.shards.iter().flat_map(|s| s.rejects.iter().map(move |r| (r, s.file.as_deref()))).collect();
-        let rschema = Arc::new(Schema::new(vec![Field::new("run", DataType::Utf8, false), Field::new("source", DataType::Utf8, false), Field::new("reason", DataType::Utf8, false)]));
+        let rejects: Vec<(&RejectEntry, Option<&str>)> = self
+            .index
+            .shards
+            .iter()
+            .flat_map(|s| s.rejects.iter().map(move |r| (r, s.file.as_deref())))
+            .collect();
+        let rschema = Arc::new(Schema::new(vec![
+            Field::new("run", DataType::Utf8, false),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("reason", DataType::Utf8, false),
+        ]));
         let rb = RecordBatch::try_new(
             rschema,
             vec![
                 Arc::new(StringArray::from(vec![run; rejects.len()])),
-                Arc::new(StringArray::from_iter_values(rejects.iter().map(|(r, _)| r.source.as_str()))),
-                Arc::new(StringArray::from_iter_values(rejects.iter().map(|(r, _)| r.reason.as_str()))),
+                Arc::new(StringArray::from_iter_values(
+                    rejects.iter().map(|(r, _)| r.source.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rejects.iter().map(|(r, _)| r.reason.as_str()),
+                )),
             ],
         )
         .map_err(|e| StageError::failed(e.to_string()))?;
         let p = run_dir.join("rejects.parquet");
-        pipeline::telemetry::write_parquet_atomic(&p, &rb).map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
+        pipeline::telemetry::write_parquet_atomic(&p, &rb)
+            .map_err(|e| StageError::io(format!("cannot write {}", p.display()), e))?;
         Ok(())
     }
 }
@@ -453,12 +596,18 @@ impl Stage for ShardsWrite {
                         let reason = format!("duplicate utt_id `{}` (also {other})", u.utt_id);
                         io.count("rejected", 1);
                         io.note(format!("rejected {}: {reason}", u.source));
-                        self.rejects.push(RejectEntry { source: u.source, reason });
+                        self.rejects.push(RejectEntry {
+                            source: u.source,
+                            reason,
+                        });
                     } else {
                         match self.index.sample_rate {
                             None => self.index.sample_rate = Some(u.sample_rate),
                             Some(r) if r != u.sample_rate => {
-                                return Err(StageError::failed(format!("{}: sample rate {} differs from the shards' {r} Hz", u.source, u.sample_rate)));
+                                return Err(StageError::failed(format!(
+                                    "{}: sample rate {} differs from the shards' {r} Hz",
+                                    u.source, u.sample_rate
+                                )));
                             }
                             _ => {}
                         }
@@ -479,7 +628,15 @@ impl Stage for ShardsWrite {
         let rows: u64 = self.index.shards.iter().map(|s| s.rows).sum();
         let rejected: usize = self.index.shards.iter().map(|s| s.rejects.len()).sum();
         let hours: f64 = self.index.shards.iter().map(|s| s.duration_s).sum::<f64>() / 3600.0;
-        io.note(format!("{} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}", self.index.shards.iter().filter(|s| s.file.is_some()).count(), self.p.dir.display()));
+        io.note(format!(
+            "{} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}",
+            self.index
+                .shards
+                .iter()
+                .filter(|s| s.file.is_some())
+                .count(),
+            self.p.dir.display()
+        ));
         Ok(())
     }
 }
@@ -503,7 +660,13 @@ pub struct ShardsReadParams {
 
 impl Default for ShardsReadParams {
     fn default() -> Self {
-        ShardsReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false, start_epoch: 0, start_index: 0 }
+        ShardsReadParams {
+            dir: PathBuf::new(),
+            epochs: 1,
+            shuffle: false,
+            start_epoch: 0,
+            start_index: 0,
+        }
     }
 }
 
@@ -513,13 +676,22 @@ impl Params for ShardsReadParams {
     fn check(&self) -> Vec<ParamError> {
         let mut e = Vec::new();
         if self.dir.as_os_str().is_empty() {
-            e.push(ParamError::new("dir", "required: a shard directory written by shards.write"));
+            e.push(ParamError::new(
+                "dir",
+                "required: a shard directory written by shards.write",
+            ));
         }
         if self.epochs == 0 {
             e.push(ParamError::new("epochs", "must be at least 1"));
         }
         if self.start_epoch >= self.epochs.max(1) {
-            e.push(ParamError::new("start_epoch", format!("must be below epochs ({}), got {}", self.epochs, self.start_epoch)));
+            e.push(ParamError::new(
+                "start_epoch",
+                format!(
+                    "must be below epochs ({}), got {}",
+                    self.epochs, self.start_epoch
+                ),
+            ));
         }
         e
     }
@@ -528,18 +700,31 @@ impl Params for ShardsReadParams {
 /// Reads every utterance of one shard file.
 pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.with_batch_size(64).build()).map_err(|e| format!("{}: {e}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(64).build())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     for b in reader {
         let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
-        let err = |c: &str| format!("{}: column `{c}` is missing or of the wrong type", path.display());
+        let err = |c: &str| {
+            format!(
+                "{}: column `{c}` is missing or of the wrong type",
+                path.display()
+            )
+        };
         let ids = string_col(&b, "utt_id").map_err(|_| err("utt_id"))?;
         let spk = string_col(&b, "speaker").map_err(|_| err("speaker"))?;
         let chapter = string_col(&b, "chapter").ok();
         let src = string_col(&b, "source").map_err(|_| err("source"))?;
         let trn = string_col(&b, "transcript").map_err(|_| err("transcript"))?;
-        let sr = b.column_by_name("sample_rate").and_then(|c| c.as_any().downcast_ref::<Int32Array>()).ok_or_else(|| err("sample_rate"))?;
-        let audio = b.column_by_name("audio").and_then(|c| c.as_any().downcast_ref::<ListArray>()).ok_or_else(|| err("audio"))?;
+        let sr = b
+            .column_by_name("sample_rate")
+            .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+            .ok_or_else(|| err("sample_rate"))?;
+        let audio = b
+            .column_by_name("audio")
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>())
+            .ok_or_else(|| err("audio"))?;
         for i in 0..b.num_rows() {
             let a = audio.value(i);
             let samples: Vec<f32> = if let Some(x) = a.as_any().downcast_ref::<Int16Array>() {
@@ -552,7 +737,9 @@ pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
             out.push(Utterance {
                 utt_id: ids.value(i).to_string(),
                 speaker: (!spk.is_null(i)).then(|| spk.value(i).to_string()),
-                chapter: chapter.filter(|c| !c.is_null(i)).map(|c| c.value(i).to_string()),
+                chapter: chapter
+                    .filter(|c| !c.is_null(i))
+                    .map(|c| c.value(i).to_string()),
                 source: src.value(i).to_string(),
                 transcript: (!trn.is_null(i)).then(|| trn.value(i).to_string()),
                 sample_rate: sr.value(i).max(0) as u32,
@@ -582,31 +769,65 @@ impl StageDef for ShardsRead {
         vec![]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Utterance>("out", "utterances, epoch by epoch")]
+        vec![Port::cloneable::<Utterance>(
+            "out",
+            "utterances, epoch by epoch",
+        )]
     }
-    fn link(_: &ShardsReadParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+    fn link(
+        _: &ShardsReadParams,
+        _: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
         linker.read(&crate::stream::READER_START);
         Vec::new()
     }
     fn validate(p: &ShardsReadParams, _ctx: &StageContext) -> Vec<ParamError> {
         match ShardIndex::load(&p.dir) {
-            Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the prep that writes it has not finished; rerun it to complete the shards", p.dir.display()))],
+            Ok(Some(i)) if !i.complete => vec![ParamError::new(
+                "dir",
+                format!(
+                    "{}: the prep that writes it has not finished; rerun it to complete the shards",
+                    p.dir.display()
+                ),
+            )],
             Ok(Some(_)) => vec![],
-            Ok(None) => vec![ParamError::new("dir", format!("no shard index at {}: run the prep spec first", p.dir.join(INDEX_FILE).display()))],
+            Ok(None) => vec![ParamError::new(
+                "dir",
+                format!(
+                    "no shard index at {}: run the prep spec first",
+                    p.dir.join(INDEX_FILE).display()
+                ),
+            )],
             Err(e) => vec![ParamError::new("dir", e.to_string())],
         }
     }
-    fn create(p: &ShardsReadParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        let index = ShardIndex::load(&p.dir)?.ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
-        let with_files: Vec<&ShardEntry> = index.shards.iter().filter(|s| s.file.is_some()).collect();
-        let files = with_files.iter().filter_map(|s| s.file.as_ref()).map(|f| p.dir.join(f)).collect();
+    fn create(
+        p: &ShardsReadParams,
+        ctx: &StageContext,
+        _worker: usize,
+    ) -> Result<Self, StageError> {
+        let index = ShardIndex::load(&p.dir)?
+            .ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
+        let with_files: Vec<&ShardEntry> =
+            index.shards.iter().filter(|s| s.file.is_some()).collect();
+        let files = with_files
+            .iter()
+            .filter_map(|s| s.file.as_ref())
+            .map(|f| p.dir.join(f))
+            .collect();
         let rows = with_files.iter().map(|s| s.rows).collect();
         let mut p = p.clone();
         if let Some((epoch, index)) = crate::stream::reader_start(ctx, p.epochs) {
             p.start_epoch = epoch;
             p.start_index = index;
         }
-        Ok(ShardsRead { p, seed: ctx.seed, files, rows })
+        Ok(ShardsRead {
+            p,
+            seed: ctx.seed,
+            files,
+            rows,
+        })
     }
 }
 
@@ -618,8 +839,15 @@ impl Stage for ShardsRead {
             shuffle: self.p.shuffle,
             start_epoch: self.p.start_epoch,
             start_index: self.p.start_index,
-            parts: self.files.iter().cloned().zip(self.rows.iter().copied()).collect(),
+            parts: self
+                .files
+                .iter()
+                .cloned()
+                .zip(self.rows.iter().copied())
+                .collect(),
         };
-        reader.run(io, "shards", |path, epoch| read_shard(path, epoch).map_err(StageError::Failed))
+        reader.run(io, "shards", |path, epoch| {
+            read_shard(path, epoch).map_err(StageError::Failed)
+        })
     }
 }

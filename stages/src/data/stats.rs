@@ -1,22 +1,10 @@
 //! `features.stats`: corpus mean and variance per feature dimension, for global normalisation.
 
 use crate::items::Features;
-use crate::items::Utterance;
-use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int32Array, ListArray, ListBuilder, StringArray, UInt32Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
-use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use pipeline::{Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// File name of the corpus statistics `features.stats` writes into its run directory.
 pub const STATS_FILE: &str = "feature_stats.json";
@@ -33,10 +21,16 @@ pub struct FeatureStats {
 
 impl FeatureStats {
     pub fn load(path: &Path) -> Result<FeatureStats, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let st: FeatureStats = serde_json::from_str(&text).map_err(|e| format!("{}: not feature statistics: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let st: FeatureStats = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not feature statistics: {e}", path.display()))?;
         if st.mean.len() != st.dim || st.var.len() != st.dim {
-            return Err(format!("{}: mean/var lengths differ from dim {}", path.display(), st.dim));
+            return Err(format!(
+                "{}: mean/var lengths differ from dim {}",
+                path.display(),
+                st.dim
+            ));
         }
         Ok(st)
     }
@@ -69,7 +63,10 @@ writes feature_stats.json into the run directory for `features.fbank` with `norm
         vec![]
     }
     fn create(p: &StatsParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
-        Ok(FeaturesStats { p: p.clone(), run_dir: ctx.run_dir.clone() })
+        Ok(FeaturesStats {
+            p: p.clone(),
+            run_dir: ctx.run_dir.clone(),
+        })
     }
 }
 
@@ -79,13 +76,24 @@ impl Stage for FeaturesStats {
         let (mut frames, mut utts) = (0u64, 0u64);
         while let Some(f) = io.recv::<Features>(0)? {
             if f.dim == 0 || f.data.len() != f.num_frames * f.dim {
-                return Err(StageError::failed(format!("{}: {} values for {} frames × {} dims", f.utt_id, f.data.len(), f.num_frames, f.dim)));
+                return Err(StageError::failed(format!(
+                    "{}: {} values for {} frames × {} dims",
+                    f.utt_id,
+                    f.data.len(),
+                    f.num_frames,
+                    f.dim
+                )));
             }
             if sum.is_empty() {
                 sum = vec![0.0; f.dim];
                 sq = vec![0.0; f.dim];
             } else if f.dim != sum.len() {
-                return Err(StageError::failed(format!("{}: dim {} differs from the first utterance's {}", f.utt_id, f.dim, sum.len())));
+                return Err(StageError::failed(format!(
+                    "{}: dim {} differs from the first utterance's {}",
+                    f.utt_id,
+                    f.dim,
+                    sum.len()
+                )));
             }
             for row in f.data.chunks_exact(f.dim) {
                 for ((s, q), &x) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
@@ -97,22 +105,42 @@ impl Stage for FeaturesStats {
             utts += 1;
         }
         if frames == 0 {
-            return Err(StageError::failed("no frames: nothing to compute statistics from"));
+            return Err(StageError::failed(
+                "no frames: nothing to compute statistics from",
+            ));
         }
         let n = frames as f64;
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let var: Vec<f64> = sq.iter().zip(&mean).map(|(q, m)| (q / n - m * m).max(0.0)).collect();
-        let st = FeatureStats { dim: mean.len(), frames, utterances: utts, mean, var };
-        let text = serde_json::to_string_pretty(&st).map_err(|e| StageError::failed(e.to_string()))? + "\n";
+        let var: Vec<f64> = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| (q / n - m * m).max(0.0))
+            .collect();
+        let st = FeatureStats {
+            dim: mean.len(),
+            frames,
+            utterances: utts,
+            mean,
+            var,
+        };
+        let text = serde_json::to_string_pretty(&st)
+            .map_err(|e| StageError::failed(e.to_string()))?
+            + "\n";
         let mut targets = vec![self.run_dir.join(STATS_FILE)];
         targets.extend(self.p.out.clone());
         for t in targets {
             if let Some(parent) = t.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| StageError::io(format!("cannot create {}", parent.display()), e))?;
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StageError::io(format!("cannot create {}", parent.display()), e)
+                })?;
             }
-            pipeline::atomic::write_atomic(&t, text.as_bytes()).map_err(|e| StageError::io(format!("cannot write {}", t.display()), e))?;
+            pipeline::atomic::write_atomic(&t, text.as_bytes())
+                .map_err(|e| StageError::io(format!("cannot write {}", t.display()), e))?;
         }
-        io.note(format!("statistics of {utts} utterances, {frames} frames, {} dims", st.dim));
+        io.note(format!(
+            "statistics of {utts} utterances, {frames} frames, {} dims",
+            st.dim
+        ));
         Ok(())
     }
 }

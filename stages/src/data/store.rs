@@ -1,18 +1,18 @@
 //! The feature store: `features.write` (Parquet parts with an index) and `features.read`.
 
 use crate::items::Features;
-use crate::items::Utterance;
-use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int32Array, ListArray, ListBuilder, StringArray, UInt32Array};
+use crate::stream::EpochReader;
+use arrow::array::{
+    Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int32Array, ListArray,
+    ListBuilder, StringArray, UInt32Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use crate::stream::EpochReader;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -39,11 +39,17 @@ pub struct FeatureIndex {
 
 impl FeatureIndex {
     pub fn load(dir: &Path) -> crate::Result<Option<FeatureIndex>> {
-        let Some(index) = crate::stream::store::load_index::<FeatureIndex>(dir, "feature index")? else { return Ok(None) };
+        let Some(index) = crate::stream::store::load_index::<FeatureIndex>(dir, "feature index")?
+        else {
+            return Ok(None);
+        };
         // A row takes at least a byte: a larger count is a damaged index (and must not size
         // allocations).
         if let Some(part) = index.parts.iter().find(|x| x.rows > x.bytes.max(1)) {
-            let what = format!("part {} claims {} rows in {} bytes: the index is damaged", part.file, part.rows, part.bytes);
+            let what = format!(
+                "part {} claims {} rows in {} bytes: the index is damaged",
+                part.file, part.rows, part.bytes
+            );
             return Err(crate::Error::damaged(dir.join(FEATURES_INDEX), what));
         }
         Ok(Some(index))
@@ -63,25 +69,51 @@ fn feature_schema() -> SchemaRef {
         Field::new("frame_rate", DataType::Float64, false),
         Field::new("num_frames", DataType::Int32, false),
         Field::new("dim", DataType::Int32, false),
-        Field::new("features", DataType::List(Arc::new(Field::new("item", DataType::Float32, false))), false),
+        Field::new(
+            "features",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            false,
+        ),
     ]))
 }
 
 fn feature_batch(rows: &[Features]) -> Result<RecordBatch, String> {
-    let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+    let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
+        "item",
+        DataType::Float32,
+        false,
+    )));
     for f in rows {
         list.values().append_slice(&f.data);
         list.append(true);
     }
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|f| f.utt_id.as_str()))),
-        Arc::new(StringArray::from(rows.iter().map(|f| f.speaker.as_deref()).collect::<Vec<_>>())),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|f| f.source.as_str()))),
-        Arc::new(StringArray::from(rows.iter().map(|f| f.transcript.as_deref()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|f| f.utt_id.as_str()),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|f| f.speaker.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|f| f.source.as_str()),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|f| f.transcript.as_deref())
+                .collect::<Vec<_>>(),
+        )),
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|f| f.epoch))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|f| f.frame_rate))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|f| f.num_frames as i32))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|f| f.dim as i32))),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|f| f.frame_rate),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|f| f.num_frames as i32),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|f| f.dim as i32),
+        )),
         Arc::new(list.finish()),
     ];
     RecordBatch::try_new(feature_schema(), cols).map_err(|e| e.to_string())
@@ -101,7 +133,11 @@ pub struct FeaturesWriteParams {
 
 impl Default for FeaturesWriteParams {
     fn default() -> Self {
-        FeaturesWriteParams { dir: PathBuf::new(), target_mb: 128.0, zstd_level: 3 }
+        FeaturesWriteParams {
+            dir: PathBuf::new(),
+            target_mb: 128.0,
+            zstd_level: 3,
+        }
     }
 }
 
@@ -112,10 +148,16 @@ impl Params for FeaturesWriteParams {
             e.push(ParamError::new("dir", "required: the feature directory"));
         }
         if !(self.target_mb > 0.0 && self.target_mb.is_finite()) {
-            e.push(ParamError::new("target_mb", format!("must be > 0, got {}", self.target_mb)));
+            e.push(ParamError::new(
+                "target_mb",
+                format!("must be > 0, got {}", self.target_mb),
+            ));
         }
         if !(1..=22).contains(&self.zstd_level) {
-            e.push(ParamError::new("zstd_level", format!("must be from 1 to 22, got {}", self.zstd_level)));
+            e.push(ParamError::new(
+                "zstd_level",
+                format!("must be from 1 to 22, got {}", self.zstd_level),
+            ));
         }
         e
     }
@@ -140,19 +182,31 @@ impl StageDef for FeaturesWrite {
         vec![]
     }
     fn create(p: &FeaturesWriteParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
-        std::fs::create_dir_all(&p.dir).map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
+        std::fs::create_dir_all(&p.dir)
+            .map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
         // Start over: drop the index first, so a crash in between never leaves a complete-looking
         // mix of old and new parts.
         let _ = std::fs::remove_file(p.dir.join(FEATURES_INDEX));
         if let Ok(rd) = std::fs::read_dir(&p.dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if (name.starts_with("features-") && name.ends_with(".parquet")) || name.ends_with(".tmp") {
+                if (name.starts_with("features-") && name.ends_with(".parquet"))
+                    || name.ends_with(".tmp")
+                {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
         }
-        Ok(FeaturesWrite { p: p.clone(), index: FeatureIndex { format: "ehmam-features/1".into(), complete: false, parts: Vec::new() }, rows: Vec::new(), bytes: 0.0 })
+        Ok(FeaturesWrite {
+            p: p.clone(),
+            index: FeatureIndex {
+                format: "ehmam-features/1".into(),
+                complete: false,
+                parts: Vec::new(),
+            },
+            rows: Vec::new(),
+            bytes: 0.0,
+        })
     }
 }
 
@@ -162,16 +216,27 @@ impl FeaturesWrite {
             return Ok(());
         }
         let name = format!("features-{:05}.parquet", self.index.parts.len());
-        let level = ZstdLevel::try_new(self.p.zstd_level).map_err(|e| StageError::failed(e.to_string()))?;
-        let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).set_max_row_group_row_count(Some(256)).build();
+        let level =
+            ZstdLevel::try_new(self.p.zstd_level).map_err(|e| StageError::failed(e.to_string()))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_max_row_group_row_count(Some(256))
+            .build();
         let batch = feature_batch(&self.rows).map_err(StageError::Failed)?;
-        let crate::stream::store::Written { bytes, blake3 } = crate::stream::store::write_part(&self.p.dir, &name, |file| {
-            let mut w = ArrowWriter::try_new(file, feature_schema(), Some(props)).map_err(std::io::Error::other)?;
-            w.write(&batch).map_err(std::io::Error::other)?;
-            w.close().map_err(std::io::Error::other)?;
-            Ok(())
-        })?;
-        self.index.parts.push(FeaturePart { file: name, rows: self.rows.len() as u64, bytes, blake3 });
+        let crate::stream::store::Written { bytes, blake3 } =
+            crate::stream::store::write_part(&self.p.dir, &name, |file| {
+                let mut w = ArrowWriter::try_new(file, feature_schema(), Some(props))
+                    .map_err(std::io::Error::other)?;
+                w.write(&batch).map_err(std::io::Error::other)?;
+                w.close().map_err(std::io::Error::other)?;
+                Ok(())
+            })?;
+        self.index.parts.push(FeaturePart {
+            file: name,
+            rows: self.rows.len() as u64,
+            bytes,
+            blake3,
+        });
         self.index.save(&self.p.dir)?;
         self.rows.clear();
         self.bytes = 0.0;
@@ -198,25 +263,68 @@ impl Stage for FeaturesWrite {
 /// Reads every row of one feature part.
 pub fn read_features(path: &Path, epoch: Option<u32>) -> Result<Vec<Features>, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.with_batch_size(256).build()).map_err(|e| format!("{}: {e}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(256).build())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     for b in reader {
         let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
-        let err = |c: &str| format!("{}: column `{c}` is missing or of the wrong type", path.display());
+        let err = |c: &str| {
+            format!(
+                "{}: column `{c}` is missing or of the wrong type",
+                path.display()
+            )
+        };
         let col = |c: &str| b.column_by_name(c).cloned().ok_or_else(|| err(c));
-        let s = |c: &str| -> Result<StringArray, String> { col(c)?.as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| err(c)) };
+        let s = |c: &str| -> Result<StringArray, String> {
+            col(c)?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| err(c))
+        };
         let (ids, spk, src, trn) = (s("utt_id")?, s("speaker")?, s("source")?, s("transcript")?);
-        let ep = col("epoch")?.as_any().downcast_ref::<UInt32Array>().cloned().ok_or_else(|| err("epoch"))?;
-        let rate = col("frame_rate")?.as_any().downcast_ref::<Float64Array>().cloned().ok_or_else(|| err("frame_rate"))?;
-        let nf = col("num_frames")?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| err("num_frames"))?;
-        let dim = col("dim")?.as_any().downcast_ref::<Int32Array>().cloned().ok_or_else(|| err("dim"))?;
-        let feats = col("features")?.as_any().downcast_ref::<ListArray>().cloned().ok_or_else(|| err("features"))?;
+        let ep = col("epoch")?
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .cloned()
+            .ok_or_else(|| err("epoch"))?;
+        let rate = col("frame_rate")?
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .cloned()
+            .ok_or_else(|| err("frame_rate"))?;
+        let nf = col("num_frames")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .cloned()
+            .ok_or_else(|| err("num_frames"))?;
+        let dim = col("dim")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .cloned()
+            .ok_or_else(|| err("dim"))?;
+        let feats = col("features")?
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .cloned()
+            .ok_or_else(|| err("features"))?;
         for i in 0..b.num_rows() {
             let v = feats.value(i);
-            let data = v.as_any().downcast_ref::<Float32Array>().ok_or_else(|| err("features"))?.values().to_vec();
+            let data = v
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .ok_or_else(|| err("features"))?
+                .values()
+                .to_vec();
             let (n, d) = (nf.value(i).max(0) as usize, dim.value(i).max(0) as usize);
             if d == 0 || n * d != data.len() {
-                return Err(format!("{}: row {i} ({}) has {} values for {n} × {d}", path.display(), ids.value(i), data.len()));
+                return Err(format!(
+                    "{}: row {i} ({}) has {} values for {n} × {d}",
+                    path.display(),
+                    ids.value(i),
+                    data.len()
+                ));
             }
             out.push(Features {
                 utt_id: ids.value(i).to_string(),
@@ -253,7 +361,13 @@ pub struct FeaturesReadParams {
 
 impl Default for FeaturesReadParams {
     fn default() -> Self {
-        FeaturesReadParams { dir: PathBuf::new(), epochs: 1, shuffle: false, start_epoch: 0, start_index: 0 }
+        FeaturesReadParams {
+            dir: PathBuf::new(),
+            epochs: 1,
+            shuffle: false,
+            start_epoch: 0,
+            start_index: 0,
+        }
     }
 }
 
@@ -261,13 +375,22 @@ impl Params for FeaturesReadParams {
     fn check(&self) -> Vec<ParamError> {
         let mut e = Vec::new();
         if self.dir.as_os_str().is_empty() {
-            e.push(ParamError::new("dir", "required: a directory written by features.write"));
+            e.push(ParamError::new(
+                "dir",
+                "required: a directory written by features.write",
+            ));
         }
         if self.epochs == 0 {
             e.push(ParamError::new("epochs", "must be at least 1"));
         }
         if self.start_epoch >= self.epochs.max(1) {
-            e.push(ParamError::new("start_epoch", format!("must be below epochs ({}), got {}", self.epochs, self.start_epoch)));
+            e.push(ParamError::new(
+                "start_epoch",
+                format!(
+                    "must be below epochs ({}), got {}",
+                    self.epochs, self.start_epoch
+                ),
+            ));
         }
         e
     }
@@ -289,28 +412,54 @@ impl StageDef for FeaturesRead {
         vec![]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Features>("out", "features, epoch by epoch")]
+        vec![Port::cloneable::<Features>(
+            "out",
+            "features, epoch by epoch",
+        )]
     }
-    fn link(_: &FeaturesReadParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+    fn link(
+        _: &FeaturesReadParams,
+        _: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
         linker.read(&crate::stream::READER_START);
         Vec::new()
     }
     fn validate(p: &FeaturesReadParams, _ctx: &StageContext) -> Vec<ParamError> {
         match FeatureIndex::load(&p.dir) {
-            Ok(Some(i)) if !i.complete => vec![ParamError::new("dir", format!("{}: the run that writes it has not finished", p.dir.display()))],
+            Ok(Some(i)) if !i.complete => vec![ParamError::new(
+                "dir",
+                format!(
+                    "{}: the run that writes it has not finished",
+                    p.dir.display()
+                ),
+            )],
             Ok(Some(_)) => vec![],
-            Ok(None) => vec![ParamError::new("dir", format!("no feature index at {}", p.dir.join(FEATURES_INDEX).display()))],
+            Ok(None) => vec![ParamError::new(
+                "dir",
+                format!(
+                    "no feature index at {}",
+                    p.dir.join(FEATURES_INDEX).display()
+                ),
+            )],
             Err(e) => vec![ParamError::new("dir", e.to_string())],
         }
     }
     fn create(p: &FeaturesReadParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
-        let index = FeatureIndex::load(&p.dir)?.ok_or_else(|| StageError::failed(format!("no feature index in {}", p.dir.display())))?;
+        let index = FeatureIndex::load(&p.dir)?.ok_or_else(|| {
+            StageError::failed(format!("no feature index in {}", p.dir.display()))
+        })?;
         let mut p = p.clone();
         if let Some((epoch, index)) = crate::stream::reader_start(ctx, p.epochs) {
             p.start_epoch = epoch;
             p.start_index = index;
         }
-        Ok(FeaturesRead { seed: ctx.seed, files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect(), rows: index.parts.iter().map(|x| x.rows).collect(), p })
+        Ok(FeaturesRead {
+            seed: ctx.seed,
+            files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect(),
+            rows: index.parts.iter().map(|x| x.rows).collect(),
+            p,
+        })
     }
 }
 
@@ -322,8 +471,15 @@ impl Stage for FeaturesRead {
             shuffle: self.p.shuffle,
             start_epoch: self.p.start_epoch,
             start_index: self.p.start_index,
-            parts: self.files.iter().cloned().zip(self.rows.iter().copied()).collect(),
+            parts: self
+                .files
+                .iter()
+                .cloned()
+                .zip(self.rows.iter().copied())
+                .collect(),
         };
-        reader.run(io, "parts", |path, epoch| read_features(path, Some(epoch)).map_err(StageError::Failed))
+        reader.run(io, "parts", |path, epoch| {
+            read_features(path, Some(epoch)).map_err(StageError::Failed)
+        })
     }
 }

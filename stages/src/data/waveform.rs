@@ -2,21 +2,7 @@
 
 use crate::items::Features;
 use crate::items::Utterance;
-use arrow::array::{Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int32Array, ListArray, ListBuilder, StringArray, UInt32Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
-use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use pipeline::{Port, Stage, StageContext, StageDef, StageError, StageIo};
 
 /// Zero mean, unit variance over all samples (population variance, eps 1e-5), as fairseq's
 /// `postprocess` with `normalize: true`.
@@ -28,7 +14,9 @@ pub fn normalize_waveform(x: &[f32]) -> Vec<f32> {
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let inv = 1.0 / (var + 1e-5).sqrt();
-    x.iter().map(|&v| ((v as f64 - mean) * inv) as f32).collect()
+    x.iter()
+        .map(|&v| ((v as f64 - mean) * inv) as f32)
+        .collect()
 }
 
 /// The `features.waveform` stage.
@@ -43,7 +31,10 @@ impl StageDef for FeaturesWaveform {
         vec![Port::cloneable::<Utterance>("in", "utterances")]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Features>("out", "normalised waveforms (dim 1)")]
+        vec![Port::cloneable::<Features>(
+            "out",
+            "normalised waveforms (dim 1)",
+        )]
     }
     fn create(_: &pipeline::NoParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
         Ok(FeaturesWaveform)
@@ -56,7 +47,17 @@ impl Stage for FeaturesWaveform {
             let data = normalize_waveform(&u.samples);
             io.send(
                 0,
-                Features { utt_id: u.utt_id, speaker: u.speaker, source: u.source, transcript: u.transcript, epoch: u.epoch, frame_rate: u.sample_rate as f64, num_frames: data.len(), dim: 1, data },
+                Features {
+                    utt_id: u.utt_id,
+                    speaker: u.speaker,
+                    source: u.source,
+                    transcript: u.transcript,
+                    epoch: u.epoch,
+                    frame_rate: u.sample_rate as f64,
+                    num_frames: data.len(),
+                    dim: 1,
+                    data,
+                },
             )?;
         }
         Ok(())

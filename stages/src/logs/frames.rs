@@ -1,21 +1,19 @@
 //! `log.frames`: frame-level rows of sampled utterances and, apart, their input features.
 
+use crate::items::FrameRecord;
 use crate::logs::table::*;
-use crate::items::{FrameRecord, StepRecord};
-use arrow::array::{Array, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Array, Int64Builder, ListBuilder, StringBuilder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Builder,
+    ListBuilder, StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::error::ArrowError;
-use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
-use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // log.frames
@@ -45,7 +43,15 @@ pub struct FramesLogParams {
 
 impl Default for FramesLogParams {
     fn default() -> Self {
-        FramesLogParams { every: 10, utterances: 0.25, rotate_every: 100, table: "frames".into(), inputs_table: Some("inputs".into()), inputs_every: 100, compression: LogCompression::Zstd }
+        FramesLogParams {
+            every: 10,
+            utterances: 0.25,
+            rotate_every: 100,
+            table: "frames".into(),
+            inputs_table: Some("inputs".into()),
+            inputs_every: 100,
+            compression: LogCompression::Zstd,
+        }
     }
 }
 
@@ -56,7 +62,10 @@ impl Params for FramesLogParams {
             e.push(ParamError::new("every", "must be at least 1"));
         }
         if !(self.utterances > 0.0 && self.utterances <= 1.0) {
-            e.push(ParamError::new("utterances", format!("must be in (0, 1], got {}", self.utterances)));
+            e.push(ParamError::new(
+                "utterances",
+                format!("must be in (0, 1], got {}", self.utterances),
+            ));
         }
         if self.rotate_every == 0 {
             e.push(ParamError::new("rotate_every", "must be at least 1"));
@@ -65,7 +74,10 @@ impl Params for FramesLogParams {
         if let Some(t) = &self.inputs_table {
             e.extend(check_table_name("inputs_table", t));
             if t == &self.table {
-                e.push(ParamError::new("inputs_table", format!("must differ from `table` ({t})")));
+                e.push(ParamError::new(
+                    "inputs_table",
+                    format!("must differ from `table` ({t})"),
+                ));
             }
         }
         e
@@ -135,7 +147,11 @@ impl Default for InputRows {
             utt_id: StringBuilder::new(),
             frame: Int32Builder::new(),
             feature_dim: Int32Builder::new(),
-            features: ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, false))),
+            features: ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
+                "item",
+                DataType::Float32,
+                false,
+            ))),
             n: 0,
         }
     }
@@ -182,14 +198,34 @@ pub struct FrameLog {
 impl FrameLog {
     /// A frame log into `run_dir` for run `run`; `seed` drives the utterance sampling.
     pub fn new(p: &FramesLogParams, who: &str, run: &str, run_dir: &Path, seed: u64) -> FrameLog {
-        let mut frames = TableWriter::new(who, run_dir.join(&p.table), frames_schema(), p.rotate_every, FrameRows::default());
+        let mut frames = TableWriter::new(
+            who,
+            run_dir.join(&p.table),
+            frames_schema(),
+            p.rotate_every,
+            FrameRows::default(),
+        );
         frames.compression = p.compression;
         let inputs = p.inputs_table.as_ref().map(|t| {
-            let mut w = TableWriter::new(who, run_dir.join(t), inputs_schema(), p.rotate_every, InputRows::default());
+            let mut w = TableWriter::new(
+                who,
+                run_dir.join(t),
+                inputs_schema(),
+                p.rotate_every,
+                InputRows::default(),
+            );
             w.compression = p.compression;
             w
         });
-        FrameLog { p: p.clone(), run: run.to_string(), seed, frames, inputs, records: 0, warned_features: false }
+        FrameLog {
+            p: p.clone(),
+            run: run.to_string(),
+            seed,
+            frames,
+            inputs,
+            records: 0,
+            warned_features: false,
+        }
     }
 
     /// Logs one update's frames (if its step and utterances are sampled).
@@ -197,17 +233,32 @@ impl FrameLog {
         let n = r.utt_ids.len();
         let t = r.frames;
         let cells = n * t;
-        let bad = |what: &str, got: usize, want: usize| StageError::failed(format!("frame record of step {}: `{what}` has {got} values, expected {want} ({n} utterances × {t} frames)", r.step,));
-        for (what, got) in [("mask", r.mask.len()), ("hard", r.hard.len()), ("teacher_pred", r.teacher_pred.len()), ("student_pred", r.student_pred.len()), ("recon_loss", r.recon_loss.len())] {
+        let bad = |what: &str, got: usize, want: usize| {
+            StageError::failed(format!("frame record of step {}: `{what}` has {got} values, expected {want} ({n} utterances × {t} frames)", r.step,))
+        };
+        for (what, got) in [
+            ("mask", r.mask.len()),
+            ("hard", r.hard.len()),
+            ("teacher_pred", r.teacher_pred.len()),
+            ("student_pred", r.student_pred.len()),
+            ("recon_loss", r.recon_loss.len()),
+        ] {
             if got != cells {
                 return Err(bad(what, got, cells));
             }
         }
         if r.offsets_s.len() != n {
-            return Err(StageError::failed(format!("frame record of step {}: {} offsets for {n} utterances", r.step, r.offsets_s.len())));
+            return Err(StageError::failed(format!(
+                "frame record of step {}: {} offsets for {n} utterances",
+                r.step,
+                r.offsets_s.len()
+            )));
         }
         if !(r.frame_rate > 0.0 && r.frame_rate.is_finite()) {
-            return Err(StageError::failed(format!("frame record of step {}: frame rate {} Hz", r.step, r.frame_rate)));
+            return Err(StageError::failed(format!(
+                "frame record of step {}: frame rate {} Hz",
+                r.step, r.frame_rate
+            )));
         }
         self.records += 1;
         self.frames.start_step(r.step)?;
@@ -219,7 +270,11 @@ impl FrameLog {
         }
         // Features per frame: `feature_dim` values for fbank; a frame's share of the samples
         // (its stride) for waveform input.
-        let per_member = if n > 0 && r.features.len() % n == 0 { r.features.len() / n } else { 0 };
+        let per_member = if n > 0 && r.features.len() % n == 0 {
+            r.features.len() / n
+        } else {
+            0
+        };
         let per_frame = if t > 0 { per_member / t } else { 0 };
         if self.inputs.is_some() && per_frame == 0 && cells > 0 && !self.warned_features {
             eprintln!("{}: warning: step {}: {} feature values do not cover {n} utterances × {t} frames; no inputs logged", self.frames.who, r.step, r.features.len());
@@ -240,13 +295,16 @@ impl FrameLog {
                 rows.utt_id.append_value(utt);
                 rows.member.append_value(i as i32);
                 rows.frame.append_value(f as i32);
-                rows.time_s.append_value(r.offsets_s[i] + f as f64 / r.frame_rate);
+                rows.time_s
+                    .append_value(r.offsets_s[i] + f as f64 / r.frame_rate);
                 rows.masked.append_value(r.mask[c]);
                 rows.hard.append_value(r.hard[c]);
                 rows.teacher_pred.append_value(r.teacher_pred[c]);
                 let sp = r.student_pred[c];
-                rows.student_pred.append_option(sp.is_finite().then_some(sp));
-                rows.recon_loss.append_option(r.mask[c].then_some(r.recon_loss[c]));
+                rows.student_pred
+                    .append_option(sp.is_finite().then_some(sp));
+                rows.recon_loss
+                    .append_option(r.mask[c].then_some(r.recon_loss[c]));
                 rows.hard_ratio.append_value(r.hard_ratio);
             }
             rows.n += t;
@@ -260,7 +318,9 @@ impl FrameLog {
                     rows.utt_id.append_value(utt);
                     rows.frame.append_value(f as i32);
                     rows.feature_dim.append_value(r.feature_dim as i32);
-                    rows.features.values().append_slice(&r.features[at..at + per_frame]);
+                    rows.features
+                        .values()
+                        .append_slice(&r.features[at..at + per_frame]);
                     rows.features.append(true);
                 }
                 rows.n += t;
@@ -280,7 +340,11 @@ impl FrameLog {
             Some(w) => Some(w.finish()?),
             None => None,
         };
-        Ok(FrameLogSummary { frames, inputs, records: self.records })
+        Ok(FrameLogSummary {
+            frames,
+            inputs,
+            records: self.records,
+        })
     }
 }
 
@@ -295,12 +359,19 @@ impl StageDef for LogFrames {
     const DOC: &'static str = "Logs the student's per-frame view (masked, hard, predicted and actual losses, time in the\naudio) of sampled steps and utterances as Arrow IPC parts in <run_dir>/frames/, and their input\nfeatures in <run_dir>/inputs/ (atomic parts, rotated by step; a resume replaces rows from its step on).";
 
     fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<FrameRecord>("in", "frame records (student.frames)")]
+        vec![Port::cloneable::<FrameRecord>(
+            "in",
+            "frame records (student.frames)",
+        )]
     }
     fn outputs() -> Vec<Port> {
         vec![]
     }
-    fn link(p: &FramesLogParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+    fn link(
+        p: &FramesLogParams,
+        _: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
         let mut tables = vec![("table", p.table.as_str())];
         if let Some(t) = &p.inputs_table {
             tables.push(("inputs_table", t.as_str()));
@@ -308,19 +379,27 @@ impl StageDef for LogFrames {
         claim_tables(linker, &tables)
     }
     fn create(p: &FramesLogParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        Ok(LogFrames { log: FrameLog::new(p, &ctx.stage, &ctx.run, &ctx.run_dir, ctx.seed) })
+        Ok(LogFrames {
+            log: FrameLog::new(p, &ctx.stage, &ctx.run, &ctx.run_dir, ctx.seed),
+        })
     }
 }
-
 
 impl Stage for LogFrames {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
         let result = drain::<FrameRecord>(io, |r| self.log.write(r));
         if matches!(result, Ok(()) | Err(StageError::Cancelled)) {
             let s = self.log.finish()?;
-            let per_row = if s.frames.rows > 0 { s.frames.bytes as f64 / s.frames.rows as f64 } else { 0.0 };
+            let per_row = if s.frames.rows > 0 {
+                s.frames.bytes as f64 / s.frames.rows as f64
+            } else {
+                0.0
+            };
             io.count("frames_logged", s.frames.rows);
-            io.note(format!("{} frames of {} steps logged in {} parts ({per_row:.0} bytes/frame)", s.frames.rows, s.records, s.frames.parts));
+            io.note(format!(
+                "{} frames of {} steps logged in {} parts ({per_row:.0} bytes/frame)",
+                s.frames.rows, s.records, s.frames.parts
+            ));
         }
         result
     }

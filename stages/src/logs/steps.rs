@@ -1,21 +1,16 @@
 //! `log.steps`: one row per update.
 
+use crate::items::StepRecord;
 use crate::logs::table::*;
-use crate::items::{FrameRecord, StepRecord};
-use arrow::array::{Array, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Array, Int64Builder, ListBuilder, StringBuilder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{ArrayRef, Float64Builder, Int32Builder, Int64Builder, StringBuilder};
+use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
-use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
-use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // log.steps
@@ -34,7 +29,11 @@ pub struct StepsLogParams {
 
 impl Default for StepsLogParams {
     fn default() -> Self {
-        StepsLogParams { rotate_every: 100, table: "steps".into(), compression: LogCompression::Zstd }
+        StepsLogParams {
+            rotate_every: 100,
+            table: "steps".into(),
+            compression: LogCompression::Zstd,
+        }
     }
 }
 
@@ -69,11 +68,23 @@ impl Rows for StepRows {
     }
     fn finish(&mut self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
         self.n = 0;
-        let mut cols: Vec<ArrayRef> = vec![Arc::new(self.run.finish()), Arc::new(self.step.finish()), Arc::new(self.epoch.finish())];
-        cols.extend(self.f64s.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(self.run.finish()),
+            Arc::new(self.step.finish()),
+            Arc::new(self.epoch.finish()),
+        ];
+        cols.extend(
+            self.f64s
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
         cols.push(Arc::new(self.frames.finish()));
         cols.push(Arc::new(self.utterances.finish()));
-        cols.extend(self.more.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        cols.extend(
+            self.more
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
         cols.push(Arc::new(self.teacher_version.finish()));
         RecordBatch::try_new(schema.clone(), cols)
     }
@@ -87,10 +98,19 @@ pub struct StepLog {
 
 impl StepLog {
     pub fn new(p: &StepsLogParams, who: &str, run: &str, run_dir: &Path) -> StepLog {
-        let mut steps = TableWriter::new(who, run_dir.join(&p.table), steps_schema(), p.rotate_every, StepRows::default());
+        let mut steps = TableWriter::new(
+            who,
+            run_dir.join(&p.table),
+            steps_schema(),
+            p.rotate_every,
+            StepRows::default(),
+        );
         steps.compression = p.compression;
         steps.every_step = true;
-        StepLog { run: run.to_string(), steps }
+        StepLog {
+            run: run.to_string(),
+            steps,
+        }
     }
 
     pub fn write(&mut self, r: &StepRecord) -> Result<(), StageError> {
@@ -99,12 +119,32 @@ impl StepLog {
         rows.run.append_value(&self.run);
         rows.step.append_value(r.step as i64);
         rows.epoch.append_value(r.epoch as i32);
-        for (b, v) in rows.f64s.iter_mut().zip([r.lr, r.loss, r.loss_rec, r.loss_aux, r.tau, r.hard_ratio, r.masked_frac]) {
+        for (b, v) in rows.f64s.iter_mut().zip([
+            r.lr,
+            r.loss,
+            r.loss_rec,
+            r.loss_aux,
+            r.tau,
+            r.hard_ratio,
+            r.masked_frac,
+        ]) {
             b.append_value(v);
         }
         rows.frames.append_value(r.frames as i64);
         rows.utterances.append_value(r.utterances as i64);
-        for (i, (b, v)) in rows.more.iter_mut().zip([r.audio_s, r.step_ms, r.target_std, r.pred_std, r.rank_agreement, r.teacher_rank_agreement]).enumerate() {
+        for (i, (b, v)) in rows
+            .more
+            .iter_mut()
+            .zip([
+                r.audio_s,
+                r.step_ms,
+                r.target_std,
+                r.pred_std,
+                r.rank_agreement,
+                r.teacher_rank_agreement,
+            ])
+            .enumerate()
+        {
             if i >= 3 && !v.is_finite() {
                 b.append_null();
             } else {
@@ -132,16 +172,25 @@ impl StageDef for LogSteps {
     const DOC: &'static str = "Logs one row per student update (losses, lr, EMA decay, masking, health metrics) as Arrow IPC\nparts in <run_dir>/steps/ (atomic parts, rotated by step; a resume replaces rows from its step on).";
 
     fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<StepRecord>("in", "step records (student.steps)")]
+        vec![Port::cloneable::<StepRecord>(
+            "in",
+            "step records (student.steps)",
+        )]
     }
     fn outputs() -> Vec<Port> {
         vec![]
     }
-    fn link(p: &StepsLogParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+    fn link(
+        p: &StepsLogParams,
+        _: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
         claim_tables(linker, &[("table", p.table.as_str())])
     }
     fn create(p: &StepsLogParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
-        Ok(LogSteps { log: StepLog::new(p, &ctx.stage, &ctx.run, &ctx.run_dir) })
+        Ok(LogSteps {
+            log: StepLog::new(p, &ctx.stage, &ctx.run, &ctx.run_dir),
+        })
     }
 }
 
@@ -158,6 +207,8 @@ impl Stage for LogSteps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::{Array, Int64Array};
+    use std::fs::File;
 
     fn record(step: u64) -> StepRecord {
         StepRecord {
@@ -186,12 +237,28 @@ mod tests {
     fn rows(dir: &Path) -> Vec<(i64, f64)> {
         let mut out = Vec::new();
         for (_, p) in list_parts(dir).unwrap() {
-            for b in arrow::ipc::reader::FileReader::try_new(File::open(&p).unwrap(), None).unwrap() {
+            for b in arrow::ipc::reader::FileReader::try_new(File::open(&p).unwrap(), None).unwrap()
+            {
                 let b = b.unwrap();
-                let s = b.column_by_name("step").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
-                let l = b.column_by_name("loss").unwrap().as_any().downcast_ref::<arrow::array::Float64Array>().unwrap().clone();
+                let s = b
+                    .column_by_name("step")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .clone();
+                let l = b
+                    .column_by_name("loss")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<arrow::array::Float64Array>()
+                    .unwrap()
+                    .clone();
                 // The predictor's metrics are NULL where they are not defined, never NaN.
-                assert_eq!(b.column_by_name("rank_agreement").unwrap().null_count(), b.num_rows());
+                assert_eq!(
+                    b.column_by_name("rank_agreement").unwrap().null_count(),
+                    b.num_rows()
+                );
                 out.extend((0..b.num_rows()).map(|i| (s.value(i), l.value(i))));
             }
         }
@@ -204,7 +271,10 @@ mod tests {
     #[test]
     fn resume_replaces_repeated_steps_and_removes_unfinished_parts() {
         let tmp = tempfile::tempdir().unwrap();
-        let p = StepsLogParams { rotate_every: 10, ..StepsLogParams::default() };
+        let p = StepsLogParams {
+            rotate_every: 10,
+            ..StepsLogParams::default()
+        };
         let mut log = StepLog::new(&p, "t", "run", tmp.path());
         for s in 0..27 {
             log.write(&record(s)).unwrap();
@@ -226,7 +296,11 @@ mod tests {
         assert!(!dir.join("part-000000030.arrow.tmp").exists());
         let got = rows(&dir);
         let steps: Vec<i64> = got.iter().map(|r| r.0).collect();
-        assert_eq!(steps, (0..22).collect::<Vec<i64>>(), "each step once, in order");
+        assert_eq!(
+            steps,
+            (0..22).collect::<Vec<i64>>(),
+            "each step once, in order"
+        );
         for (s, l) in got {
             let want = if s >= 14 { 1000.0 + s as f64 } else { s as f64 };
             assert_eq!(l, want, "step {s}");

@@ -21,28 +21,32 @@
 //! only the utterances whose hash of (stage seed, step, utt_id) falls below `utterances`
 //! ([`utterance_sampled`]), so a long run's logs stay small and a rerun logs the same frames.
 
-use crate::items::{FrameRecord, StepRecord};
-use arrow::array::{Array, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Array, Int64Builder, ListBuilder, StringBuilder};
+use arrow::array::{Array, Int64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
 use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
-use pipeline::{Link, Linker, ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
+use pipeline::{Link, Linker, ParamError, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Written into every part's footer (`ehmam.format`), with `ehmam.first_step` / `ehmam.last_step`.
 pub const LOG_FORMAT: &str = "ehmam-log/1";
 /// Rows buffered before they go to the open part as one record batch.
 const BATCH_ROWS: usize = 32 * 1024;
 /// Names a log table may not take: the run directory's other tables.
-const RESERVED: [&str; 5] = ["utterances", "rejects", "stages", "checkpoints", "information_schema"];
+const RESERVED: [&str; 5] = [
+    "utterances",
+    "rejects",
+    "stages",
+    "checkpoints",
+    "information_schema",
+];
 
 /// Columns of the `frames` table.
 pub fn frames_schema() -> SchemaRef {
@@ -72,18 +76,44 @@ pub fn inputs_schema() -> SchemaRef {
         Field::new("utt_id", DataType::Utf8, false),
         Field::new("frame", DataType::Int32, false),
         Field::new("feature_dim", DataType::Int32, false),
-        Field::new("features", DataType::List(Arc::new(Field::new("item", DataType::Float32, false))), false),
+        Field::new(
+            "features",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            false,
+        ),
     ]))
 }
 
 /// Columns of the `steps` table: every [`StepRecord`] field, after `run`.
 pub fn steps_schema() -> SchemaRef {
-    let f64s = ["lr", "loss", "loss_rec", "loss_aux", "tau", "hard_ratio", "masked_frac"];
-    let mut fields = vec![Field::new("run", DataType::Utf8, false), Field::new("step", DataType::Int64, false), Field::new("epoch", DataType::Int32, false)];
-    fields.extend(f64s.iter().map(|n| Field::new(*n, DataType::Float64, false)));
+    let f64s = [
+        "lr",
+        "loss",
+        "loss_rec",
+        "loss_aux",
+        "tau",
+        "hard_ratio",
+        "masked_frac",
+    ];
+    let mut fields = vec![
+        Field::new("run", DataType::Utf8, false),
+        Field::new("step", DataType::Int64, false),
+        Field::new("epoch", DataType::Int32, false),
+    ];
+    fields.extend(
+        f64s.iter()
+            .map(|n| Field::new(*n, DataType::Float64, false)),
+    );
     fields.push(Field::new("frames", DataType::Int64, false));
     fields.push(Field::new("utterances", DataType::Int64, false));
-    for n in ["audio_s", "step_ms", "target_std", "pred_std", "rank_agreement", "teacher_rank_agreement"] {
+    for n in [
+        "audio_s",
+        "step_ms",
+        "target_std",
+        "pred_std",
+        "rank_agreement",
+        "teacher_rank_agreement",
+    ] {
         // The predictor's metrics are NULL where they do not exist (α = 0: no student predictor;
         // no pair of distinct losses), so avg() over a union of runs stays meaningful.
         let nullable = matches!(n, "pred_std" | "rank_agreement" | "teacher_rank_agreement");
@@ -93,14 +123,23 @@ pub fn steps_schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-
 pub(crate) fn check_table_name(field: &str, name: &str) -> Option<ParamError> {
-    let ok = !name.is_empty() && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_') && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
         return Some(ParamError::new(field, format!("`{name}` is not a table name (lower-case letters, digits and `_`, not starting with a digit)")));
     }
     if RESERVED.contains(&name) {
-        return Some(ParamError::new(field, format!("`{name}` is another table of the run directory; choose another name")));
+        return Some(ParamError::new(
+            field,
+            format!("`{name}` is another table of the run directory; choose another name"),
+        ));
     }
     None
 }
@@ -188,7 +227,10 @@ pub(crate) fn part_name(first: u64) -> String {
 /// The last step a complete part holds (its `ehmam.last_step` metadata); None if unreadable.
 pub(crate) fn part_last_step(path: &Path) -> Option<u64> {
     let reader = arrow::ipc::reader::FileReader::try_new(File::open(path).ok()?, None).ok()?;
-    reader.custom_metadata().get("ehmam.last_step").and_then(|v| v.parse::<u64>().ok())
+    reader
+        .custom_metadata()
+        .get("ehmam.last_step")
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Complete parts of a table directory, by first step.
@@ -201,7 +243,11 @@ pub fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(first) = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".arrow")).and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(first) = name
+            .strip_prefix("part-")
+            .and_then(|n| n.strip_suffix(".arrow"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             out.push((first, e.path()));
         }
     }
@@ -220,11 +266,19 @@ fn arrow_err(path: &Path) -> impl FnOnce(ArrowError) -> StageError {
 }
 
 /// Writes `batches` to `path` via a temporary file; `replace` allows an existing file to go.
-fn write_part_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], meta: &[(&str, String)], replace: bool, compression: LogCompression) -> Result<u64, StageError> {
+fn write_part_file(
+    path: &Path,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    meta: &[(&str, String)],
+    replace: bool,
+    compression: LogCompression,
+) -> Result<u64, StageError> {
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let file = File::create(&tmp).map_err(ioe(&tmp, "create"))?;
     let opts = ipc_options(compression).map_err(arrow_err(&tmp))?;
-    let mut w = FileWriter::try_new_with_options(BufWriter::new(file), schema, opts).map_err(arrow_err(&tmp))?;
+    let mut w = FileWriter::try_new_with_options(BufWriter::new(file), schema, opts)
+        .map_err(arrow_err(&tmp))?;
     for b in batches {
         w.write(b).map_err(arrow_err(&tmp))?;
     }
@@ -233,7 +287,9 @@ fn write_part_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], met
     }
     w.finish().map_err(arrow_err(&tmp))?;
     let buf = w.into_inner().map_err(arrow_err(&tmp))?;
-    let file = buf.into_inner().map_err(|e| StageError::io(format!("cannot write {}", tmp.display()), e.into_error()))?;
+    let file = buf
+        .into_inner()
+        .map_err(|e| StageError::io(format!("cannot write {}", tmp.display()), e.into_error()))?;
     file.sync_all().map_err(ioe(&tmp, "write"))?;
     let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
     drop(file);
@@ -246,7 +302,10 @@ fn write_part_file(path: &Path, schema: &SchemaRef, batches: &[RecordBatch], met
 fn publish(tmp: &Path, path: &Path, replace: bool) -> Result<(), StageError> {
     if !replace && path.exists() {
         let _ = std::fs::remove_file(tmp);
-        return Err(StageError::failed(format!("{} exists already: refusing to overwrite a complete log part", path.display())));
+        return Err(StageError::failed(format!(
+            "{} exists already: refusing to overwrite a complete log part",
+            path.display()
+        )));
     }
     std::fs::rename(tmp, path).map_err(ioe(path, "write"))?;
     if let Some(dir) = path.parent() {
@@ -281,7 +340,9 @@ impl<R: Rows> TableWriter<R> {
     }
 
     fn window_end(&self, first: u64) -> u64 {
-        (first / self.rotate_every).saturating_add(1).saturating_mul(self.rotate_every)
+        (first / self.rotate_every)
+            .saturating_add(1)
+            .saturating_mul(self.rotate_every)
     }
 
     /// Call before adding the rows of `step`: the first call prepares the directory (resume), a
@@ -324,11 +385,27 @@ impl<R: Rows> TableWriter<R> {
             let tmp = PathBuf::from(format!("{}.tmp", path.display()));
             let file = File::create(&tmp).map_err(ioe(&tmp, "create"))?;
             let opts = ipc_options(self.compression).map_err(arrow_err(&tmp))?;
-            let writer = FileWriter::try_new_with_options(BufWriter::with_capacity(1 << 20, file), &self.schema, opts).map_err(arrow_err(&tmp))?;
-            self.part = Some(OpenPart { first, last: first, tmp, path, writer });
+            let writer = FileWriter::try_new_with_options(
+                BufWriter::with_capacity(1 << 20, file),
+                &self.schema,
+                opts,
+            )
+            .map_err(arrow_err(&tmp))?;
+            self.part = Some(OpenPart {
+                first,
+                last: first,
+                tmp,
+                path,
+                writer,
+            });
         }
-        let batch = self.rows.finish(&self.schema).map_err(|e| StageError::failed(format!("{}: {e}", self.dir.display())))?;
-        let Some(part) = self.part.as_mut() else { return Ok(()) };
+        let batch = self
+            .rows
+            .finish(&self.schema)
+            .map_err(|e| StageError::failed(format!("{}: {e}", self.dir.display())))?;
+        let Some(part) = self.part.as_mut() else {
+            return Ok(());
+        };
         part.writer.write(&batch).map_err(arrow_err(&part.tmp))?;
         part.last = part.last.max(self.pending_last);
         self.summary.rows += n as u64;
@@ -339,13 +416,22 @@ impl<R: Rows> TableWriter<R> {
     /// Finishes the open part (if any): footer, fsync, rename to its final name.
     pub fn close(&mut self) -> Result<(), StageError> {
         self.flush_rows()?;
-        let Some(mut part) = self.part.take() else { return Ok(()) };
+        let Some(mut part) = self.part.take() else {
+            return Ok(());
+        };
         part.writer.write_metadata("ehmam.format", LOG_FORMAT);
-        part.writer.write_metadata("ehmam.first_step", part.first.to_string());
-        part.writer.write_metadata("ehmam.last_step", part.last.to_string());
+        part.writer
+            .write_metadata("ehmam.first_step", part.first.to_string());
+        part.writer
+            .write_metadata("ehmam.last_step", part.last.to_string());
         part.writer.finish().map_err(arrow_err(&part.tmp))?;
         let buf = part.writer.into_inner().map_err(arrow_err(&part.tmp))?;
-        let file = buf.into_inner().map_err(|e| StageError::io(format!("cannot write {}", part.tmp.display()), e.into_error()))?;
+        let file = buf.into_inner().map_err(|e| {
+            StageError::io(
+                format!("cannot write {}", part.tmp.display()),
+                e.into_error(),
+            )
+        })?;
         file.sync_all().map_err(ioe(&part.tmp, "write"))?;
         self.summary.bytes += file.metadata().map(|m| m.len()).unwrap_or(0);
         drop(file);
@@ -366,11 +452,20 @@ impl<R: Rows> TableWriter<R> {
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(StageError::io(format!("cannot list {}", self.dir.display()), e)),
+            Err(e) => {
+                return Err(StageError::io(
+                    format!("cannot list {}", self.dir.display()),
+                    e,
+                ))
+            }
         };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().ends_with(".tmp") {
-                eprintln!("{}: removing {}, left unfinished by an earlier attempt", self.who, e.path().display());
+                eprintln!(
+                    "{}: removing {}, left unfinished by an earlier attempt",
+                    self.who,
+                    e.path().display()
+                );
                 std::fs::remove_file(e.path()).map_err(ioe(&e.path(), "remove"))?;
             }
         }
@@ -398,7 +493,9 @@ impl<R: Rows> TableWriter<R> {
             // The newest step still on disk; the rows after it, up to the resume point, went with
             // the part a crash left unfinished (the run resumes from its last checkpoint, which
             // may lie after them).
-            let last = list_parts(&self.dir)?.last().and_then(|(_, p)| part_last_step(p));
+            let last = list_parts(&self.dir)?
+                .last()
+                .and_then(|(_, p)| part_last_step(p));
             let next = last.map_or(0, |l| l + 1);
             if next < k {
                 eprintln!(
@@ -416,7 +513,12 @@ impl<R: Rows> TableWriter<R> {
     fn cut_part(&self, path: &Path, k: u64) -> Result<u64, StageError> {
         let damaged = |why: String| -> Result<u64, StageError> {
             let aside = PathBuf::from(format!("{}.damaged", path.display()));
-            eprintln!("{}: warning: {} is damaged ({why}); moved to {}", self.who, path.display(), aside.display());
+            eprintln!(
+                "{}: warning: {} is damaged ({why}); moved to {}",
+                self.who,
+                path.display(),
+                aside.display()
+            );
             std::fs::rename(path, &aside).map_err(ioe(path, "rename"))?;
             Ok(0)
         };
@@ -425,12 +527,20 @@ impl<R: Rows> TableWriter<R> {
             Ok(r) => r,
             Err(e) => return damaged(e.to_string()),
         };
-        if let Some(last) = reader.custom_metadata().get("ehmam.last_step").and_then(|v| v.parse::<u64>().ok()) {
+        if let Some(last) = reader
+            .custom_metadata()
+            .get("ehmam.last_step")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
             if last < k {
                 return Ok(0);
             }
         }
-        let meta: Vec<(String, String)> = reader.custom_metadata().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+        let meta: Vec<(String, String)> = reader
+            .custom_metadata()
+            .iter()
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect();
         let schema = reader.schema();
         let mut kept = Vec::new();
         let (mut gone, mut last_kept) = (0u64, None::<u64>);
@@ -439,13 +549,20 @@ impl<R: Rows> TableWriter<R> {
                 Ok(b) => b,
                 Err(e) => return damaged(e.to_string()),
             };
-            let Some(steps) = b.column_by_name("step").and_then(|c| c.as_any().downcast_ref::<Int64Array>()) else {
+            let Some(steps) = b
+                .column_by_name("step")
+                .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            else {
                 return damaged("no Int64 `step` column".into());
             };
-            let keep = arrow::compute::kernels::cmp::lt(steps, &Int64Array::new_scalar(k as i64)).map_err(arrow_err(path))?;
+            let keep = arrow::compute::kernels::cmp::lt(steps, &Int64Array::new_scalar(k as i64))
+                .map_err(arrow_err(path))?;
             let kb = arrow::compute::filter_record_batch(&b, &keep).map_err(arrow_err(path))?;
             gone += (b.num_rows() - kb.num_rows()) as u64;
-            if let Some(s) = kb.column_by_name("step").and_then(|c| c.as_any().downcast_ref::<Int64Array>()) {
+            if let Some(s) = kb
+                .column_by_name("step")
+                .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            {
                 if let Some(m) = arrow::compute::max(s) {
                     last_kept = Some(last_kept.map_or(m as u64, |l: u64| l.max(m as u64)));
                 }
@@ -461,7 +578,11 @@ impl<R: Rows> TableWriter<R> {
             std::fs::remove_file(path).map_err(ioe(path, "remove"))?;
             return Ok(gone);
         }
-        let mut meta: Vec<(&str, String)> = meta.iter().filter(|(a, _)| a != "ehmam.last_step").map(|(a, b)| (a.as_str(), b.clone())).collect();
+        let mut meta: Vec<(&str, String)> = meta
+            .iter()
+            .filter(|(a, _)| a != "ehmam.last_step")
+            .map(|(a, b)| (a.as_str(), b.clone()))
+            .collect();
         meta.push(("ehmam.last_step", last_kept.unwrap_or(0).to_string()));
         write_part_file(path, &schema, &kept, &meta, true, self.compression)?;
         Ok(gone)
@@ -470,7 +591,10 @@ impl<R: Rows> TableWriter<R> {
 
 /// Receives records until the input ends. A stop (Ctrl-C, another stage failing) still finishes
 /// the open parts, then reports `Cancelled`.
-pub(crate) fn drain<T: 'static>(io: &mut StageIo, mut write: impl FnMut(&T) -> Result<(), StageError>) -> Result<(), StageError> {
+pub(crate) fn drain<T: 'static>(
+    io: &mut StageIo,
+    mut write: impl FnMut(&T) -> Result<(), StageError>,
+) -> Result<(), StageError> {
     loop {
         match io.recv::<T>(0) {
             Ok(Some(r)) => write(&r)?,

@@ -8,9 +8,7 @@
 //! drawn on the host from a seeded ChaCha stream (candle's own random init is not seedable on CPU),
 //! so a seed gives the same model on every run.
 
-use candle_core::{DType, Device, Tensor, D};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -41,7 +39,11 @@ pub struct FrontendConfig {
 
 impl Default for FrontendConfig {
     fn default() -> Self {
-        FrontendConfig { kind: FrontendKind::Fbank, input_dim: 160, conv_layers: base_cnn() }
+        FrontendConfig {
+            kind: FrontendKind::Fbank,
+            input_dim: 160,
+            conv_layers: base_cnn(),
+        }
     }
 }
 
@@ -75,7 +77,19 @@ pub struct EncoderConfig {
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        EncoderConfig { dim: 128, layers: 4, heads: 4, ffn: 512, top_k: 3, pos_conv_depth: 2, pos_conv_kernel: 9, pos_conv_groups: 4, dropout: 0.1, attention_dropout: 0.1, layerdrop: 0.0 }
+        EncoderConfig {
+            dim: 128,
+            layers: 4,
+            heads: 4,
+            ffn: 512,
+            top_k: 3,
+            pos_conv_depth: 2,
+            pos_conv_kernel: 9,
+            pos_conv_groups: 4,
+            dropout: 0.1,
+            attention_dropout: 0.1,
+            layerdrop: 0.0,
+        }
     }
 }
 
@@ -91,7 +105,12 @@ pub struct HeadConfig {
 
 impl Default for HeadConfig {
     fn default() -> Self {
-        HeadConfig { dim: 64, layers: 2, kernel: 7, groups: 8 }
+        HeadConfig {
+            dim: 64,
+            layers: 2,
+            kernel: 7,
+            groups: 8,
+        }
     }
 }
 
@@ -158,7 +177,11 @@ impl ModelConfig {
     pub fn base() -> Self {
         ModelConfig {
             preset: "base".into(),
-            frontend: FrontendConfig { kind: FrontendKind::Cnn, input_dim: 1, conv_layers: base_cnn() },
+            frontend: FrontendConfig {
+                kind: FrontendKind::Cnn,
+                input_dim: 1,
+                conv_layers: base_cnn(),
+            },
             encoder: EncoderConfig {
                 dim: 768,
                 layers: 12,
@@ -172,8 +195,18 @@ impl ModelConfig {
                 attention_dropout: 0.1,
                 layerdrop: 0.05,
             },
-            decoder: HeadConfig { dim: 384, layers: 4, kernel: 7, groups: 16 },
-            loss_predictor: HeadConfig { dim: 384, layers: 4, kernel: 7, groups: 16 },
+            decoder: HeadConfig {
+                dim: 384,
+                layers: 4,
+                kernel: 7,
+                groups: 16,
+            },
+            loss_predictor: HeadConfig {
+                dim: 384,
+                layers: 4,
+                kernel: 7,
+                groups: 16,
+            },
             head_input_dropout: 0.1,
             mask_noise_std: 0.01,
             pred_double_dropout: false,
@@ -183,7 +216,9 @@ impl ModelConfig {
     }
 
     /// Reads the `model:` block (absent: the tiny preset). Errors carry paths from the spec's top.
-    pub fn from_spec(v: Option<&serde_yaml::Value>) -> std::result::Result<ModelConfig, Vec<(String, String)>> {
+    pub fn from_spec(
+        v: Option<&serde_yaml::Value>,
+    ) -> std::result::Result<ModelConfig, Vec<(String, String)>> {
         let empty = serde_yaml::Value::Mapping(Default::default());
         let v = v.unwrap_or(&empty);
         let serde_yaml::Value::Mapping(m) = v else {
@@ -193,9 +228,18 @@ impl ModelConfig {
             None => ModelConfig::tiny(),
             Some(serde_yaml::Value::String(s)) if s == "tiny" => ModelConfig::tiny(),
             Some(serde_yaml::Value::String(s)) if s == "base" => ModelConfig::base(),
-            Some(other) => return Err(vec![("model.preset".into(), format!("must be `tiny` or `base`, got {}", crate::model::yaml_brief(other)))]),
+            Some(other) => {
+                return Err(vec![(
+                    "model.preset".into(),
+                    format!(
+                        "must be `tiny` or `base`, got {}",
+                        crate::model::yaml_brief(other)
+                    ),
+                )])
+            }
         };
-        let preset_value = serde_yaml::to_value(&preset).map_err(|e| vec![("model".into(), e.to_string())])?;
+        let preset_value =
+            serde_yaml::to_value(&preset).map_err(|e| vec![("model".into(), e.to_string())])?;
         // The spec's own deep merge (`extends:`): a `null` removes a key, which takes its default.
         let mut merged = pipeline::spec::merge(preset_value.clone(), v.clone());
         // Every mistyped or unknown field: report it, put the preset's value (or nothing) in its
@@ -206,7 +250,11 @@ impl ModelConfig {
                 Ok(cfg) => break Some(cfg),
                 Err(e) => {
                     let p = e.path().to_string();
-                    let path = if p == "." || p.is_empty() { "model".to_string() } else { format!("model.{p}") };
+                    let path = if p == "." || p.is_empty() {
+                        "model".to_string()
+                    } else {
+                        format!("model.{p}")
+                    };
                     errs.push((path, e.inner().to_string()));
                     let segs: Vec<String> = e
                         .path()
@@ -217,7 +265,10 @@ impl ModelConfig {
                             _ => None,
                         })
                         .collect();
-                    if errs.len() > 64 || segs.is_empty() || !replace_at(&mut merged, &preset_value, &segs) {
+                    if errs.len() > 64
+                        || segs.is_empty()
+                        || !replace_at(&mut merged, &preset_value, &segs)
+                    {
                         break None;
                     }
                 }
@@ -226,7 +277,11 @@ impl ModelConfig {
         let reported: Vec<String> = errs.iter().map(|(p, _)| p.clone()).collect();
         if let Some(cfg) = &cfg {
             // Consistency checks over what was readable, except on fields already reported.
-            errs.extend(cfg.check().into_iter().filter(|(p, _)| !reported.iter().any(|r| r == p || p.starts_with(&format!("{r}.")))));
+            errs.extend(cfg.check().into_iter().filter(|(p, _)| {
+                !reported
+                    .iter()
+                    .any(|r| r == p || p.starts_with(&format!("{r}.")))
+            }));
         }
         match cfg {
             Some(cfg) if errs.is_empty() => Ok(cfg),
@@ -244,35 +299,110 @@ impl ModelConfig {
         };
         let enc = &self.encoder;
         need(enc.dim > 0, "encoder.dim", "must be at least 1".into());
-        need(enc.layers > 0, "encoder.layers", "must be at least 1".into());
-        need(enc.heads > 0 && enc.dim % enc.heads.max(1) == 0, "encoder.heads", format!("must divide encoder.dim ({}), got {}", enc.dim, enc.heads));
+        need(
+            enc.layers > 0,
+            "encoder.layers",
+            "must be at least 1".into(),
+        );
+        need(
+            enc.heads > 0 && enc.dim % enc.heads.max(1) == 0,
+            "encoder.heads",
+            format!("must divide encoder.dim ({}), got {}", enc.dim, enc.heads),
+        );
         need(enc.ffn > 0, "encoder.ffn", "must be at least 1".into());
-        need(enc.top_k >= 1 && enc.top_k <= enc.layers, "encoder.top_k", format!("must be in 1..={} (encoder.layers), got {}", enc.layers, enc.top_k));
-        need(enc.pos_conv_kernel >= 1, "encoder.pos_conv_kernel", "must be at least 1".into());
-        need(enc.pos_conv_groups >= 1 && enc.dim % enc.pos_conv_groups.max(1) == 0, "encoder.pos_conv_groups", format!("must divide encoder.dim ({}), got {}", enc.dim, enc.pos_conv_groups));
-        for (name, p) in [("encoder.dropout", enc.dropout), ("encoder.attention_dropout", enc.attention_dropout), ("encoder.layerdrop", enc.layerdrop), ("head_input_dropout", self.head_input_dropout)]
-        {
-            need((0.0..1.0).contains(&p), name, format!("must be in [0, 1), got {p}"));
+        need(
+            enc.top_k >= 1 && enc.top_k <= enc.layers,
+            "encoder.top_k",
+            format!(
+                "must be in 1..={} (encoder.layers), got {}",
+                enc.layers, enc.top_k
+            ),
+        );
+        need(
+            enc.pos_conv_kernel >= 1,
+            "encoder.pos_conv_kernel",
+            "must be at least 1".into(),
+        );
+        need(
+            enc.pos_conv_groups >= 1 && enc.dim % enc.pos_conv_groups.max(1) == 0,
+            "encoder.pos_conv_groups",
+            format!(
+                "must divide encoder.dim ({}), got {}",
+                enc.dim, enc.pos_conv_groups
+            ),
+        );
+        for (name, p) in [
+            ("encoder.dropout", enc.dropout),
+            ("encoder.attention_dropout", enc.attention_dropout),
+            ("encoder.layerdrop", enc.layerdrop),
+            ("head_input_dropout", self.head_input_dropout),
+        ] {
+            need(
+                (0.0..1.0).contains(&p),
+                name,
+                format!("must be in [0, 1), got {p}"),
+            );
         }
-        need(self.mask_noise_std >= 0.0 && self.mask_noise_std.is_finite(), "mask_noise_std", format!("must be ≥ 0, got {}", self.mask_noise_std));
-        for (name, h) in [("decoder", &self.decoder), ("loss_predictor", &self.loss_predictor)] {
-            need(h.dim >= 1, &format!("{name}.dim"), "must be at least 1".into());
-            need(h.layers >= 1, &format!("{name}.layers"), "must be at least 1".into());
-            need(h.kernel >= 1 && h.kernel % 2 == 1, &format!("{name}.kernel"), format!("must be odd (length-preserving padding), got {}", h.kernel));
+        need(
+            self.mask_noise_std >= 0.0 && self.mask_noise_std.is_finite(),
+            "mask_noise_std",
+            format!("must be ≥ 0, got {}", self.mask_noise_std),
+        );
+        for (name, h) in [
+            ("decoder", &self.decoder),
+            ("loss_predictor", &self.loss_predictor),
+        ] {
+            need(
+                h.dim >= 1,
+                &format!("{name}.dim"),
+                "must be at least 1".into(),
+            );
+            need(
+                h.layers >= 1,
+                &format!("{name}.layers"),
+                "must be at least 1".into(),
+            );
+            need(
+                h.kernel >= 1 && h.kernel % 2 == 1,
+                &format!("{name}.kernel"),
+                format!("must be odd (length-preserving padding), got {}", h.kernel),
+            );
             need(
                 h.groups >= 1 && h.dim % h.groups.max(1) == 0 && enc.dim % h.groups.max(1) == 0,
                 &format!("{name}.groups"),
-                format!("must divide {name}.dim ({}) and encoder.dim ({}), got {}", h.dim, enc.dim, h.groups),
+                format!(
+                    "must divide {name}.dim ({}) and encoder.dim ({}), got {}",
+                    h.dim, enc.dim, h.groups
+                ),
             );
         }
         match self.frontend.kind {
-            FrontendKind::Fbank => need(self.frontend.input_dim >= 1, "frontend.input_dim", "must be at least 1".into()),
+            FrontendKind::Fbank => need(
+                self.frontend.input_dim >= 1,
+                "frontend.input_dim",
+                "must be at least 1".into(),
+            ),
             FrontendKind::Cnn => {
-                need(!self.frontend.conv_layers.is_empty(), "frontend.conv_layers", "needs at least one layer".into());
+                need(
+                    !self.frontend.conv_layers.is_empty(),
+                    "frontend.conv_layers",
+                    "needs at least one layer".into(),
+                );
                 for (i, l) in self.frontend.conv_layers.iter().enumerate() {
-                    need(l.iter().all(|&x| x >= 1), &format!("frontend.conv_layers.{i}"), format!("channels, kernel and stride must be ≥ 1, got {l:?}"));
+                    need(
+                        l.iter().all(|&x| x >= 1),
+                        &format!("frontend.conv_layers.{i}"),
+                        format!("channels, kernel and stride must be ≥ 1, got {l:?}"),
+                    );
                 }
-                need(self.frontend.input_dim == 1, "frontend.input_dim", format!("the CNN front-end reads waveforms (features.waveform, dim 1), got {}", self.frontend.input_dim));
+                need(
+                    self.frontend.input_dim == 1,
+                    "frontend.input_dim",
+                    format!(
+                        "the CNN front-end reads waveforms (features.waveform, dim 1), got {}",
+                        self.frontend.input_dim
+                    ),
+                );
             }
         }
         e
@@ -287,7 +417,13 @@ impl ModelConfig {
     pub fn frames_for(&self, n: usize) -> usize {
         match self.frontend.kind {
             FrontendKind::Fbank => n,
-            FrontendKind::Cnn => self.frontend.conv_layers.iter().fold(n, |n, l| if n < l[1] { 0 } else { (n - l[1]) / l[2] + 1 }),
+            FrontendKind::Cnn => self.frontend.conv_layers.iter().fold(n, |n, l| {
+                if n < l[1] {
+                    0
+                } else {
+                    (n - l[1]) / l[2] + 1
+                }
+            }),
         }
     }
 
@@ -301,14 +437,18 @@ impl ModelConfig {
 }
 
 pub(crate) fn yaml_brief(v: &serde_yaml::Value) -> String {
-    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+    serde_yaml::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Puts `preset`'s value at `path` into `v` (or removes the key where the preset has none).
 /// False when nothing could be changed.
 fn replace_at(v: &mut serde_yaml::Value, preset: &serde_yaml::Value, path: &[String]) -> bool {
     use serde_yaml::Value;
-    let Some((head, rest)) = path.split_first() else { return false };
+    let Some((head, rest)) = path.split_first() else {
+        return false;
+    };
     let sub = |p: &Value| -> Option<Value> {
         match p {
             Value::Mapping(m) => m.get(head.as_str()).cloned(),
@@ -335,7 +475,9 @@ fn replace_at(v: &mut serde_yaml::Value, preset: &serde_yaml::Value, path: &[Str
             }
         }
         Value::Sequence(s) => {
-            let Some(i) = head.parse::<usize>().ok().filter(|&i| i < s.len()) else { return false };
+            let Some(i) = head.parse::<usize>().ok().filter(|&i| i < s.len()) else {
+                return false;
+            };
             if rest.is_empty() {
                 match pre {
                     Some(p) => s[i] = p,
@@ -350,4 +492,3 @@ fn replace_at(v: &mut serde_yaml::Value, preset: &serde_yaml::Value, path: &[Str
         _ => false,
     }
 }
-

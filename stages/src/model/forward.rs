@@ -3,10 +3,6 @@
 use super::config::*;
 use super::ops::*;
 use candle_core::{DType, Device, Tensor, D};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// The model's forward functions over a weight map.
 pub struct Model<'a> {
@@ -28,15 +24,28 @@ impl<'a> Model<'a> {
     }
 
     fn get(&self, name: &str) -> Result<&Tensor> {
-        self.w.get(name).ok_or_else(|| candle_core::Error::Msg(format!("model weight `{name}` missing")))
+        self.w
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("model weight `{name}` missing")))
     }
 
     fn ln(&self, x: &Tensor, p: &str) -> Result<Tensor> {
-        layer_norm(x, Some((self.get(&format!("{p}.weight"))?, self.get(&format!("{p}.bias"))?)), 1e-5)
+        layer_norm(
+            x,
+            Some((
+                self.get(&format!("{p}.weight"))?,
+                self.get(&format!("{p}.bias"))?,
+            )),
+            1e-5,
+        )
     }
 
     fn lin(&self, x: &Tensor, p: &str) -> Result<Tensor> {
-        linear(x, self.get(&format!("{p}.weight"))?, Some(self.get(&format!("{p}.bias"))?))
+        linear(
+            x,
+            self.get(&format!("{p}.weight"))?,
+            Some(self.get(&format!("{p}.bias"))?),
+        )
     }
 
     /// Same-length grouped conv over time of a `[B, T, C]` tensor (returns `[B, T, O]`).
@@ -90,23 +99,39 @@ impl<'a> Model<'a> {
         let h = self.cfg.encoder.heads;
         let rows = positions.len();
         let tv = positions.first().map_or(0, |p| p.len());
-        let dist = Tensor::from_vec(distances(positions), (rows, 1, tv, tv), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let dist = Tensor::from_vec(distances(positions), (rows, 1, tv, tv), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
         let slopes: Vec<f32> = alibi_slopes(h).into_iter().map(|s| s as f32).collect();
-        let slopes = Tensor::from_vec(slopes, (1, h, 1, 1), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
-        let scale = self.get("encoder.alibi_scale")?.relu()?.reshape((1, h, 1, 1))?;
+        let slopes = Tensor::from_vec(slopes, (1, h, 1, 1), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let scale = self
+            .get("encoder.alibi_scale")?
+            .relu()?
+            .reshape((1, h, 1, 1))?;
         let m = slopes.mul(&scale)?;
         dist.broadcast_mul(&m)?.neg()
     }
 
     /// One post-LN block (§2.5). Returns the block output and its FFN output `f` (the target
     /// layer, before dropout, residual and LN2).
-    pub fn block(&self, l: usize, x: &Tensor, bias: &Tensor, noise: &mut Option<&mut Noise>) -> Result<(Tensor, Tensor)> {
+    pub fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        bias: &Tensor,
+        noise: &mut Option<&mut Noise>,
+    ) -> Result<(Tensor, Tensor)> {
         let e = &self.cfg.encoder;
         let p = format!("encoder.blocks.{l}");
         let (b, t, d) = x.dims3()?;
         let h = e.heads;
         let dh = d / h;
-        let qkv = self.lin(x, &format!("{p}.attn.qkv"))?.reshape((b, t, 3, h, dh))?.permute((2, 0, 3, 1, 4))?;
+        let qkv = self
+            .lin(x, &format!("{p}.attn.qkv"))?
+            .reshape((b, t, 3, h, dh))?
+            .permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)?.contiguous()? * (1.0 / (dh as f64).sqrt()))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
@@ -115,13 +140,20 @@ impl<'a> Model<'a> {
         if let Some(n) = noise.as_deref_mut() {
             att = n.dropout(&att, e.attention_dropout)?;
         }
-        let o = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?;
+        let o = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, d))?;
         let mut o = self.lin(&o, &format!("{p}.attn.proj"))?;
         if let Some(n) = noise.as_deref_mut() {
             o = n.dropout(&o, e.dropout)?;
         }
         let h1 = self.ln(&(x + o)?, &format!("{p}.ln1"))?;
-        let f = self.lin(&self.lin(&h1, &format!("{p}.fc1"))?.gelu_erf()?, &format!("{p}.fc2"))?;
+        let f = self.lin(
+            &self.lin(&h1, &format!("{p}.fc1"))?.gelu_erf()?,
+            &format!("{p}.fc2"),
+        )?;
         let fd = match noise.as_deref_mut() {
             Some(n) => n.dropout(&f, e.dropout)?,
             None => f.clone(),
@@ -145,7 +177,11 @@ impl<'a> Model<'a> {
         for l in 0..e.layers {
             let (out, f) = self.block(l, &x, &bias, &mut none)?;
             if l + e.top_k >= e.layers {
-                let layer = if self.cfg.end_of_block_targets { &out } else { &f };
+                let layer = if self.cfg.end_of_block_targets {
+                    &out
+                } else {
+                    &f
+                };
                 let n = instance_norm_time(&layer.to_dtype(DType::F32)?)?;
                 acc = Some(match acc {
                     Some(a) => (a + n)?,
@@ -171,21 +207,37 @@ impl<'a> Model<'a> {
     /// Student encoder (§1.5) on frames `z` `[B, T, D]` (with gradient) and the mask (`true` =
     /// hidden; every row hides the same number of frames). Returns `h` `[B, T − M, D]` and the
     /// visible positions of each row.
-    pub fn student_encoder(&self, z: &Tensor, mask: &[bool], noise: &mut Option<&mut Noise>) -> Result<(Tensor, Vec<Vec<usize>>)> {
+    pub fn student_encoder(
+        &self,
+        z: &Tensor,
+        mask: &[bool],
+        noise: &mut Option<&mut Noise>,
+    ) -> Result<(Tensor, Vec<Vec<usize>>)> {
         let e = &self.cfg.encoder;
         let (b, t, d) = z.dims3()?;
         let keep: Vec<f32> = mask.iter().map(|&m| if m { 0.0 } else { 1.0 }).collect();
-        let keep = Tensor::from_vec(keep, (b, t, 1), &Device::Cpu)?.to_dtype(z.dtype())?.to_device(z.device())?;
+        let keep = Tensor::from_vec(keep, (b, t, 1), &Device::Cpu)?
+            .to_dtype(z.dtype())?
+            .to_device(z.device())?;
         let x0 = z.broadcast_mul(&keep)?;
         let pos = self.pos_conv(&x0)?;
-        let positions: Vec<Vec<usize>> = (0..b).map(|r| (0..t).filter(|&i| !mask[r * t + i]).collect()).collect();
+        let positions: Vec<Vec<usize>> = (0..b)
+            .map(|r| (0..t).filter(|&i| !mask[r * t + i]).collect())
+            .collect();
         let tv = positions.first().map_or(0, |p| p.len());
         if positions.iter().any(|p| p.len() != tv) {
             candle_core::bail!("every row must hide the same number of frames");
         }
-        let idx: Vec<u32> = positions.iter().enumerate().flat_map(|(r, p)| p.iter().map(move |&i| (r * t + i) as u32)).collect();
+        let idx: Vec<u32> = positions
+            .iter()
+            .enumerate()
+            .flat_map(|(r, p)| p.iter().map(move |&i| (r * t + i) as u32))
+            .collect();
         let idx = Tensor::from_vec(idx, b * tv, z.device())?;
-        let v = (z + pos)?.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, tv, d))?;
+        let v = (z + pos)?
+            .reshape((b * t, d))?
+            .index_select(&idx, 0)?
+            .reshape((b, tv, d))?;
         let mut x = self.ln(&v, "encoder.ln_in")?;
         if let Some(n) = noise.as_deref_mut() {
             x = n.dropout(&x, e.dropout)?;
@@ -234,7 +286,14 @@ impl<'a> Model<'a> {
 
     /// `fill` of §1.6: dropout on `h` `[B, Tv, D]`, scattered back to its positions among `T`
     /// frames, fresh noise tokens N(0, σ²) at the hidden ones.
-    pub fn fill(&self, h: &Tensor, positions: &[Vec<usize>], t: usize, dropped: Tensor, noise: &mut Noise) -> Result<Tensor> {
+    pub fn fill(
+        &self,
+        h: &Tensor,
+        positions: &[Vec<usize>],
+        t: usize,
+        dropped: Tensor,
+        noise: &mut Noise,
+    ) -> Result<Tensor> {
         let (b, tv, d) = h.dims3()?;
         let m = t - tv;
         let tokens = noise.normal(&[b * m, d], self.cfg.mask_noise_std, h.dtype(), h.device())?;

@@ -1,11 +1,9 @@
 //! Parameters and their initialisation (method §2.8): names, shapes, seeded values.
 
 use super::config::*;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 // ---------------------------------------------------------------------------------------------
 // Parameters and initialisation (method §2.8)
@@ -66,7 +64,13 @@ impl Builder<'_> {
     fn head(&mut self, p: &str, h: &HeadConfig, d: usize, predictor: bool) {
         for l in 0..h.layers {
             let i = if l == 0 { d } else { h.dim };
-            self.conv_default(&format!("{p}.blocks.{l}.conv"), i, h.dim, h.kernel, h.groups);
+            self.conv_default(
+                &format!("{p}.blocks.{l}.conv"),
+                i,
+                h.dim,
+                h.kernel,
+                h.groups,
+            );
         }
         if predictor {
             self.layer_norm(&format!("{p}.ln"), h.dim);
@@ -77,7 +81,11 @@ impl Builder<'_> {
 
 /// Names, shapes and initial values of every parameter, drawn from `seed` (§2.8).
 pub fn init_values(cfg: &ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f64>)> {
-    let mut b = Builder { rng: ChaCha8Rng::seed_from_u64(seed), out: Vec::new(), _cfg: cfg };
+    let mut b = Builder {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        out: Vec::new(),
+        _cfg: cfg,
+    };
     let d = cfg.encoder.dim;
     match cfg.frontend.kind {
         FrontendKind::Fbank => {
@@ -89,7 +97,11 @@ pub fn init_values(cfg: &ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec
             for (i, l) in cfg.frontend.conv_layers.iter().enumerate() {
                 // Kaiming normal (fan_in, gain √2); no bias (conv_bias off); LayerNorm after each.
                 let std = (2.0 / (c_in * l[1]) as f64).sqrt();
-                b.add(format!("frontend.conv.{i}.weight"), &[l[0], c_in, l[1]], Init::Normal(std));
+                b.add(
+                    format!("frontend.conv.{i}.weight"),
+                    &[l[0], c_in, l[1]],
+                    Init::Normal(std),
+                );
                 b.layer_norm(&format!("frontend.conv.{i}.ln"), l[0]);
                 c_in = l[0];
             }
@@ -99,7 +111,13 @@ pub fn init_values(cfg: &ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec
     }
     let e = &cfg.encoder;
     for l in 0..e.pos_conv_depth {
-        b.conv_default(&format!("encoder.pos_conv.{l}"), d, d, e.pos_conv_kernel, e.pos_conv_groups);
+        b.conv_default(
+            &format!("encoder.pos_conv.{l}"),
+            d,
+            d,
+            e.pos_conv_kernel,
+            e.pos_conv_groups,
+        );
     }
     b.layer_norm("encoder.ln_in", d);
     b.add("encoder.alibi_scale".into(), &[e.heads], Init::Const(1.0));
@@ -118,10 +136,17 @@ pub fn init_values(cfg: &ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec
 }
 
 /// Initial weights as tensors of `dtype` on `device`.
-pub fn init_weights(cfg: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Weights> {
+pub fn init_weights(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<Weights> {
     let mut w = Weights::new();
     for (name, shape, v) in init_values(cfg, seed) {
-        let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
         w.insert(name, t);
     }
     Ok(w)
@@ -129,7 +154,10 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64, device: &Device, dtype: DType)
 
 /// Number of parameters (student side: front-end, encoder, decoder, loss predictor).
 pub fn parameter_count(cfg: &ModelConfig) -> usize {
-    shapes_of(cfg).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    shapes_of(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
 }
 
 /// Names and shapes of every parameter, in the order [`init_values`] draws them.
@@ -168,7 +196,10 @@ pub fn shapes_of(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     }
     let e = &cfg.encoder;
     for l in 0..e.pos_conv_depth {
-        s.add(format!("encoder.pos_conv.{l}.weight"), &[d, d / e.pos_conv_groups, e.pos_conv_kernel]);
+        s.add(
+            format!("encoder.pos_conv.{l}.weight"),
+            &[d, d / e.pos_conv_groups, e.pos_conv_kernel],
+        );
         s.add(format!("encoder.pos_conv.{l}.bias"), &[d]);
     }
     ln(&mut s, "encoder.ln_in", d);
@@ -182,10 +213,16 @@ pub fn shapes_of(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         lin(&mut s, &format!("{p}.fc2"), e.ffn, d);
         ln(&mut s, &format!("{p}.ln2"), d);
     }
-    for (p, h, pred) in [("decoder", &cfg.decoder, false), ("loss_predictor", &cfg.loss_predictor, true)] {
+    for (p, h, pred) in [
+        ("decoder", &cfg.decoder, false),
+        ("loss_predictor", &cfg.loss_predictor, true),
+    ] {
         for l in 0..h.layers {
             let i = if l == 0 { d } else { h.dim };
-            s.add(format!("{p}.blocks.{l}.conv.weight"), &[h.dim, i / h.groups, h.kernel]);
+            s.add(
+                format!("{p}.blocks.{l}.conv.weight"),
+                &[h.dim, i / h.groups, h.kernel],
+            );
             s.add(format!("{p}.blocks.{l}.conv.bias"), &[h.dim]);
         }
         if pred {

@@ -14,7 +14,12 @@ pub fn recon_per_frame(yhat: &Tensor, y: &Tensor) -> Result<Tensor> {
 /// `d2v_loss` of the reference code with its options (§1.7, §8 "regression loss"): per element
 /// MSE (`loss_beta = 0`) or smooth L1 with threshold β (`0.5·d²/β` where |d| < β, else
 /// `|d| − β/2`), times `loss_scale` (`None`: 1/√D), summed over channels → `[B, M]`.
-pub fn recon_per_frame_with(yhat: &Tensor, y: &Tensor, loss_beta: f64, loss_scale: Option<f64>) -> Result<Tensor> {
+pub fn recon_per_frame_with(
+    yhat: &Tensor,
+    y: &Tensor,
+    loss_beta: f64,
+    loss_scale: Option<f64>,
+) -> Result<Tensor> {
     let d = yhat.dim(D::Minus1)? as f64;
     let scale = loss_scale.unwrap_or(1.0 / d.sqrt());
     let diff = (yhat - y)?;
@@ -31,7 +36,9 @@ pub fn recon_per_frame_with(yhat: &Tensor, y: &Tensor, loss_beta: f64, loss_scal
 }
 
 /// Form of the pairwise term.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RankForm {
     /// `−ln(σ(Δ) + ε)` as the reference code computes it (ε = 1e-6).
@@ -47,7 +54,12 @@ pub enum RankForm {
 pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, usize)> {
     let (b, m) = p.dims2()?;
     if l.len() != b * m {
-        candle_core::bail!("ranking_loss: {} targets for {}×{} predictions", l.len(), b, m);
+        candle_core::bail!(
+            "ranking_loss: {} targets for {}×{} predictions",
+            l.len(),
+            b,
+            m
+        );
     }
     let mut gt = vec![0f32; b * m * m];
     let mut lt = vec![0f32; b * m * m];
@@ -68,7 +80,11 @@ pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, us
         }
     }
     let dev = p.device();
-    let to = |v: Vec<f32>| -> Result<Tensor> { Tensor::from_vec(v, (b, m, m), &Device::Cpu)?.to_dtype(p.dtype())?.to_device(dev) };
+    let to = |v: Vec<f32>| -> Result<Tensor> {
+        Tensor::from_vec(v, (b, m, m), &Device::Cpu)?
+            .to_dtype(p.dtype())?
+            .to_device(dev)
+    };
     let (gt, lt) = (to(gt)?, to(lt)?);
     // d[b, i, j] = p_j − p_i
     let d = p.unsqueeze(1)?.broadcast_sub(&p.unsqueeze(2)?)?;
@@ -86,7 +102,9 @@ pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, us
         }
         RankForm::Softplus => {
             // −ln σ(Δ) = softplus(−Δ); −ln(1 − σ(Δ)) = softplus(Δ). softplus(x) = relu(x) + ln(1 + e^{−|x|}).
-            let softplus = |x: &Tensor| -> Result<Tensor> { x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()? };
+            let softplus = |x: &Tensor| -> Result<Tensor> {
+                x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+            };
             let up = (softplus(&d.neg()?)? * &gt)?;
             let down = (softplus(&d)? * &lt)?;
             (up + down)?.sum_all()?
@@ -109,12 +127,24 @@ pub fn zscore_mse_loss(p: &Tensor, l: &[f32]) -> Result<(Tensor, usize)> {
             z[r * m + i] = ((row[i] as f64 - mean) / sd) as f32;
         }
     }
-    let z = Tensor::from_vec(z, (b, m), &Device::Cpu)?.to_dtype(p.dtype())?.to_device(p.device())?;
+    let z = Tensor::from_vec(z, (b, m), &Device::Cpu)?
+        .to_dtype(p.dtype())?
+        .to_device(p.device())?;
     Ok(((p - z)?.sqr()?.sum_all()?, b * m))
 }
 
 /// How `L_aux` joins the objective (§1.9).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AuxNorm {
     /// `L = (Σ ℓ + α·L_aux_raw) / N` (the recommended default).

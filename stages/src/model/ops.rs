@@ -5,8 +5,6 @@ use super::config::*;
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 // ---------------------------------------------------------------------------------------------
 // Randomness for dropout, layerdrop and noise tokens (seeded, host-drawn)
@@ -19,7 +17,9 @@ pub struct Noise {
 
 impl Noise {
     pub fn new(seed: u64) -> Self {
-        Noise { rng: ChaCha8Rng::seed_from_u64(seed) }
+        Noise {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// Inverted dropout with keep-mask drawn from the seeded stream.
@@ -29,13 +29,29 @@ impl Noise {
         }
         let n = x.elem_count();
         let scale = 1.0 / (1.0 - p);
-        let m: Vec<f32> = (0..n).map(|_| if self.rng.random::<f64>() < p { 0.0 } else { scale as f32 }).collect();
-        let m = Tensor::from_vec(m, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
+        let m: Vec<f32> = (0..n)
+            .map(|_| {
+                if self.rng.random::<f64>() < p {
+                    0.0
+                } else {
+                    scale as f32
+                }
+            })
+            .collect();
+        let m = Tensor::from_vec(m, x.shape(), &Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())?;
         x.mul(&m)
     }
 
     /// Gaussian noise N(0, std²) of `shape`.
-    pub fn normal(&mut self, shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn normal(
+        &mut self,
+        shape: &[usize],
+        std: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|_| {
@@ -44,7 +60,9 @@ impl Noise {
                 (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
             })
             .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 
     pub fn coin(&mut self, p: f64) -> bool {
@@ -93,15 +111,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// (index_select of the k taps) and one batched matmul, so the backward pass is the matmul's:
 /// candle 0.11's own grouped conv1d backward disagrees with finite differences (it runs the kernel
 /// gradient of each group on non-contiguous views), which the gradient test caught.
-pub fn conv1d_time(x: &Tensor, w: &Tensor, pad: usize, stride: usize, groups: usize) -> Result<Tensor> {
+pub fn conv1d_time(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
     let (b, l, c) = x.dims3()?;
     let (o, cg, k) = w.dims3()?;
     if groups == 0 || c != cg * groups || o % groups != 0 {
-        candle_core::bail!("conv1d_time: input has {c} channels, kernel {:?}, groups {groups}", w.dims());
+        candle_core::bail!(
+            "conv1d_time: input has {c} channels, kernel {:?}, groups {groups}",
+            w.dims()
+        );
     }
     let lp = l + 2 * pad;
     if lp < k {
-        candle_core::bail!("conv1d_time: {l} frames (+{pad} padding each side) are fewer than the kernel's {k}");
+        candle_core::bail!(
+            "conv1d_time: {l} frames (+{pad} padding each side) are fewer than the kernel's {k}"
+        );
     }
     let stride = stride.max(1);
     let l_out = (lp - k) / stride + 1;
@@ -112,13 +141,25 @@ pub fn conv1d_time(x: &Tensor, w: &Tensor, pad: usize, stride: usize, groups: us
         x.clone()
     };
     // cols[b, t, c, j] = xp[b, t·stride + j, c]
-    let idx: Vec<u32> = (0..l_out).flat_map(|t| (0..k).map(move |j| (t * stride + j) as u32)).collect();
+    let idx: Vec<u32> = (0..l_out)
+        .flat_map(|t| (0..k).map(move |j| (t * stride + j) as u32))
+        .collect();
     let idx = Tensor::from_vec(idx, l_out * k, x.device())?;
-    let cols = xp.index_select(&idx, 1)?.reshape((b, l_out, k, c))?.transpose(2, 3)?; // [B, L_out, C, k]
+    let cols = xp
+        .index_select(&idx, 1)?
+        .reshape((b, l_out, k, c))?
+        .transpose(2, 3)?; // [B, L_out, C, k]
     let og = o / groups;
     // [G, B·L_out, cg·k] × [G, cg·k, og] → [G, B·L_out, og]
-    let cols = cols.contiguous()?.reshape((b * l_out, groups, cg * k))?.transpose(0, 1)?.contiguous()?;
-    let wg = w.reshape((groups, og, cg * k))?.transpose(1, 2)?.contiguous()?;
+    let cols = cols
+        .contiguous()?
+        .reshape((b * l_out, groups, cg * k))?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let wg = w
+        .reshape((groups, og, cg * k))?
+        .transpose(1, 2)?
+        .contiguous()?;
     let y = cols.matmul(&wg)?; // [G, B·L_out, og]
     y.transpose(0, 1)?.contiguous()?.reshape((b, l_out, o))
 }

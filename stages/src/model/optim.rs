@@ -24,14 +24,28 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64, exempt_1d: bool) -> Self {
-        AdamW { beta1, beta2, eps, weight_decay, exempt_1d, t: 0, m: BTreeMap::new(), v: BTreeMap::new() }
+        AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            exempt_1d,
+            t: 0,
+            m: BTreeMap::new(),
+            v: BTreeMap::new(),
+        }
     }
 
     /// One update of every variable at learning rate `lr`. A variable without a gradient this
     /// step (a block skipped by layerdrop, a head the loss does not use) is updated as with a zero
     /// gradient, as fairseq's fp16 trainer does (it fills missing gradients with zeros): its
     /// moments decay, weight decay applies, and the Adam step follows the decayed moments.
-    pub fn step(&mut self, vars: &BTreeMap<String, Var>, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+    ) -> Result<()> {
         self.t += 1;
         let t = self.t as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
@@ -56,7 +70,11 @@ impl AdamW {
             };
             let p = var.as_tensor();
             let decay = self.weight_decay != 0.0 && !(self.exempt_1d && p.rank() <= 1);
-            let p = if decay { (p - (p * (lr * self.weight_decay))?)? } else { p.clone() };
+            let p = if decay {
+                (p - (p * (lr * self.weight_decay))?)?
+            } else {
+                p.clone()
+            };
             let denom = (v.sqrt()? + self.eps)?;
             let new = (p - (m.div(&denom)? * step_size)?)?;
             var.set(&new.detach())?;

@@ -75,11 +75,23 @@ pub struct EpochReader {
 impl EpochReader {
     /// Sends every row on output 0; `read` reads one part (its rows in stored order) for an
     /// epoch; `unit` names the parts in the progress line.
-    pub fn run<T: Send + 'static>(&self, io: &mut StageIo, unit: &str, read: impl Fn(&Path, u32) -> Result<Vec<T>, StageError>) -> Result<(), StageError> {
+    pub fn run<T: Send + 'static>(
+        &self,
+        io: &mut StageIo,
+        unit: &str,
+        read: impl Fn(&Path, u32) -> Result<Vec<T>, StageError>,
+    ) -> Result<(), StageError> {
         let rows: Vec<u64> = self.parts.iter().map(|p| p.1).collect();
-        io.progress().set_length(self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64, unit);
+        io.progress().set_length(
+            self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64,
+            unit,
+        );
         for epoch in self.start_epoch..self.epochs {
-            let mut skip = if epoch == self.start_epoch { self.start_index } else { 0 };
+            let mut skip = if epoch == self.start_epoch {
+                self.start_index
+            } else {
+                0
+            };
             for (k, perm) in epoch_order(self.seed, epoch, &rows, self.shuffle) {
                 if skip >= perm.len() as u64 {
                     // Resuming: this whole part lies before the start; not even opened.
@@ -90,7 +102,12 @@ impl EpochReader {
                 let path = &self.parts[k].0;
                 let items = read(path, epoch)?;
                 if items.len() != perm.len() {
-                    return Err(StageError::failed(format!("{}: {} rows, the index says {}", path.display(), items.len(), perm.len())));
+                    return Err(StageError::failed(format!(
+                        "{}: {} rows, the index says {}",
+                        path.display(),
+                        items.len(),
+                        perm.len()
+                    )));
                 }
                 let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
                 for &r in perm.iter().skip(skip as usize) {

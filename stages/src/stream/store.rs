@@ -23,7 +23,9 @@ pub struct Written {
 pub fn load_index<T: DeserializeOwned>(dir: &Path, what: &str) -> Result<Option<T>> {
     let path = dir.join(INDEX_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| Error::damaged(&path, format!("not a {what}: {e}"))),
+        Ok(t) => serde_json::from_str(&t)
+            .map(Some)
+            .map_err(|e| Error::damaged(&path, format!("not a {what}: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("cannot read", &path)(e)),
     }
@@ -32,13 +34,19 @@ pub fn load_index<T: DeserializeOwned>(dir: &Path, what: &str) -> Result<Option<
 /// Replaces `dir/index.json` atomically.
 pub fn save_index<T: Serialize>(dir: &Path, index: &T) -> Result<()> {
     let path = dir.join(INDEX_FILE);
-    let text = serde_json::to_string_pretty(index).map_err(|e| Error::invalid(format!("cannot serialise {}: {e}", path.display())))? + "\n";
+    let text = serde_json::to_string_pretty(index)
+        .map_err(|e| Error::invalid(format!("cannot serialise {}: {e}", path.display())))?
+        + "\n";
     pipeline::atomic::write_atomic(&path, text.as_bytes()).map_err(Error::io("cannot write", &path))
 }
 
 /// Writes part `name` of `dir` atomically through `write` (given the temporary file), then
 /// returns its size and BLAKE3.
-pub fn write_part(dir: &Path, name: &str, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<Written> {
+pub fn write_part(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<Written> {
     let path = dir.join(name);
     pipeline::atomic::write_atomic_with(&path, write).map_err(Error::io("cannot write", &path))?;
     hash_file(&path)
@@ -47,5 +55,8 @@ pub fn write_part(dir: &Path, name: &str, write: impl FnOnce(&mut File) -> std::
 /// Size and BLAKE3 (hex) of a file.
 pub fn hash_file(path: &Path) -> Result<Written> {
     let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
-    Ok(Written { bytes: bytes.len() as u64, blake3: blake3::hash(&bytes).to_hex().to_string() })
+    Ok(Written {
+        bytes: bytes.len() as u64,
+        blake3: blake3::hash(&bytes).to_hex().to_string(),
+    })
 }

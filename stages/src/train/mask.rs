@@ -4,16 +4,11 @@
 use crate::items::{Masked, Taught};
 use crate::train::masking::*;
 use pipeline::Linker;
-use std::marker::PhantomData;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
-use rand::Rng;
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
-use serde::de::Error as _;
-use serde::ser::SerializeMap;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_yaml::Value;
+use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
 
 // ---------------------------------------------------------------------------------------------
 // Parameters
@@ -44,13 +39,29 @@ pub struct MaskParams {
 
 impl Default for MaskParams {
     fn default() -> Self {
-        MaskParams { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, mask_type: SpanShape::Static, mask_other: 0.0, clone_batch: 1 }
+        MaskParams {
+            mask_prob: 0.5,
+            span: 5,
+            unit: MaskUnit::Span,
+            mask_dropout: 0.0,
+            mask_type: SpanShape::Static,
+            mask_other: 0.0,
+            clone_batch: 1,
+        }
     }
 }
 
 impl MaskParams {
     pub fn spec(&self, rounding: Rounding) -> MaskSpec {
-        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding, mask_type: self.mask_type, mask_other: self.mask_other }
+        MaskSpec {
+            mask_prob: self.mask_prob,
+            span: self.span,
+            unit: self.unit,
+            mask_dropout: self.mask_dropout,
+            rounding,
+            mask_type: self.mask_type,
+            mask_other: self.mask_other,
+        }
     }
 }
 
@@ -64,7 +75,10 @@ impl Params for MaskParams {
 
 fn check_clone(c: usize) -> Vec<ParamError> {
     if c == 0 {
-        vec![ParamError::new("clone_batch", "must be at least 1 (1 = no cloning)")]
+        vec![ParamError::new(
+            "clone_batch",
+            "must be at least 1 (1 = no cloning)",
+        )]
     } else {
         Vec::new()
     }
@@ -126,13 +140,28 @@ pub const DEFAULT_RAMP_UPDATES: u64 = 2000;
 
 impl EasyToHardParams {
     pub fn spec(&self) -> MaskSpec {
-        MaskSpec { mask_prob: self.mask_prob, span: self.span, unit: self.unit, mask_dropout: self.mask_dropout, rounding: Rounding::PerBatch, mask_type: self.mask_type, mask_other: self.mask_other }
+        MaskSpec {
+            mask_prob: self.mask_prob,
+            span: self.span,
+            unit: self.unit,
+            mask_dropout: self.mask_dropout,
+            rounding: Rounding::PerBatch,
+            mask_type: self.mask_type,
+            mask_other: self.mask_other,
+        }
     }
     /// The curriculum these parameters describe.
     pub fn curriculum(&self) -> Curriculum {
         match self.curriculum {
-            CurriculumChoice::Linear => Curriculum::Linear { ramp_updates: self.ramp_updates.unwrap_or(DEFAULT_RAMP_UPDATES), r_max: self.r_max },
-            CurriculumChoice::EpochClamped(e) => Curriculum::EpochClamped { total_epochs: e.total_epochs, jump_at: e.jump_at, jump_to: e.jump_to },
+            CurriculumChoice::Linear => Curriculum::Linear {
+                ramp_updates: self.ramp_updates.unwrap_or(DEFAULT_RAMP_UPDATES),
+                r_max: self.r_max,
+            },
+            CurriculumChoice::EpochClamped(e) => Curriculum::EpochClamped {
+                total_epochs: e.total_epochs,
+                jump_at: e.jump_at,
+                jump_to: e.jump_to,
+            },
             CurriculumChoice::Constant(r) => Curriculum::Constant { r },
         }
     }
@@ -150,24 +179,39 @@ impl Params for EasyToHardParams {
             e.push(ParamError::new("ramp_updates", "must be at least 1"));
         }
         if !unit_interval(self.r_max) {
-            e.push(ParamError::new("r_max", format!("must be in [0, 1], got {}", self.r_max)));
+            e.push(ParamError::new(
+                "r_max",
+                format!("must be in [0, 1], got {}", self.r_max),
+            ));
         }
         match self.curriculum {
             CurriculumChoice::Linear => {}
             CurriculumChoice::EpochClamped(c) => {
                 if c.total_epochs == 0 {
-                    e.push(ParamError::new("curriculum.total_epochs", "must be at least 1"));
+                    e.push(ParamError::new(
+                        "curriculum.total_epochs",
+                        "must be at least 1",
+                    ));
                 }
                 if !(c.jump_at.is_finite() && c.jump_at > 0.0) {
-                    e.push(ParamError::new("curriculum.jump_at", format!("must be > 0, got {}", c.jump_at)));
+                    e.push(ParamError::new(
+                        "curriculum.jump_at",
+                        format!("must be > 0, got {}", c.jump_at),
+                    ));
                 }
                 if !unit_interval(c.jump_to) {
-                    e.push(ParamError::new("curriculum.jump_to", format!("must be in [0, 1], got {}", c.jump_to)));
+                    e.push(ParamError::new(
+                        "curriculum.jump_to",
+                        format!("must be in [0, 1], got {}", c.jump_to),
+                    ));
                 }
             }
             CurriculumChoice::Constant(r) => {
                 if !unit_interval(r) {
-                    e.push(ParamError::new("curriculum.r", format!("must be in [0, 1], got {r}")));
+                    e.push(ParamError::new(
+                        "curriculum.r",
+                        format!("must be in [0, 1], got {r}"),
+                    ));
                 }
             }
         }
@@ -178,8 +222,6 @@ impl Params for EasyToHardParams {
 // ---------------------------------------------------------------------------------------------
 // Stages
 // ---------------------------------------------------------------------------------------------
-
-
 
 /// The masking logic of a stage, independent of the engine (tested directly).
 #[derive(Debug, Clone, PartialEq)]
@@ -195,15 +237,33 @@ pub struct Masker {
 
 impl Masker {
     pub fn easy_to_hard(p: &EasyToHardParams, seed: u64) -> Self {
-        Masker { strategy: EasyToHard::KIND, spec: p.spec(), curriculum: p.curriculum(), seed, clone_batch: p.clone_batch }
+        Masker {
+            strategy: EasyToHard::KIND,
+            spec: p.spec(),
+            curriculum: p.curriculum(),
+            seed,
+            clone_batch: p.clone_batch,
+        }
     }
     /// data2vec 2.0's random masking: r ≡ 0, one rounding draw per row (method §4.5).
     pub fn random(p: &MaskParams, seed: u64) -> Self {
-        Masker { strategy: Random::KIND, spec: p.spec(Rounding::PerRow), curriculum: Curriculum::Constant { r: 0.0 }, seed, clone_batch: p.clone_batch }
+        Masker {
+            strategy: Random::KIND,
+            spec: p.spec(Rounding::PerRow),
+            curriculum: Curriculum::Constant { r: 0.0 },
+            seed,
+            clone_batch: p.clone_batch,
+        }
     }
     /// Hard-only masking: r ≡ 1 from step 0 (method §8).
     pub fn hard(p: &MaskParams, seed: u64) -> Self {
-        Masker { strategy: Hard::KIND, spec: p.spec(Rounding::PerBatch), curriculum: Curriculum::Constant { r: 1.0 }, seed, clone_batch: p.clone_batch }
+        Masker {
+            strategy: Hard::KIND,
+            spec: p.spec(Rounding::PerBatch),
+            curriculum: Curriculum::Constant { r: 1.0 },
+            seed,
+            clone_batch: p.clone_batch,
+        }
     }
 
     /// The random stream of the batch at `step`.
@@ -214,18 +274,29 @@ impl Masker {
     /// Masks one batch.
     pub fn apply(&self, taught: Taught) -> Result<Masked, MaskError> {
         let clones = self.clone_batch.max(1);
-        let taught = if clones > 1 { clone_rows(taught, clones)? } else { taught };
+        let taught = if clones > 1 {
+            clone_rows(taught, clones)?
+        } else {
+            taught
+        };
         let b = &taught.batch;
         // Model frames (50 Hz): fewer than the batch's input frames for waveforms.
         let (size, frames) = (b.size(), taught.frames);
         if frames != b.frames && b.padding_mask.is_some() {
             return Err(MaskError::Spec("padded batches of waveforms cannot be masked (use batch.by_duration crop: shortest)".into()));
         }
-        let lengths: Vec<usize> = if frames == b.frames { b.lengths.clone() } else { vec![frames; size] };
+        let lengths: Vec<usize> = if frames == b.frames {
+            b.lengths.clone()
+        } else {
+            vec![frames; size]
+        };
         let mut spec = self.spec;
         if let Some(pad) = &b.padding_mask {
             if Some(pad.len()) != size.checked_mul(frames) {
-                return Err(MaskError::Spec(format!("padding_mask has {} values, expected {size} × {frames}", pad.len())));
+                return Err(MaskError::Spec(format!(
+                    "padding_mask has {} values, expected {size} × {frames}",
+                    pad.len()
+                )));
             }
             if b.lengths.len() == size {
                 for (row, &n) in b.lengths.iter().enumerate() {
@@ -240,7 +311,15 @@ impl Masker {
         }
         let r = hard_ratio(&self.curriculum, b.step, b.epoch);
         let mut rng = self.rng(b.step);
-        let out = eh_mask(&taught.pred_loss, size, frames, &lengths, &spec, r, &mut rng)?;
+        let out = eh_mask(
+            &taught.pred_loss,
+            size,
+            frames,
+            &lengths,
+            &spec,
+            r,
+            &mut rng,
+        )?;
         Ok(Masked {
             taught,
             mask: out.mask,
@@ -262,9 +341,14 @@ pub fn clone_rows(mut t: Taught, c: usize) -> Result<Taught, MaskError> {
     let n = t.batch.size();
     let rep = |v: &[f32], per: usize, what: &str| -> Result<Vec<f32>, MaskError> {
         if v.len() != n * per {
-            return Err(MaskError::Spec(format!("{what} has {} values, expected {n} × {per}", v.len())));
+            return Err(MaskError::Spec(format!(
+                "{what} has {} values, expected {n} × {per}",
+                v.len()
+            )));
         }
-        Ok(v.chunks(per.max(1)).flat_map(|row| std::iter::repeat_n(row, c).flatten().copied()).collect())
+        Ok(v.chunks(per.max(1))
+            .flat_map(|row| std::iter::repeat_n(row, c).flatten().copied())
+            .collect())
     };
     let targets = rep(&t.targets, t.frames * t.target_dim, "targets")?;
     t.pred_loss = rep(&t.pred_loss, t.frames, "pred_loss")?;
@@ -272,11 +356,21 @@ pub fn clone_rows(mut t: Taught, c: usize) -> Result<Taught, MaskError> {
     let b = &mut t.batch;
     b.data = rep(&b.data, b.frames * b.dim, "the batch's features")?;
     let each = |i: usize| std::iter::repeat_n(i, c);
-    b.utt_ids = (0..n).flat_map(each).map(|i| b.utt_ids[i].clone()).collect();
+    b.utt_ids = (0..n)
+        .flat_map(each)
+        .map(|i| b.utt_ids[i].clone())
+        .collect();
     b.offsets = (0..n).flat_map(each).map(|i| b.offsets[i]).collect();
-    b.lengths = (0..n).flat_map(each).map(|i| b.lengths.get(i).copied().unwrap_or(b.frames)).collect();
+    b.lengths = (0..n)
+        .flat_map(each)
+        .map(|i| b.lengths.get(i).copied().unwrap_or(b.frames))
+        .collect();
     if let Some(m) = &b.padding_mask {
-        b.padding_mask = Some(m.chunks(b.frames.max(1)).flat_map(|row| std::iter::repeat_n(row, c).flatten().copied()).collect());
+        b.padding_mask = Some(
+            m.chunks(b.frames.max(1))
+                .flat_map(|row| std::iter::repeat_n(row, c).flatten().copied())
+                .collect(),
+        );
     }
     Ok(t)
 }
@@ -342,10 +436,16 @@ impl<S: Strategy> StageDef for MaskStage<S> {
     const KIND: &'static str = S::KIND;
     const DOC: &'static str = S::DOC;
     fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<Taught>("in", "batches with the teacher's predicted losses")]
+        vec![Port::cloneable::<Taught>(
+            "in",
+            "batches with the teacher's predicted losses",
+        )]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Masked>("out", "masked batches (exactly masked_per_row frames per row)")]
+        vec![Port::cloneable::<Masked>(
+            "out",
+            "masked batches (exactly masked_per_row frames per row)",
+        )]
     }
     fn link(_: &S::Params, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
         linker.read(&crate::train::TOTAL_UPDATES);
@@ -353,7 +453,10 @@ impl<S: Strategy> StageDef for MaskStage<S> {
     }
     fn create(p: &S::Params, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let total = ctx.links.get(&crate::train::TOTAL_UPDATES).map(|n| *n);
-        Ok(MaskStage { masker: S::masker(p, ctx.seed, total), _strategy: PhantomData })
+        Ok(MaskStage {
+            masker: S::masker(p, ctx.seed, total),
+            _strategy: PhantomData,
+        })
     }
 }
 
@@ -361,7 +464,9 @@ impl<S: Strategy> Stage for MaskStage<S> {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
         while let Some(t) = io.recv::<Taught>(0)? {
             let step = t.batch.step;
-            let masked = self.masker.apply(t).map_err(|e| StageError::failed(format!("{}: batch at step {step}: {e}", io.stage())))?;
+            let masked = self.masker.apply(t).map_err(|e| {
+                StageError::failed(format!("{}: batch at step {step}: {e}", io.stage()))
+            })?;
             io.send(0, masked)?;
         }
         Ok(())
@@ -371,10 +476,14 @@ impl<S: Strategy> Stage for MaskStage<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::masking::*;
+    use rand::SeedableRng;
 
     fn spec(p: f64, l: usize) -> MaskSpec {
-        MaskSpec { mask_prob: p, span: l, ..MaskSpec::default() }
+        MaskSpec {
+            mask_prob: p,
+            span: l,
+            ..MaskSpec::default()
+        }
     }
 
     #[test]
@@ -421,17 +530,43 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        assert!(matches!(eh_mask(&[0.0; 5], 1, 4, &[4], &spec(0.5, 2), 0.5, &mut rng), Err(MaskError::PredLossShape { .. })));
-        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[5], &spec(0.5, 2), 0.5, &mut rng), Err(MaskError::LengthTooLong { .. })));
-        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4, 4], &spec(0.5, 2), 0.5, &mut rng), Err(MaskError::LengthsShape { .. })));
-        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.5, 2), 1.5, &mut rng), Err(MaskError::HardRatio(_))));
-        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.0, 2), 0.5, &mut rng), Err(MaskError::Spec(_))));
-        assert!(matches!(eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.5, 0), 0.5, &mut rng), Err(MaskError::Spec(_))));
+        assert!(matches!(
+            eh_mask(&[0.0; 5], 1, 4, &[4], &spec(0.5, 2), 0.5, &mut rng),
+            Err(MaskError::PredLossShape { .. })
+        ));
+        assert!(matches!(
+            eh_mask(&[0.0; 4], 1, 4, &[5], &spec(0.5, 2), 0.5, &mut rng),
+            Err(MaskError::LengthTooLong { .. })
+        ));
+        assert!(matches!(
+            eh_mask(&[0.0; 4], 1, 4, &[4, 4], &spec(0.5, 2), 0.5, &mut rng),
+            Err(MaskError::LengthsShape { .. })
+        ));
+        assert!(matches!(
+            eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.5, 2), 1.5, &mut rng),
+            Err(MaskError::HardRatio(_))
+        ));
+        assert!(matches!(
+            eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.0, 2), 0.5, &mut rng),
+            Err(MaskError::Spec(_))
+        ));
+        assert!(matches!(
+            eh_mask(&[0.0; 4], 1, 4, &[4], &spec(0.5, 0), 0.5, &mut rng),
+            Err(MaskError::Spec(_))
+        ));
     }
 
     #[test]
     fn curriculum_serializes_back() {
-        for c in [CurriculumChoice::Linear, CurriculumChoice::EpochClamped(EpochClamped { total_epochs: 9, jump_at: 0.5, jump_to: 0.6 }), CurriculumChoice::Constant(0.25)] {
+        for c in [
+            CurriculumChoice::Linear,
+            CurriculumChoice::EpochClamped(EpochClamped {
+                total_epochs: 9,
+                jump_at: 0.5,
+                jump_to: 0.6,
+            }),
+            CurriculumChoice::Constant(0.25),
+        ] {
             let v = serde_yaml::to_value(c).unwrap();
             assert_eq!(CurriculumChoice::from_value(v).unwrap(), c);
         }

@@ -37,11 +37,8 @@
 //! Randomness: one ChaCha8 stream per batch, seeded from the stage seed and the batch's `step`,
 //! so masks are reproducible and a resumed run draws the same masks without any saved state.
 
-use crate::items::{Masked, Taught};
-use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
+use pipeline::ParamError;
 use rand::Rng;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::de::Error as _;
 use serde::ser::SerializeMap;
@@ -118,7 +115,15 @@ pub struct MaskSpec {
 
 impl Default for MaskSpec {
     fn default() -> Self {
-        MaskSpec { mask_prob: 0.5, span: 5, unit: MaskUnit::Span, mask_dropout: 0.0, rounding: Rounding::PerBatch, mask_type: SpanShape::Static, mask_other: 0.0 }
+        MaskSpec {
+            mask_prob: 0.5,
+            span: 5,
+            unit: MaskUnit::Span,
+            mask_dropout: 0.0,
+            rounding: Rounding::PerBatch,
+            mask_type: SpanShape::Static,
+            mask_other: 0.0,
+        }
     }
 }
 
@@ -127,31 +132,59 @@ impl MaskSpec {
     pub fn check(&self) -> Vec<ParamError> {
         let mut e = Vec::new();
         if !(self.mask_prob > 0.0 && self.mask_prob <= 1.0) {
-            e.push(ParamError::new("mask_prob", format!("must be in (0, 1], got {}", self.mask_prob)));
+            e.push(ParamError::new(
+                "mask_prob",
+                format!("must be in (0, 1], got {}", self.mask_prob),
+            ));
         }
         if self.span == 0 {
             e.push(ParamError::new("span", "must be at least 1 frame"));
         }
         if !(self.mask_dropout >= 0.0 && self.mask_dropout < 1.0) {
-            e.push(ParamError::new("mask_dropout", format!("must be in [0, 1), got {}", self.mask_dropout)));
+            e.push(ParamError::new(
+                "mask_dropout",
+                format!("must be in [0, 1), got {}", self.mask_dropout),
+            ));
         }
         let other = self.mask_other;
         if !other.is_finite() {
-            e.push(ParamError::new("mask_other", format!("must be a finite number, got {other}")));
+            e.push(ParamError::new(
+                "mask_other",
+                format!("must be a finite number, got {other}"),
+            ));
             return e;
         }
         if self.unit == MaskUnit::Frame && self.mask_type != SpanShape::Static {
-            e.push(ParamError::new("mask_type", format!("{} span lengths need unit: span (unit: frame masks single frames)", self.mask_type.name())));
+            e.push(ParamError::new(
+                "mask_type",
+                format!(
+                    "{} span lengths need unit: span (unit: frame masks single frames)",
+                    self.mask_type.name()
+                ),
+            ));
         }
         match self.mask_type {
             SpanShape::Static | SpanShape::Poisson if other != 0.0 => {
-                e.push(ParamError::new("mask_other", format!("is not used by mask_type: {} (leave it at 0), got {other}", self.mask_type.name())));
+                e.push(ParamError::new(
+                    "mask_other",
+                    format!(
+                        "is not used by mask_type: {} (leave it at 0), got {other}",
+                        self.mask_type.name()
+                    ),
+                ));
             }
-            SpanShape::Uniform if !(other >= 0.0 && other.fract() == 0.0 && other <= 2.0 * self.span as f64) => {
+            SpanShape::Uniform
+                if !(other >= 0.0 && other.fract() == 0.0 && other <= 2.0 * self.span as f64) =>
+            {
                 e.push(ParamError::new("mask_other", format!("is the smallest span length of mask_type: uniform: a whole number in [0, 2·span = {}], got {other}", 2 * self.span)));
             }
             SpanShape::Normal if other < 0.0 => {
-                e.push(ParamError::new("mask_other", format!("is the standard deviation of mask_type: normal: must be ≥ 0, got {other}")));
+                e.push(ParamError::new(
+                    "mask_other",
+                    format!(
+                        "is the standard deviation of mask_type: normal: must be ≥ 0, got {other}"
+                    ),
+                ));
             }
             _ => {}
         }
@@ -188,11 +221,19 @@ pub struct MaskOut {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MaskError {
     #[error("pred_loss has {got} values, expected size × frames = {size} × {frames}")]
-    PredLossShape { got: usize, size: usize, frames: usize },
+    PredLossShape {
+        got: usize,
+        size: usize,
+        frames: usize,
+    },
     #[error("lengths has {got} entries for a batch of {size}")]
     LengthsShape { got: usize, size: usize },
     #[error("row {row} has {length} valid frames, more than the batch's {frames}")]
-    LengthTooLong { row: usize, length: usize, frames: usize },
+    LengthTooLong {
+        row: usize,
+        length: usize,
+        frames: usize,
+    },
     #[error("padding_mask disagrees with lengths in row {row} (padding must be the frames from lengths[row] on)")]
     PaddingMismatch { row: usize },
     #[error("hard ratio must be in [0, 1], got {0}")]
@@ -228,7 +269,13 @@ pub fn frame_counts(mask_prob: f64, n: usize, r: f64) -> (usize, usize) {
 /// Indices of the `k` largest values of `lp`, largest first; ties go to the earlier frame and
 /// NaN counts as the smallest.
 pub fn top_k(lp: &[f32], k: usize) -> Vec<usize> {
-    let key = |i: usize| if lp[i].is_nan() { f32::NEG_INFINITY } else { lp[i] };
+    let key = |i: usize| {
+        if lp[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            lp[i]
+        }
+    };
     let mut idx: Vec<usize> = (0..lp.len()).collect();
     idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     idx.truncate(k.min(lp.len()));
@@ -238,7 +285,10 @@ pub fn top_k(lp: &[f32], k: usize) -> Vec<usize> {
 /// `amount` distinct elements of `pool`, uniformly (`amount ≤ pool.len()`).
 fn choose<R: Rng + ?Sized>(rng: &mut R, pool: &[usize], amount: usize) -> Vec<usize> {
     let amount = amount.min(pool.len());
-    rand::seq::index::sample(rng, pool.len(), amount).into_iter().map(|i| pool[i]).collect()
+    rand::seq::index::sample(rng, pool.len(), amount)
+        .into_iter()
+        .map(|i| pool[i])
+        .collect()
 }
 
 /// One row before trimming: the covered frames (ascending) and which of them are hard.
@@ -254,7 +304,14 @@ struct Row {
 
 /// The lengths of `s` spans of mean `l` (method §8 span shape; fairseq `compute_mask_indices`).
 /// Static draws nothing, so the default consumes the random stream exactly as before.
-pub fn span_lengths<R: Rng + ?Sized>(shape: SpanShape, l: usize, other: f64, s: usize, n: usize, rng: &mut R) -> Vec<usize> {
+pub fn span_lengths<R: Rng + ?Sized>(
+    shape: SpanShape,
+    l: usize,
+    other: f64,
+    s: usize,
+    n: usize,
+    rng: &mut R,
+) -> Vec<usize> {
     let mut lengths: Vec<usize> = match shape {
         SpanShape::Static => return vec![l; s],
         SpanShape::Uniform => {
@@ -262,11 +319,15 @@ pub fn span_lengths<R: Rng + ?Sized>(shape: SpanShape, l: usize, other: f64, s: 
             (0..s).map(|_| rng.random_range(lo..=2 * l)).collect()
         }
         SpanShape::Normal => match rand_distr::Normal::new(l as f64, other.max(0.0)) {
-            Ok(d) => (0..s).map(|_| (rng.sample(d).round().max(1.0)) as usize).collect(),
+            Ok(d) => (0..s)
+                .map(|_| (rng.sample(d).round().max(1.0)) as usize)
+                .collect(),
             Err(_) => vec![l; s],
         },
         SpanShape::Poisson => match rand_distr::Poisson::new(l as f64) {
-            Ok(d) => (0..s).map(|_| rng.sample::<f64, _>(d).round().max(0.0) as usize).collect(),
+            Ok(d) => (0..s)
+                .map(|_| rng.sample::<f64, _>(d).round().max(0.0) as usize)
+                .collect(),
             Err(_) => vec![l; s],
         },
     };
@@ -283,7 +344,11 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
     let lengths = span_lengths(spec.mask_type, spec.span, spec.mask_other, s, n, rng);
     let l_min = lengths.iter().copied().min().unwrap_or(spec.span);
     // Random starts come from [0, range); the code widens it when the row is too short.
-    let range = if n > l_min && n - l_min > s { n - l_min } else { s + 1 };
+    let range = if n > l_min && n - l_min > s {
+        n - l_min
+    } else {
+        s + 1
+    };
     let s_hard = num_hard(s, r);
     let s_rand = s - s_hard;
     let hard_starts = top_k(lp, s_hard);
@@ -294,7 +359,10 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
     // S candidates, then S_rand of those that are not a hard start (only exact collisions are
     // avoided; |cand \ hard| ≥ S − S_hard = S_rand always).
     let cand = rand::seq::index::sample(rng, range, s).into_vec();
-    let pool: Vec<usize> = cand.into_iter().filter(|&c| !(c < n && is_hard_start[c])).collect();
+    let pool: Vec<usize> = cand
+        .into_iter()
+        .filter(|&c| !(c < n && is_hard_start[c]))
+        .collect();
     let mut rand_starts = choose(rng, &pool, s_rand);
     rand_starts.sort_unstable();
     let mut cover = vec![false; n];
@@ -315,7 +383,15 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
     let frames = (0..n).filter(|&t| cover[t]).collect();
     // S_rand ≤ the lengths left after the hard ones (fewer hard starts on a short row leave more).
     let (hard_lengths, rand_lengths) = (hard_len.to_vec(), rand_len[..rand_starts.len()].to_vec());
-    Row { frames, hard_cover, spans: s, hard_starts, rand_starts, hard_lengths, rand_lengths }
+    Row {
+        frames,
+        hard_cover,
+        spans: s,
+        hard_starts,
+        rand_starts,
+        hard_lengths,
+        rand_lengths,
+    }
 }
 
 /// Method §4.4 for one row: single frames, the top ones plus random others.
@@ -333,7 +409,15 @@ fn frame_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, rng: &mut R) 
     let mut frames: Vec<usize> = hard_starts.iter().chain(&rand_starts).copied().collect();
     frames.sort_unstable();
     let (hard_lengths, rand_lengths) = (vec![1; hard_starts.len()], vec![1; rand_starts.len()]);
-    Row { frames, hard_cover, spans: k_hard + k_rand, hard_starts, rand_starts, hard_lengths, rand_lengths }
+    Row {
+        frames,
+        hard_cover,
+        spans: k_hard + k_rand,
+        hard_starts,
+        rand_starts,
+        hard_lengths,
+        rand_lengths,
+    }
 }
 
 /// Draws the mask of one batch (method §4.1, or §4.4 with `unit: frame`).
@@ -341,23 +425,46 @@ fn frame_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, rng: &mut R) 
 /// `pred_loss` is `size × frames` row-major; row `b` has `lengths[b]` valid frames at its start
 /// (the rest is padding and is never masked). `r` is the hard ratio in [0, 1]. The draws come
 /// from `rng` only, in a fixed order, so the same stream gives the same mask.
-pub fn eh_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, lengths: &[usize], spec: &MaskSpec, r: f64, rng: &mut R) -> Result<MaskOut, MaskError> {
+pub fn eh_mask<R: Rng + ?Sized>(
+    pred_loss: &[f32],
+    size: usize,
+    frames: usize,
+    lengths: &[usize],
+    spec: &MaskSpec,
+    r: f64,
+    rng: &mut R,
+) -> Result<MaskOut, MaskError> {
     let problems = spec.check();
     if !problems.is_empty() {
-        let msg = problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect::<Vec<_>>().join("; ");
+        let msg = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; ");
         return Err(MaskError::Spec(msg));
     }
     if !(0.0..=1.0).contains(&r) {
         return Err(MaskError::HardRatio(r));
     }
     if Some(pred_loss.len()) != size.checked_mul(frames) {
-        return Err(MaskError::PredLossShape { got: pred_loss.len(), size, frames });
+        return Err(MaskError::PredLossShape {
+            got: pred_loss.len(),
+            size,
+            frames,
+        });
     }
     if lengths.len() != size {
-        return Err(MaskError::LengthsShape { got: lengths.len(), size });
+        return Err(MaskError::LengthsShape {
+            got: lengths.len(),
+            size,
+        });
     }
     if let Some(row) = lengths.iter().position(|&n| n > frames) {
-        return Err(MaskError::LengthTooLong { row, length: lengths[row], frames });
+        return Err(MaskError::LengthTooLong {
+            row,
+            length: lengths[row],
+            frames,
+        });
     }
 
     let batch_u: f64 = match (spec.unit, spec.rounding) {
@@ -369,7 +476,11 @@ pub fn eh_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, l
         let lp = &pred_loss[b * frames..b * frames + n];
         let row = match spec.unit {
             MaskUnit::Span => {
-                let u = if spec.rounding == Rounding::PerRow { rng.random() } else { batch_u };
+                let u = if spec.rounding == Rounding::PerRow {
+                    rng.random()
+                } else {
+                    batch_u
+                };
                 span_row(lp, spec, r, u, rng)
             }
             MaskUnit::Frame => frame_row(lp, spec, r, rng),
@@ -386,7 +497,11 @@ pub fn eh_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, l
     let mut hard = vec![false; size * frames];
     let covered = rows.iter().map(|r| r.frames.len()).collect();
     for (b, row) in rows.iter().enumerate() {
-        let mut kept = if row.frames.len() > m { choose(rng, &row.frames, m) } else { row.frames.clone() };
+        let mut kept = if row.frames.len() > m {
+            choose(rng, &row.frames, m)
+        } else {
+            row.frames.clone()
+        };
         if keep < kept.len() {
             kept = choose(rng, &kept, keep);
         }
@@ -410,13 +525,51 @@ pub fn eh_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, l
 }
 
 /// [`eh_mask`] with `unit: span` (method §4.1), whatever `spec.unit` says.
-pub fn span_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, lengths: &[usize], spec: &MaskSpec, r: f64, rng: &mut R) -> Result<MaskOut, MaskError> {
-    eh_mask(pred_loss, size, frames, lengths, &MaskSpec { unit: MaskUnit::Span, ..*spec }, r, rng)
+pub fn span_mask<R: Rng + ?Sized>(
+    pred_loss: &[f32],
+    size: usize,
+    frames: usize,
+    lengths: &[usize],
+    spec: &MaskSpec,
+    r: f64,
+    rng: &mut R,
+) -> Result<MaskOut, MaskError> {
+    eh_mask(
+        pred_loss,
+        size,
+        frames,
+        lengths,
+        &MaskSpec {
+            unit: MaskUnit::Span,
+            ..*spec
+        },
+        r,
+        rng,
+    )
 }
 
 /// [`eh_mask`] with `unit: frame` (method §4.4), whatever `spec.unit` says.
-pub fn frame_mask<R: Rng + ?Sized>(pred_loss: &[f32], size: usize, frames: usize, lengths: &[usize], spec: &MaskSpec, r: f64, rng: &mut R) -> Result<MaskOut, MaskError> {
-    eh_mask(pred_loss, size, frames, lengths, &MaskSpec { unit: MaskUnit::Frame, ..*spec }, r, rng)
+pub fn frame_mask<R: Rng + ?Sized>(
+    pred_loss: &[f32],
+    size: usize,
+    frames: usize,
+    lengths: &[usize],
+    spec: &MaskSpec,
+    r: f64,
+    rng: &mut R,
+) -> Result<MaskOut, MaskError> {
+    eh_mask(
+        pred_loss,
+        size,
+        frames,
+        lengths,
+        &MaskSpec {
+            unit: MaskUnit::Frame,
+            ..*spec
+        },
+        r,
+        rng,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,7 +582,11 @@ pub enum Curriculum {
     /// `r(t) = min(1, t / ramp_updates) · r_max` (paper §3.2.3; the recommended default).
     Linear { ramp_updates: u64, r_max: f64 },
     /// `r = e / total_epochs` with `e` the 1-based epoch; `jump_to` once `r ≥ jump_at` (the code).
-    EpochClamped { total_epochs: u32, jump_at: f64, jump_to: f64 },
+    EpochClamped {
+        total_epochs: u32,
+        jump_at: f64,
+        jump_to: f64,
+    },
     /// A fixed `r` (ablations; `mask.random` is 0, `mask.hard` is 1).
     Constant { r: f64 },
 }
@@ -438,11 +595,22 @@ pub enum Curriculum {
 /// (method §4.2). Always in [0, 1].
 pub fn hard_ratio(c: &Curriculum, step: u64, epoch: u32) -> f64 {
     let r = match *c {
-        Curriculum::Linear { ramp_updates, r_max } => {
-            let ramp = if ramp_updates == 0 { 1.0 } else { (step as f64 / ramp_updates as f64).min(1.0) };
+        Curriculum::Linear {
+            ramp_updates,
+            r_max,
+        } => {
+            let ramp = if ramp_updates == 0 {
+                1.0
+            } else {
+                (step as f64 / ramp_updates as f64).min(1.0)
+            };
             ramp * r_max
         }
-        Curriculum::EpochClamped { total_epochs, jump_at, jump_to } => {
+        Curriculum::EpochClamped {
+            total_epochs,
+            jump_at,
+            jump_to,
+        } => {
             // ehmam: data_utils.py: keep_ratio = (current_epoch + 1) / total_epoch; ≥ 0.7 → 0.8.
             // Capped at 1 first, so that `jump_at` above 1 means "never jump".
             let r = ((epoch as f64 + 1.0) / total_epochs.max(1) as f64).min(1.0);
@@ -474,7 +642,11 @@ pub struct EpochClamped {
 
 impl Default for EpochClamped {
     fn default() -> Self {
-        EpochClamped { total_epochs: 150, jump_at: 0.7, jump_to: 0.8 }
+        EpochClamped {
+            total_epochs: 150,
+            jump_at: 0.7,
+            jump_to: 0.8,
+        }
     }
 }
 
@@ -535,18 +707,30 @@ impl CurriculumChoice {
             }
             _ => return Err(format!("expected a curriculum name ({CURRICULA}), or a mapping such as {{constant: {{r: 0.5}}}}")),
         };
-        let empty = matches!(&args, Value::Null) || matches!(&args, Value::Mapping(m) if m.is_empty());
+        let empty =
+            matches!(&args, Value::Null) || matches!(&args, Value::Mapping(m) if m.is_empty());
         match name.as_str() {
             "linear" if empty => Ok(CurriculumChoice::Linear),
-            "linear" => Err("linear takes no settings here: set `ramp_updates` and `r_max` on the stage".into()),
+            "linear" => Err(
+                "linear takes no settings here: set `ramp_updates` and `r_max` on the stage".into(),
+            ),
             "epoch_clamped" if empty => Ok(CurriculumChoice::EpochClamped(EpochClamped::default())),
-            "epoch_clamped" => serde_yaml::from_value::<EpochClamped>(args).map(CurriculumChoice::EpochClamped).map_err(|e| format!("epoch_clamped: {}", clean(&e.to_string()))),
+            "epoch_clamped" => serde_yaml::from_value::<EpochClamped>(args)
+                .map(CurriculumChoice::EpochClamped)
+                .map_err(|e| format!("epoch_clamped: {}", clean(&e.to_string()))),
             "constant" => match args {
-                Value::Number(n) => n.as_f64().map(CurriculumChoice::Constant).ok_or_else(|| "constant: r must be a number".to_string()),
+                Value::Number(n) => n
+                    .as_f64()
+                    .map(CurriculumChoice::Constant)
+                    .ok_or_else(|| "constant: r must be a number".to_string()),
                 Value::Null => Err("constant needs its ratio: write {constant: {r: 0.5}}".into()),
-                a => serde_yaml::from_value::<ConstantArgs>(a).map(|c| CurriculumChoice::Constant(c.r)).map_err(|e| format!("constant: {}", clean(&e.to_string()))),
+                a => serde_yaml::from_value::<ConstantArgs>(a)
+                    .map(|c| CurriculumChoice::Constant(c.r))
+                    .map_err(|e| format!("constant: {}", clean(&e.to_string()))),
             },
-            other => Err(format!("unknown curriculum `{other}`; expected {CURRICULA}")),
+            other => Err(format!(
+                "unknown curriculum `{other}`; expected {CURRICULA}"
+            )),
         }
     }
 }

@@ -28,7 +28,9 @@ pub fn device(name: &str) -> Result<Device, String> {
         return Ok(Device::Cpu);
     }
     if let Some(n) = name.strip_prefix("cuda:") {
-        let n: usize = n.parse().map_err(|_| format!("`{name}`: expected cuda:N with N a GPU index"))?;
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("`{name}`: expected cuda:N with N a GPU index"))?;
         return Device::new_cuda(n).map_err(|e| format!("cannot open {name}: {e}"));
     }
     Err(format!("unknown device `{name}` (cpu or cuda:N)"))
@@ -38,17 +40,26 @@ pub fn device(name: &str) -> Result<Device, String> {
 pub fn validate_model(ctx: &StageContext) -> Vec<ParamError> {
     let mut e = Vec::new();
     if let Err(errs) = ModelConfig::from_spec(ctx.model.as_ref()) {
-        e.extend(errs.into_iter().map(|(p, m)| ParamError::new(format!("/{p}"), m)));
+        e.extend(
+            errs.into_iter()
+                .map(|(p, m)| ParamError::new(format!("/{p}"), m)),
+        );
     }
     // Unknown device names are the spec's own check (`device`); not repeated here.
     e
 }
 
 pub fn model_config(ctx: &StageContext) -> Result<ModelConfig, StageError> {
-    ModelConfig::from_spec(ctx.model.as_ref()).map_err(|e| StageError::failed(e.into_iter().map(|(p, m)| format!("{p}: {m}")).collect::<Vec<_>>().join("; ")))
+    ModelConfig::from_spec(ctx.model.as_ref()).map_err(|e| {
+        StageError::failed(
+            e.into_iter()
+                .map(|(p, m)| format!("{p}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })
 }
 
 pub fn stage_err(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
     move |e| StageError::failed(format!("{what}: {e}"))
 }
-

@@ -7,11 +7,11 @@
 //! the same spec continues from the last one.
 
 use crate::items::DataPosition;
-use crate::model::losses::{self, AuxNorm, RankForm};
-use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
-use crate::model::optim::{lr_at, tau_at, AdamW};
-use crate::train::{self, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
 use crate::items::{FrameRecord, Masked, StepRecord};
+use crate::model::losses::{self, AuxNorm, RankForm};
+use crate::model::optim::{lr_at, tau_at, AdamW};
+use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
+use crate::train::{self, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
 use candle_core::{DType, Device, Tensor, Var, D};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
@@ -124,36 +124,57 @@ impl Params for StudentParams {
             e.push(ParamError::new("max_steps", "must be at least 1"));
         }
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
-            e.push(ParamError::new("alpha", format!("must be ≥ 0, got {}", self.alpha)));
+            e.push(ParamError::new(
+                "alpha",
+                format!("must be ≥ 0, got {}", self.alpha),
+            ));
         }
         if !(self.loss_beta >= 0.0 && self.loss_beta.is_finite()) {
-            e.push(ParamError::new("loss_beta", format!("must be ≥ 0 (0 = MSE), got {}", self.loss_beta)));
+            e.push(ParamError::new(
+                "loss_beta",
+                format!("must be ≥ 0 (0 = MSE), got {}", self.loss_beta),
+            ));
         }
         if let Some(s) = self.loss_scale {
             if !(s > 0.0 && s.is_finite()) {
-                e.push(ParamError::new("loss_scale", format!("must be > 0 (or null for 1/√D), got {s}")));
+                e.push(ParamError::new(
+                    "loss_scale",
+                    format!("must be > 0 (or null for 1/√D), got {s}"),
+                ));
             }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            e.push(ParamError::new("lr", format!("must be > 0, got {}", self.lr)));
+            e.push(ParamError::new(
+                "lr",
+                format!("must be > 0, got {}", self.lr),
+            ));
         }
         for (i, b) in self.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
-                e.push(ParamError::new(format!("betas.{i}"), format!("must be in [0, 1), got {b}")));
+                e.push(ParamError::new(
+                    format!("betas.{i}"),
+                    format!("must be in [0, 1), got {b}"),
+                ));
             }
         }
         if !(self.adam_eps > 0.0) {
             e.push(ParamError::new("adam_eps", "must be > 0"));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay < 1.0) {
-            e.push(ParamError::new("weight_decay", format!("must be in [0, 1), got {}", self.weight_decay)));
+            e.push(ParamError::new(
+                "weight_decay",
+                format!("must be in [0, 1), got {}", self.weight_decay),
+            ));
         }
         for (n, t) in [("tau0", self.tau0), ("tau_end", self.tau_end)] {
             if !(0.0..=1.0).contains(&t) {
                 e.push(ParamError::new(n, format!("must be in [0, 1], got {t}")));
             }
         }
-        if let (Some(w), s) = (self.warmup_steps, self.schedule_steps.unwrap_or(self.max_steps)) {
+        if let (Some(w), s) = (
+            self.warmup_steps,
+            self.schedule_steps.unwrap_or(self.max_steps),
+        ) {
             if w >= s && w > 0 {
                 e.push(ParamError::new("warmup_steps", format!("{w} leaves no decay in a schedule of {s} updates (warm-up must be shorter)")));
             }
@@ -192,7 +213,13 @@ fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 
 impl Student {
     /// A fresh student (teacher = exact copy) from `seed`, in `dtype` (f32; f64 for checks).
-    pub fn new(p: StudentParams, cfg: ModelConfig, device: Device, seed: u64, dtype: DType) -> candle_core::Result<Self> {
+    pub fn new(
+        p: StudentParams,
+        cfg: ModelConfig,
+        device: Device,
+        seed: u64,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
         let w = model::init_weights(&cfg, crate::seed::model_init(seed), &device, dtype)?;
         let mut vars = BTreeMap::new();
         let mut teacher = Weights::new();
@@ -202,13 +229,34 @@ impl Student {
             }
             vars.insert(k, Var::from_tensor(&t)?);
         }
-        let adam = AdamW::new(p.betas[0], p.betas[1], p.adam_eps, p.weight_decay, p.exempt_1d);
-        Ok(Student { p, cfg, device, vars, teacher, adam, step: 0, seed, position: None, epoch: 0, frame_rate: None })
+        let adam = AdamW::new(
+            p.betas[0],
+            p.betas[1],
+            p.adam_eps,
+            p.weight_decay,
+            p.exempt_1d,
+        );
+        Ok(Student {
+            p,
+            cfg,
+            device,
+            vars,
+            teacher,
+            adam,
+            step: 0,
+            seed,
+            position: None,
+            epoch: 0,
+            frame_rate: None,
+        })
     }
 
     /// Current student weights (variables: gradients flow through them).
     pub fn weights(&self) -> Weights {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// What the teacher needs: EMA parameters plus a copy of the student's front-end.
@@ -219,7 +267,10 @@ impl Student {
                 w.insert(k.clone(), v.as_tensor().copy()?.detach());
             }
         }
-        Ok(TeacherWeights { version: self.step, weights: w })
+        Ok(TeacherWeights {
+            version: self.step,
+            weights: w,
+        })
     }
 
     pub fn schedule_steps(&self) -> u64 {
@@ -243,15 +294,25 @@ impl Student {
             candle_core::bail!("batch {}: {mm} masked frames of {t} per row; the student needs some hidden and some visible", b.step);
         }
         if m.mask.len() != n * t {
-            candle_core::bail!("batch {}: mask has {} entries for {n}×{t} frames", b.step, m.mask.len());
+            candle_core::bail!(
+                "batch {}: mask has {} entries for {n}×{t} frames",
+                b.step,
+                m.mask.len()
+            );
         }
         let w = self.weights();
         let model = Model::new(&self.cfg, &w);
         let dtype = self.vars.values().next().map_or(DType::F32, |v| v.dtype());
-        let x = Tensor::from_slice(&b.data, (n, b.frames, f), &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?;
+        let x = Tensor::from_slice(&b.data, (n, b.frames, f), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&self.device)?;
         let z = model.frontend(&x)?;
         if z.dim(1)? != t {
-            candle_core::bail!("batch {}: the front-end gives {} frames, the teacher {t}", b.step, z.dim(1)?);
+            candle_core::bail!(
+                "batch {}: the front-end gives {} frames, the teacher {t}",
+                b.step,
+                z.dim(1)?
+            );
         }
         let (h, positions) = model.student_encoder(&z, &m.mask, &mut Some(noise))?;
         let p_drop = self.cfg.head_input_dropout;
@@ -259,14 +320,25 @@ impl Student {
         let dec_in = model.fill(&h, &positions, t, dec_dropped.clone(), noise)?;
         let yhat = model.head("decoder", &dec_in, &self.cfg.decoder, false)?;
         // Masked positions, row by row in time order.
-        let idx: Vec<u32> = (0..n).flat_map(|r| (0..t).filter(move |&i| m.mask[r * t + i]).map(move |i| (r * t + i) as u32)).collect();
+        let idx: Vec<u32> = (0..n)
+            .flat_map(|r| {
+                (0..t)
+                    .filter(move |&i| m.mask[r * t + i])
+                    .map(move |i| (r * t + i) as u32)
+            })
+            .collect();
         if idx.len() != n * mm {
             candle_core::bail!("batch {}: rows do not all hide {mm} frames", b.step);
         }
         let idx = Tensor::from_vec(idx, n * mm, &self.device)?;
-        let y = Tensor::from_slice(m.taught.targets.as_slice(), (n * t, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?;
+        let y = Tensor::from_slice(m.taught.targets.as_slice(), (n * t, d), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&self.device)?;
         let y_m = y.index_select(&idx, 0)?.reshape((n, mm, d))?;
-        let yhat_m = yhat.reshape((n * t, d))?.index_select(&idx, 0)?.reshape((n, mm, d))?;
+        let yhat_m = yhat
+            .reshape((n * t, d))?
+            .index_select(&idx, 0)?
+            .reshape((n, mm, d))?;
         let ell = losses::recon_per_frame_with(&yhat_m, &y_m, self.p.loss_beta, self.p.loss_scale)?;
         let ell_host = values(&ell)?;
         let count = (n * mm) as f64;
@@ -275,10 +347,19 @@ impl Student {
         let (loss, aux) = if self.p.alpha > 0.0 {
             // §1.6: an independent dropout per head; the code's quirk (in-place dropout) sends
             // the decoder's dropped `h` through the predictor's dropout again.
-            let h2 = if self.cfg.pred_double_dropout { noise.dropout(&dec_dropped, p_drop)? } else { noise.dropout(&h, p_drop)? };
+            let h2 = if self.cfg.pred_double_dropout {
+                noise.dropout(&dec_dropped, p_drop)?
+            } else {
+                noise.dropout(&h, p_drop)?
+            };
             let pred_in = model.fill(&h, &positions, t, h2, noise)?;
-            let p_all = model.head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?.mean(D::Minus1)?;
-            let p_m = p_all.reshape(n * t)?.index_select(&idx, 0)?.reshape((n, mm))?;
+            let p_all = model
+                .head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?
+                .mean(D::Minus1)?;
+            let p_m = p_all
+                .reshape(n * t)?
+                .index_select(&idx, 0)?
+                .reshape((n, mm))?;
             let (raw, pairs) = match self.p.aux_loss {
                 AuxLoss::Ranking => losses::ranking_loss(&p_m, &ell_host, self.p.rank_form)?,
                 AuxLoss::ZscoreMse => losses::zscore_mse_loss(&p_m, &ell_host)?,
@@ -298,7 +379,17 @@ impl Student {
             let zero = Tensor::zeros((), dtype, &self.device)?;
             ((&rec_sum / count)?, zero)
         };
-        Ok(LossParts { loss, rec: (rec_sum / count)?, aux, ell: ell_host, y_m, yhat_m, pred, mm, t })
+        Ok(LossParts {
+            loss,
+            rec: (rec_sum / count)?,
+            aux,
+            ell: ell_host,
+            y_m,
+            yhat_m,
+            pred,
+            mm,
+            t,
+        })
     }
 
     /// One update on a masked batch.
@@ -308,7 +399,12 @@ impl Student {
         let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
         let parts = self.loss(m, &mut noise)?;
         let grads = parts.loss.backward()?;
-        let lr = lr_at(self.step, self.p.lr, self.warmup_steps(), self.schedule_steps());
+        let lr = lr_at(
+            self.step,
+            self.p.lr,
+            self.warmup_steps(),
+            self.schedule_steps(),
+        );
         self.adam.step(&self.vars, &grads, lr)?;
         self.step += 1;
         // EMA (§3) with τ(t+1).
@@ -337,7 +433,10 @@ impl Student {
             }
         }
         let (student_pred, rank_agreement) = match &parts.pred {
-            Some((p_all, p_m)) => (values(p_all)?, losses::rank_agreement(&values(p_m)?, &parts.ell, mm)),
+            Some((p_all, p_m)) => (
+                values(p_all)?,
+                losses::rank_agreement(&values(p_m)?, &parts.ell, mm),
+            ),
             None => (vec![f32::NAN; n * t], f64::NAN),
         };
         let teacher_rank_agreement = losses::rank_agreement(&teacher_m, &parts.ell, mm);
@@ -350,7 +449,10 @@ impl Student {
             }
         }
         if !loss.is_finite() {
-            candle_core::bail!("step {}: the loss is {loss} (diverged); lower lr", self.step - 1);
+            candle_core::bail!(
+                "step {}: the loss is {loss} (diverged); lower lr",
+                self.step - 1
+            );
         }
         let record = StepRecord {
             step: b.step,
@@ -427,16 +529,25 @@ impl Student {
     }
 
     /// Restores the state of a checkpoint.
-    pub fn restore(&mut self, meta: &CheckpointMeta, tensors: &BTreeMap<String, Tensor>) -> Result<(), String> {
+    pub fn restore(
+        &mut self,
+        meta: &CheckpointMeta,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<(), String> {
         if meta.model != self.cfg {
             return Err("the checkpoint was written for another model: block (remove the run's checkpoints/ directory, or set student.with.resume: false)".into());
         }
         for (k, v) in &self.vars {
-            let t = tensors.get(&format!("student.{k}")).ok_or_else(|| format!("checkpoint lacks student.{k}"))?;
+            let t = tensors
+                .get(&format!("student.{k}"))
+                .ok_or_else(|| format!("checkpoint lacks student.{k}"))?;
             v.set(t).map_err(|e| format!("student.{k}: {e}"))?;
         }
         for (k, v) in self.teacher.iter_mut() {
-            *v = tensors.get(&format!("teacher.{k}")).ok_or_else(|| format!("checkpoint lacks teacher.{k}"))?.clone();
+            *v = tensors
+                .get(&format!("teacher.{k}"))
+                .ok_or_else(|| format!("checkpoint lacks teacher.{k}"))?
+                .clone();
         }
         self.adam.m.clear();
         self.adam.v.clear();
@@ -488,28 +599,50 @@ impl StageDef for StudentStage {
     const DOC: &'static str = "Updates the student on masked batches (L = L_rec + α·L_aux), keeps the EMA teacher and publishes\nits weights by version, logs steps and frames, and checkpoints (resumes from the run's last one).";
 
     fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<Masked>("in", "masked batches (any mask.* stage)")]
+        vec![Port::cloneable::<Masked>(
+            "in",
+            "masked batches (any mask.* stage)",
+        )]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<StepRecord>("steps", "one record per update (log.steps)"), Port::cloneable::<FrameRecord>("frames", "frame-level view of each update (log.frames)")]
+        vec![
+            Port::cloneable::<StepRecord>("steps", "one record per update (log.steps)"),
+            Port::cloneable::<FrameRecord>(
+                "frames",
+                "frame-level view of each update (log.frames)",
+            ),
+        ]
     }
     fn validate(p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
         let mut e = train::validate_model(ctx);
         if p.resume {
             if let Err(err) = train::latest_checkpoint(&ctx.run_dir) {
-                e.push(ParamError::new("resume", format!("{err} (set resume: false to start afresh)")));
+                e.push(ParamError::new(
+                    "resume",
+                    format!("{err} (set resume: false to start afresh)"),
+                ));
             }
         }
         e
     }
-    fn link(p: &StudentParams, ctx: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+    fn link(
+        p: &StudentParams,
+        ctx: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
         let mut e = Vec::new();
         let mut provide = |r: Result<(), String>| {
             if let Err(other) = r {
-                e.push(ParamError::new("", format!("stage `{other}` is a student too: one spec trains one student")));
+                e.push(ParamError::new(
+                    "",
+                    format!("stage `{other}` is a student too: one spec trains one student"),
+                ));
             }
         };
-        provide(linker.provide(&train::TOTAL_UPDATES, p.schedule_steps.unwrap_or(p.max_steps)));
+        provide(linker.provide(
+            &train::TOTAL_UPDATES,
+            p.schedule_steps.unwrap_or(p.max_steps),
+        ));
         provide(linker.provide(&train::TEACHER_WEIGHTS, Arc::new(WeightCell::default())));
         if let Some(pos) = resume_position(p, ctx) {
             provide(crate::stream::provide_resume(linker, pos));
@@ -519,14 +652,21 @@ impl StageDef for StudentStage {
     fn create(p: &StudentParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let cfg = train::model_config(ctx)?;
         let device = train::device(&ctx.device).map_err(StageError::failed)?;
-        let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32).map_err(stage_err("student: building the model"))?;
+        let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32)
+            .map_err(stage_err("student: building the model"))?;
         let mut resumed_at = None;
         let mut resumed_from = None;
         if p.resume {
             if let Some((meta, path)) = train::latest_checkpoint(&ctx.run_dir)? {
                 let tensors = train::load_tensors(&path, &device)?;
-                student.restore(&meta, &tensors).map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
-                resumed_from = Some(format!("resuming from {} (step {})", path.display(), meta.step));
+                student
+                    .restore(&meta, &tensors)
+                    .map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
+                resumed_from = Some(format!(
+                    "resuming from {} (step {})",
+                    path.display(),
+                    meta.step
+                ));
                 resumed_at = meta.position.map(|p| p.after());
             }
         }
@@ -538,8 +678,15 @@ impl StageDef for StudentStage {
                 ctx.run_dir.join("checkpoints").display()
             )));
         }
-        let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| StageError::failed("internal: the student's weight cell was not linked"))?;
-        Ok(StudentStage { student, cell: (*cell).clone(), run_dir: ctx.run_dir.clone(), resumed_from })
+        let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| {
+            StageError::failed("internal: the student's weight cell was not linked")
+        })?;
+        Ok(StudentStage {
+            student,
+            cell: (*cell).clone(),
+            run_dir: ctx.run_dir.clone(),
+            resumed_from,
+        })
     }
 }
 
@@ -555,7 +702,12 @@ fn resume_position(p: &StudentParams, ctx: &StageContext) -> Option<crate::items
 impl StudentStage {
     fn checkpoint(&self) -> Result<(), StageError> {
         let s = &self.student;
-        train::save_checkpoint(&self.run_dir, &s.checkpoint_meta(), &s.checkpoint_tensors(), s.p.keep_checkpoints)?;
+        train::save_checkpoint(
+            &self.run_dir,
+            &s.checkpoint_meta(),
+            &s.checkpoint_tensors(),
+            s.p.keep_checkpoints,
+        )?;
         Ok(())
     }
 }
@@ -568,10 +720,17 @@ impl Stage for StudentStage {
         }
         let max = self.student.p.max_steps;
         if self.student.step >= max {
-            io.note(format!("already at step {} of max_steps {}; nothing to train", self.student.step, max));
+            io.note(format!(
+                "already at step {} of max_steps {}; nothing to train",
+                self.student.step, max
+            ));
             return Ok(());
         }
-        self.cell.publish(self.student.teacher_weights().map_err(stage_err("student"))?);
+        self.cell.publish(
+            self.student
+                .teacher_weights()
+                .map_err(stage_err("student"))?,
+        );
         io.progress().set_length(max, "steps");
         io.progress().inc(self.student.step);
         let mut last_saved = self.student.step;
@@ -580,13 +739,23 @@ impl Stage for StudentStage {
             if step < self.student.step {
                 continue;
             }
-            let out = self.student.train_step(&m).map_err(|e| StageError::failed(format!("update {step}: {e}")))?;
+            let out = self
+                .student
+                .train_step(&m)
+                .map_err(|e| StageError::failed(format!("update {step}: {e}")))?;
             // The teacher may be waiting for these weights.
-            self.cell.publish(self.student.teacher_weights().map_err(stage_err("student"))?);
+            self.cell.publish(
+                self.student
+                    .teacher_weights()
+                    .map_err(stage_err("student"))?,
+            );
             io.progress().inc(1);
             let r = &out.record;
             let s = &self.student.p;
-            if s.stop_on_collapse && self.student.step > s.health_after && (r.target_std < s.min_target_std || r.pred_std < s.min_pred_std) {
+            if s.stop_on_collapse
+                && self.student.step > s.health_after
+                && (r.target_std < s.min_target_std || r.pred_std < s.min_pred_std)
+            {
                 self.checkpoint()?;
                 return Err(StageError::failed(format!(
                     "update {step}: collapse guard: target_std {:.4} (min {}), pred_std {:.4} (min {})",

@@ -5,9 +5,9 @@
 //! FFN outputs of the top-K blocks, averaged) and the teacher's loss predictor on the targets.
 
 use crate::items::Batch;
+use crate::items::Taught;
 use crate::model::{Model, ModelConfig};
 use crate::train::{self, stage_err, Wait, WeightCell};
-use crate::items::Taught;
 use candle_core::{DType, Device, Tensor};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
@@ -26,7 +26,10 @@ pub struct TeacherParams {
 impl Params for TeacherParams {
     fn check(&self) -> Vec<ParamError> {
         if self.staleness > 1 {
-            vec![ParamError::new("staleness", format!("must be 0 or 1, got {}", self.staleness))]
+            vec![ParamError::new(
+                "staleness",
+                format!("must be 0 or 1, got {}", self.staleness),
+            )]
         } else {
             Vec::new()
         }
@@ -46,10 +49,16 @@ impl StageDef for TeacherStage {
     const DOC: &'static str = "The EMA teacher (model: block): targets and predicted per-frame losses for each batch, on the\nweights the student publishes after every update.";
 
     fn inputs() -> Vec<Port> {
-        vec![Port::cloneable::<Batch>("in", "batches of features (fbank or waveform, per model.frontend)")]
+        vec![Port::cloneable::<Batch>(
+            "in",
+            "batches of features (fbank or waveform, per model.frontend)",
+        )]
     }
     fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Taught>("out", "batches with targets and the teacher's predicted losses")]
+        vec![Port::cloneable::<Taught>(
+            "out",
+            "batches with targets and the teacher's predicted losses",
+        )]
     }
     fn validate(_p: &TeacherParams, ctx: &StageContext) -> Vec<ParamError> {
         train::validate_model(ctx)
@@ -61,13 +70,27 @@ impl StageDef for TeacherStage {
     fn create(p: &TeacherParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let cfg = train::model_config(ctx)?;
         let device = train::device(&ctx.device).map_err(StageError::failed)?;
-        let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| StageError::failed("the teacher needs a `student` stage in the same spec (it publishes the weights)"))?;
-        Ok(TeacherStage { p: p.clone(), cfg, device, cell: (*cell).clone() })
+        let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| {
+            StageError::failed(
+                "the teacher needs a `student` stage in the same spec (it publishes the weights)",
+            )
+        })?;
+        Ok(TeacherStage {
+            p: p.clone(),
+            cfg,
+            device,
+            cell: (*cell).clone(),
+        })
     }
 }
 
 /// Runs the teacher on one batch with the given weights.
-pub fn teach(cfg: &ModelConfig, w: &crate::model::Weights, batch: &Batch, device: &Device) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
+pub fn teach(
+    cfg: &ModelConfig,
+    w: &crate::model::Weights,
+    batch: &Batch,
+    device: &Device,
+) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
     if batch.padding_mask.is_some() {
         return Err(StageError::failed(format!("batch {}: padded batches (batch.by_duration crop: pad) cannot be trained on; use crop: shortest (the data2vec 2.0 recipe)", batch.step)));
     }
@@ -82,15 +105,37 @@ pub fn teach(cfg: &ModelConfig, w: &crate::model::Weights, batch: &Batch, device
     }
     let t = cfg.frames_for(batch.frames);
     if t < 2 {
-        return Err(StageError::failed(format!("batch {}: {} input frames give {t} model frames; raise min_utt_seconds", batch.step, batch.frames)));
+        return Err(StageError::failed(format!(
+            "batch {}: {} input frames give {t} model frames; raise min_utt_seconds",
+            batch.step, batch.frames
+        )));
     }
     let e = stage_err("teacher");
-    let x = Tensor::from_slice(&batch.data, (batch.size(), batch.frames, batch.dim), &Device::Cpu).map_err(&e)?.to_device(device).map_err(&e)?;
+    let x = Tensor::from_slice(
+        &batch.data,
+        (batch.size(), batch.frames, batch.dim),
+        &Device::Cpu,
+    )
+    .map_err(&e)?
+    .to_device(device)
+    .map_err(&e)?;
     let m = Model::new(cfg, w);
     let z = m.frontend(&x).map_err(&e)?.detach();
     let out = m.teacher(&z).map_err(&e)?;
-    let targets = out.targets.to_dtype(DType::F32).map_err(&e)?.flatten_all().map_err(&e)?.to_vec1::<f32>().map_err(&e)?;
-    let pred = out.pred_loss.flatten_all().map_err(&e)?.to_vec1::<f32>().map_err(&e)?;
+    let targets = out
+        .targets
+        .to_dtype(DType::F32)
+        .map_err(&e)?
+        .flatten_all()
+        .map_err(&e)?
+        .to_vec1::<f32>()
+        .map_err(&e)?;
+    let pred = out
+        .pred_loss
+        .flatten_all()
+        .map_err(&e)?
+        .to_vec1::<f32>()
+        .map_err(&e)?;
     Ok((targets, cfg.encoder.dim, pred, t))
 }
 
@@ -116,7 +161,14 @@ impl Stage for TeacherStage {
                 Wait::Closed => return Ok(()),
             };
             let (targets, dim, pred, t) = teach(&self.cfg, &w.weights, &batch, &self.device)?;
-            let taught = Taught { batch, targets: Arc::new(targets), target_dim: dim, frames: t, pred_loss: pred, teacher_version: w.version };
+            let taught = Taught {
+                batch,
+                targets: Arc::new(targets),
+                target_dim: dim,
+                frames: t,
+                pred_loss: pred,
+                teacher_version: w.version,
+            };
             match io.send(0, taught) {
                 Ok(()) => {}
                 Err(StageError::Closed) => return Ok(()),

@@ -2,13 +2,9 @@
 //! student publishes new EMA teacher weights (architecture: "a shared, versioned cell"), devices,
 //! the model block's validation, and checkpoints (safetensors plus a JSON sidecar).
 
-use crate::items::DataPosition;
-use crate::model::{ModelConfig, Weights};
-use candle_core::{Device, Tensor};
-use pipeline::{ParamError, StageContext, StageError};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use crate::model::Weights;
+use pipeline::StageError;
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -76,7 +72,11 @@ impl WeightCell {
             if cancelled() {
                 return Err(StageError::Cancelled);
             }
-            s = self.cv.wait_timeout(s, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -88,7 +88,9 @@ impl WeightCell {
                 return Ok(Wait::Weights(w.clone()));
             }
             if s.history.back().is_some_and(|w| w.version > v) {
-                return Err(StageError::failed(format!("internal: teacher weights of version {v} are no longer kept")));
+                return Err(StageError::failed(format!(
+                    "internal: teacher weights of version {v} are no longer kept"
+                )));
             }
             if s.closed {
                 return Ok(Wait::Closed);
@@ -96,7 +98,11 @@ impl WeightCell {
             if cancelled() {
                 return Err(StageError::Cancelled);
             }
-            s = self.cv.wait_timeout(s, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }

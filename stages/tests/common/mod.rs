@@ -17,7 +17,11 @@ macro_rules! sink {
             fn outputs() -> Vec<pipeline::Port> {
                 vec![]
             }
-            fn create(_: &pipeline::NoParams, _: &pipeline::StageContext, _: usize) -> Result<Self, pipeline::StageError> {
+            fn create(
+                _: &pipeline::NoParams,
+                _: &pipeline::StageContext,
+                _: usize,
+            ) -> Result<Self, pipeline::StageError> {
                 Ok($name)
             }
         }
