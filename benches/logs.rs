@@ -104,7 +104,7 @@ fn sink(
         inputs_every: 0,
         ..FramesLogParams::default()
     };
-    let mut log = FrameLog::new(&p, "bench", "bench", dir, 7);
+    let mut log = FrameLog::new(&p, "bench", dir, 7);
     let t = Instant::now();
     for r in recs {
         log.write(r).expect("write");
@@ -182,7 +182,7 @@ fn main() {
             inputs_table: None,
             ..FramesLogParams::default()
         };
-        let mut log = FrameLog::new(&p, "bench", "bench", &run, 7);
+        let mut log = FrameLog::new(&p, "bench", &run, 7);
         for chunk in 0..steps.div_ceil(500) {
             let n = 500.min(steps - chunk * 500);
             let mut recs = records(n, 100 + chunk as u64);

@@ -453,6 +453,33 @@ impl Session {
         self.tables.iter().any(|t| t == name)
     }
 
+    /// Every table the statement reads must be one of the session's (or of its catalog's
+    /// `information_schema`): an unknown name is answered with the tables there are.
+    fn check_tables(&self, sql: &str) -> Result<(), SqlError> {
+        let statements = DFParser::parse_sql(sql).map_err(|e| SqlError::Query(e.to_string()))?;
+        let state = self.ctx.state();
+        for st in &statements {
+            let refs = state
+                .resolve_table_references(st)
+                .map_err(|e| SqlError::Query(e.to_string()))?;
+            for r in refs {
+                let qualified = r.schema().is_some() || r.catalog().is_some();
+                if !qualified && !self.has_table(r.table()) {
+                    let here = if self.tables.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.tables.join(", ")
+                    };
+                    return Err(SqlError::Query(format!(
+                        "table '{}' not found\n  tables here: {here}",
+                        r.table()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one read-only statement and returns the result batches.
     pub fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
         check_read_only(sql)?;
@@ -460,32 +487,13 @@ impl Session {
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let names = &self.tables;
+        self.check_tables(sql)?;
         self.rt.block_on(async {
-            let df = match self.ctx.sql_with_options(sql, options).await {
-                Ok(df) => df,
-                Err(e) => {
-                    let msg = e.to_string();
-                    if msg.contains("not supported: ")
-                        && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement"))
-                    {
-                        return Err(SqlError::Refused(
-                            msg.lines().next().unwrap_or("").to_string(),
-                        ));
-                    }
-                    if msg.contains("table") && msg.contains("not found") {
-                        return Err(SqlError::Query(format!(
-                            "{msg}\n  tables here: {}",
-                            if names.is_empty() {
-                                "none".to_string()
-                            } else {
-                                names.join(", ")
-                            }
-                        )));
-                    }
-                    return Err(SqlError::Query(msg));
-                }
-            };
+            let df = self
+                .ctx
+                .sql_with_options(sql, options)
+                .await
+                .map_err(|e| SqlError::Query(e.to_string()))?;
             df.collect()
                 .await
                 .map_err(|e| SqlError::Query(e.to_string()))

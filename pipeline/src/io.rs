@@ -278,7 +278,7 @@ impl StageIo {
         self.stats.count(name, n);
     }
     /// A line for the person running the pipeline (what was resumed, what was skipped),
-    /// printed above the progress bars, never through them; silent with `--quiet`.
+    /// printed above the progress bars, never through them.
     pub fn note(&self, line: impl std::fmt::Display) {
         self.progress.note(&format!("{}: {line}", self.stage));
     }

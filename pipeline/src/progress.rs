@@ -14,11 +14,10 @@ pub struct Progress {
     bar: Mutex<Option<ProgressBar>>,
     multi: Option<MultiProgress>,
     started: Instant,
-    quiet: bool,
 }
 
 impl Progress {
-    pub(crate) fn new(stage: &str, multi: Option<MultiProgress>, quiet: bool) -> Self {
+    pub(crate) fn new(stage: &str, multi: Option<MultiProgress>) -> Self {
         Progress {
             stage: stage.to_string(),
             pos: AtomicU64::new(0),
@@ -27,15 +26,12 @@ impl Progress {
             bar: Mutex::new(None),
             multi,
             started: Instant::now(),
-            quiet,
         }
     }
 
-    /// Prints a line above the bars (or on stderr without them); nothing when quiet.
+    /// Prints a line above the bars (or on stderr without them), with or without `--quiet`
+    /// (what a stage says: rejected files, resumes).
     pub fn note(&self, line: &str) {
-        if self.quiet {
-            return;
-        }
         match &self.multi {
             Some(m) => {
                 if m.println(line).is_err() {

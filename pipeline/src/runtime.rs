@@ -145,7 +145,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     let progress: Vec<Arc<Progress>> = plan
         .nodes
         .iter()
-        .map(|nd| Arc::new(Progress::new(&nd.id, multi.clone(), opts.quiet)))
+        .map(|nd| Arc::new(Progress::new(&nd.id, multi.clone())))
         .collect();
     let recorder = Recorder {
         first: Arc::new(Mutex::new(None)),

@@ -64,6 +64,18 @@ impl Error {
     }
 }
 
+impl From<String> for Error {
+    fn from(s: String) -> Self {
+        Error::Invalid(s)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(s: &str) -> Self {
+        Error::Invalid(s.to_string())
+    }
+}
+
 impl From<Error> for pipeline::StageError {
     fn from(e: Error) -> Self {
         match e {

@@ -473,7 +473,7 @@ pub fn mp4_edit(path: &Path, rate: u32) -> Option<(u64, Option<u64>)> {
 /// Resamples mono audio from `from` Hz to `to` Hz with rubato's synchronous FFT resampler
 /// (band-limited, anti-aliased). The output has `round(len · to / from)` samples; its timing
 /// matches the input to within a fraction of an output sample (see the sox comparison test).
-pub fn resample(input: &[f32], from: u32, to: u32) -> Result<Vec<f32>, String> {
+pub fn resample(input: &[f32], from: u32, to: u32) -> crate::Result<Vec<f32>> {
     use rubato::FftFixedInOut;
     if from == to || input.is_empty() {
         return Ok(input.to_vec());
@@ -488,7 +488,7 @@ fn run_resampler<R: Resampler<f32>>(
     input: &[f32],
     from: u32,
     to: u32,
-) -> Result<Vec<f32>, String> {
+) -> crate::Result<Vec<f32>> {
     let expected = ((input.len() as u128 * to as u128 + from as u128 / 2) / from as u128) as usize;
     let delay = rs.output_delay();
     let mut out: Vec<f32> = Vec::with_capacity(expected + delay + 8192);

@@ -54,7 +54,7 @@ pub struct DecodeParams {
     pub extensions: Vec<String>,
     #[serde(skip)]
     #[schemars(skip)]
-    listing: Arc<OnceLock<Result<Listing, String>>>,
+    listing: Arc<OnceLock<Result<Listing, Arc<crate::Error>>>>,
 }
 
 impl Default for DecodeParams {
@@ -127,7 +127,7 @@ fn rel(root: &Path, p: &Path) -> String {
         .join("/")
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> crate::Result<()> {
     let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut entries: Vec<PathBuf> = Vec::new();
     for entry in rd {
@@ -180,7 +180,7 @@ fn ext_of(p: &Path) -> String {
 }
 
 /// Lists the inputs as `params` describe them.
-pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
+pub fn list_inputs(params: &DecodeParams) -> crate::Result<Listing> {
     let input = &params.input;
     let layout = match params.layout {
         Layout::Auto => {
@@ -198,11 +198,13 @@ pub fn list_inputs(params: &DecodeParams) -> Result<Listing, String> {
         Layout::Manifest => list_manifest(input),
         Layout::Dir | Layout::Librispeech | Layout::Auto => {
             if !input.is_dir() {
-                return Err(format!(
-                    "{} is not a directory (layout `{layout:?}`)",
-                    input.display()
-                )
-                .to_lowercase());
+                return Err(crate::Error::from(
+                    format!(
+                        "{} is not a directory (layout `{layout:?}`)",
+                        input.display()
+                    )
+                    .to_lowercase(),
+                ));
             }
             let mut paths = Vec::new();
             walk(input, &mut paths)?;
@@ -341,16 +343,16 @@ fn sidecar_transcript(p: &Path) -> Option<String> {
     None
 }
 
-fn list_manifest(path: &Path) -> Result<Listing, String> {
+fn list_manifest(path: &Path) -> crate::Result<Listing> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
     let mut lines = text.lines();
     let root_line = lines.next().map(str::trim).unwrap_or("");
     if root_line.is_empty() {
-        return Err(format!(
+        return Err(crate::Error::from(format!(
             "{}:1: a manifest starts with the root directory of its paths",
             path.display()
-        ));
+        )));
     }
     let mut root = PathBuf::from(root_line);
     if root.is_relative() {
@@ -512,9 +514,9 @@ impl StageDef for AudioDecode {
     ) -> Result<Self, StageError> {
         let listing = params
             .listing
-            .get_or_init(|| list_inputs(params))
+            .get_or_init(|| list_inputs(params).map_err(Arc::new))
             .clone()
-            .map_err(StageError::Failed)?;
+            .map_err(|e| StageError::failed(e.to_string()))?;
         Ok(AudioDecode {
             params: params.clone(),
             listing,

@@ -180,10 +180,10 @@ pub struct Fbank {
 }
 
 impl Fbank {
-    pub fn new(opts: &FbankOptions, sample_rate: u32) -> Result<Self, String> {
+    pub fn new(opts: &FbankOptions, sample_rate: u32) -> crate::Result<Self> {
         let problems = opts.check(sample_rate);
         if let Some(p) = problems.first() {
-            return Err(format!("{}: {}", p.field, p.message));
+            return Err(crate::Error::from(format!("{}: {}", p.field, p.message)));
         }
         let frame_len = (sample_rate as f64 * opts.frame_length_ms * 1e-3) as usize;
         let frame_shift = (sample_rate as f64 * opts.frame_shift_ms * 1e-3) as usize;
@@ -520,7 +520,7 @@ impl StageDef for FeaturesFbank {
     fn create(p: &FbankParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let global = if p.normalize == Normalize::Global {
             let st = crate::data::stats::FeatureStats::load(&p.stats_path(ctx))
-                .map_err(StageError::Failed)?;
+                .map_err(StageError::from)?;
             let inv = st
                 .var
                 .iter()

@@ -142,7 +142,7 @@ pub fn shard_schema(format: AudioFormat) -> SchemaRef {
     )
 }
 
-fn shard_batch(rows: &[Utterance], format: AudioFormat) -> Result<RecordBatch, String> {
+fn shard_batch(rows: &[Utterance], format: AudioFormat) -> crate::Result<RecordBatch> {
     let schema = shard_schema(format);
     let audio: ArrayRef =
         match format {
@@ -202,7 +202,9 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> Result<RecordBatch, S
         )),
         audio,
     ];
-    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+    RecordBatch::try_new(schema, cols)
+        .map_err(|e| e.to_string())
+        .map_err(crate::Error::from)
 }
 
 /// Writes one shard file atomically; returns (bytes, blake3 hex).
@@ -213,7 +215,7 @@ fn write_shard(
     format: AudioFormat,
     zstd_level: i32,
     row_group_rows: usize,
-) -> Result<(u64, String), String> {
+) -> crate::Result<(u64, String)> {
     let level = ZstdLevel::try_new(zstd_level).map_err(|e| e.to_string())?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
@@ -392,7 +394,7 @@ impl StageDef for ShardsWrite {
         let mut ids = HashMap::new();
         for s in &index.shards {
             if let Some(f) = &s.file {
-                let (utts, _) = read_metadata(&p.dir.join(f)).map_err(StageError::Failed)?;
+                let (utts, _) = read_metadata(&p.dir.join(f)).map_err(StageError::from)?;
                 for (id, src) in utts {
                     ids.insert(id, src);
                 }
@@ -412,7 +414,7 @@ impl StageDef for ShardsWrite {
 }
 
 /// Reads (utt_id, source) of a shard without its audio.
-fn read_metadata(path: &Path) -> Result<(Vec<(String, String)>, Vec<RecordBatch>), String> {
+fn read_metadata(path: &Path) -> crate::Result<(Vec<(String, String)>, Vec<RecordBatch>)> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -469,7 +471,7 @@ impl ShardsWrite {
                 self.p.zstd_level,
                 self.p.row_group_rows,
             )
-            .map_err(StageError::Failed)?;
+            .map_err(StageError::from)?;
             (Some(name), bytes, Some(hash))
         };
         self.index.shards.push(ShardEntry {
@@ -495,7 +497,7 @@ impl ShardsWrite {
         let mut batches = Vec::new();
         for s in &self.index.shards {
             if let Some(f) = &s.file {
-                let (_, bs) = read_metadata(&self.p.dir.join(f)).map_err(StageError::Failed)?;
+                let (_, bs) = read_metadata(&self.p.dir.join(f)).map_err(StageError::from)?;
                 for b in bs {
                     let n = b.num_rows();
                     let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![run; n]))];
@@ -698,7 +700,7 @@ impl Params for ShardsReadParams {
 }
 
 /// Reads every utterance of one shard file.
-pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
+pub fn read_shard(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(64).build())
@@ -732,7 +734,7 @@ pub fn read_shard(path: &Path, epoch: u32) -> Result<Vec<Utterance>, String> {
             } else if let Some(x) = a.as_any().downcast_ref::<Float32Array>() {
                 x.values().to_vec()
             } else {
-                return Err(err("audio"));
+                return Err(crate::Error::from(err("audio")));
             };
             out.push(Utterance {
                 utt_id: ids.value(i).to_string(),
@@ -757,6 +759,8 @@ pub struct ShardsRead {
     seed: u64,
     files: Vec<PathBuf>,
     rows: Vec<u64>,
+    /// The start came from the student's checkpoint (said when the stage runs).
+    resumed: bool,
 }
 
 impl StageDef for ShardsRead {
@@ -818,13 +822,15 @@ impl StageDef for ShardsRead {
             .collect();
         let rows = with_files.iter().map(|s| s.rows).collect();
         let mut p = p.clone();
-        if let Some((epoch, index)) = crate::stream::reader_start(ctx, p.epochs) {
+        let start = crate::stream::reader_start(ctx, p.epochs);
+        if let Some((epoch, index)) = start {
             p.start_epoch = epoch;
             p.start_index = index;
         }
         Ok(ShardsRead {
             p,
             seed: ctx.seed,
+            resumed: start.is_some(),
             files,
             rows,
         })
@@ -833,6 +839,12 @@ impl StageDef for ShardsRead {
 
 impl Stage for ShardsRead {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        if self.resumed {
+            io.note(format!(
+                "resuming the data stream at epoch {}, utterance {} (the student's checkpoint)",
+                self.p.start_epoch, self.p.start_index
+            ));
+        }
         let reader = EpochReader {
             seed: self.seed,
             epochs: self.p.epochs,
@@ -847,7 +859,7 @@ impl Stage for ShardsRead {
                 .collect(),
         };
         reader.run(io, "shards", |path, epoch| {
-            read_shard(path, epoch).map_err(StageError::Failed)
+            read_shard(path, epoch).map_err(StageError::from)
         })
     }
 }

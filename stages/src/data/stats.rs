@@ -20,17 +20,17 @@ pub struct FeatureStats {
 }
 
 impl FeatureStats {
-    pub fn load(path: &Path) -> Result<FeatureStats, String> {
+    pub fn load(path: &Path) -> crate::Result<FeatureStats> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let st: FeatureStats = serde_json::from_str(&text)
             .map_err(|e| format!("{}: not feature statistics: {e}", path.display()))?;
         if st.mean.len() != st.dim || st.var.len() != st.dim {
-            return Err(format!(
+            return Err(crate::Error::from(format!(
                 "{}: mean/var lengths differ from dim {}",
                 path.display(),
                 st.dim
-            ));
+            )));
         }
         Ok(st)
     }

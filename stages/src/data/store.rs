@@ -77,7 +77,7 @@ fn feature_schema() -> SchemaRef {
     ]))
 }
 
-fn feature_batch(rows: &[Features]) -> Result<RecordBatch, String> {
+fn feature_batch(rows: &[Features]) -> crate::Result<RecordBatch> {
     let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
         "item",
         DataType::Float32,
@@ -116,7 +116,9 @@ fn feature_batch(rows: &[Features]) -> Result<RecordBatch, String> {
         )),
         Arc::new(list.finish()),
     ];
-    RecordBatch::try_new(feature_schema(), cols).map_err(|e| e.to_string())
+    RecordBatch::try_new(feature_schema(), cols)
+        .map_err(|e| e.to_string())
+        .map_err(crate::Error::from)
 }
 
 /// Parameters of `features.write`.
@@ -222,7 +224,7 @@ impl FeaturesWrite {
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(256))
             .build();
-        let batch = feature_batch(&self.rows).map_err(StageError::Failed)?;
+        let batch = feature_batch(&self.rows).map_err(StageError::from)?;
         let crate::stream::store::Written { bytes, blake3 } =
             crate::stream::store::write_part(&self.p.dir, &name, |file| {
                 let mut w = ArrowWriter::try_new(file, feature_schema(), Some(props))
@@ -261,7 +263,7 @@ impl Stage for FeaturesWrite {
 }
 
 /// Reads every row of one feature part.
-pub fn read_features(path: &Path, epoch: Option<u32>) -> Result<Vec<Features>, String> {
+pub fn read_features(path: &Path, epoch: Option<u32>) -> crate::Result<Vec<Features>> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(256).build())
@@ -319,12 +321,12 @@ pub fn read_features(path: &Path, epoch: Option<u32>) -> Result<Vec<Features>, S
                 .to_vec();
             let (n, d) = (nf.value(i).max(0) as usize, dim.value(i).max(0) as usize);
             if d == 0 || n * d != data.len() {
-                return Err(format!(
+                return Err(crate::Error::from(format!(
                     "{}: row {i} ({}) has {} values for {n} × {d}",
                     path.display(),
                     ids.value(i),
                     data.len()
-                ));
+                )));
             }
             out.push(Features {
                 utt_id: ids.value(i).to_string(),
@@ -402,6 +404,8 @@ pub struct FeaturesRead {
     seed: u64,
     files: Vec<PathBuf>,
     rows: Vec<u64>,
+    /// The start came from the student's checkpoint (said when the stage runs).
+    resumed: bool,
 }
 
 impl StageDef for FeaturesRead {
@@ -450,12 +454,14 @@ impl StageDef for FeaturesRead {
             StageError::failed(format!("no feature index in {}", p.dir.display()))
         })?;
         let mut p = p.clone();
-        if let Some((epoch, index)) = crate::stream::reader_start(ctx, p.epochs) {
+        let start = crate::stream::reader_start(ctx, p.epochs);
+        if let Some((epoch, index)) = start {
             p.start_epoch = epoch;
             p.start_index = index;
         }
         Ok(FeaturesRead {
             seed: ctx.seed,
+            resumed: start.is_some(),
             files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect(),
             rows: index.parts.iter().map(|x| x.rows).collect(),
             p,
@@ -465,6 +471,12 @@ impl StageDef for FeaturesRead {
 
 impl Stage for FeaturesRead {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        if self.resumed {
+            io.note(format!(
+                "resuming the data stream at epoch {}, utterance {} (the student's checkpoint)",
+                self.p.start_epoch, self.p.start_index
+            ));
+        }
         let reader = EpochReader {
             seed: self.seed,
             epochs: self.p.epochs,
@@ -479,7 +491,7 @@ impl Stage for FeaturesRead {
                 .collect(),
         };
         reader.run(io, "parts", |path, epoch| {
-            read_features(path, Some(epoch)).map_err(StageError::Failed)
+            read_features(path, Some(epoch)).map_err(StageError::from)
         })
     }
 }

@@ -193,13 +193,13 @@ pub struct FrameLog {
     inputs: Option<TableWriter<InputRows>>,
     records: u64,
     warned_features: bool,
+    notes: Vec<String>,
 }
 
 impl FrameLog {
     /// A frame log into `run_dir` for run `run`; `seed` drives the utterance sampling.
-    pub fn new(p: &FramesLogParams, who: &str, run: &str, run_dir: &Path, seed: u64) -> FrameLog {
+    pub fn new(p: &FramesLogParams, run: &str, run_dir: &Path, seed: u64) -> FrameLog {
         let mut frames = TableWriter::new(
-            who,
             run_dir.join(&p.table),
             frames_schema(),
             p.rotate_every,
@@ -208,7 +208,6 @@ impl FrameLog {
         frames.compression = p.compression;
         let inputs = p.inputs_table.as_ref().map(|t| {
             let mut w = TableWriter::new(
-                who,
                 run_dir.join(t),
                 inputs_schema(),
                 p.rotate_every,
@@ -225,6 +224,7 @@ impl FrameLog {
             inputs,
             records: 0,
             warned_features: false,
+            notes: Vec::new(),
         }
     }
 
@@ -277,7 +277,7 @@ impl FrameLog {
         };
         let per_frame = if t > 0 { per_member / t } else { 0 };
         if self.inputs.is_some() && per_frame == 0 && cells > 0 && !self.warned_features {
-            eprintln!("{}: warning: step {}: {} feature values do not cover {n} utterances × {t} frames; no inputs logged", self.frames.who, r.step, r.features.len());
+            self.notes.push(format!("warning: step {}: {} feature values do not cover {n} utterances × {t} frames; no inputs logged", r.step, r.features.len()));
             self.warned_features = true;
         }
         let step = r.step as i64;
@@ -380,14 +380,28 @@ impl StageDef for LogFrames {
     }
     fn create(p: &FramesLogParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         Ok(LogFrames {
-            log: FrameLog::new(p, &ctx.stage, &ctx.run, &ctx.run_dir, ctx.seed),
+            log: FrameLog::new(p, &ctx.run, &ctx.run_dir, ctx.seed),
         })
+    }
+}
+
+impl RecordSink<FrameRecord> for FrameLog {
+    fn write(&mut self, r: &FrameRecord) -> Result<(), StageError> {
+        FrameLog::write(self, r)
+    }
+    fn take_notes(&mut self) -> Vec<String> {
+        let mut n = std::mem::take(&mut self.notes);
+        n.extend(self.frames.take_notes());
+        if let Some(i) = &self.inputs {
+            n.extend(i.take_notes());
+        }
+        n
     }
 }
 
 impl Stage for LogFrames {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        let result = drain::<FrameRecord>(io, |r| self.log.write(r));
+        let result = drain::<FrameRecord>(io, &mut self.log);
         if matches!(result, Ok(()) | Err(StageError::Cancelled)) {
             let s = self.log.finish()?;
             let per_row = if s.frames.rows > 0 {

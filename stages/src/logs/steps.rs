@@ -97,9 +97,8 @@ pub struct StepLog {
 }
 
 impl StepLog {
-    pub fn new(p: &StepsLogParams, who: &str, run: &str, run_dir: &Path) -> StepLog {
+    pub fn new(p: &StepsLogParams, run: &str, run_dir: &Path) -> StepLog {
         let mut steps = TableWriter::new(
-            who,
             run_dir.join(&p.table),
             steps_schema(),
             p.rotate_every,
@@ -189,14 +188,23 @@ impl StageDef for LogSteps {
     }
     fn create(p: &StepsLogParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         Ok(LogSteps {
-            log: StepLog::new(p, &ctx.stage, &ctx.run, &ctx.run_dir),
+            log: StepLog::new(p, &ctx.run, &ctx.run_dir),
         })
+    }
+}
+
+impl RecordSink<StepRecord> for StepLog {
+    fn write(&mut self, r: &StepRecord) -> Result<(), StageError> {
+        StepLog::write(self, r)
+    }
+    fn take_notes(&mut self) -> Vec<String> {
+        self.steps.take_notes()
     }
 }
 
 impl Stage for LogSteps {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        let result = drain::<StepRecord>(io, |r| self.log.write(r));
+        let result = drain::<StepRecord>(io, &mut self.log);
         if matches!(result, Ok(()) | Err(StageError::Cancelled)) {
             self.log.finish()?;
         }
@@ -275,7 +283,7 @@ mod tests {
             rotate_every: 10,
             ..StepsLogParams::default()
         };
-        let mut log = StepLog::new(&p, "t", "run", tmp.path());
+        let mut log = StepLog::new(&p, "run", tmp.path());
         for s in 0..27 {
             log.write(&record(s)).unwrap();
         }
@@ -286,7 +294,7 @@ mod tests {
         std::fs::write(dir.join("part-000000030.arrow.tmp"), b"half").unwrap();
         // Resume at 14 (as from a checkpoint at step 14): steps 14.. are written again, with
         // other values.
-        let mut log = StepLog::new(&p, "t", "run", tmp.path());
+        let mut log = StepLog::new(&p, "run", tmp.path());
         for s in 14..22 {
             let mut r = record(s);
             r.loss = 1000.0 + s as f64;

@@ -203,7 +203,6 @@ struct OpenPart {
 
 /// Writes one table as rotated Arrow IPC parts (see the module doc).
 pub struct TableWriter<R: Rows> {
-    pub(crate) who: String,
     dir: PathBuf,
     schema: SchemaRef,
     rotate_every: u64,
@@ -218,6 +217,9 @@ pub struct TableWriter<R: Rows> {
     /// Every step has rows (the `steps` table): on resume, steps missing before the resume
     /// point (rows lost with a part that a crash left unfinished) are reported.
     pub every_step: bool,
+    /// What the writer has to tell the person running the pipeline (a leftover removed, a
+    /// damaged part moved aside); the stage hands them to `StageIo::note`.
+    notes: std::sync::Mutex<Vec<String>>,
 }
 
 pub(crate) fn part_name(first: u64) -> String {
@@ -317,10 +319,22 @@ fn publish(tmp: &Path, path: &Path, replace: bool) -> Result<(), StageError> {
 }
 
 impl<R: Rows> TableWriter<R> {
+    fn say(&self, line: String) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
+    }
+
+    /// The notes gathered since the last call.
+    pub fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// A writer into `dir`; nothing is touched there before the first step arrives.
-    pub fn new(who: &str, dir: PathBuf, schema: SchemaRef, rotate_every: u64, rows: R) -> Self {
+    pub fn new(dir: PathBuf, schema: SchemaRef, rotate_every: u64, rows: R) -> Self {
         TableWriter {
-            who: who.to_string(),
+            notes: Default::default(),
             dir,
             schema,
             rotate_every: rotate_every.max(1),
@@ -461,11 +475,10 @@ impl<R: Rows> TableWriter<R> {
         };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().ends_with(".tmp") {
-                eprintln!(
-                    "{}: removing {}, left unfinished by an earlier attempt",
-                    self.who,
+                self.say(format!(
+                    "removing {}, left unfinished by an earlier attempt",
                     e.path().display()
-                );
+                ));
                 std::fs::remove_file(e.path()).map_err(ioe(&e.path(), "remove"))?;
             }
         }
@@ -482,12 +495,11 @@ impl<R: Rows> TableWriter<R> {
             None => 0,
         };
         if dropped > 0 || cut > 0 {
-            eprintln!(
-                "{}: resuming at step {k}: replaced {} of an earlier attempt's rows from step {k} on in {} ({dropped} parts deleted)",
-                self.who,
+            self.say(format!(
+                "resuming at step {k}: replaced {} of an earlier attempt's rows from step {k} on in {} ({dropped} parts deleted)",
                 if cut > 0 { format!("{cut}+") } else { "those".to_string() },
                 self.dir.display()
-            );
+            ));
         }
         if self.every_step && k > 0 {
             // The newest step still on disk; the rows after it, up to the resume point, went with
@@ -498,12 +510,11 @@ impl<R: Rows> TableWriter<R> {
                 .and_then(|(_, p)| part_last_step(p));
             let next = last.map_or(0, |l| l + 1);
             if next < k {
-                eprintln!(
-                    "{}: warning: steps {next}..{} have no rows in {}: they were in a part left unfinished by an earlier attempt, and the run resumes at step {k}",
-                    self.who,
+                self.say(format!(
+                    "warning: steps {next}..{} have no rows in {}: they were in a part left unfinished by an earlier attempt, and the run resumes at step {k}",
                     k - 1,
                     self.dir.display()
-                );
+                ));
             }
         }
         Ok(())
@@ -513,12 +524,11 @@ impl<R: Rows> TableWriter<R> {
     fn cut_part(&self, path: &Path, k: u64) -> Result<u64, StageError> {
         let damaged = |why: String| -> Result<u64, StageError> {
             let aside = PathBuf::from(format!("{}.damaged", path.display()));
-            eprintln!(
-                "{}: warning: {} is damaged ({why}); moved to {}",
-                self.who,
+            self.say(format!(
+                "warning: {} is damaged ({why}); moved to {}",
                 path.display(),
                 aside.display()
-            );
+            ));
             std::fs::rename(path, &aside).map_err(ioe(path, "rename"))?;
             Ok(0)
         };
@@ -591,15 +601,33 @@ impl<R: Rows> TableWriter<R> {
 
 /// Receives records until the input ends. A stop (Ctrl-C, another stage failing) still finishes
 /// the open parts, then reports `Cancelled`.
+/// A log that takes records and may have something to say (see [`TableWriter::take_notes`]).
+pub(crate) trait RecordSink<T> {
+    fn write(&mut self, r: &T) -> Result<(), StageError>;
+    fn take_notes(&mut self) -> Vec<String>;
+}
+
+/// Writes every record of input 0 to `sink`, passing its notes on as they come.
 pub(crate) fn drain<T: 'static>(
     io: &mut StageIo,
-    mut write: impl FnMut(&T) -> Result<(), StageError>,
+    sink: &mut impl RecordSink<T>,
 ) -> Result<(), StageError> {
-    loop {
+    let result = loop {
         match io.recv::<T>(0) {
-            Ok(Some(r)) => write(&r)?,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(Some(r)) => {
+                if let Err(e) = sink.write(&r) {
+                    break Err(e);
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         }
+        for n in sink.take_notes() {
+            io.note(n);
+        }
+    };
+    for n in sink.take_notes() {
+        io.note(n);
     }
+    result
 }

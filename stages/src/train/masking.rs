@@ -685,27 +685,27 @@ const CURRICULA: &str = "linear, epoch_clamped or constant";
 
 impl CurriculumChoice {
     /// Reads the YAML forms listed on the type.
-    pub fn from_value(v: Value) -> Result<Self, String> {
+    pub fn from_value(v: Value) -> crate::Result<Self> {
         let (name, args) = match v {
             Value::String(s) => (s, Value::Null),
             Value::Tagged(t) => (t.tag.to_string().trim_start_matches('!').to_string(), t.value),
             Value::Mapping(mut m) => {
                 if let Some(kind) = m.remove("kind") {
                     let Some(kind) = kind.as_str().map(str::to_string) else {
-                        return Err(format!("`kind` must be a name: {CURRICULA}"));
+                        return Err(crate::Error::from(format!("`kind` must be a name: {CURRICULA}")));
                     };
                     (kind, if m.is_empty() { Value::Null } else { Value::Mapping(m) })
                 } else if m.len() == 1 {
                     let Some((k, v)) = m.into_iter().next() else { return Err("empty mapping".into()) };
                     let Some(k) = k.as_str().map(str::to_string) else {
-                        return Err(format!("expected a curriculum name ({CURRICULA}) as the key"));
+                        return Err(crate::Error::from(format!("expected a curriculum name ({CURRICULA}) as the key")));
                     };
                     (k, v)
                 } else {
-                    return Err(format!("expected a curriculum name ({CURRICULA}), or a mapping with one of them as its only key, e.g. {{constant: {{r: 0.5}}}}"));
+                    return Err(crate::Error::from(format!("expected a curriculum name ({CURRICULA}), or a mapping with one of them as its only key, e.g. {{constant: {{r: 0.5}}}}")));
                 }
             }
-            _ => return Err(format!("expected a curriculum name ({CURRICULA}), or a mapping such as {{constant: {{r: 0.5}}}}")),
+            _ => return Err(crate::Error::from(format!("expected a curriculum name ({CURRICULA}), or a mapping such as {{constant: {{r: 0.5}}}}"))),
         };
         let empty =
             matches!(&args, Value::Null) || matches!(&args, Value::Mapping(m) if m.is_empty());
@@ -717,20 +717,23 @@ impl CurriculumChoice {
             "epoch_clamped" if empty => Ok(CurriculumChoice::EpochClamped(EpochClamped::default())),
             "epoch_clamped" => serde_yaml::from_value::<EpochClamped>(args)
                 .map(CurriculumChoice::EpochClamped)
-                .map_err(|e| format!("epoch_clamped: {}", clean(&e.to_string()))),
+                .map_err(|e| format!("epoch_clamped: {}", clean(&e.to_string())))
+                .map_err(crate::Error::from),
             "constant" => match args {
                 Value::Number(n) => n
                     .as_f64()
                     .map(CurriculumChoice::Constant)
-                    .ok_or_else(|| "constant: r must be a number".to_string()),
+                    .ok_or_else(|| "constant: r must be a number".to_string())
+                    .map_err(crate::Error::from),
                 Value::Null => Err("constant needs its ratio: write {constant: {r: 0.5}}".into()),
                 a => serde_yaml::from_value::<ConstantArgs>(a)
                     .map(|c| CurriculumChoice::Constant(c.r))
-                    .map_err(|e| format!("constant: {}", clean(&e.to_string()))),
+                    .map_err(|e| format!("constant: {}", clean(&e.to_string())))
+                    .map_err(crate::Error::from),
             },
-            other => Err(format!(
+            other => Err(crate::Error::from(format!(
                 "unknown curriculum `{other}`; expected {CURRICULA}"
-            )),
+            ))),
         }
     }
 }

@@ -23,7 +23,7 @@ pub const TOTAL_UPDATES: Link<u64> = Link::new("train.total_updates");
 pub const TEACHER_WEIGHTS: Link<std::sync::Arc<WeightCell>> = Link::new("train.teacher_weights");
 
 /// candle device of a spec's `device` string.
-pub fn device(name: &str) -> Result<Device, String> {
+pub fn device(name: &str) -> crate::Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -31,9 +31,13 @@ pub fn device(name: &str) -> Result<Device, String> {
         let n: usize = n
             .parse()
             .map_err(|_| format!("`{name}`: expected cuda:N with N a GPU index"))?;
-        return Device::new_cuda(n).map_err(|e| format!("cannot open {name}: {e}"));
+        return Device::new_cuda(n)
+            .map_err(|e| format!("cannot open {name}: {e}"))
+            .map_err(crate::Error::from);
     }
-    Err(format!("unknown device `{name}` (cpu or cuda:N)"))
+    Err(crate::Error::from(format!(
+        "unknown device `{name}` (cpu or cuda:N)"
+    )))
 }
 
 /// The model block and device, checked at validation; errors carry spec-top paths.

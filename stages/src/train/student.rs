@@ -533,7 +533,7 @@ impl Student {
         &mut self,
         meta: &CheckpointMeta,
         tensors: &BTreeMap<String, Tensor>,
-    ) -> Result<(), String> {
+    ) -> crate::Result<()> {
         if meta.model != self.cfg {
             return Err("the checkpoint was written for another model: block (remove the run's checkpoints/ directory, or set student.with.resume: false)".into());
         }
@@ -651,7 +651,7 @@ impl StageDef for StudentStage {
     }
     fn create(p: &StudentParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let cfg = train::model_config(ctx)?;
-        let device = train::device(&ctx.device).map_err(StageError::failed)?;
+        let device = train::device(&ctx.device)?;
         let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32)
             .map_err(stage_err("student: building the model"))?;
         let mut resumed_at = None;

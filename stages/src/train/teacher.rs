@@ -69,7 +69,7 @@ impl StageDef for TeacherStage {
     }
     fn create(p: &TeacherParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let cfg = train::model_config(ctx)?;
-        let device = train::device(&ctx.device).map_err(StageError::failed)?;
+        let device = train::device(&ctx.device)?;
         let cell = ctx.links.get(&train::TEACHER_WEIGHTS).ok_or_else(|| {
             StageError::failed(
                 "the teacher needs a `student` stage in the same spec (it publishes the weights)",
