@@ -244,17 +244,13 @@ fn link(spec: &Spec, partial: &[Option<Configuring>], links: &Links, errs: &mut 
 
 /// Resolves every `from:` into (producer, port) per input, checking names and item types.
 fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sources {
-    let loc = &spec.locator;
     let ids: Vec<&str> = spec.stages.iter().map(|s| s.id.as_str()).collect();
     let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, s)| (*s, i)).collect();
-    let ports_of = |i: usize| -> Option<(Vec<Port>, Vec<Port>)> {
-        let s = &spec.stages[i];
-        registry.get(&s.kind).map(|k| (k.inputs(), k.outputs()))
-    };
+    let outputs_of = |i: usize| registry.get(&spec.stages[i].kind).map(|k| k.outputs());
     let mut sources: Sources = Vec::new();
-    for (si, s) in spec.stages.iter().enumerate() {
+    for s in &spec.stages {
         let base = format!("stages.{}", s.id);
-        let Some((inputs, _)) = ports_of(si) else {
+        let Some(inputs) = registry.get(&s.kind).map(|k| k.inputs()) else {
             sources.push(Vec::new());
             continue;
         };
@@ -272,124 +268,53 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
                 None if s.from.len() > 1 => format!("{base}.from.{ci}"),
                 None => format!("{base}.from"),
             };
-            // Which input port.
-            let slot = match &c.input {
-                Some(name) => match inputs.iter().position(|p| p.name == name) {
-                    Some(i) => i,
-                    None => {
-                        let known: Vec<&str> = inputs.iter().map(|p| p.name).collect();
-                        errs.push(loc.error(
-                            &path,
-                            format!(
-                                "`{}` has no input `{name}`{}",
-                                s.kind,
-                                suggest(name, known.iter().copied())
-                            ),
-                        ));
-                        continue;
-                    }
-                },
-                None => {
-                    let i = positional;
-                    positional += 1;
-                    if i >= inputs.len() {
-                        errs.push(loc.error(
-                            &path,
-                            format!(
-                                "`{}` takes {} input(s), but `from` names more",
-                                s.kind,
-                                inputs.len()
-                            ),
-                        ));
-                        continue;
-                    }
-                    i
+            let err = |m: String| spec.locator.error(&path, m);
+            let slot = match input_slot(&s.kind, c.input.as_deref(), &inputs, &mut positional) {
+                Ok(i) if slots[i].is_some() => {
+                    errs.push(err(format!(
+                        "input `{}` is connected twice",
+                        inputs[i].name
+                    )));
+                    continue;
+                }
+                Ok(i) => i,
+                Err(m) => {
+                    errs.push(err(m));
+                    continue;
                 }
             };
-            if slots[slot].is_some() {
-                errs.push(loc.error(
-                    &path,
-                    format!("input `{}` is connected twice", inputs[slot].name),
-                ));
-                continue;
-            }
             // Which producer and port.
             let Some(&pi) = index.get(c.from.stage.as_str()) else {
-                errs.push(loc.error(
-                    &path,
-                    format!(
-                        "`{}` is not a stage of this spec{}",
-                        c.from.stage,
-                        suggest(&c.from.stage, ids.iter().copied())
-                    ),
-                ));
+                let near = suggest(&c.from.stage, ids.iter().copied());
+                errs.push(err(format!(
+                    "`{}` is not a stage of this spec{near}",
+                    c.from.stage
+                )));
                 continue;
             };
-            let Some((_, outs)) = ports_of(pi) else {
+            let Some(outs) = outputs_of(pi) else {
                 // The producer's kind is unknown (reported there): this input is connected as far
                 // as anyone can tell.
                 upstream_unknown[slot] = true;
                 continue;
             };
-            let port = match &c.from.port {
-                Some(pn) => match outs.iter().position(|p| p.name == pn) {
-                    Some(p) => p,
-                    None => {
-                        let known: Vec<&str> = outs.iter().map(|p| p.name).collect();
-                        errs.push(loc.error(
-                            &path,
-                            format!(
-                                "stage `{}` has no output `{pn}`{} (outputs: {})",
-                                c.from.stage,
-                                suggest(pn, known.iter().copied()),
-                                known.join(", ")
-                            ),
-                        ));
-                        continue;
-                    }
-                },
-                None => match outs.len() {
-                    1 => 0,
-                    0 => {
-                        errs.push(loc.error(
-                            &path,
-                            format!("stage `{}` has no outputs to read from", c.from.stage),
-                        ));
-                        continue;
-                    }
-                    _ => {
-                        let known: Vec<String> = outs
-                            .iter()
-                            .map(|p| format!("{}.{}", c.from.stage, p.name))
-                            .collect();
-                        errs.push(loc.error(
-                            &path,
-                            format!(
-                                "stage `{}` has several outputs; name one: {}",
-                                c.from.stage,
-                                known.join(", ")
-                            ),
-                        ));
-                        continue;
-                    }
-                },
-            };
-            let (want, got) = (&inputs[slot].ty, &outs[port].ty);
-            if want.id != got.id {
-                errs.push(loc.error(
-                    &path,
-                    format!(
-                        "type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}",
-                        c.from.stage, outs[port].name, got.name, inputs[slot].name, s.id, want.name
-                    ),
-                ));
-                continue;
+            match output_port(&c.from, &outs) {
+                Ok(port) if inputs[slot].ty.id != outs[port].ty.id => errs.push(err(format!(
+                    "type mismatch: `{}.{}` carries {} but input `{}` of `{}` takes {}",
+                    c.from.stage,
+                    outs[port].name,
+                    outs[port].ty.name,
+                    inputs[slot].name,
+                    s.id,
+                    inputs[slot].ty.name
+                ))),
+                Ok(port) => slots[slot] = Some((pi, port)),
+                Err(m) => errs.push(err(m)),
             }
-            slots[slot] = Some((pi, port));
         }
         for (i, slot) in slots.iter().enumerate() {
             if slot.is_none() && !upstream_unknown[i] && errs.len() == errs_before && !bad_from {
-                errs.push(loc.error(
+                errs.push(spec.locator.error(
                     &base,
                     format!(
                         "input `{}` ({}) is not connected: add `from:`",
@@ -400,8 +325,64 @@ fn connect(spec: &Spec, registry: &Registry, errs: &mut Vec<SpecError>) -> Sourc
         }
         sources.push(slots);
     }
-
     sources
+}
+
+/// The input port a `from:` entry feeds: named (`input: port`), else the next one in order.
+/// `Err` is the message of the spec error.
+fn input_slot(
+    kind: &str,
+    named: Option<&str>,
+    inputs: &[Port],
+    positional: &mut usize,
+) -> Result<usize, String> {
+    match named {
+        Some(name) => inputs.iter().position(|p| p.name == name).ok_or_else(|| {
+            let known: Vec<&str> = inputs.iter().map(|p| p.name).collect();
+            format!(
+                "`{kind}` has no input `{name}`{}",
+                suggest(name, known.iter().copied())
+            )
+        }),
+        None => {
+            let i = *positional;
+            *positional += 1;
+            if i >= inputs.len() {
+                return Err(format!(
+                    "`{kind}` takes {} input(s), but `from` names more",
+                    inputs.len()
+                ));
+            }
+            Ok(i)
+        }
+    }
+}
+
+/// The producer's output port a `from:` entry reads: named (`stage.port`), else its only one.
+fn output_port(from: &crate::spec::Endpoint, outs: &[Port]) -> Result<usize, String> {
+    let stage = &from.stage;
+    match &from.port {
+        Some(pn) => outs.iter().position(|p| p.name == pn).ok_or_else(|| {
+            let known: Vec<&str> = outs.iter().map(|p| p.name).collect();
+            format!(
+                "stage `{stage}` has no output `{pn}`{} (outputs: {})",
+                suggest(pn, known.iter().copied()),
+                known.join(", ")
+            )
+        }),
+        None => match outs.len() {
+            1 => Ok(0),
+            0 => Err(format!("stage `{stage}` has no outputs to read from")),
+            _ => {
+                let known: Vec<String> =
+                    outs.iter().map(|p| format!("{stage}.{}", p.name)).collect();
+                Err(format!(
+                    "stage `{stage}` has several outputs; name one: {}",
+                    known.join(", ")
+                ))
+            }
+        },
+    }
 }
 
 /// An output read by several stages must carry items that can be copied.

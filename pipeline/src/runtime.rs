@@ -86,7 +86,6 @@ impl Attempt {
 
 /// Runs a validated plan to the end, or until the first error or cancellation.
 pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSummary, RunError> {
-    let started = Instant::now();
     if cancel.is_cancelled() {
         return Err(if cancel.was_interrupted() {
             RunError::Interrupted
@@ -94,49 +93,22 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
             RunError::Other("the run was cancelled before it started".into())
         });
     }
-    let run_dir = prepare_run_dir(&plan, opts.force, opts.quiet)?;
-    let before = RunStatus::read(&run_dir);
-    let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
-    let attempt = Attempt {
-        started,
-        prior_wall,
-        prior_attempts,
-    };
-    attempt
-        .status("running", None)
-        .write(&run_dir)
-        .map_err(|e| RunError::Io {
-            context: format!("cannot write {}", run_dir.join("run.json").display()),
-            cause: e,
-        })?;
+    let (run_dir, attempt) = start_attempt(&plan, opts)?;
     let show_bars =
         !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
-    let multi = if show_bars {
-        Some(indicatif::MultiProgress::new())
-    } else {
-        None
-    };
-
-    let (skip_out, discard) = match resume_skips(&plan) {
-        Ok(s) => s,
-        Err(e) => {
-            // Failed before any thread started: the attempt is over, say so in run.json.
-            if let RunError::Stage {
-                stage,
-                kind,
-                message,
-            } = &e
-            {
-                let _ = attempt
-                    .status(
-                        "failed",
-                        Some(format!("stage `{stage}` ({kind}): {message}")),
-                    )
-                    .write(&run_dir);
-            }
-            return Err(e);
+    let multi = show_bars.then(indicatif::MultiProgress::new);
+    let (skip_out, discard) = resume_skips(&plan).inspect_err(|e| {
+        // Failed before any thread started: the attempt is over, say so in run.json.
+        if let RunError::Stage {
+            stage,
+            kind,
+            message,
+        } = e
+        {
+            let error = Some(format!("stage `{stage}` ({kind}): {message}"));
+            let _ = attempt.status("failed", error).write(&run_dir);
         }
-    };
+    })?;
     let stats: Vec<Arc<Stats>> = plan
         .nodes
         .iter()
@@ -167,22 +139,8 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
             spawn_node(&plan, ni, node, &wiring, &recorder, cancel, &mut handles)?;
         }
     }
-
-    let finished = Arc::new(AtomicBool::new(false));
-    let heartbeat = spawn_heartbeat(finished.clone(), run_dir.clone(), attempt);
-    let reporter = (!opts.quiet && !show_bars)
-        .then(|| spawn_reporter(finished.clone(), progress.clone(), plan.spec.name.clone()));
-    for h in handles {
-        let _ = h.join();
-    }
-    finished.store(true, Ordering::SeqCst);
-    let _ = heartbeat.join();
-    if let Some(r) = reporter {
-        let _ = r.join();
-    }
-    for p in &progress {
-        p.finish();
-    }
+    let reporter = (!opts.quiet && !show_bars).then_some(plan.spec.name.as_str());
+    wait_for(handles, &run_dir, attempt, &progress, reporter);
     finish(
         &plan,
         opts,
@@ -192,6 +150,53 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         run_dir,
         attempt,
     )
+}
+
+/// Claims the run directory and marks the attempt `running` in `run.json`.
+fn start_attempt(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, Attempt), RunError> {
+    let started = Instant::now();
+    let run_dir = prepare_run_dir(plan, opts.force, opts.quiet)?;
+    let before = RunStatus::read(&run_dir);
+    let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
+    let attempt = Attempt {
+        started,
+        prior_wall,
+        prior_attempts,
+    };
+    attempt
+        .status("running", None)
+        .write(&run_dir)
+        .map_err(|e| RunError::Io {
+            context: format!("cannot write {}", run_dir.join("run.json").display()),
+            cause: e,
+        })?;
+    Ok((run_dir, attempt))
+}
+
+/// Joins every stage thread while the heartbeat (and, off a terminal, the progress lines of run
+/// `reporter`) run beside them.
+fn wait_for(
+    handles: Vec<JoinHandle<()>>,
+    run_dir: &std::path::Path,
+    attempt: Attempt,
+    progress: &[Arc<Progress>],
+    reporter: Option<&str>,
+) {
+    let finished = Arc::new(AtomicBool::new(false));
+    let heartbeat = spawn_heartbeat(finished.clone(), run_dir.to_path_buf(), attempt);
+    let reporter =
+        reporter.map(|name| spawn_reporter(finished.clone(), progress.to_vec(), name.to_string()));
+    for h in handles {
+        let _ = h.join();
+    }
+    finished.store(true, Ordering::SeqCst);
+    let _ = heartbeat.join();
+    if let Some(r) = reporter {
+        let _ = r.join();
+    }
+    for p in progress {
+        p.finish();
+    }
 }
 
 /// Leading items each output may skip and each input must discard: what the consumers already

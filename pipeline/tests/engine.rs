@@ -343,8 +343,86 @@ impl Stage for FileSource {
     }
 }
 
+/// A link of the link tests: a number one stage offers and others take.
+fn number_link(name: &str) -> pipeline::Link<u64> {
+    pipeline::Link::named(format!("test.{name}"))
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+struct LinkParams {
+    /// Link name.
+    link: String,
+    /// Value offered.
+    value: u64,
+}
+impl Params for LinkParams {}
+
+/// Provides `link` with `value` in the link step; sends nothing.
+struct Offer;
+impl StageDef for Offer {
+    type Params = LinkParams;
+    const KIND: &'static str = "test.offer";
+    const DOC: &'static str = "offers a number";
+    fn inputs() -> Vec<Port> {
+        vec![]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn link(p: &LinkParams, _: &StageContext, l: &mut pipeline::Linker) -> Vec<ParamError> {
+        match l.provide(&number_link(&p.link), p.value) {
+            Ok(()) => vec![],
+            Err(other) => vec![ParamError::new(
+                "link",
+                format!("also offered by `{other}`"),
+            )],
+        }
+    }
+    fn create(_: &LinkParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
+        Ok(Offer)
+    }
+}
+impl Stage for Offer {
+    fn run(&mut self, _: &mut StageIo) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// Reads `link` and records what it holds when it is built.
+struct Take;
+impl StageDef for Take {
+    type Params = LinkParams;
+    const KIND: &'static str = "test.take";
+    const DOC: &'static str = "takes a number";
+    fn inputs() -> Vec<Port> {
+        vec![]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![]
+    }
+    fn link(p: &LinkParams, _: &StageContext, l: &mut pipeline::Linker) -> Vec<ParamError> {
+        l.read(&number_link(&p.link));
+        vec![]
+    }
+    fn create(p: &LinkParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
+        let v = ctx.links.get(&number_link(&p.link)).map(|v| *v);
+        COLLECTED
+            .lock()
+            .unwrap()
+            .insert(format!("take-{}", ctx.stage), v.into_iter().collect());
+        Ok(Take)
+    }
+}
+impl Stage for Take {
+    fn run(&mut self, _: &mut StageIo) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
+    r.with::<Offer>().with::<Take>();
     r.with::<Nums>()
         .with::<Square>()
         .with::<Collect>()
@@ -907,4 +985,65 @@ fn the_same_spec_written_differently_is_the_same_run() {
         pipeline::serde_yaml::from_str("{x: 2, y: [1, 2.5, 3], w: 0}").unwrap();
     pipeline::spec_diff(&a, &c, "", &mut changed);
     assert_eq!(changed, vec!["x", "y", "z", "w"]);
+}
+
+#[test]
+fn links_reach_readers_whatever_the_order_and_have_one_provider() {
+    // The reader comes first in the spec: the link step runs before any stage is built.
+    let yaml = r#"
+name: links
+stages:
+  early: { kind: test.take, with: { link: n } }
+  giver: { kind: test.offer, with: { link: n, value: 42 } }
+  lonely: { kind: test.take, with: { link: nobody } }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("run_dir: {}\n{yaml}", dir.path().join("run").display());
+    let plan = pipeline::validate(
+        pipeline::load_str(&yaml, "l.yaml", &[]).unwrap(),
+        &registry(),
+    )
+    .unwrap();
+    let links = plan.links();
+    let n = links
+        .iter()
+        .find(|l| l.name == "test.n")
+        .expect("the link is listed");
+    assert_eq!(
+        (n.provider.as_deref(), n.readers.clone()),
+        (Some("giver"), vec!["early".to_string()])
+    );
+    assert_eq!(n.ty, "u64");
+    let nobody = links.iter().find(|l| l.name == "test.nobody").unwrap();
+    assert_eq!(nobody.provider, None);
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: false,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
+    let got = COLLECTED.lock().unwrap().clone();
+    assert_eq!(got["take-early"], vec![42]);
+    assert!(got["take-lonely"].is_empty());
+
+    let twice = r#"
+name: links2
+stages:
+  a: { kind: test.offer, with: { link: m, value: 1 } }
+  b: { kind: test.offer, with: { link: m, value: 2 } }
+"#;
+    let errs = pipeline::validate(
+        pipeline::load_str(twice, "l2.yaml", &[]).unwrap(),
+        &registry(),
+    )
+    .err()
+    .expect("two providers are refused");
+    let text = errs.to_string();
+    assert!(
+        text.contains("stages.b.with.link") && text.contains("also offered by `a`"),
+        "{text}"
+    );
 }
