@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use lab::runs::{RunsError, SweepOptions, SweepOutcome};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -134,89 +134,32 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Validate { spec, set } => match lab::runs::load_plan(&spec, &set) {
-            Ok(plan) => {
-                println!(
-                    "{}: ok ({} stages, run directory {})",
-                    spec.display(),
-                    plan.nodes.len(),
-                    plan.spec.run_dir.display()
-                );
-                for l in plan.links() {
-                    let from = l.provider.as_deref().unwrap_or("(nobody)");
-                    let to = if l.readers.is_empty() {
-                        "(nobody)".to_string()
-                    } else {
-                        l.readers.join(", ")
-                    };
-                    println!("  link {}: {from} → {to}", l.name);
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(errs) => {
-                eprint!("{errs}");
-                Ok(ExitCode::from(2))
-            }
-        },
+        Command::Validate { spec, set } => validate(&spec, &set),
         Command::Run {
             spec,
             set,
             force,
             quiet,
-        } => match lab::runs::run_spec(&spec, &set, force, quiet) {
-            Ok(summary) => {
-                if !quiet {
-                    eprintln!(
-                        "done in {:.1} s; run directory {}",
-                        summary.wall_s,
-                        summary.run_dir.display()
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(RunsError::Spec(errs)) => {
-                eprint!("{errs}");
-                Ok(ExitCode::from(2))
-            }
-            Err(e) => Err(e.into()),
-        },
+        } => run(&spec, &set, force, quiet),
         Command::Export {
             run_dir,
             out,
             teacher,
-        } => {
-            let cfg = stages::train::export(&run_dir, &out, teacher)?;
-            println!(
-                "exported the {} encoder of {} at step {} ({} tensors, {} parameters) to {}",
-                cfg.weights,
-                run_dir.display(),
-                cfg.step,
-                cfg.tensors.len(),
-                stages::model::shapes_of(&cfg.model)
-                    .iter()
-                    .filter(|(n, _)| cfg.tensors.contains(n))
-                    .map(|(_, s)| s.iter().product::<usize>())
-                    .sum::<usize>(),
-                out.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => export(&run_dir, &out, teacher),
         Command::Report {
             run_dirs,
             out,
             no_probe,
             no_masking,
         } => {
+            let masking = !no_probe && !no_masking;
             let opts = lab::report::ReportOptions {
                 out,
                 probe: !no_probe,
-                masking: !no_probe && !no_masking,
+                masking,
                 ..Default::default()
             };
-            for f in lab::report::report(&run_dirs, &opts)? {
-                println!("{}", f.display());
-            }
-            Ok(ExitCode::SUCCESS)
+            print_paths(lab::report::report(&run_dirs, &opts)?)
         }
         Command::Sweep {
             specs,
@@ -248,13 +191,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             out,
             utt,
             step,
-        } => {
-            let files = lab::plot::plot(&run_dirs, &lab::plot::PlotOptions { out, utt, step })?;
-            for f in files {
-                println!("{}", f.display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => print_paths(lab::plot::plot(
+            &run_dirs,
+            &lab::plot::PlotOptions { out, utt, step },
+        )?),
         Command::Stages => {
             print!("{}", stages::registry().describe());
             Ok(ExitCode::SUCCESS)
@@ -265,9 +205,80 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 bail!("usage: ehmam query RUN_DIR... \"SQL\"")
             };
             let dirs: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
-            let out = lab::sql::query(&dirs, &sql, format)?;
-            print!("{out}");
+            print!("{}", lab::sql::query(&dirs, &sql, format)?);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn print_paths(files: Vec<PathBuf>) -> Result<ExitCode> {
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ehmam validate`: every error (exit status 2), or the plan's size and links.
+fn validate(spec: &Path, set: &[String]) -> Result<ExitCode> {
+    match lab::runs::load_plan(spec, set) {
+        Ok(plan) => {
+            println!(
+                "{}: ok ({} stages, run directory {})",
+                spec.display(),
+                plan.nodes.len(),
+                plan.spec.run_dir.display()
+            );
+            for l in plan.links() {
+                let from = l.provider.as_deref().unwrap_or("(nobody)");
+                let to = if l.readers.is_empty() {
+                    "(nobody)".to_string()
+                } else {
+                    l.readers.join(", ")
+                };
+                println!("  link {}: {from} → {to}", l.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errs) => {
+            eprint!("{errs}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// `ehmam run`.
+fn run(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<ExitCode> {
+    match lab::runs::run_spec(spec, set, force, quiet) {
+        Ok(summary) => {
+            if !quiet {
+                let dir = summary.run_dir.display();
+                eprintln!("done in {:.1} s; run directory {dir}", summary.wall_s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(RunsError::Spec(errs)) => {
+            eprint!("{errs}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `ehmam export`.
+fn export(run_dir: &Path, out: &Path, teacher: bool) -> Result<ExitCode> {
+    let cfg = stages::train::export(run_dir, out, teacher)?;
+    let parameters: usize = stages::model::shapes_of(&cfg.model)
+        .iter()
+        .filter(|(n, _)| cfg.tensors.contains(n))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    println!(
+        "exported the {} encoder of {} at step {} ({} tensors, {parameters} parameters) to {}",
+        cfg.weights,
+        run_dir.display(),
+        cfg.step,
+        cfg.tensors.len(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -83,47 +83,18 @@ pub enum SweepOutcome {
 /// `ehmam sweep`: every run validated first (any error refuses the whole sweep), then run one by
 /// one, each with its own cancel token; a summary table at the end.
 pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
-    let SweepOptions {
-        specs,
-        grid,
-        set,
-        out,
-        report,
-        force,
-        quiet,
-    } = *o;
-    let axes = grid
+    let axes = o
+        .grid
         .iter()
         .map(|g| sweep::parse_axis(g))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(RunsError::Sweep)?;
-    let runs = sweep::plan(specs, &axes, set, out).map_err(RunsError::Sweep)?;
-    // Every run is validated before any starts.
-    let registry = stages::registry();
-    let validate = |r: &SweepRun| {
-        pipeline::load(&r.spec, &r.sets)
-            .map_err(|e| e.to_string())
-            .and_then(|s| pipeline::validate(s, &registry).map_err(|e| e.to_string()))
-    };
-    let mut plans = Vec::new();
-    let mut bad = false;
-    for r in &runs {
-        match validate(r) {
-            Ok(p) => plans.push(Some(p)),
-            Err(e) => {
-                eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
-                bad = true;
-                plans.push(None);
-            }
-        }
-    }
-    if bad {
-        return Err(RunsError::Spec(SpecErrors(Vec::new())));
-    }
+    let runs = sweep::plan(o.specs, &axes, o.set, o.out).map_err(RunsError::Sweep)?;
+    let plans = validate_all(&runs)?;
     // Each run gets its own cancel token (a failed run cancels its own graph only); Ctrl-C
     // interrupts the current run and stops the sweep.
     let stop = Arc::new(AtomicBool::new(false));
-    let current = Arc::new(Mutex::new(pipeline::CancelToken::new()));
+    let current = Arc::new(Mutex::new(CancelToken::new()));
     {
         let (stop, current) = (stop.clone(), current.clone());
         ctrlc::set_handler(move || {
@@ -138,8 +109,7 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
     }
     let mut outcome = Vec::new();
     let n = runs.len();
-    for (i, (r, p)) in runs.iter().zip(plans).enumerate() {
-        let Some(plan) = p else { continue };
+    for (i, (r, plan)) in runs.iter().zip(plans).enumerate() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
@@ -148,29 +118,12 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
             outcome.push((r.clone(), "skipped (finished)".to_string()));
             continue;
         }
-        let cancel = pipeline::CancelToken::new();
+        let cancel = CancelToken::new();
         if let Ok(mut c) = current.lock() {
             *c = cancel.clone();
         }
         if stop.load(Ordering::SeqCst) {
             break;
-        }
-        let mut plan = plan;
-        if force {
-            // Move a run of another spec aside first, then validate again (validation reads the
-            // run directory's checkpoints).
-            match pipeline::claim_run_dir(&plan.spec)
-                .map_err(|e| e.to_string())
-                .and_then(|moved| moved.map(|_| validate(r)).transpose())
-            {
-                Ok(None) => {}
-                Ok(Some(p)) => plan = p,
-                Err(e) => {
-                    eprintln!("{}: {e}", r.name);
-                    outcome.push((r.clone(), format!("failed: {e}")));
-                    continue;
-                }
-            }
         }
         eprintln!(
             "[{}/{n}] {}: running {} into {}",
@@ -179,36 +132,87 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
             r.spec.display(),
             r.run_dir.display()
         );
-        // Without --force a run directory that holds another spec's run is refused (as `ehmam run`
-        // does), never silently continued from that run's checkpoints.
-        match pipeline::run(plan, &pipeline::RunOptions { force, quiet }, &cancel) {
-            Ok(s) => outcome.push((r.clone(), format!("ran ({:.0} s)", s.wall_s))),
+        let result = run_one(r, plan, o, &cancel);
+        if let Err(e) = &result {
+            eprintln!("{}: {e}", r.name);
+        }
+        outcome.push((r.clone(), result.unwrap_or_else(|e| format!("failed: {e}"))));
+        if cancel.was_interrupted() {
+            break;
+        }
+    }
+    summarize_sweep(&outcome, n, o)
+}
+
+/// Every run of a sweep validated before any starts; any error refuses the whole sweep.
+fn validate_all(runs: &[SweepRun]) -> Result<Vec<Plan>, RunsError> {
+    let mut plans = Vec::new();
+    let mut bad = false;
+    for r in runs {
+        match load_plan(&r.spec, &r.sets) {
+            Ok(p) => plans.push(p),
             Err(e) => {
-                eprintln!("{}: {e}", r.name);
-                outcome.push((r.clone(), format!("failed: {e}")));
-                if cancel.was_interrupted() {
-                    break;
-                }
+                eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
+                bad = true;
             }
         }
     }
+    if bad {
+        return Err(RunsError::Spec(SpecErrors(Vec::new())));
+    }
+    Ok(plans)
+}
+
+/// Runs one run of a sweep; `Ok` says how it went.
+fn run_one(
+    r: &SweepRun,
+    mut plan: Plan,
+    o: &SweepOptions,
+    cancel: &CancelToken,
+) -> Result<String, RunsError> {
+    if o.force {
+        // Move a run of another spec aside first, then validate again (validation reads the
+        // run directory's checkpoints).
+        if pipeline::claim_run_dir(&plan.spec)?.is_some() {
+            plan = load_plan(&r.spec, &r.sets).map_err(RunsError::Spec)?;
+        }
+    }
+    // Without --force a run directory that holds another spec's run is refused (as `ehmam run`
+    // does), never silently continued from that run's checkpoints.
+    let s = pipeline::run(
+        plan,
+        &RunOptions {
+            force: o.force,
+            quiet: o.quiet,
+        },
+        cancel,
+    )?;
+    Ok(format!("ran ({:.0} s)", s.wall_s))
+}
+
+/// The sweep's table, `summary.md` and, if asked, its report.
+fn summarize_sweep(
+    outcome: &[(SweepRun, String)],
+    n: usize,
+    o: &SweepOptions,
+) -> Result<SweepOutcome, RunsError> {
     let dirs: Vec<PathBuf> = outcome
         .iter()
         .map(|(r, _)| r.run_dir.clone())
         .filter(|d| d.join("spec.yaml").exists())
         .collect();
-    println!("\nsweep of {n} runs in {}:\n", out.display());
-    for (r, o) in &outcome {
-        println!("  {:<40} {o}", r.name);
+    println!("\nsweep of {n} runs in {}:\n", o.out.display());
+    for (r, what) in outcome {
+        println!("  {:<40} {what}", r.name);
     }
     if !dirs.is_empty() {
         let rows = report::summarize(&dirs, 0.1)?;
         println!("\n{}", report::summary_markdown(&rows));
-        let _ = std::fs::create_dir_all(out);
-        let _ = std::fs::write(out.join("summary.md"), report::summary_markdown(&rows));
-        if report {
+        let _ = std::fs::create_dir_all(o.out);
+        let _ = std::fs::write(o.out.join("summary.md"), report::summary_markdown(&rows));
+        if o.report {
             let opts = report::ReportOptions {
-                out: out.join("report"),
+                out: o.out.join("report"),
                 ..Default::default()
             };
             for f in report::report(&dirs, &opts)? {
@@ -216,7 +220,7 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
             }
         }
     }
-    let failed = outcome.iter().any(|(_, o)| o.starts_with("failed")) || outcome.len() < n;
+    let failed = outcome.iter().any(|(_, what)| what.starts_with("failed")) || outcome.len() < n;
     Ok(if failed {
         SweepOutcome::Failed
     } else {

@@ -437,29 +437,7 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         }
     };
     let name = get_str("name", &mut errs);
-    let name = match name {
-        Some(n) if n.trim().is_empty() => {
-            errs.push(locator.error("name", "must not be empty"));
-            String::new()
-        }
-        Some(n) => {
-            if n.contains('/') || n.contains('\\') || n.starts_with('.') {
-                errs.push(locator.error(
-                    "name",
-                    format!("`{n}` must not contain path separators or start with '.'"),
-                ));
-            }
-            n
-        }
-        None => {
-            if top.contains_key("name") {
-                errs.push(locator.error("name", "must be the run's name, found null"));
-            } else {
-                errs.push(locator.error("", "missing `name` (the run's name)"));
-            }
-            String::new()
-        }
-    };
+    let name = check_name(name, top.contains_key("name"), &locator, &mut errs);
     let description = get_str("description", &mut errs);
     let run_dir = match get_str("run_dir", &mut errs) {
         Some(d) if d.trim().is_empty() => {
@@ -511,33 +489,7 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             None
         }
     };
-    let mut stages = Vec::new();
-    match top.get("stages") {
-        None | Some(Value::Null) => {
-            errs.push(locator.error("stages", "missing: a spec needs at least one stage"))
-        }
-        Some(Value::Mapping(m)) => {
-            if m.is_empty() {
-                errs.push(locator.error("stages", "a spec needs at least one stage"));
-            }
-            for (k, v) in m {
-                let Some(id) = k.as_str() else {
-                    errs.push(locator.error("stages", "stage names must be strings"));
-                    continue;
-                };
-                if let Some(s) = stage_from_value(id, v, &locator, &mut errs) {
-                    stages.push(s);
-                }
-            }
-        }
-        Some(other) => errs.push(locator.error(
-            "stages",
-            format!(
-                "must be a mapping of stage name → stage, found {}",
-                type_name(other)
-            ),
-        )),
-    }
+    let stages = stages_from_value(top.get("stages"), &locator, &mut errs);
     Ok(Spec {
         name,
         description,
@@ -551,6 +503,74 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         locator,
         errors: errs,
     })
+}
+
+/// The run's name: present, not empty, no path separators.
+fn check_name(
+    name: Option<String>,
+    present: bool,
+    locator: &Locator,
+    errs: &mut Vec<SpecError>,
+) -> String {
+    match name {
+        Some(n) if n.trim().is_empty() => {
+            errs.push(locator.error("name", "must not be empty"));
+            String::new()
+        }
+        Some(n) => {
+            if n.contains('/') || n.contains('\\') || n.starts_with('.') {
+                errs.push(locator.error(
+                    "name",
+                    format!("`{n}` must not contain path separators or start with '.'"),
+                ));
+            }
+            n
+        }
+        None => {
+            if present {
+                errs.push(locator.error("name", "must be the run's name, found null"));
+            } else {
+                errs.push(locator.error("", "missing `name` (the run's name)"));
+            }
+            String::new()
+        }
+    }
+}
+
+/// The `stages:` mapping, each stage read with its errors.
+fn stages_from_value(
+    v: Option<&Value>,
+    locator: &Locator,
+    errs: &mut Vec<SpecError>,
+) -> Vec<StageSpec> {
+    let mut stages = Vec::new();
+    match v {
+        None | Some(Value::Null) => {
+            errs.push(locator.error("stages", "missing: a spec needs at least one stage"))
+        }
+        Some(Value::Mapping(m)) => {
+            if m.is_empty() {
+                errs.push(locator.error("stages", "a spec needs at least one stage"));
+            }
+            for (k, v) in m {
+                let Some(id) = k.as_str() else {
+                    errs.push(locator.error("stages", "stage names must be strings"));
+                    continue;
+                };
+                if let Some(s) = stage_from_value(id, v, locator, errs) {
+                    stages.push(s);
+                }
+            }
+        }
+        Some(other) => errs.push(locator.error(
+            "stages",
+            format!(
+                "must be a mapping of stage name → stage, found {}",
+                type_name(other)
+            ),
+        )),
+    }
+    stages
 }
 
 fn describe(v: &Value) -> String {
