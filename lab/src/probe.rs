@@ -521,31 +521,7 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
             run_dir.display()
         )));
     }
-    let ids: Vec<String> = feats.iter().map(|f| f.utt_id.clone()).collect();
-    let mut tasks = Vec::new();
-    if let Some(t) = task(
-        "speaker",
-        &ids,
-        &feats.iter().map(|f| f.speaker.clone()).collect::<Vec<_>>(),
-    ) {
-        tasks.push(t);
-    }
-    if let Some(t) = task(
-        "phrase",
-        &ids,
-        &feats
-            .iter()
-            .map(|f| f.transcript.clone())
-            .collect::<Vec<_>>(),
-    ) {
-        tasks.push(t);
-    }
-    if tasks.is_empty() {
-        return Err(ProbeError::Input(format!(
-            "{}: no probe labels (utterances need speakers, or transcripts that repeat)",
-            run_dir.display()
-        )));
-    }
+    let tasks = probe_tasks(run_dir, &feats)?;
     let emb: Vec<Vec<f32>> = feats
         .iter()
         .map(|f| embed(&trained, f))
@@ -584,6 +560,53 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
     if !masking {
         return Ok(res);
     }
+    res.masking = masking_analysis(&trained, &feats, &tasks, &probes)?;
+    Ok(res)
+}
+
+/// The probe's tasks: speaker identity, and the phrase where transcripts repeat.
+fn probe_tasks(run_dir: &Path, feats: &[Features]) -> Result<Vec<Task>, ProbeError> {
+    let ids: Vec<String> = feats.iter().map(|f| f.utt_id.clone()).collect();
+    let mut tasks = Vec::new();
+    if let Some(t) = task(
+        "speaker",
+        &ids,
+        &feats.iter().map(|f| f.speaker.clone()).collect::<Vec<_>>(),
+    ) {
+        tasks.push(t);
+    }
+    if let Some(t) = task(
+        "phrase",
+        &ids,
+        &feats
+            .iter()
+            .map(|f| f.transcript.clone())
+            .collect::<Vec<_>>(),
+    ) {
+        tasks.push(t);
+    }
+    if tasks.is_empty() {
+        return Err(ProbeError::Input(format!(
+            "{}: no probe labels (utterances need speakers, or transcripts that repeat)",
+            run_dir.display()
+        )));
+    }
+    Ok(tasks)
+}
+
+/// One row of the masking analysis: mask share, mean loss with hard and with random masks,
+/// probe accuracy (hard, random) per task.
+type MaskingRow = (f64, f64, f64, Vec<(f64, f64)>);
+
+/// Fig. 5: on the held-out utterances, the teacher's predicted losses pick the frames to hide
+/// (`MASK_SHARES` of them), against as many random frames: reconstruction loss and probe
+/// accuracy of the masked encoding.
+fn masking_analysis(
+    trained: &Trained,
+    feats: &[Features],
+    tasks: &[Task],
+    probes: &[LinearProbe],
+) -> Result<Vec<MaskingRow>, ProbeError> {
     // Fig. 5: per utterance, the teacher's predicted losses pick the frames to hide.
     let teacher = Model::new(&trained.cfg, &trained.teacher);
     let student = Model::new(&trained.cfg, &trained.student);
@@ -626,8 +649,8 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
                 rand_mask[j] = true;
             }
             let seed = hash(&f.utt_id);
-            let (lh, eh) = masked_pass(&trained, &z, &out.targets, &hard, seed)?;
-            let (lr, er) = masked_pass(&trained, &z, &out.targets, &rand_mask, seed)?;
+            let (lh, eh) = masked_pass(trained, &z, &out.targets, &hard, seed)?;
+            let (lr, er) = masked_pass(trained, &z, &out.targets, &rand_mask, seed)?;
             acc_rows[ri].1 += lh;
             acc_rows[ri].2 += lr;
             for (ti, t) in tasks.iter().enumerate() {
@@ -640,7 +663,7 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
             }
         }
     }
-    res.masking = acc_rows
+    Ok(acc_rows
         .into_iter()
         .map(|(x, lh, lr, accs)| {
             (
@@ -652,6 +675,5 @@ pub fn probe_run(run_dir: &Path, work: &Path, masking: bool) -> Result<ProbeResu
                     .collect(),
             )
         })
-        .collect();
-    Ok(res)
+        .collect())
 }

@@ -194,114 +194,141 @@ pub fn list_inputs(params: &DecodeParams) -> crate::Result<Listing> {
         }
         l => l,
     };
-    match layout {
-        Layout::Manifest => list_manifest(input),
-        Layout::Dir | Layout::Librispeech | Layout::Auto => {
-            if !input.is_dir() {
-                return Err(crate::Error::from(
-                    format!(
-                        "{} is not a directory (layout `{layout:?}`)",
-                        input.display()
-                    )
-                    .to_lowercase(),
-                ));
-            }
-            let mut paths = Vec::new();
-            walk(input, &mut paths)?;
-            let exts: Vec<String> = params
-                .extensions
-                .iter()
-                .map(|e| e.trim_start_matches('.').to_ascii_lowercase())
-                .collect();
-            let mut ignored = BTreeMap::new();
-            let mut transcripts: HashMap<String, String> = HashMap::new();
-            let mut audio = Vec::new();
-            for p in paths {
-                let name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if layout == Layout::Librispeech && name.ends_with(".trans.txt") {
-                    let text = std::fs::read_to_string(&p)
-                        .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                    for line in text.lines() {
-                        let line = line.trim();
-                        if let Some((id, t)) = line.split_once(char::is_whitespace) {
-                            transcripts.insert(id.to_string(), t.trim().to_string());
-                        } else if !line.is_empty() {
-                            transcripts.insert(line.to_string(), String::new());
-                        }
-                    }
-                    continue;
-                }
-                let ext = ext_of(&p);
-                if exts.is_empty() || exts.contains(&ext) {
-                    audio.push((p, None));
-                } else if METADATA_EXTENSIONS.contains(&ext.as_str()) {
-                    *ignored.entry(ext).or_insert(0) += 1;
-                } else {
-                    let what = if ext.is_empty() {
-                        "no extension".to_string()
-                    } else {
-                        format!("extension `.{ext}`")
-                    };
-                    audio.push((p, Some(format!("not audio: {what} is not among the decodable audio extensions (`extensions`)"))));
-                }
-            }
-            // Ids: the file stem (LibriSpeech) or the relative path without extension; a clash
-            // falls back to the relative path with extension.
-            let mut files: Vec<InputFile> = audio
-                .iter()
-                .map(|(p, problem)| {
-                    let source = rel(input, p);
-                    let stem = p
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let utt_id = if layout == Layout::Librispeech {
-                        stem.clone()
-                    } else {
-                        match source.rfind('.') {
-                            Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => {
-                                source[..i].to_string()
-                            }
-                            _ => source.clone(),
-                        }
-                    };
-                    let (speaker, chapter, transcript) = if layout == Layout::Librispeech {
-                        let (speaker, chapter) = librispeech_ids(&stem, &source);
-                        (speaker, chapter, transcripts.get(&stem).cloned())
-                    } else {
-                        (None, None, sidecar_transcript(p))
-                    };
-                    InputFile {
-                        path: p.clone(),
-                        source,
-                        utt_id,
-                        speaker,
-                        chapter,
-                        transcript,
-                        problem: problem.clone(),
-                    }
-                })
-                .collect();
-            let mut count: HashMap<String, usize> = HashMap::new();
-            for f in &files {
-                *count.entry(f.utt_id.clone()).or_insert(0) += 1;
-            }
-            for f in &mut files {
-                if count[&f.utt_id] > 1 {
-                    f.utt_id = f.source.clone();
+    if layout == Layout::Manifest {
+        return list_manifest(input);
+    }
+    if !input.is_dir() {
+        return Err(crate::Error::from(
+            format!(
+                "{} is not a directory (layout `{layout:?}`)",
+                input.display()
+            )
+            .to_lowercase(),
+        ));
+    }
+    let (audio, transcripts, ignored) = walk_tree(params, layout)?;
+    let files = input_files(input, layout, &audio, &transcripts);
+    Ok(Listing {
+        root: input.clone(),
+        layout,
+        files,
+        ignored,
+    })
+}
+
+/// A file found under the input root, with the reason it cannot be an input, if any.
+type Found = (PathBuf, Option<String>);
+
+/// Walks the input tree: audio inputs (and files that claim to be), LibriSpeech transcripts by
+/// utterance id, and the metadata files ignored, by extension.
+fn walk_tree(
+    params: &DecodeParams,
+    layout: Layout,
+) -> crate::Result<(Vec<Found>, HashMap<String, String>, BTreeMap<String, usize>)> {
+    let input = &params.input;
+    let mut paths = Vec::new();
+    walk(input, &mut paths)?;
+    let exts: Vec<String> = params
+        .extensions
+        .iter()
+        .map(|e| e.trim_start_matches('.').to_ascii_lowercase())
+        .collect();
+    let mut ignored = BTreeMap::new();
+    let mut transcripts: HashMap<String, String> = HashMap::new();
+    let mut audio = Vec::new();
+    for p in paths {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if layout == Layout::Librispeech && name.ends_with(".trans.txt") {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            for line in text.lines() {
+                let line = line.trim();
+                if let Some((id, t)) = line.split_once(char::is_whitespace) {
+                    transcripts.insert(id.to_string(), t.trim().to_string());
+                } else if !line.is_empty() {
+                    transcripts.insert(line.to_string(), String::new());
                 }
             }
-            Ok(Listing {
-                root: input.clone(),
-                layout,
-                files,
-                ignored,
-            })
+            continue;
+        }
+        let ext = ext_of(&p);
+        if exts.is_empty() || exts.contains(&ext) {
+            audio.push((p, None));
+        } else if METADATA_EXTENSIONS.contains(&ext.as_str()) {
+            *ignored.entry(ext).or_insert(0) += 1;
+        } else {
+            let what = if ext.is_empty() {
+                "no extension".to_string()
+            } else {
+                format!("extension `.{ext}`")
+            };
+            audio.push((
+                p,
+                Some(format!(
+                    "not audio: {what} is not among the decodable audio extensions (`extensions`)"
+                )),
+            ));
         }
     }
+    Ok((audio, transcripts, ignored))
+}
+
+/// The listing's inputs. Ids: the file stem (LibriSpeech) or the relative path without
+/// extension; a clash falls back to the relative path with extension.
+fn input_files(
+    input: &Path,
+    layout: Layout,
+    audio: &[Found],
+    transcripts: &HashMap<String, String>,
+) -> Vec<InputFile> {
+    let mut files: Vec<InputFile> = audio
+        .iter()
+        .map(|(p, problem)| {
+            let source = rel(input, p);
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let utt_id = if layout == Layout::Librispeech {
+                stem.clone()
+            } else {
+                match source.rfind('.') {
+                    Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => {
+                        source[..i].to_string()
+                    }
+                    _ => source.clone(),
+                }
+            };
+            let (speaker, chapter, transcript) = if layout == Layout::Librispeech {
+                let (speaker, chapter) = librispeech_ids(&stem, &source);
+                (speaker, chapter, transcripts.get(&stem).cloned())
+            } else {
+                (None, None, sidecar_transcript(p))
+            };
+            InputFile {
+                path: p.clone(),
+                source,
+                utt_id,
+                speaker,
+                chapter,
+                transcript,
+                problem: problem.clone(),
+            }
+        })
+        .collect();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for f in &files {
+        *count.entry(f.utt_id.clone()).or_insert(0) += 1;
+    }
+    for f in &mut files {
+        if count[&f.utt_id] > 1 {
+            f.utt_id = f.source.clone();
+        }
+    }
+    files
 }
 
 /// Speaker and chapter of a LibriSpeech file: from its id `SPEAKER-CHAPTER-N` (as in the
