@@ -8,7 +8,7 @@
 
 use crate::data::audio::to_i16;
 use crate::items::{Decoded, Reject, Utterance};
-use crate::stream::EpochReader;
+use crate::stream::{PartSource, ReadStage};
 use arrow::array::{
     Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int16Array, Int16Builder,
     Int32Array, Int64Array, ListArray, ListBuilder, StringArray,
@@ -643,62 +643,6 @@ impl Stage for ShardsWrite {
     }
 }
 
-/// Parameters of `shards.read`.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct ShardsReadParams {
-    /// Shard directory written by `shards.write`.
-    pub dir: PathBuf,
-    /// Passes over the data.
-    pub epochs: u32,
-    /// Shuffle shard order and the utterances within each shard, per epoch, from the stage's seed.
-    pub shuffle: bool,
-    /// Start at this epoch (resuming a run; earlier epochs are not read).
-    pub start_epoch: u32,
-    /// Start at this index of `start_epoch`'s utterance order (resuming inside an epoch: the
-    /// shards before it are not read).
-    pub start_index: u64,
-}
-
-impl Default for ShardsReadParams {
-    fn default() -> Self {
-        ShardsReadParams {
-            dir: PathBuf::new(),
-            epochs: 1,
-            shuffle: false,
-            start_epoch: 0,
-            start_index: 0,
-        }
-    }
-}
-
-pub use crate::stream::epoch_order;
-
-impl Params for ShardsReadParams {
-    fn check(&self) -> Vec<ParamError> {
-        let mut e = Vec::new();
-        if self.dir.as_os_str().is_empty() {
-            e.push(ParamError::new(
-                "dir",
-                "required: a shard directory written by shards.write",
-            ));
-        }
-        if self.epochs == 0 {
-            e.push(ParamError::new("epochs", "must be at least 1"));
-        }
-        if self.start_epoch >= self.epochs.max(1) {
-            e.push(ParamError::new(
-                "start_epoch",
-                format!(
-                    "must be below epochs ({}), got {}",
-                    self.epochs, self.start_epoch
-                ),
-            ));
-        }
-        e
-    }
-}
-
 /// Reads every utterance of one shard file.
 pub fn read_shard(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -753,113 +697,37 @@ pub fn read_shard(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
     Ok(out)
 }
 
-/// The `shards.read` stage.
-pub struct ShardsRead {
-    p: ShardsReadParams,
-    seed: u64,
-    files: Vec<PathBuf>,
-    rows: Vec<u64>,
-    /// The start came from the student's checkpoint (said when the stage runs).
-    resumed: bool,
-}
+/// A shard directory as [`ReadStage`] reads it.
+pub struct Shards;
 
-impl StageDef for ShardsRead {
-    type Params = ShardsReadParams;
+/// The `shards.read` stage.
+pub type ShardsRead = ReadStage<Shards>;
+
+impl PartSource for Shards {
+    type Item = Utterance;
     const KIND: &'static str = "shards.read";
     const DOC: &'static str =
         "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard; `start_epoch`/`start_index` resume inside the stream.";
-
-    fn inputs() -> Vec<Port> {
-        vec![]
-    }
-    fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Utterance>(
-            "out",
-            "utterances, epoch by epoch",
-        )]
-    }
-    fn link(
-        _: &ShardsReadParams,
-        _: &StageContext,
-        linker: &mut pipeline::Linker,
-    ) -> Vec<ParamError> {
-        linker.read(&crate::stream::READER_START);
-        Vec::new()
-    }
-    fn validate(p: &ShardsReadParams, _ctx: &StageContext) -> Vec<ParamError> {
-        match ShardIndex::load(&p.dir) {
-            Ok(Some(i)) if !i.complete => vec![ParamError::new(
-                "dir",
-                format!(
-                    "{}: the prep that writes it has not finished; rerun it to complete the shards",
-                    p.dir.display()
-                ),
-            )],
-            Ok(Some(_)) => vec![],
-            Ok(None) => vec![ParamError::new(
-                "dir",
-                format!(
-                    "no shard index at {}: run the prep spec first",
-                    p.dir.join(INDEX_FILE).display()
-                ),
-            )],
-            Err(e) => vec![ParamError::new("dir", e.to_string())],
-        }
-    }
-    fn create(
-        p: &ShardsReadParams,
-        ctx: &StageContext,
-        _worker: usize,
-    ) -> Result<Self, StageError> {
-        let index = ShardIndex::load(&p.dir)?
-            .ok_or_else(|| StageError::failed(format!("no shard index in {}", p.dir.display())))?;
-        let with_files: Vec<&ShardEntry> =
-            index.shards.iter().filter(|s| s.file.is_some()).collect();
-        let files = with_files
-            .iter()
-            .filter_map(|s| s.file.as_ref())
-            .map(|f| p.dir.join(f))
-            .collect();
-        let rows = with_files.iter().map(|s| s.rows).collect();
-        let mut p = p.clone();
-        let start = crate::stream::reader_start(ctx, p.epochs);
-        if let Some((epoch, index)) = start {
-            p.start_epoch = epoch;
-            p.start_index = index;
-        }
-        Ok(ShardsRead {
-            p,
-            seed: ctx.seed,
-            resumed: start.is_some(),
-            files,
-            rows,
-        })
-    }
-}
-
-impl Stage for ShardsRead {
-    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        if self.resumed {
-            io.note(format!(
-                "resuming the data stream at epoch {}, utterance {} (the student's checkpoint)",
-                self.p.start_epoch, self.p.start_index
-            ));
-        }
-        let reader = EpochReader {
-            seed: self.seed,
-            epochs: self.p.epochs,
-            shuffle: self.p.shuffle,
-            start_epoch: self.p.start_epoch,
-            start_index: self.p.start_index,
-            parts: self
-                .files
+    const OUT_DOC: &'static str = "utterances, epoch by epoch";
+    const UNIT: &'static str = "shards";
+    fn parts(dir: &Path) -> crate::Result<Vec<(PathBuf, u64)>> {
+        match ShardIndex::load(dir)? {
+            Some(i) if !i.complete => Err(crate::Error::invalid(format!(
+                "{}: the prep that writes it has not finished; rerun it to complete the shards",
+                dir.display()
+            ))),
+            Some(i) => Ok(i
+                .shards
                 .iter()
-                .cloned()
-                .zip(self.rows.iter().copied())
-                .collect(),
-        };
-        reader.run(io, "shards", |path, epoch| {
-            read_shard(path, epoch).map_err(StageError::from)
-        })
+                .filter_map(|s| s.file.as_ref().map(|f| (dir.join(f), s.rows)))
+                .collect()),
+            None => Err(crate::Error::invalid(format!(
+                "no shard index at {}: run the prep spec first",
+                dir.join(INDEX_FILE).display()
+            ))),
+        }
+    }
+    fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
+        read_shard(path, epoch)
     }
 }

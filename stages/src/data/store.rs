@@ -1,7 +1,7 @@
 //! The feature store: `features.write` (Parquet parts with an index) and `features.read`.
 
 use crate::items::Features;
-use crate::stream::EpochReader;
+use crate::stream::{PartSource, ReadStage};
 use arrow::array::{
     Array, ArrayRef, Float32Array, Float32Builder, Float64Array, Int32Array, ListArray,
     ListBuilder, StringArray, UInt32Array,
@@ -344,154 +344,36 @@ pub fn read_features(path: &Path, epoch: Option<u32>) -> crate::Result<Vec<Featu
     Ok(out)
 }
 
-/// Parameters of `features.read`.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct FeaturesReadParams {
-    /// Directory written by `features.write`.
-    pub dir: PathBuf,
-    /// Passes over the data.
-    pub epochs: u32,
-    /// Shuffle part order and rows within each part, per epoch, from the stage's seed.
-    pub shuffle: bool,
-    /// First epoch to stream (resuming).
-    pub start_epoch: u32,
-    /// Start at this index of `start_epoch`'s order (resuming inside an epoch; parts wholly
-    /// before it are not read).
-    pub start_index: u64,
-}
-
-impl Default for FeaturesReadParams {
-    fn default() -> Self {
-        FeaturesReadParams {
-            dir: PathBuf::new(),
-            epochs: 1,
-            shuffle: false,
-            start_epoch: 0,
-            start_index: 0,
-        }
-    }
-}
-
-impl Params for FeaturesReadParams {
-    fn check(&self) -> Vec<ParamError> {
-        let mut e = Vec::new();
-        if self.dir.as_os_str().is_empty() {
-            e.push(ParamError::new(
-                "dir",
-                "required: a directory written by features.write",
-            ));
-        }
-        if self.epochs == 0 {
-            e.push(ParamError::new("epochs", "must be at least 1"));
-        }
-        if self.start_epoch >= self.epochs.max(1) {
-            e.push(ParamError::new(
-                "start_epoch",
-                format!(
-                    "must be below epochs ({}), got {}",
-                    self.epochs, self.start_epoch
-                ),
-            ));
-        }
-        e
-    }
-}
+/// A feature store as [`ReadStage`] reads it.
+pub struct FeatureStore;
 
 /// The `features.read` stage.
-pub struct FeaturesRead {
-    p: FeaturesReadParams,
-    seed: u64,
-    files: Vec<PathBuf>,
-    rows: Vec<u64>,
-    /// The start came from the student's checkpoint (said when the stage runs).
-    resumed: bool,
-}
+pub type FeaturesRead = ReadStage<FeatureStore>;
 
-impl StageDef for FeaturesRead {
-    type Params = FeaturesReadParams;
+impl PartSource for FeatureStore {
+    type Item = Features;
     const KIND: &'static str = "features.read";
     const DOC: &'static str = "Streams stored features back for `epochs` passes, shuffled by seed if asked; one part in memory.";
-    fn inputs() -> Vec<Port> {
-        vec![]
-    }
-    fn outputs() -> Vec<Port> {
-        vec![Port::cloneable::<Features>(
-            "out",
-            "features, epoch by epoch",
-        )]
-    }
-    fn link(
-        _: &FeaturesReadParams,
-        _: &StageContext,
-        linker: &mut pipeline::Linker,
-    ) -> Vec<ParamError> {
-        linker.read(&crate::stream::READER_START);
-        Vec::new()
-    }
-    fn validate(p: &FeaturesReadParams, _ctx: &StageContext) -> Vec<ParamError> {
-        match FeatureIndex::load(&p.dir) {
-            Ok(Some(i)) if !i.complete => vec![ParamError::new(
-                "dir",
-                format!(
-                    "{}: the run that writes it has not finished",
-                    p.dir.display()
-                ),
-            )],
-            Ok(Some(_)) => vec![],
-            Ok(None) => vec![ParamError::new(
-                "dir",
-                format!(
-                    "no feature index at {}",
-                    p.dir.join(FEATURES_INDEX).display()
-                ),
-            )],
-            Err(e) => vec![ParamError::new("dir", e.to_string())],
-        }
-    }
-    fn create(p: &FeaturesReadParams, ctx: &StageContext, _: usize) -> Result<Self, StageError> {
-        let index = FeatureIndex::load(&p.dir)?.ok_or_else(|| {
-            StageError::failed(format!("no feature index in {}", p.dir.display()))
-        })?;
-        let mut p = p.clone();
-        let start = crate::stream::reader_start(ctx, p.epochs);
-        if let Some((epoch, index)) = start {
-            p.start_epoch = epoch;
-            p.start_index = index;
-        }
-        Ok(FeaturesRead {
-            seed: ctx.seed,
-            resumed: start.is_some(),
-            files: index.parts.iter().map(|x| p.dir.join(&x.file)).collect(),
-            rows: index.parts.iter().map(|x| x.rows).collect(),
-            p,
-        })
-    }
-}
-
-impl Stage for FeaturesRead {
-    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
-        if self.resumed {
-            io.note(format!(
-                "resuming the data stream at epoch {}, utterance {} (the student's checkpoint)",
-                self.p.start_epoch, self.p.start_index
-            ));
-        }
-        let reader = EpochReader {
-            seed: self.seed,
-            epochs: self.p.epochs,
-            shuffle: self.p.shuffle,
-            start_epoch: self.p.start_epoch,
-            start_index: self.p.start_index,
-            parts: self
-                .files
+    const OUT_DOC: &'static str = "features, epoch by epoch";
+    const UNIT: &'static str = "parts";
+    fn parts(dir: &Path) -> crate::Result<Vec<(PathBuf, u64)>> {
+        match FeatureIndex::load(dir)? {
+            Some(i) if !i.complete => Err(crate::Error::invalid(format!(
+                "{}: the run that writes it has not finished",
+                dir.display()
+            ))),
+            Some(i) => Ok(i
+                .parts
                 .iter()
-                .cloned()
-                .zip(self.rows.iter().copied())
-                .collect(),
-        };
-        reader.run(io, "parts", |path, epoch| {
-            read_features(path, Some(epoch)).map_err(StageError::from)
-        })
+                .map(|x| (dir.join(&x.file), x.rows))
+                .collect()),
+            None => Err(crate::Error::invalid(format!(
+                "no feature index at {}",
+                dir.join(FEATURES_INDEX).display()
+            ))),
+        }
+    }
+    fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Features>> {
+        read_features(path, Some(epoch))
     }
 }

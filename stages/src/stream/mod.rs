@@ -2,12 +2,12 @@
 //! `shards.read` and `features.read`, where a resumed training run starts reading, and the part
 //! directory (`store`) every store is written as.
 
+pub mod reader;
 pub mod store;
 
 use crate::items::DataPosition;
-use pipeline::{Link, Linker, StageContext, StageError, StageIo};
+use pipeline::{Link, Linker, StageContext};
 use rand::seq::SliceRandom;
-use std::path::{Path, PathBuf};
 
 /// The position after a training checkpoint, provided by the student when it resumes: where
 /// the batcher continues.
@@ -60,65 +60,4 @@ pub fn epoch_order(seed: u64, epoch: u32, rows: &[u64], shuffle: bool) -> Vec<(u
         .collect()
 }
 
-/// Streams the rows of a part directory for `epochs` passes in [`epoch_order`], one part in
-/// memory at a time; parts wholly before the start are not opened.
-pub struct EpochReader {
-    pub seed: u64,
-    pub epochs: u32,
-    pub shuffle: bool,
-    pub start_epoch: u32,
-    pub start_index: u64,
-    /// Each part's file and its row count (from the index).
-    pub parts: Vec<(PathBuf, u64)>,
-}
-
-impl EpochReader {
-    /// Sends every row on output 0; `read` reads one part (its rows in stored order) for an
-    /// epoch; `unit` names the parts in the progress line.
-    pub fn run<T: Send + 'static>(
-        &self,
-        io: &mut StageIo,
-        unit: &str,
-        read: impl Fn(&Path, u32) -> Result<Vec<T>, StageError>,
-    ) -> Result<(), StageError> {
-        let rows: Vec<u64> = self.parts.iter().map(|p| p.1).collect();
-        io.progress().set_length(
-            self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64,
-            unit,
-        );
-        for epoch in self.start_epoch..self.epochs {
-            let mut skip = if epoch == self.start_epoch {
-                self.start_index
-            } else {
-                0
-            };
-            for (k, perm) in epoch_order(self.seed, epoch, &rows, self.shuffle) {
-                if skip >= perm.len() as u64 {
-                    // Resuming: this whole part lies before the start; not even opened.
-                    skip -= perm.len() as u64;
-                    io.progress().inc(1);
-                    continue;
-                }
-                let path = &self.parts[k].0;
-                let items = read(path, epoch)?;
-                if items.len() != perm.len() {
-                    return Err(StageError::failed(format!(
-                        "{}: {} rows, the index says {}",
-                        path.display(),
-                        items.len(),
-                        perm.len()
-                    )));
-                }
-                let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
-                for &r in perm.iter().skip(skip as usize) {
-                    if let Some(u) = slots[r].take() {
-                        io.send(0, u)?;
-                    }
-                }
-                skip = 0;
-                io.progress().inc(1);
-            }
-        }
-        Ok(())
-    }
-}
+pub use reader::{EpochReader, PartSource, ReadStage, ReaderParams};

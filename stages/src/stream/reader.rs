@@ -1,0 +1,206 @@
+//! The readers of a part directory: `shards.read` and `features.read` are one stage,
+//! [`ReadStage`], over a [`PartSource`] that says how the store lists and reads its parts.
+
+use crate::stream::{epoch_order, reader_start, READER_START};
+use pipeline::{
+    Linker, ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+/// Parameters of a store reader (`shards.read`, `features.read`).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReaderParams {
+    /// The store's directory (written by `shards.write` or `features.write`).
+    pub dir: PathBuf,
+    /// Passes over the data.
+    pub epochs: u32,
+    /// Shuffle part order and the rows within each part, per epoch, from the stage's seed.
+    pub shuffle: bool,
+    /// Start at this epoch (resuming a run; earlier epochs are not read).
+    pub start_epoch: u32,
+    /// Start at this index of `start_epoch`'s order (resuming inside an epoch: the parts
+    /// before it are not read).
+    pub start_index: u64,
+}
+
+impl Default for ReaderParams {
+    fn default() -> Self {
+        ReaderParams {
+            dir: PathBuf::new(),
+            epochs: 1,
+            shuffle: false,
+            start_epoch: 0,
+            start_index: 0,
+        }
+    }
+}
+
+impl Params for ReaderParams {
+    fn check(&self) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        if self.dir.as_os_str().is_empty() {
+            e.push(ParamError::new(
+                "dir",
+                "required: a store directory (shards.write, features.write)",
+            ));
+        }
+        if self.epochs == 0 {
+            e.push(ParamError::new("epochs", "must be at least 1"));
+        }
+        if self.start_epoch >= self.epochs.max(1) {
+            e.push(ParamError::new(
+                "start_epoch",
+                format!(
+                    "must be below epochs ({}), got {}",
+                    self.epochs, self.start_epoch
+                ),
+            ));
+        }
+        e
+    }
+}
+
+/// A store read back by [`ReadStage`].
+pub trait PartSource: Send + Sync + 'static {
+    /// What one row becomes.
+    type Item: Clone + Send + 'static;
+    const KIND: &'static str;
+    const DOC: &'static str;
+    /// The output port's description.
+    const OUT_DOC: &'static str;
+    /// What the progress line counts (`shards`, `parts`).
+    const UNIT: &'static str;
+    /// The parts of a finished store with their row counts, or why it cannot be read.
+    fn parts(dir: &Path) -> crate::Result<Vec<(PathBuf, u64)>>;
+    /// The rows of one part, in stored order, as items of `epoch`.
+    fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Self::Item>>;
+}
+
+/// Streams a store's rows for `epochs` passes in [`epoch_order`], one part in memory at a
+/// time; when the plan resumes a training run, it starts at the student's data position.
+pub struct ReadStage<S> {
+    reader: EpochReader,
+    /// The start came from the student's checkpoint (said when the stage runs).
+    resumed: bool,
+    _source: PhantomData<fn() -> S>,
+}
+
+impl<S: PartSource> StageDef for ReadStage<S> {
+    type Params = ReaderParams;
+    const KIND: &'static str = S::KIND;
+    const DOC: &'static str = S::DOC;
+    fn inputs() -> Vec<Port> {
+        vec![]
+    }
+    fn outputs() -> Vec<Port> {
+        vec![Port::cloneable::<S::Item>("out", S::OUT_DOC)]
+    }
+    fn link(_: &ReaderParams, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
+        linker.read(&READER_START);
+        Vec::new()
+    }
+    fn validate(p: &ReaderParams, _ctx: &StageContext) -> Vec<ParamError> {
+        match S::parts(&p.dir) {
+            Ok(_) => vec![],
+            Err(e) => vec![ParamError::new("dir", e.to_string())],
+        }
+    }
+    fn create(p: &ReaderParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        let parts = S::parts(&p.dir)?;
+        let start = reader_start(ctx, p.epochs);
+        let (start_epoch, start_index) = start.unwrap_or((p.start_epoch, p.start_index));
+        let reader = EpochReader {
+            seed: ctx.seed,
+            epochs: p.epochs,
+            shuffle: p.shuffle,
+            start_epoch,
+            start_index,
+            parts,
+        };
+        Ok(ReadStage {
+            reader,
+            resumed: start.is_some(),
+            _source: PhantomData,
+        })
+    }
+}
+
+impl<S: PartSource> Stage for ReadStage<S> {
+    fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
+        if self.resumed {
+            let (epoch, index) = (self.reader.start_epoch, self.reader.start_index);
+            io.note(format!(
+                "resuming the data stream at epoch {epoch}, utterance {index} (the student's checkpoint)"
+            ));
+        }
+        self.reader
+            .run(io, S::UNIT, |path, epoch| Ok(S::read(path, epoch)?))
+    }
+}
+
+/// Streams the rows of a part directory for `epochs` passes in [`epoch_order`], one part in
+/// memory at a time; parts wholly before the start are not opened.
+pub struct EpochReader {
+    pub seed: u64,
+    pub epochs: u32,
+    pub shuffle: bool,
+    pub start_epoch: u32,
+    pub start_index: u64,
+    /// Each part's file and its row count (from the index).
+    pub parts: Vec<(PathBuf, u64)>,
+}
+
+impl EpochReader {
+    /// Sends every row on output 0; `read` reads one part (its rows in stored order) for an
+    /// epoch; `unit` names the parts in the progress line.
+    pub fn run<T: Send + 'static>(
+        &self,
+        io: &mut StageIo,
+        unit: &str,
+        read: impl Fn(&Path, u32) -> Result<Vec<T>, StageError>,
+    ) -> Result<(), StageError> {
+        let rows: Vec<u64> = self.parts.iter().map(|p| p.1).collect();
+        io.progress().set_length(
+            self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64,
+            unit,
+        );
+        for epoch in self.start_epoch..self.epochs {
+            let mut skip = if epoch == self.start_epoch {
+                self.start_index
+            } else {
+                0
+            };
+            for (k, perm) in epoch_order(self.seed, epoch, &rows, self.shuffle) {
+                if skip >= perm.len() as u64 {
+                    // Resuming: this whole part lies before the start; not even opened.
+                    skip -= perm.len() as u64;
+                    io.progress().inc(1);
+                    continue;
+                }
+                let path = &self.parts[k].0;
+                let items = read(path, epoch)?;
+                if items.len() != perm.len() {
+                    return Err(StageError::failed(format!(
+                        "{}: {} rows, the index says {}",
+                        path.display(),
+                        items.len(),
+                        perm.len()
+                    )));
+                }
+                let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+                for &r in perm.iter().skip(skip as usize) {
+                    if let Some(u) = slots[r].take() {
+                        io.send(0, u)?;
+                    }
+                }
+                skip = 0;
+                io.progress().inc(1);
+            }
+        }
+        Ok(())
+    }
+}
