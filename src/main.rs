@@ -200,7 +200,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query { mut args, format } => {
-            let format: lab::sql::Format = format.parse().map_err(anyhow::Error::msg)?;
+            let format: lab::sql::Format = format.parse()?;
             let Some(sql) = args.pop() else {
                 bail!("usage: ehmam query RUN_DIR... \"SQL\"")
             };

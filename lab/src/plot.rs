@@ -58,14 +58,14 @@ pub(crate) fn register_font() {
 }
 
 /// A column of query results as f64 (NULL → NaN).
-pub(crate) fn column_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, String> {
+pub(crate) fn column_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, SqlError> {
     let mut out = Vec::new();
     for b in batches {
         let c = b
             .column_by_name(name)
-            .ok_or_else(|| format!("no column `{name}`"))?;
+            .ok_or_else(|| SqlError::Input(format!("no column `{name}`")))?;
         let c = arrow::compute::cast(c, &DataType::Float64)
-            .map_err(|e| format!("column `{name}`: {e}"))?;
+            .map_err(|e| SqlError::Input(format!("column `{name}`: {e}")))?;
         let a = c.as_primitive::<Float64Type>();
         out.extend((0..a.len()).map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) }));
     }
@@ -73,7 +73,7 @@ pub(crate) fn column_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>
 }
 
 fn col_f64(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, PlotError> {
-    column_f64(batches, name).map_err(PlotError::Input)
+    Ok(column_f64(batches, name)?)
 }
 
 fn col_str(batches: &[RecordBatch], name: &str) -> Result<Vec<String>, PlotError> {

@@ -83,7 +83,7 @@ pub struct RunRow {
 }
 
 fn f64s(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, ReportError> {
-    crate::plot::column_f64(batches, name).map_err(ReportError::Input)
+    Ok(crate::plot::column_f64(batches, name)?)
 }
 
 use crate::plot::lit;

@@ -20,7 +20,7 @@ pub enum RunsError {
     Report(#[from] ReportError),
     /// A grid or spec list that cannot make a sweep.
     #[error("{0}")]
-    Sweep(String),
+    Sweep(#[from] crate::sweep::SweepError),
     #[error("cannot install the Ctrl-C handler: {0}")]
     Signal(String),
 }
@@ -87,9 +87,8 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
         .grid
         .iter()
         .map(|g| sweep::parse_axis(g))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(RunsError::Sweep)?;
-    let runs = sweep::plan(o.specs, &axes, o.set, o.out).map_err(RunsError::Sweep)?;
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let runs = sweep::plan(o.specs, &axes, o.set, o.out)?;
     let plans = validate_all(&runs)?;
     // Each run gets its own cancel token (a failed run cancels its own graph only); Ctrl-C
     // interrupts the current run and stops the sweep.

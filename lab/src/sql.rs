@@ -53,13 +53,15 @@ pub enum Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = SqlError;
+    fn from_str(s: &str) -> Result<Self, SqlError> {
         match s {
             "table" => Ok(Format::Table),
             "csv" => Ok(Format::Csv),
             "json" => Ok(Format::Json),
-            other => Err(format!("unknown format `{other}` (table, csv or json)")),
+            other => Err(SqlError::Input(format!(
+                "unknown format `{other}` (table, csv or json)"
+            ))),
         }
     }
 }
@@ -187,16 +189,14 @@ fn file_schema(path: &Path) -> Result<Option<SchemaRef>, SqlError> {
 fn read_file(path: &Path) -> Result<Option<Vec<RecordBatch>>, SqlError> {
     let file = File::open(path)
         .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", path.display())))?;
-    let batches: Result<Vec<RecordBatch>, String> = if is_parquet(path) {
-        match ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()) {
-            Ok(r) => r.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
+    let batches: Result<Vec<RecordBatch>, arrow::error::ArrowError> = if is_parquet(path) {
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(arrow::error::ArrowError::from)
+            .and_then(|r| r.collect::<Result<Vec<_>, _>>())
     } else {
-        match arrow::ipc::reader::FileReader::try_new(file, None) {
-            Ok(r) => r.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
+        arrow::ipc::reader::FileReader::try_new(file, None)
+            .and_then(|r| r.collect::<Result<Vec<_>, _>>())
     };
     match batches {
         Ok(b) => Ok(Some(b)),

@@ -11,6 +11,17 @@
 use serde_yaml::Value;
 use std::path::{Path, PathBuf};
 
+/// A grid or spec list that cannot make a sweep (the message says why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SweepError(pub String);
+
+impl From<String> for SweepError {
+    fn from(s: String) -> Self {
+        SweepError(s)
+    }
+}
+
 /// One run of a sweep.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepRun {
@@ -29,13 +40,15 @@ pub struct Axis {
 }
 
 /// Parses `PATH=[v1, v2, …]` (a YAML flow sequence; a single value is an axis of one).
-pub fn parse_axis(s: &str) -> Result<Axis, String> {
+pub fn parse_axis(s: &str) -> Result<Axis, SweepError> {
     let (path, vals) = s
         .split_once('=')
         .ok_or_else(|| format!("--grid `{s}`: expected PATH=[V1, V2, …]"))?;
     let path = path.trim();
     if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
-        return Err(format!("--grid `{s}`: `{path}` is not a dotted path"));
+        return Err(SweepError::from(format!(
+            "--grid `{s}`: `{path}` is not a dotted path"
+        )));
     }
     let v: Value = serde_yaml::from_str(vals)
         .map_err(|e| format!("--grid `{s}`: the values are not YAML: {e}"))?;
@@ -44,7 +57,7 @@ pub fn parse_axis(s: &str) -> Result<Axis, String> {
         other => vec![other],
     };
     if values.is_empty() {
-        return Err(format!("--grid `{s}`: no values"));
+        return Err(SweepError::from(format!("--grid `{s}`: no values")));
     }
     Ok(Axis {
         path: path.to_string(),
@@ -87,7 +100,7 @@ pub fn plan(
     axes: &[Axis],
     sets: &[String],
     out: &Path,
-) -> Result<Vec<SweepRun>, String> {
+) -> Result<Vec<SweepRun>, SweepError> {
     let mut points: Vec<Vec<(String, Value)>> = vec![Vec::new()];
     for a in axes {
         let mut next = Vec::new();
@@ -126,10 +139,10 @@ pub fn plan(
     let mut seen = std::collections::BTreeSet::new();
     for r in &runs {
         if !seen.insert(r.name.clone()) {
-            return Err(format!(
+            return Err(SweepError::from(format!(
                 "two runs of the sweep are both named `{}` (give the specs different names)",
                 r.name
-            ));
+            )));
         }
     }
     Ok(runs)

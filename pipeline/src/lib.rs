@@ -26,7 +26,7 @@ pub mod telemetry;
 pub use cancel::CancelToken;
 pub use error::{RunError, SpecError, SpecErrors, StageError};
 pub use io::{Port, StageIo};
-pub use links::{Link, LinkInfo, Linker, Links};
+pub use links::{AlreadyProvided, Link, LinkInfo, Linker, Links};
 pub use params::{parse_params, NoParams, ParamDoc, ParamError, Params};
 pub use plan::{validate, Plan};
 pub use progress::Progress;

@@ -38,6 +38,13 @@ impl<T: Any + Send + Sync> Link<T> {
     }
 }
 
+/// A link's one provider is another stage (named): the caller words the error for its
+/// parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlreadyProvided {
+    pub by: String,
+}
+
 /// One link of a plan: its value type, the stage that provides it and those that read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -71,17 +78,17 @@ impl<'a> Linker<'a> {
     pub(crate) fn new(stage: &'a str, table: &'a mut LinkTable) -> Self {
         Linker { stage, table }
     }
-    /// This stage provides `link` with `value`. A link has one provider: `Err(stage)` names the
-    /// stage that already provides it (the caller words the error for its parameter).
+    /// This stage provides `link` with `value`. A link has one provider: `Err` names the stage
+    /// that already provides it.
     pub fn provide<T: Any + Send + Sync>(
         &mut self,
         link: &Link<T>,
         value: T,
-    ) -> Result<(), String> {
+    ) -> Result<(), AlreadyProvided> {
         let e = self.table.entries.entry(link.name.to_string()).or_default();
         e.ty = std::any::type_name::<T>();
         match &e.provider {
-            Some(other) if other != self.stage => Err(other.clone()),
+            Some(other) if other != self.stage => Err(AlreadyProvided { by: other.clone() }),
             _ => {
                 e.provider = Some(self.stage.to_string());
                 e.value = Some(Arc::new(value));
@@ -159,7 +166,9 @@ mod tests {
         Linker::new("student", &mut t).provide(&STEPS, 300).unwrap();
         assert_eq!(
             Linker::new("other", &mut t).provide(&STEPS, 5),
-            Err("student".to_string())
+            Err(AlreadyProvided {
+                by: "student".into()
+            })
         );
         let links = Links::default();
         assert!(links.get(&STEPS).is_none(), "nothing before the link step");

@@ -375,7 +375,7 @@ impl StageDef for Offer {
             Ok(()) => vec![],
             Err(other) => vec![ParamError::new(
                 "link",
-                format!("also offered by `{other}`"),
+                format!("also offered by `{}`", other.by),
             )],
         }
     }

@@ -446,10 +446,10 @@ fn read_metadata(path: &Path) -> crate::Result<(Vec<(String, String)>, Vec<Recor
     Ok((out, batches))
 }
 
-fn string_col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
+fn string_col<'a>(b: &'a RecordBatch, name: &str) -> crate::Result<&'a StringArray> {
     b.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .ok_or_else(|| format!("shard has no string column `{name}`"))
+        .ok_or_else(|| crate::Error::invalid(format!("shard has no string column `{name}`")))
 }
 
 impl ShardsWrite {

@@ -272,13 +272,13 @@ pub fn read_features(path: &Path, epoch: Option<u32>) -> crate::Result<Vec<Featu
     for b in reader {
         let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
         let err = |c: &str| {
-            format!(
-                "{}: column `{c}` is missing or of the wrong type",
-                path.display()
+            crate::Error::damaged(
+                path,
+                format!("column `{c}` is missing or of the wrong type"),
             )
         };
         let col = |c: &str| b.column_by_name(c).cloned().ok_or_else(|| err(c));
-        let s = |c: &str| -> Result<StringArray, String> {
+        let s = |c: &str| -> crate::Result<StringArray> {
             col(c)?
                 .as_any()
                 .downcast_ref::<StringArray>()

@@ -151,7 +151,7 @@ pub(crate) fn claim_tables(linker: &mut Linker, tables: &[(&str, &str)]) -> Vec<
     for (field, table) in tables {
         let link: Link<()> = Link::named(format!("logs.table.{table}"));
         if let Err(other) = linker.provide(&link, ()) {
-            errors.push(ParamError::new(*field, format!("table `{table}` is already written by stage `{other}`; give one of them another `{field}`")));
+            errors.push(ParamError::new(*field, format!("table `{table}` is already written by stage `{}`; give one of them another `{field}`", other.by)));
         }
     }
     errors

@@ -19,7 +19,10 @@ pub const RESUME_POSITION: Link<DataPosition> = Link::new("stream.resume_positio
 pub const READER_START: Link<DataPosition> = Link::new("stream.reader_start");
 
 /// A student resuming from a checkpoint taken at `pos` provides where the stream continues.
-pub fn provide_resume(linker: &mut Linker, pos: DataPosition) -> Result<(), String> {
+pub fn provide_resume(
+    linker: &mut Linker,
+    pos: DataPosition,
+) -> Result<(), pipeline::AlreadyProvided> {
     linker.provide(&RESUME_POSITION, pos)?;
     linker.provide(&READER_START, pos)
 }

@@ -631,11 +631,14 @@ impl StageDef for StudentStage {
         linker: &mut pipeline::Linker,
     ) -> Vec<ParamError> {
         let mut e = Vec::new();
-        let mut provide = |r: Result<(), String>| {
+        let mut provide = |r: Result<(), pipeline::AlreadyProvided>| {
             if let Err(other) = r {
                 e.push(ParamError::new(
                     "",
-                    format!("stage `{other}` is a student too: one spec trains one student"),
+                    format!(
+                        "stage `{}` is a student too: one spec trains one student",
+                        other.by
+                    ),
                 ));
             }
         };
