@@ -64,6 +64,16 @@ impl Error {
     }
 }
 
+/// A tensor operation that failed (shapes, device memory, a kernel).
+impl From<candle_core::Error> for Error {
+    fn from(cause: candle_core::Error) -> Self {
+        Error::Device {
+            context: "tensor operation".into(),
+            cause,
+        }
+    }
+}
+
 impl From<String> for Error {
     fn from(s: String) -> Self {
         Error::Invalid(s)

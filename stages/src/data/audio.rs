@@ -47,9 +47,10 @@ impl PcmAudio {
     }
 }
 
-/// Why a file was rejected: a short category and the details.
+/// Why a file was rejected: a short category and the details (the `reason` of
+/// [`crate::Error::BadInput`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection(pub String);
+pub(crate) struct Rejection(pub String);
 
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,8 +84,16 @@ fn install_quiet_hook() {
     });
 }
 
-/// Decodes a whole file. Every failure is a [`Rejection`] with its reason; nothing panics.
-pub fn decode_file(path: &Path) -> Result<PcmAudio, Rejection> {
+/// Decodes a whole file. Every failure is [`crate::Error::BadInput`] with its reason (a short
+/// category, then the details); nothing panics.
+pub fn decode_file(path: &Path) -> crate::Result<PcmAudio> {
+    decode_catching(path).map_err(|r| crate::Error::BadInput {
+        path: path.into(),
+        reason: r.0,
+    })
+}
+
+fn decode_catching(path: &Path) -> Result<PcmAudio, Rejection> {
     install_quiet_hook();
     IN_DECODER.with(|f| f.set(true));
     let result = std::panic::catch_unwind(|| decode_file_inner(path));

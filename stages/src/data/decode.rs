@@ -457,7 +457,8 @@ pub fn decode_input(f: &InputFile, sample_rate: u32, min_seconds: f64) -> Decode
     }
     let pcm = match decode_file(&f.path) {
         Ok(p) => p,
-        Err(r) => return rejected(r.0),
+        Err(crate::Error::BadInput { reason, .. }) => return rejected(reason),
+        Err(e) => return rejected(e.to_string()),
     };
     let secs = pcm.frames() as f64 / pcm.sample_rate as f64;
     if secs < min_seconds {

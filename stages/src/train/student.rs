@@ -393,7 +393,9 @@ impl Student {
     }
 
     /// One update on a masked batch.
-    pub fn train_step(&mut self, m: &Masked) -> candle_core::Result<StepOut> {
+    /// One update; a non-finite loss is [`crate::Error::Diverged`] (found after the optimiser
+    /// step: the run stops, and a rerun resumes from its last checkpoint).
+    pub fn train_step(&mut self, m: &Masked) -> crate::Result<StepOut> {
         let t0 = Instant::now();
         let b = &m.taught.batch;
         let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
@@ -449,10 +451,11 @@ impl Student {
             }
         }
         if !loss.is_finite() {
-            candle_core::bail!(
-                "step {}: the loss is {loss} (diverged); lower lr",
-                self.step - 1
-            );
+            let what = format!("the loss is {loss} (diverged); lower lr");
+            return Err(crate::Error::Diverged {
+                step: self.step - 1,
+                what,
+            });
         }
         let record = StepRecord {
             step: b.step,
@@ -742,10 +745,10 @@ impl Stage for StudentStage {
             if step < self.student.step {
                 continue;
             }
-            let out = self
-                .student
-                .train_step(&m)
-                .map_err(|e| StageError::failed(format!("update {step}: {e}")))?;
+            let out = self.student.train_step(&m).map_err(|e| match e {
+                e @ crate::Error::Diverged { .. } => StageError::failed(e.to_string()),
+                e => StageError::failed(format!("update {step}: {e}")),
+            })?;
             // The teacher may be waiting for these weights.
             self.cell.publish(
                 self.student
