@@ -89,7 +89,11 @@ fn record(step: u64) -> StepRecord {
         lr: 1e-3 * (s / 300.0).min(1.0),
         loss: 7.0 / (1.0 + s).sqrt() + 1e-9 * s,
         loss_rec: 6.5 / (1.0 + s).sqrt(),
-        loss_aux: if step % 7 == 0 { 0.0 } else { 0.1 / (1.0 + s) },
+        loss_aux: if step.is_multiple_of(7) {
+            0.0
+        } else {
+            0.1 / (1.0 + s)
+        },
         tau: 0.99 + 0.009 * s / 300.0,
         hard_ratio: s / 300.0,
         masked_frac: 0.5 - 0.25 * s / 300.0,
@@ -98,8 +102,12 @@ fn record(step: u64) -> StepRecord {
         audio_s: 8.0 + (step % 5) as f64,
         step_ms: 20.0 + (step % 3) as f64,
         target_std: 1.0 + 1e-3 * s,
-        pred_std: if step % 11 == 0 { f64::NAN } else { 0.5 },
-        rank_agreement: if step % 11 == 0 {
+        pred_std: if step.is_multiple_of(11) {
+            f64::NAN
+        } else {
+            0.5
+        },
+        rank_agreement: if step.is_multiple_of(11) {
             f64::NAN
         } else {
             0.5 + s / 1000.0
@@ -126,7 +134,7 @@ fn expected(steps: impl Iterator<Item = u64>) -> Vec<Scalar> {
             ("train/target_std", r.target_std),
             ("perf/step_ms", r.step_ms),
         ];
-        if s % 11 != 0 {
+        if !s.is_multiple_of(11) {
             v.push(("train/rank_agreement", r.rank_agreement));
             v.push(("train/pred_std", r.pred_std));
         }

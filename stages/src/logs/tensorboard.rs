@@ -389,7 +389,7 @@ impl TensorBoardLog {
                 (secs > 0.0).then(|| (self.meter.updates as f64 / secs, self.meter.audio_s / secs))
             }
         };
-        if r.step % self.every != 0 {
+        if !r.step.is_multiple_of(self.every) {
             return Ok(());
         }
         if self.last.is_some_and(|l| r.step <= l) {
