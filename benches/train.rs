@@ -10,6 +10,10 @@
 //   cargo bench --bench train -- STEPS        (updates per configuration; default 60)
 //
 // Steady state: the figures from the `steps` table skip the first 5 updates.
+//
+// Last, the `log.tensorboard` sink's own cost: 1,000 step records written (each point one write
+// to the event file), in µs a record and as a share of the fastest update above (the issue's
+// bound: under 1 %). `-- --sink-only` prints that line alone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -105,6 +109,10 @@ fn main() {
             staleness,
             steps,
         );
+        return;
+    }
+    if args.iter().any(|a| a == "--sink-only") {
+        println!("{}", tensorboard_sink_line(&tmp, None));
         return;
     }
     let steps: u64 = args
@@ -236,5 +244,58 @@ fn main() {
         batches as f64 / wall,
         batches as f64 / wall / fastest.max(1e-9)
     );
+    println!(
+        "{}",
+        tensorboard_sink_line(&tmp, Some(1e3 / fastest.max(1e-9)))
+    );
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Times 1,000 writes of the `log.tensorboard` sink into a fresh directory; `step_ms`, the
+/// fastest update's time, puts it in proportion.
+fn tensorboard_sink_line(tmp: &Path, step_ms: Option<f64>) -> String {
+    use stages::logs::tensorboard::{TensorBoardLog, TensorBoardParams};
+    const N: u64 = 1000;
+    let dir = tmp.join("tensorboard-sink");
+    let _ = std::fs::remove_dir_all(&dir);
+    let record = |step: u64| stages::items::StepRecord {
+        step,
+        epoch: 0,
+        lr: 1e-3,
+        loss: 5.0 / (1.0 + step as f64),
+        loss_rec: 4.0,
+        loss_aux: 0.1,
+        tau: 0.995,
+        hard_ratio: 0.5,
+        masked_frac: 0.4,
+        frames: 480,
+        utterances: 4,
+        audio_s: 16.0,
+        step_ms: 300.0,
+        target_std: 1.0,
+        pred_std: 0.8,
+        rank_agreement: 0.6,
+        teacher_rank_agreement: 0.55,
+        teacher_version: step,
+    };
+    let records: Vec<_> = (0..N).map(record).collect();
+    let mut log = TensorBoardLog::new(&TensorBoardParams::default(), &dir);
+    let t0 = Instant::now();
+    for r in &records {
+        log.write(r).expect("tensorboard write");
+    }
+    let s = log.finish().expect("tensorboard finish");
+    let us = t0.elapsed().as_secs_f64() * 1e6 / N as f64;
+    let _ = std::fs::remove_dir_all(&dir);
+    let share = match step_ms {
+        Some(ms) => format!(
+            " = {:.4} % of the fastest update ({ms:.0} ms)",
+            100.0 * us / (ms * 1e3)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "\nlog.tensorboard sink: {us:.1} µs a record ({N} records, {} bytes a point, the final sync included){share}",
+        s.bytes / s.points.max(1)
+    )
 }

@@ -1,7 +1,8 @@
 //! End-to-end training on the demo corpus through the command line: a short fixed-seed run
 //! learns (L_rec falls, targets do not collapse, the predictor ranks frames better than chance),
-//! a stopped and resumed run ends with the same weights as an uninterrupted one, a rerun of a
-//! finished run trains nothing, the encoder exports, and bad model blocks are refused.
+//! a stopped and resumed run ends with the same weights as an uninterrupted one (and its
+//! TensorBoard files hold each step once), a rerun of a finished run trains nothing, the encoder
+//! exports, and bad model blocks are refused.
 
 mod common;
 use common::*;
@@ -226,6 +227,26 @@ fn stopped_and_resumed_run_ends_with_the_same_weights() {
             .collect::<Vec<_>>()
     };
     assert_eq!(tail(&la), tail(&lb));
+    // The TensorBoard view: the resumed attempt wrote a second event file, each step is in one
+    // of them once, with the uninterrupted run's loss.
+    let losses = |run: &Path| {
+        let dir = run.join("tensorboard");
+        let files = stages::logs::tensorboard::event_files(&dir).unwrap();
+        let v: Vec<(i64, f32)> = stages::logs::tensorboard::read_scalars(&dir)
+            .unwrap()
+            .into_iter()
+            .filter(|(t, _, _)| t == "train/loss")
+            .map(|(_, s, v)| (s, v))
+            .collect();
+        (files.len(), v)
+    };
+    let ((na, ta), (nb, tb)) = (losses(&a), losses(&b));
+    assert_eq!((na, nb), (1, 2));
+    assert_eq!(
+        ta.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (0..24).collect::<Vec<i64>>()
+    );
+    assert_eq!(ta, tb);
 }
 
 #[test]

@@ -40,6 +40,7 @@ pub fn registry() -> Registry {
     r.with::<train::mask::MaskStage<train::mask::Hard>>();
     r.with::<logs::frames::LogFrames>();
     r.with::<logs::steps::LogSteps>();
+    r.with::<logs::tensorboard::LogTensorBoard>();
     r.cuda = cfg!(feature = "cuda");
     r
 }

@@ -40,7 +40,7 @@ pub const LOG_FORMAT: &str = "ehmam-log/1";
 /// Rows buffered before they go to the open part as one record batch.
 const BATCH_ROWS: usize = 32 * 1024;
 /// Names a log table may not take: the run directory's other tables.
-const RESERVED: [&str; 5] = [
+pub(crate) const RESERVED: [&str; 5] = [
     "utterances",
     "rejects",
     "stages",
