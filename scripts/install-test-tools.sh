@@ -11,7 +11,7 @@ fi
 pip=("$py" -m pip install --quiet --disable-pip-version-check --no-input)
 # A Python whose packages the system manages (PEP 668) refuses plain installs; install for this
 # user there instead.
-if ! "${pip[@]}" tensorboard 2>/dev/null; then
-    "${pip[@]}" --user --break-system-packages tensorboard
+if ! "${pip[@]}" "tensorboard==2.21.0" 2>/dev/null; then
+    "${pip[@]}" --user --break-system-packages "tensorboard==2.21.0"
 fi
 "$py" -c "import tensorboard"
