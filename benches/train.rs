@@ -276,6 +276,7 @@ fn tensorboard_sink_line(tmp: &Path, step_ms: Option<f64>) -> String {
         pred_std: 0.8,
         rank_agreement: 0.6,
         teacher_rank_agreement: 0.55,
+        grad_norm: 0.5,
         teacher_version: step,
     };
     let records: Vec<_> = (0..N).map(record).collect();

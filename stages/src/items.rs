@@ -114,6 +114,9 @@ pub struct StepRecord {
     pub rank_agreement: f64,
     /// The same for the teacher's predicted losses.
     pub teacher_rank_agreement: f64,
+    /// Global L2 norm of this update's gradients (every parameter that has one), before the
+    /// optimiser step.
+    pub grad_norm: f64,
     pub teacher_version: u64,
 }
 

@@ -878,3 +878,33 @@ fn adamw_matches_fairseq_by_hand() {
     close(get(&vars, "c"), &[1.996002], "c after 2");
     assert_eq!(adam.t, 2);
 }
+
+/// The logged gradient norm against an independent reading of the same gradients: after the
+/// first update AdamW's first moment is m = (1 − β1)·g exactly (m starts at 0), so
+/// ‖m‖ / (1 − β1) must equal `grad_norm`.
+#[test]
+fn logged_gradient_norm_equals_the_first_moment_over_one_minus_beta1() {
+    let cfg = tiny_cfg();
+    let p = StudentParams {
+        warmup_steps: Some(0),
+        ..StudentParams::default()
+    };
+    let mut s = Student::new(p, cfg.clone(), Device::Cpu, 3, DType::F32).unwrap();
+    let m = synthetic(&cfg, 2, 12, 5, 2);
+    let out = s.train_step(&m).unwrap();
+    let g = out.record.grad_norm;
+    assert!(g.is_finite() && g > 0.0, "{g}");
+    let mut sq = 0f64;
+    for (k, t) in s.checkpoint_tensors() {
+        if k.starts_with("adam.m.") {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            sq += v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        }
+    }
+    let beta1 = s.adam.beta1;
+    let from_moments = sq.sqrt() / (1.0 - beta1);
+    assert!(
+        (from_moments - g).abs() <= 1e-5 * g,
+        "moments give {from_moments}, logged {g}"
+    );
+}

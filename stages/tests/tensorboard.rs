@@ -113,6 +113,7 @@ fn record(step: u64) -> StepRecord {
             0.5 + s / 1000.0
         },
         teacher_rank_agreement: 0.55,
+        grad_norm: 0.5,
         teacher_version: step,
     }
 }

@@ -57,7 +57,7 @@ pub struct StepRows {
     f64s: [Float64Builder; 7],
     frames: Int64Builder,
     utterances: Int64Builder,
-    more: [Float64Builder; 6],
+    more: [Float64Builder; 7],
     teacher_version: Int64Builder,
     n: usize,
 }
@@ -141,10 +141,12 @@ impl StepLog {
                 r.pred_std,
                 r.rank_agreement,
                 r.teacher_rank_agreement,
+                r.grad_norm,
             ])
             .enumerate()
         {
-            if i >= 3 && !v.is_finite() {
+            // pred_std and the agreements are NULL where undefined.
+            if (3..6).contains(&i) && !v.is_finite() {
                 b.append_null();
             } else {
                 b.append_value(v);
@@ -237,6 +239,7 @@ mod tests {
             pred_std: f64::NAN,
             rank_agreement: f64::NAN,
             teacher_rank_agreement: 0.5,
+            grad_norm: 0.5,
             teacher_version: step,
         }
     }

@@ -113,6 +113,7 @@ pub fn steps_schema() -> SchemaRef {
         "pred_std",
         "rank_agreement",
         "teacher_rank_agreement",
+        "grad_norm",
     ] {
         // The predictor's metrics are NULL where they do not exist (α = 0: no student predictor;
         // no pair of distinct losses), so avg() over a union of runs stays meaningful.

@@ -558,6 +558,7 @@ fn scalars(r: &StepRecord) -> Vec<(&'static str, f64)> {
     if r.pred_std.is_finite() {
         v.push(("train/pred_std", r.pred_std));
     }
+    v.push(("train/grad_norm", r.grad_norm));
     v.push(("perf/step_ms", r.step_ms));
     v
 }
@@ -614,7 +615,7 @@ impl StageDef for LogTensorBoard {
             Ok(()) => Vec::new(),
             Err(other) => vec![ParamError::new(
                 "dir",
-                format!("`{}` of the run directory is already written by stage `{other}`; give one of them another `dir`", p.dir),
+                format!("`{}` of the run directory is already written by stage `{}`; give one of them another `dir`", p.dir, other.by),
             )],
         }
     }
@@ -678,6 +679,7 @@ mod tests {
             pred_std: f64::NAN,
             rank_agreement: f64::NAN,
             teacher_rank_agreement: 0.5,
+            grad_norm: 0.5,
             teacher_version: step,
         }
     }

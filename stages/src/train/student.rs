@@ -401,6 +401,7 @@ impl Student {
         let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
         let parts = self.loss(m, &mut noise)?;
         let grads = parts.loss.backward()?;
+        let grad_norm = grad_norm(&self.vars, &grads)?;
         let lr = lr_at(
             self.step,
             self.p.lr,
@@ -476,6 +477,7 @@ impl Student {
             pred_std,
             rank_agreement,
             teacher_rank_agreement,
+            grad_norm,
             teacher_version: m.taught.teacher_version,
         };
         let stride = self.cfg.stride();
@@ -694,6 +696,25 @@ impl StageDef for StudentStage {
             resumed_from,
         })
     }
+}
+
+/// ‖g‖₂ over every parameter that has a gradient in this update (what fairseq's trainer clips
+/// and logs as `gnorm`), summed in f64.
+fn grad_norm(
+    vars: &BTreeMap<String, Var>,
+    grads: &candle_core::backprop::GradStore,
+) -> candle_core::Result<f64> {
+    let mut sq = 0f64;
+    for v in vars.values() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sq.sqrt())
 }
 
 /// Where the data stream continues when the student resumes from its latest checkpoint.
