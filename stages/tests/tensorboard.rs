@@ -133,6 +133,7 @@ fn expected(steps: impl Iterator<Item = u64>) -> Vec<Scalar> {
             ("train/masked_frac", r.masked_frac),
             ("train/teacher_rank_agreement", r.teacher_rank_agreement),
             ("train/target_std", r.target_std),
+            ("train/grad_norm", r.grad_norm),
             ("perf/step_ms", r.step_ms),
         ];
         if !s.is_multiple_of(11) {

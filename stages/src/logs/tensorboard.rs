@@ -47,7 +47,7 @@ pub const FILE_VERSION: &str = "brain.Event:2";
 pub const FILE_PREFIX: &str = "events.out.tfevents.";
 
 /// Every tag a point may carry, with what it shows.
-pub const TAGS: [(&str, &str); 14] = [
+pub const TAGS: [(&str, &str); 15] = [
     ("train/loss", "the joint loss L as optimised"),
     ("train/loss_rec", "L_rec, the masked reconstruction loss"),
     (
@@ -61,6 +61,10 @@ pub const TAGS: [(&str, &str); 14] = [
         "r, the share of spans started at hard frames",
     ),
     ("train/masked_frac", "the share of frames masked"),
+    (
+        "train/grad_norm",
+        "the global L2 norm of the update's gradients, before the optimiser step",
+    ),
     (
         "train/rank_agreement",
         "the student predictor's rank agreement with the losses",
