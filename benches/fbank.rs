@@ -165,7 +165,12 @@ fn main() {
     // The pipeline over 20 epochs, with telemetry; peak RSS after 2 epochs vs after 20.
     let shards = tmp.join("shards");
     run_spec(&format!(
-        "name: p\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: {cores}, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 1 }} }}\n",
+        "name: p
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: {cores}, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 1 }} }}
+",
         tmp.join("p").display(),
         root.join("data/demo").display(),
         shards.display()
@@ -175,7 +180,13 @@ fn main() {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let t = Instant::now();
         let s = run_spec(&format!(
-            "name: f\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {}, epochs: {epochs}, shuffle: true }} }}\n  fb: {{ kind: features.fbank, from: r, workers: {cores} }}\n  b: {{ kind: batch.by_duration, from: fb, with: {{ max_seconds: 32 }} }}\n",
+            "name: f
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {}, epochs: {epochs}, shuffle: true }} }}
+  fb: {{ kind: features.fbank, from: r, workers: {cores} }}
+  b: {{ kind: batch.by_duration, from: fb, with: {{ max_seconds: 32 }} }}
+",
             tmp.join("f").display(),
             shards.display()
         ));

@@ -15,7 +15,12 @@ use std::time::Instant;
 fn prep_once(input: &Path, workers: usize, out: &Path) -> (f64, f64) {
     let _ = std::fs::remove_dir_all(out);
     let yaml = format!(
-        "name: bench\nrun_dir: {}\nstages:\n  decode: {{ kind: audio.decode, workers: {workers}, with: {{ input: {}, sample_rate: 16000, min_seconds: 0 }} }}\n  shards: {{ kind: shards.write, from: decode, with: {{ dir: {}, target_mb: 64 }} }}\n",
+        "name: bench
+run_dir: {}
+stages:
+  decode: {{ kind: audio.decode, workers: {workers}, with: {{ input: {}, sample_rate: 16000, min_seconds: 0 }} }}
+  shards: {{ kind: shards.write, from: decode, with: {{ dir: {}, target_mb: 64 }} }}
+",
         out.join("run").display(),
         input.display(),
         out.join("shards").display()

@@ -210,7 +210,14 @@ fn main() {
 
     // The data stages alone: how many batches a second they can make, against the student's needs.
     let yaml = format!(
-        "name: data\nrun_dir: {}\nseed: 7\nstages:\n  shards: {{ kind: shards.read, with: {{ dir: {}, epochs: 20, shuffle: true }} }}\n  fbank: {{ kind: features.fbank, from: shards, workers: 2, with: {{ num_mel_bins: 80, normalize: utterance, stack: 2 }} }}\n  batch: {{ kind: batch.by_duration, from: fbank, with: {{ max_seconds: 16, min_utt_seconds: 2, max_utt_seconds: 8 }} }}\n",
+        "name: data
+run_dir: {}
+seed: 7
+stages:
+  shards: {{ kind: shards.read, with: {{ dir: {}, epochs: 20, shuffle: true }} }}
+  fbank: {{ kind: features.fbank, from: shards, workers: 2, with: {{ num_mel_bins: 80, normalize: utterance, stack: 2 }} }}
+  batch: {{ kind: batch.by_duration, from: fbank, with: {{ max_seconds: 16, min_utt_seconds: 2, max_utt_seconds: 8 }} }}
+",
         tmp.join("data").display(),
         shards.display()
     );

@@ -9,7 +9,19 @@ fn validate_prints_every_error_and_exits_non_zero() {
     let bad = tmp.path().join("bad.yaml");
     std::fs::write(
         &bad,
-        "name: bad\nstages:\n  decode:\n    kind: audio.decod\n  shards:\n    kind: shards.write\n    from: decoder\n    with:\n      dir: x\n      target_mb: -1\n      zstd: 3\n  read: { kind: shards.read, workers: 0, with: { dir: /nonexistent, epochs: many } }\n",
+        "name: bad
+stages:
+  decode:
+    kind: audio.decod
+  shards:
+    kind: shards.write
+    from: decoder
+    with:
+      dir: x
+      target_mb: -1
+      zstd: 3
+  read: { kind: shards.read, workers: 0, with: { dir: /nonexistent, epochs: many } }
+",
     )
     .unwrap();
     let o = ehmam(&["validate", bad.to_str().unwrap()]);
@@ -79,7 +91,13 @@ fn a_fairseq_manifest_is_read_in_order_with_missing_files_rejected() {
     std::fs::write(
         &spec,
         format!(
-            "name: m\nrun_dir: {}\nstages:\n  decode: {{ kind: audio.decode, with: {{ input: {} }} }}\n  shards: {{ kind: shards.write, from: decode, with: {{ dir: {} }} }}\n  read: {{ kind: shards.read, with: {{ dir: {} }} }}\n",
+            "name: m
+run_dir: {}
+stages:
+  decode: {{ kind: audio.decode, with: {{ input: {} }} }}
+  shards: {{ kind: shards.write, from: decode, with: {{ dir: {} }} }}
+  read: {{ kind: shards.read, with: {{ dir: {} }} }}
+",
             tmp.path().join("run").display(),
             manifest.display(),
             tmp.path().join("shards").display(),

@@ -55,7 +55,12 @@ fn a_prep_over_a_mixed_folder_accounts_for_every_file() {
     std::fs::write(
         &spec,
         format!(
-            "name: mixed\nrun_dir: {}\nstages:\n  decode: {{ kind: audio.decode, workers: 2, with: {{ input: {}, min_seconds: 0.1 }} }}\n  shards: {{ kind: shards.write, from: decode, with: {{ dir: {} }} }}\n",
+            "name: mixed
+run_dir: {}
+stages:
+  decode: {{ kind: audio.decode, workers: 2, with: {{ input: {}, min_seconds: 0.1 }} }}
+  shards: {{ kind: shards.write, from: decode, with: {{ dir: {} }} }}
+",
             tmp.path().join("run").display(),
             input.display(),
             tmp.path().join("shards").display()

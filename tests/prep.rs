@@ -216,7 +216,10 @@ fn an_interrupted_prep_resumes_and_ends_identical() {
     std::fs::write(
         &read_spec,
         format!(
-            "name: r\nstages:\n  read: {{ kind: shards.read, with: {{ dir: {} }} }}\n",
+            "name: r
+stages:
+  read: {{ kind: shards.read, with: {{ dir: {} }} }}
+",
             cut.join("shards").display()
         ),
     )

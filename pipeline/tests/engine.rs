@@ -471,7 +471,12 @@ fn order_is_restored_behind_parallel_stages() {
     for workers in [1, 4] {
         let key = format!("order{workers}");
         run_spec(&format!(
-            "name: t\nstages:\n  nums: {{ kind: test.nums, workers: {workers}, with: {{ n: 300 }} }}\n  sq: {{ kind: test.square, from: nums, workers: {workers} }}\n  out: {{ kind: test.collect, from: sq, with: {{ key: {key} }} }}\n"
+            "name: t
+stages:
+  nums: {{ kind: test.nums, workers: {workers}, with: {{ n: 300 }} }}
+  sq: {{ kind: test.square, from: nums, workers: {workers} }}
+  out: {{ kind: test.collect, from: sq, with: {{ key: {key} }} }}
+"
         ))
         .unwrap();
         let want: Vec<u64> = (0..300).map(|x| x * x).collect();
@@ -481,16 +486,40 @@ fn order_is_restored_behind_parallel_stages() {
 
 #[test]
 fn parallel_stages_may_drop_or_repeat_items_in_order() {
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 3, with: { n: 50 } }\n  sq: { kind: test.square, from: nums, workers: 3, with: { repeat: 2 } }\n  out: { kind: test.collect, from: sq, with: { key: rep } }\n").unwrap();
+    run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, workers: 3, with: { n: 50 } }
+  sq: { kind: test.square, from: nums, workers: 3, with: { repeat: 2 } }
+  out: { kind: test.collect, from: sq, with: { key: rep } }
+",
+    )
+    .unwrap();
     let want: Vec<u64> = (0..50).flat_map(|x| [x * x, x * x]).collect();
     assert_eq!(collected("rep"), want);
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 3, with: { n: 50 } }\n  sq: { kind: test.square, from: nums, workers: 3, with: { repeat: 0 } }\n  out: { kind: test.collect, from: sq, with: { key: drop } }\n").unwrap();
+    run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, workers: 3, with: { n: 50 } }
+  sq: { kind: test.square, from: nums, workers: 3, with: { repeat: 0 } }
+  out: { kind: test.collect, from: sq, with: { key: drop } }
+",
+    )
+    .unwrap();
     assert!(collected("drop").is_empty());
 }
 
 #[test]
 fn fan_out_copies_to_every_consumer() {
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 2, with: { n: 40 } }\n  a: { kind: test.collect, from: nums, with: { key: fa } }\n  b: { kind: test.collect, from: nums, with: { key: fb } }\n").unwrap();
+    run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, workers: 2, with: { n: 40 } }
+  a: { kind: test.collect, from: nums, with: { key: fa } }
+  b: { kind: test.collect, from: nums, with: { key: fb } }
+",
+    )
+    .unwrap();
     let want: Vec<u64> = (0..40).collect();
     assert_eq!(collected("fa"), want);
     assert_eq!(collected("fb"), want);
@@ -498,7 +527,15 @@ fn fan_out_copies_to_every_consumer() {
 
 #[test]
 fn first_error_stops_the_graph_and_names_the_stage() {
-    let err = run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { forever: true } }\n  sq: { kind: test.square, from: nums, workers: 2, with: { fail_on: 25 } }\n  out: { kind: test.collect, from: sq, with: { key: err } }\n").unwrap_err();
+    let err = run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, with: { forever: true } }
+  sq: { kind: test.square, from: nums, workers: 2, with: { fail_on: 25 } }
+  out: { kind: test.collect, from: sq, with: { key: err } }
+",
+    )
+    .unwrap_err();
     match err {
         RunError::Stage {
             stage,
@@ -515,7 +552,15 @@ fn first_error_stops_the_graph_and_names_the_stage() {
 
 #[test]
 fn a_panicking_stage_is_an_error_not_a_crash() {
-    let err = run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 100 } }\n  sq: { kind: test.square, from: nums, with: { panic_on: 7 } }\n  out: { kind: test.collect, from: sq, with: { key: panic } }\n").unwrap_err();
+    let err = run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, with: { n: 100 } }
+  sq: { kind: test.square, from: nums, with: { panic_on: 7 } }
+  out: { kind: test.collect, from: sq, with: { key: panic } }
+",
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, RunError::Stage { stage, message, .. } if stage == "sq" && message.contains("boom at 7")),
         "{err}"
@@ -524,7 +569,15 @@ fn a_panicking_stage_is_an_error_not_a_crash() {
 
 #[test]
 fn a_consumer_that_stops_early_stops_its_producers() {
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, workers: 2, with: { forever: true } }\n  sq: { kind: test.square, from: nums, workers: 2 }\n  out: { kind: test.collect, from: sq, with: { key: take, take: 20 } }\n").unwrap();
+    run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, workers: 2, with: { forever: true } }
+  sq: { kind: test.square, from: nums, workers: 2 }
+  out: { kind: test.collect, from: sq, with: { key: take, take: 20 } }
+",
+    )
+    .unwrap();
     let want: Vec<u64> = (0..20).map(|x| x * x).collect();
     assert_eq!(collected("take"), want);
 }
@@ -533,7 +586,12 @@ fn a_consumer_that_stops_early_stops_its_producers() {
 fn cancellation_stops_every_thread() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, workers: 2, with: {{ forever: true, sleep_ms: 1 }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: cancel }} }}\n",
+        "name: t
+run_dir: {}
+stages:
+  nums: {{ kind: test.nums, workers: 2, with: {{ forever: true, sleep_ms: 1 }} }}
+  out: {{ kind: test.collect, from: nums, with: {{ key: cancel }} }}
+",
         dir.path().join("r").display()
     );
     let plan = pipeline::validate(
@@ -565,11 +623,25 @@ fn cancellation_stops_every_thread() {
 #[test]
 fn resume_skips_what_the_consumer_holds() {
     // A source that honours the skip starts after it.
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  out: { kind: test.collect, from: nums, with: { key: resume, resume: 12 } }\n").unwrap();
+    run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, with: { n: 30 } }
+  out: { kind: test.collect, from: nums, with: { key: resume, resume: 12 } }
+",
+    )
+    .unwrap();
     assert_eq!(collected("resume"), (12..30).collect::<Vec<u64>>());
     // Behind a stage that cannot skip, the consumer's input drops the leading items itself.
-    run_spec("name: t\nstages:\n  nums: { kind: test.nums, with: { n: 30 } }\n  sq: { kind: test.square, from: nums }\n  out: { kind: test.collect, from: sq, with: { key: resume2, resume: 5 } }\n")
-        .unwrap();
+    run_spec(
+        "name: t
+stages:
+  nums: { kind: test.nums, with: { n: 30 } }
+  sq: { kind: test.square, from: nums }
+  out: { kind: test.collect, from: sq, with: { key: resume2, resume: 5 } }
+",
+    )
+    .unwrap();
     assert_eq!(
         collected("resume2"),
         (5..30).map(|x| x * x).collect::<Vec<u64>>()
@@ -579,7 +651,15 @@ fn resume_skips_what_the_consumer_holds() {
 #[test]
 fn memory_is_bounded_under_back_pressure() {
     MAX_LIVE.store(0, Ordering::SeqCst);
-    let summary = run_spec("name: t\nchannel_capacity: 4\nstages:\n  big: { kind: test.big }\n  slow: { kind: test.slow, from: big }\n").unwrap();
+    let summary = run_spec(
+        "name: t
+channel_capacity: 4
+stages:
+  big: { kind: test.big }
+  slow: { kind: test.slow, from: big }
+",
+    )
+    .unwrap();
     let max = MAX_LIVE.load(Ordering::SeqCst);
     // Capacity 4 in the channel, one being sent, one being consumed.
     assert!(max <= 6, "at most 6 items should exist at once, saw {max}");
@@ -597,7 +677,15 @@ fn memory_is_bounded_under_back_pressure() {
 fn telemetry_is_saved_as_the_stages_table() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    let yaml = format!("name: tele\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 5 }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: tele }} }}\n", run_dir.display());
+    let yaml = format!(
+        "name: tele
+run_dir: {}
+stages:
+  nums: {{ kind: test.nums, with: {{ n: 5 }} }}
+  out: {{ kind: test.collect, from: nums, with: {{ key: tele }} }}
+",
+        run_dir.display()
+    );
     let plan = pipeline::validate(
         pipeline::load_str(&yaml, "t.yaml", &[]).unwrap(),
         &registry(),
@@ -627,7 +715,15 @@ fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let mk = |n: u64| {
-        format!("name: t\nrun_dir: {}\nstages:\n  nums: {{ kind: test.nums, with: {{ n: {n} }} }}\n  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}\n", run_dir.display())
+        format!(
+            "name: t
+run_dir: {}
+stages:
+  nums: {{ kind: test.nums, with: {{ n: {n} }} }}
+  out: {{ kind: test.collect, from: nums, with: {{ key: chg }} }}
+",
+            run_dir.display()
+        )
     };
     let go = |yaml: String, force: bool| {
         pipeline::run(
@@ -655,7 +751,16 @@ fn a_changed_spec_is_refused_in_the_same_run_dir_unless_forced() {
 
 #[test]
 fn validation_reports_every_error_with_paths_and_lines() {
-    let yaml = "name: t\nstages:\n  nums: { kind: test.nums, with: { n: many, sleep: 3 } }\n  sq: { kind: test.sqaure, from: nums }\n  out: { kind: test.collect, from: nmus }\n  txt: { kind: test.text, from: nums }\n  big: { kind: test.big, with: { n: 2000000 } }\n  slow: { kind: test.slow, from: big, workers: 3 }\n  after: { kind: test.collect, from: sq, with: { key: after } }\n";
+    let yaml = "name: t
+stages:
+  nums: { kind: test.nums, with: { n: many, sleep: 3 } }
+  sq: { kind: test.sqaure, from: nums }
+  out: { kind: test.collect, from: nmus }
+  txt: { kind: test.text, from: nums }
+  big: { kind: test.big, with: { n: 2000000 } }
+  slow: { kind: test.slow, from: big, workers: 3 }
+  after: { kind: test.collect, from: sq, with: { key: after } }
+";
     let errs = errors_of(yaml);
     let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
     assert!(
@@ -699,7 +804,15 @@ fn validation_reports_every_error_with_paths_and_lines() {
 
 #[test]
 fn validation_finds_cycles_missing_inputs_and_zero_workers() {
-    let errs = errors_of("name: t\nstages:\n  a: { kind: test.square, from: b }\n  b: { kind: test.square, from: a }\n  c: { kind: test.collect }\n  d: { kind: test.nums, workers: 0 }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  a: { kind: test.square, from: b }
+  b: { kind: test.square, from: a }
+  c: { kind: test.collect }
+  d: { kind: test.nums, workers: 0 }
+",
+    );
     let has = |needle: &[&str]| errs.iter().any(|e| needle.iter().all(|n| e.contains(n)));
     assert!(has(&["cycle", "a", "b"]), "{errs:#?}");
     assert!(
@@ -707,7 +820,14 @@ fn validation_finds_cycles_missing_inputs_and_zero_workers() {
         "{errs:#?}"
     );
     assert!(has(&["stages.d.workers", "at least 1"]), "{errs:#?}");
-    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  b: { kind: test.collect, from: a.nope }\n  c: { kind: test.nums, device: gpu }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  a: { kind: test.nums }
+  b: { kind: test.collect, from: a.nope }
+  c: { kind: test.nums, device: gpu }
+",
+    );
     assert!(
         errs.iter().any(|e| e.contains("has no output `nope`")),
         "{errs:#?}"
@@ -717,13 +837,26 @@ fn validation_finds_cycles_missing_inputs_and_zero_workers() {
             .any(|e| e.contains("stages.c.device") && e.contains("unknown stage key")),
         "{errs:#?}"
     );
-    let errs = errors_of("name: t\ndevice: cuda:0\nstages:\n  a: { kind: test.nums }\n");
+    let errs = errors_of(
+        "name: t
+device: cuda:0
+stages:
+  a: { kind: test.nums }
+",
+    );
     assert!(
         errs.iter().any(|e| e.contains("no CUDA support")),
         "{errs:#?}"
     );
     // A non-copyable output cannot feed two stages.
-    let errs = errors_of("name: t\nstages:\n  b: { kind: test.big }\n  s1: { kind: test.slow, from: b }\n  s2: { kind: test.slow, from: b }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  b: { kind: test.big }
+  s1: { kind: test.slow, from: b }
+  s2: { kind: test.slow, from: b }
+",
+    );
     assert!(
         errs.iter().any(|e| e.contains("cannot be shared")),
         "{errs:#?}"
@@ -733,7 +866,10 @@ fn validation_finds_cycles_missing_inputs_and_zero_workers() {
 #[test]
 fn overrides_apply_before_validation() {
     let spec = pipeline::load_str(
-        "name: t\nstages:\n  a: { kind: test.nums, with: { n: 3 } }\n",
+        "name: t
+stages:
+  a: { kind: test.nums, with: { n: 3 } }
+",
         "t.yaml",
         &["stages.a.with.n=7".into(), "seed=9".into()],
     )
@@ -742,7 +878,10 @@ fn overrides_apply_before_validation() {
     assert_eq!(spec.stages[0].with["n"].as_u64(), Some(7));
     let e = pipeline::validate(
         pipeline::load_str(
-            "name: t\nstages:\n  a: { kind: test.nums }\n",
+            "name: t
+stages:
+  a: { kind: test.nums }
+",
             "t.yaml",
             &["stages.a.with.n=lots".into()],
         )
@@ -772,7 +911,15 @@ fn stages_listing_shows_ports_and_documented_parameters() {
 #[test]
 fn a_parallel_stage_with_an_unconnected_output_does_not_stall() {
     // No consumer for `sq`: its workers must not wait for a relay that does not exist.
-    let summary = run_spec("name: t\nchannel_capacity: 2\nstages:\n  nums: { kind: test.nums, with: { n: 200 } }\n  sq: { kind: test.square, from: nums, workers: 3 }\n").unwrap();
+    let summary = run_spec(
+        "name: t
+channel_capacity: 2
+stages:
+  nums: { kind: test.nums, with: { n: 200 } }
+  sq: { kind: test.square, from: nums, workers: 3 }
+",
+    )
+    .unwrap();
     let sq = summary.stages.iter().find(|s| s.stage == "sq").unwrap();
     assert_eq!((sq.items_in, sq.items_out), (200, 200));
 }
@@ -781,7 +928,13 @@ fn a_parallel_stage_with_an_unconnected_output_does_not_stall() {
 fn every_error_once_and_where_it_comes_from() {
     // A stage's own checks (the file system) are reported alongside its parameter errors, but
     // not on a field that already has one.
-    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: { path: /no/such/file, n: 99 } }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  a: { kind: test.nums }
+  f: { kind: test.file, from: a, with: { path: /no/such/file, n: 99 } }
+",
+    );
     assert!(
         errs.iter()
             .any(|e| e.contains("stages.f.with.n") && e.contains("at most 10")),
@@ -793,7 +946,13 @@ fn every_error_once_and_where_it_comes_from() {
         "{errs:#?}"
     );
     assert_eq!(errs.len(), 2, "{errs:#?}");
-    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: { path: [1], n: 3 } }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  a: { kind: test.nums }
+  f: { kind: test.file, from: a, with: { path: [1], n: 3 } }
+",
+    );
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
         errs[0].contains("stages.f.with.path") && errs[0].contains("invalid type"),
@@ -801,31 +960,59 @@ fn every_error_once_and_where_it_comes_from() {
     );
     // A `from:` or `with:` that cannot be read is one error, not two.
     for from in ["5", "'a.b.c'", "''"] {
-        let errs = errors_of(&format!("name: t\nstages:\n  a: {{ kind: test.nums }}\n  b: {{ kind: test.collect, from: {from} }}\n"));
+        let errs = errors_of(&format!(
+            "name: t
+stages:
+  a: {{ kind: test.nums }}
+  b: {{ kind: test.collect, from: {from} }}
+"
+        ));
         assert_eq!(errs.len(), 1, "from: {from}: {errs:#?}");
         assert!(errs[0].contains("stages.b.from"), "{errs:#?}");
     }
-    let errs = errors_of("name: t\nstages:\n  a: { kind: test.nums }\n  f: { kind: test.file, from: a, with: [1, 2] }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  a: { kind: test.nums }
+  f: { kind: test.file, from: a, with: [1, 2] }
+",
+    );
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
         errs[0].contains("stages.f.with") && errs[0].contains("must be a mapping"),
         "{errs:#?}"
     );
     // A null name or an empty run_dir would put the run's files in the wrong place.
-    let errs = errors_of("name:\nstages:\n  a: { kind: test.nums }\n");
+    let errs = errors_of(
+        "name:
+stages:
+  a: { kind: test.nums }
+",
+    );
     assert!(
         errs.iter()
             .any(|e| e.contains("bad.yaml:1: name") && e.contains("null")),
         "{errs:#?}"
     );
-    let errs = errors_of("name: t\nrun_dir: ''\nstages:\n  a: { kind: test.nums }\n");
+    let errs = errors_of(
+        "name: t
+run_dir: ''
+stages:
+  a: { kind: test.nums }
+",
+    );
     assert!(
         errs.iter()
             .any(|e| e.contains("run_dir") && e.contains("must not be empty")),
         "{errs:#?}"
     );
     // Unknown kinds are matched on their last part too.
-    let errs = errors_of("name: t\nstages:\n  a: { kind: nums }\n");
+    let errs = errors_of(
+        "name: t
+stages:
+  a: { kind: nums }
+",
+    );
     assert!(
         errs.iter().any(|e| e.contains("(did you mean `test.nums`")),
         "{errs:#?}"
@@ -834,7 +1021,10 @@ fn every_error_once_and_where_it_comes_from() {
 
 #[test]
 fn errors_made_by_overrides_point_at_set() {
-    let yaml = "name: t\nstages:\n  a: { kind: test.nums }\n";
+    let yaml = "name: t
+stages:
+  a: { kind: test.nums }
+";
     let load = |sets: &[&str]| {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         match pipeline::load_str(yaml, "t.yaml", &sets)
@@ -870,7 +1060,16 @@ fn a_run_that_fails_before_starting_is_recorded_as_failed() {
     let run_dir = dir.path().join("run");
     let marker = dir.path().join("fail-before-start");
     std::fs::write(&marker, "x").unwrap();
-    let yaml = format!("name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n  f: {{ kind: test.file, from: a, with: {{ path: {} }} }}\n", run_dir.display(), marker.display());
+    let yaml = format!(
+        "name: t
+run_dir: {}
+stages:
+  a: {{ kind: test.nums }}
+  f: {{ kind: test.file, from: a, with: {{ path: {} }} }}
+",
+        run_dir.display(),
+        marker.display()
+    );
     let go = || {
         pipeline::run(
             pipeline::validate(
@@ -911,7 +1110,11 @@ fn an_io_error_names_its_cause_once() {
     let file = dir.path().join("plain");
     std::fs::write(&file, "x").unwrap();
     let yaml = format!(
-        "name: t\nrun_dir: {}\nstages:\n  a: {{ kind: test.nums }}\n",
+        "name: t
+run_dir: {}
+stages:
+  a: {{ kind: test.nums }}
+",
         file.join("run").display()
     );
     let err = pipeline::run(
@@ -962,11 +1165,45 @@ fn the_same_spec_written_differently_is_the_same_run() {
         )
     };
     let rd = run_dir.display();
-    go(format!("name: t\nrun_dir: {rd}\nseed: 3\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 3, sleep_ms: 0 }} }}\n"), false).unwrap();
+    go(
+        format!(
+            "name: t
+run_dir: {rd}
+seed: 3
+stages:
+  nums: {{ kind: test.nums, with: {{ n: 3, sleep_ms: 0 }} }}
+"
+        ),
+        false,
+    )
+    .unwrap();
     // Keys in another order: the same spec.
-    go(format!("seed: 3\nname: t\nrun_dir: {rd}\nstages:\n  nums: {{ with: {{ sleep_ms: 0, n: 3 }}, kind: test.nums }}\n"), false).unwrap();
+    go(
+        format!(
+            "seed: 3
+name: t
+run_dir: {rd}
+stages:
+  nums: {{ with: {{ sleep_ms: 0, n: 3 }}, kind: test.nums }}
+"
+        ),
+        false,
+    )
+    .unwrap();
     // A changed value is named.
-    let err = go(format!("name: t\nrun_dir: {rd}\nseed: 4\nstages:\n  nums: {{ kind: test.nums, with: {{ n: 5, sleep_ms: 0 }} }}\n"), false).unwrap_err().to_string();
+    let err = go(
+        format!(
+            "name: t
+run_dir: {rd}
+seed: 4
+stages:
+  nums: {{ kind: test.nums, with: {{ n: 5, sleep_ms: 0 }} }}
+"
+        ),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("different spec")
             && err.contains("seed")

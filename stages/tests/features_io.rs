@@ -54,13 +54,24 @@ fn stored_features_read_back_identical_and_batch() {
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let (shards, feats) = (tmp.path().join("shards"), tmp.path().join("feats"));
     go(&format!(
-        "name: a\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}\n",
+        "name: a
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}
+",
         tmp.path().join("a").display(),
         demo.display(),
         shards.display()
     ));
     go(&format!(
-        "name: b\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 2 }}\n  w: {{ kind: features.write, from: fb, with: {{ dir: {}, target_mb: 2 }} }}\n",
+        "name: b
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {} }} }}
+  fb: {{ kind: features.fbank, from: r, workers: 2 }}
+  w: {{ kind: features.write, from: fb, with: {{ dir: {}, target_mb: 2 }} }}
+",
         tmp.path().join("b").display(),
         shards.display(),
         feats.display()
@@ -99,7 +110,13 @@ fn stored_features_read_back_identical_and_batch() {
     // features.read → batch.by_duration: 2 epochs, every utterance once per epoch, within budget.
     BATCHES.lock().unwrap().clear();
     go(&format!(
-        "name: c\nrun_dir: {}\nstages:\n  r: {{ kind: features.read, with: {{ dir: {}, epochs: 2, shuffle: true }} }}\n  b: {{ kind: batch.by_duration, from: r, with: {{ max_seconds: 16, max_utt_seconds: 3, buffer: 64 }} }}\n  s: {{ kind: test.batchsink, from: b }}\n",
+        "name: c
+run_dir: {}
+stages:
+  r: {{ kind: features.read, with: {{ dir: {}, epochs: 2, shuffle: true }} }}
+  b: {{ kind: batch.by_duration, from: r, with: {{ max_seconds: 16, max_utt_seconds: 3, buffer: 64 }} }}
+  s: {{ kind: test.batchsink, from: b }}
+",
         tmp.path().join("c").display(),
         feats.display()
     ));
@@ -133,7 +150,12 @@ fn global_statistics_normalise_the_corpus() {
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let shards = tmp.path().join("shards");
     go(&format!(
-        "name: a\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}\n",
+        "name: a
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}
+",
         tmp.path().join("a").display(),
         demo.display(),
         shards.display()
@@ -141,7 +163,12 @@ fn global_statistics_normalise_the_corpus() {
     let stats = tmp.path().join("stats");
     // Global normalisation without statistics is refused before anything runs.
     let refused = format!(
-        "name: n\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, with: {{ normalize: global }} }}\n",
+        "name: n
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {} }} }}
+  fb: {{ kind: features.fbank, from: r, with: {{ normalize: global }} }}
+",
         stats.display(),
         shards.display()
     );
@@ -153,7 +180,13 @@ fn global_statistics_normalise_the_corpus() {
     .unwrap();
     assert!(errs.to_string().contains("features.stats"), "{errs}");
     go(&format!(
-        "name: s\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 2, with: {{ normalize: none }} }}\n  st: {{ kind: features.stats, from: fb }}\n",
+        "name: s
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {} }} }}
+  fb: {{ kind: features.fbank, from: r, workers: 2, with: {{ normalize: none }} }}
+  st: {{ kind: features.stats, from: fb }}
+",
         stats.display(),
         shards.display()
     ));
@@ -162,7 +195,13 @@ fn global_statistics_normalise_the_corpus() {
     let mut reg = stages::registry();
     reg.with::<FeatSink>();
     let yaml = format!(
-        "name: g\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, with: {{ normalize: global, stats: {} }} }}\n  s: {{ kind: test.feats, from: fb }}\n",
+        "name: g
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {} }} }}
+  fb: {{ kind: features.fbank, from: r, with: {{ normalize: global, stats: {} }} }}
+  s: {{ kind: test.feats, from: fb }}
+",
         tmp.path().join("g").display(),
         shards.display(),
         stats.join("feature_stats.json").display()
@@ -202,14 +241,27 @@ fn the_data_stream_resumes_mid_epoch_without_rereading() {
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let shards = tmp.path().join("shards");
     go(&format!(
-        "name: a\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 0.5 }} }}\n",
+        "name: a
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 0.5 }} }}
+",
         tmp.path().join("a").display(),
         demo.display(),
         shards.display()
     ));
     let spec = |extra_read: &str, extra_batch: &str| {
         format!(
-            "name: t\nseed: 3\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {}, epochs: 3, shuffle: true{extra_read} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 2 }}\n  b: {{ kind: batch.by_duration, from: fb, with: {{ max_seconds: 12, max_utt_seconds: 3, buffer: 40{extra_batch} }} }}\n  s: {{ kind: test.batchsink, from: b }}\n",
+            "name: t
+seed: 3
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {}, epochs: 3, shuffle: true{extra_read} }} }}
+  fb: {{ kind: features.fbank, from: r, workers: 2 }}
+  b: {{ kind: batch.by_duration, from: fb, with: {{ max_seconds: 12, max_utt_seconds: 3, buffer: 40{extra_batch} }} }}
+  s: {{ kind: test.batchsink, from: b }}
+",
             tmp.path().join("t").display(),
             shards.display()
         )

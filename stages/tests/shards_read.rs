@@ -36,7 +36,12 @@ fn read_back_every_epoch_shuffled_by_seed() {
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let shards = tmp.path().join("shards");
     let prep = format!(
-        "name: p\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 0.5 }} }}\n",
+        "name: p
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 0.5 }} }}
+",
         tmp.path().join("p").display(),
         demo.display(),
         shards.display()
@@ -58,7 +63,13 @@ fn read_back_every_epoch_shuffled_by_seed() {
 
     let read = |seed: u64, shuffle: bool| {
         run(&format!(
-            "name: r\nseed: {seed}\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {}, epochs: 3, shuffle: {shuffle} }} }}\n  s: {{ kind: test.sink, from: r }}\n",
+            "name: r
+seed: {seed}
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {}, epochs: 3, shuffle: {shuffle} }} }}
+  s: {{ kind: test.sink, from: r }}
+",
             tmp.path().join("r").display(),
             shards.display()
         ))
@@ -110,7 +121,12 @@ fn shards_to_fbank_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo");
     let yaml = format!(
-        "name: f\nrun_dir: {}\nstages:\n  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}\n  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}\n",
+        "name: f
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {} }} }}
+",
         tmp.path().join("p").display(),
         demo.display(),
         tmp.path().join("shards").display()
@@ -132,7 +148,13 @@ fn shards_to_fbank_end_to_end() {
     let mut reg = stages::registry();
     reg.with::<FeatSink>();
     let yaml = format!(
-        "name: g\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  fb: {{ kind: features.fbank, from: r, workers: 3 }}\n  s: {{ kind: test.featsink, from: fb }}\n",
+        "name: g
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {} }} }}
+  fb: {{ kind: features.fbank, from: r, workers: 3 }}
+  s: {{ kind: test.featsink, from: fb }}
+",
         tmp.path().join("g").display(),
         tmp.path().join("shards").display()
     );
