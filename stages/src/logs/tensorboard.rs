@@ -31,7 +31,7 @@
 use crate::items::StepRecord;
 use crate::logs::table::{RecordSink, RESERVED};
 use pipeline::{
-    Link, Linker, ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo,
+    Linker, ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo,
 };
 use prost::Message;
 use schemars::JsonSchema;
@@ -614,14 +614,7 @@ impl StageDef for LogTensorBoard {
     }
     fn link(p: &TensorBoardParams, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
         // The same namespace as the log tables: no two stages write into one directory.
-        let link: Link<()> = Link::named(format!("logs.table.{}", p.dir));
-        match linker.provide(&link, ()) {
-            Ok(()) => Vec::new(),
-            Err(other) => vec![ParamError::new(
-                "dir",
-                format!("`{}` of the run directory is already written by stage `{}`; give one of them another `dir`", p.dir, other.by),
-            )],
-        }
+        crate::logs::table::claim_tables(linker, &[("dir", p.dir.as_str())])
     }
     fn create(
         p: &TensorBoardParams,
