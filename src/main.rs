@@ -182,6 +182,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             match lab::runs::run_sweep(&o) {
                 Ok(SweepOutcome::Done) => Ok(ExitCode::SUCCESS),
                 Ok(SweepOutcome::Failed) => Ok(ExitCode::FAILURE),
+                Ok(SweepOutcome::Interrupted) => Ok(ExitCode::from(INTERRUPTED)),
                 Err(RunsError::Spec(_)) => Ok(ExitCode::from(2)),
                 Err(e) => Err(e.into()),
             }
@@ -260,9 +261,17 @@ fn run(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<ExitCode
             eprint!("{errs}");
             Ok(ExitCode::from(2))
         }
+        Err(RunsError::Run(e @ pipeline::RunError::Interrupted)) => {
+            // The shell's convention for a command ended by SIGINT.
+            eprintln!("{e}");
+            Ok(ExitCode::from(INTERRUPTED))
+        }
         Err(e) => Err(e.into()),
     }
 }
+
+/// Exit status of a run or sweep stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+const INTERRUPTED: u8 = 130;
 
 /// `ehmam export`.
 fn export(run_dir: &Path, out: &Path, teacher: bool) -> Result<ExitCode> {

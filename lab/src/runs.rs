@@ -14,12 +14,12 @@ pub enum RunsError {
     /// The spec (or one of a sweep's) did not validate: exit status 2.
     #[error("{0}")]
     Spec(SpecErrors),
-    #[error("{0}")]
+    #[error(transparent)]
     Run(#[from] RunError),
-    #[error("{0}")]
+    #[error(transparent)]
     Report(#[from] ReportError),
     /// A grid or spec list that cannot make a sweep.
-    #[error("{0}")]
+    #[error(transparent)]
     Sweep(#[from] crate::sweep::SweepError),
     #[error("cannot install the Ctrl-C handler: {0}")]
     Signal(String),
@@ -39,14 +39,13 @@ pub fn run_spec(
     force: bool,
     quiet: bool,
 ) -> Result<RunSummary, RunsError> {
-    if force {
-        // A run of another spec in the run directory is moved aside before validation
-        // (which would otherwise read its checkpoints).
-        if let Ok(s) = pipeline::load(spec, set) {
-            pipeline::claim_run_dir(&s)?;
-        }
+    // The spec validates before anything is moved; with --force a run of another spec in the
+    // run directory is then moved aside and the spec validated again (the first validation may
+    // have read the old run's checkpoints).
+    let mut plan = load_plan(spec, set).map_err(RunsError::Spec)?;
+    if force && pipeline::claim_run_dir(&plan)?.is_some() {
+        plan = load_plan(spec, set).map_err(RunsError::Spec)?;
     }
-    let plan = load_plan(spec, set).map_err(RunsError::Spec)?;
     let cancel = CancelToken::new();
     {
         let c = cancel.clone();
@@ -76,8 +75,10 @@ pub struct SweepOptions<'a> {
 pub enum SweepOutcome {
     /// Every run ran or was finished before.
     Done,
-    /// A run failed, or the sweep was stopped.
+    /// A run failed.
     Failed,
+    /// Ctrl-C stopped the sweep.
+    Interrupted,
 }
 
 /// `ehmam sweep`: every run validated first (any error refuses the whole sweep), then run one by
@@ -90,6 +91,9 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let runs = sweep::plan(o.specs, &axes, o.set, o.out)?;
     let plans = validate_all(&runs)?;
+    // One sweep at a time writes OUT (its summary, its report); each run also locks its own
+    // run directory.
+    let _lock = pipeline::lock_dir(o.out, "sweep").map_err(pipeline::RunError::from)?;
     // Each run gets its own cancel token (a failed run cancels its own graph only); Ctrl-C
     // interrupts the current run and stops the sweep.
     let stop = Arc::new(AtomicBool::new(false));
@@ -140,7 +144,12 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
             break;
         }
     }
-    summarize_sweep(&outcome, n, o)
+    let outcome = summarize_sweep(&outcome, n, o)?;
+    Ok(if stop.load(Ordering::SeqCst) {
+        SweepOutcome::Interrupted
+    } else {
+        outcome
+    })
 }
 
 /// Every run of a sweep validated before any starts; any error refuses the whole sweep.
@@ -172,7 +181,7 @@ fn run_one(
     if o.force {
         // Move a run of another spec aside first, then validate again (validation reads the
         // run directory's checkpoints).
-        if pipeline::claim_run_dir(&plan.spec)?.is_some() {
+        if pipeline::claim_run_dir(&plan)?.is_some() {
             plan = load_plan(&r.spec, &r.sets).map_err(RunsError::Spec)?;
         }
     }

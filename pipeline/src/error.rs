@@ -100,6 +100,9 @@ pub enum RunError {
         context: String,
         cause: std::io::Error,
     },
+    /// Another process holds a directory this run writes.
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
     #[error("{0}")]
     Other(String),
 }

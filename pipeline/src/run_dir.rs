@@ -4,17 +4,24 @@
 
 use crate::atomic::write_atomic;
 use crate::error::RunError;
+use crate::lock::{lock_dir, lock_dirs, DirLock, LOCK_FILE};
 use crate::plan::Plan;
-use crate::spec::Spec;
 use std::path::{Path, PathBuf};
 
-/// Saves the resolved spec in the run directory; refuses a different one unless `force`.
-pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<PathBuf, RunError> {
+/// Saves the resolved spec in the run directory (which `lock` holds); refuses a different one
+/// unless `force`, and a directory that holds files but no run whatever `force`.
+pub(crate) fn prepare_run_dir(
+    plan: &Plan,
+    force: bool,
+    quiet: bool,
+    lock: &mut DirLock,
+) -> Result<PathBuf, RunError> {
     let dir = plan.spec.run_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| RunError::Io {
         context: format!("cannot create run directory {}", dir.display()),
         cause: e,
     })?;
+    // (`lock_plan` refused a directory that is not a run before it made anything there.)
     let text = serde_yaml::to_string(&plan.spec.resolved)
         .map_err(|e| RunError::Other(format!("cannot serialise the spec: {e}")))?;
     let path = dir.join("spec.yaml");
@@ -45,12 +52,11 @@ pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<P
         }
         if !changed.is_empty() && force {
             // Validation may have read the earlier run (a checkpoint to resume from): a caller
-            // that forces must claim the directory before validating (`claim_run_dir`).
+            // that forces claims the directory (`claim_run_dir`) and validates again before
+            // running. Here only when another process put a run there in between.
+            check_movable(plan, &dir)?;
             move_aside(&dir, &changed)?;
-            std::fs::create_dir_all(&dir).map_err(|e| RunError::Io {
-                context: format!("cannot create run directory {}", dir.display()),
-                cause: e,
-            })?;
+            *lock = lock_dir(&dir, &lock_what(plan))?;
         }
         if !changed.is_empty() && !force {
             let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
@@ -60,7 +66,7 @@ pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<P
                 String::new()
             };
             return Err(RunError::Other(format!(
-                "{} holds a run of a different spec ({}; changed: {}{more}); use another `name`/`run_dir`, or pass --force to run over it",
+                "{} holds a run of a different spec ({}; changed: {}{more}); use another `name`/`run_dir`, or pass --force to move it aside and start afresh",
                 dir.display(),
                 path.display(),
                 shown.join(", ")
@@ -74,6 +80,105 @@ pub(crate) fn prepare_run_dir(plan: &Plan, force: bool, quiet: bool) -> Result<P
     Ok(dir)
 }
 
+/// What a run's lock file says it does.
+pub(crate) fn lock_what(plan: &Plan) -> String {
+    format!("run `{}`", plan.spec.name)
+}
+
+/// Every directory a plan writes, each with what the lock file says: the run directory first,
+/// then the stores its stages write.
+pub fn plan_writes(plan: &Plan) -> Vec<(PathBuf, String)> {
+    let mut out = vec![(plan.spec.run_dir.clone(), lock_what(plan))];
+    for n in &plan.nodes {
+        for w in n.configured.paths().writes {
+            let what = format!("stage `{}` ({}) of run `{}`", n.id, n.kind, plan.spec.name);
+            out.push((w, what));
+        }
+    }
+    out
+}
+
+/// Locks every directory a plan writes (the run directory first); refused at once, naming the
+/// holder, when another process holds any of them.
+pub fn lock_plan(plan: &Plan) -> Result<Vec<DirLock>, RunError> {
+    // Checked before the lock file is made: a directory that is not a run gets nothing of ours.
+    refuse_non_run(&plan.spec.run_dir)?;
+    let dirs = plan_writes(plan);
+    lock_dirs(dirs.iter().map(|(d, w)| (d.as_path(), w.clone()))).map_err(RunError::from)
+}
+
+/// The names in `dir` other than the lock file, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != LOCK_FILE)
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Whether `dir` holds a run (its `spec.yaml` or `run.json`).
+fn is_run_dir(dir: &Path) -> bool {
+    dir.join("spec.yaml").is_file() || dir.join("run.json").is_file()
+}
+
+/// A directory that holds files but no run (no `spec.yaml`, no `run.json`) is never run into,
+/// nor moved aside: it may be anything (a corpus, a home directory).
+fn refuse_non_run(dir: &Path) -> Result<(), RunError> {
+    let names = entries(dir);
+    if names.is_empty() || is_run_dir(dir) {
+        return Ok(());
+    }
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > 5 {
+        format!(" and {} more", names.len() - 5)
+    } else {
+        String::new()
+    };
+    Err(RunError::Other(format!(
+        "{} is not a run directory (no spec.yaml or run.json) but holds files ({}{more}); ehmam neither runs into it nor moves it (not even with --force): set `run_dir` to a new or empty directory",
+        dir.display(),
+        shown.join(", ")
+    )))
+}
+
+/// `--force` may move `dir` aside only if it is a run directory, holds nothing the plan reads
+/// (a shard directory or feature store inside it), and is not the current directory or above it.
+fn check_movable(plan: &Plan, dir: &Path) -> Result<(), RunError> {
+    refuse_non_run(dir)?;
+    let canon = dir.canonicalize().map_err(|e| RunError::Io {
+        context: format!("cannot resolve {}", dir.display()),
+        cause: e,
+    })?;
+    if let Ok(cwd) = std::env::current_dir().and_then(|c| c.canonicalize()) {
+        if cwd.starts_with(&canon) {
+            return Err(RunError::Other(format!(
+                "--force cannot move {} aside: it is the current directory or holds it; name a run directory below it (e.g. runs/{})",
+                dir.display(),
+                plan.spec.name
+            )));
+        }
+    }
+    for n in &plan.nodes {
+        for r in n.configured.paths().reads {
+            let Ok(rc) = r.canonicalize() else { continue };
+            if rc.starts_with(&canon) {
+                return Err(RunError::Other(format!(
+                    "--force cannot move {} aside: stage `{}` of this spec reads {} inside it; move the run yourself or give the spec another run_dir",
+                    dir.display(),
+                    n.id,
+                    r.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What differs between the spec saved in `dir` (if any) and `resolved`.
 fn saved_spec_changes(dir: &Path, resolved: &serde_yaml::Value) -> Vec<String> {
     match std::fs::read_to_string(dir.join("spec.yaml")) {
@@ -85,13 +190,24 @@ fn saved_spec_changes(dir: &Path, resolved: &serde_yaml::Value) -> Vec<String> {
     }
 }
 
-/// Moves an earlier run out of the way (`DIR.replaced-N`), whole: nothing is deleted.
+/// Moves an earlier run out of the way (`DIR.replaced-N` beside it), whole: nothing is deleted.
 fn move_aside(dir: &Path, changed: &[String]) -> Result<PathBuf, RunError> {
+    let canon = dir.canonicalize().map_err(|e| RunError::Io {
+        context: format!("cannot resolve {}", dir.display()),
+        cause: e,
+    })?;
+    let (Some(parent), Some(name)) = (canon.parent(), canon.file_name()) else {
+        return Err(RunError::Other(format!(
+            "--force cannot move {} aside: it has no parent directory",
+            dir.display()
+        )));
+    };
+    let name = name.to_string_lossy();
     let aside = (1..)
-        .map(|k| PathBuf::from(format!("{}.replaced-{k}", dir.display())))
+        .map(|k| parent.join(format!("{name}.replaced-{k}")))
         .find(|p| !p.exists())
-        .unwrap_or_else(|| dir.with_extension("replaced"));
-    std::fs::rename(dir, &aside).map_err(|e| RunError::Io {
+        .unwrap_or_else(|| parent.join(format!("{name}.replaced")));
+    std::fs::rename(&canon, &aside).map_err(|e| RunError::Io {
         context: format!(
             "cannot move the earlier run {} aside to {}",
             dir.display(),
@@ -113,15 +229,35 @@ fn move_aside(dir: &Path, changed: &[String]) -> Result<PathBuf, RunError> {
     Ok(aside)
 }
 
-/// `--force` before validation: when the spec's run directory holds a run of a different spec,
-/// moves that run aside (`RUN_DIR.replaced-N`) so that the new one starts afresh and validation
-/// does not read the old run's checkpoints. Returns where it went, if it moved.
-pub fn claim_run_dir(spec: &Spec) -> Result<Option<PathBuf>, RunError> {
-    let changed = saved_spec_changes(&spec.run_dir, &spec.resolved);
-    if changed.is_empty() {
+/// `--force`, after the new spec validated and before it runs: when the run directory holds a
+/// run of a different spec, moves that run aside (`RUN_DIR.replaced-N`) so that the new one
+/// starts afresh; the caller validates again (validation may have read the old run's
+/// checkpoints). Never while another process holds the directory, never a directory that is not
+/// a run, the current directory, or one holding what the spec reads. Returns where it went.
+pub fn claim_run_dir(plan: &Plan) -> Result<Option<PathBuf>, RunError> {
+    let dir = &plan.spec.run_dir;
+    if !dir.exists() {
         return Ok(None);
     }
-    move_aside(&spec.run_dir, &changed).map(Some)
+    refuse_non_run(dir)?;
+    let lock = lock_dir(dir, &lock_what(plan))?;
+    let changed = saved_spec_changes(dir, &plan.spec.resolved);
+    let cont: Vec<String> = plan
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.continuable
+                .iter()
+                .map(move |p| format!("stages.{}.with.{p}", n.id))
+        })
+        .collect();
+    if changed.iter().all(|c| cont.contains(c)) {
+        return Ok(None);
+    }
+    check_movable(plan, dir)?;
+    let aside = move_aside(dir, &changed)?;
+    drop(lock);
+    Ok(Some(aside))
 }
 
 /// What differs between the spec saved in a run directory and the one about to run there:

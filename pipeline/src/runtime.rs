@@ -93,7 +93,9 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
             RunError::Other("the run was cancelled before it started".into())
         });
     }
-    let (run_dir, attempt) = start_attempt(&plan, opts)?;
+    // Every directory the run writes is this process's until it ends (the run directory first).
+    let mut locks = crate::run_dir::lock_plan(&plan)?;
+    let (run_dir, attempt) = start_attempt(&plan, opts, &mut locks[0])?;
     let show_bars =
         !opts.quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
     let multi = show_bars.then(indicatif::MultiProgress::new);
@@ -141,7 +143,7 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
     }
     let reporter = (!opts.quiet && !show_bars).then_some(plan.spec.name.as_str());
     wait_for(handles, &run_dir, attempt, &progress, reporter);
-    finish(
+    let summary = finish(
         &plan,
         opts,
         cancel,
@@ -149,13 +151,20 @@ pub fn run(plan: Plan, opts: &RunOptions, cancel: &CancelToken) -> Result<RunSum
         &stats,
         run_dir,
         attempt,
-    )
+    );
+    // Released only now, after run.json says how the attempt ended.
+    drop(locks);
+    summary
 }
 
 /// Claims the run directory and marks the attempt `running` in `run.json`.
-fn start_attempt(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, Attempt), RunError> {
+fn start_attempt(
+    plan: &Plan,
+    opts: &RunOptions,
+    lock: &mut crate::lock::DirLock,
+) -> Result<(PathBuf, Attempt), RunError> {
     let started = Instant::now();
-    let run_dir = prepare_run_dir(plan, opts.force, opts.quiet)?;
+    let run_dir = prepare_run_dir(plan, opts.force, opts.quiet, lock)?;
     let before = RunStatus::read(&run_dir);
     let (prior_wall, prior_attempts) = before.map_or((0.0, 0), |s| (s.wall_s, s.attempts));
     let attempt = Attempt {

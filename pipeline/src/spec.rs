@@ -234,7 +234,109 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Spec, Sp
     from_value(value, locator)
 }
 
+/// The largest spec file read (a spec is a few kB; this refuses a corpus or a device named by
+/// mistake before reading it).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// How deeply a spec's YAML may nest (a spec needs about 6 levels).
+pub const MAX_SPEC_DEPTH: usize = 64;
+
+/// Reads a spec file: a regular file (after symbolic links) of at most [`MAX_SPEC_BYTES`], in
+/// UTF-8. `/dev/zero`, a fifo or a directory is refused before anything is read from it.
+fn read_spec_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read the spec: {e}"))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a device, fifo or socket)"
+        };
+        return Err(format!("cannot read the spec: {kind}"));
+    }
+    if meta.len() > MAX_SPEC_BYTES {
+        return Err(format!(
+            "cannot read the spec: {} bytes, more than a spec may be ({} bytes)",
+            meta.len(),
+            MAX_SPEC_BYTES
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read the spec: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the spec: {e}"))?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(format!(
+            "cannot read the spec: more than a spec may be ({MAX_SPEC_BYTES} bytes)"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("cannot read the spec: not UTF-8 text ({e})"))
+}
+
+/// The deepest nesting of a YAML text, counted without parsing it: flow brackets, block
+/// indentation levels and `- ` sequence entries. Linear in the text, so a hostile spec of
+/// thousands of levels is refused at once instead of being parsed and indexed.
+fn nesting_depth(text: &str) -> usize {
+    let mut deepest = 0;
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for line in text.lines() {
+        let body = line.trim_start_matches([' ', '\t']);
+        if flow == 0 {
+            if body.is_empty() || body.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - body.len();
+            while indents.last().is_some_and(|&i| i > indent) {
+                indents.pop();
+            }
+            if indents.last() != Some(&indent) {
+                indents.push(indent);
+            }
+        }
+        // `- - - x` nests a sequence per dash.
+        let mut dashes = 0;
+        let mut rest = body;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("-\t")) {
+            dashes += 1;
+            rest = r.trim_start();
+        }
+        let mut quote: Option<char> = None;
+        let mut line_flow = flow;
+        let mut deepest_flow = flow;
+        for c in rest.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    line_flow += 1;
+                    deepest_flow = deepest_flow.max(line_flow);
+                }
+                (None, ']' | '}') => line_flow = line_flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+        flow = line_flow;
+        deepest = deepest.max(indents.len() + dashes + deepest_flow);
+    }
+    deepest
+}
+
 fn parse_text(text: &str, file: &str) -> Result<Value, SpecErrors> {
+    let depth = nesting_depth(text);
+    if depth > MAX_SPEC_DEPTH {
+        return Err(SpecErrors(vec![SpecError {
+            file: file.into(),
+            path: String::new(),
+            line: None,
+            message: format!(
+                "the YAML nests {depth} levels deep, more than a spec may ({MAX_SPEC_DEPTH})"
+            ),
+        }]));
+    }
     if text.trim().is_empty()
         || text
             .lines()
@@ -264,15 +366,26 @@ fn load_with_extends(
     chain: &mut Vec<PathBuf>,
 ) -> Result<Value, SpecErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_spec_file(path).map_err(|message| {
         SpecErrors(vec![SpecError {
             file: file.clone(),
             path: String::new(),
             line: None,
-            message: format!("cannot read the spec: {e}"),
+            message,
         }])
     })?;
     let value = parse_text(&text, &file)?;
+    if !matches!(value, Value::Mapping(_)) {
+        return Err(SpecErrors(vec![SpecError {
+            file,
+            path: String::new(),
+            line: None,
+            message: format!(
+                "not a spec: a spec is a YAML mapping (name:, stages:, …), this file holds {}",
+                type_name(&value)
+            ),
+        }]));
+    }
     let index = line_index(&text);
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     if chain.contains(&canonical) {
@@ -447,7 +560,9 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             ));
             PathBuf::from("runs").join(&name)
         }
-        Some(d) => PathBuf::from(d),
+        // `runs/x/` and `runs/x` are one directory (a trailing slash must not make
+        // `runs/x/.replaced-1` of a moved run).
+        Some(d) => PathBuf::from(d).components().collect(),
         None => PathBuf::from("runs").join(&name),
     };
     let seed = match top.get("seed") {
@@ -986,5 +1101,94 @@ mod tests {
             .0;
         assert!(e[0].message.contains("invalid YAML"));
         assert!(e[0].line.is_some());
+    }
+
+    fn load_msg(path: &Path) -> String {
+        match load(path, &[]) {
+            Ok(_) => "loaded".to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn extends_of_a_device_a_fifo_or_a_huge_file_is_refused_before_reading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = |target: &str| {
+            let p = tmp.path().join("child.yaml");
+            std::fs::write(&p, format!("extends: {target}\nname: c\nstages: {{}}\n")).unwrap();
+            p
+        };
+        // Before: read_to_string of /dev/zero grew without bound.
+        let m = load_msg(&spec("/dev/zero"));
+        assert!(m.contains("not a regular file"), "{m}");
+        // Before: opening a fifo blocked for ever (no writer).
+        let fifo = tmp.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let m = load_msg(&spec(fifo.to_str().unwrap()));
+            assert!(m.contains("not a regular file"), "{m}");
+        }
+        let big = tmp.path().join("big.yaml");
+        std::fs::write(
+            &big,
+            format!("name: big\n# {}\n", "x".repeat(MAX_SPEC_BYTES as usize)),
+        )
+        .unwrap();
+        let m = load_msg(&spec(big.to_str().unwrap()));
+        assert!(m.contains("more than a spec may be"), "{m}");
+        let m = load_msg(tmp.path());
+        assert!(m.contains("a directory"), "{m}");
+    }
+
+    #[test]
+    fn extends_of_a_file_that_is_not_a_mapping_is_an_error_not_an_empty_spec() {
+        let tmp = tempfile::tempdir().unwrap();
+        // /etc/passwd's lines parse as one YAML string.
+        let passwd = tmp.path().join("passwd");
+        std::fs::write(
+            &passwd,
+            "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+        )
+        .unwrap();
+        let child = tmp.path().join("child.yaml");
+        std::fs::write(
+            &child,
+            "extends: passwd\nname: c\nstages:\n  a: { kind: x }\n",
+        )
+        .unwrap();
+        let m = load_msg(&child);
+        assert!(m.contains("not a spec") && m.contains("passwd"), "{m}");
+        let list = tmp.path().join("list.yaml");
+        std::fs::write(&list, "- a\n- b\n").unwrap();
+        std::fs::write(
+            &child,
+            "extends: list.yaml\nname: c\nstages:\n  a: { kind: x }\n",
+        )
+        .unwrap();
+        let m = load_msg(&child);
+        assert!(m.contains("not a spec") && m.contains("list.yaml"), "{m}");
+    }
+
+    #[test]
+    fn deeply_nested_yaml_is_refused_by_its_depth() {
+        let n = 20_000;
+        let flow = format!(
+            "name: d\nstages: {{}}\nx: {}1{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let e = load_str(&flow, "deep.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("nests") && e.contains("deep.yaml"), "{e}");
+        let mut block = String::from("name: d\nstages: {}\n");
+        for i in 0..200 {
+            block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
+        }
+        let e = load_str(&block, "deep.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("nests"), "{e}");
+        let dashes = format!("name: d\nstages: {{}}\nx: \n{}1\n", "- ".repeat(n));
+        let e = load_str(&dashes, "deep.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("nests"), "{e}");
+        // The specs of the project nest a handful of levels.
+        assert!(nesting_depth("a:\n  b: { c: [1, {d: 2}] }\n  e:\n    - f: 1\n") <= 6);
     }
 }

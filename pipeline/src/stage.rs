@@ -29,6 +29,16 @@ pub struct StageContext {
     pub links: Links,
 }
 
+/// The directories (or files) a stage reads and writes outside the run directory: the engine
+/// locks every directory written for the run's lifetime, and `--force` never moves a run
+/// directory that holds something a spec reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StagePaths {
+    pub reads: Vec<PathBuf>,
+    /// Directories this stage writes (each locked while the run lasts).
+    pub writes: Vec<PathBuf>,
+}
+
 /// A running instance of a stage (one per worker).
 pub trait Stage: Send {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError>;
@@ -61,6 +71,8 @@ pub trait Configured: Send + Sync {
     fn link(&self, linker: &mut Linker) -> Vec<ParamError>;
     /// Leading items of the (single) input that an earlier run already consumed for good.
     fn resume_skip(&self) -> Result<u64, StageError>;
+    /// What this stage reads and writes outside the run directory.
+    fn paths(&self) -> StagePaths;
     /// Builds the instance for worker `worker` (0-based).
     fn instance(&self, worker: usize) -> Result<Box<dyn Stage>, StageError>;
 }
@@ -89,6 +101,11 @@ pub trait StageDef: Stage + Sized + 'static {
     fn link(_params: &Self::Params, _ctx: &StageContext, _linker: &mut Linker) -> Vec<ParamError> {
         Vec::new()
     }
+    /// The paths this stage reads and the directories it writes outside the run directory
+    /// (stores, corpora): the engine locks what is written, `--force` never moves what is read.
+    fn paths(_params: &Self::Params, _ctx: &StageContext) -> StagePaths {
+        StagePaths::default()
+    }
     fn create(params: &Self::Params, ctx: &StageContext, worker: usize)
         -> Result<Self, StageError>;
     fn resume_skip(_params: &Self::Params, _ctx: &StageContext) -> Result<u64, StageError> {
@@ -109,6 +126,9 @@ impl<D: StageDef> Configured for ConfiguredOf<D> {
     }
     fn resume_skip(&self) -> Result<u64, StageError> {
         D::resume_skip(&self.params, &self.ctx)
+    }
+    fn paths(&self) -> StagePaths {
+        D::paths(&self.params, &self.ctx)
     }
     fn instance(&self, worker: usize) -> Result<Box<dyn Stage>, StageError> {
         Ok(Box::new(D::create(&self.params, &self.ctx, worker)?))

@@ -183,3 +183,118 @@ stages:
         assert!(mean.abs() < 0.05, "{id}: mean {mean}");
     }
 }
+
+// The corruption test's own sinks (the other tests read `SEEN` and `FEATS` while it runs).
+static UTT_IDS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+sink!(
+    UttIds,
+    stages::items::Utterance,
+    UTT_IDS,
+    "test.utt_ids",
+    |u| u.utt_id
+);
+static FEAT_IDS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+sink!(
+    FeatIds,
+    stages::items::Features,
+    FEAT_IDS,
+    "test.feat_ids",
+    |f| f.utt_id
+);
+
+fn try_run(yaml: &str) -> Result<(), String> {
+    let mut reg = stages::registry();
+    reg.with::<UttIds>();
+    reg.with::<FeatIds>();
+    let plan = pipeline::validate(pipeline::load_str(yaml, "t.yaml", &[]).unwrap(), &reg)
+        .map_err(|e| e.to_string())?;
+    pipeline::run(
+        plan,
+        &RunOptions {
+            force: true,
+            quiet: true,
+        },
+        &CancelToken::new(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Flips one bit in the middle of `path`.
+fn flip_a_bit(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_part_changed_after_it_was_written_is_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/demo/1001");
+    let (shards, feats) = (tmp.path().join("shards"), tmp.path().join("feats"));
+    try_run(&format!(
+        "name: p
+run_dir: {}
+stages:
+  d: {{ kind: audio.decode, workers: 2, with: {{ input: {} }} }}
+  w: {{ kind: shards.write, from: d, with: {{ dir: {}, target_mb: 0.2 }} }}
+",
+        tmp.path().join("p").display(),
+        demo.display(),
+        shards.display()
+    ))
+    .unwrap();
+    try_run(&format!(
+        "name: f
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {} }} }}
+  fb: {{ kind: features.fbank, from: r }}
+  w: {{ kind: features.write, from: fb, with: {{ dir: {}, target_mb: 0.5 }} }}
+",
+        tmp.path().join("f").display(),
+        shards.display(),
+        feats.display()
+    ))
+    .unwrap();
+    let read_shards = || {
+        try_run(&format!(
+            "name: r\nrun_dir: {}\nstages:\n  r: {{ kind: shards.read, with: {{ dir: {} }} }}\n  s: {{ kind: test.utt_ids, from: r }}\n",
+            tmp.path().join("r").display(),
+            shards.display()
+        ))
+    };
+    let read_feats = || {
+        try_run(&format!(
+            "name: q\nrun_dir: {}\nstages:\n  r: {{ kind: features.read, with: {{ dir: {} }} }}\n  s: {{ kind: test.feat_ids, from: r }}\n",
+            tmp.path().join("q").display(),
+            feats.display()
+        ))
+    };
+    read_shards().unwrap();
+    read_feats().unwrap();
+    // Before the check, a flipped bit in the samples' pages read back as other samples.
+    let shard = shards.join("shard-00001.parquet");
+    flip_a_bit(&shard);
+    let e = read_shards().unwrap_err();
+    assert!(
+        e.contains("shard-00001.parquet") && e.contains("BLAKE3"),
+        "{e}"
+    );
+    let part = feats.join("features-00000.parquet");
+    flip_a_bit(&part);
+    let e = read_feats().unwrap_err();
+    assert!(
+        e.contains("features-00000.parquet") && e.contains("BLAKE3"),
+        "{e}"
+    );
+    // A truncated part is named by its size.
+    let bytes = std::fs::read(&part).unwrap();
+    std::fs::write(&part, &bytes[..bytes.len() - 7]).unwrap();
+    let e = read_feats().unwrap_err();
+    assert!(
+        e.contains("features-00000.parquet") && e.contains("bytes"),
+        "{e}"
+    );
+}

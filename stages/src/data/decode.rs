@@ -505,6 +505,12 @@ impl StageDef for AudioDecode {
             "every input file in order: an utterance or a reject",
         )]
     }
+    fn paths(p: &DecodeParams, _ctx: &StageContext) -> pipeline::StagePaths {
+        pipeline::StagePaths {
+            reads: vec![p.input.clone()],
+            writes: vec![],
+        }
+    }
     fn validate(p: &DecodeParams, _ctx: &StageContext) -> Vec<ParamError> {
         let mut e = Vec::new();
         if !p.input.exists() {

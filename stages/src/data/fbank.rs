@@ -489,6 +489,16 @@ impl StageDef for FeaturesFbank {
             "features, one item per utterance",
         )]
     }
+    fn paths(p: &FbankParams, ctx: &StageContext) -> pipeline::StagePaths {
+        pipeline::StagePaths {
+            reads: if p.normalize == Normalize::Global {
+                vec![p.stats_path(ctx)]
+            } else {
+                vec![]
+            },
+            writes: vec![],
+        }
+    }
     fn validate(p: &FbankParams, ctx: &StageContext) -> Vec<ParamError> {
         if p.normalize != Normalize::Global {
             return Vec::new();

@@ -363,6 +363,12 @@ impl StageDef for ShardsWrite {
     fn outputs() -> Vec<Port> {
         vec![]
     }
+    fn paths(p: &ShardsWriteParams, _ctx: &StageContext) -> pipeline::StagePaths {
+        pipeline::StagePaths {
+            reads: vec![],
+            writes: vec![p.dir.clone()],
+        }
+    }
     fn resume_skip(p: &ShardsWriteParams, _ctx: &StageContext) -> Result<u64, StageError> {
         Ok(resumable_index(p)?.map(|i| i.inputs_done()).unwrap_or(0))
     }
@@ -710,7 +716,7 @@ impl PartSource for Shards {
         "Streams utterances back from a shard directory for `epochs` passes, shuffled by seed if asked;\nmemory is bounded by one shard; `start_epoch`/`start_index` resume inside the stream.";
     const OUT_DOC: &'static str = "utterances, epoch by epoch";
     const UNIT: &'static str = "shards";
-    fn parts(dir: &Path) -> crate::Result<Vec<(PathBuf, u64)>> {
+    fn parts(dir: &Path) -> crate::Result<Vec<crate::stream::Part>> {
         match ShardIndex::load(dir)? {
             Some(i) if !i.complete => Err(crate::Error::invalid(format!(
                 "{}: the prep that writes it has not finished; rerun it to complete the shards",
@@ -719,7 +725,14 @@ impl PartSource for Shards {
             Some(i) => Ok(i
                 .shards
                 .iter()
-                .filter_map(|s| s.file.as_ref().map(|f| (dir.join(f), s.rows)))
+                .filter_map(|s| {
+                    s.file.as_ref().map(|f| crate::stream::Part {
+                        path: dir.join(f),
+                        rows: s.rows,
+                        bytes: s.bytes,
+                        blake3: s.blake3.clone(),
+                    })
+                })
                 .collect()),
             None => Err(crate::Error::invalid(format!(
                 "no shard index at {}: run the prep spec first",

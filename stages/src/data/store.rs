@@ -183,6 +183,12 @@ impl StageDef for FeaturesWrite {
     fn outputs() -> Vec<Port> {
         vec![]
     }
+    fn paths(p: &FeaturesWriteParams, _ctx: &StageContext) -> pipeline::StagePaths {
+        pipeline::StagePaths {
+            reads: vec![],
+            writes: vec![p.dir.clone()],
+        }
+    }
     fn create(p: &FeaturesWriteParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
         std::fs::create_dir_all(&p.dir)
             .map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
@@ -356,7 +362,7 @@ impl PartSource for FeatureStore {
     const DOC: &'static str = "Streams stored features back for `epochs` passes, shuffled by seed if asked; one part in memory.";
     const OUT_DOC: &'static str = "features, epoch by epoch";
     const UNIT: &'static str = "parts";
-    fn parts(dir: &Path) -> crate::Result<Vec<(PathBuf, u64)>> {
+    fn parts(dir: &Path) -> crate::Result<Vec<crate::stream::Part>> {
         match FeatureIndex::load(dir)? {
             Some(i) if !i.complete => Err(crate::Error::invalid(format!(
                 "{}: the run that writes it has not finished",
@@ -365,7 +371,12 @@ impl PartSource for FeatureStore {
             Some(i) => Ok(i
                 .parts
                 .iter()
-                .map(|x| (dir.join(&x.file), x.rows))
+                .map(|x| crate::stream::Part {
+                    path: dir.join(&x.file),
+                    rows: x.rows,
+                    bytes: x.bytes,
+                    blake3: Some(x.blake3.clone()),
+                })
                 .collect()),
             None => Err(crate::Error::invalid(format!(
                 "no feature index at {}",

@@ -63,4 +63,4 @@ pub fn epoch_order(seed: u64, epoch: u32, rows: &[u64], shuffle: bool) -> Vec<(u
         .collect()
 }
 
-pub use reader::{EpochReader, PartSource, ReadStage, ReaderParams};
+pub use reader::{EpochReader, Part, PartSource, ReadStage, ReaderParams};

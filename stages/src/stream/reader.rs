@@ -64,6 +64,48 @@ impl Params for ReaderParams {
     }
 }
 
+/// One part of a store as its index lists it: the file, its rows, and the size and BLAKE3 it
+/// was written with (checked when the part is opened).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub path: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Absent only in an index that recorded none (then the size alone is checked).
+    pub blake3: Option<String>,
+}
+
+impl Part {
+    /// Reads the part's file and checks its size and BLAKE3 against the index: a part that
+    /// changed since it was written (a flipped bit, a truncation, another file copied over it)
+    /// is an error naming the file, never data.
+    pub fn verify(&self) -> crate::Result<()> {
+        let got = crate::stream::store::hash_file(&self.path)?;
+        if got.bytes != self.bytes {
+            return Err(crate::Error::damaged(
+                &self.path,
+                format!(
+                    "{} bytes, the index says {}: the file changed after it was written",
+                    got.bytes, self.bytes
+                ),
+            ));
+        }
+        let Some(want) = &self.blake3 else {
+            return Ok(());
+        };
+        if !got.blake3.eq_ignore_ascii_case(want) {
+            return Err(crate::Error::damaged(
+                &self.path,
+                format!(
+                    "BLAKE3 {}, the index says {}: the file changed after it was written",
+                    got.blake3, want
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A store read back by [`ReadStage`].
 pub trait PartSource: Send + Sync + 'static {
     /// What one row becomes.
@@ -74,8 +116,8 @@ pub trait PartSource: Send + Sync + 'static {
     const OUT_DOC: &'static str;
     /// What the progress line counts (`shards`, `parts`).
     const UNIT: &'static str;
-    /// The parts of a finished store with their row counts, or why it cannot be read.
-    fn parts(dir: &Path) -> crate::Result<Vec<(PathBuf, u64)>>;
+    /// The parts of a finished store as its index lists them, or why it cannot be read.
+    fn parts(dir: &Path) -> crate::Result<Vec<Part>>;
     /// The rows of one part, in stored order, as items of `epoch`.
     fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Self::Item>>;
 }
@@ -98,6 +140,12 @@ impl<S: PartSource> StageDef for ReadStage<S> {
     }
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<S::Item>("out", S::OUT_DOC)]
+    }
+    fn paths(p: &ReaderParams, _ctx: &StageContext) -> pipeline::StagePaths {
+        pipeline::StagePaths {
+            reads: vec![p.dir.clone()],
+            writes: vec![],
+        }
     }
     fn link(_: &ReaderParams, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
         linker.read(&READER_START);
@@ -137,8 +185,10 @@ impl<S: PartSource> Stage for ReadStage<S> {
                 "resuming the data stream at epoch {epoch}, utterance {index} (the student's checkpoint)"
             ));
         }
-        self.reader
-            .run(io, S::UNIT, |path, epoch| Ok(S::read(path, epoch)?))
+        self.reader.run(io, S::UNIT, |part, epoch| {
+            part.verify()?;
+            Ok(S::read(&part.path, epoch)?)
+        })
     }
 }
 
@@ -150,8 +200,8 @@ pub struct EpochReader {
     pub shuffle: bool,
     pub start_epoch: u32,
     pub start_index: u64,
-    /// Each part's file and its row count (from the index).
-    pub parts: Vec<(PathBuf, u64)>,
+    /// Each part as the index lists it.
+    pub parts: Vec<Part>,
 }
 
 impl EpochReader {
@@ -161,9 +211,9 @@ impl EpochReader {
         &self,
         io: &mut StageIo,
         unit: &str,
-        read: impl Fn(&Path, u32) -> Result<Vec<T>, StageError>,
+        read: impl Fn(&Part, u32) -> Result<Vec<T>, StageError>,
     ) -> Result<(), StageError> {
-        let rows: Vec<u64> = self.parts.iter().map(|p| p.1).collect();
+        let rows: Vec<u64> = self.parts.iter().map(|p| p.rows).collect();
         io.progress().set_length(
             self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64,
             unit,
@@ -181,8 +231,9 @@ impl EpochReader {
                     io.progress().inc(1);
                     continue;
                 }
-                let path = &self.parts[k].0;
-                let items = read(path, epoch)?;
+                let part = &self.parts[k];
+                let path = &part.path;
+                let items = read(part, epoch)?;
                 if items.len() != perm.len() {
                     return Err(StageError::failed(format!(
                         "{}: {} rows, the index says {}",

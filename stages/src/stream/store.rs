@@ -52,11 +52,13 @@ pub fn write_part(
     hash_file(&path)
 }
 
-/// Size and BLAKE3 (hex) of a file.
+/// Size and BLAKE3 (hex) of a file, read in a stream (a part is never held twice).
 pub fn hash_file(path: &Path) -> Result<Written> {
-    let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
+    let mut file = File::open(path).map_err(Error::io("cannot read", path))?;
+    let mut hasher = blake3::Hasher::new();
+    let bytes = std::io::copy(&mut file, &mut hasher).map_err(Error::io("cannot read", path))?;
     Ok(Written {
-        bytes: bytes.len() as u64,
-        blake3: blake3::hash(&bytes).to_hex().to_string(),
+        bytes,
+        blake3: hasher.finalize().to_hex().to_string(),
     })
 }
