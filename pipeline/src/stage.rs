@@ -59,6 +59,8 @@ pub trait StageKind: Send + Sync {
 pub trait Configured: Send + Sync {
     /// Declares the links this stage provides and reads (the link step, after validation).
     fn link(&self, linker: &mut Linker) -> Vec<ParamError>;
+    /// Checks against the values other stages provide (after the link step).
+    fn check_links(&self) -> Vec<ParamError>;
     /// Leading items of the (single) input that an earlier run already consumed for good.
     fn resume_skip(&self) -> Result<u64, StageError>;
     /// Builds the instance for worker `worker` (0-based).
@@ -89,6 +91,12 @@ pub trait StageDef: Stage + Sized + 'static {
     fn link(_params: &Self::Params, _ctx: &StageContext, _linker: &mut Linker) -> Vec<ParamError> {
         Vec::new()
     }
+    /// Checks that need values other stages provide: runs once every stage has linked (so the
+    /// order of the stages in the spec does not matter), before any is created, with the links
+    /// readable through `ctx.links`; errors name a parameter, as in `validate`.
+    fn check_links(_params: &Self::Params, _ctx: &StageContext) -> Vec<ParamError> {
+        Vec::new()
+    }
     fn create(params: &Self::Params, ctx: &StageContext, worker: usize)
         -> Result<Self, StageError>;
     fn resume_skip(_params: &Self::Params, _ctx: &StageContext) -> Result<u64, StageError> {
@@ -106,6 +114,9 @@ struct ConfiguredOf<D: StageDef> {
 impl<D: StageDef> Configured for ConfiguredOf<D> {
     fn link(&self, linker: &mut Linker) -> Vec<ParamError> {
         D::link(&self.params, &self.ctx, linker)
+    }
+    fn check_links(&self) -> Vec<ParamError> {
+        D::check_links(&self.params, &self.ctx)
     }
     fn resume_skip(&self) -> Result<u64, StageError> {
         D::resume_skip(&self.params, &self.ctx)
