@@ -108,16 +108,20 @@ enum Command {
         no_masking: bool,
     },
     /// Export the trained encoder (front-end + transformer) of a run for downstream use:
-    /// OUT/encoder.safetensors and OUT/config.json, from the run's last checkpoint.
+    /// OUT/encoder.safetensors and OUT/config.json, from the run's newest complete checkpoint.
     Export {
         /// The run directory (runs/NAME).
         run_dir: PathBuf,
-        /// Output directory.
+        /// Output directory (new or empty, unless --force).
         #[arg(long)]
         out: PathBuf,
         /// Export the EMA teacher's encoder instead of the student's.
         #[arg(long)]
         teacher: bool,
+        /// Write into a non-empty output directory (replaces encoder.safetensors and
+        /// config.json there; nothing else is touched).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -145,7 +149,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             run_dir,
             out,
             teacher,
-        } => export(&run_dir, &out, teacher),
+            force,
+        } => export(&run_dir, &out, teacher, force),
         Command::Report {
             run_dirs,
             out,
@@ -274,8 +279,12 @@ fn run(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<ExitCode
 const INTERRUPTED: u8 = 130;
 
 /// `ehmam export`.
-fn export(run_dir: &Path, out: &Path, teacher: bool) -> Result<ExitCode> {
-    let cfg = stages::train::export(run_dir, out, teacher)?;
+fn export(run_dir: &Path, out: &Path, teacher: bool, force: bool) -> Result<ExitCode> {
+    let exported = stages::train::export(run_dir, out, teacher, force)?;
+    for n in &exported.notes {
+        eprintln!("warning: {n}");
+    }
+    let cfg = exported.config;
     let parameters: usize = stages::model::shapes_of(&cfg.model)
         .iter()
         .filter(|(n, _)| cfg.tensors.contains(n))

@@ -240,6 +240,11 @@ fn link(spec: &Spec, partial: &[Option<Configuring>], links: &Links, errs: &mut 
         push_param_errors(&spec.locator, &format!("stages.{}", s.id), pe, errs);
     }
     links.freeze(table);
+    for (s, p) in spec.stages.iter().zip(partial) {
+        let Some(c) = p else { continue };
+        let pe = c.configured.check_links();
+        push_param_errors(&spec.locator, &format!("stages.{}", s.id), pe, errs);
+    }
 }
 
 /// Resolves every `from:` into (producer, port) per input, checking names and item types.

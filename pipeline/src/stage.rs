@@ -69,6 +69,8 @@ pub trait StageKind: Send + Sync {
 pub trait Configured: Send + Sync {
     /// Declares the links this stage provides and reads (the link step, after validation).
     fn link(&self, linker: &mut Linker) -> Vec<ParamError>;
+    /// Checks against the values other stages provide (after the link step).
+    fn check_links(&self) -> Vec<ParamError>;
     /// Leading items of the (single) input that an earlier run already consumed for good.
     fn resume_skip(&self) -> Result<u64, StageError>;
     /// What this stage reads and writes outside the run directory.
@@ -106,6 +108,12 @@ pub trait StageDef: Stage + Sized + 'static {
     fn paths(_params: &Self::Params, _ctx: &StageContext) -> StagePaths {
         StagePaths::default()
     }
+    /// Checks that need values other stages provide: runs once every stage has linked (so the
+    /// order of the stages in the spec does not matter), before any is created, with the links
+    /// readable through `ctx.links`; errors name a parameter, as in `validate`.
+    fn check_links(_params: &Self::Params, _ctx: &StageContext) -> Vec<ParamError> {
+        Vec::new()
+    }
     fn create(params: &Self::Params, ctx: &StageContext, worker: usize)
         -> Result<Self, StageError>;
     fn resume_skip(_params: &Self::Params, _ctx: &StageContext) -> Result<u64, StageError> {
@@ -123,6 +131,9 @@ struct ConfiguredOf<D: StageDef> {
 impl<D: StageDef> Configured for ConfiguredOf<D> {
     fn link(&self, linker: &mut Linker) -> Vec<ParamError> {
         D::link(&self.params, &self.ctx, linker)
+    }
+    fn check_links(&self) -> Vec<ParamError> {
+        D::check_links(&self.params, &self.ctx)
     }
     fn resume_skip(&self) -> Result<u64, StageError> {
         D::resume_skip(&self.params, &self.ctx)

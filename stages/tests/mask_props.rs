@@ -1096,6 +1096,7 @@ proptest! {
             // Span shapes (method §8) only with unit: span; uniform from 1, normal σ = 2.
             mask_type: if frame { SpanShape::Static } else { [SpanShape::Static, SpanShape::Uniform, SpanShape::Normal, SpanShape::Poisson][shape] },
             mask_other: match (frame, shape) { (false, 1) => 1.0, (false, 2) => 2.0, _ => 0.0 },
+            ..MaskSpec::default()
         };
         let out = eh_mask(&lp, lengths.len(), frames, &lengths, &s, r, &mut rng).unwrap();
         check_invariants(&out, frames, &lengths, &s, r);

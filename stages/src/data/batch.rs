@@ -337,8 +337,10 @@ impl StageDef for BatchByDuration {
     fn outputs() -> Vec<Port> {
         vec![Port::cloneable::<Batch>("out", "batches")]
     }
-    fn link(_: &BatchParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
+    fn link(p: &BatchParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
         linker.read(&crate::stream::RESUME_POSITION);
+        // With two batchers in one graph the first one's bound is the one checked against.
+        let _ = linker.provide(&crate::stream::MIN_UTT_SECONDS, p.min_utt_seconds);
         Vec::new()
     }
     fn create(p: &BatchParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {

@@ -271,12 +271,21 @@ impl<'a> Model<'a> {
     }
 
     /// Decoder (§2.6) or loss predictor (§2.7) over `[B, T, D]` → `[B, T, D]`.
+    ///
+    /// Each block adds its input back whenever it keeps the width, block 0 included
+    /// (`fairseq: examples/data2vec/models/modalities/modules.py` `DecoderBase.add_residual`:
+    /// skipped only when `residual.size(1) != x.size(1)`; EH-MAM's `PredDecoder1d` uses the same
+    /// rule). The presets change width at block 0 (D → head dim), so only later blocks add it.
     pub fn head(&self, p: &str, u: &Tensor, h: &HeadConfig, predictor: bool) -> Result<Tensor> {
         let mut x = u.clone();
         for l in 0..h.layers {
             let y = self.conv_time(&x, &format!("{p}.blocks.{l}.conv"), h.groups)?;
             let y = layer_norm(&y, None, 1e-5)?.gelu_erf()?;
-            x = if l == 0 { y } else { (x + y)? };
+            x = if x.dim(D::Minus1)? == y.dim(D::Minus1)? {
+                (x + y)?
+            } else {
+                y
+            };
         }
         if predictor {
             x = self.ln(&x, &format!("{p}.ln"))?;

@@ -13,6 +13,10 @@ use rand::seq::SliceRandom;
 /// the batcher continues.
 pub const RESUME_POSITION: Link<DataPosition> = Link::new("stream.resume_position");
 
+/// The batcher's `min_utt_seconds` (`batch.by_duration` provides it): no batch member is shorter.
+/// The mask stages refuse a span longer than that many model frames.
+pub const MIN_UTT_SECONDS: Link<f64> = Link::new("stream.min_utt_seconds");
+
 /// The same position, read by the stream's readers (`shards.read`, `features.read`). A reader
 /// starts there only when it is the plan's one reader; otherwise the stream starts from the top
 /// and the engine skips the batches already learned from.

@@ -51,11 +51,48 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-/// The newest complete checkpoint (its JSON and tensors both present).
-pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(CheckpointMeta, PathBuf)>, StageError> {
-    let dir = checkpoint_dir(run_dir);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(None);
+/// A checkpoint passed over: its file and what is wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkippedCheckpoint {
+    /// The file that is cut short, damaged or missing (the JSON or its tensors).
+    pub file: PathBuf,
+    pub why: String,
+}
+
+/// The newest complete checkpoint of a run, and the newer ones passed over.
+#[derive(Debug, Clone)]
+pub struct FoundCheckpoint {
+    pub meta: CheckpointMeta,
+    /// Its tensors (safetensors).
+    pub path: PathBuf,
+    /// Its JSON.
+    pub json: PathBuf,
+    /// Newer checkpoints that are incomplete or damaged, newest first.
+    pub skipped: Vec<SkippedCheckpoint>,
+}
+
+impl FoundCheckpoint {
+    /// One line per checkpoint passed over, for the person running (names the file to remove).
+    pub fn fallback_notes(&self) -> Vec<String> {
+        self.skipped
+            .iter()
+            .map(|s| {
+                format!(
+                    "checkpoint {} is unusable ({}); using the older {} (step {}) instead (remove the bad file to silence this)",
+                    s.file.display(),
+                    s.why,
+                    self.json.display(),
+                    self.meta.step
+                )
+            })
+            .collect()
+    }
+}
+
+/// The checkpoint JSONs of a run directory, oldest first (names sort by step).
+fn checkpoint_jsons(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
     };
     let mut metas: Vec<PathBuf> = entries
         .flatten()
@@ -67,26 +104,120 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(CheckpointMeta, PathB
         })
         .collect();
     metas.sort();
-    while let Some(p) = metas.pop() {
-        let text = std::fs::read_to_string(&p)
-            .map_err(|e| StageError::failed(format!("cannot read {}: {e}", p.display())))?;
-        let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
-            StageError::failed(format!(
-                "{}: not a checkpoint description: {e}",
-                p.display()
-            ))
-        })?;
-        let t = dir.join(&meta.tensors);
-        if t.is_file() {
-            return Ok(Some((meta, t)));
-        }
-        eprintln!(
-            "warning: {} has no tensors file {}; trying an older checkpoint",
-            p.display(),
-            t.display()
-        );
+    metas
+}
+
+/// Checks that a safetensors file is whole: its header parses and the file is exactly as long as
+/// the header's tensors say (a file cut short anywhere fails). Reads the header only.
+pub fn check_safetensors(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot read its size: {e}"))?
+        .len();
+    let mut n8 = [0u8; 8];
+    f.read_exact(&mut n8)
+        .map_err(|_| format!("cut short: {len} bytes, not even a header"))?;
+    let n = u64::from_le_bytes(n8);
+    if n > len.saturating_sub(8) {
+        return Err(format!(
+            "cut short: {len} bytes, its header alone needs {}",
+            n.saturating_add(8)
+        ));
     }
-    Ok(None)
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| format!("cannot read its header: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| format!("damaged header: {e}"))?;
+    let Some(entries) = v.as_object() else {
+        return Err("damaged header: not a JSON object".into());
+    };
+    let mut end = 0u64;
+    for (name, e) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let off = e
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| o.get(1))
+            .and_then(|o| o.as_u64())
+            .ok_or_else(|| format!("damaged header: tensor `{name}` has no data_offsets"))?;
+        end = end.max(off);
+    }
+    let want = 8 + n + end;
+    if len != want {
+        return Err(format!(
+            "cut short: {len} bytes where its header says {want}"
+        ));
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint: its JSON reads and its tensors file is whole. Newer ones that
+/// are not (a disk that filled up, a copy cut short) are passed over and listed in `skipped`.
+/// When there are checkpoints but none is complete, the error names every file to remove.
+pub fn find_checkpoint(run_dir: &Path) -> Result<Option<FoundCheckpoint>, StageError> {
+    let dir = checkpoint_dir(run_dir);
+    let mut metas = checkpoint_jsons(&dir);
+    let mut skipped = Vec::new();
+    while let Some(p) = metas.pop() {
+        let meta = match std::fs::read_to_string(&p)
+            .map_err(|e| format!("cannot read it: {e}"))
+            .and_then(|text| {
+                serde_json::from_str::<CheckpointMeta>(&text)
+                    .map_err(|e| format!("not a checkpoint description: {e}"))
+            }) {
+            Ok(m) => m,
+            Err(why) => {
+                skipped.push(SkippedCheckpoint { file: p, why });
+                continue;
+            }
+        };
+        let t = dir.join(&meta.tensors);
+        if !t.is_file() {
+            skipped.push(SkippedCheckpoint {
+                file: p.clone(),
+                why: format!("its tensors file {} is missing", t.display()),
+            });
+            continue;
+        }
+        if let Err(why) = check_safetensors(&t) {
+            skipped.push(SkippedCheckpoint { file: t, why });
+            continue;
+        }
+        return Ok(Some(FoundCheckpoint {
+            meta,
+            path: t,
+            json: p,
+            skipped,
+        }));
+    }
+    if skipped.is_empty() {
+        return Ok(None);
+    }
+    Err(StageError::failed(format!(
+        "{}: no complete checkpoint to continue from: {}. Remove these files (or the directory) to start afresh",
+        dir.display(),
+        skipped
+            .iter()
+            .map(|s| format!("{} ({})", s.file.display(), s.why))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )))
+}
+
+/// The newest complete checkpoint (see [`find_checkpoint`]); the checkpoints passed over are
+/// reported on stderr.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(CheckpointMeta, PathBuf)>, StageError> {
+    Ok(find_checkpoint(run_dir)?.map(|f| {
+        for n in f.fallback_notes() {
+            eprintln!("warning: {n}");
+        }
+        (f.meta, f.path)
+    }))
 }
 
 /// Writes tensors then the JSON, each atomically (temp name, then rename); removes the oldest
@@ -165,15 +296,47 @@ pub struct ExportConfig {
     pub tensors: Vec<String>,
 }
 
-/// Writes the front-end and encoder of the run's last checkpoint (student weights unless
-/// `teacher`) as `DIR/encoder.safetensors` with `DIR/config.json`. Returns the config.
-pub fn export(run_dir: &Path, out: &Path, teacher: bool) -> Result<ExportConfig, StageError> {
-    let Some((meta, path)) = latest_checkpoint(run_dir)? else {
+/// What [`export`] wrote, and the checkpoints it passed over.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub config: ExportConfig,
+    /// One line per newer checkpoint that was incomplete (the export used an older one).
+    pub notes: Vec<String>,
+}
+
+/// Writes the front-end and encoder of the run's newest complete checkpoint (student weights
+/// unless `teacher`) as `DIR/encoder.safetensors` with `DIR/config.json`. A directory `out`
+/// that exists and is not empty is refused unless `force` (then the two files are replaced and
+/// nothing else in it is touched).
+pub fn export(
+    run_dir: &Path,
+    out: &Path,
+    teacher: bool,
+    force: bool,
+) -> Result<Exported, StageError> {
+    if out.exists() && !out.is_dir() {
+        return Err(StageError::failed(format!(
+            "--out {}: exists and is not a directory",
+            out.display()
+        )));
+    }
+    if !force {
+        let entries = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+        if entries > 0 {
+            return Err(StageError::failed(format!(
+                "--out {}: the directory is not empty ({entries} entries); choose an empty or new directory, or pass --force to write encoder.safetensors and config.json into it",
+                out.display()
+            )));
+        }
+    }
+    let Some(found) = find_checkpoint(run_dir)? else {
         return Err(StageError::failed(format!(
             "{}: no checkpoint (train first: ehmam run SPEC)",
             checkpoint_dir(run_dir).display()
         )));
     };
+    let notes = found.fallback_notes();
+    let (meta, path) = (found.meta, found.path);
     let all = load_tensors(&path, &Device::Cpu)?;
     let mut w: BTreeMap<String, Tensor> = BTreeMap::new();
     for (k, v) in &all {
@@ -219,7 +382,7 @@ pub fn export(run_dir: &Path, out: &Path, teacher: bool) -> Result<ExportConfig,
     let cpath = out.join("config.json");
     write_atomic(&cpath, text.as_bytes())
         .map_err(|e| StageError::io(format!("cannot write {}", cpath.display()), e))?;
-    Ok(cfg)
+    Ok(Exported { config: cfg, notes })
 }
 
 /// Loads an exported encoder (`export`'s output directory).

@@ -61,6 +61,7 @@ impl MaskParams {
             rounding,
             mask_type: self.mask_type,
             mask_other: self.mask_other,
+            split_rounding: SplitRounding::Epsilon,
         }
     }
 }
@@ -113,6 +114,10 @@ pub struct EasyToHardParams {
     pub ramp_updates: Option<u64>,
     /// Final hard ratio of the linear curriculum, in [0, 1].
     pub r_max: f64,
+    /// How S_rand = floor(S·(1 − r)) is rounded: epsilon (default; exact-arithmetic reading, so
+    /// 50·(1 − 0.8) gives 10) or truncate (the code's int() of the raw float: 9 at r = 0.8, one
+    /// more hard span whenever S is a multiple of 5). Also the frame counts of unit: frame.
+    pub rounding: SplitRounding,
     /// Multi-mask (method §1.5.6, `clone_batch`): each utterance is repeated this many times with
     /// independent masks, all sharing one teacher pass. 1 = off (the README config).
     pub clone_batch: usize,
@@ -130,6 +135,7 @@ impl Default for EasyToHardParams {
             curriculum: CurriculumChoice::Linear,
             ramp_updates: None,
             r_max: 1.0,
+            rounding: SplitRounding::Epsilon,
             clone_batch: 1,
         }
     }
@@ -148,6 +154,7 @@ impl EasyToHardParams {
             rounding: Rounding::PerBatch,
             mask_type: self.mask_type,
             mask_other: self.mask_other,
+            split_rounding: self.rounding,
         }
     }
     /// The curriculum these parameters describe.
@@ -384,6 +391,49 @@ pub trait Strategy: Send + Sync + 'static {
     /// The masker of a stage with seed `seed`; `total_updates` is the student's schedule length
     /// (the default length of a curriculum's ramp), where the plan has a student.
     fn masker(p: &Self::Params, seed: u64, total_updates: Option<u64>) -> Masker;
+    /// The span length and unit the parameters ask for.
+    fn span(p: &Self::Params) -> (usize, MaskUnit);
+}
+
+/// Model frames of the shortest utterance a batcher with `min_utt_seconds` lets through: the
+/// features' rate is 50 Hz for the fbank front-end (80 bins at 100 Hz stacked by 2, method §7)
+/// and 16 kHz samples for the CNN, whose frame count is then the CNN's.
+pub fn shortest_model_frames(cfg: &crate::model::ModelConfig, min_utt_seconds: f64) -> usize {
+    let rate = match cfg.frontend.kind {
+        crate::model::FrontendKind::Fbank => 50.0,
+        crate::model::FrontendKind::Cnn => 16_000.0,
+    };
+    let input = (min_utt_seconds * rate).ceil();
+    if !(input.is_finite() && input >= 0.0) {
+        return 0;
+    }
+    cfg.frames_for(input as usize)
+}
+
+/// `span` against the shortest utterance the batcher allows (the `stream.min_utt_seconds` link):
+/// a span longer than that row could not fit in it.
+fn check_span_fits(span: usize, unit: MaskUnit, ctx: &StageContext) -> Vec<ParamError> {
+    if unit != MaskUnit::Span {
+        return Vec::new();
+    }
+    let Some(min_s) = ctx.links.get(&crate::stream::MIN_UTT_SECONDS) else {
+        return Vec::new();
+    };
+    // A bad model block is reported by the teacher and student; nothing to compare with here.
+    let Ok(cfg) = crate::model::ModelConfig::from_spec(ctx.model.as_ref()) else {
+        return Vec::new();
+    };
+    let frames = shortest_model_frames(&cfg, *min_s);
+    // min_utt_seconds: 0 sets no lower bound to check against.
+    if frames == 0 || span <= frames {
+        return Vec::new();
+    }
+    vec![ParamError::new(
+        "span",
+        format!(
+            "{span} frames is longer than the shortest utterance the batcher lets through: min_utt_seconds {min_s} s is {frames} model frames; lower span or raise the batcher's min_utt_seconds"
+        ),
+    )]
 }
 
 /// `mask.easy_to_hard`: EH-MAM's curriculum (method §4.1).
@@ -405,6 +455,9 @@ impl Strategy for EasyToHard {
         }
         Masker::easy_to_hard(&p, seed)
     }
+    fn span(p: &EasyToHardParams) -> (usize, MaskUnit) {
+        (p.span, p.unit)
+    }
 }
 
 impl Strategy for Random {
@@ -414,6 +467,9 @@ impl Strategy for Random {
     fn masker(p: &MaskParams, seed: u64, _: Option<u64>) -> Masker {
         Masker::random(p, seed)
     }
+    fn span(p: &MaskParams) -> (usize, MaskUnit) {
+        (p.span, p.unit)
+    }
 }
 
 impl Strategy for Hard {
@@ -422,6 +478,9 @@ impl Strategy for Hard {
     const DOC: &'static str = "Hard-only masking (r ≡ 1 from step 0; method §8 `hard_only`): every span starts at a\nframe with one of the largest predicted losses.";
     fn masker(p: &MaskParams, seed: u64, _: Option<u64>) -> Masker {
         Masker::hard(p, seed)
+    }
+    fn span(p: &MaskParams) -> (usize, MaskUnit) {
+        (p.span, p.unit)
     }
 }
 
@@ -449,7 +508,12 @@ impl<S: Strategy> StageDef for MaskStage<S> {
     }
     fn link(_: &S::Params, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
         linker.read(&crate::train::TOTAL_UPDATES);
+        linker.read(&crate::stream::MIN_UTT_SECONDS);
         Vec::new()
+    }
+    fn check_links(p: &S::Params, ctx: &StageContext) -> Vec<ParamError> {
+        let (span, unit) = S::span(p);
+        check_span_fits(span, unit, ctx)
     }
     fn create(p: &S::Params, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let total = ctx.links.get(&crate::train::TOTAL_UPDATES).map(|n| *n);

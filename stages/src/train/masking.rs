@@ -10,7 +10,7 @@
 //! u ~ U[0,1)                                       once per batch (per row: mask.random, or padding)
 //! S      = max(1, floor(P·n/L + u))                spans of row b, n its valid frames
 //! range  = n − L, or S + 1 if that is ≤ S          random starts come from [0, range)
-//! S_rand = floor(S·(1 − r)),  S_hard = S − S_rand
+//! S_rand = floor(S·(1 − r)),  S_hard = S − S_rand    (floor: see `SplitRounding`)
 //! hard   = the S_hard frames with the largest predicted loss (ties: the earlier frame)
 //! rand   = S_rand of S distinct draws from [0, range), those equal to a hard start left out
 //! F_b    = ∪ {s, …, s+L−1} over hard ∪ rand, cut at n
@@ -96,6 +96,20 @@ pub enum Rounding {
     PerRow,
 }
 
+/// How `S_rand = floor(S·(1 − r))` (and the frame counts of `unit: frame`) are taken from the
+/// float product (method §4.1, §10 #2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitRounding {
+    /// floor with a relative epsilon of 1e-9, so that products that are whole numbers in exact
+    /// arithmetic count as such (50·(1 − 0.8) = 10).
+    #[default]
+    Epsilon,
+    /// floor of the raw f64 product, as the code's `int(num_mask * (1 - keep_ratio))`: at
+    /// r = 0.8, 50·(1 − 0.8) = 9.999999999999998 gives 9 random and 41 hard spans.
+    Truncate,
+}
+
 /// The settings of one mask draw (everything but the hard ratio).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MaskSpec {
@@ -111,6 +125,8 @@ pub struct MaskSpec {
     pub mask_type: SpanShape,
     /// The second parameter of `mask_type`: the lower bound (uniform) or standard deviation (normal).
     pub mask_other: f64,
+    /// How the hard/random split is rounded.
+    pub split_rounding: SplitRounding,
 }
 
 impl Default for MaskSpec {
@@ -123,6 +139,7 @@ impl Default for MaskSpec {
             rounding: Rounding::PerBatch,
             mask_type: SpanShape::Static,
             mask_other: 0.0,
+            split_rounding: SplitRounding::Epsilon,
         }
     }
 }
@@ -248,21 +265,46 @@ fn floor_ratio(x: f64) -> usize {
     (x + 1e-9 * x.abs().max(1.0)).floor().max(0.0) as usize
 }
 
+/// `floor(x)` as `rounding` says.
+fn floor_with(x: f64, rounding: SplitRounding) -> usize {
+    match rounding {
+        SplitRounding::Epsilon => floor_ratio(x),
+        // Python's int() of a non-negative float.
+        SplitRounding::Truncate => x.floor().max(0.0) as usize,
+    }
+}
+
 /// Number of spans of a row of `n` valid frames: `S = max(1, floor(P·n/L + u))` (method §4.1).
 pub fn num_spans(mask_prob: f64, n: usize, span: usize, u: f64) -> usize {
     let s = (mask_prob * n as f64 / span.max(1) as f64 + u).floor();
     (s.max(0.0) as usize).max(1)
 }
 
-/// Hard spans among `spans`: `S_hard = S − floor(S·(1 − r))` (method §4.1).
+/// Hard spans among `spans`: `S_hard = S − floor(S·(1 − r))` (method §4.1), epsilon rounding.
 pub fn num_hard(spans: usize, r: f64) -> usize {
-    spans - floor_ratio(spans as f64 * (1.0 - r)).min(spans)
+    num_hard_with(spans, r, SplitRounding::Epsilon)
 }
 
-/// Frames of the paper-literal variant (method §4.4): `(floor(P·r·n), floor(P·(1−r)·n))`.
+/// [`num_hard`] with the given rounding of `S·(1 − r)`.
+pub fn num_hard_with(spans: usize, r: f64, rounding: SplitRounding) -> usize {
+    spans - floor_with(spans as f64 * (1.0 - r), rounding).min(spans)
+}
+
+/// Frames of the paper-literal variant (method §4.4): `(floor(P·r·n), floor(P·(1−r)·n))`,
+/// epsilon rounding.
 pub fn frame_counts(mask_prob: f64, n: usize, r: f64) -> (usize, usize) {
-    let hard = floor_ratio(mask_prob * r * n as f64).min(n);
-    let rand = floor_ratio(mask_prob * (1.0 - r) * n as f64).min(n - hard);
+    frame_counts_with(mask_prob, n, r, SplitRounding::Epsilon)
+}
+
+/// [`frame_counts`] with the given rounding.
+pub fn frame_counts_with(
+    mask_prob: f64,
+    n: usize,
+    r: f64,
+    rounding: SplitRounding,
+) -> (usize, usize) {
+    let hard = floor_with(mask_prob * r * n as f64, rounding).min(n);
+    let rand = floor_with(mask_prob * (1.0 - r) * n as f64, rounding).min(n - hard);
     (hard, rand)
 }
 
@@ -349,7 +391,7 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
     } else {
         s + 1
     };
-    let s_hard = num_hard(s, r);
+    let s_hard = num_hard_with(s, r, spec.split_rounding);
     let s_rand = s - s_hard;
     let hard_starts = top_k(lp, s_hard);
     let mut is_hard_start = vec![false; n];
@@ -397,7 +439,7 @@ fn span_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, u: f64, rng: &
 /// Method §4.4 for one row: single frames, the top ones plus random others.
 fn frame_row<R: Rng + ?Sized>(lp: &[f32], spec: &MaskSpec, r: f64, rng: &mut R) -> Row {
     let n = lp.len();
-    let (k_hard, k_rand) = frame_counts(spec.mask_prob, n, r);
+    let (k_hard, k_rand) = frame_counts_with(spec.mask_prob, n, r, spec.split_rounding);
     let hard_starts = top_k(lp, k_hard);
     let mut hard_cover = vec![false; n];
     for &h in &hard_starts {

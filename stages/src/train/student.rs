@@ -32,6 +32,20 @@ pub enum AuxLoss {
     ZscoreMse,
 }
 
+/// What the student does with an update whose loss or gradient norm is not finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop the run with an error naming the update, before the optimiser step: the weights, the
+    /// teacher and the checkpoints stay those of the updates before it.
+    #[default]
+    Stop,
+    /// Drop the update (no AdamW step, no EMA; the teacher gets the unchanged weights under the
+    /// next version), count it (`skipped_updates` in the stage counts) and go on with the next
+    /// batch, as fairseq's fp16 trainer does with a gradient overflow.
+    Skip,
+}
+
 /// Parameters of `student`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -84,6 +98,10 @@ pub struct StudentParams {
     pub min_target_std: f64,
     pub min_pred_std: f64,
     pub health_after: u64,
+    /// A non-finite loss or gradient norm (checked before the optimiser step): stop (default;
+    /// error naming the update, nothing changed or written after it) or skip (drop the update,
+    /// count it and go on).
+    pub on_nonfinite: OnNonFinite,
 }
 
 impl Default for StudentParams {
@@ -113,6 +131,7 @@ impl Default for StudentParams {
             min_target_std: 0.1,
             min_pred_std: 0.01,
             health_after: 5000,
+            on_nonfinite: OnNonFinite::Stop,
         }
     }
 }
@@ -199,12 +218,19 @@ pub struct Student {
     pub epoch: u32,
     /// The encoder's output frame rate on the data seen (input rate / front-end stride).
     pub frame_rate: Option<f64>,
+    /// Test hook: multiplies one gradient of the next update by this factor (∞ or NaN injects
+    /// a non-finite gradient under a finite loss).
+    #[cfg(test)]
+    pub(crate) grad_fault: Option<f64>,
 }
 
 /// What one update produced.
 pub struct StepOut {
     pub record: StepRecord,
     pub frames: FrameRecord,
+    /// `Some(why)` when the update was dropped (`on_nonfinite: skip`): the records then hold the
+    /// non-finite values and no weight changed.
+    pub skipped: Option<String>,
 }
 
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -248,6 +274,8 @@ impl Student {
             position: None,
             epoch: 0,
             frame_rate: None,
+            #[cfg(test)]
+            grad_fault: None,
         })
     }
 
@@ -392,29 +420,65 @@ impl Student {
         })
     }
 
-    /// One update on a masked batch.
-    /// One update; a non-finite loss is [`crate::Error::Diverged`] (found after the optimiser
-    /// step: the run stops, and a rerun resumes from its last checkpoint).
+    /// One update on a masked batch. The loss and the global gradient norm are checked before
+    /// the optimiser step: when either is not finite, `on_nonfinite: stop` returns
+    /// [`crate::Error::Diverged`] naming the update with nothing changed (weights, optimiser
+    /// moments, teacher, step), and `skip` drops the update: the step counter moves on (the batch
+    /// is consumed and the teacher's next version is these same weights), AdamW and the EMA do
+    /// not run, and [`StepOut::skipped`] says why.
     pub fn train_step(&mut self, m: &Masked) -> crate::Result<StepOut> {
         let t0 = Instant::now();
         let b = &m.taught.batch;
         let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
         let parts = self.loss(m, &mut noise)?;
-        let grads = parts.loss.backward()?;
+        #[allow(unused_mut)]
+        let mut grads = parts.loss.backward()?;
+        #[cfg(test)]
+        if let Some(x) = self.grad_fault.take() {
+            if let Some(v) = self.vars.get("decoder.proj.bias") {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let g = (g * x)?;
+                    grads.insert(v.as_tensor(), g);
+                }
+            }
+        }
         let grad_norm = grad_norm(&self.vars, &grads)?;
+        let loss_value = parts.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let lr = lr_at(
             self.step,
             self.p.lr,
             self.warmup_steps(),
             self.schedule_steps(),
         );
-        self.adam.step(&self.vars, &grads, lr)?;
+        let skipped = if loss_value.is_finite() && grad_norm.is_finite() {
+            None
+        } else {
+            let what = if loss_value.is_finite() {
+                format!("the loss is finite ({loss_value:.6}) but the gradient norm is {grad_norm}")
+            } else {
+                format!("the loss is {loss_value} (gradient norm {grad_norm})")
+            };
+            match self.p.on_nonfinite {
+                OnNonFinite::Stop => {
+                    return Err(crate::Error::Diverged {
+                        step: self.step,
+                        what: format!("{what}; stopped before the optimiser step, so the weights, the teacher and the checkpoints are those of the updates before (lower lr, or set on_nonfinite: skip to drop such updates)"),
+                    });
+                }
+                OnNonFinite::Skip => Some(what),
+            }
+        };
+        if skipped.is_none() {
+            self.adam.step(&self.vars, &grads, lr)?;
+        }
         self.step += 1;
-        // EMA (§3) with τ(t+1).
+        // EMA (§3) with τ(t+1); a dropped update leaves the teacher as it was.
         let tau = tau_at(self.step, self.p.tau0, self.p.tau_end, self.tau_steps());
-        for (k, tw) in self.teacher.iter_mut() {
-            if let Some(v) = self.vars.get(k) {
-                *tw = ((&*tw * tau)? + (v.as_tensor() * (1.0 - tau))?)?.detach();
+        if skipped.is_none() {
+            for (k, tw) in self.teacher.iter_mut() {
+                if let Some(v) = self.vars.get(k) {
+                    *tw = ((&*tw * tau)? + (v.as_tensor() * (1.0 - tau))?)?.detach();
+                }
             }
         }
         self.position = Some(b.position);
@@ -450,13 +514,6 @@ impl Student {
                 *r = parts.ell[k];
                 k += 1;
             }
-        }
-        if !loss.is_finite() {
-            let what = format!("the loss is {loss} (diverged); lower lr");
-            return Err(crate::Error::Diverged {
-                step: self.step - 1,
-                what,
-            });
         }
         let record = StepRecord {
             step: b.step,
@@ -497,7 +554,11 @@ impl Student {
             features: Arc::new(b.data.clone()),
             feature_dim: b.dim,
         };
-        Ok(StepOut { record, frames })
+        Ok(StepOut {
+            record,
+            frames,
+            skipped,
+        })
     }
 
     /// Every tensor a checkpoint holds.
@@ -592,8 +653,9 @@ pub struct StudentStage {
     student: Student,
     cell: Arc<WeightCell>,
     run_dir: PathBuf,
-    /// Said once the stage runs (where the progress bars are).
-    resumed_from: Option<String>,
+    /// Said once the stage runs (where the progress bars are): the checkpoints passed over and
+    /// the one resumed from.
+    resumed_from: Vec<String>,
 }
 
 impl StageDef for StudentStage {
@@ -621,7 +683,7 @@ impl StageDef for StudentStage {
     fn validate(p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
         let mut e = train::validate_model(ctx);
         if p.resume {
-            if let Err(err) = train::latest_checkpoint(&ctx.run_dir) {
+            if let Err(err) = train::find_checkpoint(&ctx.run_dir) {
                 e.push(ParamError::new(
                     "resume",
                     format!("{err} (set resume: false to start afresh)"),
@@ -663,14 +725,16 @@ impl StageDef for StudentStage {
         let mut student = Student::new(p.clone(), cfg, device.clone(), ctx.seed, DType::F32)
             .map_err(stage_err("student: building the model"))?;
         let mut resumed_at = None;
-        let mut resumed_from = None;
+        let mut resumed_from = Vec::new();
         if p.resume {
-            if let Some((meta, path)) = train::latest_checkpoint(&ctx.run_dir)? {
-                let tensors = train::load_tensors(&path, &device)?;
+            if let Some(found) = train::find_checkpoint(&ctx.run_dir)? {
+                let (meta, path) = (&found.meta, &found.path);
+                let tensors = train::load_tensors(path, &device)?;
                 student
-                    .restore(&meta, &tensors)
+                    .restore(meta, &tensors)
                     .map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
-                resumed_from = Some(format!(
+                resumed_from = found.fallback_notes();
+                resumed_from.push(format!(
                     "resuming from {} (step {})",
                     path.display(),
                     meta.step
@@ -722,8 +786,8 @@ fn resume_position(p: &StudentParams, ctx: &StageContext) -> Option<crate::items
     if !p.resume {
         return None;
     }
-    let (meta, _) = train::latest_checkpoint(&ctx.run_dir).ok()??;
-    meta.position.map(|pos| pos.after())
+    let found = train::find_checkpoint(&ctx.run_dir).ok()??;
+    found.meta.position.map(|pos| pos.after())
 }
 
 impl StudentStage {
@@ -742,7 +806,7 @@ impl StudentStage {
 impl Stage for StudentStage {
     fn run(&mut self, io: &mut StageIo) -> Result<(), StageError> {
         let _close = CloseOnDrop(self.cell.clone());
-        if let Some(line) = self.resumed_from.take() {
+        for line in std::mem::take(&mut self.resumed_from) {
             io.note(line);
         }
         let max = self.student.p.max_steps;
@@ -761,6 +825,7 @@ impl Stage for StudentStage {
         io.progress().set_length(max, "steps");
         io.progress().inc(self.student.step);
         let mut last_saved = self.student.step;
+        let mut skipped = 0u64;
         while let Some(m) = io.recv::<Masked>(0)? {
             let step = m.taught.batch.step;
             if step < self.student.step {
@@ -777,9 +842,24 @@ impl Stage for StudentStage {
                     .map_err(stage_err("student"))?,
             );
             io.progress().inc(1);
+            if let Some(why) = &out.skipped {
+                skipped += 1;
+                io.count("skipped_updates", 1);
+                if skipped <= 10 {
+                    io.note(format!(
+                        "update {step} skipped (on_nonfinite: skip): {why}{}",
+                        if skipped == 10 {
+                            "; further skipped updates are only counted (skipped_updates)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
             let r = &out.record;
             let s = &self.student.p;
-            if s.stop_on_collapse
+            if out.skipped.is_none()
+                && s.stop_on_collapse
                 && self.student.step > s.health_after
                 && (r.target_std < s.min_target_std || r.pred_std < s.min_pred_std)
             {
@@ -789,11 +869,14 @@ impl Stage for StudentStage {
                     r.target_std, s.min_target_std, r.pred_std, s.min_pred_std
                 )));
             }
-            if io.is_connected(0) {
-                ok_or_closed(io.send(0, out.record))?;
-            }
-            if io.is_connected(1) {
-                ok_or_closed(io.send(1, out.frames))?;
+            // A dropped update has no row: its values are not finite and nothing was learned.
+            if out.skipped.is_none() {
+                if io.is_connected(0) {
+                    ok_or_closed(io.send(0, out.record))?;
+                }
+                if io.is_connected(1) {
+                    ok_or_closed(io.send(1, out.frames))?;
+                }
             }
             let every = self.student.p.checkpoint_every;
             if every > 0 && self.student.step % every == 0 {
@@ -816,5 +899,151 @@ fn ok_or_closed(r: Result<(), StageError>) -> Result<(), StageError> {
     match r {
         Err(StageError::Closed) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::items::{Batch, Taught};
+
+    fn tiny() -> ModelConfig {
+        let v: serde_yaml::Value = serde_yaml::from_str(
+            "{frontend: {input_dim: 6}, encoder: {dim: 8, heads: 2, ffn: 12, layers: 2, top_k: 2, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}, decoder: {dim: 4, layers: 2, kernel: 3, groups: 2}, loss_predictor: {dim: 4, layers: 2, kernel: 3, groups: 2}}",
+        )
+        .unwrap();
+        ModelConfig::from_spec(Some(&v)).unwrap()
+    }
+
+    /// A masked batch of 2 rows × 12 frames, 5 hidden per row, at `step`.
+    fn batch(cfg: &ModelConfig, step: u64, poison: bool) -> Masked {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(step);
+        let (rows, t, f, d) = (2, 12, cfg.input_dim(), cfg.encoder.dim);
+        let mut data: Vec<f32> = (0..rows * t * f)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        if poison {
+            data[3] = f32::INFINITY;
+        }
+        let targets: Vec<f32> = (0..rows * t * d)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let mut mask = vec![false; rows * t];
+        for r in 0..rows {
+            for k in 0..5 {
+                mask[r * t + (k * 7 + r) % t] = true;
+            }
+        }
+        let batch = Batch {
+            step,
+            position: DataPosition::default(),
+            epoch: 0,
+            utt_ids: (0..rows).map(|r| format!("u{r}")).collect(),
+            offsets: vec![0; rows],
+            lengths: vec![t; rows],
+            longest: t,
+            frames: t,
+            dim: f,
+            frame_rate: 50.0,
+            data,
+            padding_mask: None,
+        };
+        Masked {
+            taught: Taught {
+                batch,
+                targets: Arc::new(targets),
+                target_dim: d,
+                frames: t,
+                pred_loss: vec![0.0; rows * t],
+                teacher_version: step,
+            },
+            hard: vec![false; rows * t],
+            mask,
+            masked_per_row: 5,
+            hard_ratio: 0.0,
+            spans: vec![1; rows],
+            hard_spans: vec![0; rows],
+            strategy: "test".into(),
+            clones: 1,
+        }
+    }
+
+    fn student(on: OnNonFinite) -> Student {
+        let p = StudentParams {
+            warmup_steps: Some(0),
+            tau0: 0.9,
+            tau_end: 0.9,
+            on_nonfinite: on,
+            ..StudentParams::default()
+        };
+        Student::new(p, tiny(), Device::Cpu, 1, DType::F32).unwrap()
+    }
+
+    /// Every value of the student's state: weights, teacher, AdamW moments and step counter.
+    fn state(s: &Student) -> (BTreeMap<String, Vec<f32>>, u64, u64) {
+        let t = s
+            .checkpoint_tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        (t, s.adam.t, s.step)
+    }
+
+    /// A finite loss with a non-finite gradient (injected), and a non-finite loss (an infinite
+    /// feature): `on_nonfinite: stop` refuses the update before AdamW and the EMA, naming it,
+    /// and leaves every weight, moment and the step counter as they were.
+    #[test]
+    fn nonfinite_gradient_or_loss_stops_before_the_step() {
+        let cfg = tiny();
+        for (fault, poison) in [
+            (Some(f64::INFINITY), false),
+            (Some(f64::NAN), false),
+            (None, true),
+        ] {
+            let mut s = student(OnNonFinite::Stop);
+            s.train_step(&batch(&cfg, 0, false)).unwrap();
+            let before = state(&s);
+            s.grad_fault = fault;
+            let e = match s.train_step(&batch(&cfg, 1, poison)) {
+                Err(e) => e,
+                Ok(_) => panic!("a non-finite update must not pass ({fault:?}, {poison})"),
+            };
+            assert!(matches!(e, crate::Error::Diverged { step: 1, .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.starts_with("update 1:"), "{msg}");
+            if fault.is_some() {
+                assert!(msg.contains("the loss is finite"), "{msg}");
+            }
+            assert!(state(&s) == before, "state changed ({fault:?}, {poison})");
+        }
+    }
+
+    /// `on_nonfinite: skip` drops the update: no AdamW step (weights and moments unchanged, Adam's
+    /// own counter too), no EMA, the step counter moves on so the teacher's next version is
+    /// published; the next finite batch trains normally.
+    #[test]
+    fn nonfinite_update_is_skipped_and_training_goes_on() {
+        let cfg = tiny();
+        let mut s = student(OnNonFinite::Skip);
+        s.train_step(&batch(&cfg, 0, false)).unwrap();
+        let (w0, adam_t0, _) = state(&s);
+        s.grad_fault = Some(f64::INFINITY);
+        let out = s.train_step(&batch(&cfg, 1, false)).unwrap();
+        let why = out.skipped.expect("skipped");
+        assert!(why.contains("gradient norm is inf"), "{why}");
+        let (w1, adam_t1, step1) = state(&s);
+        assert_eq!((step1, adam_t1), (2, adam_t0));
+        assert!(w1 == w0, "a skipped update changed the state");
+        assert_eq!(s.teacher_weights().unwrap().version, 2);
+        // Loss path too.
+        let out = s.train_step(&batch(&cfg, 2, true)).unwrap();
+        assert!(out.skipped.unwrap().contains("the loss is"));
+        assert!(state(&s).0 == w0);
+        // And on: a finite batch updates again.
+        let out = s.train_step(&batch(&cfg, 3, false)).unwrap();
+        assert!(out.skipped.is_none() && out.record.loss.is_finite());
+        assert_eq!((s.step, s.adam.t), (4, adam_t0 + 1));
+        assert!(state(&s).0 != w0);
     }
 }
