@@ -457,6 +457,12 @@ pub(crate) fn relay(
         };
         match msg {
             Err(_) => break,
+            // The unit at the head streams through as it comes (a worker sends a unit's items
+            // in order): a unit of many items (a long file's segments) is never held whole.
+            Ok(Msg::Item { item, seq, .. }) if seq == next => {
+                fan_out(&mut out.senders, out.clone, counter, 0, item, &cancel)?;
+                counter += 1;
+            }
             Ok(Msg::Item { seq, minor, item }) => {
                 buffer.entry(seq).or_default().push((minor, item))
             }
@@ -464,12 +470,19 @@ pub(crate) fn relay(
                 done.insert(seq);
             }
         }
+        let head = next;
         while done.remove(&next) {
             if let Some(items) = buffer.remove(&next) {
                 emit(items, &mut out, &mut counter)?;
             }
             next += 1;
             window.advance(index, next);
+        }
+        if next != head {
+            // The new head: what it sent so far goes out now, the rest streams.
+            if let Some(items) = buffer.remove(&next) {
+                emit(items, &mut out, &mut counter)?;
+            }
         }
     }
     // Every worker has finished: hand on what is left, in order.

@@ -37,10 +37,16 @@ pub struct Reject {
     pub reason: String,
 }
 
-/// What `audio.decode` emits for each input file, in input order.
+/// What `audio.decode` emits for each input file, in input order. Every input ends with exactly
+/// one `Utterance` or `Rejected`; a file longer than `max_segment_seconds` comes as `Part`s (its
+/// segments `ID@0`, `ID@1`, …) before that last item, so a consumer counts inputs by their last
+/// items.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
+    /// The whole file, or the last segment of a long one.
     Utterance(Utterance),
+    /// A segment of a long file whose later segments (or its rejection) follow.
+    Part(Utterance),
     Rejected(Reject),
 }
 

@@ -218,9 +218,12 @@ fn broken_fixtures_are_rejected_with_their_reason() {
             chapter: None,
             transcript: None,
             problem: None,
+            manifest_samples: None,
         };
         match decode_input(&input, 16000, 0.1) {
-            Decoded::Utterance(_) => panic!("{} should be rejected ({:?})", f.file, f.why),
+            Decoded::Utterance(_) | Decoded::Part(_) => {
+                panic!("{} should be rejected ({:?})", f.file, f.why)
+            }
             Decoded::Rejected(r) => {
                 let want = category(f.why.as_deref().unwrap_or(""));
                 assert!(!want.is_empty(), "{}: unknown why {:?}", f.file, f.why);

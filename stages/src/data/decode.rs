@@ -2,12 +2,12 @@
 //! wav2vec manifest), decodes every file, down-mixes to mono and resamples. A file that cannot be
 //! used becomes a `Rejected` item with its reason; the run goes on.
 
-use crate::data::audio::{decode_file, resample};
+use crate::data::audio::{MonoStream, StreamResampler};
 use crate::items::{Decoded, Reject, Utterance};
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -48,6 +48,17 @@ pub struct DecodeParams {
     pub sample_rate: u32,
     /// Files shorter than this (in seconds, after decoding) are rejected.
     pub min_seconds: f64,
+    /// Longest row, in seconds (default 40: LibriSpeech's longest utterance is 35 s, so a
+    /// LibriSpeech tree is never cut). A longer file is decoded and stored in bounded memory as
+    /// rows `ID@0`, `ID@1`, … of exactly this length, the last one holding the rest (split in two
+    /// halves instead where it would be a tail shorter than `min_seconds`); the segments join
+    /// without a seam (they are cut from one resampled stream). Its transcript goes on `ID@0` only.
+    /// At least 1 and at least twice `min_seconds`.
+    pub max_segment_seconds: f64,
+    /// Follow symbolic links that lead outside the input directory (default false: such a link is
+    /// rejected as `outside the input root`). Links inside it are always followed, each directory
+    /// and file at most once, whatever the number of paths to it (no loops).
+    pub follow_links: bool,
     /// File extensions taken as audio in directory layouts (empty: every file). Text and metadata
     /// files (txt, tsv, csv, json, md, lab, …) are counted and ignored; any other file is an input
     /// that is rejected as `not audio`, so no file of the tree goes unaccounted.
@@ -64,6 +75,8 @@ impl Default for DecodeParams {
             layout: Layout::Auto,
             sample_rate: 16000,
             min_seconds: 0.1,
+            max_segment_seconds: 40.0,
+            follow_links: false,
             extensions: default_extensions(),
             listing: Arc::new(OnceLock::new()),
         }
@@ -91,12 +104,29 @@ impl Params for DecodeParams {
                 format!("must be a number ≥ 0, got {}", self.min_seconds),
             ));
         }
+        if !(self.max_segment_seconds >= 1.0 && self.max_segment_seconds.is_finite()) {
+            e.push(ParamError::new(
+                "max_segment_seconds",
+                format!(
+                    "must be a number of seconds ≥ 1, got {}",
+                    self.max_segment_seconds
+                ),
+            ));
+        } else if self.max_segment_seconds < 2.0 * self.min_seconds {
+            e.push(ParamError::new(
+                "max_segment_seconds",
+                format!(
+                    "must be at least twice min_seconds ({}), got {}",
+                    self.min_seconds, self.max_segment_seconds
+                ),
+            ));
+        }
         e
     }
 }
 
 /// One input file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct InputFile {
     pub path: PathBuf,
     /// Relative to the input root, `/`-separated.
@@ -107,6 +137,8 @@ pub struct InputFile {
     pub transcript: Option<String>,
     /// A problem found while listing (missing file, bad manifest line): rejected without decoding.
     pub problem: Option<String>,
+    /// Manifest layout: the line and the sample count it gives, checked against the file.
+    pub manifest_samples: Option<(usize, u64)>,
 }
 
 /// The inputs of a run, in the order they are decoded and stored.
@@ -117,6 +149,9 @@ pub struct Listing {
     pub files: Vec<InputFile>,
     /// Files not taken as audio, by extension.
     pub ignored: BTreeMap<String, usize>,
+    /// Paths not listed because they lead to a directory or file listed already (symbolic links,
+    /// hard links): each real file is read once.
+    pub links_skipped: usize,
 }
 
 fn rel(root: &Path, p: &Path) -> String {
@@ -127,23 +162,125 @@ fn rel(root: &Path, p: &Path) -> String {
         .join("/")
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> crate::Result<()> {
+/// Identity of a file or directory, whatever the path to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FileKey {
+    #[cfg(unix)]
+    Inode(u64, u64),
+    #[cfg(not(unix))]
+    Path(PathBuf),
+}
+
+fn file_key(p: &Path, m: &std::fs::Metadata) -> FileKey {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let _ = p;
+        FileKey::Inode(m.dev(), m.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        FileKey::Path(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+    }
+}
+
+/// What a directory walk found.
+#[derive(Default)]
+struct Walked {
+    /// Files in path order, each with the reason it cannot be an input, if any.
+    files: Vec<Found>,
+    links_skipped: usize,
+}
+
+/// Every file below `root`, each real file once. Directories are walked without following links
+/// first; then the symbolic links found, in path order (those inside followed links join the
+/// queue): a link to a directory or file already listed is skipped (so a loop like `ln -s ..
+/// loop` is entered at most once), one that leads outside `root` is listed as a reject unless
+/// `follow_links`, a broken one is listed (and rejected as unreadable when decoded).
+fn walk(root: &Path, follow_links: bool) -> crate::Result<Walked> {
+    let canon_root = std::fs::canonicalize(root)
+        .map_err(|e| format!("cannot resolve {}: {e}", root.display()))?;
+    let root_meta =
+        std::fs::metadata(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
+    let mut seen_dirs: HashSet<FileKey> = HashSet::from([file_key(root, &root_meta)]);
+    let mut seen_files: HashSet<FileKey> = HashSet::new();
+    let mut out = Walked::default();
+    let mut links: Vec<PathBuf> = Vec::new();
+    walk_dir(root, &mut out, &mut links, &mut seen_dirs, &mut seen_files)?;
+    let mut i = 0;
+    while i < links.len() {
+        let link = links[i].clone();
+        i += 1;
+        let (Ok(meta), Ok(target)) = (std::fs::metadata(&link), std::fs::canonicalize(&link))
+        else {
+            out.files.push((link, None));
+            continue;
+        };
+        if !follow_links && !target.starts_with(&canon_root) {
+            let reason = format!(
+                "outside the input root: a link to {}; set `follow_links: true` to read it",
+                target.display()
+            );
+            out.files.push((link, Some(reason)));
+            continue;
+        }
+        let key = file_key(&link, &meta);
+        if meta.is_dir() {
+            if seen_dirs.insert(key) {
+                walk_dir(&link, &mut out, &mut links, &mut seen_dirs, &mut seen_files)?;
+            } else {
+                out.links_skipped += 1;
+            }
+        } else if seen_files.insert(key) {
+            out.files.push((link, None));
+        } else {
+            out.links_skipped += 1;
+        }
+    }
+    out.files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Lists `dir` recursively without following symbolic links, which go to `links`.
+fn walk_dir(
+    dir: &Path,
+    out: &mut Walked,
+    links: &mut Vec<PathBuf>,
+    seen_dirs: &mut HashSet<FileKey>,
+    seen_files: &mut HashSet<FileKey>,
+) -> crate::Result<()> {
     let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-    let mut entries: Vec<PathBuf> = Vec::new();
+    let mut entries = Vec::new();
     for entry in rd {
         let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let name = entry.file_name();
         if name.to_string_lossy().starts_with('.') {
             continue;
         }
-        entries.push(entry.path());
+        entries.push((entry.path(), entry.file_type().ok()));
     }
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk(&p, out)?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (p, ft) in entries {
+        if ft.is_some_and(|t| t.is_symlink()) {
+            links.push(p);
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            out.files.push((p, None));
+            continue;
+        };
+        let key = file_key(&p, &meta);
+        if meta.is_dir() {
+            if seen_dirs.insert(key) {
+                walk_dir(&p, out, links, seen_dirs, seen_files)?;
+            } else {
+                out.links_skipped += 1;
+            }
+        } else if seen_files.insert(key) {
+            out.files.push((p, None));
         } else {
-            out.push(p);
+            out.links_skipped += 1;
         }
     }
     Ok(())
@@ -206,13 +343,14 @@ pub fn list_inputs(params: &DecodeParams) -> crate::Result<Listing> {
             .to_lowercase(),
         ));
     }
-    let (audio, transcripts, ignored) = walk_tree(params, layout)?;
+    let (audio, transcripts, ignored, links_skipped) = walk_tree(params, layout)?;
     let files = input_files(input, layout, &audio, &transcripts);
     Ok(Listing {
         root: input.clone(),
         layout,
         files,
         ignored,
+        links_skipped,
     })
 }
 
@@ -221,13 +359,18 @@ type Found = (PathBuf, Option<String>);
 
 /// Walks the input tree: audio inputs (and files that claim to be), LibriSpeech transcripts by
 /// utterance id, and the metadata files ignored, by extension.
+#[allow(clippy::type_complexity)]
 fn walk_tree(
     params: &DecodeParams,
     layout: Layout,
-) -> crate::Result<(Vec<Found>, HashMap<String, String>, BTreeMap<String, usize>)> {
+) -> crate::Result<(
+    Vec<Found>,
+    HashMap<String, String>,
+    BTreeMap<String, usize>,
+    usize,
+)> {
     let input = &params.input;
-    let mut paths = Vec::new();
-    walk(input, &mut paths)?;
+    let walked = walk(input, params.follow_links)?;
     let exts: Vec<String> = params
         .extensions
         .iter()
@@ -236,7 +379,11 @@ fn walk_tree(
     let mut ignored = BTreeMap::new();
     let mut transcripts: HashMap<String, String> = HashMap::new();
     let mut audio = Vec::new();
-    for p in paths {
+    for (p, problem) in walked.files {
+        if problem.is_some() {
+            audio.push((p, problem));
+            continue;
+        }
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -273,11 +420,10 @@ fn walk_tree(
             ));
         }
     }
-    Ok((audio, transcripts, ignored))
+    Ok((audio, transcripts, ignored, walked.links_skipped))
 }
 
-/// The listing's inputs. Ids: the file stem (LibriSpeech) or the relative path without
-/// extension; a clash falls back to the relative path with extension.
+/// The listing's inputs, with ids as [`unique_ids`] gives them.
 fn input_files(
     input: &Path,
     layout: Layout,
@@ -295,12 +441,7 @@ fn input_files(
             let utt_id = if layout == Layout::Librispeech {
                 stem.clone()
             } else {
-                match source.rfind('.') {
-                    Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => {
-                        source[..i].to_string()
-                    }
-                    _ => source.clone(),
-                }
+                without_extension(&source)
             };
             let (speaker, chapter, transcript) = if layout == Layout::Librispeech {
                 let (speaker, chapter) = librispeech_ids(&stem, &source);
@@ -316,19 +457,50 @@ fn input_files(
                 chapter,
                 transcript,
                 problem: problem.clone(),
+                manifest_samples: None,
             }
         })
         .collect();
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for f in &files {
-        *count.entry(f.utt_id.clone()).or_insert(0) += 1;
+    unique_ids(&mut files);
+    files
+}
+
+/// `dir/a.wav` → `dir/a`: the path without its last extension (`a.wav.flac` → `a.wav`).
+fn without_extension(source: &str) -> String {
+    match source.rfind('.') {
+        Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => source[..i].to_string(),
+        _ => source.to_string(),
     }
-    for f in &mut files {
-        if count[&f.utt_id] > 1 {
-            f.utt_id = f.source.clone();
+}
+
+/// Makes the ids of the inputs that will be decoded unique. Each starts as given (the relative
+/// path without its last extension, or the LibriSpeech file stem); every input whose id is shared
+/// takes its relative path with extension instead, and this is repeated until no two share one:
+/// a path with extension can be another file's id without its last extension (`a.wav.flac` →
+/// `a.wav`, which `a.wav` takes when `a.flac` is beside it), and that file then keeps its whole
+/// path too. Relative paths are unique, so this ends with unique ids. Inputs rejected while
+/// listing take part in nothing.
+fn unique_ids(files: &mut [InputFile]) {
+    loop {
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for f in files.iter().filter(|f| f.problem.is_none()) {
+            *count.entry(f.utt_id.as_str()).or_insert(0) += 1;
+        }
+        let clash: Vec<usize> = files
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                f.problem.is_none() && f.utt_id != f.source && count[f.utt_id.as_str()] > 1
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if clash.is_empty() {
+            return;
+        }
+        for i in clash {
+            files[i].utt_id = files[i].source.clone();
         }
     }
-    files
 }
 
 /// Speaker and chapter of a LibriSpeech file: from its id `SPEAKER-CHAPTER-N` (as in the
@@ -387,7 +559,8 @@ fn list_manifest(path: &Path) -> crate::Result<Listing> {
         root = path.parent().unwrap_or(Path::new(".")).join(root);
     }
     let mut files = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    // The file each line names (its identity where it exists), and the first line naming it.
+    let mut seen: HashMap<Result<FileKey, String>, usize> = HashMap::new();
     for (i, line) in lines.enumerate() {
         let lineno = i + 2;
         if line.trim().is_empty() {
@@ -397,14 +570,18 @@ fn list_manifest(path: &Path) -> crate::Result<Listing> {
         let relp = parts.next().unwrap_or("").trim();
         let n = parts.next();
         let mut problem = None;
+        let mut manifest_samples = None;
         if relp.is_empty() {
             problem = Some(format!("manifest line {lineno}: no path"));
         } else if let Some(n) = n {
-            if n.trim().parse::<u64>().is_err() {
-                problem = Some(format!(
-                    "manifest line {lineno}: num_samples `{}` is not a number",
-                    n.trim()
-                ));
+            match n.trim().parse::<u64>() {
+                Ok(n) => manifest_samples = Some((lineno, n)),
+                Err(_) => {
+                    problem = Some(format!(
+                        "manifest line {lineno}: num_samples `{}` is not a number",
+                        n.trim()
+                    ))
+                }
             }
         }
         let p = root.join(relp);
@@ -415,37 +592,194 @@ fn list_manifest(path: &Path) -> crate::Result<Listing> {
             ));
         }
         let source = relp.replace('\\', "/");
-        let base = match source.rfind('.') {
-            Some(i) if i > source.rfind('/').map_or(0, |j| j + 1) => source[..i].to_string(),
-            _ => source.clone(),
-        };
-        let k = seen.entry(base.clone()).or_insert(0);
-        *k += 1;
-        let utt_id = if *k > 1 {
-            format!("{source}#{lineno}")
-        } else {
-            base
-        };
+        if !relp.is_empty() {
+            let key = match std::fs::metadata(&p) {
+                Ok(m) => Ok(file_key(&p, &m)),
+                Err(_) => Err(source.clone()),
+            };
+            match seen.get(&key) {
+                Some(first) => {
+                    problem = Some(format!(
+                        "duplicate: manifest line {lineno} names the file of line {first} again ({source})"
+                    ))
+                }
+                None => {
+                    seen.insert(key, lineno);
+                }
+            }
+        }
         files.push(InputFile {
             path: p,
+            utt_id: without_extension(&source),
             source,
-            utt_id,
             speaker: None,
             chapter: None,
             transcript: None,
             problem,
+            manifest_samples,
         });
     }
+    unique_ids(&mut files);
     Ok(Listing {
         root,
         layout: Layout::Manifest,
         files,
         ignored: BTreeMap::new(),
+        links_skipped: 0,
     })
 }
 
-/// Decodes one input into an utterance or a rejection.
+/// How `audio.decode` decodes, checks and cuts each file.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeSettings {
+    pub sample_rate: u32,
+    pub min_seconds: f64,
+    /// Longest row in seconds (infinite: never cut).
+    pub max_segment_seconds: f64,
+}
+
+impl DecodeSettings {
+    pub fn of(p: &DecodeParams) -> DecodeSettings {
+        DecodeSettings {
+            sample_rate: p.sample_rate,
+            min_seconds: p.min_seconds,
+            max_segment_seconds: p.max_segment_seconds,
+        }
+    }
+}
+
+fn seconds_to_samples(s: f64, rate: u32) -> usize {
+    // `as` saturates: infinity is usize::MAX.
+    (s * rate as f64).round() as usize
+}
+
+/// Decodes one input into an utterance or a rejection, never cut (as [`decode_segments`] with
+/// an infinite `max_segment_seconds`).
 pub fn decode_input(f: &InputFile, sample_rate: u32, min_seconds: f64) -> Decoded {
+    let settings = DecodeSettings {
+        sample_rate,
+        min_seconds,
+        max_segment_seconds: f64::INFINITY,
+    };
+    let mut last = None;
+    let _ = decode_segments::<std::convert::Infallible>(f, &settings, &mut |d| {
+        last = Some(d);
+        Ok(())
+    });
+    last.unwrap_or_else(|| {
+        Decoded::Rejected(Reject {
+            source: f.source.clone(),
+            reason: "internal: the decoder emitted nothing".into(),
+        })
+    })
+}
+
+/// The rows of one long file as they fill up.
+struct Segmenter<'a> {
+    f: &'a InputFile,
+    sample_rate: u32,
+    /// Samples per full segment.
+    seg: usize,
+    /// Shortest tail (samples): a segment is cut only once the rest is at least this long.
+    min_len: usize,
+    /// Segments emitted.
+    next: usize,
+    /// Resampled samples not emitted yet.
+    buf: Vec<f32>,
+}
+
+impl Segmenter<'_> {
+    fn utterance(&self, utt_id: String, samples: Vec<f32>, transcript: bool) -> Utterance {
+        Utterance {
+            utt_id,
+            speaker: self.f.speaker.clone(),
+            chapter: self.f.chapter.clone(),
+            source: self.f.source.clone(),
+            transcript: if transcript {
+                self.f.transcript.clone()
+            } else {
+                None
+            },
+            sample_rate: self.sample_rate,
+            samples,
+            epoch: 0,
+        }
+    }
+
+    /// Segment `ID@next` of the first `n` samples of the buffer.
+    fn row(&mut self, n: usize, last: bool) -> Decoded {
+        let samples: Vec<f32> = if n == self.buf.len() {
+            std::mem::take(&mut self.buf)
+        } else {
+            self.buf.drain(..n).collect()
+        };
+        let u = self.utterance(
+            format!("{}@{}", self.f.utt_id, self.next),
+            samples,
+            self.next == 0,
+        );
+        self.next += 1;
+        if last {
+            Decoded::Utterance(u)
+        } else {
+            Decoded::Part(u)
+        }
+    }
+
+    /// Emits every full segment that is certainly not the last.
+    fn emit_full<E>(&mut self, emit: &mut dyn FnMut(Decoded) -> Result<(), E>) -> Result<(), E> {
+        while self.buf.len() >= self.seg.saturating_add(self.min_len) {
+            let d = self.row(self.seg, false);
+            emit(d)?;
+        }
+        Ok(())
+    }
+
+    /// The end of the file: the whole file as one row with its plain id when it fits, else the
+    /// last segments (a rest longer than a segment, but too short to leave a tail of `min_len`,
+    /// is cut in two halves).
+    fn emit_last<E>(mut self, emit: &mut dyn FnMut(Decoded) -> Result<(), E>) -> Result<(), E> {
+        if self.next == 0 && self.buf.len() <= self.seg {
+            let samples = std::mem::take(&mut self.buf);
+            return emit(Decoded::Utterance(self.utterance(
+                self.f.utt_id.clone(),
+                samples,
+                true,
+            )));
+        }
+        self.emit_full(emit)?;
+        let rest = self.buf.len();
+        if rest > self.seg {
+            let d = self.row(rest / 2, false);
+            emit(d)?;
+        }
+        let d = self.row(self.buf.len(), true);
+        emit(d)
+    }
+
+    /// A rejection reason, saying which segments were emitted before it.
+    fn after(&self, reason: String) -> String {
+        match self.next {
+            0 => reason,
+            n => format!(
+                "{reason} (after its first {n} segments, `{id}@0` to `{id}@{}`, which are kept)",
+                n - 1,
+                id = self.f.utt_id
+            ),
+        }
+    }
+}
+
+/// Decodes one input, packet by packet, and hands `emit` its rows: the whole file as one
+/// `Utterance`, or for a file longer than `max_segment_seconds` its segments `ID@0`, `ID@1`, …
+/// as `Part`s and the last one as an `Utterance`; a file that cannot be used ends with a
+/// `Rejected` (after the segments already emitted, if it fails late: they are kept, and the
+/// reason says so). Memory is a segment and a packet, not the file. An error of `emit` stops it.
+pub fn decode_segments<E>(
+    f: &InputFile,
+    s: &DecodeSettings,
+    emit: &mut dyn FnMut(Decoded) -> Result<(), E>,
+) -> Result<(), E> {
     let rejected = |reason: String| {
         Decoded::Rejected(Reject {
             source: f.source.clone(),
@@ -453,34 +787,65 @@ pub fn decode_input(f: &InputFile, sample_rate: u32, min_seconds: f64) -> Decode
         })
     };
     if let Some(p) = &f.problem {
-        return rejected(p.clone());
+        return emit(rejected(p.clone()));
     }
-    let pcm = match decode_file(&f.path) {
+    let mut stream = match MonoStream::open(&f.path) {
         Ok(p) => p,
-        Err(crate::Error::BadInput { reason, .. }) => return rejected(reason),
-        Err(e) => return rejected(e.to_string()),
+        Err(crate::Error::BadInput { reason, .. }) => return emit(rejected(reason)),
+        Err(e) => return emit(rejected(e.to_string())),
     };
-    let secs = pcm.frames() as f64 / pcm.sample_rate as f64;
-    if secs < min_seconds {
-        return rejected(format!(
-            "too short: {secs:.3} s < min_seconds {min_seconds}"
-        ));
+    if let (Some((line, n)), Some(h)) = (f.manifest_samples, stream.header_frames()) {
+        // The header of a lossless file is exact but for symphonia's AIFF count (2 frames more).
+        if stream.is_lossless() && h.abs_diff(n) > 8 {
+            return emit(rejected(format!(
+                "manifest count: line {line} gives {n} samples, the file's header {h}"
+            )));
+        }
     }
-    let mono = pcm.to_mono();
-    let samples = match resample(&mono, pcm.sample_rate, sample_rate) {
-        Ok(s) => s,
-        Err(e) => return rejected(format!("resampling failed: {e}")),
+    let mut rs = match StreamResampler::new(stream.sample_rate, s.sample_rate) {
+        Ok(r) => r,
+        Err(e) => return emit(rejected(format!("resampling failed: {e}"))),
     };
-    Decoded::Utterance(Utterance {
-        utt_id: f.utt_id.clone(),
-        speaker: f.speaker.clone(),
-        chapter: f.chapter.clone(),
-        source: f.source.clone(),
-        transcript: f.transcript.clone(),
-        sample_rate,
-        samples,
-        epoch: 0,
-    })
+    let mut seg = Segmenter {
+        f,
+        sample_rate: s.sample_rate,
+        seg: seconds_to_samples(s.max_segment_seconds, s.sample_rate).max(1),
+        min_len: seconds_to_samples(s.min_seconds, s.sample_rate).max(1),
+        next: 0,
+        buf: Vec::new(),
+    };
+    let failure = loop {
+        match stream.next_chunk() {
+            Ok(true) => {
+                if let Err(e) = rs.push(stream.chunk(), &mut seg.buf) {
+                    break Some(format!("resampling failed: {e}"));
+                }
+                seg.emit_full(emit)?;
+            }
+            Ok(false) => break stream.finish().err(),
+            Err(reason) => break Some(reason),
+        }
+    };
+    let frames = stream.frames();
+    let failure = failure.or_else(|| {
+        let (line, n) = f.manifest_samples?;
+        let slack = if stream.is_lossless() { 0 } else { 4096 };
+        (frames.abs_diff(n) > slack).then(|| {
+            format!("manifest count: line {line} gives {n} samples, the file holds {frames}")
+        })
+    });
+    let failure = failure.or_else(|| {
+        let secs = frames as f64 / stream.sample_rate as f64;
+        (secs < s.min_seconds)
+            .then(|| format!("too short: {secs:.3} s < min_seconds {}", s.min_seconds))
+    });
+    if let Some(reason) = failure {
+        return emit(rejected(seg.after(reason)));
+    }
+    if let Err(e) = rs.finish(&mut seg.buf) {
+        return emit(rejected(seg.after(format!("resampling failed: {e}"))));
+    }
+    seg.emit_last(emit)
 }
 
 /// The `audio.decode` stage.
@@ -585,6 +950,13 @@ impl Stage for AudioDecode {
                     list.join(", ")
                 ));
             }
+            if self.listing.links_skipped > 0 {
+                let n = self.listing.links_skipped;
+                io.count("links_skipped", n as u64);
+                io.note(format!(
+                    "skipped {n} links to files or directories listed already (each file is read once)"
+                ));
+            }
             if skip > 0 {
                 io.count("resumed_inputs", skip as u64);
                 io.note(format!(
@@ -594,12 +966,364 @@ impl Stage for AudioDecode {
             }
             io.progress().set_length(todo, "files");
         }
+        let settings = DecodeSettings::of(&self.params);
         while let Some(u) = io.claim(todo)? {
             let f = &files[skip + u as usize];
-            let item = decode_input(f, self.params.sample_rate, self.params.min_seconds);
+            decode_segments(f, &settings, &mut |d| io.send(0, d))?;
             io.progress().inc(1);
-            io.send(0, item)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 16-bit PCM WAV; `promise` frames in the header (default: those written).
+    fn wav(path: &Path, rate: u32, channels: u16, samples: &[i16], promise: Option<u32>) {
+        let frames = samples.len() as u32 / channels as u32;
+        let data = promise.unwrap_or(frames) * channels as u32 * 2;
+        let mut b = Vec::new();
+        b.extend_from_slice(b"RIFF");
+        b.extend_from_slice(&(36 + data).to_le_bytes());
+        b.extend_from_slice(b"WAVEfmt ");
+        b.extend_from_slice(&16u32.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&channels.to_le_bytes());
+        b.extend_from_slice(&rate.to_le_bytes());
+        b.extend_from_slice(&(rate * channels as u32 * 2).to_le_bytes());
+        b.extend_from_slice(&(channels * 2).to_le_bytes());
+        b.extend_from_slice(&16u16.to_le_bytes());
+        b.extend_from_slice(b"data");
+        b.extend_from_slice(&data.to_le_bytes());
+        for s in samples {
+            b.extend_from_slice(&s.to_le_bytes());
+        }
+        std::fs::write(path, b).unwrap();
+    }
+
+    /// Noise and a tone, `n` samples.
+    fn signal(n: usize) -> Vec<i16> {
+        let mut x = 12345u32;
+        (0..n)
+            .map(|i| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let noise = (x >> 20) as f32 / 4096.0 - 0.5;
+                let tone = (i as f32 * 0.05).sin();
+                ((noise * 0.3 + tone * 0.5) * 20000.0) as i16
+            })
+            .collect()
+    }
+
+    fn input(path: &Path, id: &str) -> InputFile {
+        InputFile {
+            path: path.to_path_buf(),
+            source: format!("{id}.wav"),
+            utt_id: id.into(),
+            transcript: Some("THE WHOLE FILE".into()),
+            ..Default::default()
+        }
+    }
+
+    fn segments(f: &InputFile, s: &DecodeSettings) -> Vec<Decoded> {
+        let mut out = Vec::new();
+        decode_segments::<()>(f, s, &mut |d| {
+            out.push(d);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_long_file_becomes_rows_of_max_segment_seconds_that_join_into_the_whole_decode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("x.wav");
+        // 75 s at 8 kHz, stereo, resampled to 16 kHz.
+        wav(&p, 8000, 2, &signal(75 * 8000 * 2), None);
+        let f = input(&p, "x");
+        let whole = match decode_input(&f, 16000, 0.1) {
+            Decoded::Utterance(u) => u.samples,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(whole.len(), 75 * 16000);
+        let s = DecodeSettings {
+            sample_rate: 16000,
+            min_seconds: 0.1,
+            max_segment_seconds: 30.0,
+        };
+        let items = segments(&f, &s);
+        let mut joined = Vec::new();
+        let mut rows = Vec::new();
+        for (i, d) in items.iter().enumerate() {
+            let (u, part) = match d {
+                Decoded::Part(u) => (u, true),
+                Decoded::Utterance(u) => (u, false),
+                Decoded::Rejected(r) => panic!("{r:?}"),
+            };
+            // Every row but the last is a `Part`; the transcript is on the first only.
+            assert_eq!(part, i + 1 < items.len());
+            assert_eq!(u.transcript.is_some(), i == 0, "{}", u.utt_id);
+            assert_eq!(u.source, "x.wav");
+            rows.push((u.utt_id.clone(), u.samples.len()));
+            joined.extend_from_slice(&u.samples);
+        }
+        assert_eq!(
+            rows,
+            [
+                ("x@0".to_string(), 30 * 16000),
+                ("x@1".to_string(), 30 * 16000),
+                ("x@2".to_string(), 15 * 16000)
+            ]
+        );
+        assert!(
+            joined == whole,
+            "the segments do not join into the whole decode"
+        );
+
+        // A file up to the limit is one row with its plain id, as before.
+        let p = tmp.path().join("y.wav");
+        wav(&p, 8000, 1, &signal(30 * 8000), None);
+        let items = segments(&input(&p, "y"), &s);
+        match &items[..] {
+            [Decoded::Utterance(u)] => {
+                assert_eq!((u.utt_id.as_str(), u.samples.len()), ("y", 30 * 16000));
+                assert!(u.transcript.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A rest just over the limit (30.05 s) would leave a tail shorter than min_seconds: it
+        // is cut in two halves instead.
+        let p = tmp.path().join("z.wav");
+        wav(&p, 16000, 1, &signal(30 * 16000 + 800), None);
+        let lens: Vec<usize> = segments(&input(&p, "z"), &s)
+            .iter()
+            .map(|d| match d {
+                Decoded::Part(u) | Decoded::Utterance(u) => u.samples.len(),
+                Decoded::Rejected(r) => panic!("{r:?}"),
+            })
+            .collect();
+        assert_eq!(lens, [240_400, 240_400]);
+    }
+
+    #[test]
+    fn a_long_file_failing_late_keeps_its_segments_and_ends_as_a_reject() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("cut.wav");
+        // The header promises 10 s; the file holds 4.5 s.
+        wav(&p, 16000, 1, &signal(72_000), Some(160_000));
+        let s = DecodeSettings {
+            sample_rate: 16000,
+            min_seconds: 0.1,
+            max_segment_seconds: 1.0,
+        };
+        let items = segments(&input(&p, "cut"), &s);
+        let parts: Vec<&str> = items
+            .iter()
+            .filter_map(|d| match d {
+                Decoded::Part(u) => Some(u.utt_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parts, ["cut@0", "cut@1", "cut@2", "cut@3"]);
+        match items.last() {
+            Some(Decoded::Rejected(r)) => {
+                assert!(r.reason.starts_with("truncated: "), "{}", r.reason);
+                assert!(
+                    r.reason
+                        .contains("after its first 4 segments, `cut@0` to `cut@3`, which are kept"),
+                    "{}",
+                    r.reason
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(items.len(), 5);
+        // The same file under the limit: one reject, the reason as it always was.
+        match decode_input(&input(&p, "cut"), 16000, 0.1) {
+            Decoded::Rejected(r) => assert_eq!(
+                r.reason,
+                "truncated: the header promises 160000 samples per channel, the file holds 72000"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_header_rate_below_1_khz_is_an_invalid_header() {
+        let tmp = tempfile::tempdir().unwrap();
+        for rate in [1u32, 8, 999] {
+            let p = tmp.path().join(format!("r{rate}.wav"));
+            wav(&p, rate, 1, &signal(4000), None);
+            match decode_input(&input(&p, "r"), 16000, 0.0) {
+                Decoded::Rejected(r) => assert!(
+                    r.reason
+                        .starts_with(&format!("invalid header: sample rate {rate} Hz (less than")),
+                    "{rate} Hz: {}",
+                    r.reason
+                ),
+                other => panic!("{rate} Hz should be rejected: {other:?}"),
+            }
+        }
+        let p = tmp.path().join("r1000.wav");
+        wav(&p, 1000, 1, &signal(4000), None);
+        assert!(matches!(
+            decode_input(&input(&p, "r"), 16000, 0.0),
+            Decoded::Utterance(_)
+        ));
+    }
+
+    #[test]
+    fn a_manifest_count_is_checked_and_a_repeated_path_is_a_duplicate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        wav(&d.join("a.wav"), 16000, 1, &signal(16000), None);
+        wav(&d.join("b.wav"), 16000, 1, &signal(8000), None);
+        std::fs::write(
+            d.join("train.tsv"),
+            format!(
+                "{}\na.wav\t16000\nb.wav\t8001\n./a.wav\t16000\na.wav\t16000\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        let listing = list_manifest(&d.join("train.tsv")).unwrap();
+        let got: Vec<(String, Result<String, String>)> = listing
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.source.clone(),
+                    match decode_input(f, 16000, 0.1) {
+                        Decoded::Utterance(u) => Ok(u.utt_id),
+                        Decoded::Part(u) => panic!("{u:?}"),
+                        Decoded::Rejected(r) => Err(r.reason),
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(got[0], ("a.wav".into(), Ok("a".into())));
+        let reason = |i: usize| got[i].1.clone().unwrap_err();
+        assert_eq!(
+            reason(1),
+            "manifest count: line 3 gives 8001 samples, the file holds 8000"
+        );
+        assert!(
+            reason(2).starts_with("duplicate: manifest line 4 names the file of line 2 again"),
+            "{}",
+            reason(2)
+        );
+        assert!(
+            reason(3).starts_with("duplicate: manifest line 5"),
+            "{}",
+            reason(3)
+        );
+        assert_eq!(got.len(), 4);
+    }
+
+    fn dir_params(input: &Path) -> DecodeParams {
+        DecodeParams {
+            input: input.to_path_buf(),
+            layout: Layout::Dir,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ids_are_unique_for_any_double_extension() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for (names, want) in [
+            (&["a.wav", "a.wav.flac"][..], &["a", "a.wav"][..]),
+            (
+                &["a.flac", "a.wav", "a.wav.flac"][..],
+                &["a.flac", "a.wav", "a.wav.flac"][..],
+            ),
+            (
+                &["b.flac", "b.flac.wav", "b.wav", "b.wav.flac"][..],
+                &["b.flac", "b.flac.wav", "b.wav", "b.wav.flac"][..],
+            ),
+            (
+                &["c.mp3", "c.mp3.ogg", "c.ogg"][..],
+                &["c.mp3", "c.mp3.ogg", "c.ogg"][..],
+            ),
+        ] {
+            let sub = d.join(names[0]);
+            std::fs::create_dir_all(&sub).unwrap();
+            let sub = sub.join("in");
+            std::fs::create_dir_all(&sub).unwrap();
+            for n in names {
+                std::fs::write(sub.join(n), b"RIFF").unwrap();
+            }
+            let listing = list_inputs(&dir_params(&sub)).unwrap();
+            let ids: Vec<&str> = listing.files.iter().map(|f| f.utt_id.as_str()).collect();
+            assert_eq!(ids, want, "{names:?}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_walk_reads_each_file_once_and_leaves_the_root_only_if_asked() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        for f in ["a.wav", "sub/b.wav", "sub/deeper/c.wav"] {
+            std::fs::write(root.join(f), b"RIFF").unwrap();
+        }
+        std::fs::write(outside.join("far.wav"), b"RIFF").unwrap();
+        // Loops (to the root, to a parent), a second path to a directory and to a file, a
+        // hard link, and links out of the root.
+        symlink("..", root.join("sub/loop")).unwrap();
+        symlink("../..", root.join("sub/deeper/up")).unwrap();
+        symlink("sub", root.join("alias")).unwrap();
+        symlink("a.wav", root.join("again.wav")).unwrap();
+        std::fs::hard_link(root.join("a.wav"), root.join("hard.wav")).unwrap();
+        symlink(&outside, root.join("out")).unwrap();
+        symlink(outside.join("far.wav"), root.join("far.wav")).unwrap();
+
+        let listing = list_inputs(&dir_params(&root)).unwrap();
+        let got: Vec<(&str, bool)> = listing
+            .files
+            .iter()
+            .map(|f| (f.source.as_str(), f.problem.is_none()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a.wav", true),
+                ("far.wav", false),
+                ("out", false),
+                ("sub/b.wav", true),
+                ("sub/deeper/c.wav", true),
+            ]
+        );
+        let why = listing.files[2].problem.clone().unwrap();
+        assert!(why.starts_with("outside the input root: "), "{why}");
+        // loop, up, alias, again.wav, hard.wav
+        assert_eq!(listing.links_skipped, 5);
+
+        let mut p = dir_params(&root);
+        p.follow_links = true;
+        let listing = list_inputs(&p).unwrap();
+        let got: Vec<&str> = listing.files.iter().map(|f| f.source.as_str()).collect();
+        assert_eq!(got, ["a.wav", "far.wav", "sub/b.wav", "sub/deeper/c.wav"]);
+    }
+
+    #[test]
+    fn segment_and_link_parameters_are_checked() {
+        let mut p = dir_params(Path::new("x"));
+        p.max_segment_seconds = 0.5;
+        assert_eq!(p.check()[0].field, "max_segment_seconds");
+        p.max_segment_seconds = f64::INFINITY;
+        assert_eq!(p.check()[0].field, "max_segment_seconds");
+        p.max_segment_seconds = 10.0;
+        p.min_seconds = 6.0;
+        assert_eq!(p.check()[0].field, "max_segment_seconds");
+        p.min_seconds = 5.0;
+        assert!(p.check().is_empty());
     }
 }

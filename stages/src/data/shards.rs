@@ -60,10 +60,15 @@ pub struct ShardEntry {
     pub bytes: u64,
     pub blake3: Option<String>,
     pub duration_s: f64,
-    /// Inputs consumed by this shard: `first_input .. first_input + inputs`, rejects included.
+    /// Inputs consumed by this shard: `first_input .. first_input + inputs`, rejects included. An
+    /// input cut into segments counts once, in the shard that holds its last item.
     pub first_input: u64,
     pub inputs: u64,
     pub rejects: Vec<RejectEntry>,
+    /// The input this shard ends inside (a long file cut into segments whose later segments did
+    /// not fit in it): a resume after this shard decodes it again and drops the segments stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open: Option<OpenInput>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +87,17 @@ pub struct ShardIndex {
     /// True once the prep that wrote the directory finished.
     pub complete: bool,
     pub shards: Vec<ShardEntry>,
+}
+
+/// An input whose items (a long file's segments) are coming in, until its last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenInput {
+    /// Its `source`.
+    pub source: String,
+    /// Items of it received so far (its first segments), stored or dropped.
+    pub items: u64,
+    /// It was rejected already (an id clash): the rest of it is dropped.
+    pub rejected: bool,
 }
 
 impl ShardIndex {
@@ -347,6 +363,10 @@ pub struct ShardsWrite {
     pending_inputs: u64,
     pending_bytes: f64,
     ids: HashMap<String, String>,
+    /// The input whose items are coming in, if its last one has not come yet.
+    open: Option<OpenInput>,
+    /// Leading items of `open` stored before a resume, to drop when they come again.
+    resume_drop: u64,
 }
 
 impl StageDef for ShardsWrite {
@@ -406,10 +426,14 @@ impl StageDef for ShardsWrite {
                 }
             }
         }
+        let open = index.shards.last().and_then(|s| s.open.clone());
+        let resume_drop = open.as_ref().map_or(0, |o| o.items);
         Ok(ShardsWrite {
             p: p.clone(),
             ctx: ctx.clone(),
             index,
+            open,
+            resume_drop,
             rows: Vec::new(),
             rejects: Vec::new(),
             pending_inputs: 0,
@@ -485,10 +509,12 @@ impl ShardsWrite {
             rows: self.rows.len() as u64,
             bytes,
             blake3: hash,
-            duration_s: self.rows.iter().map(|u| u.duration_s()).sum(),
+            // Not `sum()`: the sum of nothing is -0.0.
+            duration_s: self.rows.iter().fold(0.0, |a, u| a + u.duration_s()),
             first_input,
             inputs: self.pending_inputs,
             rejects: std::mem::take(&mut self.rejects),
+            open: self.open.clone(),
         });
         self.index.save(&self.p.dir)?;
         self.rows.clear();
@@ -592,14 +618,49 @@ impl Stage for ShardsWrite {
         };
         self.index.complete = false;
         while let Some(item) = io.recv::<Decoded>(0)? {
-            self.pending_inputs += 1;
-            match item {
-                Decoded::Rejected(Reject { source, reason }) => {
-                    io.count("rejected", 1);
-                    io.note(format!("rejected {source}: {reason}"));
-                    self.rejects.push(RejectEntry { source, reason });
+            let (row, last) = match item {
+                Decoded::Part(u) => (Ok(u), false),
+                Decoded::Utterance(u) => (Ok(u), true),
+                Decoded::Rejected(r) => (Err(r), true),
+            };
+            let source = match &row {
+                Ok(u) => u.source.clone(),
+                Err(r) => r.source.clone(),
+            };
+            if self.resume_drop > 0 {
+                // A resume: the segments of this input already in the shards come again.
+                let open = self.open.as_ref().map(|o| o.source.as_str()).unwrap_or("");
+                if source != open || last {
+                    return Err(StageError::failed(format!(
+                        "the shards in {} end inside {open} after {} of its segments, but the rerun gives {}: the input changed since the earlier run — write to a new shard directory",
+                        self.p.dir.display(),
+                        self.open.as_ref().map_or(0, |o| o.items),
+                        if source != open { format!("{source} first") } else { format!("only {} before its end", self.open.as_ref().map_or(0, |o| o.items) - self.resume_drop) }
+                    )));
                 }
-                Decoded::Utterance(u) => {
+                self.resume_drop -= 1;
+                continue;
+            }
+            let open = self.open.get_or_insert_with(|| OpenInput {
+                source: source.clone(),
+                items: 0,
+                rejected: false,
+            });
+            if !last {
+                open.items += 1;
+            }
+            let already_rejected = open.rejected;
+            match row {
+                Err(Reject { source, reason }) => {
+                    if !already_rejected {
+                        io.count("rejected", 1);
+                        io.note(format!("rejected {source}: {reason}"));
+                        self.rejects.push(RejectEntry { source, reason });
+                    }
+                }
+                // The rest of an input rejected already.
+                Ok(_) if already_rejected => {}
+                Ok(u) => {
                     if let Some(other) = self.ids.get(&u.utt_id) {
                         let reason = format!("duplicate utt_id `{}` (also {other})", u.utt_id);
                         io.count("rejected", 1);
@@ -608,6 +669,9 @@ impl Stage for ShardsWrite {
                             source: u.source,
                             reason,
                         });
+                        if let Some(o) = self.open.as_mut() {
+                            o.rejected = true;
+                        }
                     } else {
                         match self.index.sample_rate {
                             None => self.index.sample_rate = Some(u.sample_rate),
@@ -625,6 +689,10 @@ impl Stage for ShardsWrite {
                     }
                 }
             }
+            if last {
+                self.pending_inputs += 1;
+                self.open = None;
+            }
             if self.pending_bytes >= target {
                 self.flush()?;
             }
@@ -633,20 +701,22 @@ impl Stage for ShardsWrite {
         self.index.complete = true;
         self.index.save(&self.p.dir)?;
         self.write_tables()?;
-        let rows: u64 = self.index.shards.iter().map(|s| s.rows).sum();
-        let rejected: usize = self.index.shards.iter().map(|s| s.rejects.len()).sum();
-        let hours: f64 = self.index.shards.iter().map(|s| s.duration_s).sum::<f64>() / 3600.0;
-        io.note(format!(
-            "{} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}",
-            self.index
-                .shards
-                .iter()
-                .filter(|s| s.file.is_some())
-                .count(),
-            self.p.dir.display()
-        ));
+        io.note(summary(&self.index, &self.p.dir));
         Ok(())
     }
+}
+
+/// The closing line of `shards.write`: shards, rows, hours, rejects.
+fn summary(index: &ShardIndex, dir: &Path) -> String {
+    let rows: u64 = index.shards.iter().map(|s| s.rows).sum();
+    let rejected: usize = index.shards.iter().map(|s| s.rejects.len()).sum();
+    // Not `sum()`: the sum of nothing is -0.0, printed `-0.000 h`.
+    let hours: f64 = index.shards.iter().fold(0.0, |a, s| a + s.duration_s) / 3600.0;
+    format!(
+        "{} shards, {rows} utterances ({hours:.3} h), {rejected} rejected, in {}",
+        index.shards.iter().filter(|s| s.file.is_some()).count(),
+        dir.display()
+    )
 }
 
 /// Reads every utterance of one shard file.
@@ -742,5 +812,24 @@ impl PartSource for Shards {
     }
     fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
         read_shard(path, epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_prep_says_zero_hours_not_minus_zero() {
+        let empty = ShardIndex {
+            format: INDEX_FORMAT.into(),
+            audio_format: AudioFormat::Int16,
+            target_mb: 64.0,
+            sample_rate: None,
+            complete: true,
+            shards: Vec::new(),
+        };
+        let line = summary(&empty, Path::new("out"));
+        assert_eq!(line, "0 shards, 0 utterances (0.000 h), 0 rejected, in out");
     }
 }
