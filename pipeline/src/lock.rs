@@ -34,12 +34,9 @@ pub enum LockError {
     /// Another process holds it.
     #[error("{} is in use by another ehmam process ({holder}); wait for it to finish or stop it, or use another directory", dir.display())]
     Held { dir: PathBuf, holder: String },
-    #[error("cannot lock {}: {cause}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        cause: std::io::Error,
-    },
+    /// The cause is part of the message (not a `source`), so `{:#}` chains print it once.
+    #[error("cannot create or lock {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
 }
 
 /// Creates `dir` if needed and locks it for this process; `what` says what the process does

@@ -62,6 +62,8 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
+        // The directory's lock file says who wrote it, not what.
+        .filter(|e| e.file_name() != pipeline::lock::LOCK_FILE)
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),

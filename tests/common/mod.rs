@@ -47,7 +47,8 @@ pub fn query_csv(dirs: &[&Path], sql: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Every file below `dir` with its bytes, by relative path.
+/// Every file below `dir` with its bytes, by relative path; the lock files of the directories a
+/// run wrote (`.ehmam.lock`: who held them, not output) left out.
 pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     fn walk(base: &Path, d: &Path, out: &mut Vec<(String, Vec<u8>)>) {
@@ -60,6 +61,8 @@ pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
         for p in es {
             if p.is_dir() {
                 walk(base, &p, out);
+            } else if p.file_name() == Some(std::ffi::OsStr::new(pipeline::lock::LOCK_FILE)) {
+                continue;
             } else {
                 out.push((
                     p.strip_prefix(base).unwrap().display().to_string(),
