@@ -223,3 +223,33 @@ fn nonfinite_updates_stop_the_run_or_are_skipped_and_counted() {
     let c = counts[0].join(",");
     assert!(c.contains('3'), "skipped_updates: {c}");
 }
+
+/// The code-faithful ablation truncates the hard/random split as the reference code does, and
+/// still validates (the rest of it comes from tiny.yaml).
+#[test]
+fn easy_to_hard_code_spec_truncates_the_split() {
+    let path = "specs/ablations/easy_to_hard_code.yaml";
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root().join(path)).unwrap()).unwrap();
+    assert_eq!(
+        v["stages"]["mask"]["with"]["rounding"].as_str(),
+        Some("truncate")
+    );
+    let dir = format!("stages.shards.with.dir={}", shards().display());
+    assert!(ok(&["validate", path, "--set", &dir]).contains("ok"));
+    // A bad value is named by its path.
+    let o = ehmam(&[
+        "validate",
+        path,
+        "--set",
+        &dir,
+        "--set",
+        "stages.mask.with.rounding=round",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("stages.mask.with.rounding"),
+        "{}",
+        text(&o)
+    );
+}
