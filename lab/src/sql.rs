@@ -792,7 +792,7 @@ struct Sink<'a> {
 enum SinkTo<'a> {
     Table(Tracked<'a>, Vec<RecordBatch>),
     /// The CSV writer flushes its writer after every batch; whether a batch was written.
-    Csv(arrow::csv::Writer<Tracked<'a>>, bool),
+    Csv(Box<arrow::csv::Writer<Tracked<'a>>>, bool),
     Json(arrow::json::writer::Writer<Tracked<'a>, arrow::json::writer::JsonArray>),
 }
 
@@ -806,9 +806,11 @@ impl<'a> Sink<'a> {
         let to = match format {
             Format::Table => SinkTo::Table(out, Vec::new()),
             Format::Csv => SinkTo::Csv(
-                arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(out),
+                Box::new(
+                    arrow::csv::WriterBuilder::new()
+                        .with_header(true)
+                        .build(out),
+                ),
                 false,
             ),
             Format::Json => SinkTo::Json(json_writer(out)),
