@@ -46,9 +46,14 @@ enum Command {
         /// Run directories, then the SQL statement.
         #[arg(required = true, num_args = 2.., value_name = "RUN_DIR... SQL")]
         args: Vec<String>,
-        /// Output format: table, csv or json.
+        /// Output format: table, csv or json (csv and json stream the result as it comes; json
+        /// writes NaN and infinities as "NaN", "Infinity", "-Infinity", SQL NULL as null).
         #[arg(long, default_value = "table")]
         format: String,
+        /// Memory the query may hold: a size (512M, 2G) or a share of physical memory (25%);
+        /// default a quarter of physical memory. A query that needs more fails (no spilling).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
     },
     /// PNG figures from the tables of one or more runs: losses.png, health.png and, per run, one
     /// utterance's frames (predicted loss, masked and hard frames, the input under them).
@@ -205,13 +210,24 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", stages::registry().describe());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Query { mut args, format } => {
+        Command::Query {
+            mut args,
+            format,
+            memory,
+        } => {
             let format: lab::sql::Format = format.parse()?;
+            let memory = match memory {
+                Some(m) => lab::sql::parse_memory(&m)?,
+                None => lab::sql::default_memory(),
+            };
             let Some(sql) = args.pop() else {
                 bail!("usage: ehmam query RUN_DIR... \"SQL\"")
             };
             let dirs: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
-            print!("{}", lab::sql::query(&dirs, &sql, format)?);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            lab::sql::query_to(&dirs, &sql, format, memory, &mut out)?;
+            // Flushed by query_to (a reader that went away is no error).
+            let _ = std::io::Write::flush(&mut out);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -10,11 +10,27 @@
 //! EXPLAIN, SHOW and DESCRIBE only), and planning refuses DDL, DML, COPY and SET as a second
 //! guard. No other file can be read: URL tables (`SELECT * FROM 'file.csv'`) are off, no table
 //! function reads files, and CREATE EXTERNAL TABLE is refused. Files are read lazily, with only
-//! the columns a query needs; a damaged file (an Arrow part cut off by a crash) is skipped with a
-//! warning.
+//! the columns a query needs.
+//!
+//! Damage: every Arrow log part is verified against its checksum (`ehmam.blake3`, see
+//! [`stages::logs::check_part`]) before it is registered; a part that fails (flipped bytes, cut
+//! off by a crash) is skipped with a warning naming it. Parts written before parts carried a
+//! checksum (`ehmam-log/1`) are read unverified, with one note per table. A panic anywhere while
+//! tables are read or a query runs is caught and becomes [`SqlError::Internal`].
+//!
+//! Memory: the session's memory pool is limited (`--memory`; [`default_memory`], a quarter of
+//! physical memory) and nothing spills to disk (`ehmam query` writes no file): a query that needs
+//! more fails with "resources exhausted". [`Session::query_to`] streams the result: CSV and JSON
+//! are written batch by batch as they come; the aligned table holds the whole result (to align its
+//! columns) against the same limit.
+//!
+//! JSON: NaN and the infinities are written as the strings `"NaN"`, `"Infinity"` and
+//! `"-Infinity"` (JSON has no numbers for them), SQL NULL as `null`.
 
-use arrow::array::{new_null_array, ArrayRef, StringArray};
+use arrow::array::{new_null_array, Array, ArrayRef, AsArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{Float32Type, Float64Type};
+use arrow::json::writer::{Encoder, EncoderFactory, EncoderOptions, NullableEncoder};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -23,13 +39,23 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use futures::StreamExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use stages::logs::PartCheck;
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +68,96 @@ pub enum SqlError {
     Refused(String),
     #[error("query failed: {0}")]
     Query(String),
+    /// A panic inside DataFusion or Arrow (a damaged file they trusted, or a bug), caught.
+    #[error("query failed: internal error while {what}: {message}")]
+    Internal { what: String, message: String },
+}
+
+/// Runs `f`, turning a panic inside it into [`SqlError::Internal`] (`what`: what was going on).
+fn guard<T>(
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> Result<T, SqlError>,
+) -> Result<T, SqlError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(SqlError::Internal {
+                what: what(),
+                message,
+            })
+        }
+    }
+}
+
+/// The memory limit of a session unless told otherwise: a quarter of physical memory
+/// (`MemTotal` of /proc/meminfo), 2 GiB where that cannot be read.
+pub fn default_memory() -> usize {
+    physical_memory().map_or(2 << 30, |m| m / 4)
+}
+
+fn physical_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A memory limit as given to `--memory`: a size (`512M`, `2G`, `1.5G`, `64K`, `1T`; binary
+/// units, an optional trailing `B` or `iB`; a bare number is bytes) or a share of physical memory
+/// (`25%`).
+pub fn parse_memory(text: &str) -> Result<usize, SqlError> {
+    let bad = |why: &str| {
+        SqlError::Input(format!(
+            "--memory `{text}`: {why} (give a size such as 512M or 2G, or a share of RAM such as 25%)"
+        ))
+    };
+    let t = text.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        let p: f64 = pct.trim().parse().map_err(|_| bad("not a percentage"))?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(bad("a share must lie in (0, 100]%"));
+        }
+        let total = physical_memory().ok_or_else(|| bad("physical memory unknown here"))?;
+        return Ok((total as f64 * p / 100.0) as usize);
+    }
+    let upper = t.to_ascii_uppercase();
+    let num = upper
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+        .trim_end();
+    let (digits, unit) = match num.chars().last() {
+        Some(c @ ('K' | 'M' | 'G' | 'T')) => (&num[..num.len() - 1], c),
+        _ => (num, ' '),
+    };
+    let v: f64 = digits.trim().parse().map_err(|_| bad("not a size"))?;
+    let scale = match unit {
+        'K' => 1u64 << 10,
+        'M' => 1 << 20,
+        'G' => 1 << 30,
+        'T' => 1 << 40,
+        _ => 1,
+    };
+    let bytes = v * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < usize::MAX as f64) {
+        return Err(bad("must be at least one byte"));
+    }
+    Ok(bytes as usize)
+}
+
+/// A size for messages: `16 MiB`.
+fn size(bytes: usize) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..=1023 => format!("{bytes} B"),
+        1024..=1048575 => format!("{:.0} KiB", b / 1024.0),
+        1048576..=1073741823 => format!("{:.0} MiB", b / 1048576.0),
+        _ => format!("{:.1} GiB", b / 1073741824.0),
+    }
 }
 
 /// Output format of query results.
@@ -227,10 +343,27 @@ fn register(
     runs: &[String],
 ) -> Result<bool, SqlError> {
     let mut good: Vec<(PathBuf, usize, SchemaRef)> = Vec::new();
+    let mut unverified = 0;
     for (f, ri) in files {
+        // A log part is verified before anything parses it (a flipped byte can make Arrow panic
+        // or read wrong numbers).
+        if !is_parquet(f) {
+            match stages::logs::check_part(f) {
+                Ok(PartCheck::Verified) => {}
+                Ok(PartCheck::Unverified) => unverified += 1,
+                Ok(PartCheck::Damaged(why)) => {
+                    eprintln!("warning: skipping {} (damaged: {why})", f.display());
+                    continue;
+                }
+                Err(e) => return Err(SqlError::Input(format!("cannot read {}: {e}", f.display()))),
+            }
+        }
         if let Some(s) = file_schema(f)? {
             good.push((f.clone(), *ri, s));
         }
+    }
+    if unverified > 0 {
+        eprintln!("note: {unverified} file(s) of table `{name}` carry no checksum (log parts of an earlier ehmam): read unverified");
     }
     if good.is_empty() {
         return Ok(false);
@@ -347,10 +480,26 @@ fn register(
     Ok(true)
 }
 
-/// A context with every table of the run directories registered, and the table names.
+/// A context with every table of the run directories registered, and the table names (memory
+/// limited to [`default_memory`]).
 pub fn session(run_dirs: &[PathBuf]) -> Result<(SessionContext, Vec<String>), SqlError> {
+    session_with(run_dirs, default_memory())
+}
+
+/// [`session`] with a memory limit of `memory` bytes and no spilling to disk.
+pub fn session_with(
+    run_dirs: &[PathBuf],
+    memory: usize,
+) -> Result<(SessionContext, Vec<String>), SqlError> {
     let config = SessionConfig::new().with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config);
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(memory, 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| SqlError::Query(format!("cannot set up the query engine: {e}")))?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
     let runs: Vec<String> = run_dirs.iter().map(|d| run_name(d)).collect();
     for (i, r) in runs.iter().enumerate() {
         if let Some(j) = runs[..i].iter().position(|o| o == r) {
@@ -428,10 +577,17 @@ pub struct Session {
     rt: tokio::runtime::Runtime,
     ctx: SessionContext,
     tables: Vec<String>,
+    memory: usize,
 }
 
 impl Session {
+    /// A session with the [`default_memory`] limit.
     pub fn open(run_dirs: &[PathBuf]) -> Result<Session, SqlError> {
+        Session::open_with(run_dirs, default_memory())
+    }
+
+    /// A session whose queries may hold at most `memory` bytes (DataFusion's memory pool).
+    pub fn open_with(run_dirs: &[PathBuf], memory: usize) -> Result<Session, SqlError> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -440,8 +596,29 @@ impl Session {
             .enable_all()
             .build()
             .map_err(|e| SqlError::Query(format!("cannot start the query runtime: {e}")))?;
-        let (ctx, tables) = session(run_dirs)?;
-        Ok(Session { rt, ctx, tables })
+        let what = || {
+            let dirs: Vec<String> = run_dirs.iter().map(|d| d.display().to_string()).collect();
+            format!("reading the tables of {}", dirs.join(", "))
+        };
+        let (ctx, tables) = guard(what, || session_with(run_dirs, memory))?;
+        Ok(Session {
+            rt,
+            ctx,
+            tables,
+            memory,
+        })
+    }
+
+    /// A DataFusion error as a [`SqlError`]; running out of the memory pool says how to go on.
+    fn df_err(&self, e: DataFusionError) -> SqlError {
+        if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
+            SqlError::Query(format!(
+                "{e}\n  the query needs more memory than its limit of {} (--memory): raise it, or narrow the query (WHERE, LIMIT, fewer columns)",
+                size(self.memory)
+            ))
+        } else {
+            SqlError::Query(e.to_string())
+        }
     }
 
     /// Names of the tables found.
@@ -480,24 +657,275 @@ impl Session {
         Ok(())
     }
 
-    /// Runs one read-only statement and returns the result batches.
-    pub fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
-        check_read_only(sql)?;
+    /// Checks a statement and plans it into a stream of result batches (inside the runtime).
+    async fn stream(
+        &self,
+        sql: &str,
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, SqlError> {
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
+        let df = self
+            .ctx
+            .sql_with_options(sql, options)
+            .await
+            .map_err(|e| self.df_err(e))?;
+        df.execute_stream().await.map_err(|e| self.df_err(e))
+    }
+
+    /// Runs one read-only statement and returns the result batches (held within the memory
+    /// limit).
+    pub fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+        check_read_only(sql)?;
         self.check_tables(sql)?;
-        self.rt.block_on(async {
-            let df = self
-                .ctx
-                .sql_with_options(sql, options)
-                .await
-                .map_err(|e| SqlError::Query(e.to_string()))?;
-            df.collect()
-                .await
-                .map_err(|e| SqlError::Query(e.to_string()))
-        })
+        guard(
+            || format!("running `{sql}`"),
+            || {
+                self.rt.block_on(async {
+                    let mut stream = self.stream(sql).await?;
+                    let held = MemoryConsumer::new("ehmam query result")
+                        .register(&self.ctx.runtime_env().memory_pool);
+                    let mut out = Vec::new();
+                    while let Some(b) = stream.next().await {
+                        let b = b.map_err(|e| self.df_err(e))?;
+                        held.try_grow(b.get_array_memory_size())
+                            .map_err(|e| self.df_err(e))?;
+                        out.push(b);
+                    }
+                    Ok(out)
+                })
+            },
+        )
+    }
+
+    /// Runs one read-only statement and writes its result to `out` as it comes (CSV and JSON
+    /// batch by batch; the aligned table once whole, held within the memory limit). Returns the
+    /// number of rows. A reader that goes away (a closed pipe: `| head`) ends the query quietly.
+    pub fn query_to(
+        &self,
+        sql: &str,
+        format: Format,
+        out: &mut dyn Write,
+    ) -> Result<u64, SqlError> {
+        check_read_only(sql)?;
+        self.check_tables(sql)?;
+        guard(
+            || format!("running `{sql}`"),
+            || {
+                self.rt.block_on(async {
+                    let mut stream = self.stream(sql).await?;
+                    let held = MemoryConsumer::new("ehmam query table output")
+                        .register(&self.ctx.runtime_env().memory_pool);
+                    let schema = stream.schema();
+                    let mut sink = Sink::new(format, out);
+                    let mut rows = 0u64;
+                    while let Some(b) = stream.next().await {
+                        let b = b.map_err(|e| self.df_err(e))?;
+                        rows += b.num_rows() as u64;
+                        if format == Format::Table {
+                            held.try_grow(b.get_array_memory_size()).map_err(|e| {
+                                let e = self.df_err(e);
+                                SqlError::Query(format!("{e}\n  (the table format holds the whole result to align it; --format csv or json streams it)"))
+                            })?;
+                        }
+                        if let Err(e) = sink.write(b) {
+                            return if sink.gone() { Ok(rows) } else { Err(write_err(e)) };
+                        }
+                    }
+                    let gone = sink.gone.clone();
+                    match sink.finish(Some(&schema)) {
+                        Ok(()) => Ok(rows),
+                        Err(_) if gone.get() => Ok(rows),
+                        Err(e) => Err(write_err(e)),
+                    }
+                })
+            },
+        )
+    }
+}
+
+/// Output that remembers whether its reader went away (`ehmam query … | head`): the CSV writer
+/// hands on I/O errors as text only.
+struct Tracked<'a> {
+    out: &'a mut dyn Write,
+    gone: Rc<Cell<bool>>,
+}
+
+impl Write for Tracked<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.out.write(buf);
+        self.note(r)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.out.flush();
+        self.note(r)
+    }
+}
+
+impl Tracked<'_> {
+    fn note<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                self.gone.set(true);
+            }
+        }
+        r
+    }
+}
+
+fn write_err(e: arrow::error::ArrowError) -> SqlError {
+    match e {
+        arrow::error::ArrowError::CsvError(m) if m.contains("Nested type") => SqlError::Query(
+            format!("{m} (list columns have no CSV form: use --format json or table)"),
+        ),
+        e => SqlError::Query(format!("cannot write the result: {e}")),
+    }
+}
+
+/// Writes result batches in one format as they come.
+struct Sink<'a> {
+    to: SinkTo<'a>,
+    gone: Rc<Cell<bool>>,
+}
+
+enum SinkTo<'a> {
+    Table(Tracked<'a>, Vec<RecordBatch>),
+    /// The CSV writer flushes its writer after every batch; whether a batch was written.
+    Csv(Box<arrow::csv::Writer<Tracked<'a>>>, bool),
+    Json(arrow::json::writer::Writer<Tracked<'a>, arrow::json::writer::JsonArray>),
+}
+
+impl<'a> Sink<'a> {
+    fn new(format: Format, out: &'a mut dyn Write) -> Sink<'a> {
+        let gone = Rc::new(Cell::new(false));
+        let out = Tracked {
+            out,
+            gone: gone.clone(),
+        };
+        let to = match format {
+            Format::Table => SinkTo::Table(out, Vec::new()),
+            Format::Csv => SinkTo::Csv(
+                Box::new(
+                    arrow::csv::WriterBuilder::new()
+                        .with_header(true)
+                        .build(out),
+                ),
+                false,
+            ),
+            Format::Json => SinkTo::Json(json_writer(out)),
+        };
+        Sink { to, gone }
+    }
+
+    /// The reader of the output went away.
+    fn gone(&self) -> bool {
+        self.gone.get()
+    }
+
+    fn write(&mut self, b: RecordBatch) -> Result<(), arrow::error::ArrowError> {
+        match &mut self.to {
+            SinkTo::Table(_, held) => held.push(b),
+            SinkTo::Csv(w, any) => {
+                w.write(&b)?;
+                *any = true;
+            }
+            SinkTo::Json(w) => {
+                w.write(&b)?;
+                w.get_mut().flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the output; `schema` (when known) gives an empty CSV result its header.
+    fn finish(self, schema: Option<&SchemaRef>) -> Result<(), arrow::error::ArrowError> {
+        match self.to {
+            SinkTo::Table(mut out, held) => {
+                let t = arrow::util::pretty::pretty_format_batches(&held)?;
+                writeln!(out, "{t}")?;
+                out.flush()?;
+            }
+            SinkTo::Csv(mut w, any) => {
+                if let (false, Some(schema)) = (any, schema) {
+                    w.write(&RecordBatch::new_empty(schema.clone()))?;
+                }
+            }
+            SinkTo::Json(mut w) => {
+                w.finish()?;
+                let out = w.get_mut();
+                out.write_all(b"\n")?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON array writer that keeps NULLs (`null`) and writes NaN and the infinities as strings.
+fn json_writer<W: Write>(out: W) -> arrow::json::writer::Writer<W, arrow::json::writer::JsonArray> {
+    arrow::json::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .with_encoder_factory(Arc::new(NonFiniteAsStrings))
+        .build::<_, arrow::json::writer::JsonArray>(out)
+}
+
+/// JSON has no numbers for NaN and ±∞, and arrow writes `null` for them, which SQL NULL also
+/// gives: they are written as `"NaN"`, `"Infinity"` and `"-Infinity"` (which JavaScript's
+/// `Number()` and Python's `float()` read back); finite floats as arrow writes them.
+#[derive(Debug)]
+struct NonFiniteAsStrings;
+
+/// Options without the factory, for the finite values (a static: encoders borrow their options).
+fn plain_json_options() -> &'static EncoderOptions {
+    static PLAIN: std::sync::OnceLock<EncoderOptions> = std::sync::OnceLock::new();
+    PLAIN.get_or_init(EncoderOptions::default)
+}
+
+struct Floats<'a> {
+    value: Box<dyn Fn(usize) -> f64 + 'a>,
+    finite: NullableEncoder<'a>,
+}
+
+impl Encoder for Floats<'_> {
+    fn encode(&mut self, idx: usize, out: &mut Vec<u8>) {
+        let v = (self.value)(idx);
+        if v.is_nan() {
+            out.extend_from_slice(b"\"NaN\"");
+        } else if v == f64::INFINITY {
+            out.extend_from_slice(b"\"Infinity\"");
+        } else if v == f64::NEG_INFINITY {
+            out.extend_from_slice(b"\"-Infinity\"");
+        } else {
+            self.finite.encode(idx, out)
+        }
+    }
+}
+
+impl EncoderFactory for NonFiniteAsStrings {
+    fn make_default_encoder<'a>(
+        &self,
+        field: &'a arrow::datatypes::FieldRef,
+        array: &'a dyn Array,
+        _options: &'a EncoderOptions,
+    ) -> Result<Option<NullableEncoder<'a>>, arrow::error::ArrowError> {
+        let value: Box<dyn Fn(usize) -> f64 + 'a> = match array.data_type() {
+            DataType::Float64 => {
+                let a = array.as_primitive::<Float64Type>();
+                Box::new(move |i| a.value(i))
+            }
+            DataType::Float32 => {
+                let a = array.as_primitive::<Float32Type>();
+                Box::new(move |i| a.value(i) as f64)
+            }
+            _ => return Ok(None),
+        };
+        let finite = arrow::json::writer::make_encoder(field, array, plain_json_options())?;
+        let encoder = Floats { value, finite };
+        Ok(Some(NullableEncoder::new(
+            Box::new(encoder),
+            array.nulls().cloned(),
+        )))
     }
 }
 
@@ -508,51 +936,194 @@ pub fn query_batches(run_dirs: &[PathBuf], sql: &str) -> Result<Vec<RecordBatch>
 }
 
 /// Formats result batches as an aligned table, CSV (with header) or a JSON array of objects
-/// (NULLs written as `null`).
+/// (NULLs written as `null`, NaN and infinities as strings).
 pub fn format_batches(batches: &[RecordBatch], format: Format) -> Result<String, SqlError> {
-    match format {
-        Format::Table => arrow::util::pretty::pretty_format_batches(batches)
-            .map(|t| format!("{t}\n"))
-            .map_err(|e| SqlError::Query(e.to_string())),
-        Format::Csv => {
-            let mut buf = Vec::new();
-            {
-                let mut w = arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut buf);
-                for b in batches {
-                    w.write(b).map_err(|e| {
-                        SqlError::Query(format!(
-                            "{e} (list columns have no CSV form: use --format json or table)"
-                        ))
-                    })?;
-                }
-            }
-            String::from_utf8(buf).map_err(|e| SqlError::Query(e.to_string()))
+    let mut buf: Vec<u8> = Vec::new();
+    {
+        let mut sink = Sink::new(format, &mut buf);
+        for b in batches {
+            sink.write(b.clone()).map_err(write_err)?;
         }
-        Format::Json => {
-            let mut buf = Vec::new();
-            {
-                let mut w = arrow::json::WriterBuilder::new()
-                    .with_explicit_nulls(true)
-                    .build::<_, arrow::json::writer::JsonArray>(&mut buf);
-                for b in batches {
-                    w.write(b).map_err(|e| SqlError::Query(e.to_string()))?;
-                }
-                w.finish().map_err(|e| SqlError::Query(e.to_string()))?;
-            }
-            let mut s = String::from_utf8(buf).map_err(|e| SqlError::Query(e.to_string()))?;
-            if s.is_empty() {
-                s.push_str("[]");
-            }
-            s.push('\n');
-            Ok(s)
-        }
+        sink.finish(batches.first().map(|b| b.schema()).as_ref())
+            .map_err(write_err)?;
     }
+    String::from_utf8(buf).map_err(|e| SqlError::Query(e.to_string()))
 }
 
-/// `ehmam query`.
+/// `ehmam query`, its whole result as text.
 pub fn query(run_dirs: &[PathBuf], sql: &str, format: Format) -> Result<String, SqlError> {
     let batches = query_batches(run_dirs, sql)?;
     format_batches(&batches, format)
+}
+
+/// `ehmam query`: runs one read-only statement over the run directories with a memory limit of
+/// `memory` bytes and streams its result to `out` (see [`Session::query_to`]); returns the rows.
+pub fn query_to(
+    run_dirs: &[PathBuf],
+    sql: &str,
+    format: Format,
+    memory: usize,
+    out: &mut dyn Write,
+) -> Result<u64, SqlError> {
+    check_read_only(sql)?;
+    Session::open_with(run_dirs, memory)?.query_to(sql, format, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
+
+    /// A session over an empty run directory (queries without tables).
+    fn empty(memory: usize) -> (tempfile::TempDir, Session) {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Session::open_with(&[tmp.path().to_path_buf()], memory).unwrap();
+        (tmp, s)
+    }
+
+    /// Bytes written, not kept.
+    #[derive(Default)]
+    struct Count(u64, u64);
+    impl Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            self.1 += buf.iter().filter(|b| **b == b'\n').count() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A panic inside the query (here a function that panics, standing in for Arrow reading a
+    /// damaged file) is an error naming the query, both ways of running one.
+    #[test]
+    fn a_panic_inside_a_query_becomes_an_error() {
+        let (_tmp, s) = empty(64 << 20);
+        let boom = create_udf(
+            "boom",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Volatile,
+            Arc::new(|_: &[ColumnarValue]| panic!("boom: index out of bounds")),
+        );
+        s.ctx.register_udf(boom);
+        let sql = "SELECT boom(x) FROM (VALUES (1), (2)) AS t(x)";
+        for r in [
+            s.query(sql).map(|_| 0),
+            s.query_to(sql, Format::Csv, &mut Count::default()),
+        ] {
+            match r {
+                Err(SqlError::Internal { what, message }) => {
+                    assert!(what.contains(sql), "{what}");
+                    assert!(message.contains("boom: index out of bounds"), "{message}");
+                }
+                other => panic!("not an internal error: {other:?}"),
+            }
+        }
+        // The session still answers.
+        assert_eq!(s.query("SELECT 1").unwrap()[0].num_rows(), 1);
+    }
+
+    /// JSON tells NaN and ±∞ from NULL; finite values are written as before, in lists too.
+    #[test]
+    fn json_writes_nan_and_infinities_apart_from_null() {
+        let (_tmp, s) = empty(64 << 20);
+        let sql = "SELECT CAST('NaN' AS DOUBLE) AS a, CAST(NULL AS DOUBLE) AS b, \
+                   CAST('inf' AS DOUBLE) AS c, -CAST('inf' AS DOUBLE) AS d, \
+                   CAST(0.1 AS REAL) AS e, CAST('NaN' AS REAL) AS f, 2.5 AS g, \
+                   1.0 / 0.0 AS h, make_array(CAST('-inf' AS REAL), CAST(1.25 AS REAL)) AS l";
+        let mut out = Vec::new();
+        s.query_to(sql, Format::Json, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let row = &v[0];
+        assert_eq!(row["a"], "NaN", "{text}");
+        assert!(row["b"].is_null(), "{text}");
+        assert_eq!(row["c"], "Infinity", "{text}");
+        assert_eq!(row["d"], "-Infinity", "{text}");
+        assert_eq!(row["e"].as_f64(), Some(0.1), "{text}");
+        assert_eq!(row["f"], "NaN", "{text}");
+        assert_eq!(row["g"].as_f64(), Some(2.5), "{text}");
+        assert_eq!(row["h"], "Infinity", "{text}");
+        assert_eq!(row["l"], serde_json::json!(["-Infinity", 1.25]), "{text}");
+        // The same through format_batches.
+        let batches = s.query(sql).unwrap();
+        assert_eq!(format_batches(&batches, Format::Json).unwrap(), text);
+    }
+
+    /// With a small limit, a query that must hold much (distinct values of a big input) fails
+    /// with a clear error; a big result streams through CSV and JSON within the same limit,
+    /// where holding it (the table format, `query`) fails.
+    #[test]
+    fn a_query_over_its_memory_limit_fails_and_a_big_result_streams() {
+        let (_tmp, s) = empty(8 << 20);
+        let e = s
+            .query_to(
+                "SELECT count(DISTINCT x) FROM (SELECT unnest(range(0, 4000000)) AS x)",
+                Format::Csv,
+                &mut Count::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Resources exhausted") && e.contains("--memory") && e.contains("8 MiB"),
+            "{e}"
+        );
+        // 2,250,000 rows of two Int64: 36 MB of result.
+        let big = "SELECT a.x AS i, b.x AS j FROM (SELECT unnest(range(0, 1500)) AS x) a \
+                   CROSS JOIN (SELECT unnest(range(0, 1500)) AS x) b";
+        let mut c = Count::default();
+        assert_eq!(s.query_to(big, Format::Csv, &mut c).unwrap(), 2_250_000);
+        assert_eq!(c.1, 2_250_001, "header and every row");
+        let mut c = Count::default();
+        assert_eq!(s.query_to(big, Format::Json, &mut c).unwrap(), 2_250_000);
+        let held = s.query_to(big, Format::Table, &mut Count::default());
+        let e = held.unwrap_err().to_string();
+        assert!(
+            e.contains("Resources exhausted") && e.contains("--format csv"),
+            "{e}"
+        );
+        let e = s.query(big).unwrap_err().to_string();
+        assert!(e.contains("Resources exhausted"), "{e}");
+    }
+
+    #[test]
+    fn memory_limits_parse_or_say_what_is_wrong() {
+        for (t, want) in [
+            ("512M", 512usize << 20),
+            ("2G", 2 << 30),
+            ("1.5G", 3 << 29),
+            ("2GiB", 2 << 30),
+            ("64k", 64 << 10),
+            ("16MB", 16 << 20),
+            ("1000", 1000),
+        ] {
+            assert_eq!(parse_memory(t).unwrap(), want, "{t}");
+        }
+        if physical_memory().is_some() {
+            let quarter = parse_memory("25%").unwrap();
+            assert!(quarter > 0 && quarter.abs_diff(default_memory()) <= 1);
+        }
+        for t in ["0", "-1G", "abc", "150%", "0%", "", "1X", "NaNG"] {
+            let e = parse_memory(t).unwrap_err().to_string();
+            assert!(e.contains("--memory") && e.contains("512M"), "{t}: {e}");
+        }
+    }
+
+    /// An empty CSV result still has its header.
+    #[test]
+    fn an_empty_csv_result_has_its_header() {
+        let (_tmp, s) = empty(64 << 20);
+        let mut out = Vec::new();
+        let n = s
+            .query_to(
+                "SELECT 1 AS one, 'a' AS two WHERE false",
+                Format::Csv,
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(String::from_utf8(out).unwrap(), "one,two\n");
+    }
 }

@@ -11,6 +11,13 @@
 //! part being written and never leaves a `.arrow` file a reader chokes on. A stop (Ctrl-C, or
 //! another stage failing) finishes the open part first.
 //!
+//! Checksum: a part's footer holds `ehmam.blake3`, the BLAKE3 hash of the whole file (its own 64
+//! hex digits read as `0`s), so the part stays one self-contained file that pyarrow or DuckDB read
+//! as it is. Readers ([`check_part`]: `ehmam query`, `plot`, `report`, and the resume below) verify
+//! it before they parse anything; a part that fails is skipped (or, on resume, moved aside as
+//! `*.damaged`) with a warning that names it. Parts of earlier versions (`ehmam-log/1`, no
+//! checksum) are still read, unverified; any other file without a checksum is not trusted.
+//!
 //! Resume: the first record a sink receives tells where this attempt starts (step `k`, the
 //! student's checkpoint). Rows of steps ≥ `k` left by an earlier attempt are *replaced*: parts
 //! whose first step is ≥ `k` are deleted and the one part that straddles `k` is rewritten without
@@ -31,12 +38,20 @@ use pipeline::{Link, Linker, ParamError, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Written into every part's footer (`ehmam.format`), with `ehmam.first_step` / `ehmam.last_step`.
-pub const LOG_FORMAT: &str = "ehmam-log/1";
+/// Written into every part's footer (`ehmam.format`), with `ehmam.first_step` / `ehmam.last_step`
+/// and the checksum ([`CHECKSUM_KEY`]). `ehmam-log/1` parts (earlier versions) have no checksum.
+pub const LOG_FORMAT: &str = "ehmam-log/2";
+/// The format of parts written before parts carried a checksum; they are read unverified.
+pub const LOG_FORMAT_UNCHECKED: &str = "ehmam-log/1";
+/// Footer key of a part's checksum: the BLAKE3 hash (64 hex digits) of the whole file, taken
+/// with this value's own 64 bytes read as ASCII `0`s (see [`check_part`]).
+pub const CHECKSUM_KEY: &str = "ehmam.blake3";
+/// The checksum's value while the file is hashed.
+const CHECKSUM_PLACEHOLDER: [u8; 64] = [b'0'; 64];
 /// Rows buffered before they go to the open part as one record batch.
 const BATCH_ROWS: usize = 32 * 1024;
 /// Names a log table may not take: the run directory's other tables.
@@ -236,6 +251,164 @@ pub(crate) fn part_last_step(path: &Path) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// What [`check_part`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartCheck {
+    /// The checksum matches: the file is byte for byte as it was written.
+    Verified,
+    /// The part carries no checksum (an `ehmam-log/1` part of an earlier version): nothing to
+    /// verify it against.
+    Unverified,
+    /// The file is not as it was written (why).
+    Damaged(String),
+}
+
+/// The footer of an Arrow IPC file (its offset, its bytes); Err: why the file is not one.
+///
+/// An Arrow IPC file is `ARROW1`, padding, the messages, the footer, the footer's length (i32,
+/// little-endian) and `ARROW1` again.
+fn read_footer(file: &mut File, len: u64) -> Result<(u64, Vec<u8>), String> {
+    if len < 18 {
+        return Err(format!("{len} bytes are too few for an Arrow file"));
+    }
+    let mut tail = [0u8; 10];
+    file.seek(SeekFrom::Start(len - 10))
+        .and_then(|_| file.read_exact(&mut tail))
+        .map_err(|e| format!("cannot read its end: {e}"))?;
+    if &tail[4..] != b"ARROW1" {
+        return Err("no Arrow file trailer (cut off?)".into());
+    }
+    let flen = i32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+    if flen <= 0 || flen as u64 > len - 18 {
+        return Err(format!(
+            "footer length {flen} does not fit a file of {len} bytes"
+        ));
+    }
+    let start = len - 10 - flen as u64;
+    let mut footer = vec![0u8; flen as usize];
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_exact(&mut footer))
+        .map_err(|e| format!("cannot read its footer: {e}"))?;
+    Ok((start, footer))
+}
+
+/// What a part's footer says of its checksum.
+struct FooterInfo {
+    /// The checksum's offset in the file and its value.
+    checksum: Option<(u64, String)>,
+    /// `ehmam.format`.
+    format: Option<String>,
+}
+
+fn footer_info(start: u64, footer: &[u8]) -> Result<FooterInfo, String> {
+    let f = arrow::ipc::root_as_footer(footer).map_err(|e| format!("unreadable footer: {e}"))?;
+    let mut info = FooterInfo {
+        checksum: None,
+        format: None,
+    };
+    for kv in f.custom_metadata().iter().flat_map(|m| m.iter()) {
+        match (kv.key(), kv.value()) {
+            (Some(CHECKSUM_KEY), Some(v)) => {
+                // The value is a slice of `footer`: its place in the file.
+                let at = (v.as_ptr() as usize)
+                    .checked_sub(footer.as_ptr() as usize)
+                    .filter(|a| a + v.len() <= footer.len() && v.len() == 64)
+                    .ok_or_else(|| format!("`{CHECKSUM_KEY}` is not 64 hex digits"))?;
+                info.checksum = Some((start + at as u64, v.to_string()));
+            }
+            (Some("ehmam.format"), Some(v)) => info.format = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    Ok(info)
+}
+
+/// BLAKE3 of the file with the 64 bytes at `hole` read as ASCII `0`s.
+fn hash_file(file: &mut File, len: u64, hole: u64) -> std::io::Result<blake3::Hash> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &mut buf[..n];
+        let (a, b) = (hole.max(pos), (hole + 64).min(pos + n as u64));
+        if a < b {
+            chunk[(a - pos) as usize..(b - pos) as usize].fill(b'0');
+        }
+        h.update(chunk);
+        pos += n as u64;
+    }
+    if pos != len {
+        return Err(std::io::Error::other(format!(
+            "changed while read ({pos} bytes, {len} before)"
+        )));
+    }
+    Ok(h.finalize())
+}
+
+/// Verifies a log part against its checksum before anything parses its data; cheap next to a
+/// query (one read of the file, BLAKE3). An error: the file cannot be opened or read.
+pub fn check_part(path: &Path) -> std::io::Result<PartCheck> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let (start, footer) = match read_footer(&mut file, len) {
+        Ok(f) => f,
+        Err(why) => return Ok(PartCheck::Damaged(why)),
+    };
+    let info = match footer_info(start, &footer) {
+        Ok(i) => i,
+        Err(why) => return Ok(PartCheck::Damaged(why)),
+    };
+    let Some((at, want)) = info.checksum else {
+        // Only the parts of earlier versions lack it. A footer without `ehmam.format` either
+        // (a flipped byte in its table of fields can hide all of its metadata) is not trusted.
+        return Ok(match info.format.as_deref() {
+            Some(LOG_FORMAT_UNCHECKED) => PartCheck::Unverified,
+            Some(f) => PartCheck::Damaged(format!("an `{f}` part without its checksum")),
+            None => PartCheck::Damaged(
+                "no checksum and no `ehmam.format` in its footer: a damaged footer, or not a log part of ehmam".into(),
+            ),
+        });
+    };
+    let got = hash_file(&mut file, len, at)?;
+    Ok(if got.to_hex().as_str() == want {
+        PartCheck::Verified
+    } else {
+        PartCheck::Damaged("checksum mismatch: the file is not as it was written".into())
+    })
+}
+
+/// Writes the checksum of a finished part file (footer with [`CHECKSUM_PLACEHOLDER`]) into it
+/// and syncs it; returns its size.
+fn seal(path: &Path) -> Result<u64, StageError> {
+    let fail = |why: String| StageError::failed(format!("{}: {why}", path.display()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(ioe(path, "open"))?;
+    let len = file.metadata().map_err(ioe(path, "read"))?.len();
+    let (start, footer) = read_footer(&mut file, len).map_err(fail)?;
+    let at = match footer_info(start, &footer).map_err(fail)?.checksum {
+        Some((at, v)) if v.as_bytes() == CHECKSUM_PLACEHOLDER => at,
+        _ => return Err(fail("no checksum placeholder in the footer".into())),
+    };
+    let hash = hash_file(&mut file, len, at).map_err(ioe(path, "read"))?;
+    file.seek(SeekFrom::Start(at))
+        .and_then(|_| file.write_all(hash.to_hex().as_bytes()))
+        .map_err(ioe(path, "write"))?;
+    file.sync_all().map_err(ioe(path, "write"))?;
+    Ok(len)
+}
+
+fn placeholder() -> String {
+    String::from_utf8_lossy(&CHECKSUM_PLACEHOLDER).into_owned()
+}
+
 /// Complete parts of a table directory, by first step.
 pub fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
     let mut out = Vec::new();
@@ -288,14 +461,14 @@ fn write_part_file(
     for (k, v) in meta {
         w.write_metadata(*k, v.clone());
     }
+    w.write_metadata(CHECKSUM_KEY, placeholder());
     w.finish().map_err(arrow_err(&tmp))?;
     let buf = w.into_inner().map_err(arrow_err(&tmp))?;
     let file = buf
         .into_inner()
         .map_err(|e| StageError::io(format!("cannot write {}", tmp.display()), e.into_error()))?;
-    file.sync_all().map_err(ioe(&tmp, "write"))?;
-    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
     drop(file);
+    let bytes = seal(&tmp)?;
     publish(&tmp, path, replace)?;
     Ok(bytes)
 }
@@ -439,6 +612,7 @@ impl<R: Rows> TableWriter<R> {
             .write_metadata("ehmam.first_step", part.first.to_string());
         part.writer
             .write_metadata("ehmam.last_step", part.last.to_string());
+        part.writer.write_metadata(CHECKSUM_KEY, placeholder());
         part.writer.finish().map_err(arrow_err(&part.tmp))?;
         let buf = part.writer.into_inner().map_err(arrow_err(&part.tmp))?;
         let file = buf.into_inner().map_err(|e| {
@@ -447,9 +621,8 @@ impl<R: Rows> TableWriter<R> {
                 e.into_error(),
             )
         })?;
-        file.sync_all().map_err(ioe(&part.tmp, "write"))?;
-        self.summary.bytes += file.metadata().map(|m| m.len()).unwrap_or(0);
         drop(file);
+        self.summary.bytes += seal(&part.tmp)?;
         publish(&part.tmp, &part.path, false)?;
         self.summary.parts += 1;
         Ok(())
@@ -464,9 +637,11 @@ impl<R: Rows> TableWriter<R> {
     /// Resume at step `k`: removes unfinished parts, deletes parts of steps ≥ `k` and cuts the
     /// part that straddles `k`.
     fn prepare(&mut self, k: u64) -> Result<(), StageError> {
+        // No directory yet (no part was ever completed, whatever `rotate_every`): nothing to
+        // clean, but the steps before `k` are still missing (below).
         let rd = match std::fs::read_dir(&self.dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
                 return Err(StageError::io(
                     format!("cannot list {}", self.dir.display()),
@@ -474,7 +649,7 @@ impl<R: Rows> TableWriter<R> {
                 ))
             }
         };
-        for e in rd.flatten() {
+        for e in rd.into_iter().flatten().flatten() {
             if e.file_name().to_string_lossy().ends_with(".tmp") {
                 self.say(format!(
                     "removing {}, left unfinished by an earlier attempt",
@@ -533,6 +708,12 @@ impl<R: Rows> TableWriter<R> {
             std::fs::rename(path, &aside).map_err(ioe(path, "rename"))?;
             Ok(0)
         };
+        // Verified first: a damaged part is never parsed, nor rewritten under a fresh checksum.
+        match check_part(path) {
+            Ok(PartCheck::Damaged(why)) => return damaged(why),
+            Ok(_) => {}
+            Err(e) => return damaged(e.to_string()),
+        }
         let file = File::open(path).map_err(ioe(path, "open"))?;
         let reader = match arrow::ipc::reader::FileReader::try_new(file, None) {
             Ok(r) => r,
@@ -591,9 +772,12 @@ impl<R: Rows> TableWriter<R> {
         }
         let mut meta: Vec<(&str, String)> = meta
             .iter()
-            .filter(|(a, _)| a != "ehmam.last_step")
+            .filter(|(a, _)| {
+                !["ehmam.last_step", "ehmam.format", CHECKSUM_KEY].contains(&a.as_str())
+            })
             .map(|(a, b)| (a.as_str(), b.clone()))
             .collect();
+        meta.push(("ehmam.format", LOG_FORMAT.to_string()));
         meta.push(("ehmam.last_step", last_kept.unwrap_or(0).to_string()));
         write_part_file(path, &schema, &kept, &meta, true, self.compression)?;
         Ok(gone)
@@ -631,4 +815,245 @@ pub(crate) fn drain<T: 'static>(
         io.note(n);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Float64Builder, Int64Builder};
+
+    /// One `step` and one `value` per step.
+    #[derive(Default)]
+    struct Vals {
+        step: Int64Builder,
+        value: Float64Builder,
+        n: usize,
+    }
+
+    impl Rows for Vals {
+        fn len(&self) -> usize {
+            self.n
+        }
+        fn finish(&mut self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+            self.n = 0;
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(self.step.finish()), Arc::new(self.value.finish())],
+            )
+        }
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("step", DataType::Int64, false),
+            Field::new("value", DataType::Float64, false),
+        ]))
+    }
+
+    fn value_of(step: u64) -> f64 {
+        1000.0 + step as f64 * 0.125
+    }
+
+    /// Writes `steps` into `dir` as one attempt; returns its notes.
+    fn attempt(
+        dir: &Path,
+        rotate: u64,
+        steps: std::ops::Range<u64>,
+        every_step: bool,
+        compression: LogCompression,
+    ) -> Vec<String> {
+        let mut w = TableWriter::new(dir.to_path_buf(), schema(), rotate, Vals::default());
+        w.every_step = every_step;
+        w.compression = compression;
+        for s in steps {
+            w.start_step(s).unwrap();
+            w.rows.step.append_value(s as i64);
+            w.rows.value.append_value(value_of(s));
+            w.rows.n += 1;
+            w.end_step(s).unwrap();
+        }
+        w.finish().unwrap();
+        w.take_notes()
+    }
+
+    fn values(dir: &Path) -> Vec<(i64, f64)> {
+        let mut out = Vec::new();
+        for (_, p) in list_parts(dir).unwrap() {
+            for b in arrow::ipc::reader::FileReader::try_new(File::open(&p).unwrap(), None).unwrap()
+            {
+                let b = b.unwrap();
+                let s = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                let v = b.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+                out.extend((0..b.num_rows()).map(|i| (s.value(i), v.value(i))));
+            }
+        }
+        out
+    }
+
+    /// A part carries the BLAKE3 of its bytes and still reads as a plain Arrow file; flipping any
+    /// one bit of it, data, footer or checksum, is caught before anything parses it.
+    #[test]
+    fn every_flipped_byte_of_a_part_is_detected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("t");
+        attempt(&dir, 10, 0..5, true, LogCompression::None);
+        let parts = list_parts(&dir).unwrap();
+        assert_eq!(parts.len(), 1);
+        let path = &parts[0].1;
+        assert_eq!(check_part(path).unwrap(), PartCheck::Verified);
+        let r = arrow::ipc::reader::FileReader::try_new(File::open(path).unwrap(), None).unwrap();
+        let sum = r.custom_metadata()[CHECKSUM_KEY].clone();
+        assert_eq!(r.custom_metadata()["ehmam.format"], LOG_FORMAT);
+        assert!(
+            sum.len() == 64 && sum.bytes().all(|c| c.is_ascii_hexdigit()) && sum != placeholder()
+        );
+        assert_eq!(part_last_step(path), Some(4));
+        assert_eq!(values(&dir).len(), 5);
+        let bytes = std::fs::read(path).unwrap();
+        let bad = tmp.path().join("bad.arrow");
+        for i in 0..bytes.len() {
+            for mask in [0x01u8, 0x80] {
+                let mut b = bytes.clone();
+                b[i] ^= mask;
+                std::fs::write(&bad, &b).unwrap();
+                let got = check_part(&bad).unwrap();
+                assert!(
+                    matches!(got, PartCheck::Damaged(_)),
+                    "byte {i} of {} flipped ({mask:#x}): {got:?}",
+                    bytes.len()
+                );
+            }
+        }
+        // Cut short, as by a crash mid-copy.
+        std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(check_part(&bad).unwrap(), PartCheck::Damaged(_)));
+    }
+
+    /// Parts of earlier versions (no checksum) are read unverified; a part that claims the
+    /// current format but lost its checksum, or a footer without ehmam's metadata, is not.
+    #[test]
+    fn parts_without_a_checksum_are_unverified_unless_they_claim_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let batch = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from(vec![0, 1])),
+                Arc::new(Float64Array::from(vec![1.0, 2.0])),
+            ],
+        )
+        .unwrap();
+        for (format, want_damaged) in [
+            (Some(LOG_FORMAT_UNCHECKED), false),
+            (None, true),
+            (Some(LOG_FORMAT), true),
+        ] {
+            let p = tmp.path().join("old.arrow");
+            let mut w = FileWriter::try_new(File::create(&p).unwrap(), &schema()).unwrap();
+            w.write(&batch).unwrap();
+            if let Some(f) = format {
+                w.write_metadata("ehmam.format", f);
+            }
+            w.finish().unwrap();
+            drop(w);
+            let got = check_part(&p).unwrap();
+            if want_damaged {
+                assert!(matches!(got, PartCheck::Damaged(_)), "{format:?}: {got:?}");
+            } else {
+                assert_eq!(got, PartCheck::Unverified, "{format:?}");
+            }
+        }
+    }
+
+    /// On resume, the part that straddles the resume point is verified before it is cut: a
+    /// damaged one is moved aside with a warning, never rewritten (which would give its damaged
+    /// rows a fresh checksum). A sound one is cut and sealed again.
+    #[test]
+    fn resume_moves_a_damaged_part_aside_instead_of_rewriting_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("t");
+        attempt(&dir, 100, 0..10, false, LogCompression::None);
+        let part = dir.join(part_name(0));
+        // Flip one bit of step 3's value: without compression the part still parses, with a
+        // wrong number in it.
+        let mut bytes = std::fs::read(&part).unwrap();
+        let needle = value_of(3).to_le_bytes();
+        let at: Vec<usize> = (0..bytes.len() - 8)
+            .filter(|&i| bytes[i..i + 8] == needle)
+            .collect();
+        assert_eq!(at.len(), 1);
+        bytes[at[0]] ^= 0x04;
+        std::fs::write(&part, &bytes).unwrap();
+        let notes = attempt(&dir, 100, 6..9, false, LogCompression::None);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("damaged") && n.contains("part-000000000.arrow")),
+            "{notes:?}"
+        );
+        assert!(dir.join("part-000000000.arrow.damaged").exists());
+        let rows = values(&dir);
+        assert!(
+            rows.iter().all(|(s, v)| *v == value_of(*s as u64)),
+            "no damaged value read back: {rows:?}"
+        );
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![6, 7, 8]);
+        // A sound straddling part is cut and carries a valid checksum again.
+        let dir = tmp.path().join("u");
+        attempt(&dir, 100, 0..10, false, LogCompression::Zstd);
+        attempt(&dir, 100, 4..6, false, LogCompression::Zstd);
+        assert_eq!(
+            values(&dir).iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+        for (_, p) in list_parts(&dir).unwrap() {
+            assert_eq!(
+                check_part(&p).unwrap(),
+                PartCheck::Verified,
+                "{}",
+                p.display()
+            );
+        }
+    }
+
+    /// A resume at step k warns of the steps before k that have no rows, whether the table
+    /// directory exists (parts were completed) or not (the crash came before the first part
+    /// was complete), whatever `rotate_every`; and only then.
+    #[test]
+    fn resume_warns_of_steps_without_rows_whatever_rotate_every() {
+        let warned = |notes: &[String], what: &str| {
+            notes
+                .iter()
+                .any(|n| n.starts_with("warning") && n.contains(what))
+        };
+        for rotate in [1, 4, 100, 1_000_000] {
+            let tmp = tempfile::tempdir().unwrap();
+            // Crash before any part was complete: no directory; resume from a checkpoint at 7.
+            let dir = tmp.path().join("steps");
+            let notes = attempt(&dir, rotate, 7..9, true, LogCompression::Zstd);
+            assert!(
+                warned(&notes, "steps 0..6 have no rows"),
+                "rotate_every {rotate}: {notes:?}"
+            );
+            // Steps 0..4 on disk, resume at 9: steps 5..8 are missing.
+            let dir = tmp.path().join("steps2");
+            attempt(&dir, rotate, 0..5, true, LogCompression::Zstd);
+            let notes = attempt(&dir, rotate, 9..10, true, LogCompression::Zstd);
+            assert!(
+                warned(&notes, "steps 5..8 have no rows"),
+                "rotate_every {rotate}: {notes:?}"
+            );
+            // Nothing missing: no warning (a resume right after the last step, or before it).
+            for k in [10, 3] {
+                let notes = attempt(&dir, rotate, k..k + 1, true, LogCompression::Zstd);
+                assert!(
+                    !notes.iter().any(|n| n.starts_with("warning")),
+                    "rotate_every {rotate}, resume at {k}: {notes:?}"
+                );
+            }
+            // A table that is not written every step (frames) never warns.
+            let dir = tmp.path().join("frames");
+            let notes = attempt(&dir, rotate, 7..9, false, LogCompression::Zstd);
+            assert!(notes.is_empty(), "{notes:?}");
+        }
+    }
 }
