@@ -223,6 +223,9 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> crate::Result<RecordB
         .map_err(crate::Error::from)
 }
 
+/// Most bytes of samples (as stored) in one Parquet row group.
+pub const ROW_GROUP_MAX_BYTES: usize = 16_000_000;
+
 /// Writes one shard file atomically; returns (bytes, blake3 hex).
 fn write_shard(
     dir: &Path,
@@ -250,9 +253,28 @@ fn write_shard(
     let written = crate::stream::store::write_part(dir, name, |file| {
         let mut w = ArrowWriter::try_new(file, shard_schema(format), Some(props))
             .map_err(std::io::Error::other)?;
-        for chunk in rows.chunks(row_group_rows.max(1)) {
-            let batch = shard_batch(chunk, format).map_err(std::io::Error::other)?;
+        let sample_bytes = match format {
+            AudioFormat::Int16 => 2,
+            AudioFormat::Float32 => 4,
+        };
+        let mut start = 0;
+        while start < rows.len() {
+            // A row group ends at `row_group_rows` rows or at ROW_GROUP_MAX_BYTES of samples,
+            // whichever comes first: the writer holds a row group in memory, and 64 rows of
+            // 40 s segments would be 80 MB.
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < rows.len() && end - start < row_group_rows.max(1) {
+                bytes += rows[end].samples.len() * sample_bytes;
+                end += 1;
+                if bytes >= ROW_GROUP_MAX_BYTES {
+                    break;
+                }
+            }
+            let batch = shard_batch(&rows[start..end], format).map_err(std::io::Error::other)?;
             w.write(&batch).map_err(std::io::Error::other)?;
+            w.flush().map_err(std::io::Error::other)?;
+            start = end;
         }
         w.close().map_err(std::io::Error::other)?;
         Ok(())
@@ -273,7 +295,8 @@ pub struct ShardsWriteParams {
     pub audio_format: AudioFormat,
     /// zstd compression level (1–22).
     pub zstd_level: i32,
-    /// Rows per Parquet row group.
+    /// Rows per Parquet row group (a row group also ends at 16 MB of samples as stored, which
+    /// bounds the writer's memory when rows are long).
     pub row_group_rows: usize,
 }
 
