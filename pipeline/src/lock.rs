@@ -36,7 +36,10 @@ pub enum LockError {
     Held { dir: PathBuf, holder: String },
     /// The cause is part of the message (not a `source`), so `{:#}` chains print it once.
     #[error("cannot create or lock {}: {cause}", path.display())]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// Creates `dir` if needed and locks it for this process; `what` says what the process does
