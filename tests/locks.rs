@@ -43,17 +43,34 @@ fn prep(run: &Path, shards: &Path, extra: &[&str]) -> std::process::Output {
     ehmam(&a)
 }
 
+/// `ehmam run specs/tiny.yaml` into `run` over [`shards`], with `--set`s and flags.
+fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
+    for s in [
+        format!("run_dir={}", run.display()),
+        format!("stages.shards.with.dir={}", shards().display()),
+        "stages.batch.with.max_seconds=8".to_string(),
+    ] {
+        a.push("--set".into());
+        a.push(s);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn train(run: &Path, extra: &[&str]) -> std::process::Output {
+    let a = train_args(run, extra);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    ehmam(&a)
+}
+
 /// A training run that would take minutes, in the background.
 fn long_training(run: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ehmam"))
-        .args(["run", "specs/tiny.yaml", "--quiet"])
-        .args(["--set", &format!("run_dir={}", run.display())])
-        .args([
-            "--set",
-            &format!("stages.shards.with.dir={}", shards().display()),
-        ])
-        .args(["--set", "stages.student.with.max_steps=100000"])
-        .args(["--set", "stages.batch.with.max_seconds=8"])
+        .args(train_args(
+            run,
+            &["--set", "stages.student.with.max_steps=100000"],
+        ))
         .current_dir(root())
         .env("CI", "true")
         .stdout(Stdio::piped())
@@ -105,37 +122,14 @@ fn a_second_run_is_refused_naming_the_holder_and_ctrl_c_exits_130() {
     let holder = wait_for_holder(&run, &mut child);
     assert!(holder.contains("run `tiny`"), "{holder}");
     // Before the locks, this second run trained beside the first, into the same tables.
-    let o = ehmam(&[
-        "run",
-        "specs/tiny.yaml",
-        "--quiet",
-        "--set",
-        &format!("run_dir={}", run.display()),
-        "--set",
-        &format!("stages.shards.with.dir={}", shards().display()),
-        "--set",
-        "stages.student.with.max_steps=100000",
-        "--set",
-        "stages.batch.with.max_seconds=8",
-    ]);
+    let o = train(&run, &["--set", "stages.student.with.max_steps=100000"]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains("in use by another ehmam process"), "{t}");
     assert!(t.contains(&format!("pid {}", child.id())), "{t}");
     assert!(t.contains("started 20"), "{t}");
     // --force never moves a directory another process holds.
-    let o = ehmam(&[
-        "run",
-        "specs/tiny.yaml",
-        "--quiet",
-        "--force",
-        "--set",
-        &format!("run_dir={}", run.display()),
-        "--set",
-        &format!("stages.shards.with.dir={}", shards().display()),
-        "--set",
-        "stages.student.with.lr=0.002",
-    ]);
+    let o = train(&run, &["--force", "--set", "stages.student.with.lr=0.002"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("in use by another ehmam process"));
     assert!(!tmp.path().join("run.replaced-1").exists());
@@ -156,19 +150,8 @@ fn a_second_run_is_refused_naming_the_holder_and_ctrl_c_exits_130() {
     let (code, _) = output_of(child);
     assert_eq!(code, None, "killed by a signal");
     assert_eq!(pipeline::lock::holder(&run), None);
-    ok(&[
-        "run",
-        "specs/tiny.yaml",
-        "--quiet",
-        "--set",
-        &format!("run_dir={}", run.display()),
-        "--set",
-        &format!("stages.shards.with.dir={}", shards().display()),
-        "--set",
-        "stages.student.with.max_steps=2",
-        "--set",
-        "stages.batch.with.max_seconds=8",
-    ]);
+    let o = train(&run, &["--set", "stages.student.with.max_steps=2"]);
+    assert!(o.status.success(), "{}", text(&o));
     assert!(pipeline::RunStatus::read(&run).unwrap().is_complete());
 }
 

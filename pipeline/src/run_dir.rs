@@ -28,15 +28,7 @@ pub(crate) fn prepare_run_dir(
     {
         let mut changed = saved_spec_changes(&dir, &plan.spec.resolved);
         // Continuable parameters (a trainer's max_steps) continue the run; said, not refused.
-        let cont: Vec<String> = plan
-            .nodes
-            .iter()
-            .flat_map(|n| {
-                n.continuable
-                    .iter()
-                    .map(move |p| format!("stages.{}.with.{p}", n.id))
-            })
-            .collect();
+        let cont = continuable(plan);
         let continued: Vec<String> = changed
             .iter()
             .filter(|c| cont.contains(c))
@@ -78,6 +70,19 @@ pub(crate) fn prepare_run_dir(
         cause: e,
     })?;
     Ok(dir)
+}
+
+/// The spec paths whose change continues a run instead of making it another one
+/// (`stages.NAME.with.max_steps`).
+fn continuable(plan: &Plan) -> Vec<String> {
+    plan.nodes
+        .iter()
+        .flat_map(|n| {
+            n.continuable
+                .iter()
+                .map(move |p| format!("stages.{}.with.{p}", n.id))
+        })
+        .collect()
 }
 
 /// What a run's lock file says it does.
@@ -242,15 +247,7 @@ pub fn claim_run_dir(plan: &Plan) -> Result<Option<PathBuf>, RunError> {
     refuse_non_run(dir)?;
     let lock = lock_dir(dir, &lock_what(plan))?;
     let changed = saved_spec_changes(dir, &plan.spec.resolved);
-    let cont: Vec<String> = plan
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            n.continuable
-                .iter()
-                .map(move |p| format!("stages.{}.with.{p}", n.id))
-        })
-        .collect();
+    let cont = continuable(plan);
     if changed.iter().all(|c| cont.contains(c)) {
         return Ok(None);
     }
