@@ -177,6 +177,30 @@ fn a_prep_or_sweep_is_refused_while_another_process_holds_what_it_writes() {
     drop(held);
     let o = prep(&run, &shards, &[]);
     assert!(o.status.success(), "{}", text(&o));
+    // Nothing mixed between a store's writer and its readers: while a run reads the shards (a
+    // shared lock) no prep writes them, and while a prep writes them no run reads them.
+    let reading = pipeline::lock::lock_dir_shared(&shards).unwrap().unwrap();
+    let o = prep(&run, &shards, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("reading it as its input"), "{}", text(&o));
+    drop(reading);
+    let writing = pipeline::lock_dir(&shards, "prep elsewhere").unwrap();
+    let o = ehmam(&[
+        "run",
+        "specs/tiny.yaml",
+        "--quiet",
+        "--set",
+        &format!("run_dir={}", tmp.path().join("train").display()),
+        "--set",
+        &format!("stages.shards.with.dir={}", shards.display()),
+        "--set",
+        "stages.student.with.max_steps=1",
+        "--set",
+        "stages.batch.with.max_seconds=8",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("prep elsewhere"), "{}", text(&o));
+    drop(writing);
     // A sweep holds its output directory.
     let out = tmp.path().join("sweep");
     let held = pipeline::lock_dir(&out, "another sweep").unwrap();

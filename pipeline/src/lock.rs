@@ -61,11 +61,19 @@ pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock, LockError> {
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
+            // Readers hold it shared (and cannot say who they are); a writer holds it alone
+            // and wrote its name into the file.
+            let holder = if file.try_lock_shared().is_ok() {
+                let _ = file.unlock();
+                "reading it as its input".to_string()
+            } else {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                describe_holder(&text)
+            };
             return Err(LockError::Held {
                 dir: dir.to_path_buf(),
-                holder: describe_holder(&text),
+                holder,
             });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
@@ -86,6 +94,32 @@ pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock, LockError> {
         dir: dir.to_path_buf(),
         _file: file,
     })
+}
+
+/// Holds a store that this process reads with a shared lock, so that no writer replaces it
+/// while it is read: several readers at once, never beside a writer (refused at once, naming
+/// it). A store without a lock file (written before locks, or on a read-only medium) is read
+/// unlocked: nothing is created in a directory that is only read.
+pub fn lock_dir_shared(dir: &Path) -> Result<Option<DirLock>, LockError> {
+    let Ok(mut file) = File::open(dir.join(LOCK_FILE)) else {
+        return Ok(None);
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Some(DirLock {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Err(LockError::Held {
+                dir: dir.to_path_buf(),
+                holder: describe_holder(&text),
+            })
+        }
+        // A file system without locks: read as before.
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
+    }
 }
 
 /// Whether another process holds `dir`'s lock now (a directory without a lock file is free).
@@ -169,6 +203,26 @@ mod tests {
         let again = lock_dir(&dir, "run of spec b").unwrap();
         assert_eq!(again.dir(), dir);
         drop(again);
+    }
+
+    #[test]
+    fn readers_share_a_store_and_keep_writers_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("shards");
+        // No lock file yet (a store from before locks): read unlocked, nothing created.
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(lock_dir_shared(&dir).unwrap().is_none());
+        assert!(!dir.join(LOCK_FILE).exists());
+        drop(lock_dir(&dir, "prep `p`").unwrap());
+        let r1 = lock_dir_shared(&dir).unwrap().unwrap();
+        let r2 = lock_dir_shared(&dir).unwrap().unwrap();
+        let msg = lock_dir(&dir, "prep `q`").unwrap_err().to_string();
+        assert!(msg.contains("reading it as its input"), "{msg}");
+        drop((r1, r2));
+        let w = lock_dir(&dir, "prep `q`").unwrap();
+        let msg = lock_dir_shared(&dir).unwrap_err().to_string();
+        assert!(msg.contains("prep `q`"), "{msg}");
+        drop(w);
     }
 
     #[test]

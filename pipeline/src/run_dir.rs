@@ -4,7 +4,7 @@
 
 use crate::atomic::write_atomic;
 use crate::error::RunError;
-use crate::lock::{lock_dir, lock_dirs, DirLock, LOCK_FILE};
+use crate::lock::{lock_dir, lock_dir_shared, lock_dirs, DirLock, LOCK_FILE};
 use crate::plan::Plan;
 use std::path::{Path, PathBuf};
 
@@ -109,7 +109,19 @@ pub fn lock_plan(plan: &Plan) -> Result<Vec<DirLock>, RunError> {
     // Checked before the lock file is made: a directory that is not a run gets nothing of ours.
     refuse_non_run(&plan.spec.run_dir)?;
     let dirs = plan_writes(plan);
-    lock_dirs(dirs.iter().map(|(d, w)| (d.as_path(), w.clone()))).map_err(RunError::from)
+    let mut locks = lock_dirs(dirs.iter().map(|(d, w)| (d.as_path(), w.clone())))?;
+    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let written: Vec<PathBuf> = dirs.iter().map(|(d, _)| canon(d)).collect();
+    for n in &plan.nodes {
+        for store in n.configured.paths().stores {
+            // A store this run also writes is already held (exclusively).
+            if written.contains(&canon(&store)) {
+                continue;
+            }
+            locks.extend(lock_dir_shared(&store)?);
+        }
+    }
+    Ok(locks)
 }
 
 /// The names in `dir` other than the lock file, sorted.

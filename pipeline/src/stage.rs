@@ -37,6 +37,10 @@ pub struct StagePaths {
     pub reads: Vec<PathBuf>,
     /// Directories this stage writes (each locked while the run lasts).
     pub writes: Vec<PathBuf>,
+    /// Stores among `reads` (directories an ehmam writer locks): held with a shared lock while
+    /// the run lasts, so that no writer replaces them underneath the reader, and refused while
+    /// one writes them.
+    pub stores: Vec<PathBuf>,
 }
 
 /// A running instance of a stage (one per worker).

@@ -874,6 +874,7 @@ impl StageDef for AudioDecode {
         pipeline::StagePaths {
             reads: vec![p.input.clone()],
             writes: vec![],
+            ..Default::default()
         }
     }
     fn validate(p: &DecodeParams, _ctx: &StageContext) -> Vec<ParamError> {

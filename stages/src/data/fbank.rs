@@ -497,6 +497,7 @@ impl StageDef for FeaturesFbank {
                 vec![]
             },
             writes: vec![],
+            ..Default::default()
         }
     }
     fn validate(p: &FbankParams, ctx: &StageContext) -> Vec<ParamError> {

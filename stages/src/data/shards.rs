@@ -410,6 +410,7 @@ impl StageDef for ShardsWrite {
         pipeline::StagePaths {
             reads: vec![],
             writes: vec![p.dir.clone()],
+            ..Default::default()
         }
     }
     fn resume_skip(p: &ShardsWriteParams, _ctx: &StageContext) -> Result<u64, StageError> {

@@ -187,6 +187,7 @@ impl StageDef for FeaturesWrite {
         pipeline::StagePaths {
             reads: vec![],
             writes: vec![p.dir.clone()],
+            ..Default::default()
         }
     }
     fn create(p: &FeaturesWriteParams, _: &StageContext, _: usize) -> Result<Self, StageError> {

@@ -145,6 +145,7 @@ impl<S: PartSource> StageDef for ReadStage<S> {
         pipeline::StagePaths {
             reads: vec![p.dir.clone()],
             writes: vec![],
+            stores: vec![p.dir.clone()],
         }
     }
     fn link(_: &ReaderParams, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
