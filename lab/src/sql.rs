@@ -344,11 +344,18 @@ fn register(
 ) -> Result<bool, SqlError> {
     let mut good: Vec<(PathBuf, usize, SchemaRef)> = Vec::new();
     let mut unverified = 0;
-    for (f, ri) in files {
-        // A log part is verified before anything parses it (a flipped byte can make Arrow panic
-        // or read wrong numbers).
-        if !is_parquet(f) {
-            match stages::logs::check_part(f) {
+    // A log part is verified before anything parses it (a flipped byte can make Arrow panic or
+    // read wrong numbers); the parts are hashed on every core, then taken in order.
+    let checks: Vec<Option<std::io::Result<PartCheck>>> = {
+        use rayon::prelude::*;
+        files
+            .par_iter()
+            .map(|(f, _)| (!is_parquet(f)).then(|| stages::logs::check_part(f)))
+            .collect()
+    };
+    for ((f, ri), check) in files.iter().zip(checks) {
+        if let Some(check) = check {
+            match check {
                 Ok(PartCheck::Verified) => {}
                 Ok(PartCheck::Unverified) => unverified += 1,
                 Ok(PartCheck::Damaged(why)) => {
