@@ -432,6 +432,14 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
         CMP_FRAMES / 50
     );
     println!("teacher forward + easy-to-hard mask, then student forward + backward + AdamW + EMA, in series; median of {steps} updates after {CMP_WARMUP} warm-up ones; ehmam built in the {profile}");
+    // Other work on the machine skews the 2-thread rows most (both sides want both cores).
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "?".into())
+    };
+    let load_before = load();
     let exe = std::env::current_exe().expect("own path");
     let mut ours: Vec<(usize, serde_json::Value)> = Vec::new();
     for t in [1usize, 2] {
@@ -509,6 +517,10 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
             }
         }
     }
+    println!(
+        "load average (1 min) before / after the comparison: {load_before} / {}",
+        load()
+    );
     match &torch_params {
         Some((s, t)) => println!(
             "parameters: ehmam {params} (teacher {teacher_params}), PyTorch reference {s} (teacher {t}){}",
@@ -524,7 +536,7 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
         println!("{why}");
     }
     println!(
-        "\n{:>7} {:>16} {:>22} {:>18} {:>22} {:>16}",
+        "\n{:>7} {:>16} {:>22} {:>18} {:>30} {:>16}",
         "threads",
         "ehmam ms/update",
         "ehmam teacher+mask ms",
@@ -552,7 +564,7 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
             None => ("-".to_string(), "-".to_string()),
         };
         println!(
-            "{:>7} {:>16.1} {:>22.1} {:>18.1} {:>22} {:>16}",
+            "{:>7} {:>16.1} {:>22.1} {:>18.1} {:>30} {:>16}",
             t,
             g("ms_per_update"),
             g("teacher_mask_ms"),
