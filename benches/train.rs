@@ -11,9 +11,18 @@
 //
 // Steady state: the figures from the `steps` table skip the first 5 updates.
 //
-// Last, the `log.tensorboard` sink's own cost: 1,000 step records written (each point one write
+// Then the `log.tensorboard` sink's own cost: 1,000 step records written (each point one write
 // to the event file), in µs a record and as a share of the fastest update above (the issue's
 // bound: under 1 %). `-- --sink-only` prints that line alone.
+//
+// Last, one update side by side with PyTorch (issue 12): ehmam's update called in-process (the
+// teacher stage's `teach`, the easy-to-hard mask, `Student::train_step`, in series as the paper's
+// algorithm runs them; no pipeline around it) on batches of 8 × 200 frames (8 × 4 s crops at
+// 50 Hz) of random 160-dim features, median ms of STEPS updates after 3 warm-up ones, at 1 and 2
+// threads; then `python3 benches/train_reference.py` (an independent eager PyTorch implementation
+// of the same update, same shapes) in the same run, and the ratio. Where torch is not installed the
+// script says so (`benches/install_references.sh` installs it) and the comparison is skipped.
+// `-- --compare-only` runs this part alone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -111,6 +120,10 @@ fn main() {
         );
         return;
     }
+    if args.get(1).map(String::as_str) == Some("--update") {
+        update_child(args[2].parse().expect("steps"));
+        return;
+    }
     if args.iter().any(|a| a == "--sink-only") {
         println!("{}", tensorboard_sink_line(&tmp, None));
         return;
@@ -121,6 +134,10 @@ fn main() {
         .find(|a| !a.starts_with('-'))
         .and_then(|a| a.parse().ok())
         .unwrap_or(60);
+    if args.iter().any(|a| a == "--compare-only") {
+        compare_with_pytorch(&root, steps);
+        return;
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -256,6 +273,328 @@ stages:
         tensorboard_sink_line(&tmp, Some(1e3 / fastest.max(1e-9)))
     );
     let _ = std::fs::remove_dir_all(&tmp);
+    compare_with_pytorch(&root, steps);
+}
+
+/// Utterances and frames per utterance of the side-by-side batches: 8 × 4 s crops at 50 Hz.
+const CMP_BATCH: usize = 8;
+const CMP_FRAMES: usize = 200;
+/// Untimed updates before the timed ones (both sides).
+const CMP_WARMUP: u64 = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// One EH-MAM update after another, in this process (the child of `--update`; threads through
+/// RAYON_NUM_THREADS): teacher weights published by the student, the teacher's forward
+/// (`stages::train::teacher::teach`, front-end included), the easy-to-hard mask (hard ratio ramping
+/// 0 → 1 over the run, as `specs/tiny.yaml`'s mask does over its updates) and
+/// `Student::train_step` (forward, backward, gradient norm, AdamW, EMA, step metrics), on random
+/// features standing in for precomputed fbank. Prints the medians as one `UPDATE {json}` line.
+fn update_child(steps: u64) {
+    use rand::{Rng, SeedableRng};
+    use stages::candle_core::{DType, Device};
+    use stages::items::{Batch, DataPosition, Masked, Taught};
+    use stages::model::ModelConfig;
+    use stages::train::mask::MaskParams;
+    use stages::train::masking::{eh_mask, Rounding};
+    use stages::train::student::{Student, StudentParams};
+    use std::sync::Arc;
+
+    let cfg = ModelConfig::tiny();
+    let dim = cfg.input_dim();
+    let total = CMP_WARMUP + steps;
+    // specs/tiny.yaml's student (alpha 0.05, lr 1e-3, τ 0.99 → 0.999) are StudentParams' defaults.
+    let p = StudentParams {
+        max_steps: total,
+        checkpoint_every: 0,
+        ..StudentParams::default()
+    };
+    let device = Device::Cpu;
+    let mut s = Student::new(p, cfg.clone(), device.clone(), 7, DType::F32).expect("student");
+    let spec = MaskParams::default().spec(Rounding::PerBatch);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let pool: Vec<Vec<f32>> = (0..total.min(8))
+        .map(|_| {
+            (0..CMP_BATCH * CMP_FRAMES * dim)
+                .map(|_| {
+                    let u1: f64 = rng.random::<f64>().max(1e-300);
+                    let u2: f64 = rng.random::<f64>();
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                })
+                .collect()
+        })
+        .collect();
+    let (mut all, mut teach, mut learn, mut frac) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut last_loss = f64::NAN;
+    for i in 0..total {
+        let batch = Batch {
+            step: i,
+            position: DataPosition {
+                step: i,
+                ..DataPosition::default()
+            },
+            epoch: 0,
+            utt_ids: (0..CMP_BATCH).map(|u| format!("random-{u}")).collect(),
+            offsets: vec![0; CMP_BATCH],
+            lengths: vec![CMP_FRAMES; CMP_BATCH],
+            longest: CMP_FRAMES,
+            frames: CMP_FRAMES,
+            dim,
+            frame_rate: 50.0,
+            data: pool[i as usize % pool.len()].clone(),
+            padding_mask: None,
+        };
+        let t0 = Instant::now();
+        let tw = s.teacher_weights().expect("teacher weights");
+        let (targets, target_dim, pred_loss, t) =
+            stages::train::teacher::teach(&cfg, &tw.weights, &batch, &device).expect("teacher");
+        let r = i as f64 / total as f64;
+        let out = eh_mask(
+            &pred_loss,
+            CMP_BATCH,
+            t,
+            &vec![t; CMP_BATCH],
+            &spec,
+            r,
+            &mut rng,
+        )
+        .expect("mask");
+        let masked = Masked {
+            taught: Taught {
+                batch,
+                targets: Arc::new(targets),
+                target_dim,
+                frames: t,
+                pred_loss,
+                teacher_version: tw.version,
+            },
+            mask: out.mask,
+            hard: out.hard,
+            masked_per_row: out.masked_per_row,
+            hard_ratio: r as f32,
+            spans: out.spans,
+            hard_spans: out.hard_spans,
+            strategy: "mask.easy_to_hard".into(),
+            clones: 1,
+        };
+        let t1 = Instant::now();
+        let o = s.train_step(&masked).expect("update");
+        let t2 = Instant::now();
+        last_loss = o.record.loss;
+        if i >= CMP_WARMUP {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            all.push(ms(t2 - t0));
+            teach.push(ms(t1 - t0));
+            learn.push(ms(t2 - t1));
+            frac.push(masked.masked_per_row as f64 / t as f64);
+        }
+    }
+    let o = serde_json::json!({
+        "ms_per_update": median(&mut all),
+        "teacher_mask_ms": median(&mut teach),
+        "student_ms": median(&mut learn),
+        "masked_frac": frac.iter().sum::<f64>() / frac.len().max(1) as f64,
+        "updates": all.len(),
+        "last_loss": last_loss,
+    });
+    println!("UPDATE {o}");
+}
+
+/// The side-by-side table of issue 12: ehmam's update (children at 1 and 2 threads) against
+/// `benches/train_reference.py`, run here in the same process tree.
+fn compare_with_pytorch(root: &Path, steps: u64) {
+    use stages::model::{in_teacher, parameter_count, shapes_of, ModelConfig};
+    let cfg = ModelConfig::tiny();
+    let params = parameter_count(&cfg);
+    let teacher_params: usize = shapes_of(&cfg)
+        .iter()
+        .filter(|(n, _)| in_teacher(n))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let profile = if cfg!(debug_assertions) {
+        "test/dev profile (cargo run --example), our crates at opt-level 1, dependencies at 2"
+    } else {
+        "release profile (cargo bench)"
+    };
+    println!(
+        "\none update side by side with PyTorch: tiny model (method §7), {CMP_BATCH} × {CMP_FRAMES} frames a batch ({CMP_BATCH} × {} s crops at 50 Hz) of random 160-dim features (fbank precomputed), dropout on;",
+        CMP_FRAMES / 50
+    );
+    println!("teacher forward + easy-to-hard mask, then student forward + backward + AdamW + EMA, in series; median of {steps} updates after {CMP_WARMUP} warm-up ones; ehmam built in the {profile}");
+    // Other work on the machine skews the 2-thread rows most (both sides want both cores).
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "?".into())
+    };
+    let load_before = load();
+    let exe = std::env::current_exe().expect("own path");
+    let mut ours: Vec<(usize, serde_json::Value)> = Vec::new();
+    for t in [1usize, 2] {
+        let o = Command::new(&exe)
+            .args(["--update", &steps.to_string()])
+            .env("RAYON_NUM_THREADS", t.to_string())
+            .output()
+            .expect("child");
+        let text = String::from_utf8_lossy(&o.stdout);
+        let Some(line) = text.lines().find_map(|l| l.strip_prefix("UPDATE ")) else {
+            eprintln!(
+                "update child failed:\n{text}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::process::exit(1);
+        };
+        ours.push((t, serde_json::from_str(line).expect("json")));
+    }
+    // The reference, in the same run.
+    let script = root.join("benches/train_reference.py");
+    let reference = Command::new("python3")
+        .arg(&script)
+        .args(["--updates", &steps.to_string()])
+        .args(["--warmup", &CMP_WARMUP.to_string()])
+        .args(["--threads", "1,2"])
+        .args(["--batch", &CMP_BATCH.to_string()])
+        .args(["--frames", &CMP_FRAMES.to_string()])
+        .output();
+    let mut theirs: std::collections::BTreeMap<usize, std::collections::BTreeMap<String, String>> =
+        Default::default();
+    let mut torch_params: Option<(String, String)> = None;
+    let mut torch_version = String::new();
+    let mut skipped: Option<String> = None;
+    match reference {
+        Err(e) => {
+            skipped = Some(format!(
+                "PyTorch reference skipped: cannot run python3 ({e})"
+            ))
+        }
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            if let Some(l) = text.lines().find(|l| l.starts_with("torch_missing:")) {
+                skipped = Some(format!("PyTorch reference skipped: {l}"));
+            } else if !o.status.success() {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let tail: Vec<&str> = err.lines().rev().take(8).collect();
+                skipped = Some(format!(
+                    "PyTorch reference failed ({}):\n{}",
+                    o.status,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            for l in text.lines() {
+                let mut words = l.split_whitespace();
+                let key = words.next().unwrap_or("");
+                let kv: std::collections::BTreeMap<String, String> = words
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                match key {
+                    "torch_ms_per_update" => {
+                        if let Some(t) = kv.get("threads").and_then(|t| t.parse().ok()) {
+                            theirs.insert(t, kv);
+                        }
+                    }
+                    "torch_parameters" => {
+                        torch_params = Some((
+                            kv.get("student").cloned().unwrap_or_default(),
+                            kv.get("teacher").cloned().unwrap_or_default(),
+                        ))
+                    }
+                    "torch_version" => torch_version = kv.get("value").cloned().unwrap_or_default(),
+                    _ => {}
+                }
+            }
+        }
+    }
+    println!(
+        "load average (1 min) before / after the comparison: {load_before} / {}",
+        load()
+    );
+    match &torch_params {
+        Some((s, t)) => println!(
+            "parameters: ehmam {params} (teacher {teacher_params}), PyTorch reference {s} (teacher {t}){}",
+            if *s == params.to_string() && *t == teacher_params.to_string() {
+                ": equal"
+            } else {
+                ": DIFFERENT"
+            }
+        ),
+        None => println!("parameters: ehmam {params} (teacher {teacher_params})"),
+    }
+    if let Some(why) = &skipped {
+        println!("{why}");
+    }
+    println!(
+        "\n{:>7} {:>16} {:>22} {:>18} {:>30} {:>16}",
+        "threads",
+        "ehmam ms/update",
+        "ehmam teacher+mask ms",
+        "ehmam student ms",
+        "PyTorch ms/update",
+        "ehmam / PyTorch"
+    );
+    for (t, v) in &ours {
+        let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let (torch, ratio) = match theirs.get(t) {
+            Some(kv) => {
+                let ms: f64 = kv
+                    .get("value")
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(f64::NAN);
+                (
+                    format!(
+                        "{ms:.1} ({} + {})",
+                        kv.get("teacher_mask_ms").map_or("?", String::as_str),
+                        kv.get("student_ms").map_or("?", String::as_str)
+                    ),
+                    format!("{:.2}×", g("ms_per_update") / ms),
+                )
+            }
+            None => ("-".to_string(), "-".to_string()),
+        };
+        println!(
+            "{:>7} {:>16.1} {:>22.1} {:>18.1} {:>30} {:>16}",
+            t,
+            g("ms_per_update"),
+            g("teacher_mask_ms"),
+            g("student_ms"),
+            torch,
+            ratio
+        );
+    }
+    let frac = |v: &serde_json::Value| v["masked_frac"].as_f64().unwrap_or(f64::NAN);
+    let torch_frac: Vec<String> = theirs
+        .values()
+        .filter_map(|kv| kv.get("masked_frac").cloned())
+        .collect();
+    println!(
+        "(PyTorch column: {}total (teacher+mask + student) ms; masked share of frames at 1 / 2 threads: ehmam {}, PyTorch {}; a ratio above 1 means ehmam is slower)",
+        if theirs.is_empty() {
+            String::new()
+        } else {
+            format!("torch {torch_version}, ")
+        },
+        ours.iter()
+            .map(|(_, v)| format!("{:.3}", frac(v)))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        if torch_frac.is_empty() {
+            "-".to_string()
+        } else {
+            torch_frac.join(" / ")
+        }
+    );
 }
 
 /// Times 1,000 writes of the `log.tensorboard` sink into a fresh directory; `step_ms`, the
