@@ -8,37 +8,12 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-/// Demo shards, made once for this test binary.
-fn shards() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let run = format!("run_dir={}", tmp.path().join("prep").display());
-        let out = format!(
-            "stages.shards.with.dir={}",
-            tmp.path().join("shards").display()
-        );
-        ok(&[
-            "run",
-            "specs/prep.yaml",
-            "--quiet",
-            "--set",
-            &run,
-            "--set",
-            &out,
-        ]);
-        tmp
-    });
-    Box::leak(Box::new(dir.path().join("shards")))
-}
 
 /// `ehmam run specs/tiny.yaml` into `run` with test-sized settings and extra overrides.
 fn train(run: &Path, extra: &[&str]) -> String {
     let mut sets: Vec<String> = vec![
         format!("run_dir={}", run.display()),
-        format!("stages.shards.with.dir={}", shards().display()),
+        format!("stages.shards.with.dir={}", demo_shards().display()),
         // Encoder dropout off keeps the short runs steady. Reproducibility does not depend on it:
         // every random draw (dropout, noise tokens, masks, crops) comes from streams seeded by
         // the spec's seed and the step, and parallel fbank workers are put back in order.
@@ -288,7 +263,7 @@ fn mask_kinds_swap_in_one_line() {
             "--set",
             &format!("stages.mask.kind={kind}"),
             "--set",
-            &format!("stages.shards.with.dir={}", shards().display())
+            &format!("stages.shards.with.dir={}", demo_shards().display())
         ])
         .contains("ok"));
         let run = tmp.path().join(kind);
@@ -329,7 +304,7 @@ fn a_failed_run_is_marked_failed() {
     let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
     for s in [
         format!("run_dir={}", run.display()),
-        format!("stages.shards.with.dir={}", shards().display()),
+        format!("stages.shards.with.dir={}", demo_shards().display()),
         "stages.batch.with.crop=pad".into(),
     ] {
         args.push("--set".into());

@@ -6,38 +6,13 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::sync::OnceLock;
-
-/// Demo shards, made once for this test binary.
-fn shards() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let run = format!("run_dir={}", tmp.path().join("prep").display());
-        let out = format!(
-            "stages.shards.with.dir={}",
-            tmp.path().join("shards").display()
-        );
-        ok(&[
-            "run",
-            "specs/prep.yaml",
-            "--quiet",
-            "--set",
-            &run,
-            "--set",
-            &out,
-        ]);
-        tmp
-    });
-    Box::leak(Box::new(dir.path().join("shards")))
-}
 
 /// `ehmam run specs/tiny.yaml` into `run` with extra overrides; returns the output.
 fn train(run: &Path, extra: &[&str]) -> std::process::Output {
     let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
     let sets = [
         format!("run_dir={}", run.display()),
-        format!("stages.shards.with.dir={}", shards().display()),
+        format!("stages.shards.with.dir={}", demo_shards().display()),
         "model.encoder.dropout=0.0".into(),
     ];
     for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
@@ -51,7 +26,7 @@ fn train(run: &Path, extra: &[&str]) -> std::process::Output {
 /// refused by `validate` (exit 2, naming the parameter), whichever mask kind reads it.
 #[test]
 fn span_longer_than_the_shortest_utterance_is_refused() {
-    let dir = format!("stages.shards.with.dir={}", shards().display());
+    let dir = format!("stages.shards.with.dir={}", demo_shards().display());
     for kind in ["mask.easy_to_hard", "mask.random", "mask.hard"] {
         let k = format!("stages.mask.kind={kind}");
         let o = ehmam(&[
@@ -235,7 +210,7 @@ fn easy_to_hard_code_spec_truncates_the_split() {
         v["stages"]["mask"]["with"]["rounding"].as_str(),
         Some("truncate")
     );
-    let dir = format!("stages.shards.with.dir={}", shards().display());
+    let dir = format!("stages.shards.with.dir={}", demo_shards().display());
     assert!(ok(&["validate", path, "--set", &dir]).contains("ok"));
     // A bad value is named by its path.
     let o = ehmam(&[

@@ -96,3 +96,27 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Shards of the whole demo corpus (`specs/prep.yaml`), made once per test binary.
+pub fn demo_shards() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = format!("run_dir={}", tmp.path().join("prep").display());
+        let out = format!(
+            "stages.shards.with.dir={}",
+            tmp.path().join("shards").display()
+        );
+        ok(&[
+            "run",
+            "specs/prep.yaml",
+            "--quiet",
+            "--set",
+            &run,
+            "--set",
+            &out,
+        ]);
+        tmp
+    });
+    Box::leak(Box::new(dir.path().join("shards")))
+}
