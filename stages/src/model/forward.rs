@@ -1,6 +1,7 @@
 //! The forward pass: front-end, encoder blocks, decoder and loss predictor (method §1–§2).
 
 use super::config::*;
+use super::fused::{gelu, softmax_with_bias};
 use super::ops::*;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -74,7 +75,7 @@ impl<'a> Model<'a> {
                     let w = self.get(&format!("frontend.conv.{i}.weight"))?;
                     h = conv1d_time(&h, w, 0, l[2], 1)?;
                     // LayerNorm over channels, then GELU.
-                    h = self.ln(&h, &format!("frontend.conv.{i}.ln"))?.gelu_erf()?;
+                    h = gelu(&self.ln(&h, &format!("frontend.conv.{i}.ln"))?)?;
                 }
                 let y = self.ln(&h, "frontend.ln")?;
                 self.lin(&y, "frontend.proj")
@@ -88,7 +89,7 @@ impl<'a> Model<'a> {
         let mut h = x.clone();
         for l in 0..e.pos_conv_depth {
             h = self.conv_time(&h, &format!("encoder.pos_conv.{l}"), e.pos_conv_groups)?;
-            h = layer_norm(&h, None, 1e-5)?.gelu_erf()?;
+            h = gelu(&layer_norm(&h, None, 1e-5)?)?;
         }
         Ok(h)
     }
@@ -135,8 +136,7 @@ impl<'a> Model<'a> {
         let q = (qkv.get(0)?.contiguous()? * (1.0 / (dh as f64).sqrt()))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let att = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let mut att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let mut att = softmax_with_bias(&q.matmul(&k.t()?)?, bias)?;
         if let Some(n) = noise.as_deref_mut() {
             att = n.dropout(&att, e.attention_dropout)?;
         }
@@ -151,7 +151,7 @@ impl<'a> Model<'a> {
         }
         let h1 = self.ln(&(x + o)?, &format!("{p}.ln1"))?;
         let f = self.lin(
-            &self.lin(&h1, &format!("{p}.fc1"))?.gelu_erf()?,
+            &gelu(&self.lin(&h1, &format!("{p}.fc1"))?)?,
             &format!("{p}.fc2"),
         )?;
         let fd = match noise.as_deref_mut() {
@@ -280,7 +280,7 @@ impl<'a> Model<'a> {
         let mut x = u.clone();
         for l in 0..h.layers {
             let y = self.conv_time(&x, &format!("{p}.blocks.{l}.conv"), h.groups)?;
-            let y = layer_norm(&y, None, 1e-5)?.gelu_erf()?;
+            let y = gelu(&layer_norm(&y, None, 1e-5)?)?;
             x = if x.dim(D::Minus1)? == y.dim(D::Minus1)? {
                 (x + y)?
             } else {

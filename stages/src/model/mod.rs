@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod fused;
 pub mod init;
 pub mod losses;
 pub mod ops;

@@ -3,7 +3,7 @@
 
 use super::config::*;
 use candle_core::{DType, Device, Tensor, D};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 // ---------------------------------------------------------------------------------------------
@@ -22,29 +22,17 @@ impl Noise {
         }
     }
 
-    /// Inverted dropout with keep-mask drawn from the seeded stream.
+    /// Inverted dropout: a fresh 64-bit key from the seeded stream per call, the mask counter-based
+    /// from it (`fused::Dropout`; fused on the CPU, a host-drawn mask of the same bits elsewhere).
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let n = x.elem_count();
-        let scale = 1.0 / (1.0 - p);
-        let m: Vec<f32> = (0..n)
-            .map(|_| {
-                if self.rng.random::<f64>() < p {
-                    0.0
-                } else {
-                    scale as f32
-                }
-            })
-            .collect();
-        let m = Tensor::from_vec(m, x.shape(), &Device::Cpu)?
-            .to_dtype(x.dtype())?
-            .to_device(x.device())?;
-        x.mul(&m)
+        let key = self.rng.next_u64();
+        super::fused::dropout(x, super::fused::Dropout { key, p })
     }
 
-    /// Gaussian noise N(0, std²) of `shape`.
+    /// Gaussian noise N(0, std²) of `shape` (counter-based, keyed from the seeded stream).
     pub fn normal(
         &mut self,
         shape: &[usize],
@@ -53,14 +41,8 @@ impl Noise {
         device: &Device,
     ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                let u1: f64 = self.rng.random::<f64>().max(1e-300);
-                let u2: f64 = self.rng.random::<f64>();
-                (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)?
+        let key = self.rng.next_u64();
+        Tensor::from_vec(super::fused::normal_counter(key, n, std), shape, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)
     }
@@ -74,9 +56,24 @@ impl Noise {
 // Building blocks
 // ---------------------------------------------------------------------------------------------
 
-/// LayerNorm over the last dimension (eps 1e-5), with or without affine. Written with primitive
-/// ops so that it differentiates (candle's fused layer_norm has no backward).
+/// LayerNorm over the last dimension (eps 1e-5), with or without affine: the fused CPU kernel
+/// for f32 (`fused.rs`), else [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let fused = super::fused::fused_ok(x) && affine.is_none_or(|(w, b)| super::fused::fused_ok(w) && super::fused::fused_ok(b));
+    if fused {
+        super::fused::layer_norm_fused(x, affine, eps)
+    } else {
+        layer_norm_composed(x, affine, eps)
+    }
+}
+
+/// LayerNorm written with primitive ops, so that it differentiates on every device (candle's
+/// fused layer_norm has no backward).
+pub fn layer_norm_composed(
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
     let d = x.dim(D::Minus1)? as f64;
     let mean = (x.sum_keepdim(D::Minus1)? / d)?;
     let xc = x.broadcast_sub(&mean)?;

@@ -1,0 +1,742 @@
+//! Fused CPU kernels for the training hot path (issue 12): LayerNorm, exact GELU, softmax with an
+//! additive bias, and dropout, each one candle custom op with a hand-written backward, in place of
+//! the five to ten primitive ops (and as many tensors) that each costs when composed.
+//!
+//! They run for f32 tensors on the CPU. Every other device and dtype takes the composed path in
+//! `ops.rs`, which is also what the tests compare these kernels with (values and gradients), next
+//! to finite differences.
+//!
+//! Determinism: every result is independent of the number of threads. Rows are split between
+//! threads but each row is reduced by one thread in a fixed order; the sums across rows (the
+//! LayerNorm weight and bias gradients, a broadcast bias's gradient) add fixed-size chunks' partial
+//! sums in chunk order. Reductions keep 16 partial sums (so they vectorise without fast-math)
+//! whatever the SIMD width, so AVX2 and AVX-512 machines give the same bits.
+//!
+//! Dropout masks come from a counter-based generator: element `i` of a call keeps its value when
+//! `hash(key, i) ≥ p·2³²`, with a fresh 64-bit `key` drawn from the update's seeded ChaCha stream per
+//! call. The mask is never stored: the backward pass regenerates it from the key.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+type Result<T> = candle_core::Result<T>;
+
+/// Whether `t` takes the fused path: an f32 tensor on the CPU.
+pub fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element kernels (branch-free, so they vectorise; no FMA contraction, so every ISA gives the
+// same bits)
+// ---------------------------------------------------------------------------------------------
+
+/// `e^x` for f32 (Cephes `expf`: range reduction by ln 2, degree-6 polynomial; within 2 ulp over
+/// the normal range). Inputs are clamped to [−87.3, 88], so it never returns 0 or inf.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.3).min(88.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let pow2 = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    e * pow2
+}
+
+/// `erf(x)` and `e^{−x²}` (Abramowitz & Stegun 7.1.26, absolute error under 1.5e-7: the
+/// approximation PyTorch's vectorised CPU `erf` uses).
+#[inline(always)]
+fn erf_and_gauss(x: f32) -> (f32, f32) {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let mut r = 1.061_405_4f32;
+    r = r * t - 1.453_152_1;
+    r = r * t + 1.421_413_8;
+    r = r * t - 0.284_496_72;
+    r = r * t + 0.254_829_6;
+    let g = exp_f32(-x * x);
+    let y = 1.0 - r * t * g;
+    (if x < 0.0 { -y } else { y }, g)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/√(2π)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+#[inline(always)]
+fn gelu_fwd_kernel(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        let (e, _) = erf_and_gauss(x * FRAC_1_SQRT_2);
+        *y = 0.5 * x * (1.0 + e);
+    }
+}
+
+#[inline(always)]
+fn gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        let (e, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+        *d = g * (0.5 * (1.0 + e) + x * gauss * INV_SQRT_2PI);
+    }
+}
+
+/// Sum with 16 partial sums in a fixed order.
+#[inline(always)]
+fn sum16(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for k in 0..16 {
+            acc[k] += c[k];
+        }
+    }
+    let mut s = 0f32;
+    for v in chunks.remainder() {
+        s += v;
+    }
+    let mut t = 0f32;
+    for a in acc {
+        t += a;
+    }
+    t + s
+}
+
+/// Dot product with 16 partial sums in a fixed order.
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    let mut t = 0f32;
+    for v in acc {
+        t += v;
+    }
+    t + s
+}
+
+#[inline(always)]
+fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for k in 0..16 {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in chunks.remainder() {
+        m = m.max(v);
+    }
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+/// 32-bit hash with low bias (Wellons' `lowbias32`), two rounds keyed by a 64-bit key.
+#[inline(always)]
+fn hash32(key: u64, i: u32) -> u32 {
+    #[inline(always)]
+    fn lowbias32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x7feb_352d);
+        h ^= h >> 15;
+        h = h.wrapping_mul(0x846c_a68b);
+        h ^= h >> 16;
+        h
+    }
+    lowbias32(lowbias32(i.wrapping_add(key as u32)) ^ (key >> 32) as u32)
+}
+
+/// The keep threshold of a dropout probability: element kept when its hash is at least this.
+fn drop_threshold(p: f64) -> u32 {
+    (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(4_294_967_295.0) as u32
+}
+
+#[inline(always)]
+fn dropout_kernel(x: &[f32], y: &mut [f32], key: u64, start: u32, thr: u32, scale: f32) {
+    for (k, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+        let h = hash32(key, start.wrapping_add(k as u32));
+        *y = if h >= thr { x * scale } else { 0.0 };
+    }
+}
+
+/// Runs `$body` compiled for AVX-512 or AVX2 where the CPU has them (the loops inside are plain
+/// Rust that LLVM vectorises for the enabled width), else for the baseline.
+macro_rules! simd {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            unsafe fn v4<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the features were detected at run time.
+                unsafe { v4(|| $body) }
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                unsafe { v3(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const CHUNK: usize = 16 * 1024;
+/// Rows per partial sum of the cross-row reductions (fixed, so the result does not depend on
+/// the thread count).
+const ROWS_PER_PART: usize = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Access to CPU f32 storage
+// ---------------------------------------------------------------------------------------------
+
+fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let v = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{what}: the fused kernel takes f32, not {:?}", s.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: the fused kernel takes a contiguous tensor"),
+    }
+}
+
+/// The f32 values of a CPU tensor (made contiguous first), handed to `f`.
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(s) => f(as_f32(s, l, what)?),
+        _ => candle_core::bail!("{what}: the fused kernel runs on the CPU"),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
+}
+
+/// Sums `rows × width` values over the rows in fixed-size parts (thread-count independent).
+fn sum_rows(parts: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; width];
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (exact, erf form)
+// ---------------------------------------------------------------------------------------------
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "ehmam-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| simd!(gelu_fwd_kernel(x, y)));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_f32(arg, "gelu backward", |x| {
+            with_f32(grad, "gelu backward", |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .for_each(|(d, (x, g))| simd!(gelu_bwd_kernel(x, g, d)));
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, arg.shape())?))
+    }
+}
+
+/// Exact GELU `0.5·x·(1 + erf(x/√2))`, fused on the CPU for f32.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn ln_row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = sum16(x) / d;
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for k in 0..16 {
+            let v = c[k] - mean;
+            acc[k] += v * v;
+        }
+    }
+    let mut s = 0f32;
+    for &v in chunks.remainder() {
+        s += (v - mean) * (v - mean);
+    }
+    let mut t = 0f32;
+    for a in acc {
+        t += a;
+    }
+    let var = (t + s) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline(always)]
+fn ln_fwd_rows(x: &[f32], y: &mut [f32], d: usize, w: Option<(&[f32], &[f32])>, eps: f32) {
+    for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let (mean, rstd) = ln_row_stats(x, eps);
+        match w {
+            Some((w, b)) => {
+                for k in 0..d {
+                    y[k] = (x[k] - mean) * rstd * w[k] + b[k];
+                }
+            }
+            None => {
+                for k in 0..d {
+                    y[k] = (x[k] - mean) * rstd;
+                }
+            }
+        }
+    }
+}
+
+/// Backward of rows: `dx`, and (affine) this part's sums of `g·x̂` and `g`.
+#[inline(always)]
+fn ln_bwd_rows(
+    x: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+    d: usize,
+    w: Option<&[f32]>,
+    eps: f32,
+    gw: &mut [f32],
+    gb: &mut [f32],
+    xhat: &mut [f32],
+    gh: &mut [f32],
+) {
+    let inv_d = 1.0 / d as f32;
+    for ((x, g), dx) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let (mean, rstd) = ln_row_stats(x, eps);
+        for k in 0..d {
+            xhat[k] = (x[k] - mean) * rstd;
+        }
+        match w {
+            Some(w) => {
+                for k in 0..d {
+                    gw[k] += g[k] * xhat[k];
+                    gb[k] += g[k];
+                    gh[k] = g[k] * w[k];
+                }
+            }
+            None => gh.copy_from_slice(g),
+        }
+        let m1 = sum16(gh) * inv_d;
+        let m2 = dot16(gh, xhat) * inv_d;
+        for k in 0..d {
+            dx[k] = rstd * (gh[k] - m1 - xhat[k] * m2);
+        }
+    }
+}
+
+fn ln_forward(x: &[f32], d: usize, w: Option<(&[f32], &[f32])>, eps: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let rows = (CHUNK / d.max(1)).max(1) * d;
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .for_each(|(y, x)| simd!(ln_fwd_rows(x, y, d, w, eps)));
+    y
+}
+
+/// `(dx, dw, db)` (the last two only with a weight).
+fn ln_backward(
+    x: &[f32],
+    g: &[f32],
+    d: usize,
+    w: Option<&[f32]>,
+    eps: f32,
+) -> (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>) {
+    let mut dx = vec![0f32; x.len()];
+    let rows = ROWS_PER_PART * d;
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(rows)
+        .zip(x.par_chunks(rows).zip(g.par_chunks(rows)))
+        .map(|(dx, (x, g))| {
+            let mut gw = vec![0f32; if w.is_some() { d } else { 0 }];
+            let mut gb = vec![0f32; if w.is_some() { d } else { 0 }];
+            let (mut xhat, mut gh) = (vec![0f32; d], vec![0f32; d]);
+            simd!(ln_bwd_rows(
+                x, g, dx, d, w, eps, &mut gw, &mut gb, &mut xhat, &mut gh
+            ));
+            (gw, gb)
+        })
+        .collect();
+    let affine = w.map(|_| {
+        let (gw, gb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        (sum_rows(gw, d), sum_rows(gb, d))
+    });
+    (dx, affine)
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "ehmam-layer-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s, l, "layer norm")?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        Ok((
+            CpuStorage::F32(ln_forward(x, d, None, self.eps)),
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.dims().last().copied().unwrap_or(1).max(1);
+        let (dx, _) = with_f32(arg, "layer norm backward", |x| {
+            with_f32(grad, "layer norm backward", |g| {
+                Ok(ln_backward(x, g, d, None, self.eps))
+            })
+        })?;
+        Ok(Some(tensor(dx, arg.shape())?))
+    }
+}
+
+struct LayerNormAffine {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormAffine {
+    fn name(&self) -> &'static str {
+        "ehmam-layer-norm-affine"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "layer norm")?;
+        let w = as_f32(s2, l2, "layer norm weight")?;
+        let b = as_f32(s3, l3, "layer norm bias")?;
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "layer norm: weight {} and bias {} for width {d}",
+                w.len(),
+                b.len()
+            );
+        }
+        Ok((
+            CpuStorage::F32(ln_forward(x, d, Some((w, b)), self.eps)),
+            l1.shape().clone(),
+        ))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dims().last().copied().unwrap_or(1).max(1);
+        let (dx, affine) = with_f32(x, "layer norm backward", |xv| {
+            with_f32(w, "layer norm backward", |wv| {
+                with_f32(grad, "layer norm backward", |g| {
+                    Ok(ln_backward(xv, g, d, Some(wv), self.eps))
+                })
+            })
+        })?;
+        let (dw, db) = match affine {
+            Some(a) => a,
+            None => candle_core::bail!("layer norm backward: no affine gradients"),
+        };
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
+    }
+}
+
+/// LayerNorm over the last dimension on the fused path (callers check [`fused_ok`]).
+pub fn layer_norm_fused(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    match affine {
+        Some((w, b)) => x.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNormAffine { eps: eps as f32 },
+        ),
+        None => x.apply_op1(LayerNorm { eps: eps as f32 }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension of `scores + bias` (bias broadcast over the leading dimension)
+// ---------------------------------------------------------------------------------------------
+
+struct SoftmaxBias;
+
+/// `(rows per leading index, width, leading dims of scores and of bias)`.
+fn softmax_geometry(ls: &Layout, lb: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (ds, db) = (ls.dims(), lb.dims());
+    if ds.len() < 2 || ds.len() != db.len() || ds[1..] != db[1..] {
+        candle_core::bail!("softmax with bias: scores {ds:?}, bias {db:?}");
+    }
+    let (ns, nb) = (ds[0], db[0]);
+    if nb == 0 || ns % nb != 0 || (nb != 1 && nb != ns) {
+        candle_core::bail!("softmax with bias: scores {ds:?}, bias {db:?}");
+    }
+    let w = ds[ds.len() - 1].max(1);
+    let inner = ds[1..].iter().product::<usize>() / w;
+    Ok((inner, w, ns, nb))
+}
+
+#[inline(always)]
+fn softmax_rows(s: &[f32], b: &[f32], p: &mut [f32], w: usize) {
+    for ((s, b), p) in s.chunks_exact(w).zip(b.chunks_exact(w)).zip(p.chunks_exact_mut(w)) {
+        for k in 0..w {
+            p[k] = s[k] + b[k];
+        }
+        let m = max16(p);
+        for v in p.iter_mut() {
+            *v = exp_f32(*v - m);
+        }
+        let inv = 1.0 / sum16(p);
+        for v in p.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+#[inline(always)]
+fn softmax_bwd_rows(p: &[f32], g: &[f32], ds: &mut [f32], w: usize) {
+    for ((p, g), ds) in p.chunks_exact(w).zip(g.chunks_exact(w)).zip(ds.chunks_exact_mut(w)) {
+        let c = dot16(g, p);
+        for k in 0..w {
+            ds[k] = p[k] * (g[k] - c);
+        }
+    }
+}
+
+impl CustomOp2 for SoftmaxBias {
+    fn name(&self) -> &'static str {
+        "ehmam-softmax-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = as_f32(s1, l1, "softmax scores")?;
+        let b = as_f32(s2, l2, "softmax bias")?;
+        let (inner, w, _, nb) = softmax_geometry(l1, l2)?;
+        let block = inner * w;
+        let mut p = vec![0f32; s.len()];
+        p.par_chunks_mut(block)
+            .zip(s.par_chunks(block))
+            .enumerate()
+            .for_each(|(i, (p, s))| {
+                let b = &b[(i % nb) * block..(i % nb + 1) * block];
+                // Rows in tasks of about CHUNK elements.
+                let rows = (CHUNK / w).max(1) * w;
+                p.par_chunks_mut(rows)
+                    .zip(s.par_chunks(rows).zip(b.par_chunks(rows)))
+                    .for_each(|(p, (s, b))| simd!(softmax_rows(s, b, p, w)));
+            });
+        Ok((CpuStorage::F32(p), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ns = scores.dim(0)?;
+        let nb = bias.dim(0)?;
+        let w = scores.dims().last().copied().unwrap_or(1).max(1);
+        let ds = with_f32(res, "softmax backward", |p| {
+            with_f32(grad, "softmax backward", |g| {
+                let mut ds = vec![0f32; p.len()];
+                let rows = (CHUNK / w).max(1) * w;
+                ds.par_chunks_mut(rows)
+                    .zip(p.par_chunks(rows).zip(g.par_chunks(rows)))
+                    .for_each(|(d, (p, g))| simd!(softmax_bwd_rows(p, g, d, w)));
+                Ok(ds)
+            })
+        })?;
+        let dbias = if nb == ns {
+            ds.clone()
+        } else {
+            // Broadcast over the leading dimension: sum its blocks, in order.
+            let block = ds.len() / ns.max(1);
+            let mut acc = vec![0f32; block];
+            for c in ds.chunks_exact(block) {
+                for (a, v) in acc.iter_mut().zip(c) {
+                    *a += v;
+                }
+            }
+            acc
+        };
+        Ok((
+            Some(tensor(ds, scores.shape())?),
+            Some(tensor(dbias, bias.shape())?),
+        ))
+    }
+}
+
+/// `softmax(scores + bias)` over the last dimension; `bias` has the shape of `scores` or 1 as its
+/// leading dimension. Fused on the CPU for f32; composed elsewhere.
+pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused_ok(scores) && fused_ok(bias) {
+        scores
+            .contiguous()?
+            .apply_op2(&bias.contiguous()?, SoftmaxBias)
+    } else {
+        candle_nn::ops::softmax(&scores.broadcast_add(bias)?, candle_core::D::Minus1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout
+// ---------------------------------------------------------------------------------------------
+
+/// Inverted dropout with a counter-based mask (see the module's documentation).
+#[derive(Clone, Copy)]
+pub struct Dropout {
+    pub key: u64,
+    pub p: f64,
+}
+
+impl Dropout {
+    /// The keep mask, scaled (`0` or `1/(1−p)`), of `n` elements (for the composed path and tests).
+    pub fn mask(&self, n: usize) -> Vec<f32> {
+        let ones = vec![1f32; n];
+        let mut m = vec![0f32; n];
+        self.apply(&ones, &mut m);
+        m
+    }
+
+    fn apply(&self, x: &[f32], y: &mut [f32]) {
+        let thr = drop_threshold(self.p);
+        let scale = (1.0 / (1.0 - self.p)) as f32;
+        let key = self.key;
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (y, x))| {
+                let start = (c * CHUNK) as u32;
+                simd!(dropout_kernel(x, y, key, start, thr, scale))
+            });
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "ehmam-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s, l, "dropout")?;
+        let mut y = vec![0f32; x.len()];
+        self.apply(x, &mut y);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // y = x·m, so dx = g·m: the same mask, regenerated from the key.
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// Applies `d` to `x`: fused on the CPU for f32, else a host-drawn mask (the same bits) times `x`.
+pub fn dropout(x: &Tensor, d: Dropout) -> Result<Tensor> {
+    if d.p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(d)
+    } else {
+        let m = Tensor::from_vec(d.mask(x.elem_count()), x.shape(), &candle_core::Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())?;
+        x.mul(&m)
+    }
+}
+
+/// `n` draws of N(0, std²) from the counter-based generator (Box–Muller on pairs of hashes).
+pub fn normal_counter(key: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let start = c * CHUNK;
+        for (k, o) in out.iter_mut().enumerate() {
+            let i = (start + k) as u32;
+            let a = hash32(key, i.wrapping_mul(2));
+            let b = hash32(key, i.wrapping_mul(2).wrapping_add(1));
+            // u1 in (0, 1], u2 in [0, 1)
+            let u1 = (a as f64 + 1.0) / 4_294_967_296.0;
+            let u2 = b as f64 / 4_294_967_296.0;
+            *o = (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32;
+        }
+    });
+    v
+}
