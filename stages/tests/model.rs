@@ -908,3 +908,50 @@ fn logged_gradient_norm_equals_the_first_moment_over_one_minus_beta1() {
         "moments give {from_moments}, logged {g}"
     );
 }
+
+/// The fused f32 CPU kernels (issue 12) inside the whole student: the joint loss and the
+/// gradients of every kind of parameter in f32 (fused LayerNorm, GELU, softmax, dropout) agree
+/// with the same student in f64 (the composed ops, checked against finite differences above),
+/// with the same weights, dropout masks and noise tokens.
+#[test]
+fn fused_f32_student_matches_the_composed_f64_one() {
+    let cfg = tiny_cfg();
+    let p = StudentParams {
+        alpha: 0.5,
+        ..StudentParams::default()
+    };
+    let s64 = Student::new(p.clone(), cfg.clone(), Device::Cpu, 3, DType::F64).unwrap();
+    let s32 = Student::new(p, cfg.clone(), Device::Cpu, 3, DType::F32).unwrap();
+    for (name, v) in &s64.vars {
+        s32.vars[name]
+            .set(&v.as_tensor().to_dtype(DType::F32).unwrap())
+            .unwrap();
+    }
+    let m = synthetic(&cfg, 3, 16, 6, 12);
+    let p64 = s64.loss(&m, &mut Noise::new(99)).unwrap();
+    let p32 = s32.loss(&m, &mut Noise::new(99)).unwrap();
+    let l64 = p64.loss.to_scalar::<f64>().unwrap();
+    let l32 = p32.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    assert!((l64 - l32).abs() < 1e-5 * l64.abs().max(1.0), "loss {l32} (f32) vs {l64} (f64)");
+    let g64 = p64.loss.backward().unwrap();
+    let g32 = p32.loss.backward().unwrap();
+    let mut checked = 0;
+    for (name, v64) in &s64.vars {
+        let a = g64.get(v64.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let b = g32
+            .get(s32.vars[name].as_tensor())
+            .unwrap_or_else(|| panic!("no f32 gradient for {name}"))
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-3);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() < 2e-4 * scale, "{name}[{i}]: f32 {y} vs f64 {x}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "{checked} parameters compared");
+}
