@@ -336,6 +336,8 @@ fn update_child(steps: u64) {
         .collect();
     let (mut all, mut teach, mut learn, mut frac) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Phases: teacher forward, mask, student forward, backward, optimiser (+ EMA), metrics.
+    let mut phases: [Vec<f64>; 6] = Default::default();
     let mut last_loss = f64::NAN;
     for i in 0..total {
         let batch = Batch {
@@ -359,6 +361,7 @@ fn update_child(steps: u64) {
         let tw = s.teacher_weights().expect("teacher weights");
         let (targets, target_dim, pred_loss, t) =
             stages::train::teacher::teach(&cfg, &tw.weights, &batch, &device).expect("teacher");
+        let t_teach = Instant::now();
         let r = i as f64 / total as f64;
         let out = eh_mask(
             &pred_loss,
@@ -398,6 +401,17 @@ fn update_child(steps: u64) {
             teach.push(ms(t1 - t0));
             learn.push(ms(t2 - t1));
             frac.push(masked.masked_per_row as f64 / t as f64);
+            let tm = &o.timing;
+            for (v, x) in phases.iter_mut().zip([
+                ms(t_teach - t0),
+                ms(t1 - t_teach),
+                tm.forward_ms,
+                tm.backward_ms,
+                tm.optimizer_ms,
+                tm.metrics_ms,
+            ]) {
+                v.push(x);
+            }
         }
     }
     let o = serde_json::json!({
@@ -405,6 +419,7 @@ fn update_child(steps: u64) {
         "teacher_mask_ms": median(&mut teach),
         "student_ms": median(&mut learn),
         "masked_frac": frac.iter().sum::<f64>() / frac.len().max(1) as f64,
+        "phases_ms": phases.iter_mut().map(|v| median(v)).collect::<Vec<f64>>(),
         "updates": all.len(),
         "last_loss": last_loss,
     });
@@ -572,6 +587,36 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
             torch,
             ratio
         );
+    }
+    // Where the time goes, phase by phase, both sides.
+    let names = [
+        "teacher forward",
+        "easy-to-hard mask",
+        "student forward + losses",
+        "backward",
+        "grad norm + AdamW + EMA",
+        "step metrics",
+    ];
+    let mut header = format!("\n{:<26}", "median ms per phase");
+    for (t, _) in &ours {
+        header += &format!(" {:>10} {:>11}", format!("ehmam {t}t"), format!("PyTorch {t}t"));
+    }
+    println!("{header}");
+    for (k, name) in names.iter().enumerate() {
+        let mut line = format!("{name:<26}");
+        for (t, v) in &ours {
+            let e = v["phases_ms"][k].as_f64().unwrap_or(f64::NAN);
+            let p = theirs
+                .get(t)
+                .and_then(|kv| kv.get("phases_ms"))
+                .and_then(|x| x.split(',').nth(k))
+                .and_then(|x| x.parse::<f64>().ok());
+            line += &format!(
+                " {e:>10.1} {:>11}",
+                p.map_or("-".to_string(), |p| format!("{p:.1}"))
+            );
+        }
+        println!("{line}");
     }
     let frac = |v: &serde_json::Value| v["masked_frac"].as_f64().unwrap_or(f64::NAN);
     let torch_frac: Vec<String> = theirs

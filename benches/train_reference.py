@@ -30,6 +30,7 @@ Input: random features standing in for precomputed 160-dim stacked fbank (8 x 20
 and, where torch is missing, one line starting `torch_missing:` (exit status 0).
 
   python3 benches/train_reference.py [--updates N] [--warmup W] [--threads 1,2] [--batch 8] [--frames 200]
+                                     [--profile N]   (PyTorch's profiler: its N heaviest ops)
 """
 
 import argparse
@@ -303,6 +304,7 @@ class Trainer:
             tw["frontend.proj.bias"] = self.vars["frontend.proj.bias"]
             teacher = Model(tw, train=False)
             y, lp = teacher.teacher(teacher.frontend(x))
+            t_teach = time.perf_counter()
             mask = eh_mask(lp, self.step / self.total, self.mask_gen)
         t1 = time.perf_counter()
 
@@ -337,7 +339,9 @@ class Trainer:
         loss = (rec_sum + ALPHA * raw) / n_masked
         # Backward, gradient norm, AdamW with the schedule, EMA (§1 steps 9-10, §3, §5).
         self.opt.zero_grad(set_to_none=True)
+        t_fwd = time.perf_counter()
         loss.backward()
+        t_bwd = time.perf_counter()
         grads = [v_.grad for v_ in self.vars.values() if v_.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
         loss_value = loss.item()
@@ -349,6 +353,7 @@ class Trainer:
         with torch.no_grad():
             for tw_, sv in self.ema_pairs:
                 tw_.lerp_(sv, 1 - tau)
+            t_opt = time.perf_counter()
             # The step's health metrics (§1.10), as ehmam's step record carries them.
             target_std = mean_channel_std(y_m.reshape(-1, D))
             pred_std = mean_channel_std(yhat_m.detach().reshape(-1, D))
@@ -358,6 +363,9 @@ class Trainer:
         if not all(math.isfinite(v_) for v_ in (loss_value, grad_norm, target_std, pred_std)):
             raise SystemExit(f"non-finite update {self.step}: loss {loss_value}, grad norm {grad_norm}")
         self.last = (loss_value, grad_norm, agree, teacher_agree)
+        # Phases as ehmam's bench splits them: teacher forward, mask, student forward (and the
+        # losses), backward, gradient norm + AdamW + EMA, metrics.
+        self.phases = [(b_ - a_) * 1e3 for a_, b_ in [(t0, t_teach), (t_teach, t1), (t1, t_fwd), (t_fwd, t_bwd), (t_bwd, t_opt), (t_opt, t2)]]
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, m / t
 
 
@@ -369,6 +377,13 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="utterances per batch")
     ap.add_argument("--frames", type=int, default=200, help="frames per utterance (50 Hz; 200 = 4 s)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run PyTorch's profiler over the timed updates at the first thread count and print its N heaviest ops (self CPU time)",
+    )
     a = ap.parse_args()
     torch.set_num_interop_threads(1)
     n_student = sum(v.numel() for v in init_params(torch.Generator().manual_seed(0)).values())
@@ -384,18 +399,32 @@ def main():
         gen = torch.Generator().manual_seed(a.seed + 2)
         batches = [torch.randn(a.batch, a.frames, IN_DIM, generator=gen) for _ in range(min(total, 8))]
         times, teach, stud, frac = [], [], [], []
+        phases = [[] for _ in range(6)]
+        prof = None
         for i in range(total):
+            if a.profile and i == a.warmup and threads == int(a.threads.split(",")[0]):
+                from torch.profiler import ProfilerActivity, profile
+
+                prof = profile(activities=[ProfilerActivity.CPU])
+                prof.__enter__()
             tm, sm, mf = tr.update(batches[i % len(batches)])
             if i >= a.warmup:
                 times.append(tm + sm)
                 teach.append(tm)
                 stud.append(sm)
                 frac.append(mf)
+                for k, v in enumerate(tr.phases):
+                    phases[k].append(v)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            print(f"torch_profile threads={threads} updates={a.updates} (self CPU time over all of them)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile))
         print(
             f"torch_ms_per_update threads={threads} value={statistics.median(times):.2f} "
             f"teacher_mask_ms={statistics.median(teach):.2f} student_ms={statistics.median(stud):.2f} "
             f"masked_frac={statistics.mean(frac):.3f} updates={len(times)} "
-            f"last_loss={tr.last[0]:.4f} last_grad_norm={tr.last[1]:.4f}"
+            f"last_loss={tr.last[0]:.4f} last_grad_norm={tr.last[1]:.4f} "
+            f"phases_ms={','.join(f'{statistics.median(v):.2f}' for v in phases)}"
         )
         sys.stdout.flush()
 

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use stages::model::fused::{self, Dropout};
-use stages::model::ops::layer_norm_composed;
+use stages::model::ops::{conv1d_time_composed, layer_norm_composed};
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -237,9 +237,13 @@ fn fused_kernels_give_the_same_bits_on_one_and_three_threads() {
             let s = s.reshape((3, 2, 50, 48)).unwrap().narrow(3, 0, 48).unwrap();
             let bias = Tensor::zeros((1, 2, 50, 48), DType::F32, &Device::Cpu).unwrap();
             let p = fused::softmax_with_bias(&s, &bias).unwrap();
-            let g = probe(&p, 4).backward().unwrap();
+            let cw = Var::from_tensor(&t32(&rand_vec(48 * 12 * 5, 34, 0.3), &[48, 12, 5])).unwrap();
+            let c = fused::conv1d_time_fused(&y.reshape((3, 100, 48)).unwrap(), cw.as_tensor(), 2, 1, 4).unwrap();
+            let loss = (probe(&p, 4) + probe(&c, 6)).unwrap();
+            let g = loss.backward().unwrap();
             let mut out = vec![p.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
-            for v in [&x, &w, &b] {
+            out.push(c.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            for v in [&x, &w, &b, &cw] {
                 out.push(g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
             out
@@ -253,4 +257,37 @@ fn fused_kernels_give_the_same_bits_on_one_and_three_threads() {
             "output {k} differs between 1 and 3 threads"
         );
     }
+}
+
+#[test]
+fn grouped_conv_matches_the_composed_one_and_finite_differences() {
+    // (B, L, C, O, k, pad, stride, groups): the positional conv (same length, 4 groups), the
+    // heads' (width change), a strided CNN layer from one channel, and even kernels.
+    for (b, l, c, o, k, pad, stride, groups) in [
+        (2usize, 11usize, 8usize, 8usize, 3usize, 1usize, 1usize, 2usize),
+        (3, 20, 16, 8, 7, 3, 1, 8),
+        (2, 40, 1, 6, 10, 0, 5, 1),
+        (1, 9, 6, 9, 4, 2, 1, 3),
+        (2, 5, 4, 4, 5, 0, 2, 1),
+    ] {
+        let x = rand_vec(b * l * c, 41 + k as u64, 1.0);
+        let w = rand_vec(o * (c / groups) * k, 42, 0.5);
+        against_composed(
+            &format!("conv B{b} L{l} C{c} O{o} k{k} pad{pad} stride{stride} groups{groups}"),
+            &[(x, vec![b, l, c]), (w, vec![o, c / groups, k])],
+            |a| fused::conv1d_time_fused(&a[0], &a[1], pad, stride, groups).unwrap(),
+            |a| conv1d_time_composed(&a[0], &a[1], pad, stride, groups).unwrap(),
+            2e-6,
+        );
+    }
+    finite_differences(
+        "conv",
+        &[(rand_vec(2 * 7 * 4, 43, 1.0), vec![2, 7, 4]), (rand_vec(6 * 2 * 3, 44, 1.0), vec![6, 2, 3])],
+        |a| fused::conv1d_time_fused(&a[0], &a[1], 1, 1, 2).unwrap(),
+    );
+    // Too short for the kernel: an error, not a panic.
+    let x = Tensor::zeros((1, 2, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((4, 2, 5), DType::F32, &Device::Cpu).unwrap();
+    let e = fused::conv1d_time_fused(&x, &w, 1, 1, 2).unwrap_err().to_string();
+    assert!(e.contains("fewer than the kernel"), "{e}");
 }

@@ -740,3 +740,314 @@ pub fn normal_counter(key: u64, n: usize, std: f64) -> Vec<f32> {
     });
     v
 }
+
+// ---------------------------------------------------------------------------------------------
+// Grouped 1-D convolution over time, channels last (im2col + one GEMM per group, straight into
+// the interleaved output; col2im scatter in the backward)
+// ---------------------------------------------------------------------------------------------
+
+/// A strided view of an f32 matrix inside a slice: element (i, j) at `off + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct View {
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl View {
+    /// Whether an `r × c` matrix seen this way lies inside `len` elements.
+    fn fits(&self, r: usize, c: usize, len: usize) -> bool {
+        r == 0 || c == 0 || self.off + (r - 1) * self.rs + (c - 1) * self.cs < len
+    }
+}
+
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or `+=` with `accumulate`, through gemm with
+/// candle's thread count (gemm splits rows and columns, never the inner dimension, so the result
+/// does not depend on it). Every view is bounds-checked first.
+#[allow(clippy::too_many_arguments)]
+fn matmul_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    d: View,
+    lhs: &[f32],
+    l: View,
+    rhs: &[f32],
+    r: View,
+    accumulate: bool,
+) -> Result<()> {
+    if !(d.fits(m, n, dst.len()) && l.fits(m, k, lhs.len()) && r.fits(k, n, rhs.len())) {
+        candle_core::bail!("fused conv: a matrix view falls outside its buffer ({m}×{k}·{k}×{n})");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[d.off + i * d.rs + j * d.cs] = 0.0;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every element each view addresses lies inside its slice (checked above); `dst` is
+    // borrowed mutably and the inputs immutably, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.off),
+            d.cs as isize,
+            d.rs as isize,
+            accumulate,
+            lhs.as_ptr().add(l.off),
+            l.cs as isize,
+            l.rs as isize,
+            rhs.as_ptr().add(r.off),
+            r.cs as isize,
+            r.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// Geometry of a grouped convolution over time.
+#[derive(Clone, Copy, Debug)]
+struct ConvGeom {
+    b: usize,
+    l: usize,
+    c: usize,
+    o: usize,
+    k: usize,
+    pad: usize,
+    stride: usize,
+    groups: usize,
+    l_out: usize,
+}
+
+impl ConvGeom {
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+    fn og(&self) -> usize {
+        self.o / self.groups
+    }
+    /// Rows of the column matrix (`B·L_out`) and its width per group (`cg·k`).
+    fn mk(&self) -> (usize, usize) {
+        (self.b * self.l_out, self.cg() * self.k)
+    }
+}
+
+/// Columns `[G][B·L_out][cg·k]`: `cols[g][(b, t)][c·k + j] = x[b, t·stride + j − pad, g·cg + c]`
+/// (0 in the padding).
+fn im2col(x: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (m, kk) = g.mk();
+    let cg = g.cg();
+    let mut cols = vec![0f32; g.groups * m * kk];
+    cols.par_chunks_mut(m * kk).enumerate().for_each(|(grp, cols)| {
+        cols.par_chunks_mut(kk).enumerate().for_each(|(row, out)| {
+            let (bi, t) = (row / g.l_out, row % g.l_out);
+            for j in 0..g.k {
+                let pos = t * g.stride + j;
+                if pos < g.pad || pos - g.pad >= g.l {
+                    continue;
+                }
+                let src = &x[(bi * g.l + pos - g.pad) * g.c + grp * cg..][..cg];
+                for (c, v) in src.iter().enumerate() {
+                    out[c * g.k + j] = *v;
+                }
+            }
+        });
+    });
+    cols
+}
+
+/// Adds the columns' gradient back onto the input's: the transpose of [`im2col`].
+fn col2im(dcols: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (m, kk) = g.mk();
+    let cg = g.cg();
+    let mut dx = vec![0f32; g.b * g.l * g.c];
+    // One utterance per task; within it, a fixed order.
+    dx.par_chunks_mut(g.l * g.c).enumerate().for_each(|(bi, dx)| {
+        for grp in 0..g.groups {
+            for t in 0..g.l_out {
+                let row = &dcols[grp * m * kk + (bi * g.l_out + t) * kk..][..kk];
+                for j in 0..g.k {
+                    let pos = t * g.stride + j;
+                    if pos < g.pad || pos - g.pad >= g.l {
+                        continue;
+                    }
+                    let dst = &mut dx[(pos - g.pad) * g.c + grp * cg..][..cg];
+                    for (c, d) in dst.iter_mut().enumerate() {
+                        *d += row[c * g.k + j];
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+struct Conv1dTime {
+    pad: usize,
+    stride: usize,
+    groups: usize,
+}
+
+impl Conv1dTime {
+    fn geom(&self, xd: &[usize], wd: &[usize]) -> Result<ConvGeom> {
+        let (b, l, c) = match xd {
+            [b, l, c] => (*b, *l, *c),
+            _ => candle_core::bail!("conv1d_time: input {xd:?} is not [B, L, C]"),
+        };
+        let (o, cg, k) = match wd {
+            [o, cg, k] => (*o, *cg, *k),
+            _ => candle_core::bail!("conv1d_time: kernel {wd:?} is not [O, C/groups, k]"),
+        };
+        let groups = self.groups;
+        if groups == 0 || c != cg * groups || o % groups != 0 || k == 0 {
+            candle_core::bail!("conv1d_time: input has {c} channels, kernel {wd:?}, groups {groups}");
+        }
+        let lp = l + 2 * self.pad;
+        if lp < k {
+            candle_core::bail!(
+                "conv1d_time: {l} frames (+{} padding each side) are fewer than the kernel's {k}",
+                self.pad
+            );
+        }
+        let stride = self.stride.max(1);
+        Ok(ConvGeom {
+            b,
+            l,
+            c,
+            o,
+            k,
+            pad: self.pad,
+            stride,
+            groups,
+            l_out: (lp - k) / stride + 1,
+        })
+    }
+}
+
+impl CustomOp2 for Conv1dTime {
+    fn name(&self) -> &'static str {
+        "ehmam-conv1d-time"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "conv input")?;
+        let w = as_f32(s2, l2, "conv kernel")?;
+        let g = self.geom(l1.dims(), l2.dims())?;
+        let (m, kk) = g.mk();
+        let og = g.og();
+        let cols = im2col(x, &g);
+        let mut y = vec![0f32; m * g.o];
+        for grp in 0..g.groups {
+            // y[:, grp·og..] (m × og, row stride O) = cols_g (m × kk) · w_gᵀ (kk × og)
+            matmul_into(
+                m,
+                og,
+                kk,
+                &mut y,
+                View { off: grp * og, rs: g.o, cs: 1 },
+                &cols,
+                View { off: grp * m * kk, rs: kk, cs: 1 },
+                w,
+                View { off: grp * og * kk, rs: 1, cs: kk },
+                false,
+            )?;
+        }
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.l_out, g.o))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geom(x.dims(), w.dims())?;
+        let (m, kk) = g.mk();
+        let og = g.og();
+        let (dx, dw) = with_f32(x, "conv backward", |xv| {
+            with_f32(w, "conv backward", |wv| {
+                with_f32(grad, "conv backward", |gy| {
+                    let cols = im2col(xv, &g);
+                    let mut dw = vec![0f32; g.o * kk];
+                    let mut dcols = vec![0f32; g.groups * m * kk];
+                    for grp in 0..g.groups {
+                        // dw_g (og × kk) = gy_gᵀ (og × m) · cols_g (m × kk)
+                        matmul_into(
+                            og,
+                            kk,
+                            m,
+                            &mut dw,
+                            View { off: grp * og * kk, rs: kk, cs: 1 },
+                            gy,
+                            View { off: grp * og, rs: 1, cs: g.o },
+                            &cols,
+                            View { off: grp * m * kk, rs: kk, cs: 1 },
+                            false,
+                        )?;
+                        // dcols_g (m × kk) = gy_g (m × og) · w_g (og × kk)
+                        matmul_into(
+                            m,
+                            kk,
+                            og,
+                            &mut dcols,
+                            View { off: grp * m * kk, rs: kk, cs: 1 },
+                            gy,
+                            View { off: grp * og, rs: g.o, cs: 1 },
+                            wv,
+                            View { off: grp * og * kk, rs: kk, cs: 1 },
+                            false,
+                        )?;
+                    }
+                    Ok((col2im(&dcols, &g), dw))
+                })
+            })
+        })?;
+        Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+/// The grouped convolution of `ops::conv1d_time` on the fused path (callers check
+/// [`fused_ok`]).
+pub fn conv1d_time_fused(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        Conv1dTime {
+            pad,
+            stride,
+            groups,
+        },
+    )
+}

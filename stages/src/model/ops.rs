@@ -104,11 +104,29 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// Grouped 1-D convolution over time of a `[B, L, C]` tensor (channels last) with a PyTorch-layout
 /// kernel `[O, C/groups, k]`: zero padding `pad` on both sides, stride `stride`; returns
-/// `[B, L_out, O]` with `L_out = floor((L + 2·pad − k)/stride) + 1`. Written as im2col
-/// (index_select of the k taps) and one batched matmul, so the backward pass is the matmul's:
-/// candle 0.11's own grouped conv1d backward disagrees with finite differences (it runs the kernel
-/// gradient of each group on non-contiguous views), which the gradient test caught.
+/// `[B, L_out, O]` with `L_out = floor((L + 2·pad − k)/stride) + 1`. For f32 on the CPU a fused
+/// kernel (im2col and one GEMM per group written straight into the output, col2im in the
+/// backward: `fused.rs`); elsewhere im2col (index_select of the k taps) and one batched matmul, so
+/// the backward pass is the matmul's. candle 0.11's own grouped conv1d backward disagrees with
+/// finite differences (it runs the kernel gradient of each group on non-contiguous views), which
+/// the gradient test caught.
 pub fn conv1d_time(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if super::fused::fused_ok(x) && super::fused::fused_ok(w) {
+        super::fused::conv1d_time_fused(x, w, pad, stride, groups)
+    } else {
+        conv1d_time_composed(x, w, pad, stride, groups)
+    }
+}
+
+/// [`conv1d_time`] written with primitive ops (every device and dtype; the fused CPU kernel's
+/// reference in the tests).
+pub fn conv1d_time_composed(
     x: &Tensor,
     w: &Tensor,
     pad: usize,

@@ -231,6 +231,21 @@ pub struct StepOut {
     /// `Some(why)` when the update was dropped (`on_nonfinite: skip`): the records then hold the
     /// non-finite values and no weight changed.
     pub skipped: Option<String>,
+    /// Where the update's time went (the benchmark's breakdown; not logged).
+    pub timing: StepTiming,
+}
+
+/// Wall-clock milliseconds of an update's phases.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTiming {
+    /// Front-end, student encoder, decoder, predictor and losses.
+    pub forward_ms: f64,
+    /// `loss.backward()`.
+    pub backward_ms: f64,
+    /// Gradient norm, AdamW and the EMA of the teacher.
+    pub optimizer_ms: f64,
+    /// The step's health metrics and records.
+    pub metrics_ms: f64,
 }
 
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -431,8 +446,10 @@ impl Student {
         let b = &m.taught.batch;
         let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
         let parts = self.loss(m, &mut noise)?;
+        let t_fwd = Instant::now();
         #[allow(unused_mut)]
         let mut grads = parts.loss.backward()?;
+        let t_bwd = Instant::now();
         #[cfg(test)]
         if let Some(x) = self.grad_fault.take() {
             if let Some(v) = self.vars.get("decoder.proj.bias") {
@@ -481,6 +498,7 @@ impl Student {
                 }
             }
         }
+        let t_opt = Instant::now();
         self.position = Some(b.position);
         self.epoch = b.epoch;
         self.frame_rate = Some(b.frame_rate / self.cfg.stride() as f64);
@@ -554,10 +572,18 @@ impl Student {
             features: Arc::new(b.data.clone()),
             feature_dim: b.dim,
         };
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let timing = StepTiming {
+            forward_ms: ms(t0, t_fwd),
+            backward_ms: ms(t_fwd, t_bwd),
+            optimizer_ms: ms(t_bwd, t_opt),
+            metrics_ms: ms(t_opt, Instant::now()),
+        };
         Ok(StepOut {
             record,
             frames,
             skipped,
+            timing,
         })
     }
 
