@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use stages::model::fused::{self, Dropout};
-use stages::model::ops::{conv1d_time_composed, layer_norm_composed};
+use stages::model::ops::{conv1d_time_composed, layer_norm_composed, linear_composed};
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -290,4 +290,25 @@ fn grouped_conv_matches_the_composed_one_and_finite_differences() {
     let w = Tensor::zeros((4, 2, 5), DType::F32, &Device::Cpu).unwrap();
     let e = fused::conv1d_time_fused(&x, &w, 1, 1, 2).unwrap_err().to_string();
     assert!(e.contains("fewer than the kernel"), "{e}");
+}
+
+#[test]
+fn linear_matches_the_composed_one_and_finite_differences() {
+    for (shape, i, o) in [(vec![3usize, 5usize], 7usize, 4usize), (vec![2, 70], 16, 33), (vec![130], 128, 384)] {
+        let rows: usize = shape.iter().product();
+        let mut xs = shape.clone();
+        xs.push(i);
+        against_composed(
+            &format!("linear {shape:?}x{i} -> {o}"),
+            &[(rand_vec(rows * i, 51, 1.0), xs), (rand_vec(o * i, 52, 0.3), vec![o, i]), (rand_vec(o, 53, 0.3), vec![o])],
+            |a| fused::linear_fused(&a[0], &a[1], &a[2]).unwrap(),
+            |a| linear_composed(&a[0], &a[1], Some(&a[2])).unwrap(),
+            2e-6,
+        );
+    }
+    finite_differences(
+        "linear",
+        &[(rand_vec(2 * 3 * 4, 54, 1.0), vec![2, 3, 4]), (rand_vec(5 * 4, 55, 1.0), vec![5, 4]), (rand_vec(5, 56, 1.0), vec![5])],
+        |a| fused::linear_fused(&a[0], &a[1], &a[2]).unwrap(),
+    );
 }

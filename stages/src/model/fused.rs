@@ -1051,3 +1051,141 @@ pub fn conv1d_time_fused(
         },
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Linear `x·Wᵀ + b` over the last dimension (bias written first, the product accumulated onto it)
+// ---------------------------------------------------------------------------------------------
+
+struct Linear;
+
+/// `(rows, in, out)` of a linear op.
+fn linear_geom(xd: &[usize], wd: &[usize], bd: &[usize]) -> Result<(usize, usize, usize)> {
+    let i = xd.last().copied().unwrap_or(0);
+    let (o, wi) = match wd {
+        [o, wi] => (*o, *wi),
+        _ => candle_core::bail!("linear: weight {wd:?} is not [out, in]"),
+    };
+    if wi != i || bd != [o] {
+        candle_core::bail!("linear: input {xd:?}, weight {wd:?}, bias {bd:?}");
+    }
+    let rows = if i == 0 { 0 } else { xd.iter().product::<usize>() / i };
+    Ok((rows, i, o))
+}
+
+/// Column sums of a `rows × width` matrix, in fixed row parts (thread-count independent).
+fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
+    if width == 0 {
+        return Vec::new();
+    }
+    let parts: Vec<Vec<f32>> = g
+        .par_chunks(ROWS_PER_PART * width)
+        .map(|part| {
+            let mut acc = vec![0f32; width];
+            for row in part.chunks_exact(width) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    sum_rows(parts, width)
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "ehmam-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "linear input")?;
+        let w = as_f32(s2, l2, "linear weight")?;
+        let b = as_f32(s3, l3, "linear bias")?;
+        let (rows, i, o) = linear_geom(l1.dims(), l2.dims(), l3.dims())?;
+        let mut y = vec![0f32; rows * o];
+        if o > 0 {
+            y.par_chunks_mut(o).for_each(|r| r.copy_from_slice(b));
+        }
+        // y (rows × o) += x (rows × i) · Wᵀ (i × o)
+        matmul_into(
+            rows,
+            o,
+            i,
+            &mut y,
+            View { off: 0, rs: o, cs: 1 },
+            x,
+            View { off: 0, rs: i, cs: 1 },
+            w,
+            View { off: 0, rs: 1, cs: i },
+            true,
+        )?;
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = o;
+        }
+        Ok((CpuStorage::F32(y), Shape::from_dims(&dims)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, i, o) = linear_geom(x.dims(), w.dims(), b.dims())?;
+        let (dx, dw, db) = with_f32(x, "linear backward", |xv| {
+            with_f32(w, "linear backward", |wv| {
+                with_f32(grad, "linear backward", |g| {
+                    let mut dx = vec![0f32; rows * i];
+                    // dx (rows × i) = g (rows × o) · W (o × i)
+                    matmul_into(
+                        rows,
+                        i,
+                        o,
+                        &mut dx,
+                        View { off: 0, rs: i, cs: 1 },
+                        g,
+                        View { off: 0, rs: o, cs: 1 },
+                        wv,
+                        View { off: 0, rs: i, cs: 1 },
+                        false,
+                    )?;
+                    let mut dw = vec![0f32; o * i];
+                    // dW (o × i) = gᵀ (o × rows) · x (rows × i)
+                    matmul_into(
+                        o,
+                        i,
+                        rows,
+                        &mut dw,
+                        View { off: 0, rs: i, cs: 1 },
+                        g,
+                        View { off: 0, rs: 1, cs: o },
+                        xv,
+                        View { off: 0, rs: i, cs: 1 },
+                        false,
+                    )?;
+                    Ok((dx, dw, column_sums(g, o)))
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
+    }
+}
+
+/// `x·Wᵀ + b` on the fused path (callers check [`fused_ok`]).
+pub fn linear_fused(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
