@@ -170,15 +170,15 @@ fn softmax_with_bias_matches_the_composed_one_and_finite_differences() {
         against_composed(
             &format!("softmax {b}x{h}x{t}x{t}, bias leading {nb}"),
             &[(s, vec![b, h, t, t]), (bias, vec![nb, h, t, t])],
-            |a| fused::softmax_with_bias(&a[0], &a[1]).unwrap(),
-            |a| candle_nn::ops::softmax(&a[0].broadcast_add(&a[1]).unwrap(), D::Minus1).unwrap(),
+            |a| fused::softmax_with_bias(&a[0], 0.37, &a[1]).unwrap(),
+            |a| candle_nn::ops::softmax(&(&a[0] * 0.37).unwrap().broadcast_add(&a[1]).unwrap(), D::Minus1).unwrap(),
             1e-6,
         );
     }
     finite_differences(
         "softmax",
         &[(rand_vec(2 * 2 * 5 * 5, 13, 2.0), vec![2, 2, 5, 5]), (rand_vec(2 * 5 * 5, 14, 2.0), vec![1, 2, 5, 5])],
-        |a| fused::softmax_with_bias(&a[0], &a[1]).unwrap(),
+        |a| fused::softmax_with_bias(&a[0], 0.5, &a[1]).unwrap(),
     );
 }
 
@@ -236,7 +236,7 @@ fn fused_kernels_give_the_same_bits_on_one_and_three_threads() {
             let s = y.reshape((6, 50, 48)).unwrap().narrow(2, 0, 48).unwrap();
             let s = s.reshape((3, 2, 50, 48)).unwrap().narrow(3, 0, 48).unwrap();
             let bias = Tensor::zeros((1, 2, 50, 48), DType::F32, &Device::Cpu).unwrap();
-            let p = fused::softmax_with_bias(&s, &bias).unwrap();
+            let p = fused::softmax_with_bias(&s, 0.2, &bias).unwrap();
             let cw = Var::from_tensor(&t32(&rand_vec(48 * 12 * 5, 34, 0.3), &[48, 12, 5])).unwrap();
             let c = fused::conv1d_time_fused(&y.reshape((3, 100, 48)).unwrap(), cw.as_tensor(), 2, 1, 4).unwrap();
             let loss = (probe(&p, 4) + probe(&c, 6)).unwrap();

@@ -133,10 +133,11 @@ impl<'a> Model<'a> {
             .lin(x, &format!("{p}.attn.qkv"))?
             .reshape((b, t, 3, h, dh))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (1.0 / (dh as f64).sqrt()))?;
+        let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let mut att = softmax_with_bias(&q.matmul(&k.t()?)?, bias)?;
+        // softmax(q·kᵀ/√dh + bias), the scale folded into the softmax.
+        let mut att = softmax_with_bias(&q.matmul(&k.t()?)?, 1.0 / (dh as f64).sqrt(), bias)?;
         if let Some(n) = noise.as_deref_mut() {
             att = n.dropout(&att, e.attention_dropout)?;
         }

@@ -533,7 +533,9 @@ pub fn layer_norm_fused(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64
 // Softmax over the last dimension of `scores + bias` (bias broadcast over the leading dimension)
 // ---------------------------------------------------------------------------------------------
 
-struct SoftmaxBias;
+struct SoftmaxBias {
+    scale: f32,
+}
 
 /// `(rows per leading index, width, leading dims of scores and of bias)`.
 fn softmax_geometry(ls: &Layout, lb: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -551,10 +553,10 @@ fn softmax_geometry(ls: &Layout, lb: &Layout) -> Result<(usize, usize, usize, us
 }
 
 #[inline(always)]
-fn softmax_rows(s: &[f32], b: &[f32], p: &mut [f32], w: usize) {
+fn softmax_rows(s: &[f32], b: &[f32], p: &mut [f32], w: usize, scale: f32) {
     for ((s, b), p) in s.chunks_exact(w).zip(b.chunks_exact(w)).zip(p.chunks_exact_mut(w)) {
         for k in 0..w {
-            p[k] = s[k] + b[k];
+            p[k] = s[k] * scale + b[k];
         }
         let m = max16(p);
         for v in p.iter_mut() {
@@ -602,7 +604,7 @@ impl CustomOp2 for SoftmaxBias {
                 let rows = (CHUNK / w).max(1) * w;
                 p.par_chunks_mut(rows)
                     .zip(s.par_chunks(rows).zip(b.par_chunks(rows)))
-                    .for_each(|(p, (s, b))| simd!(softmax_rows(s, b, p, w)));
+                    .for_each(|(p, (s, b))| simd!(softmax_rows(s, b, p, w, self.scale)));
             });
         Ok((CpuStorage::F32(p), l1.shape().clone()))
     }
@@ -626,8 +628,14 @@ impl CustomOp2 for SoftmaxBias {
                 Ok(ds)
             })
         })?;
-        let dbias = if nb == ns {
+        // d(scores) = scale · d(scores·scale + bias); d(bias) is the latter.
+        let dscores: Vec<f32> = if self.scale == 1.0 {
             ds.clone()
+        } else {
+            ds.par_iter().map(|v| v * self.scale).collect()
+        };
+        let dbias = if nb == ns {
+            ds
         } else {
             // Broadcast over the leading dimension: sum its blocks, in order.
             let block = ds.len() / ns.max(1);
@@ -640,21 +648,24 @@ impl CustomOp2 for SoftmaxBias {
             acc
         };
         Ok((
-            Some(tensor(ds, scores.shape())?),
+            Some(tensor(dscores, scores.shape())?),
             Some(tensor(dbias, bias.shape())?),
         ))
     }
 }
 
-/// `softmax(scores + bias)` over the last dimension; `bias` has the shape of `scores` or 1 as its
-/// leading dimension. Fused on the CPU for f32; composed elsewhere.
-pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// `softmax(scores·scale + bias)` over the last dimension; `bias` has the shape of `scores` or 1
+/// as its leading dimension. Fused on the CPU for f32; composed elsewhere.
+pub fn softmax_with_bias(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
     if fused_ok(scores) && fused_ok(bias) {
-        scores
-            .contiguous()?
-            .apply_op2(&bias.contiguous()?, SoftmaxBias)
+        scores.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            SoftmaxBias {
+                scale: scale as f32,
+            },
+        )
     } else {
-        candle_nn::ops::softmax(&scores.broadcast_add(bias)?, candle_core::D::Minus1)
+        candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(bias)?, candle_core::D::Minus1)
     }
 }
 
