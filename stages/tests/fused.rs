@@ -312,3 +312,55 @@ fn linear_matches_the_composed_one_and_finite_differences() {
         |a| fused::linear_fused(&a[0], &a[1], &a[2]).unwrap(),
     );
 }
+
+/// The one-pass AdamW step and EMA give the composed tensor ops' bits (the same operations in the
+/// same order), over three steps, with and without weight decay.
+#[test]
+fn adam_step_and_ema_equal_the_composed_ops_bit_for_bit() {
+    let n = 40_000;
+    let (b1, b2, eps) = (0.9f64, 0.98f64, 1e-6f64);
+    for decay in [0.0f64, 0.01] {
+        let mut p = t32(&rand_vec(n, 61, 1.0), &[200, 200]);
+        let mut pc = p.clone();
+        let (mut m, mut v): (Option<Tensor>, Option<Tensor>) = (None, None);
+        let (mut mc, mut vc): (Option<Tensor>, Option<Tensor>) = (None, None);
+        for t in 1..=3 {
+            let g = t32(&rand_vec(n, 61 + t, 0.1), &[200, 200]);
+            let lr = 1e-3 * t as f64;
+            let step_size = lr * (1.0 - b2.powi(t as i32)).sqrt() / (1.0 - b1.powi(t as i32));
+            let h = fused::AdamStep {
+                beta1: b1 as f32,
+                beta2: b2 as f32,
+                c1: (1.0 - b1) as f32,
+                c2: (1.0 - b2) as f32,
+                eps: eps as f32,
+                decay: (lr * decay) as f32,
+                step_size: step_size as f32,
+            };
+            let (np, nm, nv) = fused::adam_step(&p, &g, m.as_ref(), v.as_ref(), h).unwrap();
+            // The composed path (optim.rs).
+            let m2 = match &mc {
+                Some(m) => ((m * b1).unwrap() + (&g * (1.0 - b1)).unwrap()).unwrap(),
+                None => (&g * (1.0 - b1)).unwrap(),
+            };
+            let v2 = match &vc {
+                Some(v) => ((v * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap(),
+                None => (g.sqr().unwrap() * (1.0 - b2)).unwrap(),
+            };
+            let p2 = if decay != 0.0 { (&pc - (&pc * (lr * decay)).unwrap()).unwrap() } else { pc.clone() };
+            let denom = (v2.sqrt().unwrap() + eps).unwrap();
+            let p2 = (p2 - (m2.div(&denom).unwrap() * step_size).unwrap()).unwrap();
+            for (what, a, b) in [("p", &np, &p2), ("m", &nm, &m2), ("v", &nv, &v2)] {
+                let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "decay {decay}, step {t}: {what} differs");
+            }
+            (p, m, v) = (np, Some(nm), Some(nv));
+            (pc, mc, vc) = (p2, Some(m2), Some(v2));
+        }
+    }
+    let (t, s) = (t32(&rand_vec(n, 71, 1.0), &[n]), t32(&rand_vec(n, 72, 1.0), &[n]));
+    let tau = 0.9935;
+    let a = fused::ema(&t, &s, tau).unwrap().to_vec1::<f32>().unwrap();
+    let b = ((&t * tau).unwrap() + (&s * (1.0 - tau)).unwrap()).unwrap().to_vec1::<f32>().unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "ema differs");
+}

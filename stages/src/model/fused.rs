@@ -1200,3 +1200,122 @@ pub fn linear_fused(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
 }
+
+// ---------------------------------------------------------------------------------------------
+// AdamW and the EMA, one pass per parameter
+// ---------------------------------------------------------------------------------------------
+
+/// The hyper-parameters of one AdamW step (as `optim::AdamW` computes them).
+#[derive(Clone, Copy)]
+pub struct AdamStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    /// `1 − β₁` and `1 − β₂`, computed in f64 as the composed path does.
+    pub c1: f32,
+    pub c2: f32,
+    pub eps: f32,
+    /// `lr·wd`, or 0 where the parameter is exempt.
+    pub decay: f32,
+    /// `lr·√(1−β₂ᵗ)/(1−β₁ᵗ)`.
+    pub step_size: f32,
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn adam_kernel(
+    p: &[f32],
+    g: &[f32],
+    m: Option<&[f32]>,
+    v: Option<&[f32]>,
+    np: &mut [f32],
+    nm: &mut [f32],
+    nv: &mut [f32],
+    h: AdamStep,
+) {
+    // The composed path's order of operations, element by element (the same bits).
+    let (c1, c2) = (h.c1, h.c2);
+    for i in 0..p.len() {
+        let gi = g[i];
+        let mi = match m {
+            Some(m) => m[i] * h.beta1 + gi * c1,
+            None => gi * c1,
+        };
+        let vi = match v {
+            Some(v) => v[i] * h.beta2 + gi * gi * c2,
+            None => gi * gi * c2,
+        };
+        let pi = if h.decay != 0.0 { p[i] - p[i] * h.decay } else { p[i] };
+        let denom = vi.sqrt() + h.eps;
+        np[i] = pi - (mi / denom) * h.step_size;
+        nm[i] = mi;
+        nv[i] = vi;
+    }
+}
+
+/// One AdamW step of a CPU f32 parameter: `(p, m, v)` new, from the parameter, its gradient and
+/// the moments (`None` before the first step).
+pub fn adam_step(
+    p: &Tensor,
+    g: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    h: AdamStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = p.elem_count();
+    for (what, t) in [("gradient", Some(g)), ("first moment", m), ("second moment", v)] {
+        if let Some(t) = t {
+            if t.elem_count() != n {
+                candle_core::bail!("adam: {what} has {} values for {n}", t.elem_count());
+            }
+        }
+    }
+    let (np, nm, nv) = with_f32(p, "adam", |pv| {
+        with_f32(g, "adam", |gv| {
+            let run = |mv: Option<&[f32]>, vv: Option<&[f32]>| {
+                let (mut np, mut nm, mut nv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                np.par_chunks_mut(CHUNK)
+                    .zip(nm.par_chunks_mut(CHUNK).zip(nv.par_chunks_mut(CHUNK)))
+                    .enumerate()
+                    .for_each(|(c, (np, (nm, nv)))| {
+                        let r = c * CHUNK..(c * CHUNK + np.len());
+                        let mv = mv.map(|s| &s[r.clone()]);
+                        let vv = vv.map(|s| &s[r.clone()]);
+                        simd!(adam_kernel(&pv[r.clone()], &gv[r.clone()], mv, vv, np, nm, nv, h))
+                    });
+                Ok((np, nm, nv))
+            };
+            match (m, v) {
+                (Some(m), Some(v)) => with_f32(m, "adam", |mv| with_f32(v, "adam", |vv| run(Some(mv), Some(vv)))),
+                (None, None) => run(None, None),
+                _ => candle_core::bail!("adam: one moment without the other"),
+            }
+        })
+    })?;
+    Ok((
+        tensor(np, p.shape())?,
+        tensor(nm, p.shape())?,
+        tensor(nv, p.shape())?,
+    ))
+}
+
+/// `teacher·τ + student·(1−τ)` for CPU f32 tensors, in one pass (the composed path's order).
+pub fn ema(teacher: &Tensor, student: &Tensor, tau: f64) -> Result<Tensor> {
+    if teacher.elem_count() != student.elem_count() {
+        candle_core::bail!("ema: {} teacher values for {} student ones", teacher.elem_count(), student.elem_count());
+    }
+    let (a, b) = (tau as f32, (1.0 - tau) as f32);
+    let out = with_f32(teacher, "ema", |t| {
+        with_f32(student, "ema", |s| {
+            let mut o = vec![0f32; t.len()];
+            o.par_chunks_mut(CHUNK)
+                .zip(t.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
+                .for_each(|(o, (t, s))| {
+                    for i in 0..o.len() {
+                        o[i] = t[i] * a + s[i] * b;
+                    }
+                });
+            Ok(o)
+        })
+    })?;
+    tensor(out, teacher.shape())
+}

@@ -2,6 +2,7 @@
 //! warm-up then cosine decay, and the linear EMA decay schedule. candle's AdamW keeps its moments
 //! private, so this one stores them as named tensors that checkpoints save and restore.
 
+use super::fused::{adam_step, fused_ok, AdamStep};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -60,6 +61,25 @@ impl AdamW {
                     &zero
                 }
             };
+            let p = var.as_tensor();
+            let decay = self.weight_decay != 0.0 && !(self.exempt_1d && p.rank() <= 1);
+            let (m0, v0) = (self.m.get(name), self.v.get(name));
+            if fused_ok(p) && fused_ok(g) && m0.is_none_or(fused_ok) && v0.is_none_or(fused_ok) {
+                let h = AdamStep {
+                    beta1: self.beta1 as f32,
+                    beta2: self.beta2 as f32,
+                    c1: (1.0 - self.beta1) as f32,
+                    c2: (1.0 - self.beta2) as f32,
+                    eps: self.eps as f32,
+                    decay: if decay { (lr * self.weight_decay) as f32 } else { 0.0 },
+                    step_size: step_size as f32,
+                };
+                let (np, nm, nv) = adam_step(p, g, m0, v0, h)?;
+                var.set(&np)?;
+                self.m.insert(name.clone(), nm);
+                self.v.insert(name.clone(), nv);
+                continue;
+            }
             let m = match self.m.get(name) {
                 Some(m) => ((m * self.beta1)? + (g * (1.0 - self.beta1))?)?,
                 None => (g * (1.0 - self.beta1))?,
@@ -68,8 +88,6 @@ impl AdamW {
                 Some(v) => ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?,
                 None => (g.sqr()? * (1.0 - self.beta2))?,
             };
-            let p = var.as_tensor();
-            let decay = self.weight_decay != 0.0 && !(self.exempt_1d && p.rank() <= 1);
             let p = if decay {
                 (p - (p * (lr * self.weight_decay))?)?
             } else {

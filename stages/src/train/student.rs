@@ -10,6 +10,7 @@ use crate::items::DataPosition;
 use crate::items::{FrameRecord, Masked, StepRecord};
 use crate::model::losses::{self, AuxNorm, RankForm};
 use crate::model::optim::{lr_at, tau_at, AdamW};
+use crate::model::fused::fused_ok;
 use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
 use crate::train::{self, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -494,7 +495,11 @@ impl Student {
         if skipped.is_none() {
             for (k, tw) in self.teacher.iter_mut() {
                 if let Some(v) = self.vars.get(k) {
-                    *tw = ((&*tw * tau)? + (v.as_tensor() * (1.0 - tau))?)?.detach();
+                    *tw = if fused_ok(tw) && fused_ok(v.as_tensor()) {
+                        crate::model::fused::ema(tw, v.as_tensor(), tau)?
+                    } else {
+                        ((&*tw * tau)? + (v.as_tensor() * (1.0 - tau))?)?.detach()
+                    };
                 }
             }
         }
