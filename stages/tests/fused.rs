@@ -111,6 +111,7 @@ fn exp_is_within_two_ulp_of_the_f64_exponential() {
     assert!(worst < 2.5e-7, "worst relative error {worst:.3e}");
     // Clamped, never 0 or inf.
     assert!(fused::exp_f32(-1000.0) > 0.0 && fused::exp_f32(1000.0).is_finite());
+    assert!(fused::exp_f32(f32::NAN).is_nan());
 }
 
 #[test]
@@ -280,6 +281,14 @@ fn grouped_conv_matches_the_composed_one_and_finite_differences() {
             2e-6,
         );
     }
+    // With the bias in the op.
+    against_composed(
+        "conv with bias",
+        &[(rand_vec(3 * 12 * 8, 45, 1.0), vec![3, 12, 8]), (rand_vec(8 * 2 * 5, 46, 0.5), vec![8, 2, 5]), (rand_vec(8, 47, 0.5), vec![8])],
+        |a| fused::conv1d_time_bias_fused(&a[0], &a[1], &a[2], 2, 1, 4).unwrap(),
+        |a| conv1d_time_composed(&a[0], &a[1], 2, 1, 4).unwrap().broadcast_add(&a[2]).unwrap(),
+        2e-6,
+    );
     finite_differences(
         "conv",
         &[(rand_vec(2 * 7 * 4, 43, 1.0), vec![2, 7, 4]), (rand_vec(6 * 2 * 3, 44, 1.0), vec![6, 2, 3])],
@@ -363,4 +372,27 @@ fn adam_step_and_ema_equal_the_composed_ops_bit_for_bit() {
     let a = fused::ema(&t, &s, tau).unwrap().to_vec1::<f32>().unwrap();
     let b = ((&t * tau).unwrap() + (&s * (1.0 - tau)).unwrap()).unwrap().to_vec1::<f32>().unwrap();
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "ema differs");
+}
+
+#[test]
+fn alibi_bias_and_instance_norm_match_the_composed_ops() {
+    // Bias: −dist · m[h], rows × heads × Tv × Tv; gradient to the slopes.
+    let (rows, h, tv) = (3usize, 4usize, 9usize);
+    let dist: Vec<f32> = rand_vec(rows * tv * tv, 81, 5.0).iter().map(|v| v.abs().round()).collect();
+    let d2 = dist.clone();
+    against_composed(
+        "alibi bias",
+        &[(rand_vec(h, 82, 1.0), vec![h])],
+        move |a| fused::alibi_bias_fused(d2.clone(), rows, tv, &a[0]).unwrap(),
+        move |a| {
+            let d = Tensor::from_vec(dist.clone(), (rows, 1, tv, tv), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+            d.broadcast_mul(&a[0].reshape((1, h, 1, 1)).unwrap()).unwrap().neg().unwrap()
+        },
+        1e-6,
+    );
+    // Instance norm (forward only).
+    let x = rand_vec(2 * 30 * 20, 83, 2.0);
+    let got = v64(&fused::instance_norm_time_fused(&t32(&x, &[2, 30, 20]), 1e-5).unwrap());
+    let want = v64(&stages::model::ops::instance_norm_time_composed(&t32(&x, &[2, 30, 20]).to_dtype(DType::F64).unwrap()).unwrap());
+    close("instance norm", &got, &want, 2e-6);
 }

@@ -55,10 +55,18 @@ impl<'a> Model<'a> {
         let b = self.get(&format!("{p}.bias"))?;
         let k = w.dim(2)?;
         let t = x.dim(1)?;
-        let y = conv1d_time(x, w, k / 2, 1, groups)?;
+        let fused = super::fused::fused_ok(x) && super::fused::fused_ok(w) && super::fused::fused_ok(b);
+        let y = if fused {
+            super::fused::conv1d_time_bias_fused(x, w, b, k / 2, 1, groups)?
+        } else {
+            conv1d_time(x, w, k / 2, 1, groups)?.broadcast_add(b)?
+        };
         // Even kernels give one extra frame (fairseq's SamePad drops it).
-        let y = if y.dim(1)? > t { y.narrow(1, 0, t)? } else { y };
-        y.broadcast_add(b)
+        if y.dim(1)? > t {
+            y.narrow(1, 0, t)
+        } else {
+            Ok(y)
+        }
     }
 
     /// Front-end (§1.2, §7): batch features `[B, N, F]` → frames `[B, T, D]`.
@@ -100,17 +108,20 @@ impl<'a> Model<'a> {
         let h = self.cfg.encoder.heads;
         let rows = positions.len();
         let tv = positions.first().map_or(0, |p| p.len());
+        let slopes: Vec<f32> = alibi_slopes(h).into_iter().map(|s| s as f32).collect();
+        let scale = self.get("encoder.alibi_scale")?;
+        if dtype == DType::F32 && device.is_cpu() && super::fused::fused_ok(scale) {
+            // One op from the per-head slopes to the bias (its backward one reduction per head).
+            let m = Tensor::from_vec(slopes, h, &Device::Cpu)?.mul(&scale.relu()?.reshape(h)?)?;
+            return super::fused::alibi_bias_fused(distances(positions), rows, tv, &m);
+        }
         let dist = Tensor::from_vec(distances(positions), (rows, 1, tv, tv), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;
-        let slopes: Vec<f32> = alibi_slopes(h).into_iter().map(|s| s as f32).collect();
         let slopes = Tensor::from_vec(slopes, (1, h, 1, 1), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;
-        let scale = self
-            .get("encoder.alibi_scale")?
-            .relu()?
-            .reshape((1, h, 1, 1))?;
+        let scale = scale.relu()?.reshape((1, h, 1, 1))?;
         let m = slopes.mul(&scale)?;
         dist.broadcast_mul(&m)?.neg()
     }

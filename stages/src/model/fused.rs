@@ -33,15 +33,16 @@ pub fn fused_ok(t: &Tensor) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// `e^x` for f32 (Cephes `expf`: range reduction by ln 2, degree-6 polynomial; within 2 ulp over
-/// the normal range). Inputs are clamped to [−87.3, 88], so it never returns 0 or inf.
+/// the normal range). Inputs are clamped to [−87.3, 88], so it never returns 0 or inf; NaN gives
+/// NaN.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.3).min(88.0);
-    let n = (x * LOG2E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let xc = x.max(-87.3).min(88.0);
+    let n = (xc * LOG2E + 0.5).floor();
+    let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -49,8 +50,15 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    e * pow2
+    // 2ⁿ without a float-to-int conversion (which does not vectorise): n + 127 + 2²³ holds
+    // n + 127 in its low mantissa bits, and the shift moves them into the exponent.
+    let pow2 = f32::from_bits((n + 8_388_735.0).to_bits() << 23);
+    // NaN stays NaN (the clamp would have turned it into a number).
+    if x.is_nan() {
+        x
+    } else {
+        e * pow2
+    }
 }
 
 /// `erf(x)` and `e^{−x²}` (Abramowitz & Stegun 7.1.26, absolute error under 1.5e-7: the
@@ -957,6 +965,74 @@ impl Conv1dTime {
     }
 }
 
+/// `y = conv(x, w) (+ b)`: columns, then one GEMM per group into its slice of the output.
+fn conv_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Result<Vec<f32>> {
+    let (m, kk) = g.mk();
+    let og = g.og();
+    let cols = im2col(x, g);
+    let mut y = vec![0f32; m * g.o];
+    if let Some(b) = b {
+        if b.len() != g.o {
+            candle_core::bail!("conv1d_time: bias of {} for {} output channels", b.len(), g.o);
+        }
+        y.par_chunks_mut(g.o).for_each(|r| r.copy_from_slice(b));
+    }
+    for grp in 0..g.groups {
+        // y[:, grp·og..] (m × og, row stride O) (+)= cols_g (m × kk) · w_gᵀ (kk × og)
+        matmul_into(
+            m,
+            og,
+            kk,
+            &mut y,
+            View { off: grp * og, rs: g.o, cs: 1 },
+            &cols,
+            View { off: grp * m * kk, rs: kk, cs: 1 },
+            w,
+            View { off: grp * og * kk, rs: 1, cs: kk },
+            b.is_some(),
+        )?;
+    }
+    Ok(y)
+}
+
+/// `(dx, dw)` of the convolution (the bias's gradient is the column sums of `gy`).
+fn conv_backward(x: &[f32], w: &[f32], gy: &[f32], g: &ConvGeom) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (m, kk) = g.mk();
+    let og = g.og();
+    let cols = im2col(x, g);
+    let mut dw = vec![0f32; g.o * kk];
+    let mut dcols = vec![0f32; g.groups * m * kk];
+    for grp in 0..g.groups {
+        // dw_g (og × kk) = gy_gᵀ (og × m) · cols_g (m × kk)
+        matmul_into(
+            og,
+            kk,
+            m,
+            &mut dw,
+            View { off: grp * og * kk, rs: kk, cs: 1 },
+            gy,
+            View { off: grp * og, rs: 1, cs: g.o },
+            &cols,
+            View { off: grp * m * kk, rs: kk, cs: 1 },
+            false,
+        )?;
+        // dcols_g (m × kk) = gy_g (m × og) · w_g (og × kk)
+        matmul_into(
+            m,
+            kk,
+            og,
+            &mut dcols,
+            View { off: grp * m * kk, rs: kk, cs: 1 },
+            gy,
+            View { off: grp * og, rs: g.o, cs: 1 },
+            w,
+            View { off: grp * og * kk, rs: kk, cs: 1 },
+            false,
+        )?;
+    }
+    Ok((col2im(&dcols, g), dw))
+}
+
 impl CustomOp2 for Conv1dTime {
     fn name(&self) -> &'static str {
         "ehmam-conv1d-time"
@@ -971,25 +1047,7 @@ impl CustomOp2 for Conv1dTime {
         let x = as_f32(s1, l1, "conv input")?;
         let w = as_f32(s2, l2, "conv kernel")?;
         let g = self.geom(l1.dims(), l2.dims())?;
-        let (m, kk) = g.mk();
-        let og = g.og();
-        let cols = im2col(x, &g);
-        let mut y = vec![0f32; m * g.o];
-        for grp in 0..g.groups {
-            // y[:, grp·og..] (m × og, row stride O) = cols_g (m × kk) · w_gᵀ (kk × og)
-            matmul_into(
-                m,
-                og,
-                kk,
-                &mut y,
-                View { off: grp * og, rs: g.o, cs: 1 },
-                &cols,
-                View { off: grp * m * kk, rs: kk, cs: 1 },
-                w,
-                View { off: grp * og * kk, rs: 1, cs: kk },
-                false,
-            )?;
-        }
+        let y = conv_forward(x, w, None, &g)?;
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.l_out, g.o))))
     }
     fn bwd(
@@ -1000,47 +1058,57 @@ impl CustomOp2 for Conv1dTime {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geom(x.dims(), w.dims())?;
-        let (m, kk) = g.mk();
-        let og = g.og();
         let (dx, dw) = with_f32(x, "conv backward", |xv| {
             with_f32(w, "conv backward", |wv| {
-                with_f32(grad, "conv backward", |gy| {
-                    let cols = im2col(xv, &g);
-                    let mut dw = vec![0f32; g.o * kk];
-                    let mut dcols = vec![0f32; g.groups * m * kk];
-                    for grp in 0..g.groups {
-                        // dw_g (og × kk) = gy_gᵀ (og × m) · cols_g (m × kk)
-                        matmul_into(
-                            og,
-                            kk,
-                            m,
-                            &mut dw,
-                            View { off: grp * og * kk, rs: kk, cs: 1 },
-                            gy,
-                            View { off: grp * og, rs: 1, cs: g.o },
-                            &cols,
-                            View { off: grp * m * kk, rs: kk, cs: 1 },
-                            false,
-                        )?;
-                        // dcols_g (m × kk) = gy_g (m × og) · w_g (og × kk)
-                        matmul_into(
-                            m,
-                            kk,
-                            og,
-                            &mut dcols,
-                            View { off: grp * m * kk, rs: kk, cs: 1 },
-                            gy,
-                            View { off: grp * og, rs: g.o, cs: 1 },
-                            wv,
-                            View { off: grp * og * kk, rs: kk, cs: 1 },
-                            false,
-                        )?;
-                    }
-                    Ok((col2im(&dcols, &g), dw))
-                })
+                with_f32(grad, "conv backward", |gy| conv_backward(xv, wv, gy, &g))
             })
         })?;
         Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+impl CustomOp3 for Conv1dTime {
+    fn name(&self) -> &'static str {
+        "ehmam-conv1d-time-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "conv input")?;
+        let w = as_f32(s2, l2, "conv kernel")?;
+        let b = as_f32(s3, l3, "conv bias")?;
+        let g = self.geom(l1.dims(), l2.dims())?;
+        let y = conv_forward(x, w, Some(b), &g)?;
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.l_out, g.o))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geom(x.dims(), w.dims())?;
+        let (dx, dw, db) = with_f32(x, "conv backward", |xv| {
+            with_f32(w, "conv backward", |wv| {
+                with_f32(grad, "conv backward", |gy| {
+                    let (dx, dw) = conv_backward(xv, wv, gy, &g)?;
+                    Ok((dx, dw, column_sums(gy, g.o)))
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
     }
 }
 
@@ -1055,6 +1123,27 @@ pub fn conv1d_time_fused(
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
+        Conv1dTime {
+            pad,
+            stride,
+            groups,
+        },
+    )
+}
+
+/// [`conv1d_time_fused`] plus a bias `[O]`, in the same op (the bias written first, its gradient
+/// the output gradient's column sums).
+pub fn conv1d_time_bias_fused(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    pad: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
         Conv1dTime {
             pad,
             stride,
@@ -1318,4 +1407,126 @@ pub fn ema(teacher: &Tensor, student: &Tensor, tau: f64) -> Result<Tensor> {
         })
     })?;
     tensor(out, teacher.shape())
+}
+
+// ---------------------------------------------------------------------------------------------
+// ALiBi bias from per-head slopes, and the teacher's instance norm over time
+// ---------------------------------------------------------------------------------------------
+
+/// `bias[r, h, i, j] = −dist[r, i, j] · m[h]` from the per-head slopes `m` `[H]` (the learned
+/// scale already applied); its backward gives `dm[h] = −Σ g[r, h, i, j] · dist[r, i, j]`.
+struct AlibiBias {
+    dist: std::sync::Arc<Vec<f32>>,
+    rows: usize,
+    tv: usize,
+}
+
+impl CustomOp1 for AlibiBias {
+    fn name(&self) -> &'static str {
+        "ehmam-alibi-bias"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let m = as_f32(s, l, "alibi slopes")?;
+        let (h, tt) = (m.len(), self.tv * self.tv);
+        if self.dist.len() != self.rows * tt {
+            candle_core::bail!("alibi: {} distances for {} rows of {}²", self.dist.len(), self.rows, self.tv);
+        }
+        let mut out = vec![0f32; self.rows * h * tt];
+        out.par_chunks_mut(tt.max(1)).enumerate().for_each(|(k, o)| {
+            let (r, head) = (k / h, k % h);
+            let d = &self.dist[r * tt..(r + 1) * tt];
+            let s = -m[head];
+            for (o, d) in o.iter_mut().zip(d) {
+                *o = d * s;
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((self.rows, h, self.tv, self.tv))))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let h = arg.elem_count();
+        let tt = self.tv * self.tv;
+        let dm = with_f32(grad, "alibi backward", |g| {
+            if g.len() != self.rows * h * tt {
+                candle_core::bail!("alibi backward: gradient of {} values", g.len());
+            }
+            // One partial sum per (row, head), added in order.
+            let parts: Vec<f32> = g
+                .par_chunks(tt.max(1))
+                .enumerate()
+                .map(|(k, g)| {
+                    let r = k / h;
+                    -simd!(dot16(g, &self.dist[r * tt..(r + 1) * tt]))
+                })
+                .collect();
+            let mut dm = vec![0f32; h];
+            for (k, v) in parts.iter().enumerate() {
+                dm[k % h] += v;
+            }
+            Ok(dm)
+        })?;
+        Ok(Some(tensor(dm, arg.shape())?))
+    }
+}
+
+/// The ALiBi bias `[rows, H, Tv, Tv]` of distances `dist` (`rows × Tv × Tv`) and slopes `m`
+/// `[H]`, on the fused path (callers check [`fused_ok`]).
+pub fn alibi_bias_fused(dist: Vec<f32>, rows: usize, tv: usize, m: &Tensor) -> Result<Tensor> {
+    m.contiguous()?.apply_op1(AlibiBias {
+        dist: std::sync::Arc::new(dist),
+        rows,
+        tv,
+    })
+}
+
+/// Instance norm over time (dim 1) of `[B, T, C]`, no affine (forward only: the teacher's).
+struct InstanceNorm {
+    eps: f32,
+}
+
+impl CustomOp1 for InstanceNorm {
+    fn name(&self) -> &'static str {
+        "ehmam-instance-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s, l, "instance norm")?;
+        let (t, c) = match l.dims() {
+            [_, t, c] => (*t, *c),
+            d => candle_core::bail!("instance norm: {d:?} is not [B, T, C]"),
+        };
+        let mut y = vec![0f32; x.len()];
+        if t > 0 && c > 0 {
+            y.par_chunks_mut(t * c)
+                .zip(x.par_chunks(t * c))
+                .for_each(|(y, x)| {
+                    // Per channel, frames summed in time order.
+                    let mut mean = vec![0f32; c];
+                    for row in x.chunks_exact(c) {
+                        for (m, v) in mean.iter_mut().zip(row) {
+                            *m += v;
+                        }
+                    }
+                    mean.iter_mut().for_each(|m| *m /= t as f32);
+                    let mut var = vec![0f32; c];
+                    for row in x.chunks_exact(c) {
+                        for k in 0..c {
+                            let d = row[k] - mean[k];
+                            var[k] += d * d;
+                        }
+                    }
+                    let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v / t as f32 + self.eps).sqrt()).collect();
+                    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                        for k in 0..c {
+                            yr[k] = (xr[k] - mean[k]) * rstd[k];
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// Instance norm over time on the fused path (forward only; callers check [`fused_ok`] and that no
+/// gradient is wanted).
+pub fn instance_norm_time_fused(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&InstanceNorm { eps: eps as f32 })
 }

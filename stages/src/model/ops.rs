@@ -189,8 +189,17 @@ pub fn conv1d_time_composed(
     y.transpose(0, 1)?.contiguous()?.reshape((b, l_out, o))
 }
 
-/// Instance norm over time (dim 1) of a `[B, T, C]` tensor, no affine, eps 1e-5 (§1.3).
+/// Instance norm over time (dim 1) of a `[B, T, C]` tensor, no affine, eps 1e-5 (§1.3). The
+/// teacher's: for a tensor that tracks no gradient, a fused CPU kernel for f32.
 pub fn instance_norm_time(x: &Tensor) -> Result<Tensor> {
+    if super::fused::fused_ok(x) && !x.track_op() {
+        return super::fused::instance_norm_time_fused(x, 1e-5);
+    }
+    instance_norm_time_composed(x)
+}
+
+/// [`instance_norm_time`] with primitive ops (differentiable, every device).
+pub fn instance_norm_time_composed(x: &Tensor) -> Result<Tensor> {
     let t = x.dim(1)? as f64;
     let mean = (x.sum_keepdim(1)? / t)?;
     let xc = x.broadcast_sub(&mean)?;
