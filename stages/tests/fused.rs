@@ -396,3 +396,46 @@ fn alibi_bias_and_instance_norm_match_the_composed_ops() {
     let want = v64(&stages::model::ops::instance_norm_time_composed(&t32(&x, &[2, 30, 20]).to_dtype(DType::F64).unwrap()).unwrap());
     close("instance norm", &got, &want, 2e-6);
 }
+
+/// The attention core (q·kᵀ·scale + bias → softmax → dropout → ·v, heads side by side) against
+/// the same computation with candle's ops in f64 and the same dropout mask.
+fn attention_composed(qkv: &Tensor, bias: &Tensor, h: usize, scale: f64, drop: Option<Dropout>) -> Tensor {
+    let (b, t, d3) = qkv.dims3().unwrap();
+    let d = d3 / 3;
+    let qkv = qkv.reshape((b, t, 3, h, d / h)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
+    let q = qkv.get(0).unwrap().contiguous().unwrap();
+    let k = qkv.get(1).unwrap().contiguous().unwrap();
+    let v = qkv.get(2).unwrap().contiguous().unwrap();
+    let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(bias).unwrap();
+    let mut p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+    if let Some(dr) = drop {
+        let m = Tensor::from_vec(dr.mask(p.elem_count()), p.dims(), &Device::Cpu).unwrap().to_dtype(p.dtype()).unwrap();
+        p = (p * m).unwrap();
+    }
+    p.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((b, t, d)).unwrap()
+}
+
+#[test]
+fn attention_matches_the_composed_ops_and_finite_differences() {
+    for (b, t, h, dh, nb, p) in [
+        (2usize, 7usize, 2usize, 3usize, 2usize, 0.0f64),
+        (3, 19, 4, 8, 3, 0.3),
+        (2, 33, 4, 8, 1, 0.1),
+        (1, 5, 1, 16, 1, 0.5),
+    ] {
+        let d = h * dh;
+        let drop = (p > 0.0).then_some(Dropout { key: 77, p });
+        against_composed(
+            &format!("attention B{b} T{t} H{h} dh{dh} bias leading {nb} p {p}"),
+            &[(rand_vec(b * t * 3 * d, 91, 1.0), vec![b, t, 3 * d]), (rand_vec(nb * h * t * t, 92, 2.0), vec![nb, h, t, t])],
+            |a| fused::attention_fused(&a[0], &a[1], h, 0.35, drop).unwrap(),
+            |a| attention_composed(&a[0], &a[1], h, 0.35, drop),
+            2e-6,
+        );
+    }
+    finite_differences(
+        "attention",
+        &[(rand_vec(2 * 5 * 12, 93, 1.0), vec![2, 5, 12]), (rand_vec(2 * 2 * 5 * 5, 94, 1.0), vec![2, 2, 5, 5])],
+        |a| fused::attention_fused(&a[0], &a[1], 2, 0.5, Some(Dropout { key: 5, p: 0.2 })).unwrap(),
+    );
+}

@@ -137,26 +137,21 @@ impl<'a> Model<'a> {
     ) -> Result<(Tensor, Tensor)> {
         let e = &self.cfg.encoder;
         let p = format!("encoder.blocks.{l}");
-        let (b, t, d) = x.dims3()?;
+        let (_, _, d) = x.dims3()?;
         let h = e.heads;
         let dh = d / h;
-        let qkv = self
-            .lin(x, &format!("{p}.attn.qkv"))?
-            .reshape((b, t, 3, h, dh))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        // softmax(q·kᵀ/√dh + bias), the scale folded into the softmax.
-        let mut att = softmax_with_bias(&q.matmul(&k.t()?)?, 1.0 / (dh as f64).sqrt(), bias)?;
-        if let Some(n) = noise.as_deref_mut() {
-            att = n.dropout(&att, e.attention_dropout)?;
-        }
-        let o = att
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, d))?;
+        let qkv = self.lin(x, &format!("{p}.attn.qkv"))?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let o = if super::fused::fused_ok(&qkv) && super::fused::fused_ok(bias) {
+            // One op from the projection to the heads' outputs (no q/k/v copies).
+            let drop = match noise.as_deref_mut() {
+                Some(n) => n.dropout_spec(e.attention_dropout),
+                None => None,
+            };
+            super::fused::attention_fused(&qkv, bias, h, scale, drop)?
+        } else {
+            self.attention_composed(&qkv, bias, h, scale, noise)?
+        };
         let mut o = self.lin(&o, &format!("{p}.attn.proj"))?;
         if let Some(n) = noise.as_deref_mut() {
             o = n.dropout(&o, e.dropout)?;
@@ -172,6 +167,32 @@ impl<'a> Model<'a> {
         };
         let out = self.ln(&(h1 + fd)?, &format!("{p}.ln2"))?;
         Ok((out, f))
+    }
+
+    /// The attention core with primitive ops (every device and dtype): `qkv` `[B, T, 3D]` →
+    /// `softmax(q·kᵀ·scale + bias)` with dropout, times `v`, heads side by side `[B, T, D]`.
+    fn attention_composed(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        h: usize,
+        scale: f64,
+        noise: &mut Option<&mut Noise>,
+    ) -> Result<Tensor> {
+        let (b, t, d3) = qkv.dims3()?;
+        let d = d3 / 3;
+        let qkv = qkv.reshape((b, t, 3, h, d / h))?.permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let mut att = softmax_with_bias(&q.matmul(&k.t()?)?, scale, bias)?;
+        if let Some(n) = noise.as_deref_mut() {
+            att = n.dropout(&att, self.cfg.encoder.attention_dropout)?;
+        }
+        att.matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, d))
     }
 
     /// Teacher forward (§1.3–1.4) on front-end frames `z` `[B, T, D]` (detached by the caller):

@@ -1530,3 +1530,355 @@ impl CustomOp1 for InstanceNorm {
 pub fn instance_norm_time_fused(x: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&InstanceNorm { eps: eps as f32 })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention core: softmax(q·kᵀ·scale + bias) with dropout, times v, per (utterance, head) with
+// strided GEMMs straight out of the qkv projection
+// ---------------------------------------------------------------------------------------------
+
+/// `dst (m × n) = lhs · rhs` on this thread (the caller parallelises over tasks).
+#[allow(clippy::too_many_arguments)]
+fn matmul_seq(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    d: View,
+    lhs: &[f32],
+    l: View,
+    rhs: &[f32],
+    r: View,
+) -> Result<()> {
+    if !(d.fits(m, n, dst.len()) && l.fits(m, k, lhs.len()) && r.fits(k, n, rhs.len())) {
+        candle_core::bail!("attention: a matrix view falls outside its buffer ({m}×{k}·{k}×{n})");
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    // SAFETY: as in `matmul_into`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.off),
+            d.cs as isize,
+            d.rs as isize,
+            false,
+            lhs.as_ptr().add(l.off),
+            l.cs as isize,
+            l.rs as isize,
+            rhs.as_ptr().add(r.off),
+            r.cs as isize,
+            r.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+/// The attention core of a block: `qkv` `[B, T, 3D]` (q, k, v side by side, heads inside each)
+/// and the bias `[B|1, H, T, T]` → `[B, T, D]` (heads side by side, before the output
+/// projection). The attention probabilities are kept for the backward pass.
+pub struct Attention {
+    heads: usize,
+    scale: f32,
+    drop: Option<Dropout>,
+    keep: bool,
+    probs: std::sync::Mutex<Option<std::sync::Arc<Vec<f32>>>>,
+}
+
+#[derive(Clone, Copy)]
+struct AttnGeom {
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    nb: usize,
+}
+
+impl AttnGeom {
+    fn d(&self) -> usize {
+        self.h * self.dh
+    }
+}
+
+impl Attention {
+    fn geom(&self, qd: &[usize], bd: &[usize]) -> Result<AttnGeom> {
+        let (b, t, d3) = match qd {
+            [b, t, d3] => (*b, *t, *d3),
+            _ => candle_core::bail!("attention: qkv {qd:?} is not [B, T, 3D]"),
+        };
+        let h = self.heads;
+        if h == 0 || d3 % (3 * h) != 0 {
+            candle_core::bail!("attention: qkv width {d3} is not 3 × {h} heads × a head width");
+        }
+        let nb = match bd {
+            [nb, bh, bt, bt2] if *bh == h && *bt == t && *bt2 == t && (*nb == 1 || *nb == b) => *nb,
+            _ => candle_core::bail!("attention: bias {bd:?} for {b} utterances, {h} heads, {t} frames"),
+        };
+        Ok(AttnGeom {
+            b,
+            t,
+            h,
+            dh: d3 / (3 * h),
+            nb,
+        })
+    }
+
+    /// The dropout mask value (0 or 1/(1−p)) of element `idx` of the `[B, H, T, T]` probabilities.
+    #[inline(always)]
+    fn mask_row(&self, start: usize, row: &mut [f32]) {
+        match self.drop {
+            Some(d) => {
+                let thr = drop_threshold(d.p);
+                let scale = (1.0 / (1.0 - d.p)) as f32;
+                for (k, m) in row.iter_mut().enumerate() {
+                    let hsh = hash32(d.key, (start + k) as u32);
+                    *m = if hsh >= thr { scale } else { 0.0 };
+                }
+            }
+            None => row.iter_mut().for_each(|m| *m = 1.0),
+        }
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "ehmam-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = as_f32(s1, l1, "attention qkv")?;
+        let bias = as_f32(s2, l2, "attention bias")?;
+        let g = self.geom(l1.dims(), l2.dims())?;
+        let (t, dh, d) = (g.t, g.dh, g.d());
+        let tt = t * t;
+        let mut probs = vec![0f32; g.b * g.h * tt];
+        let mut out_bh = vec![0f32; g.b * g.h * t * dh];
+        probs
+            .par_chunks_mut(tt.max(1))
+            .zip(out_bh.par_chunks_mut((t * dh).max(1)))
+            .enumerate()
+            .try_for_each(|(task, (p, o))| -> Result<()> {
+                let (bi, hi) = (task / g.h, task % g.h);
+                let base = bi * t * 3 * d;
+                let mut s = vec![0f32; tt];
+                // S = Q·Kᵀ
+                matmul_seq(
+                    t,
+                    t,
+                    dh,
+                    &mut s,
+                    View { off: 0, rs: t, cs: 1 },
+                    qkv,
+                    View { off: base + hi * dh, rs: 3 * d, cs: 1 },
+                    qkv,
+                    View { off: base + d + hi * dh, rs: 1, cs: 3 * d },
+                )?;
+                let bb = if g.nb == 1 { 0 } else { bi };
+                let brow = &bias[(bb * g.h + hi) * tt..][..tt];
+                simd!(softmax_rows(&s, brow, p, t, self.scale));
+                // P_d = P ⊙ mask (into s, reused)
+                let mut m = vec![0f32; t];
+                for i in 0..t {
+                    self.mask_row(task * tt + i * t, &mut m);
+                    for j in 0..t {
+                        s[i * t + j] = p[i * t + j] * m[j];
+                    }
+                }
+                // O = P_d·V
+                matmul_seq(
+                    t,
+                    dh,
+                    t,
+                    o,
+                    View { off: 0, rs: dh, cs: 1 },
+                    &s,
+                    View { off: 0, rs: t, cs: 1 },
+                    qkv,
+                    View { off: base + 2 * d + hi * dh, rs: 3 * d, cs: 1 },
+                )?;
+                Ok(())
+            })?;
+        // [B, H, T, dh] → [B, T, H·dh]
+        let mut out = vec![0f32; g.b * t * d];
+        out.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(bi, o)| {
+            for hi in 0..g.h {
+                let src = &out_bh[(bi * g.h + hi) * t * dh..][..t * dh];
+                for ti in 0..t {
+                    o[ti * d + hi * dh..][..dh].copy_from_slice(&src[ti * dh..][..dh]);
+                }
+            }
+        });
+        if self.keep {
+            if let Ok(mut slot) = self.probs.lock() {
+                *slot = Some(std::sync::Arc::new(probs));
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.b, t, d))))
+    }
+    fn bwd(
+        &self,
+        qkv_t: &Tensor,
+        bias_t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geom(qkv_t.dims(), bias_t.dims())?;
+        let probs = match self.probs.lock().ok().and_then(|s| s.clone()) {
+            Some(p) => p,
+            None => candle_core::bail!("attention backward: the forward pass kept no probabilities"),
+        };
+        let (t, dh, d) = (g.t, g.dh, g.d());
+        let tt = t * t;
+        let (dqkv_bh, dbias_full) = with_f32(qkv_t, "attention backward", |qkv| {
+            with_f32(grad, "attention backward", |go| {
+                let mut dqkv_bh = vec![0f32; g.b * g.h * 3 * t * dh];
+                let mut dbias = vec![0f32; g.b * g.h * tt];
+                dqkv_bh
+                    .par_chunks_mut((3 * t * dh).max(1))
+                    .zip(dbias.par_chunks_mut(tt.max(1)))
+                    .enumerate()
+                    .try_for_each(|(task, (dq, ds))| -> Result<()> {
+                        let (bi, hi) = (task / g.h, task % g.h);
+                        let base = bi * t * 3 * d;
+                        let p = &probs[task * tt..][..tt];
+                        let go_view = View { off: bi * t * d + hi * dh, rs: d, cs: 1 };
+                        // dP_d = dO·Vᵀ
+                        let mut dp = vec![0f32; tt];
+                        matmul_seq(
+                            t,
+                            t,
+                            dh,
+                            &mut dp,
+                            View { off: 0, rs: t, cs: 1 },
+                            go,
+                            go_view,
+                            qkv,
+                            View { off: base + 2 * d + hi * dh, rs: 1, cs: 3 * d },
+                        )?;
+                        // P_d (for dV) and dS = P ⊙ (dP − Σ dP·P), dP = dP_d ⊙ mask
+                        let mut pd = vec![0f32; tt];
+                        let mut m = vec![0f32; t];
+                        for i in 0..t {
+                            self.mask_row(task * tt + i * t, &mut m);
+                            let r = i * t..(i + 1) * t;
+                            for j in 0..t {
+                                pd[i * t + j] = p[i * t + j] * m[j];
+                                dp[i * t + j] *= m[j];
+                            }
+                            let c = dot16(&dp[r.clone()], &p[r.clone()]);
+                            for j in 0..t {
+                                ds[i * t + j] = p[i * t + j] * (dp[i * t + j] - c);
+                            }
+                        }
+                        // dS scaled (into dp, reused)
+                        for (x, y) in dp.iter_mut().zip(ds.iter()) {
+                            *x = y * self.scale;
+                        }
+                        let (dqs, rest) = dq.split_at_mut(t * dh);
+                        let (dks, dvs) = rest.split_at_mut(t * dh);
+                        // dQ = dS·K
+                        matmul_seq(
+                            t,
+                            dh,
+                            t,
+                            dqs,
+                            View { off: 0, rs: dh, cs: 1 },
+                            &dp,
+                            View { off: 0, rs: t, cs: 1 },
+                            qkv,
+                            View { off: base + d + hi * dh, rs: 3 * d, cs: 1 },
+                        )?;
+                        // dK = dSᵀ·Q
+                        matmul_seq(
+                            t,
+                            dh,
+                            t,
+                            dks,
+                            View { off: 0, rs: dh, cs: 1 },
+                            &dp,
+                            View { off: 0, rs: 1, cs: t },
+                            qkv,
+                            View { off: base + hi * dh, rs: 3 * d, cs: 1 },
+                        )?;
+                        // dV = P_dᵀ·dO
+                        matmul_seq(
+                            t,
+                            dh,
+                            t,
+                            dvs,
+                            View { off: 0, rs: dh, cs: 1 },
+                            &pd,
+                            View { off: 0, rs: 1, cs: t },
+                            go,
+                            go_view,
+                        )?;
+                        Ok(())
+                    })?;
+                Ok((dqkv_bh, dbias))
+            })
+        })?;
+        // [B, H, 3, T, dh] → [B, T, 3·H·dh]
+        let mut dqkv = vec![0f32; g.b * t * 3 * d];
+        dqkv.par_chunks_mut((t * 3 * d).max(1)).enumerate().for_each(|(bi, o)| {
+            for hi in 0..g.h {
+                for part in 0..3 {
+                    let src = &dqkv_bh[((bi * g.h + hi) * 3 + part) * t * dh..][..t * dh];
+                    for ti in 0..t {
+                        o[ti * 3 * d + part * d + hi * dh..][..dh].copy_from_slice(&src[ti * dh..][..dh]);
+                    }
+                }
+            }
+        });
+        let dbias = if g.nb == g.b {
+            dbias_full
+        } else {
+            let block = g.h * tt;
+            let mut acc = vec![0f32; block];
+            for c in dbias_full.chunks_exact(block.max(1)) {
+                for (a, v) in acc.iter_mut().zip(c) {
+                    *a += v;
+                }
+            }
+            acc
+        };
+        Ok((
+            Some(tensor(dqkv, qkv_t.shape())?),
+            Some(tensor(dbias, bias_t.shape())?),
+        ))
+    }
+}
+
+/// The attention core on the fused path (callers check [`fused_ok`]): `qkv` `[B, T, 3D]`, `bias`
+/// `[B|1, H, T, T]`, dropout `drop` on the probabilities → `[B, T, D]`.
+pub fn attention_fused(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<Dropout>,
+) -> Result<Tensor> {
+    let keep = qkv.track_op() || bias.track_op();
+    qkv.contiguous()?.apply_op2(
+        &bias.contiguous()?,
+        Attention {
+            heads,
+            scale: scale as f32,
+            drop: drop.filter(|d| d.p > 0.0),
+            keep,
+            probs: std::sync::Mutex::new(None),
+        },
+    )
+}

@@ -32,6 +32,15 @@ impl Noise {
         super::fused::dropout(x, super::fused::Dropout { key, p })
     }
 
+    /// The dropout of probability `p` that [`Noise::dropout`] would apply next (its key drawn
+    /// now; `None`, drawing nothing, when `p` is 0), for ops that apply it themselves.
+    pub fn dropout_spec(&mut self, p: f64) -> Option<super::fused::Dropout> {
+        (p > 0.0).then(|| super::fused::Dropout {
+            key: self.rng.next_u64(),
+            p,
+        })
+    }
+
     /// Gaussian noise N(0, std²) of `shape` (counter-based, keyed from the seeded stream).
     pub fn normal(
         &mut self,
