@@ -439,3 +439,29 @@ fn attention_matches_the_composed_ops_and_finite_differences() {
         |a| fused::attention_fused(&a[0], &a[1], 2, 0.5, Some(Dropout { key: 5, p: 0.2 })).unwrap(),
     );
 }
+
+#[test]
+fn residual_layer_norm_matches_the_composed_ops() {
+    for p in [0.0f64, 0.25] {
+        let (rows, d) = (90usize, 24usize);
+        let drop = (p > 0.0).then_some(Dropout { key: 123, p });
+        against_composed(
+            &format!("LN(x + dropout(o)) p {p}"),
+            &[
+                (rand_vec(rows * d, 101, 1.0), vec![3, 30, d]),
+                (rand_vec(rows * d, 102, 1.0), vec![3, 30, d]),
+                (rand_vec(d, 103, 1.0), vec![d]),
+                (rand_vec(d, 104, 1.0), vec![d]),
+            ],
+            |a| fused::add_layer_norm_fused(&a[0], &a[1], drop, &a[2], &a[3], 1e-5).unwrap(),
+            |a| {
+                let o = match drop {
+                    Some(dr) => (&a[1] * Tensor::from_vec(dr.mask(a[1].elem_count()), a[1].dims(), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap()).unwrap(),
+                    None => a[1].clone(),
+                };
+                layer_norm_composed(&(&a[0] + o).unwrap(), Some((&a[2], &a[3])), 1e-5).unwrap()
+            },
+            2e-6,
+        );
+    }
+}

@@ -742,19 +742,25 @@ pub fn dropout(x: &Tensor, d: Dropout) -> Result<Tensor> {
     }
 }
 
-/// `n` draws of N(0, std²) from the counter-based generator (Box–Muller on pairs of hashes).
+/// `n` draws of N(0, std²) from the counter-based generator: Box–Muller on pairs of hashes, both
+/// of its outputs used (elements 2i and 2i + 1 from pair i).
 pub fn normal_counter(key: u64, n: usize, std: f64) -> Vec<f32> {
     let mut v = vec![0f32; n];
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let start = c * CHUNK;
-        for (k, o) in out.iter_mut().enumerate() {
+        let start = c * CHUNK / 2; // CHUNK is even: chunks hold whole pairs
+        for (k, o) in out.chunks_mut(2).enumerate() {
             let i = (start + k) as u32;
             let a = hash32(key, i.wrapping_mul(2));
             let b = hash32(key, i.wrapping_mul(2).wrapping_add(1));
             // u1 in (0, 1], u2 in [0, 1)
             let u1 = (a as f64 + 1.0) / 4_294_967_296.0;
             let u2 = b as f64 / 4_294_967_296.0;
-            *o = (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32;
+            let r = std * (-2.0 * u1.ln()).sqrt();
+            let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+            o[0] = (r * c) as f32;
+            if let Some(o1) = o.get_mut(1) {
+                *o1 = (r * s) as f32;
+            }
         }
     });
     v
@@ -1879,6 +1885,118 @@ pub fn attention_fused(
             drop: drop.filter(|d| d.p > 0.0),
             keep,
             probs: std::sync::Mutex::new(None),
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Post-LN residual: LayerNorm(x + dropout(o)) with affine, one op
+// ---------------------------------------------------------------------------------------------
+
+/// `LN(x + dropout(o))·w + b` over the last dimension; `wb` is `[w; b]` (`[2·D]`). The sum is
+/// recomputed in the backward pass from `x`, `o` and the dropout key.
+struct AddLayerNorm {
+    drop: Option<Dropout>,
+    eps: f32,
+}
+
+impl AddLayerNorm {
+    /// `x + dropout(o)`.
+    fn sum(&self, x: &[f32], o: &[f32]) -> Vec<f32> {
+        let mut s = vec![0f32; x.len()];
+        match self.drop {
+            Some(d) => d.apply(o, &mut s),
+            None => s.copy_from_slice(o),
+        }
+        s.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(s, x)| s.iter_mut().zip(x).for_each(|(s, x)| *s += x));
+        s
+    }
+}
+
+impl CustomOp3 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "ehmam-add-dropout-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "residual input")?;
+        let o = as_f32(s2, l2, "residual branch")?;
+        let wb = as_f32(s3, l3, "layer norm weight and bias")?;
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        if l1.dims() != l2.dims() || wb.len() != 2 * d {
+            candle_core::bail!("residual layer norm: {:?} + {:?}, affine of {}", l1.dims(), l2.dims(), wb.len());
+        }
+        let s = self.sum(x, o);
+        let (w, b) = wb.split_at(d);
+        Ok((CpuStorage::F32(ln_forward(&s, d, Some((w, b)), self.eps)), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        o: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dims().last().copied().unwrap_or(1).max(1);
+        let (ds, dwb) = with_f32(x, "residual layer norm backward", |xv| {
+            with_f32(o, "residual layer norm backward", |ov| {
+                with_f32(wb, "residual layer norm backward", |wbv| {
+                    with_f32(grad, "residual layer norm backward", |g| {
+                        let s = self.sum(xv, ov);
+                        let (ds, affine) = ln_backward(&s, g, d, Some(&wbv[..d]), self.eps);
+                        let (mut dw, db) = match affine {
+                            Some(a) => a,
+                            None => candle_core::bail!("residual layer norm backward: no affine gradients"),
+                        };
+                        dw.extend(db);
+                        Ok((ds, dw))
+                    })
+                })
+            })
+        })?;
+        // d(o) = d(sum) ⊙ mask
+        let dout = match self.drop {
+            Some(dr) => {
+                let mut v = vec![0f32; ds.len()];
+                dr.apply(&ds, &mut v);
+                v
+            }
+            None => ds.clone(),
+        };
+        Ok((
+            Some(tensor(ds, x.shape())?),
+            Some(tensor(dout, o.shape())?),
+            Some(tensor(dwb, wb.shape())?),
+        ))
+    }
+}
+
+/// `LayerNorm(x + dropout(o))·w + b` on the fused path (callers check [`fused_ok`]).
+pub fn add_layer_norm_fused(
+    x: &Tensor,
+    o: &Tensor,
+    drop: Option<Dropout>,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let wb = Tensor::cat(&[w, b], 0)?;
+    x.contiguous()?.apply_op3(
+        &o.contiguous()?,
+        &wb,
+        AddLayerNorm {
+            drop: drop.filter(|d| d.p > 0.0),
+            eps: eps as f32,
         },
     )
 }
