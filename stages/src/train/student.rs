@@ -249,6 +249,11 @@ pub struct StepTiming {
     pub metrics_ms: f64,
 }
 
+/// Runs `f` on a worker thread of rayon's global pool (here if this already is one) and waits.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -443,6 +448,13 @@ impl Student {
     /// is consumed and the teacher's next version is these same weights), AdamW and the EMA do
     /// not run, and [`StepOut::skipped`] says why.
     pub fn train_step(&mut self, m: &Masked) -> crate::Result<StepOut> {
+        // Run on a worker of rayon's pool, so that the update's serial stretches and its parallel
+        // kernels share that pool's threads instead of adding a thread that competes with them
+        // (with 2 threads on 2 cores, the calling thread plus two spinning workers).
+        on_pool(|| self.train_step_inner(m))
+    }
+
+    fn train_step_inner(&mut self, m: &Masked) -> crate::Result<StepOut> {
         let t0 = Instant::now();
         let b = &m.taught.batch;
         let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));

@@ -91,6 +91,16 @@ pub fn teach(
     batch: &Batch,
     device: &Device,
 ) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
+    // On a worker of rayon's pool, as the student's update (student.rs `on_pool`).
+    crate::train::student::on_pool(|| teach_inner(cfg, w, batch, device))
+}
+
+fn teach_inner(
+    cfg: &ModelConfig,
+    w: &crate::model::Weights,
+    batch: &Batch,
+    device: &Device,
+) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
     if batch.padding_mask.is_some() {
         return Err(StageError::failed(format!("batch {}: padded batches (batch.by_duration crop: pad) cannot be trained on; use crop: shortest (the data2vec 2.0 recipe)", batch.step)));
     }
