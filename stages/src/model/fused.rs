@@ -1,6 +1,9 @@
-//! Fused CPU kernels for the training hot path (issue 12): LayerNorm, exact GELU, softmax with an
-//! additive bias, and dropout, each one candle custom op with a hand-written backward, in place of
-//! the five to ten primitive ops (and as many tensors) that each costs when composed.
+//! Fused CPU kernels for the training hot path (issue 12): LayerNorm, the post-LN residual
+//! `LN(x + dropout(o))`, exact GELU, softmax with an additive bias, dropout, linear, the grouped
+//! convolution over time, the attention core, the ALiBi bias, the teacher's instance norm, and
+//! AdamW and the EMA. Each is one candle custom op with a hand-written backward (or a plain
+//! function for the optimiser), in place of the five to ten primitive ops (and as many tensors)
+//! that each costs when composed.
 //!
 //! They run for f32 tensors on the CPU. Every other device and dtype takes the composed path in
 //! `ops.rs`, which is also what the tests compare these kernels with (values and gradients), next
