@@ -32,7 +32,12 @@ pub fn device(name: &str) -> crate::Result<Device> {
             .parse()
             .map_err(|_| format!("`{name}`: expected cuda:N with N a GPU index"))?;
         return Device::new_cuda(n)
-            .map_err(|e| format!("cannot open {name}: {e}"))
+            // candle appends a captured backtrace to its errors: keep the message line.
+            .map_err(|e| {
+                let e = e.to_string();
+                let first = e.lines().next().unwrap_or("").trim().to_string();
+                format!("cannot open {name}: {first}")
+            })
             .map_err(crate::Error::from);
     }
     Err(crate::Error::from(format!(
