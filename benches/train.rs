@@ -599,7 +599,11 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
     ];
     let mut header = format!("\n{:<26}", "median ms per phase");
     for (t, _) in &ours {
-        header += &format!(" {:>10} {:>11}", format!("ehmam {t}t"), format!("PyTorch {t}t"));
+        header += &format!(
+            " {:>10} {:>11}",
+            format!("ehmam {t}t"),
+            format!("PyTorch {t}t")
+        );
     }
     println!("{header}");
     for (k, name) in names.iter().enumerate() {

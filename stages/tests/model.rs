@@ -931,13 +931,27 @@ fn fused_f32_student_matches_the_composed_f64_one() {
     let p64 = s64.loss(&m, &mut Noise::new(99)).unwrap();
     let p32 = s32.loss(&m, &mut Noise::new(99)).unwrap();
     let l64 = p64.loss.to_scalar::<f64>().unwrap();
-    let l32 = p32.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-    assert!((l64 - l32).abs() < 1e-5 * l64.abs().max(1.0), "loss {l32} (f32) vs {l64} (f64)");
+    let l32 = p32
+        .loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(
+        (l64 - l32).abs() < 1e-5 * l64.abs().max(1.0),
+        "loss {l32} (f32) vs {l64} (f64)"
+    );
     let g64 = p64.loss.backward().unwrap();
     let g32 = p32.loss.backward().unwrap();
     let mut checked = 0;
     for (name, v64) in &s64.vars {
-        let a = g64.get(v64.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let a = g64
+            .get(v64.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let b = g32
             .get(s32.vars[name].as_tensor())
             .unwrap_or_else(|| panic!("no f32 gradient for {name}"))
@@ -949,7 +963,10 @@ fn fused_f32_student_matches_the_composed_f64_one() {
             .unwrap();
         let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-3);
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() < 2e-4 * scale, "{name}[{i}]: f32 {y} vs f64 {x}");
+            assert!(
+                (x - y).abs() < 2e-4 * scale,
+                "{name}[{i}]: f32 {y} vs f64 {x}"
+            );
         }
         checked += 1;
     }

@@ -55,7 +55,8 @@ impl<'a> Model<'a> {
         let b = self.get(&format!("{p}.bias"))?;
         let k = w.dim(2)?;
         let t = x.dim(1)?;
-        let fused = super::fused::fused_ok(x) && super::fused::fused_ok(w) && super::fused::fused_ok(b);
+        let fused =
+            super::fused::fused_ok(x) && super::fused::fused_ok(w) && super::fused::fused_ok(b);
         let y = if fused {
             super::fused::conv1d_time_bias_fused(x, w, b, k / 2, 1, groups)?
         } else {

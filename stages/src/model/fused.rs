@@ -377,7 +377,11 @@ fn ln_bwd_rows(
     gh: &mut [f32],
 ) {
     let inv_d = 1.0 / d as f32;
-    for ((x, g), dx) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+    for ((x, g), dx) in x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
         let (mean, rstd) = ln_row_stats(x, eps);
         for k in 0..d {
             xhat[k] = (x[k] - mean) * rstd;
@@ -528,7 +532,11 @@ impl CustomOp3 for LayerNormAffine {
 }
 
 /// LayerNorm over the last dimension on the fused path (callers check [`fused_ok`]).
-pub fn layer_norm_fused(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+pub fn layer_norm_fused(
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     match affine {
         Some((w, b)) => x.apply_op3(
@@ -565,7 +573,11 @@ fn softmax_geometry(ls: &Layout, lb: &Layout) -> Result<(usize, usize, usize, us
 
 #[inline(always)]
 fn softmax_rows(s: &[f32], b: &[f32], p: &mut [f32], w: usize, scale: f32) {
-    for ((s, b), p) in s.chunks_exact(w).zip(b.chunks_exact(w)).zip(p.chunks_exact_mut(w)) {
+    for ((s, b), p) in s
+        .chunks_exact(w)
+        .zip(b.chunks_exact(w))
+        .zip(p.chunks_exact_mut(w))
+    {
         for k in 0..w {
             p[k] = s[k] * scale + b[k];
         }
@@ -582,7 +594,11 @@ fn softmax_rows(s: &[f32], b: &[f32], p: &mut [f32], w: usize, scale: f32) {
 
 #[inline(always)]
 fn softmax_bwd_rows(p: &[f32], g: &[f32], ds: &mut [f32], w: usize) {
-    for ((p, g), ds) in p.chunks_exact(w).zip(g.chunks_exact(w)).zip(ds.chunks_exact_mut(w)) {
+    for ((p, g), ds) in p
+        .chunks_exact(w)
+        .zip(g.chunks_exact(w))
+        .zip(ds.chunks_exact_mut(w))
+    {
         let c = dot16(g, p);
         for k in 0..w {
             ds[k] = p[k] * (g[k] - c);
@@ -676,7 +692,10 @@ pub fn softmax_with_bias(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<T
             },
         )
     } else {
-        candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(bias)?, candle_core::D::Minus1)
+        candle_nn::ops::softmax(
+            &(scores * scale)?.broadcast_add(bias)?,
+            candle_core::D::Minus1,
+        )
     }
 }
 
@@ -888,21 +907,23 @@ fn im2col(x: &[f32], g: &ConvGeom) -> Vec<f32> {
     let (m, kk) = g.mk();
     let cg = g.cg();
     let mut cols = vec![0f32; g.groups * m * kk];
-    cols.par_chunks_mut(m * kk).enumerate().for_each(|(grp, cols)| {
-        cols.par_chunks_mut(kk).enumerate().for_each(|(row, out)| {
-            let (bi, t) = (row / g.l_out, row % g.l_out);
-            for j in 0..g.k {
-                let pos = t * g.stride + j;
-                if pos < g.pad || pos - g.pad >= g.l {
-                    continue;
+    cols.par_chunks_mut(m * kk)
+        .enumerate()
+        .for_each(|(grp, cols)| {
+            cols.par_chunks_mut(kk).enumerate().for_each(|(row, out)| {
+                let (bi, t) = (row / g.l_out, row % g.l_out);
+                for j in 0..g.k {
+                    let pos = t * g.stride + j;
+                    if pos < g.pad || pos - g.pad >= g.l {
+                        continue;
+                    }
+                    let src = &x[(bi * g.l + pos - g.pad) * g.c + grp * cg..][..cg];
+                    for (c, v) in src.iter().enumerate() {
+                        out[c * g.k + j] = *v;
+                    }
                 }
-                let src = &x[(bi * g.l + pos - g.pad) * g.c + grp * cg..][..cg];
-                for (c, v) in src.iter().enumerate() {
-                    out[c * g.k + j] = *v;
-                }
-            }
+            });
         });
-    });
     cols
 }
 
@@ -912,23 +933,25 @@ fn col2im(dcols: &[f32], g: &ConvGeom) -> Vec<f32> {
     let cg = g.cg();
     let mut dx = vec![0f32; g.b * g.l * g.c];
     // One utterance per task; within it, a fixed order.
-    dx.par_chunks_mut(g.l * g.c).enumerate().for_each(|(bi, dx)| {
-        for grp in 0..g.groups {
-            for t in 0..g.l_out {
-                let row = &dcols[grp * m * kk + (bi * g.l_out + t) * kk..][..kk];
-                for j in 0..g.k {
-                    let pos = t * g.stride + j;
-                    if pos < g.pad || pos - g.pad >= g.l {
-                        continue;
-                    }
-                    let dst = &mut dx[(pos - g.pad) * g.c + grp * cg..][..cg];
-                    for (c, d) in dst.iter_mut().enumerate() {
-                        *d += row[c * g.k + j];
+    dx.par_chunks_mut(g.l * g.c)
+        .enumerate()
+        .for_each(|(bi, dx)| {
+            for grp in 0..g.groups {
+                for t in 0..g.l_out {
+                    let row = &dcols[grp * m * kk + (bi * g.l_out + t) * kk..][..kk];
+                    for j in 0..g.k {
+                        let pos = t * g.stride + j;
+                        if pos < g.pad || pos - g.pad >= g.l {
+                            continue;
+                        }
+                        let dst = &mut dx[(pos - g.pad) * g.c + grp * cg..][..cg];
+                        for (c, d) in dst.iter_mut().enumerate() {
+                            *d += row[c * g.k + j];
+                        }
                     }
                 }
             }
-        }
-    });
+        });
     dx
 }
 
@@ -950,7 +973,9 @@ impl Conv1dTime {
         };
         let groups = self.groups;
         if groups == 0 || c != cg * groups || o % groups != 0 || k == 0 {
-            candle_core::bail!("conv1d_time: input has {c} channels, kernel {wd:?}, groups {groups}");
+            candle_core::bail!(
+                "conv1d_time: input has {c} channels, kernel {wd:?}, groups {groups}"
+            );
         }
         let lp = l + 2 * self.pad;
         if lp < k {
@@ -982,7 +1007,11 @@ fn conv_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Result
     let mut y = vec![0f32; m * g.o];
     if let Some(b) = b {
         if b.len() != g.o {
-            candle_core::bail!("conv1d_time: bias of {} for {} output channels", b.len(), g.o);
+            candle_core::bail!(
+                "conv1d_time: bias of {} for {} output channels",
+                b.len(),
+                g.o
+            );
         }
         y.par_chunks_mut(g.o).for_each(|r| r.copy_from_slice(b));
     }
@@ -993,11 +1022,23 @@ fn conv_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom) -> Result
             og,
             kk,
             &mut y,
-            View { off: grp * og, rs: g.o, cs: 1 },
+            View {
+                off: grp * og,
+                rs: g.o,
+                cs: 1,
+            },
             &cols,
-            View { off: grp * m * kk, rs: kk, cs: 1 },
+            View {
+                off: grp * m * kk,
+                rs: kk,
+                cs: 1,
+            },
             w,
-            View { off: grp * og * kk, rs: 1, cs: kk },
+            View {
+                off: grp * og * kk,
+                rs: 1,
+                cs: kk,
+            },
             b.is_some(),
         )?;
     }
@@ -1018,11 +1059,23 @@ fn conv_backward(x: &[f32], w: &[f32], gy: &[f32], g: &ConvGeom) -> Result<(Vec<
             kk,
             m,
             &mut dw,
-            View { off: grp * og * kk, rs: kk, cs: 1 },
+            View {
+                off: grp * og * kk,
+                rs: kk,
+                cs: 1,
+            },
             gy,
-            View { off: grp * og, rs: 1, cs: g.o },
+            View {
+                off: grp * og,
+                rs: 1,
+                cs: g.o,
+            },
             &cols,
-            View { off: grp * m * kk, rs: kk, cs: 1 },
+            View {
+                off: grp * m * kk,
+                rs: kk,
+                cs: 1,
+            },
             false,
         )?;
         // dcols_g (m × kk) = gy_g (m × og) · w_g (og × kk)
@@ -1031,11 +1084,23 @@ fn conv_backward(x: &[f32], w: &[f32], gy: &[f32], g: &ConvGeom) -> Result<(Vec<
             kk,
             og,
             &mut dcols,
-            View { off: grp * m * kk, rs: kk, cs: 1 },
+            View {
+                off: grp * m * kk,
+                rs: kk,
+                cs: 1,
+            },
             gy,
-            View { off: grp * og, rs: g.o, cs: 1 },
+            View {
+                off: grp * og,
+                rs: g.o,
+                cs: 1,
+            },
             w,
-            View { off: grp * og * kk, rs: kk, cs: 1 },
+            View {
+                off: grp * og * kk,
+                rs: kk,
+                cs: 1,
+            },
             false,
         )?;
     }
@@ -1177,7 +1242,11 @@ fn linear_geom(xd: &[usize], wd: &[usize], bd: &[usize]) -> Result<(usize, usize
     if wi != i || bd != [o] {
         candle_core::bail!("linear: input {xd:?}, weight {wd:?}, bias {bd:?}");
     }
-    let rows = if i == 0 { 0 } else { xd.iter().product::<usize>() / i };
+    let rows = if i == 0 {
+        0
+    } else {
+        xd.iter().product::<usize>() / i
+    };
     Ok((rows, i, o))
 }
 
@@ -1228,11 +1297,23 @@ impl CustomOp3 for Linear {
             o,
             i,
             &mut y,
-            View { off: 0, rs: o, cs: 1 },
+            View {
+                off: 0,
+                rs: o,
+                cs: 1,
+            },
             x,
-            View { off: 0, rs: i, cs: 1 },
+            View {
+                off: 0,
+                rs: i,
+                cs: 1,
+            },
             w,
-            View { off: 0, rs: 1, cs: i },
+            View {
+                off: 0,
+                rs: 1,
+                cs: i,
+            },
             true,
         )?;
         let mut dims = l1.dims().to_vec();
@@ -1260,11 +1341,23 @@ impl CustomOp3 for Linear {
                         i,
                         o,
                         &mut dx,
-                        View { off: 0, rs: i, cs: 1 },
+                        View {
+                            off: 0,
+                            rs: i,
+                            cs: 1,
+                        },
                         g,
-                        View { off: 0, rs: o, cs: 1 },
+                        View {
+                            off: 0,
+                            rs: o,
+                            cs: 1,
+                        },
                         wv,
-                        View { off: 0, rs: i, cs: 1 },
+                        View {
+                            off: 0,
+                            rs: i,
+                            cs: 1,
+                        },
                         false,
                     )?;
                     let mut dw = vec![0f32; o * i];
@@ -1274,11 +1367,23 @@ impl CustomOp3 for Linear {
                         i,
                         rows,
                         &mut dw,
-                        View { off: 0, rs: i, cs: 1 },
+                        View {
+                            off: 0,
+                            rs: i,
+                            cs: 1,
+                        },
                         g,
-                        View { off: 0, rs: 1, cs: o },
+                        View {
+                            off: 0,
+                            rs: 1,
+                            cs: o,
+                        },
                         xv,
-                        View { off: 0, rs: i, cs: 1 },
+                        View {
+                            off: 0,
+                            rs: i,
+                            cs: 1,
+                        },
                         false,
                     )?;
                     Ok((dx, dw, column_sums(g, o)))
@@ -1342,7 +1447,11 @@ fn adam_kernel(
             Some(v) => v[i] * h.beta2 + gi * gi * c2,
             None => gi * gi * c2,
         };
-        let pi = if h.decay != 0.0 { p[i] - p[i] * h.decay } else { p[i] };
+        let pi = if h.decay != 0.0 {
+            p[i] - p[i] * h.decay
+        } else {
+            p[i]
+        };
         let denom = vi.sqrt() + h.eps;
         np[i] = pi - (mi / denom) * h.step_size;
         nm[i] = mi;
@@ -1360,7 +1469,11 @@ pub fn adam_step(
     h: AdamStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = p.elem_count();
-    for (what, t) in [("gradient", Some(g)), ("first moment", m), ("second moment", v)] {
+    for (what, t) in [
+        ("gradient", Some(g)),
+        ("first moment", m),
+        ("second moment", v),
+    ] {
         if let Some(t) = t {
             if t.elem_count() != n {
                 candle_core::bail!("adam: {what} has {} values for {n}", t.elem_count());
@@ -1378,12 +1491,23 @@ pub fn adam_step(
                         let r = c * CHUNK..(c * CHUNK + np.len());
                         let mv = mv.map(|s| &s[r.clone()]);
                         let vv = vv.map(|s| &s[r.clone()]);
-                        simd!(adam_kernel(&pv[r.clone()], &gv[r.clone()], mv, vv, np, nm, nv, h))
+                        simd!(adam_kernel(
+                            &pv[r.clone()],
+                            &gv[r.clone()],
+                            mv,
+                            vv,
+                            np,
+                            nm,
+                            nv,
+                            h
+                        ))
                     });
                 Ok((np, nm, nv))
             };
             match (m, v) {
-                (Some(m), Some(v)) => with_f32(m, "adam", |mv| with_f32(v, "adam", |vv| run(Some(mv), Some(vv)))),
+                (Some(m), Some(v)) => with_f32(m, "adam", |mv| {
+                    with_f32(v, "adam", |vv| run(Some(mv), Some(vv)))
+                }),
                 (None, None) => run(None, None),
                 _ => candle_core::bail!("adam: one moment without the other"),
             }
@@ -1399,7 +1523,11 @@ pub fn adam_step(
 /// `teacher·τ + student·(1−τ)` for CPU f32 tensors, in one pass (the composed path's order).
 pub fn ema(teacher: &Tensor, student: &Tensor, tau: f64) -> Result<Tensor> {
     if teacher.elem_count() != student.elem_count() {
-        candle_core::bail!("ema: {} teacher values for {} student ones", teacher.elem_count(), student.elem_count());
+        candle_core::bail!(
+            "ema: {} teacher values for {} student ones",
+            teacher.elem_count(),
+            student.elem_count()
+        );
     }
     let (a, b) = (tau as f32, (1.0 - tau) as f32);
     let out = with_f32(teacher, "ema", |t| {
@@ -1438,18 +1566,28 @@ impl CustomOp1 for AlibiBias {
         let m = as_f32(s, l, "alibi slopes")?;
         let (h, tt) = (m.len(), self.tv * self.tv);
         if self.dist.len() != self.rows * tt {
-            candle_core::bail!("alibi: {} distances for {} rows of {}²", self.dist.len(), self.rows, self.tv);
+            candle_core::bail!(
+                "alibi: {} distances for {} rows of {}²",
+                self.dist.len(),
+                self.rows,
+                self.tv
+            );
         }
         let mut out = vec![0f32; self.rows * h * tt];
-        out.par_chunks_mut(tt.max(1)).enumerate().for_each(|(k, o)| {
-            let (r, head) = (k / h, k % h);
-            let d = &self.dist[r * tt..(r + 1) * tt];
-            let s = -m[head];
-            for (o, d) in o.iter_mut().zip(d) {
-                *o = d * s;
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((self.rows, h, self.tv, self.tv))))
+        out.par_chunks_mut(tt.max(1))
+            .enumerate()
+            .for_each(|(k, o)| {
+                let (r, head) = (k / h, k % h);
+                let d = &self.dist[r * tt..(r + 1) * tt];
+                let s = -m[head];
+                for (o, d) in o.iter_mut().zip(d) {
+                    *o = d * s;
+                }
+            });
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((self.rows, h, self.tv, self.tv)),
+        ))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let h = arg.elem_count();
@@ -1522,7 +1660,10 @@ impl CustomOp1 for InstanceNorm {
                             var[k] += d * d;
                         }
                     }
-                    let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v / t as f32 + self.eps).sqrt()).collect();
+                    let rstd: Vec<f32> = var
+                        .iter()
+                        .map(|v| 1.0 / (v / t as f32 + self.eps).sqrt())
+                        .collect();
                     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                         for k in 0..c {
                             yr[k] = (xr[k] - mean[k]) * rstd[k];
@@ -1537,7 +1678,8 @@ impl CustomOp1 for InstanceNorm {
 /// Instance norm over time on the fused path (forward only; callers check [`fused_ok`] and that no
 /// gradient is wanted).
 pub fn instance_norm_time_fused(x: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&InstanceNorm { eps: eps as f32 })
+    x.contiguous()?
+        .apply_op1_no_bwd(&InstanceNorm { eps: eps as f32 })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1629,7 +1771,9 @@ impl Attention {
         }
         let nb = match bd {
             [nb, bh, bt, bt2] if *bh == h && *bt == t && *bt2 == t && (*nb == 1 || *nb == b) => *nb,
-            _ => candle_core::bail!("attention: bias {bd:?} for {b} utterances, {h} heads, {t} frames"),
+            _ => candle_core::bail!(
+                "attention: bias {bd:?} for {b} utterances, {h} heads, {t} frames"
+            ),
         };
         Ok(AttnGeom {
             b,
@@ -1689,11 +1833,23 @@ impl CustomOp2 for Attention {
                     t,
                     dh,
                     &mut s,
-                    View { off: 0, rs: t, cs: 1 },
+                    View {
+                        off: 0,
+                        rs: t,
+                        cs: 1,
+                    },
                     qkv,
-                    View { off: base + hi * dh, rs: 3 * d, cs: 1 },
+                    View {
+                        off: base + hi * dh,
+                        rs: 3 * d,
+                        cs: 1,
+                    },
                     qkv,
-                    View { off: base + d + hi * dh, rs: 1, cs: 3 * d },
+                    View {
+                        off: base + d + hi * dh,
+                        rs: 1,
+                        cs: 3 * d,
+                    },
                 )?;
                 let bb = if g.nb == 1 { 0 } else { bi };
                 let brow = &bias[(bb * g.h + hi) * tt..][..tt];
@@ -1712,24 +1868,38 @@ impl CustomOp2 for Attention {
                     dh,
                     t,
                     o,
-                    View { off: 0, rs: dh, cs: 1 },
+                    View {
+                        off: 0,
+                        rs: dh,
+                        cs: 1,
+                    },
                     &s,
-                    View { off: 0, rs: t, cs: 1 },
+                    View {
+                        off: 0,
+                        rs: t,
+                        cs: 1,
+                    },
                     qkv,
-                    View { off: base + 2 * d + hi * dh, rs: 3 * d, cs: 1 },
+                    View {
+                        off: base + 2 * d + hi * dh,
+                        rs: 3 * d,
+                        cs: 1,
+                    },
                 )?;
                 Ok(())
             })?;
         // [B, H, T, dh] → [B, T, H·dh]
         let mut out = vec![0f32; g.b * t * d];
-        out.par_chunks_mut((t * d).max(1)).enumerate().for_each(|(bi, o)| {
-            for hi in 0..g.h {
-                let src = &out_bh[(bi * g.h + hi) * t * dh..][..t * dh];
-                for ti in 0..t {
-                    o[ti * d + hi * dh..][..dh].copy_from_slice(&src[ti * dh..][..dh]);
+        out.par_chunks_mut((t * d).max(1))
+            .enumerate()
+            .for_each(|(bi, o)| {
+                for hi in 0..g.h {
+                    let src = &out_bh[(bi * g.h + hi) * t * dh..][..t * dh];
+                    for ti in 0..t {
+                        o[ti * d + hi * dh..][..dh].copy_from_slice(&src[ti * dh..][..dh]);
+                    }
                 }
-            }
-        });
+            });
         if self.keep {
             if let Ok(mut slot) = self.probs.lock() {
                 *slot = Some(std::sync::Arc::new(probs));
@@ -1747,7 +1917,9 @@ impl CustomOp2 for Attention {
         let g = self.geom(qkv_t.dims(), bias_t.dims())?;
         let probs = match self.probs.lock().ok().and_then(|s| s.clone()) {
             Some(p) => p,
-            None => candle_core::bail!("attention backward: the forward pass kept no probabilities"),
+            None => {
+                candle_core::bail!("attention backward: the forward pass kept no probabilities")
+            }
         };
         let (t, dh, d) = (g.t, g.dh, g.d());
         let tt = t * t;
@@ -1763,7 +1935,11 @@ impl CustomOp2 for Attention {
                         let (bi, hi) = (task / g.h, task % g.h);
                         let base = bi * t * 3 * d;
                         let p = &probs[task * tt..][..tt];
-                        let go_view = View { off: bi * t * d + hi * dh, rs: d, cs: 1 };
+                        let go_view = View {
+                            off: bi * t * d + hi * dh,
+                            rs: d,
+                            cs: 1,
+                        };
                         // dP_d = dO·Vᵀ
                         let mut dp = vec![0f32; tt];
                         matmul_seq(
@@ -1771,11 +1947,19 @@ impl CustomOp2 for Attention {
                             t,
                             dh,
                             &mut dp,
-                            View { off: 0, rs: t, cs: 1 },
+                            View {
+                                off: 0,
+                                rs: t,
+                                cs: 1,
+                            },
                             go,
                             go_view,
                             qkv,
-                            View { off: base + 2 * d + hi * dh, rs: 1, cs: 3 * d },
+                            View {
+                                off: base + 2 * d + hi * dh,
+                                rs: 1,
+                                cs: 3 * d,
+                            },
                         )?;
                         // P_d (for dV) and dS = P ⊙ (dP − Σ dP·P), dP = dP_d ⊙ mask
                         let mut pd = vec![0f32; tt];
@@ -1804,11 +1988,23 @@ impl CustomOp2 for Attention {
                             dh,
                             t,
                             dqs,
-                            View { off: 0, rs: dh, cs: 1 },
+                            View {
+                                off: 0,
+                                rs: dh,
+                                cs: 1,
+                            },
                             &dp,
-                            View { off: 0, rs: t, cs: 1 },
+                            View {
+                                off: 0,
+                                rs: t,
+                                cs: 1,
+                            },
                             qkv,
-                            View { off: base + d + hi * dh, rs: 3 * d, cs: 1 },
+                            View {
+                                off: base + d + hi * dh,
+                                rs: 3 * d,
+                                cs: 1,
+                            },
                         )?;
                         // dK = dSᵀ·Q
                         matmul_seq(
@@ -1816,11 +2012,23 @@ impl CustomOp2 for Attention {
                             dh,
                             t,
                             dks,
-                            View { off: 0, rs: dh, cs: 1 },
+                            View {
+                                off: 0,
+                                rs: dh,
+                                cs: 1,
+                            },
                             &dp,
-                            View { off: 0, rs: 1, cs: t },
+                            View {
+                                off: 0,
+                                rs: 1,
+                                cs: t,
+                            },
                             qkv,
-                            View { off: base + hi * dh, rs: 3 * d, cs: 1 },
+                            View {
+                                off: base + hi * dh,
+                                rs: 3 * d,
+                                cs: 1,
+                            },
                         )?;
                         // dV = P_dᵀ·dO
                         matmul_seq(
@@ -1828,9 +2036,17 @@ impl CustomOp2 for Attention {
                             dh,
                             t,
                             dvs,
-                            View { off: 0, rs: dh, cs: 1 },
+                            View {
+                                off: 0,
+                                rs: dh,
+                                cs: 1,
+                            },
                             &pd,
-                            View { off: 0, rs: 1, cs: t },
+                            View {
+                                off: 0,
+                                rs: 1,
+                                cs: t,
+                            },
                             go,
                             go_view,
                         )?;
@@ -1841,16 +2057,19 @@ impl CustomOp2 for Attention {
         })?;
         // [B, H, 3, T, dh] → [B, T, 3·H·dh]
         let mut dqkv = vec![0f32; g.b * t * 3 * d];
-        dqkv.par_chunks_mut((t * 3 * d).max(1)).enumerate().for_each(|(bi, o)| {
-            for hi in 0..g.h {
-                for part in 0..3 {
-                    let src = &dqkv_bh[((bi * g.h + hi) * 3 + part) * t * dh..][..t * dh];
-                    for ti in 0..t {
-                        o[ti * 3 * d + part * d + hi * dh..][..dh].copy_from_slice(&src[ti * dh..][..dh]);
+        dqkv.par_chunks_mut((t * 3 * d).max(1))
+            .enumerate()
+            .for_each(|(bi, o)| {
+                for hi in 0..g.h {
+                    for part in 0..3 {
+                        let src = &dqkv_bh[((bi * g.h + hi) * 3 + part) * t * dh..][..t * dh];
+                        for ti in 0..t {
+                            o[ti * 3 * d + part * d + hi * dh..][..dh]
+                                .copy_from_slice(&src[ti * dh..][..dh]);
+                        }
                     }
                 }
-            }
-        });
+            });
         let dbias = if g.nb == g.b {
             dbias_full
         } else {
@@ -1936,11 +2155,19 @@ impl CustomOp3 for AddLayerNorm {
         let wb = as_f32(s3, l3, "layer norm weight and bias")?;
         let d = l1.dims().last().copied().unwrap_or(1).max(1);
         if l1.dims() != l2.dims() || wb.len() != 2 * d {
-            candle_core::bail!("residual layer norm: {:?} + {:?}, affine of {}", l1.dims(), l2.dims(), wb.len());
+            candle_core::bail!(
+                "residual layer norm: {:?} + {:?}, affine of {}",
+                l1.dims(),
+                l2.dims(),
+                wb.len()
+            );
         }
         let s = self.sum(x, o);
         let (w, b) = wb.split_at(d);
-        Ok((CpuStorage::F32(ln_forward(&s, d, Some((w, b)), self.eps)), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(ln_forward(&s, d, Some((w, b)), self.eps)),
+            l1.shape().clone(),
+        ))
     }
     fn bwd(
         &self,
@@ -1959,7 +2186,9 @@ impl CustomOp3 for AddLayerNorm {
                         let (ds, affine) = ln_backward(&s, g, d, Some(&wbv[..d]), self.eps);
                         let (mut dw, db) = match affine {
                             Some(a) => a,
-                            None => candle_core::bail!("residual layer norm backward: no affine gradients"),
+                            None => candle_core::bail!(
+                                "residual layer norm backward: no affine gradients"
+                            ),
                         };
                         dw.extend(db);
                         Ok((ds, dw))

@@ -51,9 +51,13 @@ impl Noise {
     ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let key = self.rng.next_u64();
-        Tensor::from_vec(super::fused::normal_counter(key, n, std), shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)
+        Tensor::from_vec(
+            super::fused::normal_counter(key, n, std),
+            shape,
+            &Device::Cpu,
+        )?
+        .to_dtype(dtype)?
+        .to_device(device)
     }
 
     pub fn coin(&mut self, p: f64) -> bool {
@@ -68,7 +72,8 @@ impl Noise {
 /// LayerNorm over the last dimension (eps 1e-5), with or without affine: the fused CPU kernel
 /// for f32 (`fused.rs`), else [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
-    let fused = super::fused::fused_ok(x) && affine.is_none_or(|(w, b)| super::fused::fused_ok(w) && super::fused::fused_ok(b));
+    let fused = super::fused::fused_ok(x)
+        && affine.is_none_or(|(w, b)| super::fused::fused_ok(w) && super::fused::fused_ok(b));
     if fused {
         super::fused::layer_norm_fused(x, affine, eps)
     } else {

@@ -71,7 +71,11 @@ impl AdamW {
                     c1: (1.0 - self.beta1) as f32,
                     c2: (1.0 - self.beta2) as f32,
                     eps: self.eps as f32,
-                    decay: if decay { (lr * self.weight_decay) as f32 } else { 0.0 },
+                    decay: if decay {
+                        (lr * self.weight_decay) as f32
+                    } else {
+                        0.0
+                    },
                     step_size: step_size as f32,
                 };
                 let (np, nm, nv) = adam_step(p, g, m0, v0, h)?;

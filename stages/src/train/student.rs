@@ -8,9 +8,9 @@
 
 use crate::items::DataPosition;
 use crate::items::{FrameRecord, Masked, StepRecord};
+use crate::model::fused::fused_ok;
 use crate::model::losses::{self, AuxNorm, RankForm};
 use crate::model::optim::{lr_at, tau_at, AdamW};
-use crate::model::fused::fused_ok;
 use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
 use crate::train::{self, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
 use candle_core::{DType, Device, Tensor, Var, D};
