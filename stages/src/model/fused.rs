@@ -263,6 +263,18 @@ fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
 }
 
+/// The sum of the consecutive blocks of `block` values in `v`, in order (a gradient of something
+/// broadcast over the leading dimension).
+fn sum_blocks(v: &[f32], block: usize) -> Vec<f32> {
+    let mut acc = vec![0f32; block];
+    for c in v.chunks_exact(block.max(1)) {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc
+}
+
 /// Sums `rows × width` values over the rows in fixed-size parts (thread-count independent).
 fn sum_rows(parts: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
     let mut out = vec![0f32; width];
@@ -665,14 +677,7 @@ impl CustomOp2 for SoftmaxBias {
             ds
         } else {
             // Broadcast over the leading dimension: sum its blocks, in order.
-            let block = ds.len() / ns.max(1);
-            let mut acc = vec![0f32; block];
-            for c in ds.chunks_exact(block) {
-                for (a, v) in acc.iter_mut().zip(c) {
-                    *a += v;
-                }
-            }
-            acc
+            sum_blocks(&ds, ds.len() / ns.max(1))
         };
         Ok((
             Some(tensor(dscores, scores.shape())?),
@@ -810,7 +815,7 @@ impl View {
 
 /// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or `+=` with `accumulate`, through gemm with
 /// candle's thread count (gemm splits rows and columns, never the inner dimension, so the result
-/// does not depend on it). Every view is bounds-checked first.
+/// does not depend on it).
 #[allow(clippy::too_many_arguments)]
 fn matmul_into(
     m: usize,
@@ -824,8 +829,62 @@ fn matmul_into(
     r: View,
     accumulate: bool,
 ) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_views(m, n, k, dst, d, lhs, l, rhs, r, accumulate, par)
+}
+
+/// `dst (m × n) = lhs · rhs` on this thread (the caller parallelises over tasks).
+#[allow(clippy::too_many_arguments)]
+fn matmul_seq(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    d: View,
+    lhs: &[f32],
+    l: View,
+    rhs: &[f32],
+    r: View,
+) -> Result<()> {
+    gemm_views(
+        m,
+        n,
+        k,
+        dst,
+        d,
+        lhs,
+        l,
+        rhs,
+        r,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// The one call into gemm: every view bounds-checked first.
+#[allow(clippy::too_many_arguments)]
+fn gemm_views(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    d: View,
+    lhs: &[f32],
+    l: View,
+    rhs: &[f32],
+    r: View,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) -> Result<()> {
     if !(d.fits(m, n, dst.len()) && l.fits(m, k, lhs.len()) && r.fits(k, n, rhs.len())) {
-        candle_core::bail!("fused conv: a matrix view falls outside its buffer ({m}×{k}·{k}×{n})");
+        candle_core::bail!(
+            "fused matmul: a matrix view falls outside its buffer ({m}×{k}·{k}×{n})"
+        );
     }
     if m == 0 || n == 0 {
         return Ok(());
@@ -840,12 +899,6 @@ fn matmul_into(
         }
         return Ok(());
     }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: every element each view addresses lies inside its slice (checked above); `dst` is
     // borrowed mutably and the inputs immutably, so nothing else aliases it.
     unsafe {
@@ -1687,52 +1740,6 @@ pub fn instance_norm_time_fused(x: &Tensor, eps: f64) -> Result<Tensor> {
 // strided GEMMs straight out of the qkv projection
 // ---------------------------------------------------------------------------------------------
 
-/// `dst (m × n) = lhs · rhs` on this thread (the caller parallelises over tasks).
-#[allow(clippy::too_many_arguments)]
-fn matmul_seq(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    d: View,
-    lhs: &[f32],
-    l: View,
-    rhs: &[f32],
-    r: View,
-) -> Result<()> {
-    if !(d.fits(m, n, dst.len()) && l.fits(m, k, lhs.len()) && r.fits(k, n, rhs.len())) {
-        candle_core::bail!("attention: a matrix view falls outside its buffer ({m}×{k}·{k}×{n})");
-    }
-    if m == 0 || n == 0 || k == 0 {
-        return Ok(());
-    }
-    // SAFETY: as in `matmul_into`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(d.off),
-            d.cs as isize,
-            d.rs as isize,
-            false,
-            lhs.as_ptr().add(l.off),
-            l.cs as isize,
-            l.rs as isize,
-            rhs.as_ptr().add(r.off),
-            r.cs as isize,
-            r.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    Ok(())
-}
-
 /// The attention core of a block: `qkv` `[B, T, 3D]` (q, k, v side by side, heads inside each)
 /// and the bias `[B|1, H, T, T]` → `[B, T, D]` (heads side by side, before the output
 /// projection). The attention probabilities are kept for the backward pass.
@@ -2073,14 +2080,7 @@ impl CustomOp2 for Attention {
         let dbias = if g.nb == g.b {
             dbias_full
         } else {
-            let block = g.h * tt;
-            let mut acc = vec![0f32; block];
-            for c in dbias_full.chunks_exact(block.max(1)) {
-                for (a, v) in acc.iter_mut().zip(c) {
-                    *a += v;
-                }
-            }
-            acc
+            sum_blocks(&dbias_full, g.h * tt)
         };
         Ok((
             Some(tensor(dqkv, qkv_t.shape())?),
