@@ -308,7 +308,6 @@ fn update_child(steps: u64) {
     use stages::train::mask::MaskParams;
     use stages::train::masking::{eh_mask, Rounding};
     use stages::train::student::{Student, StudentParams};
-    use std::sync::Arc;
 
     let cfg = ModelConfig::tiny();
     let dim = cfg.input_dim();
@@ -376,7 +375,7 @@ fn update_child(steps: u64) {
         let masked = Masked {
             taught: Taught {
                 batch,
-                targets: Arc::new(targets),
+                targets,
                 target_dim,
                 frames: t,
                 pred_loss,

@@ -55,9 +55,9 @@ pub enum Decoded {
 #[derive(Debug, Clone)]
 pub struct Taught {
     pub batch: crate::items::Batch,
-    /// Targets `y`: `size × frames × target_dim`, row-major (average of the instance-normalised
-    /// FFN outputs of the top-K teacher blocks).
-    pub targets: std::sync::Arc<Vec<f32>>,
+    /// Targets `y`: `[size, frames, target_dim]` f32 on the training device, where the teacher
+    /// made them (average of the instance-normalised FFN outputs of the top-K teacher blocks).
+    pub targets: candle_core::Tensor,
     pub target_dim: usize,
     /// Model frames per member (50 Hz). Equals `batch.frames` for fbank features; fewer for
     /// waveforms, which the CNN front-end strides by 320. Masks are `size × frames` of these.

@@ -79,6 +79,12 @@ pub fn update_noise(seed: u64, step: u64) -> u64 {
     train_mix(seed, step, 1)
 }
 
+/// `student` on a GPU: the seed of the device generator (cuRAND) for update `step`'s dropout
+/// masks and noise tokens.
+pub fn update_device_noise(seed: u64, step: u64) -> u64 {
+    train_mix(seed, step, 2)
+}
+
 /// `log.frames`: whether utterance `utt_id` of update `step` is logged: BLAKE3 of (seed, step,
 /// utt_id) as a uniform number in [0, 1), below `fraction`.
 pub fn frame_log_sampled(seed: u64, step: u64, utt_id: &str, fraction: f64) -> bool {

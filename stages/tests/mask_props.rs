@@ -9,7 +9,6 @@ use stages::items::Taught;
 use stages::items::{Batch, DataPosition};
 use stages::train::mask::*;
 use stages::train::masking::*;
-use std::sync::Arc;
 
 fn spec(p: f64, l: usize) -> MaskSpec {
     MaskSpec {
@@ -45,10 +44,16 @@ fn batch(step: u64, epoch: u32, frames: usize, lengths: &[usize]) -> Batch {
 }
 
 fn taught(b: Batch, pred_loss: Vec<f32>) -> Taught {
+    let shape = (b.size(), b.frames, 0);
     Taught {
         frames: b.frames,
         batch: b,
-        targets: Arc::new(Vec::new()),
+        targets: candle_core::Tensor::zeros(
+            shape,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
         target_dim: 0,
         pred_loss,
         teacher_version: 0,
@@ -677,7 +682,12 @@ fn clone_batch_repeats_rows_with_independent_masks() {
     b.data = (0..size * frames).map(|i| i as f32).collect();
     b.offsets = vec![5, 10, 15];
     let t = Taught {
-        targets: Arc::new((0..size * frames * 2).map(|i| -(i as f32)).collect()),
+        targets: candle_core::Tensor::from_vec(
+            (0..size * frames * 2).map(|i| -(i as f32)).collect::<Vec<_>>(),
+            (size, frames, 2),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
         target_dim: 2,
         ..taught(b, lp.clone())
     };
@@ -686,6 +696,7 @@ fn clone_batch_repeats_rows_with_independent_masks() {
     assert_eq!(m.clones, c);
     let mb = &m.taught.batch;
     assert_eq!(mb.size(), size * c);
+    let targets: Vec<f32> = m.taught.targets.flatten_all().unwrap().to_vec1().unwrap();
     for r in 0..size * c {
         let i = r / c;
         assert_eq!(mb.utt_ids[r], format!("u{i}"));
@@ -697,7 +708,7 @@ fn clone_batch_repeats_rows_with_independent_masks() {
                 .collect::<Vec<_>>()[..]
         );
         assert_eq!(
-            &m.taught.targets[r * frames * 2..(r + 1) * frames * 2],
+            &targets[r * frames * 2..(r + 1) * frames * 2],
             &(i * frames * 2..(i + 1) * frames * 2)
                 .map(|x| -(x as f32))
                 .collect::<Vec<_>>()[..]

@@ -8,7 +8,6 @@ use stages::model::optim::{lr_at, tau_at, AdamW};
 use stages::model::{self, Model, ModelConfig, Noise};
 use stages::train::student::{Student, StudentParams};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Method §2.9: the base model with the CNN front-end has 94,403,852 parameters.
 #[test]
@@ -176,7 +175,7 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
     };
     let taught = Taught {
         batch,
-        targets: Arc::new(targets),
+        targets: Tensor::from_vec(targets, (rows, t, d), &Device::Cpu).unwrap(),
         target_dim: d,
         frames: t,
         pred_loss: vec![0.0; rows * t],
@@ -655,12 +654,20 @@ fn joint_loss_normalisations_by_hand() {
         let student = Student::new(p, cfg.clone(), Device::Cpu, 8, DType::F64).unwrap();
         let parts = student.loss(&m, &mut Noise::new(5)).unwrap();
         let (n, mm) = (3usize, parts.mm);
-        assert_eq!(parts.ell.len(), n * mm);
-        let sum_ell: f64 = parts.ell.iter().map(|&x| x as f64).sum();
+        let ell: Vec<f32> = parts
+            .ell
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ell.len(), n * mm);
+        let sum_ell: f64 = ell.iter().map(|&x| x as f64).sum();
         let p_m = parts.pred.as_ref().unwrap().1.to_vec2::<f64>().unwrap();
         let (mut raw, mut pairs) = (0.0, 0);
         for (r, row) in p_m.iter().enumerate() {
-            let (s, k) = ranking_by_hand(row, &parts.ell[r * mm..(r + 1) * mm]);
+            let (s, k) = ranking_by_hand(row, &ell[r * mm..(r + 1) * mm]);
             raw += s;
             pairs += k;
         }

@@ -136,6 +136,32 @@ pub struct ModelConfig {
     /// What the teacher's loss predictor reads (§1.4, §10 #5): `targets` (the code, default) or
     /// `last_layer` (the paper's `d(f_θt(Z))`: the last block's output).
     pub teacher_pred_input: TeacherPredInput,
+    /// Compute precision of the forward and backward passes: `f32` (default), `bf16` or `f16`.
+    /// Weights, AdamW moments, the EMA teacher, norms, softmax and the losses stay in f32 (master
+    /// weights, as PyTorch's autocast and fairseq's `--fp16`/`--bf16`); matmuls, convolutions,
+    /// GELU and the activations between them run in the chosen type. `f16` trains with dynamic
+    /// loss scaling (`student.with.fp16_init_scale`, `fp16_scale_window`, `min_loss_scale`).
+    pub dtype: ComputeDType,
+}
+
+/// The `model.dtype` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ComputeDType {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDType::F32 => candle_core::DType::F32,
+            ComputeDType::Bf16 => candle_core::DType::BF16,
+            ComputeDType::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 /// Input of the teacher's loss predictor.
@@ -170,6 +196,7 @@ impl ModelConfig {
             pred_double_dropout: false,
             end_of_block_targets: false,
             teacher_pred_input: TeacherPredInput::Targets,
+            dtype: ComputeDType::F32,
         }
     }
 
@@ -212,6 +239,7 @@ impl ModelConfig {
             pred_double_dropout: false,
             end_of_block_targets: false,
             teacher_pred_input: TeacherPredInput::Targets,
+            dtype: ComputeDType::F32,
         }
     }
 

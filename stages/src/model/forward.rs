@@ -104,8 +104,11 @@ impl<'a> Model<'a> {
     }
 
     /// ALiBi bias `[B|1, H, Tv, Tv]` for the kept positions of each row, scaled by the learned
-    /// per-head scale clamped at ≥ 0 (§2.4).
+    /// per-head scale clamped at ≥ 0 (§2.4), in [`acc_dtype`] of `dtype` (f32 for the 16-bit
+    /// types: it joins the scores in the f32 softmax). Off the fused CPU path the distances are
+    /// built on `device` from the `B × Tv` kept positions (no `B × Tv × Tv` host tensor).
     pub fn alibi(&self, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<Tensor> {
+        let dtype = acc_dtype(dtype);
         let h = self.cfg.encoder.heads;
         let rows = positions.len();
         let tv = positions.first().map_or(0, |p| p.len());
@@ -116,13 +119,16 @@ impl<'a> Model<'a> {
             let m = Tensor::from_vec(slopes, h, &Device::Cpu)?.mul(&scale.relu()?.reshape(h)?)?;
             return super::fused::alibi_bias_fused(distances(positions), rows, tv, &m);
         }
-        let dist = Tensor::from_vec(distances(positions), (rows, 1, tv, tv), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
+        // |p_i − p_j|, exact in f32 below 2²⁴ frames (as the host-built distances were).
+        let pos: Vec<f32> = positions.iter().flatten().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (rows, 1, tv, 1), device)?.to_dtype(dtype)?;
+        let dist = pos
+            .broadcast_sub(&pos.reshape((rows, 1, 1, tv))?)?
+            .abs()?;
         let slopes = Tensor::from_vec(slopes, (1, h, 1, 1), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;
-        let scale = scale.relu()?.reshape((1, h, 1, 1))?;
+        let scale = scale.to_dtype(dtype)?.relu()?.reshape((1, h, 1, 1))?;
         let m = slopes.mul(&scale)?;
         dist.broadcast_mul(&m)?.neg()
     }
@@ -206,11 +212,11 @@ impl<'a> Model<'a> {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let mut att = softmax_with_bias(&q.matmul(&k.t()?)?, scale, bias)?;
+        let mut att = softmax_with_bias(&matmul(&q, &k.t()?)?, scale, bias)?;
         if let Some(n) = noise.as_deref_mut() {
             att = n.dropout(&att, self.cfg.encoder.attention_dropout)?;
         }
-        att.matmul(&v)?
+        matmul(&att, &v)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, d))
@@ -253,7 +259,10 @@ impl<'a> Model<'a> {
             TeacherPredInput::LastLayer => x,
         };
         let pred = self.head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?;
-        let pred_loss = pred.mean(D::Minus1)?.to_dtype(DType::F32)?;
+        let pred_loss = pred
+            .to_dtype(acc_dtype(pred.dtype()))?
+            .mean(D::Minus1)?
+            .to_dtype(DType::F32)?;
         let _ = b;
         Ok(TeacherOut { targets, pred_loss })
     }

@@ -697,10 +697,14 @@ pub fn softmax_with_bias(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<T
             },
         )
     } else {
+        // Mixed precision: the softmax in f32 (autocast's rule), the probabilities back in the
+        // scores' type.
+        let acc = super::ops::acc_dtype(scores.dtype());
         candle_nn::ops::softmax(
-            &(scores * scale)?.broadcast_add(bias)?,
+            &(scores.to_dtype(acc)? * scale)?.broadcast_add(&bias.to_dtype(acc)?)?,
             candle_core::D::Minus1,
-        )
+        )?
+        .to_dtype(scores.dtype())
     }
 }
 

@@ -2,7 +2,7 @@
 //! scale, the pairwise ranking loss of the loss predictor in the ε form, and their joint
 //! normalisation. Also the rank-agreement metric of §1.10.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -51,6 +51,8 @@ pub enum RankForm {
 /// detached per-frame losses `l` (row-major `B × M`): for each row, every ordered pair (i, j) with
 /// `l_j > l_i` adds `−ln(σ(p_j − p_i) + ε)` and with `l_j < l_i` adds `−ln(1 − σ(p_j − p_i) + ε)`;
 /// ties and the diagonal add nothing. Returns the plain sum and the number of ordered pairs counted.
+/// (Host losses: the tests' entry; the trainer calls [`ranking_loss_t`] with the losses where they
+/// are.)
 pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, usize)> {
     let (b, m) = p.dims2()?;
     if l.len() != b * m {
@@ -61,31 +63,32 @@ pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, us
             m
         );
     }
-    let mut gt = vec![0f32; b * m * m];
-    let mut lt = vec![0f32; b * m * m];
-    let mut pairs = 0usize;
-    for r in 0..b {
-        let row = &l[r * m..(r + 1) * m];
-        for i in 0..m {
-            for j in 0..m {
-                let k = r * m * m + i * m + j;
-                if row[j] > row[i] {
-                    gt[k] = 1.0;
-                    pairs += 1;
-                } else if row[j] < row[i] {
-                    lt[k] = 1.0;
-                    pairs += 1;
-                }
-            }
-        }
+    let l = Tensor::from_slice(l, (b, m), p.device())?;
+    let (total, pairs) = ranking_loss_t(p, &l, form)?;
+    Ok((total, pairs.to_scalar::<f64>()? as usize))
+}
+
+/// [`ranking_loss`] with the losses `l` as a `[B, M]` tensor on `p`'s device (detached here): the
+/// pair labels are built there, nothing crosses to the host. The count of ordered pairs is an f64
+/// scalar tensor (exact up to 2⁵³).
+pub fn ranking_loss_t(p: &Tensor, l: &Tensor, form: RankForm) -> Result<(Tensor, Tensor)> {
+    let (b, m) = p.dims2()?;
+    if l.dims() != [b, m] {
+        candle_core::bail!(
+            "ranking_loss: losses of shape {:?} for {}×{} predictions",
+            l.dims(),
+            b,
+            m
+        );
     }
-    let dev = p.device();
-    let to = |v: Vec<f32>| -> Result<Tensor> {
-        Tensor::from_vec(v, (b, m, m), &Device::Cpu)?
-            .to_dtype(p.dtype())?
-            .to_device(dev)
-    };
-    let (gt, lt) = (to(gt)?, to(lt)?);
+    let l = l.detach();
+    // [b, i, j]: l_j against l_i.
+    let lj = l.unsqueeze(1)?.broadcast_as((b, m, m))?;
+    let li = l.unsqueeze(2)?.broadcast_as((b, m, m))?;
+    let gt = lj.gt(&li)?;
+    let lt = lj.lt(&li)?;
+    let pairs = (gt.to_dtype(DType::F64)?.sum_all()? + lt.to_dtype(DType::F64)?.sum_all()?)?;
+    let (gt, lt) = (gt.to_dtype(p.dtype())?, lt.to_dtype(p.dtype())?);
     // d[b, i, j] = p_j − p_i
     let d = p.unsqueeze(1)?.broadcast_sub(&p.unsqueeze(2)?)?;
     let total = match form {
@@ -117,19 +120,23 @@ pub fn ranking_loss(p: &Tensor, l: &[f32], form: RankForm) -> Result<(Tensor, us
 /// frames, then the summed squared error to `p`. Returns the sum and the count of terms.
 pub fn zscore_mse_loss(p: &Tensor, l: &[f32]) -> Result<(Tensor, usize)> {
     let (b, m) = p.dims2()?;
-    let mut z = vec![0f32; b * m];
-    for r in 0..b {
-        let row = &l[r * m..(r + 1) * m];
-        let mean = row.iter().map(|&x| x as f64).sum::<f64>() / m.max(1) as f64;
-        let var = row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / m.max(1) as f64;
-        let sd = var.sqrt().max(1e-6);
-        for i in 0..m {
-            z[r * m + i] = ((row[i] as f64 - mean) / sd) as f32;
-        }
+    if l.len() != b * m {
+        candle_core::bail!("zscore_mse: {} targets for {b}×{m} predictions", l.len());
     }
-    let z = Tensor::from_vec(z, (b, m), &Device::Cpu)?
-        .to_dtype(p.dtype())?
-        .to_device(p.device())?;
+    let l = Tensor::from_slice(l, (b, m), p.device())?;
+    zscore_mse_loss_t(p, &l)
+}
+
+/// [`zscore_mse_loss`] with the losses `l` `[B, M]` on `p`'s device: mean and std per row in f64
+/// there (the std floored at 1e-6), the z-scores in `p`'s type.
+pub fn zscore_mse_loss_t(p: &Tensor, l: &Tensor) -> Result<(Tensor, usize)> {
+    let (b, m) = p.dims2()?;
+    let l = l.detach().to_dtype(DType::F64)?;
+    let mean = (l.sum_keepdim(1)? / m.max(1) as f64)?;
+    let c = l.broadcast_sub(&mean)?;
+    let var = (c.sqr()?.sum_keepdim(1)? / m.max(1) as f64)?;
+    let sd = var.sqrt()?.maximum(1e-6)?;
+    let z = c.broadcast_div(&sd)?.to_dtype(p.dtype())?;
     Ok(((p - z)?.sqr()?.sum_all()?, b * m))
 }
 

@@ -11,24 +11,52 @@ use rand_chacha::ChaCha8Rng;
 // ---------------------------------------------------------------------------------------------
 
 /// The student's training randomness: `None` for eval (teacher, export).
+///
+/// On the CPU every draw is a pure function of the seed (bit-exact runs and resumes). On a GPU
+/// (`Noise::on`) the dropout masks and noise tokens are drawn on the device by its generator
+/// (cuRAND), seeded once per update from the same seed: nothing per element crosses from the
+/// host, runs are repeatable on one GPU model and driver, but they are not bit-identical to CPU
+/// runs. Layerdrop coins and the keys still come from the seeded ChaCha stream on every device,
+/// so both draw the same sequence of keys and coins.
 pub struct Noise {
     pub rng: ChaCha8Rng,
+    /// Draw on this (non-CPU) device's generator instead of the counter-based host one.
+    device: Option<Device>,
 }
 
 impl Noise {
     pub fn new(seed: u64) -> Self {
         Noise {
             rng: ChaCha8Rng::seed_from_u64(seed),
+            device: None,
         }
     }
 
+    /// The noise of an update on `device`: the CPU's counter-based draws there, else the
+    /// device's generator, seeded now with `device_seed` (see the type's documentation).
+    pub fn on(seed: u64, device_seed: u64, device: &Device) -> Result<Self> {
+        let mut n = Noise::new(seed);
+        if !device.is_cpu() {
+            device.set_seed(device_seed)?;
+            n.device = Some(device.clone());
+        }
+        Ok(n)
+    }
+
     /// Inverted dropout: a fresh 64-bit key from the seeded stream per call, the mask counter-based
-    /// from it (`fused::Dropout`; fused on the CPU, a host-drawn mask of the same bits elsewhere).
+    /// from it (`fused::Dropout`; fused on the CPU, a host-drawn mask of the same bits for other
+    /// CPU dtypes), or drawn on the device (see [`Noise::on`]).
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
         let key = self.rng.next_u64();
+        if let Some(dev) = self.device.as_ref().filter(|d| x.device().same_device(d)) {
+            // u ∈ [0, 1) per element; kept where u ≥ p, scaled by 1/(1 − p).
+            let u = Tensor::rand(0f32, 1f32, x.shape(), dev)?;
+            let m = (u.ge(p)?.to_dtype(x.dtype())? * (1.0 / (1.0 - p)))?;
+            return x.mul(&m);
+        }
         super::fused::dropout(x, super::fused::Dropout { key, p })
     }
 
@@ -51,6 +79,9 @@ impl Noise {
     ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let key = self.rng.next_u64();
+        if let Some(dev) = self.device.as_ref().filter(|d| device.same_device(d)) {
+            return Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dtype);
+        }
         Tensor::from_vec(
             super::fused::normal_counter(key, n, std),
             shape,
@@ -72,6 +103,15 @@ impl Noise {
 /// LayerNorm over the last dimension (eps 1e-5), with or without affine: the fused CPU kernel
 /// for f32 (`fused.rs`), else [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        // Mixed precision: norms run in f32 (autocast's rule), the result back in x's type.
+        let xf = x.to_dtype(DType::F32)?;
+        let aff = match affine {
+            Some((w, b)) => Some((w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?)),
+            None => None,
+        };
+        return layer_norm(&xf, aff.as_ref().map(|(w, b)| (w, b)), eps)?.to_dtype(x.dtype());
+    }
     let fused = super::fused::fused_ok(x)
         && affine.is_none_or(|(w, b)| super::fused::fused_ok(w) && super::fused::fused_ok(b));
     if fused {
@@ -79,6 +119,74 @@ pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> R
     } else {
         layer_norm_composed(x, affine, eps)
     }
+}
+
+/// Whether `dt` is a 16-bit float type (`model.dtype: bf16 | f16`).
+pub fn is_half(dt: DType) -> bool {
+    matches!(dt, DType::BF16 | DType::F16)
+}
+
+/// The type that norms, softmax, the ALiBi bias and the losses use for activations of type `dt`:
+/// f32 for the 16-bit types (as PyTorch's autocast), else `dt` itself.
+pub fn acc_dtype(dt: DType) -> DType {
+    if is_half(dt) {
+        DType::F32
+    } else {
+        dt
+    }
+}
+
+/// `a.matmul(b)` after checking that cuBLAS takes both operands' layouts as they are (candle's
+/// CUDA matmul refuses layouts that its CPU matmul accepts), so that a CPU run catches what a GPU
+/// would refuse. Every matmul of the model's composed path goes through here.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Err(why) = cublas_layout_ok(a, b) {
+        candle_core::bail!(
+            "matmul of {:?} (strides {:?}) by {:?} (strides {:?}): {why} (cuBLAS would refuse it; make the operand contiguous)",
+            a.dims(),
+            a.stride(),
+            b.dims(),
+            b.stride()
+        );
+    }
+    a.matmul(b)
+}
+
+/// candle 0.11's CUDA `gemm_config` rules (`cuda_backend/mod.rs`): each operand's two minor
+/// dimensions row- or column-major, and at most two batch dimensions with one stride between
+/// batches. Also checked for the operands of the backward pass (`g·bᵀ`, `aᵀ·g` with `g`
+/// contiguous), whose layouts are these transposed.
+pub fn cublas_layout_ok(a: &Tensor, b: &Tensor) -> std::result::Result<(), String> {
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad.len() < 2 || bd.len() < 2 {
+        return Ok(()); // candle itself refuses these
+    }
+    let (m, k) = (ad[ad.len() - 2], ad[ad.len() - 1]);
+    let n = bd[bd.len() - 1];
+    let minor_ok = |st: &[usize], rows: usize, cols: usize| {
+        let (s1, s2) = (st[st.len() - 1], st[st.len() - 2]);
+        ((s1 == 1 || cols == 1) && (s2 == cols || rows == 1))
+            || ((s1 == rows || cols == 1) && (s2 == 1 || rows == 1))
+    };
+    let batch_ok = |dims: &[usize], st: &[usize]| {
+        let bs = &st[..st.len() - 2];
+        match bs.len() {
+            0 | 1 => true,
+            2 => bs[0] == bs[1] * dims[1] || dims[0] == 1 || dims[1] == 1,
+            _ => false,
+        }
+    };
+    let (sa, sb) = (a.stride(), b.stride());
+    if !minor_ok(sa, m, k) {
+        return Err("the left operand's last two dimensions are neither row- nor column-major".into());
+    }
+    if !minor_ok(sb, k, n) {
+        return Err("the right operand's last two dimensions are neither row- nor column-major".into());
+    }
+    if !batch_ok(ad, sa) || !batch_ok(bd, sb) {
+        return Err("the batch dimensions have no single stride (more than two, or not nested)".into());
+    }
+    Ok(())
 }
 
 /// LayerNorm written with primitive ops, so that it differentiates on every device (candle's
@@ -114,7 +222,7 @@ pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Ten
     let dims = x.dims().to_vec();
     let i = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / i.max(1);
-    let y = x.reshape((rows, i))?.matmul(&w.t()?)?;
+    let y = matmul(&x.reshape((rows, i))?, &w.t()?)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -199,7 +307,7 @@ pub fn conv1d_time_composed(
         .reshape((groups, og, cg * k))?
         .transpose(1, 2)?
         .contiguous()?;
-    let y = cols.matmul(&wg)?; // [G, B·L_out, og]
+    let y = matmul(&cols, &wg)?; // [G, B·L_out, og]
     y.transpose(0, 1)?.contiguous()?.reshape((b, l_out, o))
 }
 

@@ -34,6 +34,10 @@ pub struct CheckpointMeta {
     /// update).
     #[serde(default)]
     pub frame_rate: Option<f64>,
+    /// `model.dtype: f16`: the dynamic loss scale and the overflow-free updates since it last
+    /// changed (absent for f32 and bf16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp16_scale: Option<(f64, u64)>,
 }
 
 /// Saves tensors as safetensors at `path`, atomically.

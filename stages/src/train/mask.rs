@@ -357,9 +357,22 @@ pub fn clone_rows(mut t: Taught, c: usize) -> Result<Taught, MaskError> {
             .flat_map(|row| std::iter::repeat_n(row, c).flatten().copied())
             .collect())
     };
-    let targets = rep(&t.targets, t.frames * t.target_dim, "targets")?;
+    if t.targets.dims() != [n, t.frames, t.target_dim] {
+        return Err(MaskError::Spec(format!(
+            "targets have shape {:?}, expected [{n}, {}, {}]",
+            t.targets.dims(),
+            t.frames,
+            t.target_dim
+        )));
+    }
+    // Rows repeated where the targets are (index_select on their device).
+    let rows: Vec<u32> = (0..n as u32)
+        .flat_map(|i| std::iter::repeat_n(i, c))
+        .collect();
+    t.targets = candle_core::Tensor::from_vec(rows, n * c, t.targets.device())
+        .and_then(|idx| t.targets.index_select(&idx, 0))
+        .map_err(|e| MaskError::Spec(format!("repeating the targets: {e}")))?;
     t.pred_loss = rep(&t.pred_loss, t.frames, "pred_loss")?;
-    t.targets = std::sync::Arc::new(targets);
     let b = &mut t.batch;
     b.data = rep(&b.data, b.frames * b.dim, "the batch's features")?;
     let each = |i: usize| std::iter::repeat_n(i, c);

@@ -103,6 +103,13 @@ pub struct StudentParams {
     /// error naming the update, nothing changed or written after it) or skip (drop the update,
     /// count it and go on).
     pub on_nonfinite: OnNonFinite,
+    /// `model.dtype: f16` only (fairseq's names and defaults): the initial dynamic loss scale; an
+    /// update whose scaled gradients overflow is skipped and the scale halved, and after
+    /// `fp16_scale_window` updates without overflow it doubles. Overflow below `min_loss_scale`
+    /// stops the run.
+    pub fp16_init_scale: f64,
+    pub fp16_scale_window: u64,
+    pub min_loss_scale: f64,
 }
 
 impl Default for StudentParams {
@@ -133,6 +140,9 @@ impl Default for StudentParams {
             min_pred_std: 0.01,
             health_after: 5000,
             on_nonfinite: OnNonFinite::Stop,
+            fp16_init_scale: 128.0,
+            fp16_scale_window: 16384,
+            min_loss_scale: 1e-4,
         }
     }
 }
@@ -177,6 +187,24 @@ impl Params for StudentParams {
                 ));
             }
         }
+        if !(self.fp16_init_scale > 0.0 && self.fp16_init_scale.is_finite()) {
+            e.push(ParamError::new(
+                "fp16_init_scale",
+                format!("must be > 0, got {}", self.fp16_init_scale),
+            ));
+        }
+        if self.fp16_scale_window == 0 {
+            e.push(ParamError::new("fp16_scale_window", "must be at least 1"));
+        }
+        if !(self.min_loss_scale > 0.0 && self.min_loss_scale <= self.fp16_init_scale) {
+            e.push(ParamError::new(
+                "min_loss_scale",
+                format!(
+                    "must be in (0, fp16_init_scale = {}], got {}",
+                    self.fp16_init_scale, self.min_loss_scale
+                ),
+            ));
+        }
         if !(self.adam_eps > 0.0) {
             e.push(ParamError::new("adam_eps", "must be > 0"));
         }
@@ -219,6 +247,8 @@ pub struct Student {
     pub epoch: u32,
     /// The encoder's output frame rate on the data seen (input rate / front-end stride).
     pub frame_rate: Option<f64>,
+    /// `model.dtype: f16`: the dynamic loss scale and the overflow-free updates since it changed.
+    pub fp16_scale: (f64, u64),
     /// Test hook: multiplies one gradient of the next update by this factor (∞ or NaN injects
     /// a non-finite gradient under a finite loss).
     #[cfg(test)]
@@ -268,6 +298,7 @@ impl Student {
         dtype: DType,
     ) -> candle_core::Result<Self> {
         let w = model::init_weights(&cfg, crate::seed::model_init(seed), &device, dtype)?;
+        let p_scale = p.fp16_init_scale;
         let mut vars = BTreeMap::new();
         let mut teacher = Weights::new();
         for (k, t) in w {
@@ -295,6 +326,7 @@ impl Student {
             position: None,
             epoch: 0,
             frame_rate: None,
+            fp16_scale: (p_scale, 0),
             #[cfg(test)]
             grad_fault: None,
         })
@@ -320,6 +352,20 @@ impl Student {
             version: self.step,
             weights: w,
         })
+    }
+
+    /// The type of the weights, moments and teacher (f32; f64 in gradient checks).
+    pub fn master_dtype(&self) -> DType {
+        self.vars.values().next().map_or(DType::F32, |v| v.dtype())
+    }
+
+    /// The type of the forward and backward passes: `model.dtype` over f32 master weights (an
+    /// f64 student, for checks, computes in f64).
+    pub fn compute_dtype(&self) -> DType {
+        match self.master_dtype() {
+            DType::F32 => self.cfg.dtype.dtype(),
+            other => other,
+        }
     }
 
     pub fn schedule_steps(&self) -> u64 {
@@ -349,12 +395,22 @@ impl Student {
                 m.mask.len()
             );
         }
-        let w = self.weights();
+        let dtype = self.compute_dtype();
+        // Mixed precision: the f32 master weights cast to the compute type (the casts are on the
+        // graph, so the gradients reach the master weights in f32).
+        let w: Weights = if dtype == self.master_dtype() {
+            self.weights()
+        } else {
+            self.vars
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
+                .collect::<candle_core::Result<_>>()?
+        };
         let model = Model::new(&self.cfg, &w);
-        let dtype = self.vars.values().next().map_or(DType::F32, |v| v.dtype());
+        let acc = model::acc_dtype(dtype);
         let x = Tensor::from_slice(&b.data, (n, b.frames, f), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(&self.device)?;
+            .to_device(&self.device)?
+            .to_dtype(dtype)?;
         let z = model.frontend(&x)?;
         if z.dim(1)? != t {
             candle_core::bail!(
@@ -380,16 +436,27 @@ impl Student {
             candle_core::bail!("batch {}: rows do not all hide {mm} frames", b.step);
         }
         let idx = Tensor::from_vec(idx, n * mm, &self.device)?;
-        let y = Tensor::from_slice(m.taught.targets.as_slice(), (n * t, d), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(&self.device)?;
-        let y_m = y.index_select(&idx, 0)?.reshape((n, mm, d))?;
-        let yhat_m = yhat
+        // The teacher's targets, where the teacher left them (on this device, f32).
+        let y = &m.taught.targets;
+        if y.dims() != [n, t, d] {
+            candle_core::bail!(
+                "batch {}: targets of shape {:?}, expected [{n}, {t}, {d}]",
+                b.step,
+                y.dims()
+            );
+        }
+        let y = y.to_device(&self.device)?.to_dtype(acc)?;
+        let y_m = y
             .reshape((n * t, d))?
             .index_select(&idx, 0)?
             .reshape((n, mm, d))?;
+        // The losses in f32 (or f64) whatever the compute type.
+        let yhat_m = yhat
+            .reshape((n * t, d))?
+            .index_select(&idx, 0)?
+            .reshape((n, mm, d))?
+            .to_dtype(acc)?;
         let ell = losses::recon_per_frame_with(&yhat_m, &y_m, self.p.loss_beta, self.p.loss_scale)?;
-        let ell_host = values(&ell)?;
         let count = (n * mm) as f64;
         let rec_sum = ell.sum_all()?;
         let mut pred = None;
@@ -404,14 +471,19 @@ impl Student {
             let pred_in = model.fill(&h, &positions, t, h2, noise)?;
             let p_all = model
                 .head("loss_predictor", &pred_in, &self.cfg.loss_predictor, true)?
+                .to_dtype(acc)?
                 .mean(D::Minus1)?;
             let p_m = p_all
                 .reshape(n * t)?
                 .index_select(&idx, 0)?
                 .reshape((n, mm))?;
+            // Pair labels and z-scores are made on the device from the detached losses.
             let (raw, pairs) = match self.p.aux_loss {
-                AuxLoss::Ranking => losses::ranking_loss(&p_m, &ell_host, self.p.rank_form)?,
-                AuxLoss::ZscoreMse => losses::zscore_mse_loss(&p_m, &ell_host)?,
+                AuxLoss::Ranking => losses::ranking_loss_t(&p_m, &ell, self.p.rank_form)?,
+                AuxLoss::ZscoreMse => {
+                    let (raw, k) = losses::zscore_mse_loss_t(&p_m, &ell)?;
+                    (raw, Tensor::new(k as f64, &self.device)?)
+                }
             };
             pred = Some((p_all, p_m));
             match self.p.aux_norm {
@@ -420,19 +492,21 @@ impl Student {
                     (((&rec_sum / count)? + (&aux * self.p.alpha)?)?, aux)
                 }
                 AuxNorm::Pairs => {
-                    let aux = (raw / pairs.max(1) as f64)?;
+                    // raw · (1/pairs), the reciprocal rounded to raw's type (as `raw / x` does).
+                    let inv = pairs.maximum(1.0)?.recip()?.to_dtype(raw.dtype())?;
+                    let aux = raw.broadcast_mul(&inv)?;
                     (((&rec_sum / count)? + (&aux * self.p.alpha)?)?, aux)
                 }
             }
         } else {
-            let zero = Tensor::zeros((), dtype, &self.device)?;
+            let zero = Tensor::zeros((), acc, &self.device)?;
             ((&rec_sum / count)?, zero)
         };
         Ok(LossParts {
             loss,
             rec: (rec_sum / count)?,
             aux,
-            ell: ell_host,
+            ell: ell.detach(),
             y_m,
             yhat_m,
             pred,
@@ -457,11 +531,22 @@ impl Student {
     fn train_step_inner(&mut self, m: &Masked) -> crate::Result<StepOut> {
         let t0 = Instant::now();
         let b = &m.taught.batch;
-        let mut noise = Noise::new(crate::seed::update_noise(self.seed, self.step));
+        let mut noise = Noise::on(
+            crate::seed::update_noise(self.seed, self.step),
+            crate::seed::update_device_noise(self.seed, self.step),
+            &self.device,
+        )?;
         let parts = self.loss(m, &mut noise)?;
         let t_fwd = Instant::now();
+        // f16: the loss scaled before the backward pass, the gradients unscaled after it.
+        let fp16 = self.compute_dtype() == DType::F16;
+        let scale = if fp16 { self.fp16_scale.0 } else { 1.0 };
         #[allow(unused_mut)]
-        let mut grads = parts.loss.backward()?;
+        let mut grads = if fp16 {
+            (&parts.loss * scale)?.backward()?
+        } else {
+            parts.loss.backward()?
+        };
         let t_bwd = Instant::now();
         #[cfg(test)]
         if let Some(x) = self.grad_fault.take() {
@@ -472,16 +557,39 @@ impl Student {
                 }
             }
         }
-        let grad_norm = grad_norm(&self.vars, &grads)?;
-        let loss_value = parts.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // The loss and the gradient norm in one transfer from the device.
+        let (loss_value, grad_norm) = loss_and_grad_norm(&parts.loss, &self.vars, &grads)?;
+        let grad_norm = grad_norm / scale;
         let lr = lr_at(
             self.step,
             self.p.lr,
             self.warmup_steps(),
             self.schedule_steps(),
         );
-        let skipped = if loss_value.is_finite() && grad_norm.is_finite() {
+        let finite = loss_value.is_finite() && grad_norm.is_finite();
+        let skipped = if finite {
+            if fp16 {
+                unscale(&self.vars, &mut grads, scale)?;
+                self.fp16_scale.1 += 1;
+                if self.fp16_scale.1 >= self.p.fp16_scale_window {
+                    self.fp16_scale = (self.fp16_scale.0 * 2.0, 0);
+                }
+            }
             None
+        } else if fp16 {
+            // fairseq's fp16 trainer: an overflow drops the update and halves the scale, whatever
+            // `on_nonfinite` says; overflow at the smallest scale is divergence.
+            let lowered = scale / 2.0;
+            if lowered < self.p.min_loss_scale {
+                return Err(crate::Error::Diverged {
+                    step: self.step,
+                    what: format!("the f16 gradients overflow even at loss scale {scale} (min_loss_scale {}); stopped before the optimiser step (lower lr, or train in bf16)", self.p.min_loss_scale),
+                });
+            }
+            self.fp16_scale = (lowered, 0);
+            Some(format!(
+                "f16 gradient overflow at loss scale {scale} (loss {loss_value}, gradient norm {grad_norm}); scale lowered to {lowered}"
+            ))
         } else {
             let what = if loss_value.is_finite() {
                 format!("the loss is finite ({loss_value:.6}) but the gradient norm is {grad_norm}")
@@ -515,6 +623,9 @@ impl Student {
                 }
             }
         }
+        // Work queued on a GPU is finished before the weights go to the teacher's thread (candle
+        // queues on the calling thread's stream).
+        self.device.synchronize()?;
         let t_opt = Instant::now();
         self.position = Some(b.position);
         self.epoch = b.epoch;
@@ -524,6 +635,7 @@ impl Student {
         let loss = parts.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let rec = parts.rec.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let aux = parts.aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let ell = values(&parts.ell)?;
         let target_std = losses::mean_channel_std(&values(&parts.y_m)?, d);
         let pred_std = losses::mean_channel_std(&values(&parts.yhat_m)?, d);
         let mut teacher_m = Vec::with_capacity(n * mm);
@@ -537,16 +649,16 @@ impl Student {
         let (student_pred, rank_agreement) = match &parts.pred {
             Some((p_all, p_m)) => (
                 values(p_all)?,
-                losses::rank_agreement(&values(p_m)?, &parts.ell, mm),
+                losses::rank_agreement(&values(p_m)?, &ell, mm),
             ),
             None => (vec![f32::NAN; n * t], f64::NAN),
         };
-        let teacher_rank_agreement = losses::rank_agreement(&teacher_m, &parts.ell, mm);
+        let teacher_rank_agreement = losses::rank_agreement(&teacher_m, &ell, mm);
         let mut recon = vec![f32::NAN; n * t];
         let mut k = 0;
         for (i, r) in recon.iter_mut().enumerate() {
             if m.mask[i] {
-                *r = parts.ell[k];
+                *r = ell[k];
                 k += 1;
             }
         }
@@ -634,6 +746,7 @@ impl Student {
             model: self.cfg.clone(),
             tensors: format!("step-{:08}.safetensors", self.step),
             frame_rate: self.frame_rate,
+            fp16_scale: (self.compute_dtype() == DType::F16).then_some(self.fp16_scale),
         }
     }
 
@@ -643,7 +756,13 @@ impl Student {
         meta: &CheckpointMeta,
         tensors: &BTreeMap<String, Tensor>,
     ) -> crate::Result<()> {
-        if meta.model != self.cfg {
+        // The compute type may change between attempts (the weights are f32 either way).
+        let same_model = {
+            let mut a = meta.model.clone();
+            a.dtype = self.cfg.dtype;
+            a == self.cfg
+        };
+        if !same_model {
             return Err("the checkpoint was written for another model: block (remove the run's checkpoints/ directory, or set student.with.resume: false)".into());
         }
         for (k, v) in &self.vars {
@@ -672,6 +791,9 @@ impl Student {
         self.position = meta.position;
         self.epoch = meta.epoch;
         self.frame_rate = meta.frame_rate;
+        if let Some(sc) = meta.fp16_scale {
+            self.fp16_scale = sc;
+        }
         Ok(())
     }
 }
@@ -681,8 +803,8 @@ pub struct LossParts {
     pub loss: Tensor,
     pub rec: Tensor,
     pub aux: Tensor,
-    /// Per-frame losses at masked frames, row by row.
-    pub ell: Vec<f32>,
+    /// Per-frame losses at masked frames `[B, M]` (detached).
+    pub ell: Tensor,
     pub y_m: Tensor,
     pub yhat_m: Tensor,
     /// Student predictor output `[B, T]` and at masked frames `[B, M]`.
@@ -805,23 +927,44 @@ impl StageDef for StudentStage {
     }
 }
 
-/// ‖g‖₂ over every parameter that has a gradient in this update (what fairseq's trainer clips
-/// and logs as `gnorm`), summed in f64.
-fn grad_norm(
+/// The loss and ‖g‖₂ over every parameter that has a gradient in this update (what fairseq's
+/// trainer clips and logs as `gnorm`), summed in f64 on the device and read in one transfer.
+fn loss_and_grad_norm(
+    loss: &Tensor,
     vars: &BTreeMap<String, Var>,
     grads: &candle_core::backprop::GradStore,
-) -> candle_core::Result<f64> {
-    let mut sq = 0f64;
+) -> candle_core::Result<(f64, f64)> {
+    let mut sq: Option<Tensor> = None;
     for v in vars.values() {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            sq = Some(match sq {
+                Some(a) => (a + s)?,
+                None => s,
+            });
         }
     }
-    Ok(sq.sqrt())
+    let loss = loss.to_dtype(DType::F64)?.reshape(1)?;
+    let sq = match sq {
+        Some(s) => s.reshape(1)?,
+        None => Tensor::zeros(1, DType::F64, loss.device())?,
+    };
+    let v = Tensor::cat(&[&loss, &sq], 0)?.to_vec1::<f64>()?;
+    Ok((v[0], v[1].sqrt()))
+}
+
+/// Divides every gradient by the f16 loss scale `scale`.
+fn unscale(
+    vars: &BTreeMap<String, Var>,
+    grads: &mut candle_core::backprop::GradStore,
+    scale: f64,
+) -> candle_core::Result<()> {
+    for v in vars.values() {
+        if let Some(g) = grads.remove(v.as_tensor()) {
+            grads.insert(v.as_tensor(), (g * (1.0 / scale))?);
+        }
+    }
+    Ok(())
 }
 
 /// Where the data stream continues when the student resumes from its latest checkpoint.
@@ -995,7 +1138,7 @@ mod tests {
         Masked {
             taught: Taught {
                 batch,
-                targets: Arc::new(targets),
+                targets: Tensor::from_vec(targets, (rows, t, d), &Device::Cpu).unwrap(),
                 target_dim: d,
                 frames: t,
                 pred_loss: vec![0.0; rows * t],

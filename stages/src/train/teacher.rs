@@ -84,13 +84,15 @@ impl StageDef for TeacherStage {
     }
 }
 
-/// Runs the teacher on one batch with the given weights.
+/// Runs the teacher on one batch with the given weights (f32; cast to `model.dtype` here).
+/// Returns the targets `[B, T, D]` (f32, on `device`), D, the predicted losses (host, for the
+/// masking stage) and T.
 pub fn teach(
     cfg: &ModelConfig,
     w: &crate::model::Weights,
     batch: &Batch,
     device: &Device,
-) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
+) -> Result<(Tensor, usize, Vec<f32>, usize), StageError> {
     // On a worker of rayon's pool, as the student's update (student.rs `on_pool`).
     crate::train::student::on_pool(|| teach_inner(cfg, w, batch, device))
 }
@@ -100,7 +102,7 @@ fn teach_inner(
     w: &crate::model::Weights,
     batch: &Batch,
     device: &Device,
-) -> Result<(Vec<f32>, usize, Vec<f32>, usize), StageError> {
+) -> Result<(Tensor, usize, Vec<f32>, usize), StageError> {
     if batch.padding_mask.is_some() {
         return Err(StageError::failed(format!("batch {}: padded batches (batch.by_duration crop: pad) cannot be trained on; use crop: shortest (the data2vec 2.0 recipe)", batch.step)));
     }
@@ -129,23 +131,32 @@ fn teach_inner(
     .map_err(&e)?
     .to_device(device)
     .map_err(&e)?;
+    let dtype = cfg.dtype.dtype();
+    let cast;
+    let w = if dtype == DType::F32 {
+        w
+    } else {
+        cast = w
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<crate::model::Weights>>()
+            .map_err(&e)?;
+        &cast
+    };
+    let x = x.to_dtype(dtype).map_err(&e)?;
     let m = Model::new(cfg, w);
     let z = m.frontend(&x).map_err(&e)?.detach();
     let out = m.teacher(&z).map_err(&e)?;
-    let targets = out
-        .targets
-        .to_dtype(DType::F32)
-        .map_err(&e)?
-        .flatten_all()
-        .map_err(&e)?
-        .to_vec1::<f32>()
-        .map_err(&e)?;
+    let targets = out.targets.to_dtype(DType::F32).map_err(&e)?;
+    // The predicted losses go to the (CPU) masking stage; reading them also waits for the
+    // device's queue, so the targets are complete before another thread uses them.
     let pred = out
         .pred_loss
         .flatten_all()
         .map_err(&e)?
         .to_vec1::<f32>()
         .map_err(&e)?;
+    device.synchronize().map_err(&e)?;
     Ok((targets, cfg.encoder.dim, pred, t))
 }
 
@@ -173,7 +184,7 @@ impl Stage for TeacherStage {
             let (targets, dim, pred, t) = teach(&self.cfg, &w.weights, &batch, &self.device)?;
             let taught = Taught {
                 batch,
-                targets: Arc::new(targets),
+                targets,
                 target_dim: dim,
                 frames: t,
                 pred_loss: pred,
