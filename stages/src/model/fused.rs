@@ -25,9 +25,19 @@ use rayon::prelude::*;
 
 type Result<T> = candle_core::Result<T>;
 
-/// Whether `t` takes the fused path: an f32 tensor on the CPU.
+static COMPOSED_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the fused kernels off (process-wide) so that CPU f32 runs take the composed ops, the
+/// code path of every other device: for the tests that run the model the way a GPU does.
+pub fn set_composed_only(on: bool) {
+    COMPOSED_ONLY.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether `t` takes the fused path: an f32 tensor on the CPU (unless [`set_composed_only`]).
 pub fn fused_ok(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    t.device().is_cpu()
+        && t.dtype() == DType::F32
+        && !COMPOSED_ONLY.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 // ---------------------------------------------------------------------------------------------
