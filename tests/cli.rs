@@ -61,6 +61,16 @@ stages:
         text(&o)
     );
     assert!(ok(&["validate", "specs/prep.yaml"]).contains("ok"));
+    // The base recipe is a valid spec (on the CPU here; on cuda:0 where CUDA is built in). It
+    // is refused on this build only for its device.
+    assert!(ok(&["validate", "specs/base.yaml", "--set", "device=cpu"]).contains("ok"));
+    if !cfg!(feature = "cuda") {
+        let o = ehmam(&["validate", "specs/base.yaml"]);
+        assert_eq!(o.status.code(), Some(2));
+        let t = text(&o);
+        assert!(t.contains("device") && t.contains("--features cuda"), "{t}");
+        assert_eq!(t.matches("specs/base.yaml:").count(), 1, "one error only: {t}");
+    }
 }
 
 #[test]

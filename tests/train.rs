@@ -324,3 +324,46 @@ fn a_failed_run_is_marked_failed() {
         "{st:?}"
     );
 }
+
+/// `model.preset: base` brings the base schedule to the student (lr 7.5e-4 after 8k warm-up
+/// updates, τ 0.999 → 0.99999 over 75k), unless `with:` says otherwise: read back from the lr
+/// and τ that the steps table logs.
+#[test]
+fn preset_base_brings_the_base_schedule() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The base preset with a small model (the schedule is what is checked).
+    let model = "model={preset: base, frontend: {kind: fbank, input_dim: 160}, encoder: {dim: 32, heads: 2, ffn: 64, layers: 2, top_k: 2, pos_conv_depth: 1, pos_conv_kernel: 5, pos_conv_groups: 2, layerdrop: 0.0, dropout: 0.0}, decoder: {dim: 16, layers: 1, kernel: 3, groups: 2}, loss_predictor: {dim: 16, layers: 1, kernel: 3, groups: 2}}";
+    for (with, lr_peak) in [
+        ("{max_steps: 3, schedule_steps: 400000}", 7.5e-4),
+        ("{max_steps: 3, schedule_steps: 400000, lr: 0.002}", 2e-3),
+    ] {
+        let run = tmp.path().join(format!("r{lr_peak}"));
+        let sets = [model.to_string(), format!("stages.student.with={with}")];
+        let mut args = vec![
+            "run".to_string(),
+            "specs/tiny.yaml".into(),
+            "--quiet".into(),
+            "--set".into(),
+            format!("run_dir={}", run.display()),
+            "--set".into(),
+            format!("stages.shards.with.dir={}", demo_shards().display()),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s);
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ehmam(&a);
+        assert!(o.status.success(), "{}", text(&o));
+        let rows = query_csv(&[&run], "SELECT step, lr, tau FROM steps ORDER BY step");
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for r in &rows {
+            let step: f64 = f(&r[0]);
+            let want_lr = lr_peak * step / 8000.0;
+            let n = step + 1.0;
+            let want_tau = 0.99999 - (0.99999 - 0.999) * (1.0 - n / 75000.0);
+            assert!((f(&r[1]) - want_lr).abs() <= 1e-15 + 1e-9 * want_lr, "{r:?}");
+            assert!((f(&r[2]) - want_tau).abs() < 1e-12, "{r:?}");
+        }
+    }
+}

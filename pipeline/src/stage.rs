@@ -98,6 +98,12 @@ pub trait StageDef: Stage + Sized + 'static {
     const CONTINUABLE: &'static [&'static str] = &[];
     fn inputs() -> Vec<Port>;
     fn outputs() -> Vec<Port>;
+    /// Parameter defaults that depend on the context (a trainer's schedule on the model block's
+    /// preset, say): a mapping of parameter names to values, laid under the spec's `with:` (what
+    /// the spec gives wins), in place of the parameters' own defaults.
+    fn context_defaults(_ctx: &StageContext) -> Option<Value> {
+        None
+    }
     /// Checks that need the context (paths exist, device, model block); every error reported.
     fn validate(_params: &Self::Params, _ctx: &StageContext) -> Vec<ParamError> {
         Vec::new()
@@ -180,6 +186,19 @@ impl<D: StageDef> StageKind for KindOf<D> {
         with: &Value,
         ctx: &StageContext,
     ) -> Result<Box<dyn Configured>, Vec<ParamError>> {
+        let merged;
+        let with = match (D::context_defaults(ctx), with) {
+            (Some(Value::Mapping(mut d)), Value::Mapping(w)) => {
+                d.extend(w.iter().map(|(k, v)| (k.clone(), v.clone())));
+                merged = Value::Mapping(d);
+                &merged
+            }
+            (Some(d @ Value::Mapping(_)), Value::Null) => {
+                merged = d;
+                &merged
+            }
+            _ => with,
+        };
         let (params, mut errors) = crate::params::parse_params_partial::<D::Params>(with);
         let Some(params) = params else {
             return Err(errors);

@@ -22,7 +22,9 @@ pub const TOTAL_UPDATES: Link<u64> = Link::new("train.total_updates");
 /// The student's weight cell: the student provides it, the teacher reads it.
 pub const TEACHER_WEIGHTS: Link<std::sync::Arc<WeightCell>> = Link::new("train.teacher_weights");
 
-/// candle device of a spec's `device` string.
+/// candle device of a spec's `device` string. One device per GPU for the whole process: the
+/// teacher and the student hand tensors to each other, and candle refuses to combine tensors
+/// of two device handles even when they name the same GPU.
 pub fn device(name: &str) -> crate::Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
@@ -31,14 +33,21 @@ pub fn device(name: &str) -> crate::Result<Device> {
         let n: usize = n
             .parse()
             .map_err(|_| format!("`{name}`: expected cuda:N with N a GPU index"))?;
-        return Device::new_cuda(n)
+        static OPEN: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, d)) = open.iter().find(|(i, _)| *i == n) {
+            return Ok(d.clone());
+        }
+        let d = Device::new_cuda(n)
             // candle appends a captured backtrace to its errors: keep the message line.
             .map_err(|e| {
                 let e = e.to_string();
                 let first = e.lines().next().unwrap_or("").trim().to_string();
                 format!("cannot open {name}: {first}")
             })
-            .map_err(crate::Error::from);
+            .map_err(crate::Error::from)?;
+        open.push((n, d.clone()));
+        return Ok(d);
     }
     Err(crate::Error::from(format!(
         "unknown device `{name}` (cpu or cuda:N)"

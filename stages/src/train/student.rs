@@ -830,6 +830,19 @@ impl StageDef for StudentStage {
     const KIND: &'static str = "student";
     const DOC: &'static str = "Updates the student on masked batches (L = L_rec + α·L_aux), keeps the EMA teacher and publishes\nits weights by version, logs steps and frames, and checkpoints (resumes from the run's last one).";
 
+    /// `model.preset: base` brings the paper's base schedule (data2vec 2.0's base recipe, which
+    /// EH-MAM keeps): 400k updates, peak lr 7.5e-4 after 8k warm-up updates, τ from 0.999 to
+    /// 0.99999 over 75k updates, a checkpoint every 5000 updates. Keys in `with:` override.
+    fn context_defaults(ctx: &StageContext) -> Option<serde_yaml::Value> {
+        let preset = ctx.model.as_ref()?.get("preset")?.as_str()?;
+        (preset == "base").then(|| {
+            serde_yaml::from_str(
+                "{max_steps: 400000, lr: 7.5e-4, warmup_steps: 8000, tau0: 0.999, tau_end: 0.99999, tau_steps: 75000, checkpoint_every: 5000}",
+            )
+            .expect("a literal mapping")
+        })
+    }
+
     fn inputs() -> Vec<Port> {
         vec![Port::cloneable::<Masked>(
             "in",
