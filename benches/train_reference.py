@@ -31,6 +31,14 @@ and, where torch is missing, one line starting `torch_missing:` (exit status 0).
 
   python3 benches/train_reference.py [--updates N] [--warmup W] [--threads 1,2] [--batch 8] [--frames 200]
                                      [--profile N]   (PyTorch's profiler: its N heaviest ops)
+                                     [--preset tiny|base] [--device cpu|cuda] [--dtype f32|bf16]
+
+`--preset base` is method §2's model (ModelConfig::base(): the 7-layer CNN front-end over waveforms,
+12 x 768 blocks, FFN 3072, top 8, positional conv depth 5 kernel 19 groups 16, heads of dim 384 with
+4 layers and 16 groups, layerdrop 0.05), `--frames` then counting 16 kHz samples. `--device cuda`
+runs on the GPU (timings synchronised); `--dtype bf16` under torch.autocast (bf16 matmuls and
+convolutions; f32 weights, norms, softmax, losses and AdamW, as ehmam's `model.dtype: bf16`), and
+the GPU's peak allocated memory is printed too.
 """
 
 import argparse
@@ -61,6 +69,23 @@ MASK_P, SPAN = 0.5, 5
 LR, BETAS, ADAM_EPS, WD = 1e-3, (0.9, 0.98), 1e-6, 0.01
 TAU0, TAU_END = 0.99, 0.999
 EPS = 1e-5
+# Front-end: None for fbank (LayerNorm(IN_DIM) -> Linear), else the CNN's [channels, kernel, stride].
+CONV = None
+LAYERDROP = 0.0
+DEV = "cpu"
+AMP = None  # torch.bfloat16 under --dtype bf16
+
+
+def set_preset(name):
+    """ModelConfig::tiny() (the constants above) or ModelConfig::base()."""
+    global IN_DIM, D, HEADS, FFN, LAYERS, TOP_K, POS_DEPTH, POS_K, POS_G
+    global HEAD_DIM, HEAD_LAYERS, HEAD_K, HEAD_G, CONV, LAYERDROP
+    if name == "base":
+        IN_DIM, D, HEADS, FFN, LAYERS, TOP_K = 1, 768, 12, 3072, 12, 8
+        POS_DEPTH, POS_K, POS_G = 5, 19, 16
+        HEAD_DIM, HEAD_LAYERS, HEAD_K, HEAD_G = 384, 4, 7, 16
+        CONV = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+        LAYERDROP = 0.05
 
 
 def alibi_slopes(h):
@@ -102,8 +127,18 @@ def init_params(gen):
         p[f"{name}.weight"] = uniform((o, i // g, k), b)
         p[f"{name}.bias"] = uniform((o,), b)
 
-    ln("frontend.ln", IN_DIM)
-    lin_default("frontend.proj", IN_DIM, D)
+    if CONV is None:
+        ln("frontend.ln", IN_DIM)
+        lin_default("frontend.proj", IN_DIM, D)
+    else:
+        c_in = 1
+        for i, (c, k, _) in enumerate(CONV):
+            # Kaiming normal (fan_in, gain sqrt 2), no bias, a LayerNorm after each (init.rs).
+            p[f"frontend.conv.{i}.weight"] = normal((c, c_in, k), math.sqrt(2.0 / (c_in * k)))
+            ln(f"frontend.conv.{i}.ln", c)
+            c_in = c
+        ln("frontend.ln", c_in)
+        lin_default("frontend.proj", c_in, D)
     for l in range(POS_DEPTH):
         conv_default(f"encoder.pos_conv.{l}", D, D, POS_K, POS_G)
     ln("encoder.ln_in", D)
@@ -135,7 +170,7 @@ class Model:
     def __init__(self, w, train):
         self.w = w
         self.train = train
-        self.slopes = torch.tensor(alibi_slopes(HEADS)).view(1, HEADS, 1, 1)
+        self.slopes = torch.tensor(alibi_slopes(HEADS), device=DEV).view(1, HEADS, 1, 1)
 
     def drop(self, x, p):
         return F.dropout(x, p, training=True) if self.train and p > 0 else x
@@ -153,6 +188,13 @@ class Model:
         return y.transpose(1, 2)
 
     def frontend(self, x):
+        if CONV is not None:
+            # [B, samples, 1] -> [B, T, 512]: conv (no bias), LayerNorm over channels, GELU.
+            h = x.transpose(1, 2)
+            for i, (c, k, st) in enumerate(CONV):
+                h = F.conv1d(h, self.w[f"frontend.conv.{i}.weight"], stride=st)
+                h = F.gelu(self.ln(h.transpose(1, 2), f"frontend.conv.{i}.ln").transpose(1, 2))
+            x = h.transpose(1, 2)
         return self.lin(self.ln(x, "frontend.ln"), "frontend.proj")
 
     def pos_conv(self, x):
@@ -196,29 +238,31 @@ class Model:
         """§1.3-1.4 on detached frames z [B, T, D]: targets [B, T, D] and predicted losses [B, T]."""
         t = z.shape[1]
         x = self.ln(z + self.pos_conv(z), "encoder.ln_in")
-        bias = self.alibi(torch.arange(t).unsqueeze(0))
+        bias = self.alibi(torch.arange(t, device=DEV).unsqueeze(0))
         acc = None
         for l in range(LAYERS):
             x, f = self.block(l, x, bias)
             if l + TOP_K >= LAYERS:
+                f = f.float()  # the instance norm in f32 (as ehmam's teacher)
                 mean = f.mean(dim=1, keepdim=True)
                 var = f.var(dim=1, unbiased=False, keepdim=True)
                 n = (f - mean) / torch.sqrt(var + EPS)
                 acc = n if acc is None else acc + n
-        y = acc / TOP_K
-        lp = self.head("loss_predictor", y, True).mean(dim=-1)
+        y = (acc / TOP_K).float()
+        lp = self.head("loss_predictor", y, True).float().mean(dim=-1)
         return y, lp
 
     def fill(self, dropped, keep, mask):
         """Visible frames back in place, fresh N(0, σ²) noise tokens at the masked ones (§1.6)."""
         b, t = keep.shape
-        u = torch.empty(b, t, D)
-        u[mask] = torch.randn(int(mask.sum()), D) * NOISE_STD
+        u = torch.empty(b, t, D, device=DEV, dtype=dropped.dtype)
+        u[mask] = (torch.randn(int(mask.sum()), D, device=DEV) * NOISE_STD).to(dropped.dtype)
         return u.index_put((keep,), dropped.reshape(-1, D))
 
 
 def eh_mask(lp, r, gen):
     """Easy-to-hard span mask of method §4.1 from predicted losses lp [B, T]; bool [B, T], True = hidden."""
+    lp = lp.float().cpu()
     b, n = lp.shape
     u = torch.rand((), generator=gen).item()
     rows = []
@@ -243,7 +287,7 @@ def eh_mask(lp, r, gen):
         idx = row.nonzero().flatten()
         if len(idx) > m:
             row[idx[torch.randperm(len(idx), generator=gen)[m:]]] = False
-    return torch.stack(rows)
+    return torch.stack(rows).to(DEV)
 
 
 def mean_channel_std(x):
@@ -255,7 +299,7 @@ def rank_agreement(pred, actual):
     """Share of distinct-target pairs (i < j) in each row that `pred` orders like `actual`."""
     dp = pred.unsqueeze(1) - pred.unsqueeze(2)
     da = actual.unsqueeze(1) - actual.unsqueeze(2)
-    upper = torch.triu(torch.ones(dp.shape[-1], dp.shape[-1], dtype=torch.bool), diagonal=1)
+    upper = torch.triu(torch.ones(dp.shape[-1], dp.shape[-1], dtype=torch.bool, device=dp.device), diagonal=1)
     distinct = (da != 0) & upper
     total = int(distinct.sum())
     return float(((dp * da > 0) & distinct).sum()) / total if total else float("nan")
@@ -278,9 +322,10 @@ def tau_at(n, tau_steps):
 class Trainer:
     def __init__(self, seed, total):
         gen = torch.Generator().manual_seed(seed)
-        w = init_params(gen)
+        w = {k: v.to(DEV) for k, v in init_params(gen).items()}
         self.vars = {k: v.clone().requires_grad_(True) for k, v in w.items()}
         self.teacher_w = {k: v.clone() for k, v in w.items() if in_teacher(k)}
+        self.layer_gen = torch.Generator().manual_seed(seed + 3)
         self.student = Model(self.vars, train=True)
         self.opt = torch.optim.AdamW(
             list(self.vars.values()), lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WD
@@ -291,21 +336,27 @@ class Trainer:
         self.total = total
 
     def update(self, x):
-        """One EH-MAM update on features x [B, T, 160]. Returns (teacher+mask ms, student ms, masked frac)."""
+        """One EH-MAM update on features x [B, N, IN_DIM]. Returns (teacher+mask ms, student ms, masked frac)."""
+        sync()
         t0 = time.perf_counter()
-        b, t, _ = x.shape
+        with torch.autocast(device_type=DEV, dtype=AMP, enabled=AMP is not None):
+            return self._update(x, t0)
+
+    def _update(self, x, t0):
+        b = x.shape[0]
         # Teacher: eval, no dropout, on the weights of the previous EMA update; its front-end is
         # the student's current one (method §1.2), applied without gradient.
         with torch.no_grad():
             tw = dict(self.teacher_w)
-            tw["frontend.ln.weight"] = self.vars["frontend.ln.weight"]
-            tw["frontend.ln.bias"] = self.vars["frontend.ln.bias"]
-            tw["frontend.proj.weight"] = self.vars["frontend.proj.weight"]
-            tw["frontend.proj.bias"] = self.vars["frontend.proj.bias"]
+            for k, v_ in self.vars.items():
+                if k.startswith("frontend."):
+                    tw[k] = v_
             teacher = Model(tw, train=False)
             y, lp = teacher.teacher(teacher.frontend(x))
+            sync()
             t_teach = time.perf_counter()
             mask = eh_mask(lp, self.step / self.total, self.mask_gen)
+        t = mask.shape[1]
         t1 = time.perf_counter()
 
         s = self.student
@@ -321,15 +372,18 @@ class Trainer:
         positions = keep.nonzero()[:, 1].view(b, tv)
         bias = s.alibi(positions)
         for l in range(LAYERS):
+            # Layerdrop (base: 0.05): the whole block skipped for the batch.
+            if LAYERDROP > 0 and torch.rand((), generator=self.layer_gen).item() < LAYERDROP:
+                continue
             h, _ = s.block(l, h, bias)
         # Decoder over the noise-filled sequence (§1.6) and the reconstruction loss (§1.7).
         yhat = s.head("decoder", s.fill(s.drop(h, HEAD_DROPOUT), keep, mask), False)
         y_m = y[mask].view(b, m, D)
-        yhat_m = yhat[mask].view(b, m, D)
+        yhat_m = yhat[mask].view(b, m, D).float()
         ell = (yhat_m - y_m).pow(2).sum(-1) * (1.0 / math.sqrt(D))
         rec_sum = ell.sum()
         # Loss predictor with its own dropout and noise tokens, pairwise ranking loss (§1.8).
-        p_all = s.head("loss_predictor", s.fill(s.drop(h, HEAD_DROPOUT), keep, mask), True).mean(-1)
+        p_all = s.head("loss_predictor", s.fill(s.drop(h, HEAD_DROPOUT), keep, mask), True).float().mean(-1)
         p_m = p_all[mask].view(b, m)
         l_det = ell.detach()
         gt = (l_det.unsqueeze(1) > l_det.unsqueeze(2)).to(p_m.dtype)  # [b, i, j]: l_j > l_i
@@ -339,8 +393,10 @@ class Trainer:
         loss = (rec_sum + ALPHA * raw) / n_masked
         # Backward, gradient norm, AdamW with the schedule, EMA (§1 steps 9-10, §3, §5).
         self.opt.zero_grad(set_to_none=True)
+        sync()
         t_fwd = time.perf_counter()
         loss.backward()
+        sync()
         t_bwd = time.perf_counter()
         grads = [v_.grad for v_ in self.vars.values() if v_.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
@@ -353,12 +409,14 @@ class Trainer:
         with torch.no_grad():
             for tw_, sv in self.ema_pairs:
                 tw_.lerp_(sv, 1 - tau)
+            sync()
             t_opt = time.perf_counter()
             # The step's health metrics (§1.10), as ehmam's step record carries them.
             target_std = mean_channel_std(y_m.reshape(-1, D))
             pred_std = mean_channel_std(yhat_m.detach().reshape(-1, D))
             agree = rank_agreement(p_m.detach(), l_det)
             teacher_agree = rank_agreement(lp[mask].view(b, m), l_det)
+        sync()
         t2 = time.perf_counter()
         if not all(math.isfinite(v_) for v_ in (loss_value, grad_norm, target_std, pred_std)):
             raise SystemExit(f"non-finite update {self.step}: loss {loss_value}, grad norm {grad_norm}")
@@ -369,7 +427,13 @@ class Trainer:
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, m / t
 
 
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def main():
+    global DEV, AMP
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--updates", type=int, default=20, help="timed updates per thread count")
     ap.add_argument("--warmup", type=int, default=3, help="untimed updates first")
@@ -384,20 +448,33 @@ def main():
         metavar="N",
         help="also run PyTorch's profiler over the timed updates at the first thread count and print its N heaviest ops (self CPU time)",
     )
+    ap.add_argument("--preset", choices=["tiny", "base"], default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
+    set_preset(a.preset)
+    DEV = a.device
+    AMP = torch.bfloat16 if a.dtype == "bf16" else None
+    if DEV == "cuda":
+        # f32 matmuls in full f32 (no TF32), as candle's cuBLAS calls by default.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.set_num_interop_threads(1)
     n_student = sum(v.numel() for v in init_params(torch.Generator().manual_seed(0)).values())
     n_teacher = sum(v.numel() for k, v in init_params(torch.Generator().manual_seed(0)).items() if in_teacher(k))
     print(f"torch_version value={torch.__version__}")
     print(f"torch_parameters student={n_student} teacher={n_teacher}")
-    print(f"torch_shapes batch={a.batch} frames={a.frames} feature_dim={IN_DIM} audio_s_per_batch={a.batch * a.frames / 50:g}")
+    rate = 16000 if CONV is not None else 50
+    print(f"torch_shapes preset={a.preset} device={DEV} dtype={a.dtype} batch={a.batch} frames={a.frames} feature_dim={IN_DIM} audio_s_per_batch={a.batch * a.frames / rate:g}")
     for threads in [int(s) for s in a.threads.split(",") if s]:
         torch.set_num_threads(threads)
         torch.manual_seed(a.seed)
         total = a.warmup + a.updates
         tr = Trainer(a.seed, total)
         gen = torch.Generator().manual_seed(a.seed + 2)
-        batches = [torch.randn(a.batch, a.frames, IN_DIM, generator=gen) for _ in range(min(total, 8))]
+        batches = [torch.randn(a.batch, a.frames, IN_DIM, generator=gen).to(DEV) for _ in range(min(total, 8))]
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times, teach, stud, frac = [], [], [], []
         phases = [[] for _ in range(6)]
         prof = None
@@ -425,6 +502,7 @@ def main():
             f"masked_frac={statistics.mean(frac):.3f} updates={len(times)} "
             f"last_loss={tr.last[0]:.4f} last_grad_norm={tr.last[1]:.4f} "
             f"phases_ms={','.join(f'{statistics.median(v):.2f}' for v in phases)}"
+            + (f" peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}" if DEV == "cuda" else "")
         )
         sys.stdout.flush()
 

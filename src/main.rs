@@ -112,6 +112,41 @@ enum Command {
         #[arg(long)]
         no_masking: bool,
     },
+    /// Time EH-MAM updates of a model on a device (random input, teacher → mask → student in
+    /// series): ms per update and its phases, updates/s, audio s/s, model FLOPs and, with
+    /// --peak-tflops, the model FLOPs utilisation; device memory in use on GPUs.
+    BenchUpdate {
+        /// The model block, as in a spec (a YAML flow mapping), e.g. "{preset: base, dtype: bf16}".
+        #[arg(long, default_value = "{preset: tiny}")]
+        model: String,
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Utterances per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Seconds of audio per utterance (50 fbank frames or 16,000 samples a second).
+        #[arg(long, default_value_t = 4.0)]
+        seconds: f64,
+        /// Multi-mask: the student sees each utterance this many times (clone_batch).
+        #[arg(long, default_value_t = 1)]
+        clones: usize,
+        /// Timed updates.
+        #[arg(long, default_value_t = 20)]
+        updates: u64,
+        /// Untimed updates first.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// The device's peak dense TFLOP/s to report model FLOPs utilisation against (H100 and
+        /// H200 SXM: 989 for bf16).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Print one JSON line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Export the trained encoder (front-end + transformer) of a run for downstream use:
     /// OUT/encoder.safetensors and OUT/config.json, from the run's newest complete checkpoint.
     Export {
@@ -156,6 +191,26 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             teacher,
             force,
         } => export(&run_dir, &out, teacher, force),
+        Command::BenchUpdate {
+            model,
+            device,
+            batch,
+            seconds,
+            clones,
+            updates,
+            warmup,
+            seed,
+            peak_tflops,
+            json,
+        } => bench_update(
+            &model,
+            &device,
+            (batch, seconds, clones),
+            (warmup, updates),
+            seed,
+            peak_tflops,
+            json,
+        ),
         Command::Report {
             run_dirs,
             out,
@@ -295,6 +350,112 @@ fn run(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<ExitCode
 const INTERRUPTED: u8 = 130;
 
 /// `ehmam export`.
+fn bench_update(
+    model: &str,
+    device: &str,
+    (batch, seconds, clones): (usize, f64, usize),
+    (warmup, updates): (u64, u64),
+    seed: u64,
+    peak_tflops: Option<f64>,
+    json: bool,
+) -> Result<ExitCode> {
+    use stages::model::{FrontendKind, ModelConfig};
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+    let cfg = ModelConfig::from_spec(Some(&v)).map_err(|errs| {
+        anyhow::anyhow!(
+            "--model: {}",
+            errs.iter()
+                .map(|(p, m)| format!("{p}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    if batch == 0 || !(seconds > 0.0) || updates == 0 {
+        bail!("--batch, --seconds and --updates must be positive");
+    }
+    let frame_rate = match cfg.frontend.kind {
+        FrontendKind::Fbank => 50.0,
+        FrontendKind::Cnn => 16000.0,
+    };
+    let frames = (seconds * frame_rate).round() as usize;
+    let dev = stages::train::device(device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let spec = stages::train::bench::BenchSpec {
+        cfg,
+        device: dev,
+        batch,
+        frames,
+        frame_rate,
+        warmup,
+        updates,
+        seed,
+        clones: clones.max(1),
+    };
+    let bar = indicatif::ProgressBar::new(warmup + updates);
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let r = stages::train::bench::run(&spec, |i| bar.set_position(i))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    bar.finish_and_clear();
+    let mfu = peak_tflops.map(|p| r.tflops_per_s / p);
+    if json {
+        let mut o = serde_json::to_value(&r)?;
+        o["mfu"] = serde_json::json!(mfu);
+        o["peak_tflops"] = serde_json::json!(peak_tflops);
+        println!("{o}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} ({} parameters) in {} on {}: batch {} × {:.2} s{} ({} model frames, {:.1}% masked), {} timed updates after {warmup}",
+        r.preset, r.parameters, r.dtype, r.device, r.batch, seconds,
+        if r.clones > 1 { format!(", {} masks each", r.clones) } else { String::new() },
+        r.model_frames, 100.0 * r.masked_frac, r.updates
+    );
+    println!(
+        "  {:.2} ms/update  ({:.2} updates/s, {:.1} audio s/s)",
+        r.ms_per_update, r.updates_per_s, r.audio_s_per_s
+    );
+    let names = [
+        "teacher",
+        "mask",
+        "forward",
+        "backward",
+        "optimiser",
+        "metrics",
+    ];
+    let phases: Vec<String> = names
+        .iter()
+        .zip(r.phases_ms)
+        .map(|(n, v)| format!("{n} {v:.2}"))
+        .collect();
+    println!("  phases (ms): {}", phases.join(", "));
+    println!(
+        "  model FLOPs {:.3e}/update, {:.2} TFLOP/s{}",
+        r.flops_per_update,
+        r.tflops_per_s,
+        match mfu {
+            Some(m) => format!(
+                ", MFU {:.1}% of {} TFLOP/s",
+                100.0 * m,
+                peak_tflops.unwrap_or(0.0)
+            ),
+            None => String::new(),
+        }
+    );
+    if let Some(m) = r.peak_mem_bytes {
+        println!(
+            "  device memory in use, highest: {:.2} GiB",
+            m as f64 / 1073741824.0
+        );
+    }
+    println!(
+        "  loss {:.4} (first) → {:.4} (last)",
+        r.first_loss, r.last_loss
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn export(run_dir: &Path, out: &Path, teacher: bool, force: bool) -> Result<ExitCode> {
     let exported = stages::train::export(run_dir, out, teacher, force)?;
     for n in &exported.notes {

@@ -69,7 +69,11 @@ stages:
         assert_eq!(o.status.code(), Some(2));
         let t = text(&o);
         assert!(t.contains("device") && t.contains("--features cuda"), "{t}");
-        assert_eq!(t.matches("specs/base.yaml:").count(), 1, "one error only: {t}");
+        assert_eq!(
+            t.matches("specs/base.yaml:").count(),
+            1,
+            "one error only: {t}"
+        );
     }
 }
 

@@ -362,7 +362,10 @@ fn preset_base_brings_the_base_schedule() {
             let want_lr = lr_peak * step / 8000.0;
             let n = step + 1.0;
             let want_tau = 0.99999 - (0.99999 - 0.999) * (1.0 - n / 75000.0);
-            assert!((f(&r[1]) - want_lr).abs() <= 1e-15 + 1e-9 * want_lr, "{r:?}");
+            assert!(
+                (f(&r[1]) - want_lr).abs() <= 1e-15 + 1e-9 * want_lr,
+                "{r:?}"
+            );
             assert!((f(&r[2]) - want_tau).abs() < 1e-12, "{r:?}");
         }
     }

@@ -109,7 +109,10 @@ fn cublas_layout_rule() {
     let b = Tensor::zeros((4, 6, 3), DType::F32, &d).unwrap();
     // Contiguous, and transposed minor dimensions: taken.
     assert!(cublas_layout_ok(&a, &b).is_ok());
-    let bt = Tensor::zeros((4, 3, 6), DType::F32, &d).unwrap().t().unwrap();
+    let bt = Tensor::zeros((4, 3, 6), DType::F32, &d)
+        .unwrap()
+        .t()
+        .unwrap();
     assert!(cublas_layout_ok(&a, &bt).is_ok());
     // A column picked out of a wider tensor (row stride ≠ columns): refused.
     let wide = Tensor::zeros((4, 6, 8), DType::F32, &d).unwrap();

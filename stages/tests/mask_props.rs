@@ -683,7 +683,9 @@ fn clone_batch_repeats_rows_with_independent_masks() {
     b.offsets = vec![5, 10, 15];
     let t = Taught {
         targets: candle_core::Tensor::from_vec(
-            (0..size * frames * 2).map(|i| -(i as f32)).collect::<Vec<_>>(),
+            (0..size * frames * 2)
+                .map(|i| -(i as f32))
+                .collect::<Vec<_>>(),
             (size, frames, 2),
             &candle_core::Device::Cpu,
         )

@@ -63,7 +63,11 @@ fn train(dtype: &str, p: StudentParams) -> (Vec<f64>, Student) {
         let tw = s.teacher_weights().unwrap();
         let (targets, d, pred, t) =
             stages::train::teacher::teach(&cfg, &tw.weights, &b, &Device::Cpu).unwrap();
-        assert_eq!(targets.dtype(), DType::F32, "targets are f32 whatever the compute type");
+        assert_eq!(
+            targets.dtype(),
+            DType::F32,
+            "targets are f32 whatever the compute type"
+        );
         // The same mask for every dtype: HIDDEN random frames per row.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(step);
         let mut mask = vec![false; ROWS * t];
@@ -188,22 +192,31 @@ fn f16_overflow_lowers_the_loss_scale_and_skips() {
     };
     let (losses, s) = train("f16", p);
     let skipped = losses.iter().take_while(|l| l.is_nan()).count();
-    assert!(skipped >= 5, "only {skipped} overflows at scale 2²⁸: {losses:?}");
+    assert!(
+        skipped >= 5,
+        "only {skipped} overflows at scale 2²⁸: {losses:?}"
+    );
     assert!(
         losses[skipped..].iter().filter(|l| l.is_finite()).count() >= 8,
         "training did not go on after the scale came down: {losses:?}"
     );
     let (scale, good) = s.fp16_scale;
     assert!(scale < init && scale >= 1.0, "scale {scale}");
-    assert!(good < 4, "the window doubles the scale every 4 clean updates ({good})");
+    assert!(
+        good < 4,
+        "the window doubles the scale every 4 clean updates ({good})"
+    );
     // Every skip halved it once and every 4 clean updates in a row doubled it: the scale is a
     // power of two of the init.
     assert_eq!((scale.log2() - scale.log2().round()).abs(), 0.0);
     assert_eq!(s.checkpoint_meta().fp16_scale, Some((scale, good)));
     // A bf16 run keeps no scale.
-    let (_, b) = train("bf16", StudentParams {
-        max_steps: 1,
-        ..params()
-    });
+    let (_, b) = train(
+        "bf16",
+        StudentParams {
+            max_steps: 1,
+            ..params()
+        },
+    );
     assert_eq!(b.checkpoint_meta().fp16_scale, None);
 }

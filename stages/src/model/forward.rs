@@ -122,9 +122,7 @@ impl<'a> Model<'a> {
         // |p_i − p_j|, exact in f32 below 2²⁴ frames (as the host-built distances were).
         let pos: Vec<f32> = positions.iter().flatten().map(|&p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (rows, 1, tv, 1), device)?.to_dtype(dtype)?;
-        let dist = pos
-            .broadcast_sub(&pos.reshape((rows, 1, 1, tv))?)?
-            .abs()?;
+        let dist = pos.broadcast_sub(&pos.reshape((rows, 1, 1, tv))?)?.abs()?;
         let slopes = Tensor::from_vec(slopes, (1, h, 1, 1), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;

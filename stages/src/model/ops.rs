@@ -178,13 +178,19 @@ pub fn cublas_layout_ok(a: &Tensor, b: &Tensor) -> std::result::Result<(), Strin
     };
     let (sa, sb) = (a.stride(), b.stride());
     if !minor_ok(sa, m, k) {
-        return Err("the left operand's last two dimensions are neither row- nor column-major".into());
+        return Err(
+            "the left operand's last two dimensions are neither row- nor column-major".into(),
+        );
     }
     if !minor_ok(sb, k, n) {
-        return Err("the right operand's last two dimensions are neither row- nor column-major".into());
+        return Err(
+            "the right operand's last two dimensions are neither row- nor column-major".into(),
+        );
     }
     if !batch_ok(ad, sa) || !batch_ok(bd, sb) {
-        return Err("the batch dimensions have no single stride (more than two, or not nested)".into());
+        return Err(
+            "the batch dimensions have no single stride (more than two, or not nested)".into(),
+        );
     }
     Ok(())
 }

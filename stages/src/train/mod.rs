@@ -1,6 +1,7 @@
 //! Training: the weight cell through which the student publishes EMA teacher weights, checkpoints
 //! and export, the teacher, the masking strategies (pure) and the mask stage, the student.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod mask;
 pub mod masking;
