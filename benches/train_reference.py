@@ -421,6 +421,7 @@ class Trainer:
         if not all(math.isfinite(v_) for v_ in (loss_value, grad_norm, target_std, pred_std)):
             raise SystemExit(f"non-finite update {self.step}: loss {loss_value}, grad norm {grad_norm}")
         self.last = (loss_value, grad_norm, agree, teacher_agree)
+        self.last_shape = (b, t, m)
         # Phases as ehmam's bench splits them: teacher forward, mask, student forward (and the
         # losses), backward, gradient norm + AdamW + EMA, metrics.
         self.phases = [(b_ - a_) * 1e3 for a_, b_ in [(t0, t_teach), (t_teach, t1), (t1, t_fwd), (t_fwd, t_bwd), (t_bwd, t_opt), (t_opt, t2)]]
@@ -447,6 +448,11 @@ def main():
         default=0,
         metavar="N",
         help="also run PyTorch's profiler over the timed updates at the first thread count and print its N heaviest ops (self CPU time)",
+    )
+    ap.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="count one update's FLOPs with torch.utils.flop_counter (matmuls and convolutions) and print them",
     )
     ap.add_argument("--preset", choices=["tiny", "base"], default="tiny")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -478,6 +484,15 @@ def main():
         times, teach, stud, frac = [], [], [], []
         phases = [[] for _ in range(6)]
         prof = None
+        if a.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            fc = FlopCounterMode(display=False)
+            with fc:
+                tr.update(batches[0])
+            m = tr.last_shape
+            print(f"torch_flops value={fc.get_total_flops()} batch={m[0]} frames={m[1]} masked={m[2]}")
+            return
         for i in range(total):
             if a.profile and i == a.warmup and threads == int(a.threads.split(",")[0]):
                 from torch.profiler import ProfilerActivity, profile

@@ -309,3 +309,36 @@ pub fn update_flops(cfg: &ModelConfig, b: usize, c: usize, n: usize, t: usize, m
         + head(bs, &cfg.loss_predictor);
     teacher + 3.0 * student
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand count for a small model (fbank 4 → D 8, 2 heads, FFN 16, one block, positional conv
+    /// depth 1 / kernel 3 / groups 2, heads of one conv layer 8 → 4, kernel 3, groups 2), one row
+    /// of 10 frames with 4 masked:
+    /// front-end 2·10·4·8 = 640; positional conv 2·10·8·(8/2)·3 = 1920;
+    /// block over 10 frames 2·(10·8·24 + 2·10²·8 + 10·8·8 + 2·10·8·16) = 13440, over the 6 visible
+    /// 2·(6·8·24 + 2·6²·8 + 6·8·8 + 2·6·8·16) = 7296; a head 2·10·8·(4/2)·3 + 2·10·4·8 = 1600.
+    /// Teacher 640 + 1920 + 13440 + 1600 = 17600; student 640 + 1920 + 7296 + 1600 + 1600 = 13056;
+    /// update 17600 + 3·13056 = 56768. With 2 masks per utterance the student's part doubles.
+    #[test]
+    fn update_flops_by_hand() {
+        let v: serde_yaml::Value = serde_yaml::from_str(
+            "{frontend: {input_dim: 4}, encoder: {dim: 8, heads: 2, ffn: 16, layers: 1, top_k: 1, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}, decoder: {dim: 4, layers: 1, kernel: 3, groups: 2}, loss_predictor: {dim: 4, layers: 1, kernel: 3, groups: 2}}",
+        )
+        .unwrap();
+        let cfg = ModelConfig::from_spec(Some(&v)).unwrap();
+        assert_eq!(update_flops(&cfg, 1, 1, 10, 10, 4), 56768.0);
+        assert_eq!(update_flops(&cfg, 1, 2, 10, 10, 4), 17600.0 + 6.0 * 13056.0);
+        // The CNN front-end: one layer of 3 channels, kernel 4, stride 2 over 10 samples gives
+        // 4 frames: 2·4·3·1·4 = 96, and its projection 3 → 8 over them 2·4·3·8 = 192.
+        let mut cnn = cfg.clone();
+        cnn.frontend.kind = FrontendKind::Cnn;
+        cnn.frontend.input_dim = 1;
+        cnn.frontend.conv_layers = vec![[3, 4, 2]];
+        let d = update_flops(&cnn, 1, 1, 10, 4, 1) - update_flops(&cfg, 1, 1, 10, 4, 1);
+        // fbank front-end over 4 frames: 2·4·4·8 = 256; 4 times (teacher + 3 × student).
+        assert_eq!(d, 4.0 * (96.0 + 192.0 - 256.0));
+    }
+}
