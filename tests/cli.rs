@@ -189,3 +189,35 @@ stages:
         "{rejects:?}"
     );
 }
+
+/// `ehmam bench-update` times real updates and says what it timed: the tiny model's parameter
+/// count (926,788, the count PyTorch's reference gives for the same model), the shapes asked for,
+/// finite losses, and FLOPs that grow with the batch.
+#[test]
+fn bench_update_reports_what_it_timed() {
+    let run = |batch: &str| -> serde_json::Value {
+        let out = ok(&[
+            "bench-update", "--batch", batch, "--seconds", "1", "--updates", "2", "--warmup", "1",
+            "--peak-tflops", "100", "--json",
+        ]);
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("one JSON line")
+    };
+    let a = run("2");
+    assert_eq!(a["parameters"], 926_788);
+    assert_eq!(a["model_frames"], 50);
+    assert_eq!(a["updates"], 2);
+    assert_eq!(a["audio_s_per_update"], 2.0);
+    let ms = a["ms_per_update"].as_f64().unwrap();
+    assert!(ms > 0.0 && a["last_loss"].as_f64().unwrap().is_finite());
+    let phases: f64 = a["phases_ms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+    assert!(phases <= ms * 1.05, "phases {phases} ms within the update's {ms} ms");
+    let mfu = a["mfu"].as_f64().unwrap();
+    assert!((mfu - a["tflops_per_s"].as_f64().unwrap() / 100.0).abs() < 1e-12);
+    let b = run("4");
+    let ratio = b["flops_per_update"].as_f64().unwrap() / a["flops_per_update"].as_f64().unwrap();
+    assert!((1.8..2.2).contains(&ratio), "FLOPs scale with the batch: {ratio}");
+    // A bad model block is refused with its field.
+    let o = ehmam(&["bench-update", "--model", "{encoder: {heads: 3}}"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("model.encoder.heads"), "{}", text(&o));
+}

@@ -51,7 +51,9 @@ pub enum OnNonFinite {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct StudentParams {
-    /// Updates to run; the run ends there (or earlier, when the data ends).
+    /// Updates to run; the run ends there (or earlier, when the data ends). `model.preset: base`
+    /// makes the defaults of the schedule the paper's base recipe (400k updates, lr 7.5e-4, 8k
+    /// warm-up, τ 0.999 → 0.99999 over 75k, a checkpoint every 5000).
     pub max_steps: u64,
     /// Write a checkpoint every this many updates (0: only at the end).
     pub checkpoint_every: u64,
