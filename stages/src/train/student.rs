@@ -110,7 +110,9 @@ pub struct StudentParams {
     /// `fp16_scale_window` updates without overflow it doubles. Overflow below `min_loss_scale`
     /// stops the run.
     pub fp16_init_scale: f64,
+    /// `model.dtype: f16`: clean updates after which the loss scale doubles.
     pub fp16_scale_window: u64,
+    /// `model.dtype: f16`: an overflow that would take the loss scale below this stops the run.
     pub min_loss_scale: f64,
 }
 
