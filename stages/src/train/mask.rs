@@ -369,8 +369,11 @@ pub fn clone_rows(mut t: Taught, c: usize) -> Result<Taught, MaskError> {
     let rows: Vec<u32> = (0..n as u32)
         .flat_map(|i| std::iter::repeat_n(i, c))
         .collect();
+    // On a GPU the copy is queued on this thread's stream: wait for it before the batch goes
+    // to the student's thread.
     t.targets = candle_core::Tensor::from_vec(rows, n * c, t.targets.device())
         .and_then(|idx| t.targets.index_select(&idx, 0))
+        .and_then(|y| y.device().synchronize().map(|_| y))
         .map_err(|e| MaskError::Spec(format!("repeating the targets: {e}")))?;
     t.pred_loss = rep(&t.pred_loss, t.frames, "pred_loss")?;
     let b = &mut t.batch;
