@@ -17,6 +17,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Hf,
+    Native,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline spec.
@@ -147,8 +153,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Export the trained encoder (front-end + transformer) of a run for downstream use:
-    /// OUT/encoder.safetensors and OUT/config.json, from the run's newest complete checkpoint.
+    /// Export the trained encoder (front-end + transformer) of a run's newest complete checkpoint
+    /// for downstream use: `--format hf` (default) a directory that Hugging Face's
+    /// AutoModel.from_pretrained(OUT, trust_remote_code=True) loads and s3prl takes as an upstream;
+    /// `--format native` OUT/encoder.safetensors and OUT/config.json for ehmam.
     Export {
         /// The run directory (runs/NAME).
         run_dir: PathBuf,
@@ -158,8 +166,16 @@ enum Command {
         /// Export the EMA teacher's encoder instead of the student's.
         #[arg(long)]
         teacher: bool,
-        /// Write into a non-empty output directory (replaces encoder.safetensors and
-        /// config.json there; nothing else is touched).
+        /// hf (PyTorch module, Hugging Face and s3prl) or native (ehmam's own layout).
+        #[arg(long, value_enum, default_value = "hf")]
+        format: ExportFormat,
+        /// For an fbank model trained on stored features (features.read): the spec whose
+        /// features.fbank stage computed them (the run's own spec otherwise).
+        #[arg(long)]
+        fbank_spec: Option<PathBuf>,
+        /// Write into a non-empty output directory (replaces the export's own files there:
+        /// model.safetensors, config.json, the Python files, or for native encoder.safetensors
+        /// and config.json; nothing else is touched).
         #[arg(long)]
         force: bool,
     },
@@ -189,8 +205,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             run_dir,
             out,
             teacher,
+            format,
+            fbank_spec,
             force,
-        } => export(&run_dir, &out, teacher, force),
+        } => export(
+            &run_dir,
+            &out,
+            teacher,
+            force,
+            format,
+            fbank_spec.as_deref(),
+        ),
         Command::BenchUpdate {
             model,
             device,
@@ -456,8 +481,20 @@ fn bench_update(
     Ok(ExitCode::SUCCESS)
 }
 
-fn export(run_dir: &Path, out: &Path, teacher: bool, force: bool) -> Result<ExitCode> {
-    let exported = stages::train::export(run_dir, out, teacher, force)?;
+fn export(
+    run_dir: &Path,
+    out: &Path,
+    teacher: bool,
+    force: bool,
+    format: ExportFormat,
+    fbank_spec: Option<&Path>,
+) -> Result<ExitCode> {
+    let exported = match format {
+        ExportFormat::Native => stages::train::export(run_dir, out, teacher, force)?,
+        ExportFormat::Hf => {
+            stages::train::export_hf::export_hf(run_dir, out, teacher, force, fbank_spec)?
+        }
+    };
     for n in &exported.notes {
         eprintln!("warning: {n}");
     }
@@ -468,12 +505,16 @@ fn export(run_dir: &Path, out: &Path, teacher: bool, force: bool) -> Result<Exit
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     println!(
-        "exported the {} encoder of {} at step {} ({} tensors, {parameters} parameters) to {}",
+        "exported the {} encoder of {} at step {} ({} tensors, {parameters} parameters) to {} ({})",
         cfg.weights,
         run_dir.display(),
         cfg.step,
         cfg.tensors.len(),
-        out.display()
+        out.display(),
+        match format {
+            ExportFormat::Hf => "Hugging Face: AutoModel.from_pretrained(DIR, trust_remote_code=True); s3prl: s3prl_upstream.py",
+            ExportFormat::Native => "ehmam's layout",
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -197,8 +197,18 @@ stages:
 fn bench_update_reports_what_it_timed() {
     let run = |batch: &str| -> serde_json::Value {
         let out = ok(&[
-            "bench-update", "--batch", batch, "--seconds", "1", "--updates", "2", "--warmup", "1",
-            "--peak-tflops", "100", "--json",
+            "bench-update",
+            "--batch",
+            batch,
+            "--seconds",
+            "1",
+            "--updates",
+            "2",
+            "--warmup",
+            "1",
+            "--peak-tflops",
+            "100",
+            "--json",
         ]);
         serde_json::from_str(out.lines().last().unwrap_or("")).expect("one JSON line")
     };
@@ -209,13 +219,24 @@ fn bench_update_reports_what_it_timed() {
     assert_eq!(a["audio_s_per_update"], 2.0);
     let ms = a["ms_per_update"].as_f64().unwrap();
     assert!(ms > 0.0 && a["last_loss"].as_f64().unwrap().is_finite());
-    let phases: f64 = a["phases_ms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
-    assert!(phases <= ms * 1.05, "phases {phases} ms within the update's {ms} ms");
+    let phases: f64 = a["phases_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!(
+        phases <= ms * 1.05,
+        "phases {phases} ms within the update's {ms} ms"
+    );
     let mfu = a["mfu"].as_f64().unwrap();
     assert!((mfu - a["tflops_per_s"].as_f64().unwrap() / 100.0).abs() < 1e-12);
     let b = run("4");
     let ratio = b["flops_per_update"].as_f64().unwrap() / a["flops_per_update"].as_f64().unwrap();
-    assert!((1.8..2.2).contains(&ratio), "FLOPs scale with the batch: {ratio}");
+    assert!(
+        (1.8..2.2).contains(&ratio),
+        "FLOPs scale with the batch: {ratio}"
+    );
     // A bad model block is refused with its field.
     let o = ehmam(&["bench-update", "--model", "{encoder: {heads: 3}}"]);
     assert!(!o.status.success());

@@ -133,6 +133,8 @@ fn short_run_learns() {
         run.to_str().unwrap(),
         "--out",
         export.to_str().unwrap(),
+        "--format",
+        "native",
     ]);
     assert!(out.contains("step 120"), "{out}");
     let (cfg, w) = stages::train::load_encoder(&export, &stages::candle_core::Device::Cpu).unwrap();

@@ -318,12 +318,20 @@ impl<'a> Model<'a> {
     /// Encoder for downstream use: every frame visible, no dropout. Returns the output of each
     /// block (`[B, T, D]` each).
     pub fn encode(&self, z: &Tensor) -> Result<Vec<Tensor>> {
+        let mut all = self.hidden_states(z)?;
+        all.remove(0);
+        Ok(all)
+    }
+
+    /// [`Model::encode`] with the blocks' input first (after the positional convolution and
+    /// `encoder.ln_in`): `layers + 1` tensors, as the exported PyTorch module's `hidden_states`.
+    pub fn hidden_states(&self, z: &Tensor) -> Result<Vec<Tensor>> {
         let (_, t, _) = z.dims3()?;
         let x = (z + self.pos_conv(z)?)?;
         let mut x = self.ln(&x, "encoder.ln_in")?;
         let bias = self.alibi(&[(0..t).collect()], z.dtype(), z.device())?;
         let mut none = None;
-        let mut outs = Vec::new();
+        let mut outs = vec![x.clone()];
         for l in 0..self.cfg.encoder.layers {
             x = self.block(l, &x, &bias, &mut none)?.0;
             outs.push(x.clone());

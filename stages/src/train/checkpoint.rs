@@ -4,7 +4,7 @@
 use crate::items::DataPosition;
 use crate::model::ModelConfig;
 use candle_core::{Device, Tensor};
-use pipeline::atomic::write_atomic;
+pub(crate) use pipeline::atomic::write_atomic;
 use pipeline::StageError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -318,6 +318,35 @@ pub fn export(
     teacher: bool,
     force: bool,
 ) -> Result<Exported, StageError> {
+    let (cfg, w, notes) = export_weights(
+        run_dir,
+        out,
+        teacher,
+        force,
+        "encoder.safetensors and config.json",
+    )?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| StageError::io(format!("cannot create {}", out.display()), e))?;
+    let map: std::collections::HashMap<String, Tensor> = w.into_iter().collect();
+    save_safetensors(&map, &out.join("encoder.safetensors"))?;
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| StageError::failed(e.to_string()))?;
+    let cpath = out.join("config.json");
+    write_atomic(&cpath, text.as_bytes())
+        .map_err(|e| StageError::io(format!("cannot write {}", cpath.display()), e))?;
+    Ok(Exported { config: cfg, notes })
+}
+
+/// What every export format starts from: `out` checked (new or empty unless `force`; `files`
+/// names what `force` replaces), the run's newest complete checkpoint found, and its front-end
+/// and encoder tensors (the student's, or with `teacher` the EMA encoder and the student's
+/// front-end) with the native `ExportConfig` that describes them.
+pub fn export_weights(
+    run_dir: &Path,
+    out: &Path,
+    teacher: bool,
+    force: bool,
+    files: &str,
+) -> Result<(ExportConfig, BTreeMap<String, Tensor>, Vec<String>), StageError> {
     if out.exists() && !out.is_dir() {
         return Err(StageError::failed(format!(
             "--out {}: exists and is not a directory",
@@ -328,7 +357,7 @@ pub fn export(
         let entries = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
         if entries > 0 {
             return Err(StageError::failed(format!(
-                "--out {}: the directory is not empty ({entries} entries); choose an empty or new directory, or pass --force to write encoder.safetensors and config.json into it",
+                "--out {}: the directory is not empty ({entries} entries); choose an empty or new directory, or pass --force to write {files} into it",
                 out.display()
             )));
         }
@@ -360,8 +389,6 @@ pub fn export(
             }
         }
     }
-    std::fs::create_dir_all(out)
-        .map_err(|e| StageError::io(format!("cannot create {}", out.display()), e))?;
     let input = match meta.model.frontend.kind {
         crate::model::FrontendKind::Fbank => format!("{}-dim features as features.fbank makes them (80 bins stacked by 2, per-utterance normalised, 50 Hz)", meta.model.frontend.input_dim),
         crate::model::FrontendKind::Cnn => "16 kHz waveform, zero mean and unit variance per utterance (features.waveform)".to_string(),
@@ -380,13 +407,7 @@ pub fn export(
         input,
         tensors: w.keys().cloned().collect(),
     };
-    let map: std::collections::HashMap<String, Tensor> = w.into_iter().collect();
-    save_safetensors(&map, &out.join("encoder.safetensors"))?;
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| StageError::failed(e.to_string()))?;
-    let cpath = out.join("config.json");
-    write_atomic(&cpath, text.as_bytes())
-        .map_err(|e| StageError::io(format!("cannot write {}", cpath.display()), e))?;
-    Ok(Exported { config: cfg, notes })
+    Ok((cfg, w, notes))
 }
 
 /// Loads an exported encoder (`export`'s output directory).

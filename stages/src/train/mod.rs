@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod export_hf;
 pub mod mask;
 pub mod masking;
 pub mod student;
