@@ -979,3 +979,83 @@ fn fused_f32_student_matches_the_composed_f64_one() {
     }
     assert!(checked >= 30, "{checked} parameters compared");
 }
+
+/// A padded batch through `hidden_states_padded` gives each row what it gives alone (issue 18:
+/// ehmam's side of "padding is exact"), on the fused path (f32) and the composed one (f64).
+#[test]
+fn padded_batch_gives_each_row_what_it_gives_alone() {
+    let cfg = tiny_cfg();
+    for dtype in [DType::F32, DType::F64] {
+        let w = model::init_weights(&cfg, 5, &Device::Cpu, dtype).unwrap();
+        let m = Model::new(&cfg, &w);
+        let lengths = [20usize, 13, 7];
+        let t = 20;
+        let d = cfg.encoder.dim;
+        let z = Tensor::randn(0f32, 1f32, (3, t, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let padded = m.hidden_states_padded(&z, Some(&lengths)).unwrap();
+        assert_eq!(padded.len(), cfg.encoder.layers + 1);
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        for (r, &n) in lengths.iter().enumerate() {
+            let alone = m
+                .hidden_states(&z.narrow(0, r, 1).unwrap().narrow(1, 0, n).unwrap())
+                .unwrap();
+            for (k, (p, a)) in padded.iter().zip(&alone).enumerate() {
+                let p = p.narrow(0, r, 1).unwrap();
+                let gap = (p.narrow(1, 0, n).unwrap() - a)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(gap < tol, "{dtype:?} row {r} state {k}: {gap}");
+                if n < t {
+                    let pad = p
+                        .narrow(1, n, t - n)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    assert_eq!(pad, 0.0, "padded frames come back as zeros");
+                }
+            }
+            // Without the lengths, padding leaks into the real frames: the test can fail.
+            if n < t {
+                let unmasked = m.hidden_states(&z).unwrap();
+                let leak = (unmasked[1]
+                    .narrow(0, r, 1)
+                    .unwrap()
+                    .narrow(1, 0, n)
+                    .unwrap()
+                    - &alone[1])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(leak > 1e-3, "{leak}");
+            }
+        }
+    }
+}

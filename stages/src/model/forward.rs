@@ -326,15 +326,71 @@ impl<'a> Model<'a> {
     /// [`Model::encode`] with the blocks' input first (after the positional convolution and
     /// `encoder.ln_in`): `layers + 1` tensors, as the exported PyTorch module's `hidden_states`.
     pub fn hidden_states(&self, z: &Tensor) -> Result<Vec<Tensor>> {
-        let (_, t, _) = z.dims3()?;
-        let x = (z + self.pos_conv(z)?)?;
+        self.hidden_states_padded(z, None)
+    }
+
+    /// [`Model::hidden_states`] of a padded batch: row `r` has `lengths[r]` real frames (the
+    /// rest padding). Padded frames are zeroed before every positional convolution, are no
+    /// attention key, and come back as zeros, so each row gives what it gives alone.
+    pub fn hidden_states_padded(
+        &self,
+        z: &Tensor,
+        lengths: Option<&[usize]>,
+    ) -> Result<Vec<Tensor>> {
+        let (b, t, _) = z.dims3()?;
+        let keep = match lengths {
+            Some(l) => {
+                if l.len() != b || l.iter().any(|&n| n > t) {
+                    candle_core::bail!("hidden_states: lengths {l:?} for {b} rows of {t} frames");
+                }
+                let m: Vec<f32> = l
+                    .iter()
+                    .flat_map(|&n| (0..t).map(move |i| if i < n { 1.0 } else { 0.0 }))
+                    .collect();
+                Some(Tensor::from_vec(m, (b, t, 1), z.device())?.to_dtype(z.dtype())?)
+            }
+            None => None,
+        };
+        let pos = match &keep {
+            None => self.pos_conv(z)?,
+            Some(k) => {
+                let e = &self.cfg.encoder;
+                let mut h = z.clone();
+                for l in 0..e.pos_conv_depth {
+                    h = self.conv_time(
+                        &h.broadcast_mul(k)?,
+                        &format!("encoder.pos_conv.{l}"),
+                        e.pos_conv_groups,
+                    )?;
+                    h = gelu(&layer_norm(&h, None, 1e-5)?)?;
+                }
+                h
+            }
+        };
+        let x = (z + pos)?;
         let mut x = self.ln(&x, "encoder.ln_in")?;
-        let bias = self.alibi(&[(0..t).collect()], z.dtype(), z.device())?;
+        let mut bias = self.alibi(&[(0..t).collect()], z.dtype(), z.device())?;
+        if let Some(l) = lengths {
+            // Padded keys: a large negative bias (their weight underflows to 0, or 1e-38 of the
+            // row in the fused kernel's clamped exponential).
+            let m: Vec<f32> = l
+                .iter()
+                .flat_map(|&n| (0..t).map(move |j| if j < n { 0.0 } else { -1e30 }))
+                .collect();
+            let m = Tensor::from_vec(m, (b, 1, 1, t), z.device())?.to_dtype(bias.dtype())?;
+            bias = bias.broadcast_add(&m)?;
+        }
+        let masked = |h: Tensor| -> Result<Tensor> {
+            match &keep {
+                Some(k) => h.broadcast_mul(k),
+                None => Ok(h),
+            }
+        };
         let mut none = None;
-        let mut outs = vec![x.clone()];
+        let mut outs = vec![masked(x.clone())?];
         for l in 0..self.cfg.encoder.layers {
             x = self.block(l, &x, &bias, &mut none)?.0;
-            outs.push(x.clone());
+            outs.push(masked(x.clone())?);
         }
         Ok(outs)
     }
