@@ -99,7 +99,7 @@ fn export_refuses_a_non_empty_out_without_force() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("README"), "keep me").unwrap();
     let (r, o) = (run.to_str().unwrap(), out.to_str().unwrap());
-    let refused = ehmam(&["export", r, "--out", o]);
+    let refused = ehmam(&["export", r, "--out", o, "--format", "native"]);
     assert!(!refused.status.success());
     let t = text(&refused);
     assert!(
@@ -107,7 +107,7 @@ fn export_refuses_a_non_empty_out_without_force() {
         "{t}"
     );
     assert!(!out.join("config.json").exists());
-    let done = ok(&["export", r, "--out", o, "--force"]);
+    let done = ok(&["export", r, "--out", o, "--force", "--format", "native"]);
     assert!(done.contains("step 2"), "{done}");
     assert!(out.join("config.json").exists());
     assert_eq!(
@@ -119,7 +119,14 @@ fn export_refuses_a_non_empty_out_without_force() {
     let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
     f.set_len(f.metadata().unwrap().len() / 2).unwrap();
     let o2 = tmp.path().join("out2");
-    let fell_back = ehmam(&["export", r, "--out", o2.to_str().unwrap()]);
+    let fell_back = ehmam(&[
+        "export",
+        r,
+        "--out",
+        o2.to_str().unwrap(),
+        "--format",
+        "native",
+    ]);
     assert!(fell_back.status.success(), "{}", text(&fell_back));
     let t = text(&fell_back);
     assert!(
