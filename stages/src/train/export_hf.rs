@@ -110,8 +110,15 @@ pub fn fbank_params(run_dir: &Path, fbank_spec: Option<&Path>) -> Result<FbankPa
     let spec = fbank_spec
         .map(Path::to_path_buf)
         .unwrap_or_else(|| run_dir.join("spec.yaml"));
-    let text = std::fs::read_to_string(&spec)
-        .map_err(|e| StageError::io(format!("cannot read {}", spec.display()), e))?;
+    let text = std::fs::read_to_string(&spec).map_err(|e| {
+        StageError::io(
+            format!(
+                "cannot read {} (an fbank model's export takes the fbank options from the spec that trained it; pass --fbank-spec SPEC, or --format native)",
+                spec.display()
+            ),
+            e,
+        )
+    })?;
     let v: serde_yaml::Value = serde_yaml::from_str(&text)
         .map_err(|e| StageError::failed(format!("{}: {e}", spec.display())))?;
     let stages = v.get("stages").and_then(|s| s.as_mapping());
