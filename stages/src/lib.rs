@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod error;
+pub mod finetune;
 pub mod items;
 pub mod logs;
 pub mod model;

@@ -1,0 +1,255 @@
+//! Fine-tuning's building blocks (issue 19): the CTC loss and its gradient against PyTorch's
+//! (`fixtures/ctc/ctc_torch.json`, made by `fixtures/ctc/make_ctc_fixtures.py`) and against
+//! finite differences; infeasible utterances; WER/CER on hand-worked examples; the tri-stage
+//! schedule at fairseq's phase boundaries; the letter vocabulary and greedy decoding.
+
+use candle_core::{DType, Device, Tensor, Var};
+use stages::finetune::ctc::{ctc_loss, min_frames};
+use stages::finetune::schedule::TriStage;
+use stages::finetune::vocab::{Unknown, Vocab, BLANK};
+use stages::finetune::wer::{align, char_edits, word_edits, Edits};
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    #[serde(rename = "B")]
+    b: usize,
+    #[serde(rename = "T")]
+    t: usize,
+    #[serde(rename = "V")]
+    v: usize,
+    logits: Vec<f64>,
+    input_lengths: Vec<usize>,
+    targets: Vec<Vec<u32>>,
+    losses: Vec<f64>,
+    grads: Vec<f64>,
+}
+
+fn fixture() -> Fixture {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ctc/ctc_torch.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn ctc_loss_and_gradient_match_pytorch() {
+    let f = fixture();
+    for dtype in [DType::F64, DType::F32] {
+        let x = Var::from_tensor(
+            &Tensor::from_vec(f.logits.clone(), (f.b, f.t, f.v), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let out = ctc_loss(x.as_tensor(), &f.input_lengths, &f.targets, 0).unwrap();
+        assert!(out.feasible.iter().all(|&x| x));
+        let got: Vec<f64> = out.loss.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+        let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+        for (a, b) in got.iter().zip(&f.losses) {
+            assert!(
+                (a - b).abs() < tol * b.abs().max(1.0),
+                "{dtype:?}: loss {a} vs torch {b}"
+            );
+        }
+        let g = out.loss.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f64> = g
+            .get(x.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = g
+            .iter()
+            .zip(&f.grads)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let tol = if dtype == DType::F64 { 1e-9 } else { 1e-5 };
+        assert!(
+            worst < tol,
+            "{dtype:?}: gradient differs from torch's by {worst}"
+        );
+        // Frames past an utterance's length get no gradient.
+        let (t, v) = (f.t, f.v);
+        for (i, &n) in f.input_lengths.iter().enumerate() {
+            assert!(g[i * t * v + n * v..(i + 1) * t * v]
+                .iter()
+                .all(|&x| x == 0.0));
+        }
+    }
+}
+
+#[test]
+fn ctc_gradient_matches_finite_differences() {
+    let (b, t, v) = (2, 6, 4);
+    let vals: Vec<f64> = (0..b * t * v)
+        .map(|i| ((i * 37 % 17) as f64 - 8.0) / 5.0)
+        .collect();
+    let targets = vec![vec![1u32, 1, 2], vec![3]];
+    let lens = [6usize, 4];
+    let loss_of = |vals: &[f64]| -> f64 {
+        let x = Tensor::from_slice(vals, (b, t, v), &Device::Cpu).unwrap();
+        let o = ctc_loss(&x, &lens, &targets, 0).unwrap();
+        // A weighted sum, so each utterance's gradient is scaled by its own weight.
+        let w = Tensor::new(&[1.0f64, 0.5], &Device::Cpu).unwrap();
+        (o.loss * w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let x = Var::from_tensor(&Tensor::from_slice(&vals, (b, t, v), &Device::Cpu).unwrap()).unwrap();
+    let o = ctc_loss(x.as_tensor(), &lens, &targets, 0).unwrap();
+    let w = Tensor::new(&[1.0f64, 0.5], &Device::Cpu).unwrap();
+    let g = (o.loss * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g: Vec<f64> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let h = 1e-6;
+    for i in 0..vals.len() {
+        let mut p = vals.clone();
+        p[i] += h;
+        let mut m = vals.clone();
+        m[i] -= h;
+        let fd = (loss_of(&p) - loss_of(&m)) / (2.0 * h);
+        assert!(
+            (fd - g[i]).abs() < 1e-6,
+            "element {i}: analytic {} vs numeric {fd}",
+            g[i]
+        );
+    }
+}
+
+/// Labels that cannot fit their frames (repeats need a blank between them): no loss, no
+/// gradient, flagged; the others in the batch are unaffected.
+#[test]
+fn infeasible_utterances_are_flagged_not_nan() {
+    assert_eq!(min_frames(&[1, 1, 2, 2]), 6);
+    assert_eq!(min_frames(&[1, 2, 3]), 3);
+    let x = Var::from_tensor(&Tensor::zeros((2, 5, 3), DType::F64, &Device::Cpu).unwrap()).unwrap();
+    let o = ctc_loss(
+        x.as_tensor(),
+        &[5, 5],
+        &[vec![1, 1, 1], vec![1, 2, 1, 2, 1, 2]],
+        0,
+    )
+    .unwrap();
+    assert_eq!(o.feasible, vec![true, false]);
+    let l: Vec<f64> = o.loss.to_vec1().unwrap();
+    assert!(l[0].is_finite() && l[0] > 0.0 && l[1] == 0.0, "{l:?}");
+    let g = o.loss.sum_all().unwrap().backward().unwrap();
+    let g: Vec<f64> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(g.iter().all(|x| x.is_finite()));
+    assert!(g[15..].iter().all(|&x| x == 0.0));
+    // Hand-worked: uniform scores over 3 symbols, labels [1] in 1 frame: p = 1/3.
+    let one = Tensor::zeros((1, 1, 3), DType::F64, &Device::Cpu).unwrap();
+    let o = ctc_loss(&one, &[1], &[vec![1]], 0).unwrap();
+    let l = o.loss.to_vec1::<f64>().unwrap()[0];
+    assert!((l - 3f64.ln()).abs() < 1e-12, "{l}");
+    // A label equal to the blank, or outside the vocabulary, is an error.
+    assert!(ctc_loss(&one, &[1], &[vec![0]], 0).is_err());
+    assert!(ctc_loss(&one, &[1], &[vec![3]], 0).is_err());
+}
+
+#[test]
+fn wer_and_cer_by_hand() {
+    // sat → sit, the → mat, mat → down (or sit, a deletion and an insertion): 3 of 6 words.
+    let e = word_edits("the cat sat on the mat", "the cat sit on mat down");
+    assert_eq!((e.errors(), e.reference), (3, 6));
+    assert!((e.rate() - 0.5).abs() < 1e-12);
+    // One deletion (b) and one insertion (e) beat three substitutions.
+    assert_eq!(
+        word_edits("a b c d", "a c d e"),
+        Edits {
+            substitutions: 0,
+            insertions: 1,
+            deletions: 1,
+            reference: 4
+        }
+    );
+    assert_eq!(word_edits("a b", "a x").substitutions, 1);
+    // Empty hypothesis: every reference word deleted; empty reference: rate undefined.
+    let e = word_edits("a b c", "");
+    assert_eq!((e.deletions, e.errors(), e.reference), (3, 3, 3));
+    assert!(word_edits("", "a").rate().is_nan());
+    assert_eq!(word_edits("", "a").insertions, 1);
+    // Whitespace does not count as words.
+    assert_eq!(word_edits("  a   b ", "a b").errors(), 0);
+    // Characters, spaces included: "ab cd" → "abd": c deleted, space deleted.
+    let e = char_edits("ab cd", "abd");
+    assert_eq!((e.errors(), e.reference), (2, 5));
+    // Identical: no edits.
+    assert_eq!(align(&[1, 2, 3], &[1, 2, 3]).errors(), 0);
+    let mut total = Edits::default();
+    total.add(word_edits("a b", "a c"));
+    total.add(word_edits("d", "d"));
+    assert_eq!((total.errors(), total.reference), (1, 3));
+}
+
+/// fairseq's tri_stage at its boundaries: peak 1, 1000 updates as [0.1, 0.4, 0.5], init scale
+/// 0.01, final scale 0.05.
+#[test]
+fn tri_stage_schedule_at_fairseqs_boundaries() {
+    let s = TriStage::from_ratios(1.0, 1000, [0.1, 0.4, 0.5], 0.01, 0.05);
+    assert_eq!((s.warmup, s.hold, s.decay), (100, 400, 500));
+    assert!((s.lr(0) - 0.01).abs() < 1e-15);
+    assert!((s.lr(50) - (0.01 + 0.99 * 0.5)).abs() < 1e-12);
+    assert_eq!(s.lr(100), 1.0);
+    assert_eq!(s.lr(499), 1.0);
+    assert_eq!(s.lr(500), 1.0); // decay stage, step 0: exp(0)
+    let factor = -(0.05f64).ln() / 500.0;
+    assert!((s.lr(750) - (-factor * 250.0).exp()).abs() < 1e-12);
+    assert!((s.lr(1000) - 0.05).abs() < 1e-12); // the last decay step (`<=`)
+    assert!((s.lr(5000) - 0.05).abs() < 1e-15);
+}
+
+#[test]
+fn letter_vocabulary_and_greedy_decoding() {
+    let texts = ["HELLO WORLD", "HE SAID"];
+    let v = Vocab::from_transcripts(texts);
+    // Most frequent first: | (4 words), L (3), then D, E, H, O (2 each, by character).
+    assert_eq!(v.symbols[..7], ["<blank>", "|", "L", "D", "E", "H", "O"]);
+    let dict = v.to_dict(texts);
+    let back = Vocab::parse_dict(&dict).unwrap();
+    assert_eq!(back, v);
+    let mut unk = Unknown::default();
+    let l = v.encode("HELLO, WORLD", &mut unk);
+    assert_eq!(unk.chars.get(&','), Some(&1));
+    let idx = |c: &str| v.symbols.iter().position(|s| s == c).unwrap() as u32;
+    assert_eq!(l.len(), "HELLOWORLD".len() + 2);
+    assert_eq!(l[5], idx("|"));
+    // Greedy CTC: repeats merged unless a blank separates them, blanks dropped.
+    let frames = [
+        idx("H"),
+        idx("E"),
+        idx("L"),
+        BLANK,
+        idx("L"),
+        idx("L"),
+        idx("O"),
+        idx("|"),
+        idx("|"),
+        BLANK,
+        idx("H"),
+        idx("E"),
+    ];
+    assert_eq!(v.greedy_decode(&frames), "HELLO HE");
+    assert!(Vocab::parse_dict("AB 3\n").is_err());
+    assert!(Vocab::parse_dict("A 3\nA 2\n").is_err());
+    assert!(Vocab::parse_dict("A x\n").is_err());
+}
