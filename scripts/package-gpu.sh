@@ -19,7 +19,7 @@ fi
 mkdir -p "$out"
 strip -o "$out/ehmam" "$bin"
 size=$(stat -c %s "$out/ehmam")
-rm -f "$out/ehmam.xz"
+rm -f "$out/ehmam.xz" "$out/ehmam.gz"  # a stale copy beside it would not fit what travels
 xz -T2 -9 "$out/ehmam"
 gz=$(stat -c %s "$out/ehmam.xz")
 cu=""
