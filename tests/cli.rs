@@ -63,9 +63,18 @@ stages:
     assert!(ok(&["validate", "specs/prep.yaml"]).contains("ok"));
     // The base recipe is a valid spec (on the CPU here; on cuda:0 where CUDA is built in). It
     // is refused on this build only for its device.
-    assert!(ok(&["validate", "specs/base.yaml", "--set", "device=cpu"]).contains("ok"));
+    let shards = format!("stages.shards.with.dir={}", demo_shards().display());
+    assert!(ok(&[
+        "validate",
+        "specs/base.yaml",
+        "--set",
+        "device=cpu",
+        "--set",
+        &shards
+    ])
+    .contains("ok"));
     if !cfg!(feature = "cuda") {
-        let o = ehmam(&["validate", "specs/base.yaml"]);
+        let o = ehmam(&["validate", "specs/base.yaml", "--set", &shards]);
         assert_eq!(o.status.code(), Some(2));
         let t = text(&o);
         assert!(t.contains("device") && t.contains("--features cuda"), "{t}");
