@@ -4,5 +4,6 @@
 
 pub mod ctc;
 pub mod schedule;
+pub mod trainer;
 pub mod vocab;
 pub mod wer;

@@ -337,6 +337,18 @@ impl<'a> Model<'a> {
         z: &Tensor,
         lengths: Option<&[usize]>,
     ) -> Result<Vec<Tensor>> {
+        self.hidden_states_train(z, lengths, &mut None)
+    }
+
+    /// [`Model::hidden_states_padded`] in training mode when `noise` is given: dropout after
+    /// `encoder.ln_in` and in the blocks, and layerdrop (a skipped block repeats its input in the
+    /// returned states). Fine-tuning's forward pass.
+    pub fn hidden_states_train(
+        &self,
+        z: &Tensor,
+        lengths: Option<&[usize]>,
+        noise: &mut Option<&mut Noise>,
+    ) -> Result<Vec<Tensor>> {
         let (b, t, _) = z.dims3()?;
         let keep = match lengths {
             Some(l) => {
@@ -369,6 +381,9 @@ impl<'a> Model<'a> {
         };
         let x = (z + pos)?;
         let mut x = self.ln(&x, "encoder.ln_in")?;
+        if let Some(n) = noise.as_deref_mut() {
+            x = n.dropout(&x, self.cfg.encoder.dropout)?;
+        }
         let mut bias = self.alibi(&[(0..t).collect()], z.dtype(), z.device())?;
         if let Some(l) = lengths {
             // Padded keys: a large negative bias (their weight underflows to 0, or 1e-38 of the
@@ -386,10 +401,15 @@ impl<'a> Model<'a> {
                 None => Ok(h),
             }
         };
-        let mut none = None;
         let mut outs = vec![masked(x.clone())?];
         for l in 0..self.cfg.encoder.layers {
-            x = self.block(l, &x, &bias, &mut none)?.0;
+            let skip = match noise.as_deref_mut() {
+                Some(n) => n.coin(self.cfg.encoder.layerdrop),
+                None => false,
+            };
+            if !skip {
+                x = self.block(l, &x, &bias, noise)?.0;
+            }
             outs.push(masked(x.clone())?);
         }
         Ok(outs)
