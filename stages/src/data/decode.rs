@@ -542,6 +542,42 @@ fn sidecar_transcript(p: &Path) -> Option<String> {
     None
 }
 
+/// fairseq's label files beside a manifest (`train.tsv` → `train.wrd`, else `train.ltr`): one
+/// line per data line of the manifest. `.wrd` lines are the words; `.ltr` lines are letters
+/// separated by spaces with `|` closing each word (`H E L L O | W O R L D |`), read back to words.
+/// A count that differs from the manifest's is an error naming both files.
+fn manifest_labels(manifest: &Path, n: usize) -> crate::Result<Option<Vec<String>>> {
+    for ext in ["wrd", "ltr"] {
+        let p = manifest.with_extension(ext);
+        if !p.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| format!("cannot read labels {}: {e}", p.display()))?;
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() != n {
+            return Err(crate::Error::from(format!(
+                "{}: {} label lines for the {n} data lines of {} (fairseq's label files have one line per manifest line)",
+                p.display(),
+                lines.len(),
+                manifest.display()
+            )));
+        }
+        let words = |l: &str| -> String {
+            if ext == "wrd" {
+                return l.split_whitespace().collect::<Vec<_>>().join(" ");
+            }
+            l.split('|')
+                .map(|w| w.split_whitespace().collect::<String>())
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        return Ok(Some(lines.into_iter().map(words).collect()));
+    }
+    Ok(None)
+}
+
 fn list_manifest(path: &Path) -> crate::Result<Listing> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
@@ -618,6 +654,11 @@ fn list_manifest(path: &Path) -> crate::Result<Listing> {
             problem,
             manifest_samples,
         });
+    }
+    if let Some(labels) = manifest_labels(path, files.len())? {
+        for (f, t) in files.iter_mut().zip(labels) {
+            f.transcript = Some(t);
+        }
     }
     unique_ids(&mut files);
     Ok(Listing {
@@ -1173,6 +1214,35 @@ mod tests {
             decode_input(&input(&p, "r"), 16000, 0.0),
             Decoded::Utterance(_)
         ));
+    }
+
+    #[test]
+    fn fairseq_label_files_beside_a_manifest_give_the_transcripts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        wav(&d.join("a.wav"), 16000, 1, &signal(1600), None);
+        wav(&d.join("b.wav"), 16000, 1, &signal(1600), None);
+        let m = d.join("train.tsv");
+        std::fs::write(&m, format!("{}\na.wav\t1600\nb.wav\t1600\n", d.display())).unwrap();
+        // No label file: no transcripts.
+        let l = list_manifest(&m).unwrap();
+        assert!(l.files.iter().all(|f| f.transcript.is_none()));
+        // .ltr: letters and word boundaries back to words.
+        std::fs::write(d.join("train.ltr"), "H E L L O | W O R L D |\nA |\n").unwrap();
+        let l = list_manifest(&m).unwrap();
+        let t: Vec<_> = l.files.iter().map(|f| f.transcript.clone()).collect();
+        assert_eq!(t, vec![Some("HELLO WORLD".into()), Some("A".into())]);
+        // .wrd wins over .ltr.
+        std::fs::write(d.join("train.wrd"), "HELLO  THERE\nB\n").unwrap();
+        let l = list_manifest(&m).unwrap();
+        assert_eq!(l.files[0].transcript.as_deref(), Some("HELLO THERE"));
+        // A count that differs is refused, naming both files.
+        std::fs::write(d.join("train.wrd"), "ONLY ONE\n").unwrap();
+        let e = list_manifest(&m).unwrap_err().to_string();
+        assert!(
+            e.contains("train.wrd") && e.contains("1 label lines") && e.contains("train.tsv"),
+            "{e}"
+        );
     }
 
     #[test]
