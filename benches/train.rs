@@ -282,145 +282,36 @@ const CMP_FRAMES: usize = 200;
 /// Untimed updates before the timed ones (both sides).
 const CMP_WARMUP: u64 = 3;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
 /// One EH-MAM update after another, in this process (the child of `--update`; threads through
-/// RAYON_NUM_THREADS): teacher weights published by the student, the teacher's forward
-/// (`stages::train::teacher::teach`, front-end included), the easy-to-hard mask (hard ratio ramping
-/// 0 → 1 over the run, as `specs/tiny.yaml`'s mask does over its updates) and
-/// `Student::train_step` (forward, backward, gradient norm, AdamW, EMA, step metrics), on random
+/// RAYON_NUM_THREADS): `stages::train::bench::run`, the loop behind `ehmam bench-update` (teacher
+/// weights published by the student, the teacher's forward with its front-end, the easy-to-hard
+/// mask with the hard ratio ramping 0 → 1 over the run, `Student::train_step`), on random
 /// features standing in for precomputed fbank. Prints the medians as one `UPDATE {json}` line.
 fn update_child(steps: u64) {
-    use rand::{Rng, SeedableRng};
-    use stages::candle_core::{DType, Device};
-    use stages::items::{Batch, DataPosition, Masked, Taught};
+    use stages::candle_core::Device;
     use stages::model::ModelConfig;
-    use stages::train::mask::MaskParams;
-    use stages::train::masking::{eh_mask, Rounding};
-    use stages::train::student::{Student, StudentParams};
+    use stages::train::bench::{run, BenchSpec};
 
-    let cfg = ModelConfig::tiny();
-    let dim = cfg.input_dim();
-    let total = CMP_WARMUP + steps;
-    // specs/tiny.yaml's student (alpha 0.05, lr 1e-3, τ 0.99 → 0.999) are StudentParams' defaults.
-    let p = StudentParams {
-        max_steps: total,
-        checkpoint_every: 0,
-        ..StudentParams::default()
+    let spec = BenchSpec {
+        cfg: ModelConfig::tiny(),
+        device: Device::Cpu,
+        batch: CMP_BATCH,
+        frames: CMP_FRAMES,
+        frame_rate: 50.0,
+        warmup: CMP_WARMUP,
+        updates: steps,
+        seed: 7,
+        clones: 1,
     };
-    let device = Device::Cpu;
-    let mut s = Student::new(p, cfg.clone(), device.clone(), 7, DType::F32).expect("student");
-    let spec = MaskParams::default().spec(Rounding::PerBatch);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    let pool: Vec<Vec<f32>> = (0..total.min(8))
-        .map(|_| {
-            (0..CMP_BATCH * CMP_FRAMES * dim)
-                .map(|_| {
-                    let u1: f64 = rng.random::<f64>().max(1e-300);
-                    let u2: f64 = rng.random::<f64>();
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-                })
-                .collect()
-        })
-        .collect();
-    let (mut all, mut teach, mut learn, mut frac) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // Phases: teacher forward, mask, student forward, backward, optimiser (+ EMA), metrics.
-    let mut phases: [Vec<f64>; 6] = Default::default();
-    let mut last_loss = f64::NAN;
-    for i in 0..total {
-        let batch = Batch {
-            step: i,
-            position: DataPosition {
-                step: i,
-                ..DataPosition::default()
-            },
-            epoch: 0,
-            utt_ids: (0..CMP_BATCH).map(|u| format!("random-{u}")).collect(),
-            offsets: vec![0; CMP_BATCH],
-            lengths: vec![CMP_FRAMES; CMP_BATCH],
-            longest: CMP_FRAMES,
-            frames: CMP_FRAMES,
-            dim,
-            frame_rate: 50.0,
-            data: pool[i as usize % pool.len()].clone(),
-            padding_mask: None,
-        };
-        let t0 = Instant::now();
-        let tw = s.teacher_weights().expect("teacher weights");
-        let (targets, target_dim, pred_loss, t) =
-            stages::train::teacher::teach(&cfg, &tw.weights, &batch, &device).expect("teacher");
-        let t_teach = Instant::now();
-        let r = i as f64 / total as f64;
-        let out = eh_mask(
-            &pred_loss,
-            CMP_BATCH,
-            t,
-            &vec![t; CMP_BATCH],
-            &spec,
-            r,
-            &mut rng,
-        )
-        .expect("mask");
-        let masked = Masked {
-            taught: Taught {
-                batch,
-                targets,
-                target_dim,
-                frames: t,
-                pred_loss,
-                teacher_version: tw.version,
-            },
-            mask: out.mask,
-            hard: out.hard,
-            masked_per_row: out.masked_per_row,
-            hard_ratio: r as f32,
-            spans: out.spans,
-            hard_spans: out.hard_spans,
-            strategy: "mask.easy_to_hard".into(),
-            clones: 1,
-        };
-        let t1 = Instant::now();
-        let o = s.train_step(&masked).expect("update");
-        let t2 = Instant::now();
-        last_loss = o.record.loss;
-        if i >= CMP_WARMUP {
-            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            all.push(ms(t2 - t0));
-            teach.push(ms(t1 - t0));
-            learn.push(ms(t2 - t1));
-            frac.push(masked.masked_per_row as f64 / t as f64);
-            let tm = &o.timing;
-            for (v, x) in phases.iter_mut().zip([
-                ms(t_teach - t0),
-                ms(t1 - t_teach),
-                tm.forward_ms,
-                tm.backward_ms,
-                tm.optimizer_ms,
-                tm.metrics_ms,
-            ]) {
-                v.push(x);
-            }
-        }
-    }
+    let r = run(&spec, |_| {}).expect("update");
     let o = serde_json::json!({
-        "ms_per_update": median(&mut all),
-        "teacher_mask_ms": median(&mut teach),
-        "student_ms": median(&mut learn),
-        "masked_frac": frac.iter().sum::<f64>() / frac.len().max(1) as f64,
-        "phases_ms": phases.iter_mut().map(|v| median(v)).collect::<Vec<f64>>(),
-        "updates": all.len(),
-        "last_loss": last_loss,
+        "ms_per_update": r.ms_per_update,
+        "teacher_mask_ms": r.teacher_mask_ms,
+        "student_ms": r.student_ms,
+        "masked_frac": r.masked_frac,
+        "phases_ms": r.phases_ms,
+        "updates": r.updates,
+        "last_loss": r.last_loss,
     });
     println!("UPDATE {o}");
 }

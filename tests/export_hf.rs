@@ -35,7 +35,7 @@ fn torch_python() -> Option<PathBuf> {
     if std::env::var_os("EHMAM_REQUIRE_TORCH").is_some() {
         panic!("torch, torchaudio and transformers are required (EHMAM_REQUIRE_TORCH) but {} cannot import them: run scripts/install-torch.sh", py.display());
     }
-    eprintln!("skipped: no Python with torch, torchaudio and transformers (scripts/install-torch.sh makes .venv-torch)");
+    eprintln!("SKIPPED (PyTorch parity of the export): no Python with torch, torchaudio and transformers; run scripts/install-torch.sh (or set EHMAM_REQUIRE_TORCH=1 to make this a failure)");
     None
 }
 

@@ -985,6 +985,18 @@ fn fused_f32_student_matches_the_composed_f64_one() {
 #[test]
 fn padded_batch_gives_each_row_what_it_gives_alone() {
     let cfg = tiny_cfg();
+    let max_abs = |t: &Tensor| -> f64 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     for dtype in [DType::F32, DType::F64] {
         let w = model::init_weights(&cfg, 5, &Device::Cpu, dtype).unwrap();
         let m = Model::new(&cfg, &w);
@@ -1004,56 +1016,22 @@ fn padded_batch_gives_each_row_what_it_gives_alone() {
                 .unwrap();
             for (k, (p, a)) in padded.iter().zip(&alone).enumerate() {
                 let p = p.narrow(0, r, 1).unwrap();
-                let gap = (p.narrow(1, 0, n).unwrap() - a)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let gap = max_abs(&(p.narrow(1, 0, n).unwrap() - a).unwrap());
                 assert!(gap < tol, "{dtype:?} row {r} state {k}: {gap}");
                 if n < t {
-                    let pad = p
-                        .narrow(1, n, t - n)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap();
+                    let pad = max_abs(&p.narrow(1, n, t - n).unwrap());
                     assert_eq!(pad, 0.0, "padded frames come back as zeros");
                 }
             }
             // Without the lengths, padding leaks into the real frames: the test can fail.
             if n < t {
                 let unmasked = m.hidden_states(&z).unwrap();
-                let leak = (unmasked[1]
+                let row = unmasked[1]
                     .narrow(0, r, 1)
                     .unwrap()
                     .narrow(1, 0, n)
-                    .unwrap()
-                    - &alone[1])
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
                     .unwrap();
+                let leak = max_abs(&(row - &alone[1]).unwrap());
                 assert!(leak > 1e-3, "{leak}");
             }
         }

@@ -94,9 +94,18 @@ impl<'a> Model<'a> {
 
     /// Convolutional positional encoder (§2.3): `[B, T, D]` → `[B, T, D]` (to be added).
     pub fn pos_conv(&self, x: &Tensor) -> Result<Tensor> {
+        self.pos_conv_masked(x, None)
+    }
+
+    /// [`Model::pos_conv`] with the frames where `keep` `[B, T, 1]` is 0 (padding) zeroed before
+    /// every layer, so that padding reads as the zero padding at an utterance's end.
+    fn pos_conv_masked(&self, x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
         let e = &self.cfg.encoder;
         let mut h = x.clone();
         for l in 0..e.pos_conv_depth {
+            if let Some(k) = keep {
+                h = h.broadcast_mul(k)?;
+            }
             h = self.conv_time(&h, &format!("encoder.pos_conv.{l}"), e.pos_conv_groups)?;
             h = gelu(&layer_norm(&h, None, 1e-5)?)?;
         }
@@ -363,22 +372,7 @@ impl<'a> Model<'a> {
             }
             None => None,
         };
-        let pos = match &keep {
-            None => self.pos_conv(z)?,
-            Some(k) => {
-                let e = &self.cfg.encoder;
-                let mut h = z.clone();
-                for l in 0..e.pos_conv_depth {
-                    h = self.conv_time(
-                        &h.broadcast_mul(k)?,
-                        &format!("encoder.pos_conv.{l}"),
-                        e.pos_conv_groups,
-                    )?;
-                    h = gelu(&layer_norm(&h, None, 1e-5)?)?;
-                }
-                h
-            }
-        };
+        let pos = self.pos_conv_masked(z, keep.as_ref())?;
         let x = (z + pos)?;
         let mut x = self.ln(&x, "encoder.ln_in")?;
         if let Some(n) = noise.as_deref_mut() {

@@ -50,6 +50,9 @@ pub struct BenchResult {
     pub ms_per_update: f64,
     /// Teacher forward, mask, student forward, backward, optimiser (+ EMA), metrics.
     pub phases_ms: [f64; 6],
+    /// The teacher with the mask, and the student's update (medians of each, not of the phases).
+    pub teacher_mask_ms: f64,
+    pub student_ms: f64,
     pub updates_per_s: f64,
     pub audio_s_per_update: f64,
     pub audio_s_per_s: f64,
@@ -114,7 +117,7 @@ pub fn run(spec: &BenchSpec, mut progress: impl FnMut(u64)) -> crate::Result<Ben
         })
         .collect();
     let mask_spec = crate::train::mask::MaskParams::default().spec(Rounding::PerBatch);
-    let mut all = Vec::new();
+    let (mut all, mut teach, mut learn) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: [Vec<f64>; 6] = Default::default();
     let (mut frac, mut first_loss, mut last_loss, mut t_model) = (0.0, f64::NAN, f64::NAN, 0);
     let mut peak: Option<u64> = None;
@@ -196,6 +199,8 @@ pub fn run(spec: &BenchSpec, mut progress: impl FnMut(u64)) -> crate::Result<Ben
         if i >= spec.warmup {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             all.push(ms(t2 - t0));
+            teach.push(ms(t1 - t0));
+            learn.push(ms(t2 - t1));
             frac += mm as f64 / t as f64;
             let tm = &o.timing;
             for (v, x) in phases.iter_mut().zip([
@@ -237,6 +242,8 @@ pub fn run(spec: &BenchSpec, mut progress: impl FnMut(u64)) -> crate::Result<Ben
         updates: n,
         ms_per_update: ms,
         phases_ms: std::array::from_fn(|k| median(&mut phases[k])),
+        teacher_mask_ms: median(&mut teach),
+        student_ms: median(&mut learn),
         updates_per_s: 1e3 / ms,
         audio_s_per_update: audio,
         audio_s_per_s: audio * 1e3 / ms,

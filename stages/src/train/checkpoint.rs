@@ -40,15 +40,22 @@ pub struct CheckpointMeta {
     pub fp16_scale: Option<(f64, u64)>,
 }
 
-/// Saves tensors as safetensors at `path`, atomically.
-fn save_safetensors(
+/// Saves tensors as safetensors at `path`, atomically, readable as the other files a run
+/// writes (the safetensors writer creates its file private).
+pub(crate) fn save_safetensors(
     map: &std::collections::HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<(), StageError> {
     pipeline::atomic::commit_atomic(path, |tmp| {
         candle_core::safetensors::save(map, tmp).map_err(std::io::Error::other)
     })
-    .map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
+    .map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
+    }
+    Ok(())
 }
 
 pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {

@@ -15,7 +15,7 @@
 //!
 //! `config.json` is written last: a directory without it is an export that did not finish.
 
-use super::checkpoint::{export_weights, write_atomic, ExportConfig, Exported};
+use super::checkpoint::{export_weights, save_safetensors, write_atomic, ExportConfig, Exported};
 use crate::data::fbank::{FbankParams, Normalize};
 use crate::model::{FrontendKind, ModelConfig};
 use candle_core::Tensor;
@@ -276,18 +276,7 @@ pub fn export_hf(
             .map_err(|e| StageError::io(format!("cannot replace {}", cfg_path.display()), e))?;
     }
     let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-    let st = out.join("model.safetensors");
-    pipeline::atomic::commit_atomic(&st, |tmp| {
-        candle_core::safetensors::save(&map, tmp).map_err(std::io::Error::other)
-    })
-    .map_err(|e| StageError::io(format!("cannot write {}", st.display()), e))?;
-    // Readable by whoever the export is shared with, as the other files (the temporary file the
-    // atomic write started from is private).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644));
-    }
+    save_safetensors(&map, &out.join("model.safetensors"))?;
     write("configuration_ehmam.py", CONFIGURATION.as_bytes())?;
     write("modeling_ehmam.py", MODELING.as_bytes())?;
     write("s3prl_upstream.py", S3PRL.as_bytes())?;
