@@ -152,6 +152,11 @@ fn configure(
     let loc = &spec.locator;
     let names: Vec<&str> = registry.names();
     let mut partial: Vec<Option<Configuring>> = Vec::new();
+    let graph = crate::stage::Graph::from_edges(spec.stages.iter().flat_map(|s| {
+        s.from
+            .iter()
+            .map(move |c| (c.from.stage.as_str(), s.id.as_str()))
+    }));
     for s in &spec.stages {
         let base = format!("stages.{}", s.id);
         let Some(kind) = registry.get(&s.kind) else {
@@ -176,6 +181,7 @@ fn configure(
             model: spec.model.clone(),
             workers: s.workers,
             links: links.clone(),
+            graph: graph.clone(),
         };
         if s.workers > 1 && !kind.parallel() {
             errs.push(loc.error(&format!("{base}.workers"), format!("`{}` keeps state from item to item and runs as one worker; remove `workers: {}`", s.kind, s.workers)));

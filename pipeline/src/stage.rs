@@ -27,6 +27,43 @@ pub struct StageContext {
     /// The values stages of this plan hand each other outside the channels (filled by the link
     /// step after validation, before any stage is built; see [`crate::links`]).
     pub links: Links,
+    /// Which stage feeds which: the plan's connections, for a stage that must know whether
+    /// another lies downstream of it (a reader resumes only a stream that reaches the learner).
+    pub graph: Graph,
+}
+
+/// The plan's connections as stage names: each stage and the stages that read its outputs.
+#[derive(Clone, Debug, Default)]
+pub struct Graph(std::sync::Arc<std::collections::BTreeMap<String, Vec<String>>>);
+
+impl Graph {
+    /// From (producer, consumer) pairs.
+    pub fn from_edges<'a>(edges: impl IntoIterator<Item = (&'a str, &'a str)>) -> Graph {
+        let mut m: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (a, b) in edges {
+            let v = m.entry(a.to_string()).or_default();
+            if !v.iter().any(|x| x == b) {
+                v.push(b.to_string());
+            }
+        }
+        Graph(std::sync::Arc::new(m))
+    }
+    /// Whether `to` reads, directly or through other stages, what `from` sends.
+    pub fn reaches(&self, from: &str, to: &str) -> bool {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo = vec![from.to_string()];
+        while let Some(s) = todo.pop() {
+            for n in self.0.get(&s).into_iter().flatten() {
+                if n == to {
+                    return true;
+                }
+                if seen.insert(n.clone()) {
+                    todo.push(n.clone());
+                }
+            }
+        }
+        false
+    }
 }
 
 /// The directories (or files) a stage reads and writes outside the run directory: the engine

@@ -215,6 +215,11 @@ pub struct Batch {
     pub data: Vec<f32>,
     /// `size × frames`, true where a frame is padding (`crop: pad` only).
     pub padding_mask: Option<Vec<bool>>,
+    /// Each member's transcript, as its utterance carries it (empty where no stage gives them).
+    pub transcripts: Vec<Option<String>>,
+    /// Whether each member is its whole utterance (not cropped, so its transcript is its own):
+    /// what CTC fine-tuning may learn from. Empty where no stage gives them.
+    pub whole: Vec<bool>,
 }
 
 impl Batch {

@@ -42,6 +42,8 @@ pub fn registry() -> Registry {
     r.with::<logs::frames::LogFrames>();
     r.with::<logs::steps::LogSteps>();
     r.with::<logs::tensorboard::LogTensorBoard>();
+    r.with::<finetune::stage::FinetuneStage>();
+    r.with::<finetune::eval::EvalStage>();
     r.cuda = cfg!(feature = "cuda");
     r
 }

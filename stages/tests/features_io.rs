@@ -98,6 +98,7 @@ stages:
             seed: 0,
             device: "cpu".into(),
             model: None,
+            graph: Default::default(),
             workers: 1,
             links: Default::default(),
         },

@@ -43,6 +43,8 @@ fn two_updates(cfg: &ModelConfig, samples: usize) -> Vec<f64> {
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect(),
             padding_mask: None,
+            transcripts: Vec::new(),
+            whole: Vec::new(),
         };
         let tw = s.teacher_weights().unwrap();
         let (targets, d, pred, t) =

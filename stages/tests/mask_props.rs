@@ -40,6 +40,8 @@ fn batch(step: u64, epoch: u32, frames: usize, lengths: &[usize]) -> Batch {
                 .flat_map(|&n| (0..frames).map(move |t| t >= n))
                 .collect()
         }),
+        transcripts: Vec::new(),
+        whole: Vec::new(),
     }
 }
 

@@ -172,6 +172,8 @@ fn synthetic(cfg: &ModelConfig, rows: usize, t: usize, masked: usize, seed: u64)
         frame_rate: 50.0,
         data,
         padding_mask: None,
+        transcripts: Vec::new(),
+        whole: Vec::new(),
     };
     let taught = Taught {
         batch,

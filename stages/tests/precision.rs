@@ -49,6 +49,8 @@ fn batch(step: u64) -> Batch {
         frame_rate: 50.0,
         data,
         padding_mask: None,
+        transcripts: Vec::new(),
+        whole: Vec::new(),
     }
 }
 

@@ -113,6 +113,8 @@ struct Item {
     f: Features,
     /// Offset of `f.data` in the original features.
     offset: usize,
+    /// Not cropped by `max_utt_seconds`.
+    whole: bool,
 }
 
 /// The batching logic, independent of the engine (tested directly).
@@ -195,12 +197,13 @@ impl Batcher {
             return out;
         }
         let (mut f, mut offset) = (f, 0);
-        if f.num_frames > max {
+        let whole = f.num_frames <= max;
+        if !whole {
             offset = self.rng.random_range(0..=f.num_frames - max);
             f.data = f.data[offset * f.dim..(offset + max) * f.dim].to_vec();
             f.num_frames = max;
         }
-        self.buffer.push(Item { f, offset });
+        self.buffer.push(Item { f, offset, whole });
         if self.buffer.len() >= self.p.buffer {
             out.extend(self.flush());
         }
@@ -283,6 +286,10 @@ impl Batcher {
         let mut offsets = Vec::with_capacity(g.len());
         let mut lengths = Vec::with_capacity(g.len());
         let mut mask = Vec::new();
+        let whole: Vec<bool> = g
+            .iter()
+            .map(|it| it.whole && (pad || it.f.num_frames == frames))
+            .collect();
         for it in &g {
             let n = it.f.num_frames;
             if pad {
@@ -316,6 +323,8 @@ impl Batcher {
             frame_rate,
             data,
             padding_mask: pad.then_some(mask),
+            transcripts: g.iter().map(|i| i.f.transcript.clone()).collect(),
+            whole,
         }
     }
 }

@@ -743,6 +743,47 @@ fn summary(index: &ShardIndex, dir: &Path) -> String {
     )
 }
 
+/// The transcripts of a finished shard store (`speaker`, `transcript` of every row; only those
+/// two columns are read), for a vocabulary built from a corpus.
+pub fn store_transcripts(dir: &Path) -> crate::Result<Vec<(Option<String>, Option<String>)>> {
+    use parquet::arrow::ProjectionMask;
+    let mut out = Vec::new();
+    for part in <Shards as PartSource>::parts(dir)? {
+        let path = &part.path;
+        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let schema = builder.parquet_schema();
+        let cols: Vec<usize> = (0..schema.num_columns())
+            .filter(|&c| {
+                let n = schema.column(c).path().string();
+                n == "speaker" || n == "transcript"
+            })
+            .collect();
+        let mask = ProjectionMask::leaves(schema, cols);
+        let reader = builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        for b in reader {
+            let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
+            let spk = string_col(&b, "speaker").map_err(|_| {
+                format!("{}: column `speaker` is missing", path.display())
+            })?;
+            let trn = string_col(&b, "transcript").map_err(|_| {
+                format!("{}: column `transcript` is missing", path.display())
+            })?;
+            for i in 0..b.num_rows() {
+                out.push((
+                    (!spk.is_null(i)).then(|| spk.value(i).to_string()),
+                    (!trn.is_null(i)).then(|| trn.value(i).to_string()),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Reads every utterance of one shard file.
 pub fn read_shard(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -836,6 +877,9 @@ impl PartSource for Shards {
     }
     fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
         read_shard(path, epoch)
+    }
+    fn speaker(item: &Utterance) -> Option<&str> {
+        item.speaker.as_deref()
     }
 }
 

@@ -388,4 +388,7 @@ impl PartSource for FeatureStore {
     fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Features>> {
         read_features(path, Some(epoch))
     }
+    fn speaker(item: &Features) -> Option<&str> {
+        item.speaker.as_deref()
+    }
 }

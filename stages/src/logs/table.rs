@@ -233,13 +233,26 @@ pub struct TableWriter<R: Rows> {
     /// Every step has rows (the `steps` table): on resume, steps missing before the resume
     /// point (rows lost with a part that a crash left unfinished) are reported.
     pub every_step: bool,
+    /// This writer's parts are `part-TAG-…` (one of several writers of one table); its resume
+    /// touches only its own parts.
+    pub tag: Option<String>,
     /// What the writer has to tell the person running the pipeline (a leftover removed, a
     /// damaged part moved aside); the stage hands them to `StageIo::note`.
     notes: std::sync::Mutex<Vec<String>>,
 }
 
+#[cfg(test)]
 pub(crate) fn part_name(first: u64) -> String {
-    format!("part-{first:09}.arrow")
+    part_name_tagged(first, None)
+}
+
+/// A part's file name; a tagged writer (one of several stages writing one table, each its own
+/// rows: `eval.ctc`'s sets) names its parts `part-TAG-NNNNNNNNN.arrow`.
+pub(crate) fn part_name_tagged(first: u64, tag: Option<&str>) -> String {
+    match tag {
+        Some(t) => format!("part-{t}-{first:09}.arrow"),
+        None => format!("part-{first:09}.arrow"),
+    }
 }
 
 /// The last step a complete part holds (its `ehmam.last_step` metadata); None if unreadable.
@@ -409,8 +422,13 @@ fn placeholder() -> String {
     String::from_utf8_lossy(&CHECKSUM_PLACEHOLDER).into_owned()
 }
 
-/// Complete parts of a table directory, by first step.
+/// Complete parts of a table directory, by first step (untagged parts only).
 pub fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
+    list_parts_tagged(dir, None)
+}
+
+/// Complete parts of a table directory written under `tag` (see [`part_name_tagged`]).
+pub fn list_parts_tagged(dir: &Path, tag: Option<&str>) -> Result<Vec<(u64, PathBuf)>, StageError> {
     let mut out = Vec::new();
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -419,8 +437,12 @@ pub fn list_parts(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        let prefix = match tag {
+            Some(t) => format!("part-{t}-"),
+            None => "part-".to_string(),
+        };
         if let Some(first) = name
-            .strip_prefix("part-")
+            .strip_prefix(prefix.as_str())
             .and_then(|n| n.strip_suffix(".arrow"))
             .and_then(|n| n.parse::<u64>().ok())
         {
@@ -520,6 +542,7 @@ impl<R: Rows> TableWriter<R> {
             summary: TableSummary::default(),
             compression: LogCompression::default(),
             every_step: false,
+            tag: None,
         }
     }
 
@@ -569,7 +592,7 @@ impl<R: Rows> TableWriter<R> {
         let first = self.pending_first.unwrap_or(self.pending_last);
         if self.part.is_none() {
             std::fs::create_dir_all(&self.dir).map_err(ioe(&self.dir, "create"))?;
-            let path = self.dir.join(part_name(first));
+            let path = self.dir.join(part_name_tagged(first, self.tag.as_deref()));
             let tmp = PathBuf::from(format!("{}.tmp", path.display()));
             let file = File::create(&tmp).map_err(ioe(&tmp, "create"))?;
             let opts = ipc_options(self.compression).map_err(arrow_err(&tmp))?;
@@ -649,8 +672,19 @@ impl<R: Rows> TableWriter<R> {
                 ))
             }
         };
+        // Only this writer's leftovers: another writer of the table may be writing its part.
+        let mine = |name: &str| -> bool {
+            let Some(stem) = name.strip_suffix(".arrow.tmp") else {
+                return name.ends_with(".tmp") && self.tag.is_none() && !name.starts_with("part-");
+            };
+            let digits = match &self.tag {
+                Some(t) => stem.strip_prefix(&format!("part-{t}-")),
+                None => stem.strip_prefix("part-"),
+            };
+            digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        };
         for e in rd.into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") {
+            if mine(&e.file_name().to_string_lossy()) {
                 self.say(format!(
                     "removing {}, left unfinished by an earlier attempt",
                     e.path().display()
@@ -658,7 +692,7 @@ impl<R: Rows> TableWriter<R> {
                 std::fs::remove_file(e.path()).map_err(ioe(&e.path(), "remove"))?;
             }
         }
-        let parts = list_parts(&self.dir)?;
+        let parts = list_parts_tagged(&self.dir, self.tag.as_deref())?;
         let mut dropped = 0;
         for (first, path) in &parts {
             if *first >= k {
@@ -681,7 +715,7 @@ impl<R: Rows> TableWriter<R> {
             // The newest step still on disk; the rows after it, up to the resume point, went with
             // the part a crash left unfinished (the run resumes from its last checkpoint, which
             // may lie after them).
-            let last = list_parts(&self.dir)?
+            let last = list_parts_tagged(&self.dir, self.tag.as_deref())?
                 .last()
                 .and_then(|(_, p)| part_last_step(p));
             let next = last.map_or(0, |l| l + 1);

@@ -73,6 +73,9 @@ pub struct EncoderConfig {
     pub attention_dropout: f64,
     /// Probability that a block is skipped for a whole batch (student only).
     pub layerdrop: f64,
+    /// Dropout after the FFN's activation (GELU), wav2vec 2.0's `activation_dropout`; 0 in
+    /// pre-training (the method has none), set by fine-tuning.
+    pub activation_dropout: f64,
 }
 
 impl Default for EncoderConfig {
@@ -89,6 +92,7 @@ impl Default for EncoderConfig {
             dropout: 0.1,
             attention_dropout: 0.1,
             layerdrop: 0.0,
+            activation_dropout: 0.0,
         }
     }
 }
@@ -221,6 +225,7 @@ impl ModelConfig {
                 dropout: 0.1,
                 attention_dropout: 0.1,
                 layerdrop: 0.05,
+                activation_dropout: 0.0,
             },
             decoder: HeadConfig {
                 dim: 384,
@@ -363,6 +368,7 @@ impl ModelConfig {
             ("encoder.dropout", enc.dropout),
             ("encoder.attention_dropout", enc.attention_dropout),
             ("encoder.layerdrop", enc.layerdrop),
+            ("encoder.activation_dropout", enc.activation_dropout),
             ("head_input_dropout", self.head_input_dropout),
         ] {
             need(

@@ -168,10 +168,12 @@ impl<'a> Model<'a> {
         };
         let o = self.lin(&o, &format!("{p}.attn.proj"))?;
         let h1 = self.add_ln(x, &o, &format!("{p}.ln1"), e.dropout, noise)?;
-        let f = self.lin(
-            &gelu(&self.lin(&h1, &format!("{p}.fc1"))?)?,
-            &format!("{p}.fc2"),
-        )?;
+        let mut a = gelu(&self.lin(&h1, &format!("{p}.fc1"))?)?;
+        if let Some(n) = noise.as_deref_mut() {
+            // Draws nothing at 0 (pre-training), so its runs are as before.
+            a = n.dropout(&a, e.activation_dropout)?;
+        }
+        let f = self.lin(&a, &format!("{p}.fc2"))?;
         let out = self.add_ln(&h1, &f, &format!("{p}.ln2"), e.dropout, noise)?;
         Ok((out, f))
     }

@@ -18,11 +18,12 @@ pub const RESUME_POSITION: Link<DataPosition> = Link::new("stream.resume_positio
 pub const MIN_UTT_SECONDS: Link<f64> = Link::new("stream.min_utt_seconds");
 
 /// The same position, read by the stream's readers (`shards.read`, `features.read`). A reader
-/// starts there only when it is the plan's one reader; otherwise the stream starts from the top
-/// and the engine skips the batches already learned from.
+/// starts there only when it is the one reader whose stream reaches the learner; otherwise the
+/// stream starts from the top. Readers and batchers of other streams (a held-out set scored
+/// while training) always start from the top.
 pub const READER_START: Link<DataPosition> = Link::new("stream.reader_start");
 
-/// A student resuming from a checkpoint taken at `pos` provides where the stream continues.
+/// A learner resuming from a checkpoint taken at `pos` provides where the stream continues.
 pub fn provide_resume(
     linker: &mut Linker,
     pos: DataPosition,
@@ -31,10 +32,26 @@ pub fn provide_resume(
     linker.provide(&READER_START, pos)
 }
 
-/// Where the data stages of this plan start: the position after the student's checkpoint, when
-/// the student resumes and exactly one reader can start there.
+/// Where this data stage (a reader or a batcher) starts: the position after the learner's
+/// checkpoint, when the learner resumes, this stage's stream reaches it, and exactly one reader
+/// feeds it.
 pub fn resume_position(ctx: &StageContext) -> Option<DataPosition> {
-    if ctx.links.readers(&READER_START).len() != 1 {
+    let learner = ctx
+        .links
+        .list()
+        .into_iter()
+        .find(|l| l.name == RESUME_POSITION.name())?
+        .provider?;
+    if !ctx.graph.reaches(&ctx.stage, &learner) {
+        return None;
+    }
+    let feeding = ctx
+        .links
+        .readers(&READER_START)
+        .iter()
+        .filter(|r| ctx.graph.reaches(r, &learner))
+        .count();
+    if feeding != 1 {
         return None;
     }
     ctx.links.get(&RESUME_POSITION).map(|p| *p)
@@ -67,4 +84,6 @@ pub fn epoch_order(seed: u64, epoch: u32, rows: &[u64], shuffle: bool) -> Vec<(u
         .collect()
 }
 
-pub use reader::{EpochReader, Part, PartSource, ReadStage, ReaderParams};
+pub use reader::{
+    EpochReader, Part, PartSource, ReadStage, ReaderParams, SpeakerFilter, SpeakerId,
+};

@@ -25,6 +25,62 @@ pub struct ReaderParams {
     /// Start at this index of `start_epoch`'s order (resuming inside an epoch: the parts
     /// before it are not read).
     pub start_index: u64,
+    /// Only the utterances of these speakers (empty: every speaker). A subset of a corpus (the
+    /// speakers to train on, or a held-out few) without writing another store.
+    pub speakers: Vec<SpeakerId>,
+    /// Leave out the utterances of these speakers.
+    pub exclude_speakers: Vec<SpeakerId>,
+}
+
+/// A speaker id as a spec writes it: `1001` or `"1001"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SpeakerId {
+    Text(String),
+    Number(u64),
+}
+
+impl SpeakerId {
+    pub fn as_string(&self) -> String {
+        match self {
+            SpeakerId::Text(s) => s.clone(),
+            SpeakerId::Number(n) => n.to_string(),
+        }
+    }
+}
+
+impl ReaderParams {
+    /// Whether a row of `speaker` passes the speaker filter; `None` when nothing is filtered.
+    pub fn speaker_filter(&self) -> Option<SpeakerFilter> {
+        if self.speakers.is_empty() && self.exclude_speakers.is_empty() {
+            return None;
+        }
+        Some(SpeakerFilter {
+            only: self.speakers.iter().map(SpeakerId::as_string).collect(),
+            except: self
+                .exclude_speakers
+                .iter()
+                .map(SpeakerId::as_string)
+                .collect(),
+        })
+    }
+}
+
+/// The speakers a reader keeps (`speakers`) and leaves out (`exclude_speakers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpeakerFilter {
+    pub only: std::collections::BTreeSet<String>,
+    pub except: std::collections::BTreeSet<String>,
+}
+
+impl SpeakerFilter {
+    /// An utterance without a speaker passes only an `exclude_speakers`-only filter.
+    pub fn keeps(&self, speaker: Option<&str>) -> bool {
+        match speaker {
+            Some(s) => (self.only.is_empty() || self.only.contains(s)) && !self.except.contains(s),
+            None => self.only.is_empty(),
+        }
+    }
 }
 
 impl Default for ReaderParams {
@@ -35,6 +91,8 @@ impl Default for ReaderParams {
             shuffle: false,
             start_epoch: 0,
             start_index: 0,
+            speakers: Vec::new(),
+            exclude_speakers: Vec::new(),
         }
     }
 }
@@ -120,6 +178,8 @@ pub trait PartSource: Send + Sync + 'static {
     fn parts(dir: &Path) -> crate::Result<Vec<Part>>;
     /// The rows of one part, in stored order, as items of `epoch`.
     fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Self::Item>>;
+    /// The speaker of an item (for `speakers` / `exclude_speakers`).
+    fn speaker(item: &Self::Item) -> Option<&str>;
 }
 
 /// Streams a store's rows for `epochs` passes in [`epoch_order`], one part in memory at a
@@ -153,10 +213,19 @@ impl<S: PartSource> StageDef for ReadStage<S> {
         Vec::new()
     }
     fn validate(p: &ReaderParams, _ctx: &StageContext) -> Vec<ParamError> {
-        match S::parts(&p.dir) {
+        let mut e = match S::parts(&p.dir) {
             Ok(_) => vec![],
             Err(e) => vec![ParamError::new("dir", e.to_string())],
+        };
+        if let Some(f) = p.speaker_filter() {
+            if let Some(s) = f.only.intersection(&f.except).next() {
+                e.push(ParamError::new(
+                    "exclude_speakers",
+                    format!("speaker {s} is both kept (speakers) and left out"),
+                ));
+            }
         }
+        e
     }
     fn create(p: &ReaderParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let parts = S::parts(&p.dir)?;
@@ -169,6 +238,7 @@ impl<S: PartSource> StageDef for ReadStage<S> {
             start_epoch,
             start_index,
             parts,
+            filter: p.speaker_filter(),
         };
         Ok(ReadStage {
             reader,
@@ -186,10 +256,22 @@ impl<S: PartSource> Stage for ReadStage<S> {
                 "resuming the data stream at epoch {epoch}, utterance {index} (the student's checkpoint)"
             ));
         }
-        self.reader.run(io, S::UNIT, |part, epoch| {
-            part.verify()?;
-            Ok(S::read(&part.path, epoch)?)
-        })
+        let filter = self.reader.filter.clone();
+        let passed = self.reader.run(
+            io,
+            S::UNIT,
+            |part, epoch| {
+                part.verify()?;
+                Ok(S::read(&part.path, epoch)?)
+            },
+            |item| filter.as_ref().is_none_or(|f| f.keeps(S::speaker(item))),
+        )?;
+        if self.reader.filter.is_some() && passed == 0 {
+            return Err(StageError::failed(
+                "no utterance of the store is of the speakers asked for (speakers / exclude_speakers)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -203,18 +285,25 @@ pub struct EpochReader {
     pub start_index: u64,
     /// Each part as the index lists it.
     pub parts: Vec<Part>,
+    /// The speakers kept. Positions (`start_index`) then count the rows that pass it, and a
+    /// resume reads the parts before its start to count them.
+    pub filter: Option<SpeakerFilter>,
 }
 
 impl EpochReader {
-    /// Sends every row on output 0; `read` reads one part (its rows in stored order) for an
-    /// epoch; `unit` names the parts in the progress line.
+    /// Sends every row that `keep` passes on output 0; `read` reads one part (its rows in
+    /// stored order) for an epoch; `unit` names the parts in the progress line. Returns the rows
+    /// sent.
     pub fn run<T: Send + 'static>(
         &self,
         io: &mut StageIo,
         unit: &str,
         read: impl Fn(&Part, u32) -> Result<Vec<T>, StageError>,
-    ) -> Result<(), StageError> {
+        keep: impl Fn(&T) -> bool,
+    ) -> Result<u64, StageError> {
         let rows: Vec<u64> = self.parts.iter().map(|p| p.rows).collect();
+        let filtered = self.filter.is_some();
+        let mut sent = 0u64;
         io.progress().set_length(
             self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64,
             unit,
@@ -226,7 +315,7 @@ impl EpochReader {
                 0
             };
             for (k, perm) in epoch_order(self.seed, epoch, &rows, self.shuffle) {
-                if skip >= perm.len() as u64 {
+                if !filtered && skip >= perm.len() as u64 {
                     // Resuming: this whole part lies before the start; not even opened.
                     skip -= perm.len() as u64;
                     io.progress().inc(1);
@@ -244,15 +333,21 @@ impl EpochReader {
                     )));
                 }
                 let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
-                for &r in perm.iter().skip(skip as usize) {
-                    if let Some(u) = slots[r].take() {
-                        io.send(0, u)?;
+                for &r in &perm {
+                    let Some(u) = slots[r].take() else { continue };
+                    if !keep(&u) {
+                        continue;
                     }
+                    if skip > 0 {
+                        skip -= 1;
+                        continue;
+                    }
+                    io.send(0, u)?;
+                    sent += 1;
                 }
-                skip = 0;
                 io.progress().inc(1);
             }
         }
-        Ok(())
+        Ok(sent)
     }
 }

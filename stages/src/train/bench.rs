@@ -143,6 +143,8 @@ pub fn run(spec: &BenchSpec, mut progress: impl FnMut(u64)) -> crate::Result<Ben
             frame_rate: spec.frame_rate,
             data: pool[i as usize % pool.len()].clone(),
             padding_mask: None,
+            transcripts: Vec::new(),
+            whole: Vec::new(),
         };
         let t0 = Instant::now();
         let tw = s.teacher_weights()?;

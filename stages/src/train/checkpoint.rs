@@ -38,6 +38,18 @@ pub struct CheckpointMeta {
     /// changed (absent for f32 and bf16 runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fp16_scale: Option<(f64, u64)>,
+    /// A fine-tuning checkpoint (`finetune.ctc`): its vocabulary and where it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneMeta>,
+}
+
+/// What a fine-tuning checkpoint adds to [`CheckpointMeta`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FinetuneMeta {
+    /// The CTC head's symbols by index (index 0 the blank).
+    pub vocab: Vec<String>,
+    /// The pre-trained model it started from.
+    pub init: String,
 }
 
 /// Saves tensors as safetensors at `path`, atomically, readable as the other files a run

@@ -751,6 +751,7 @@ impl Student {
             tensors: format!("step-{:08}.safetensors", self.step),
             frame_rate: self.frame_rate,
             fp16_scale: (self.compute_dtype() == DType::F16).then_some(self.fp16_scale),
+            finetune: None,
         }
     }
 
@@ -1151,6 +1152,8 @@ mod tests {
             frame_rate: 50.0,
             data,
             padding_mask: None,
+            transcripts: Vec::new(),
+            whole: Vec::new(),
         };
         Masked {
             taught: Taught {
