@@ -352,3 +352,27 @@ impl Registry {
         out
     }
 }
+
+#[cfg(test)]
+mod graph_tests {
+    use super::Graph;
+
+    #[test]
+    fn reaches_follows_connections_downstream_only() {
+        // train_read → batch → learner; eval_read → eval_batch → eval; learner → log
+        let g = Graph::from_edges([
+            ("train_read", "batch"),
+            ("batch", "learner"),
+            ("eval_read", "eval_batch"),
+            ("eval_batch", "eval"),
+            ("learner", "log"),
+        ]);
+        assert!(g.reaches("train_read", "learner"));
+        assert!(g.reaches("train_read", "log"));
+        assert!(g.reaches("batch", "learner"));
+        assert!(!g.reaches("eval_read", "learner"));
+        assert!(!g.reaches("learner", "batch"), "never upstream");
+        assert!(!g.reaches("learner", "learner"), "no cycle, no self");
+        assert!(!g.reaches("unknown", "learner"));
+    }
+}

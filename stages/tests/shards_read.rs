@@ -101,6 +101,43 @@ stages:
     let mut sorted = p0.clone();
     sorted.sort();
     assert_eq!(p0, sorted);
+
+    // Speaker filters: `speakers` keeps, `exclude_speakers` leaves out; a filtered stream is the
+    // unfiltered one without the others' rows (same order), and a resumed one (start_index
+    // counts kept rows) continues it.
+    let filtered = |with: &str| {
+        run(&format!(
+            "name: r
+seed: 1
+run_dir: {}
+stages:
+  r: {{ kind: shards.read, with: {{ dir: {}, epochs: 2, shuffle: true, {with} }} }}
+  s: {{ kind: test.sink, from: r }}
+",
+            tmp.path().join("r").display(),
+            shards.display()
+        ))
+    };
+    let spk = |id: &str| id.split('-').next().unwrap().to_string();
+    let held = filtered("speakers: [1009, \"1010\"]");
+    let rest = filtered("exclude_speakers: [1009, 1010]");
+    assert_eq!(held.len(), 2 * 32);
+    assert_eq!(rest.len(), 2 * 128);
+    let a2: Vec<_> = a.iter().filter(|t| t.0 < 2).cloned().collect();
+    let want_held: Vec<_> = a2
+        .iter()
+        .filter(|t| ["1009", "1010"].contains(&spk(&t.1).as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(held, want_held);
+    let want_rest: Vec<_> = a2
+        .iter()
+        .filter(|t| !["1009", "1010"].contains(&spk(&t.1).as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(rest, want_rest);
+    let resumed = filtered("exclude_speakers: [1009, 1010], start_epoch: 1, start_index: 50");
+    assert_eq!(resumed, want_rest[128 + 50..].to_vec());
 }
 
 static FEATS: Mutex<Vec<(String, usize, usize, f64, f32)>> = Mutex::new(Vec::new());

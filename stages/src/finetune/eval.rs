@@ -378,7 +378,9 @@ impl Stage for EvalStage {
         let mut first = true;
         let mut evals = 0u64;
         loop {
-            let msg = match self.inbox.recv_timeout(Duration::from_millis(100)) {
+            let inbox = &self.inbox;
+            let got = io.starved_while(|| inbox.recv_timeout(Duration::from_millis(100)));
+            let msg = match got {
                 Ok(m) => m,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     io.check_cancelled()?;

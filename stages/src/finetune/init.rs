@@ -205,3 +205,41 @@ fn check_shapes(cfg: &ModelConfig, w: &Weights) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::export_hf::hf_tensors;
+    use candle_core::DType;
+
+    /// The hf export's PyTorch names read back give ehmam's tensors exactly (qkv joined again);
+    /// a missing tensor is named.
+    #[test]
+    fn hf_names_round_trip() {
+        let v: serde_yaml::Value = serde_yaml::from_str(
+            "{frontend: {input_dim: 6}, encoder: {dim: 8, heads: 2, ffn: 12, layers: 2, top_k: 1, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}}",
+        )
+        .unwrap();
+        let cfg = ModelConfig::from_spec(Some(&v)).unwrap();
+        let all = crate::model::init_weights(&cfg, 4, &Device::Cpu, DType::F32).unwrap();
+        let enc: BTreeMap<String, Tensor> = all
+            .iter()
+            .filter(|(k, _)| k.starts_with("frontend.") || k.starts_with("encoder."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let hf = hf_tensors(&enc).unwrap();
+        assert!(hf.contains_key("encoder.layers.1.attention.k_proj.weight"));
+        let back = from_hf(&cfg, &hf).unwrap();
+        assert_eq!(back.len(), enc.len());
+        for (k, t) in &enc {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = back[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{k}");
+        }
+        check_shapes(&cfg, &back).unwrap();
+        let mut less = hf.clone();
+        less.remove("encoder.layers.0.attention.v_proj.bias");
+        let e = from_hf(&cfg, &less).unwrap_err();
+        assert!(e.contains("encoder.layers.0.attention.v_proj.bias"), "{e}");
+    }
+}
