@@ -95,6 +95,13 @@ enum Command {
         /// Also write `ehmam report` of the sweep's runs into OUT/report.
         #[arg(long)]
         report: bool,
+        /// Fine-tune every run of the grid with this spec (e.g. specs/finetune/demo.yaml) right
+        /// after it: its finetune.ctc stage's `init` is set to the run, into OUT/<run>-<spec name>.
+        #[arg(long, value_name = "SPEC")]
+        finetune: Option<PathBuf>,
+        /// Override of the fine-tuning spec: PATH=VALUE (as --set for the grid's specs).
+        #[arg(long = "finetune-set", value_name = "PATH=VALUE")]
+        finetune_set: Vec<String>,
         /// Run over run directories that hold a run of a different spec (as `ehmam run --force`:
         /// training continues from their checkpoints). Without it such runs are refused.
         #[arg(long)]
@@ -257,6 +264,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             set,
             out,
             report,
+            finetune,
+            finetune_set,
             force,
             quiet,
         } => {
@@ -268,6 +277,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 report,
                 force,
                 quiet,
+                finetune: finetune.as_deref(),
+                finetune_set: &finetune_set,
             };
             match lab::runs::run_sweep(&o) {
                 Ok(SweepOutcome::Done) => Ok(ExitCode::SUCCESS),

@@ -203,6 +203,24 @@ fn finetune_learns_scores_and_resumes() {
     let steps = query_csv(&[&ft], "SELECT count(*), count(DISTINCT step), max(step) FROM steps");
     assert_eq!(steps[0], vec!["420", "420", "419"]);
 
+    // `ehmam report` of the pre-training and the fine-tuning: the WER section holds the final
+    // figures, and the pre-training run's row names them.
+    let rep = tmp.path().join("report");
+    ok(&[
+        "report",
+        &pre.display().to_string(),
+        &ft.display().to_string(),
+        "--out",
+        &rep.display().to_string(),
+        "--no-probe",
+    ]);
+    let md = std::fs::read_to_string(rep.join("report.md")).unwrap();
+    let (w, c) = (again[&(420, "heldout".to_string())].3, again[&(420, "heldout".to_string())].4);
+    let cell = format!("heldout | 420 | 32 | 196 | {:.2} | {:.2} |", 100.0 * w, 100.0 * c);
+    assert!(md.contains(&cell), "no `{cell}` in\n{md}");
+    assert!(md.contains(&format!("heldout {:.2} / {:.2}", 100.0 * w, 100.0 * c)), "{md}");
+    assert!(rep.join("wer.png").is_file());
+
     recipes_hold_the_papers_values_and_validate(&pre, tmp.path());
 }
 
@@ -284,4 +302,66 @@ fn finetune_specs_are_refused_before_anything_runs() {
         &["stages.train.with.set=heldout"],
         &["table `wer.heldout` is already written"],
     );
+}
+
+/// `ehmam sweep --finetune`: each variant of the grid is pre-trained, then fine-tuned from its
+/// own run; the summary gives each variant's WER and CER; a rerun skips all four runs.
+#[test]
+fn a_sweep_chains_fine_tuning_per_variant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let shards = demo_shards().display().to_string();
+    let args: Vec<String> = [
+        "sweep",
+        "specs/tiny.yaml",
+        "--grid",
+        "stages.mask.kind=[mask.random, mask.easy_to_hard]",
+        "--set",
+        "stages.student.with.max_steps=12",
+        "--set",
+        &format!("stages.shards.with.dir={shards}"),
+        "--finetune",
+        "specs/finetune/demo.yaml",
+        "--finetune-set",
+        "stages.finetune.with.max_steps=10",
+        "--finetune-set",
+        "stages.finetune.with.eval_every=5",
+        "--finetune-set",
+        &format!("stages.finetune.with.vocab_from={shards}"),
+        "--finetune-set",
+        &format!("stages.shards.with.dir={shards}"),
+        "--finetune-set",
+        &format!("stages.heldout_shards.with.dir={shards}"),
+        "--finetune-set",
+        &format!("stages.train_shards.with.dir={shards}"),
+        "--out",
+        &out.display().to_string(),
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let first = run(&args);
+    for v in ["mask.random", "mask.easy_to_hard"] {
+        let pre = out.join(format!("tiny-kind={v}"));
+        let ft = out.join(format!("tiny-kind={v}-finetune-demo"));
+        let spec: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(ft.join("spec.yaml")).unwrap()).unwrap();
+        assert_eq!(
+            spec["stages"]["finetune"]["with"]["init"].as_str(),
+            Some(pre.display().to_string().as_str())
+        );
+        let w = wer_rows(&ft);
+        assert_eq!(w.len(), 4, "{w:?}");
+        let last = &w[&(10, "heldout".to_string())];
+        let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+        let cell = format!(
+            "| tiny-kind={v}-finetune-demo | tiny-kind={v} | heldout | 10 | 32 | 196 | {:.2} | {:.2} |",
+            100.0 * last.3,
+            100.0 * last.4
+        );
+        assert!(summary.contains(&cell), "no `{cell}` in\n{summary}\n{first}");
+    }
+    let again = run(&args);
+    assert_eq!(again.matches("finished earlier, skipped").count(), 4, "{again}");
 }

@@ -80,6 +80,9 @@ pub struct RunRow {
     pub hard_share: f64,
     pub hard_ratio: f64,
     pub wall_s: f64,
+    /// The fine-tuning runs among the compared ones that start from this run: their final
+    /// (set, WER, CER), WER and CER as fractions.
+    pub finetuned: Vec<(String, f64, f64)>,
 }
 
 fn f64s(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, ReportError> {
@@ -87,6 +90,21 @@ fn f64s(batches: &[RecordBatch], name: &str) -> Result<Vec<f64>, ReportError> {
 }
 
 use crate::plot::lit;
+
+fn strings(batches: &[RecordBatch], name: &str) -> Result<Vec<String>, ReportError> {
+    use arrow::array::{Array, AsArray};
+    let mut out = Vec::new();
+    for b in batches {
+        let c = b
+            .column_by_name(name)
+            .ok_or_else(|| ReportError::Input(format!("no column `{name}`")))?;
+        let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
+            .map_err(|e| ReportError::Input(format!("column `{name}`: {e}")))?;
+        let a = c.as_string::<i32>();
+        out.extend((0..a.len()).map(|i| a.value(i).to_string()));
+    }
+    Ok(out)
+}
 
 /// The masking stage and α of a run, from its spec.
 fn masking_of(spec: &Value) -> (String, f64) {
@@ -169,6 +187,7 @@ pub fn summarize(run_dirs: &[PathBuf], tail: f64) -> Result<Vec<RunRow>, ReportE
             hard_share: f64::NAN,
             hard_ratio: f64::NAN,
             steps: 0,
+            finetuned: Vec::new(),
         };
         if session.has_table("steps") {
             let r = lit(&run);
@@ -210,12 +229,22 @@ fn fmt(x: f64, digits: usize) -> String {
     }
 }
 
-/// The summary as a Markdown table.
+/// The summary as a Markdown table (with the fine-tuned WER/CER where a compared run was
+/// fine-tuned).
 pub fn summary_markdown(rows: &[RunRow]) -> String {
-    let mut s = String::from("| run | masking | α | status | updates | L_rec | rank agreement | masked fraction | hard share | hard ratio r | wall s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    let ft = rows.iter().any(|r| !r.finetuned.is_empty());
+    let mut s = String::from("| run | masking | α | status | updates | L_rec | rank agreement | masked fraction | hard share | hard ratio r | wall s |");
+    if ft {
+        s.push_str(" fine-tuned WER / CER % |");
+    }
+    s.push_str("\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    if ft {
+        s.push_str(" --- |");
+    }
+    s.push('\n');
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.run,
             r.masking,
             r.alpha,
@@ -228,8 +257,285 @@ pub fn summary_markdown(rows: &[RunRow]) -> String {
             fmt(r.hard_ratio, 2),
             fmt(r.wall_s, 0)
         ));
+        if ft {
+            let cells: Vec<String> = r
+                .finetuned
+                .iter()
+                .map(|(set, w, c)| format!("{set} {} / {}", fmt(100.0 * w, 2), fmt(100.0 * c, 2)))
+                .collect();
+            s.push_str(&format!(
+                " {} |",
+                if cells.is_empty() {
+                    "–".to_string()
+                } else {
+                    cells.join("; ")
+                }
+            ));
+        }
+        s.push('\n');
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fine-tuning runs: WER and CER
+// ---------------------------------------------------------------------------------------------
+
+/// One scored set of a fine-tuning run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetScore {
+    pub set: String,
+    /// The last evaluation's step and figures (fractions).
+    pub step: u64,
+    pub utterances: u64,
+    pub words: u64,
+    pub wer: f64,
+    pub cer: f64,
+    /// The lowest WER of any evaluation, and its step.
+    pub best_wer: f64,
+    pub best_step: u64,
+}
+
+/// A fine-tuning run (a `finetune.ctc` stage, or a `wer` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneRow {
+    pub run: String,
+    pub dir: PathBuf,
+    /// The pre-trained model it started from (`init`, as its spec gives it).
+    pub init: Option<PathBuf>,
+    pub sets: Vec<SetScore>,
+}
+
+/// Whether a run directory holds a fine-tuning run.
+pub fn is_finetune(dir: &Path) -> bool {
+    let in_spec = spec_of(dir).is_some_and(|spec| {
+        stages_of(&spec)
+            .values()
+            .any(|st| kind_of(st) == "finetune.ctc")
+    });
+    in_spec || dir.join("wer").is_dir()
+}
+
+/// The `init` of a fine-tuning run's `finetune.ctc` stage.
+fn init_of(dir: &Path) -> Option<PathBuf> {
+    let spec = spec_of(dir)?;
+    stages_of(&spec)
+        .values()
+        .find(|st| kind_of(st) == "finetune.ctc")
+        .and_then(|st| st.get("with")?.get("init")?.as_str().map(PathBuf::from))
+}
+
+/// The same directory, however written.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Each fine-tuning run's scores per set, from its `wer` table.
+pub fn finetune_rows(run_dirs: &[PathBuf], labels: &[String]) -> Result<Vec<FinetuneRow>, ReportError> {
+    let mut out = Vec::new();
+    for (dir, label) in run_dirs.iter().zip(labels) {
+        let session = Session::open(std::slice::from_ref(dir))?;
+        let mut row = FinetuneRow {
+            run: label.clone(),
+            dir: dir.clone(),
+            init: init_of(dir),
+            sets: Vec::new(),
+        };
+        if session.has_table("wer") {
+            let r = lit(&crate::sql::run_name(dir));
+            let b = session.query(&format!(
+                "SELECT w.\"set\" AS set_name, w.step AS step, w.utterances AS utterances, w.words AS words, w.wer AS wer, w.cer AS cer, b.best_wer AS best_wer, b.best_step AS best_step \
+                 FROM wer w \
+                 JOIN (SELECT \"set\" AS s, max(step) AS last FROM wer WHERE run = {r} GROUP BY \"set\") l ON w.\"set\" = l.s AND w.step = l.last \
+                 JOIN (SELECT x.\"set\" AS s, min(x.wer) AS best_wer, min(x.step) AS best_step FROM wer x \
+                       JOIN (SELECT \"set\" AS s, min(wer) AS m FROM wer WHERE run = {r} GROUP BY \"set\") y ON x.\"set\" = y.s AND x.wer = y.m \
+                       WHERE x.run = {r} GROUP BY x.\"set\") b ON w.\"set\" = b.s \
+                 WHERE w.run = {r} ORDER BY w.\"set\""
+            ))?;
+            let sets = strings(&b, "set_name")?;
+            let v = |n: &str| f64s(&b, n);
+            let (step, utts, words, wer, cer, bw, bs) = (
+                v("step")?,
+                v("utterances")?,
+                v("words")?,
+                v("wer")?,
+                v("cer")?,
+                v("best_wer")?,
+                v("best_step")?,
+            );
+            for (i, set) in sets.into_iter().enumerate() {
+                row.sets.push(SetScore {
+                    set,
+                    step: step[i] as u64,
+                    utterances: utts[i] as u64,
+                    words: words[i] as u64,
+                    wer: wer[i],
+                    cer: cer[i],
+                    best_wer: bw[i],
+                    best_step: bs[i] as u64,
+                });
+            }
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Runs split into pre-training runs (their summary rows, with the WER of the compared runs
+/// fine-tuned from them) and fine-tuning runs (their scores).
+pub struct SplitRuns {
+    pub rows: Vec<RunRow>,
+    pub finetune: Vec<FinetuneRow>,
+    pub ft_dirs: Vec<PathBuf>,
+    pub ft_labels: Vec<String>,
+    pub pre_dirs: Vec<PathBuf>,
+}
+
+/// See [`SplitRuns`].
+pub fn split_runs(run_dirs: &[PathBuf], labels: &[String], tail: f64) -> Result<SplitRuns, ReportError> {
+    let (mut ft_dirs, mut ft_labels, mut pre_dirs) = (Vec::new(), Vec::new(), Vec::new());
+    for (d, l) in run_dirs.iter().zip(labels) {
+        if is_finetune(d) {
+            ft_dirs.push(d.clone());
+            ft_labels.push(l.clone());
+        } else {
+            pre_dirs.push(d.clone());
+        }
+    }
+    let ft_rows = finetune_rows(&ft_dirs, &ft_labels)?;
+    let mut rows = summarize(&pre_dirs, tail)?;
+    for r in &mut rows {
+        let children: Vec<&FinetuneRow> = ft_rows
+            .iter()
+            .filter(|f| f.init.as_deref().is_some_and(|i| same_dir(&r.dir, i)))
+            .collect();
+        for f in &children {
+            // With several fine-tunings of one run, each figure names its run.
+            let name = |set: &str| {
+                if children.len() > 1 {
+                    format!("{} {set}", f.run)
+                } else {
+                    set.to_string()
+                }
+            };
+            r.finetuned
+                .extend(f.sets.iter().map(|x| (name(&x.set), x.wer, x.cer)));
+        }
+    }
+    Ok(SplitRuns {
+        rows,
+        finetune: ft_rows,
+        ft_dirs,
+        ft_labels,
+        pre_dirs,
+    })
+}
+
+/// The fine-tuning section of a report.
+pub fn finetune_markdown(rows: &[FinetuneRow], pre: &[RunRow]) -> String {
+    let mut s = String::from("\n## Fine-tuning: WER and CER\n\nGreedy CTC decoding (no language model) of each held-out set at the last evaluation; WER and CER in percent (errors / reference words or characters). The paper's figures (method §9) decode with the official 4-gram LM, which lowers WER substantially; compare runs with each other here, not with those figures.\n\n| run | pre-trained | set | update | utterances | words | WER % | CER % | best WER % (update) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for r in rows {
+        let from = match &r.init {
+            Some(i) => pre
+                .iter()
+                .find(|p| same_dir(&p.dir, i))
+                .map(|p| p.run.clone())
+                .unwrap_or_else(|| format!("`{}`", i.display())),
+            None => "–".into(),
+        };
+        if r.sets.is_empty() {
+            s.push_str(&format!("| {} | {from} | – | – | – | – | – | – | – |\n", r.run));
+        }
+        for x in &r.sets {
+            s.push_str(&format!(
+                "| {} | {from} | {} | {} | {} | {} | {} | {} | {} ({}) |\n",
+                r.run,
+                x.set,
+                x.step,
+                x.utterances,
+                x.words,
+                fmt(100.0 * x.wer, 2),
+                fmt(100.0 * x.cer, 2),
+                fmt(100.0 * x.best_wer, 2),
+                x.best_step
+            ));
+        }
+    }
+    s
+}
+
+/// WER against updates, one line per run and set (`wer.png`).
+fn wer_curves(path: &Path, run_dirs: &[PathBuf], labels: &[String]) -> Result<(), ReportError> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for (dir, label) in run_dirs.iter().zip(labels) {
+        let session = Session::open(std::slice::from_ref(dir))?;
+        if !session.has_table("wer") {
+            continue;
+        }
+        let b = session.query(&format!(
+            "SELECT \"set\" AS set_name, step, wer FROM wer WHERE run = {} ORDER BY \"set\", step",
+            lit(&crate::sql::run_name(dir))
+        ))?;
+        let sets = strings(&b, "set_name")?;
+        let (st, w) = (f64s(&b, "step")?, f64s(&b, "wer")?);
+        for (i, set) in sets.iter().enumerate() {
+            let name = format!("{label} · {set}");
+            if series.last().is_none_or(|(n, _)| *n != name) {
+                series.push((name, Vec::new()));
+            }
+            if let Some(last) = series.last_mut() {
+                last.1.push((st[i], 100.0 * w[i]));
+            }
+        }
+    }
+    let x1 = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let y1 = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .filter(|y| y.is_finite())
+        .fold(1.0, f64::max);
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("WER (greedy CTC) per fine-tuning run and set", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..x1 * 1.02, 0.0..y1 * 1.05)
+        .map_err(draw_err(path))?;
+    chart
+        .configure_mesh()
+        .x_desc("update")
+        .y_desc("WER %")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(draw_err(path))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(draw_err(path))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+            .map_err(draw_err(path))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(draw_err(path))?;
+    root.present().map_err(draw_err(path))?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,7 +705,30 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
     crate::plot::register_font();
     std::fs::create_dir_all(&opts.out)
         .map_err(|e| ReportError::Input(format!("cannot create {}: {e}", opts.out.display())))?;
-    let rows = summarize(run_dirs, opts.tail)?;
+    let labels_all = run_labels(run_dirs);
+    let split = split_runs(run_dirs, &labels_all, opts.tail)?;
+    let (rows, ft_rows, ft_dirs, ft_labels, pre_dirs) = (
+        split.rows,
+        split.finetune,
+        split.ft_dirs,
+        split.ft_labels,
+        split.pre_dirs,
+    );
+    if pre_dirs.is_empty() {
+        let mut md = String::from("# Fine-tuning runs compared\n");
+        md.push_str(&finetune_markdown(&ft_rows, &rows));
+        let mut files = Vec::new();
+        let p = opts.out.join("wer.png");
+        wer_curves(&p, &ft_dirs, &ft_labels)?;
+        md.push_str("\n![WER per fine-tuning run](wer.png)\n");
+        let path = opts.out.join("report.md");
+        std::fs::write(&path, md)
+            .map_err(|e| ReportError::Input(format!("cannot write {}: {e}", path.display())))?;
+        files.push(path);
+        files.push(p);
+        return Ok(files);
+    }
+    let run_dirs: &[PathBuf] = &pre_dirs;
     let session = Session::open(run_dirs)?;
     if !session.has_table("steps") {
         return Err(ReportError::Input(
@@ -414,6 +743,13 @@ pub fn report(run_dirs: &[PathBuf], opts: &ReportOptions) -> Result<Vec<PathBuf>
     ));
     md.push_str(&summary_markdown(&rows));
     let mut files = Vec::new();
+    if !ft_rows.is_empty() {
+        md.push_str(&finetune_markdown(&ft_rows, &rows));
+        let p = opts.out.join("wer.png");
+        wer_curves(&p, &ft_dirs, &ft_labels)?;
+        md.push_str("\n![WER per fine-tuning run](wer.png)\n");
+        files.push(p);
+    }
     let rec = opts.out.join("rec_loss.png");
     rec_curves(
         &rec,

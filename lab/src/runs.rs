@@ -68,6 +68,11 @@ pub struct SweepOptions<'a> {
     pub report: bool,
     pub force: bool,
     pub quiet: bool,
+    /// Fine-tune every run of the grid with this spec (its `finetune.ctc` stage's `init` set to
+    /// the run), right after the run.
+    pub finetune: Option<&'a Path>,
+    /// Overrides of the fine-tuning spec.
+    pub finetune_set: &'a [String],
 }
 
 /// How a sweep ended.
@@ -89,7 +94,10 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
         .iter()
         .map(|g| sweep::parse_axis(g))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let runs = sweep::plan(o.specs, &axes, o.set, o.out)?;
+    let mut runs = sweep::plan(o.specs, &axes, o.set, o.out)?;
+    if let Some(ft) = o.finetune {
+        runs = sweep::chain_finetune(runs, ft, o.finetune_set, o.out)?;
+    }
     let plans = validate_all(&runs)?;
     // One sweep at a time writes OUT (its summary, its report); each run also locks its own
     // run directory.
@@ -110,12 +118,38 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
         })
         .map_err(|e| RunsError::Signal(e.to_string()))?;
     }
-    let mut outcome = Vec::new();
+    let mut outcome: Vec<(SweepRun, String)> = Vec::new();
     let n = runs.len();
     for (i, (r, plan)) in runs.iter().zip(plans).enumerate() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
+        let plan = match (plan, &r.after) {
+            (Some(p), _) => p,
+            (None, Some((pre, _))) => {
+                // A fine-tuning validates once its pre-training has a checkpoint.
+                let pre_ok = outcome
+                    .get(*pre)
+                    .is_some_and(|(_, w)| !w.starts_with("failed") && !w.starts_with("not run"));
+                if !pre_ok {
+                    eprintln!("[{}/{n}] {}: not run (its pre-training did not finish)", i + 1, r.name);
+                    outcome.push((r.clone(), "not run (pre-training failed)".to_string()));
+                    continue;
+                }
+                match load_plan(&r.spec, &r.sets) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
+                        outcome.push((r.clone(), format!("failed: the spec does not validate ({} errors)", e.0.len())));
+                        continue;
+                    }
+                }
+            }
+            (None, None) => {
+                outcome.push((r.clone(), "failed: not validated".to_string()));
+                continue;
+            }
+        };
         if sweep::is_finished(r, &plan.spec.resolved) {
             eprintln!("[{}/{n}] {}: finished earlier, skipped", i + 1, r.name);
             outcome.push((r.clone(), "skipped (finished)".to_string()));
@@ -152,14 +186,23 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
     })
 }
 
-/// Every run of a sweep validated before any starts; any error refuses the whole sweep.
-fn validate_all(runs: &[SweepRun]) -> Result<Vec<Plan>, RunsError> {
+/// Every run of a sweep validated before any starts; any error refuses the whole sweep. A
+/// chained fine-tuning whose pre-training has no checkpoint yet is validated with every check
+/// but that of its `init` (`None`: validated again when its turn comes).
+fn validate_all(runs: &[SweepRun]) -> Result<Vec<Option<Plan>>, RunsError> {
     let mut plans = Vec::new();
     let mut bad = false;
     for r in runs {
         match load_plan(&r.spec, &r.sets) {
-            Ok(p) => plans.push(p),
+            Ok(p) => plans.push(Some(p)),
             Err(e) => {
+                let only_init = r.after.as_ref().is_some_and(|(_, init)| {
+                    !e.0.is_empty() && e.0.iter().all(|x| x.path == *init)
+                });
+                if only_init {
+                    plans.push(None);
+                    continue;
+                }
                 eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
                 bad = true;
             }
@@ -214,10 +257,14 @@ fn summarize_sweep(
         println!("  {:<40} {what}", r.name);
     }
     if !dirs.is_empty() {
-        let rows = report::summarize(&dirs, 0.1)?;
-        println!("\n{}", report::summary_markdown(&rows));
+        let split = report::split_runs(&dirs, &report::run_labels(&dirs), 0.1)?;
+        let mut md = report::summary_markdown(&split.rows);
+        if !split.finetune.is_empty() {
+            md.push_str(&report::finetune_markdown(&split.finetune, &split.rows));
+        }
+        println!("\n{md}");
         let _ = std::fs::create_dir_all(o.out);
-        let _ = std::fs::write(o.out.join("summary.md"), report::summary_markdown(&rows));
+        let _ = std::fs::write(o.out.join("summary.md"), md);
         if o.report {
             let opts = report::ReportOptions {
                 out: o.out.join("report"),

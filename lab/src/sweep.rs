@@ -30,6 +30,70 @@ pub struct SweepRun {
     pub run_dir: PathBuf,
     /// `--set` overrides of this run (the user's, then the grid point's, then name and run_dir).
     pub sets: Vec<String>,
+    /// A fine-tuning run chained to a pre-training run of the sweep (`--finetune`): that run's
+    /// index in the plan and the path of the `init` parameter it fills.
+    pub after: Option<(usize, String)>,
+}
+
+/// The `finetune.ctc` stage of a fine-tuning spec (the one `--finetune` chains).
+pub fn finetune_stage(spec: &Path, sets: &[String]) -> Result<String, SweepError> {
+    let loaded = pipeline::load(spec, sets).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let names: Vec<&str> = loaded
+        .stages
+        .iter()
+        .filter(|st| st.kind == "finetune.ctc")
+        .map(|st| st.id.as_str())
+        .collect();
+    match names.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => Err(SweepError::from(format!(
+            "--finetune {}: the spec needs exactly one finetune.ctc stage, it has {}",
+            spec.display(),
+            names.len()
+        ))),
+    }
+}
+
+/// Adds after each run of `runs` its fine-tuning with `spec` (`--finetune`): named `<run>-<spec
+/// name>`, into `OUT/<that>`, `init` pointing at the run's directory, with `sets` (the
+/// fine-tuning spec's own `--finetune-set`s). Each fine-tuning follows its pre-training.
+pub fn chain_finetune(
+    runs: Vec<SweepRun>,
+    spec: &Path,
+    sets: &[String],
+    out: &Path,
+) -> Result<Vec<SweepRun>, SweepError> {
+    let stage = finetune_stage(spec, sets)?;
+    let loaded = pipeline::load(spec, sets).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let init = format!("stages.{stage}.with.init");
+    let mut plan = Vec::new();
+    for r in runs {
+        let name = safe(&format!("{}-{}", r.name, loaded.name));
+        let run_dir = out.join(&name);
+        let mut s: Vec<String> = sets.to_vec();
+        s.push(format!("{init}={}", flow(&Value::String(r.run_dir.display().to_string()))));
+        s.push(format!("name={name}"));
+        s.push(format!("run_dir={}", run_dir.display()));
+        let pre = plan.len();
+        plan.push(r);
+        plan.push(SweepRun {
+            spec: spec.to_path_buf(),
+            name,
+            run_dir,
+            sets: s,
+            after: Some((pre, init.clone())),
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &plan {
+        if !seen.insert(r.name.clone()) {
+            return Err(SweepError::from(format!(
+                "two runs of the sweep are both named `{}` (give the specs different names)",
+                r.name
+            )));
+        }
+    }
+    Ok(plan)
 }
 
 /// A grid axis: the path and its values (YAML, as `--set` reads them).
@@ -133,6 +197,7 @@ pub fn plan(
                 name,
                 run_dir,
                 sets: s,
+                after: None,
             });
         }
     }

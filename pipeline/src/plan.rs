@@ -246,6 +246,11 @@ fn link(spec: &Spec, partial: &[Option<Configuring>], links: &Links, errs: &mut 
         push_param_errors(&spec.locator, &format!("stages.{}", s.id), pe, errs);
     }
     links.freeze(table);
+    // Checks against what other stages provide mislead while a stage is missing from the links
+    // (its parameters failed): they run once every stage validates.
+    if partial.iter().any(|p| p.is_none()) {
+        return;
+    }
     for (s, p) in spec.stages.iter().zip(partial) {
         let Some(c) = p else { continue };
         let pe = c.configured.check_links();
