@@ -8,7 +8,8 @@
 #      1e-3 relative. Both are f32; they differ in summation order and in the exp/erf of the
 #      fused CPU kernels against candle's CUDA ones (about 1e-6 relative per op, which 5 AdamW
 #      steps grow to about 1e-5); an operand taken transposed or a wrong mask shows at 1e-2 or more.
-#   2. `ehmam bench-update` of tiny and base on cuda:0, f32 and bf16 (warm-up excluded):
+#   2. `ehmam bench-update` of tiny and base on cuda:0, f32 and bf16 (warm-up excluded), and
+#      (2b) CTC fine-tuning updates of both (`bench-update --finetune`):
 #      ms/update, updates/s, audio s/s, model TFLOP/s and MFU against the chip's dense bf16 peak,
 #      device memory (the highest in use at phase boundaries, and nvidia-smi's highest while it ran).
 #   3. The same base update in PyTorch (benches/train_reference.py --device cuda, eager, f32 and
@@ -167,6 +168,25 @@ bench tiny-f32 "{preset: tiny, dtype: f32}" $tiny_b $tiny_s $tiny_n
 bench tiny-bf16 "{preset: tiny, dtype: bf16}" $tiny_b $tiny_s $tiny_n
 bench base-f32 "{preset: base, dtype: f32}" $base_b $base_s $base_n
 bench base-bf16 "{preset: base, dtype: bf16}" $base_b $base_s $base_n
+
+# --- 2b. CTC fine-tuning updates (issue 19) -----------------------------------------------------
+say ""
+say "== 2b. CTC fine-tuning updates (bench-update --finetune, f32, encoder not frozen) on $dev"
+for m in tiny base; do
+    if [ $m = tiny ]; then b=$tiny_b s=$tiny_s n=$tiny_n; else b=$base_b s=$base_s n=$base_n; fi
+    if "$bin" bench-update --finetune --device "$dev" --model "{preset: $m}" --batch "$b" --seconds "$s" \
+        --updates "$n" --warmup "$warm" --json >"$work/ft-$m.json" 2>>"$log"; then
+        "$py" - "$work/ft-$m.json" "$m" "$json" <<'EOF' | tee -a "$log"
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["name"] = f"finetune-{sys.argv[2]}"
+print(f"{r['name']:<14} {r['ms_per_update']:9.2f} ms  {r['updates_per_s']:7.2f} upd/s  {r['audio_s_per_s']:8.1f} audio s/s  (batch {r['batch']}, {r['labels_per_utterance']} labels each)")
+open(sys.argv[3], "a").write(json.dumps(r) + "\n")
+EOF
+    else
+        say "finetune-$m: bench-update --finetune failed (see $log)"
+    fi
+done
 
 # --- 3. PyTorch, the same base update on the same GPU ------------------------------------------
 say ""

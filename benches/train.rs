@@ -124,6 +124,20 @@ fn main() {
         update_child(args[2].parse().expect("steps"));
         return;
     }
+    if args.get(1).map(String::as_str) == Some("--finetune-child") {
+        finetune_child(args[2].parse().expect("steps"));
+        return;
+    }
+    if args.iter().any(|a| a == "--finetune-only") {
+        let steps = args
+            .iter()
+            .skip(1)
+            .find(|a| !a.starts_with('-'))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(60);
+        finetune_lines(steps);
+        return;
+    }
     if args.iter().any(|a| a == "--sink-only") {
         println!("{}", tensorboard_sink_line(&tmp, None));
         return;
@@ -274,6 +288,7 @@ stages:
     );
     let _ = std::fs::remove_dir_all(&tmp);
     compare_with_pytorch(&root, steps);
+    finetune_lines(steps);
 }
 
 /// Utterances and frames per utterance of the side-by-side batches: 8 × 4 s crops at 50 Hz.
@@ -314,6 +329,68 @@ fn update_child(steps: u64) {
         "last_loss": r.last_loss,
     });
     println!("UPDATE {o}");
+}
+
+/// A child process (its thread count from RAYON_NUM_THREADS): `stages::finetune::bench::run`,
+/// the loop behind `ehmam bench-update --finetune`, on the comparison's batches. One
+/// `FINETUNE {json}` line.
+fn finetune_child(steps: u64) {
+    use stages::candle_core::Device;
+    use stages::model::ModelConfig;
+    use stages::train::bench::BenchSpec;
+    let spec = BenchSpec {
+        cfg: ModelConfig::tiny(),
+        device: Device::Cpu,
+        batch: CMP_BATCH,
+        frames: CMP_FRAMES,
+        frame_rate: 50.0,
+        warmup: CMP_WARMUP,
+        updates: steps,
+        seed: 7,
+        clones: 1,
+    };
+    let r = stages::finetune::bench::run(&spec, |_| {}).expect("fine-tuning update");
+    println!("FINETUNE {}", serde_json::to_value(&r).expect("json"));
+}
+
+/// Fine-tuning's line (issue 19): CTC updates of tiny at 1 and 2 threads, next to the
+/// pre-training update of the same batch.
+fn finetune_lines(steps: u64) {
+    let exe = std::env::current_exe().expect("own path");
+    println!(
+        "\nCTC fine-tuning of tiny (finetune.ctc's update, the encoder not frozen, 10 h recipe's masking and dropout), {CMP_BATCH} × {CMP_FRAMES} frames of random 160-dim features, 50 labels each; median of {steps} updates after {CMP_WARMUP}:"
+    );
+    for t in [1usize, 2] {
+        let mut line = format!("  {t} thread(s):");
+        for (flag, prefix, what) in [
+            ("--finetune-child", "FINETUNE ", "fine-tuning"),
+            ("--update", "UPDATE ", "pre-training"),
+        ] {
+            let o = Command::new(&exe)
+                .args([flag, &steps.to_string()])
+                .env("RAYON_NUM_THREADS", t.to_string())
+                .output()
+                .expect("child");
+            let text = String::from_utf8_lossy(&o.stdout);
+            let Some(v) = text
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+            else {
+                eprintln!(
+                    "{what} child failed:\n{text}\n{}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                std::process::exit(1);
+            };
+            let ms = v["ms_per_update"].as_f64().unwrap_or(f64::NAN);
+            line.push_str(&format!(
+                "  {what} {ms:.1} ms/update ({:.2} updates/s)",
+                1e3 / ms
+            ));
+        }
+        println!("{line}");
+    }
 }
 
 /// The side-by-side table of issue 12: ehmam's update (children at 1 and 2 threads) against

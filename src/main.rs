@@ -156,6 +156,10 @@ enum Command {
         /// H200 SXM: 989 for bf16).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// Time CTC fine-tuning updates (finetune.ctc's, the encoder not frozen) instead of
+        /// pre-training ones.
+        #[arg(long)]
+        finetune: bool,
         /// Print one JSON line instead of the table.
         #[arg(long)]
         json: bool,
@@ -233,6 +237,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             warmup,
             seed,
             peak_tflops,
+            finetune,
             json,
         } => bench_update(
             &model,
@@ -241,7 +246,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             (warmup, updates),
             seed,
             peak_tflops,
-            json,
+            (finetune, json),
         ),
         Command::Report {
             run_dirs,
@@ -393,7 +398,7 @@ fn bench_update(
     (warmup, updates): (u64, u64),
     seed: u64,
     peak_tflops: Option<f64>,
-    json: bool,
+    (finetune, json): (bool, bool),
 ) -> Result<ExitCode> {
     use stages::model::{FrontendKind, ModelConfig};
     let v: serde_yaml::Value =
@@ -430,6 +435,24 @@ fn bench_update(
     let bar = indicatif::ProgressBar::new(warmup + updates);
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    if finetune {
+        let r = stages::finetune::bench::run(&spec, |i| bar.set_position(i))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        bar.finish_and_clear();
+        if json {
+            println!("{}", serde_json::to_value(&r)?);
+        } else {
+            println!(
+                "CTC fine-tuning of {} ({} parameters with the head) in f32 on {}: batch {} × {:.2} s, {} labels each, {} timed updates after {warmup}",
+                r.preset, r.parameters, r.device, r.batch, seconds, r.labels_per_utterance, r.updates
+            );
+            println!(
+                "  {:.2} ms/update  ({:.2} updates/s, {:.1} audio s/s); loss {:.2} → {:.2}",
+                r.ms_per_update, r.updates_per_s, r.audio_s_per_s, r.first_loss, r.last_loss
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let r = stages::train::bench::run(&spec, |i| bar.set_position(i))
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -163,8 +163,10 @@ fn finetune_learns_scores_and_resumes() {
         let (r, y) = (&h[3], &h[4]);
         let rw: Vec<&str> = r.split_whitespace().collect();
         let yw: Vec<&str> = y.split_whitespace().collect();
-        let (rc, yc): (Vec<char>, Vec<char>) =
-            (rw.join(" ").chars().collect(), yw.join(" ").chars().collect());
+        let (rc, yc): (Vec<char>, Vec<char>) = (
+            rw.join(" ").chars().collect(),
+            yw.join(" ").chars().collect(),
+        );
         let e = distance(&rw, &yw) as u64;
         assert_eq!(h[6].parse::<u64>().unwrap(), e, "{h:?}");
         assert_eq!(h[5].parse::<u64>().unwrap(), rw.len() as u64);
@@ -182,7 +184,11 @@ fn finetune_learns_scores_and_resumes() {
     }
     for (k, (words, errors, chars, cerr)) in &sums {
         let row = &wer[k];
-        assert_eq!((row.1, row.2, row.5, row.6), (*words, *errors, *chars, *cerr), "{k:?}");
+        assert_eq!(
+            (row.1, row.2, row.5, row.6),
+            (*words, *errors, *chars, *cerr),
+            "{k:?}"
+        );
     }
     let dict = std::fs::read_to_string(ft.join("dict.ltr.txt")).unwrap();
     assert!(dict.lines().any(|l| l.starts_with("| ")), "{dict}");
@@ -200,7 +206,10 @@ fn finetune_learns_scores_and_resumes() {
     }
     assert_eq!(again[&(420, "train".to_string())].0, 128);
     assert_eq!(again[&(420, "heldout".to_string())].0, 32);
-    let steps = query_csv(&[&ft], "SELECT count(*), count(DISTINCT step), max(step) FROM steps");
+    let steps = query_csv(
+        &[&ft],
+        "SELECT count(*), count(DISTINCT step), max(step) FROM steps",
+    );
     assert_eq!(steps[0], vec!["420", "420", "419"]);
 
     // `ehmam report` of the pre-training and the fine-tuning: the WER section holds the final
@@ -215,10 +224,20 @@ fn finetune_learns_scores_and_resumes() {
         "--no-probe",
     ]);
     let md = std::fs::read_to_string(rep.join("report.md")).unwrap();
-    let (w, c) = (again[&(420, "heldout".to_string())].3, again[&(420, "heldout".to_string())].4);
-    let cell = format!("heldout | 420 | 32 | 196 | {:.2} | {:.2} |", 100.0 * w, 100.0 * c);
+    let (w, c) = (
+        again[&(420, "heldout".to_string())].3,
+        again[&(420, "heldout".to_string())].4,
+    );
+    let cell = format!(
+        "heldout | 420 | 32 | 196 | {:.2} | {:.2} |",
+        100.0 * w,
+        100.0 * c
+    );
     assert!(md.contains(&cell), "no `{cell}` in\n{md}");
-    assert!(md.contains(&format!("heldout {:.2} / {:.2}", 100.0 * w, 100.0 * c)), "{md}");
+    assert!(
+        md.contains(&format!("heldout {:.2} / {:.2}", 100.0 * w, 100.0 * c)),
+        "{md}"
+    );
     assert!(rep.join("wer.png").is_file());
 
     recipes_hold_the_papers_values_and_validate(&pre, tmp.path());
@@ -286,16 +305,25 @@ fn finetune_specs_are_refused_before_anything_runs() {
         assert!(!ft.exists(), "validation wrote {}", ft.display());
     };
     // A pre-training run without a checkpoint.
-    check(&[], &["stages.finetune.with.init", "no complete checkpoint"]);
+    check(
+        &[],
+        &["stages.finetune.with.init", "no complete checkpoint"],
+    );
     // No vocabulary; a model block; an evaluator without a fine-tuner.
     check(
         &["stages.finetune.with.vocab_from=null"],
         &["stages.finetune.with.vocab", "required"],
     );
-    check(&["model.preset=tiny"], &["model:", "takes its model from `init`"]);
+    check(
+        &["model.preset=tiny"],
+        &["model:", "takes its model from `init`"],
+    );
     check(
         &["stages.finetune=null", "stages.steps=null"],
-        &["stages.heldout", "eval.ctc scores what a finetune.ctc stage trains"],
+        &[
+            "stages.heldout",
+            "eval.ctc scores what a finetune.ctc stage trains",
+        ],
     );
     // Two evaluators of one set.
     check(
@@ -360,8 +388,15 @@ fn a_sweep_chains_fine_tuning_per_variant() {
             100.0 * last.3,
             100.0 * last.4
         );
-        assert!(summary.contains(&cell), "no `{cell}` in\n{summary}\n{first}");
+        assert!(
+            summary.contains(&cell),
+            "no `{cell}` in\n{summary}\n{first}"
+        );
     }
     let again = run(&args);
-    assert_eq!(again.matches("finished earlier, skipped").count(), 4, "{again}");
+    assert_eq!(
+        again.matches("finished earlier, skipped").count(),
+        4,
+        "{again}"
+    );
 }

@@ -334,7 +334,10 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 /// Each fine-tuning run's scores per set, from its `wer` table.
-pub fn finetune_rows(run_dirs: &[PathBuf], labels: &[String]) -> Result<Vec<FinetuneRow>, ReportError> {
+pub fn finetune_rows(
+    run_dirs: &[PathBuf],
+    labels: &[String],
+) -> Result<Vec<FinetuneRow>, ReportError> {
     let mut out = Vec::new();
     for (dir, label) in run_dirs.iter().zip(labels) {
         let session = Session::open(std::slice::from_ref(dir))?;
@@ -395,7 +398,11 @@ pub struct SplitRuns {
 }
 
 /// See [`SplitRuns`].
-pub fn split_runs(run_dirs: &[PathBuf], labels: &[String], tail: f64) -> Result<SplitRuns, ReportError> {
+pub fn split_runs(
+    run_dirs: &[PathBuf],
+    labels: &[String],
+    tail: f64,
+) -> Result<SplitRuns, ReportError> {
     let (mut ft_dirs, mut ft_labels, mut pre_dirs) = (Vec::new(), Vec::new(), Vec::new());
     for (d, l) in run_dirs.iter().zip(labels) {
         if is_finetune(d) {
@@ -447,7 +454,10 @@ pub fn finetune_markdown(rows: &[FinetuneRow], pre: &[RunRow]) -> String {
             None => "–".into(),
         };
         if r.sets.is_empty() {
-            s.push_str(&format!("| {} | {from} | – | – | – | – | – | – | – |\n", r.run));
+            s.push_str(&format!(
+                "| {} | {from} | – | – | – | – | – | – | – |\n",
+                r.run
+            ));
         }
         for x in &r.sets {
             s.push_str(&format!(
@@ -503,7 +513,10 @@ fn wer_curves(path: &Path, run_dirs: &[PathBuf], labels: &[String]) -> Result<()
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("WER (greedy CTC) per fine-tuning run and set", ("sans-serif", 20))
+        .caption(
+            "WER (greedy CTC) per fine-tuning run and set",
+            ("sans-serif", 20),
+        )
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)

@@ -132,7 +132,11 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
                     .get(*pre)
                     .is_some_and(|(_, w)| !w.starts_with("failed") && !w.starts_with("not run"));
                 if !pre_ok {
-                    eprintln!("[{}/{n}] {}: not run (its pre-training did not finish)", i + 1, r.name);
+                    eprintln!(
+                        "[{}/{n}] {}: not run (its pre-training did not finish)",
+                        i + 1,
+                        r.name
+                    );
                     outcome.push((r.clone(), "not run (pre-training failed)".to_string()));
                     continue;
                 }
@@ -140,7 +144,10 @@ pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
                     Ok(p) => p,
                     Err(e) => {
                         eprintln!("{} ({}):\n{e}", r.name, r.spec.display());
-                        outcome.push((r.clone(), format!("failed: the spec does not validate ({} errors)", e.0.len())));
+                        outcome.push((
+                            r.clone(),
+                            format!("failed: the spec does not validate ({} errors)", e.0.len()),
+                        ));
                         continue;
                     }
                 }

@@ -71,7 +71,10 @@ pub fn chain_finetune(
         let name = safe(&format!("{}-{}", r.name, loaded.name));
         let run_dir = out.join(&name);
         let mut s: Vec<String> = sets.to_vec();
-        s.push(format!("{init}={}", flow(&Value::String(r.run_dir.display().to_string()))));
+        s.push(format!(
+            "{init}={}",
+            flow(&Value::String(r.run_dir.display().to_string()))
+        ));
         s.push(format!("name={name}"));
         s.push(format!("run_dir={}", run_dir.display()));
         let pre = plan.len();

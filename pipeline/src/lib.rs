@@ -35,7 +35,9 @@ pub use progress::Progress;
 pub use run_dir::{claim_run_dir, lock_plan, run_spec_changes, spec_diff, RunStatus};
 pub use runtime::{run, RunOptions, RunSummary};
 pub use spec::{load, load_str, Spec};
-pub use stage::{kind, Configured, Graph, Registry, Stage, StageContext, StageDef, StageKind, StagePaths};
+pub use stage::{
+    kind, Configured, Graph, Registry, Stage, StageContext, StageDef, StageKind, StagePaths,
+};
 pub use telemetry::StageReport;
 
 /// Re-exported so stage crates derive parameters with the same versions.

@@ -404,10 +404,15 @@ fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
     };
     let data = |step: u64| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(step);
-        let x: Vec<f32> = (0..2 * 20 * 6).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..2 * 20 * 6)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let x = Tensor::from_vec(x, (2, 20, 6), &Device::Cpu).unwrap();
         let mut unk = Unknown::default();
-        let y = vec![vocab.encode("AB BA", &mut unk), vocab.encode("CAB", &mut unk)];
+        let y = vec![
+            vocab.encode("AB BA", &mut unk),
+            vocab.encode("CAB", &mut unk),
+        ];
         (x, vec![20, 15], y)
     };
     let state = |ft: &Finetuner| -> Vec<(String, Vec<f32>)> {
@@ -425,15 +430,25 @@ fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
     let mut first = Finetuner::new(cfg.clone(), &w, vocab.clone(), p.clone(), 9).unwrap();
     for s in 0..3 {
         let (x, l, y) = data(s);
-        assert_eq!(first.train_step(&x, &l, &y).unwrap().loss, losses[s as usize]);
+        assert_eq!(
+            first.train_step(&x, &l, &y).unwrap().loss,
+            losses[s as usize]
+        );
     }
     let saved = first.checkpoint_tensors();
     let mut second = Finetuner::new(cfg, &w, vocab.clone(), p, 9).unwrap();
     second.restore(first.step, first.adam.t, &saved).unwrap();
     for s in 3..6 {
         let (x, l, y) = data(s);
-        assert_eq!(second.train_step(&x, &l, &y).unwrap().loss, losses[s as usize]);
+        assert_eq!(
+            second.train_step(&x, &l, &y).unwrap().loss,
+            losses[s as usize]
+        );
     }
     assert_eq!(state(&second), state(&whole));
-    assert_ne!(state(&whole), state(&first), "the last updates changed the weights");
+    assert_ne!(
+        state(&whole),
+        state(&first),
+        "the last updates changed the weights"
+    );
 }

@@ -767,12 +767,10 @@ pub fn store_transcripts(dir: &Path) -> crate::Result<Vec<(Option<String>, Optio
             .map_err(|e| format!("{}: {e}", path.display()))?;
         for b in reader {
             let b = b.map_err(|e| format!("{}: {e}", path.display()))?;
-            let spk = string_col(&b, "speaker").map_err(|_| {
-                format!("{}: column `speaker` is missing", path.display())
-            })?;
-            let trn = string_col(&b, "transcript").map_err(|_| {
-                format!("{}: column `transcript` is missing", path.display())
-            })?;
+            let spk = string_col(&b, "speaker")
+                .map_err(|_| format!("{}: column `speaker` is missing", path.display()))?;
+            let trn = string_col(&b, "transcript")
+                .map_err(|_| format!("{}: column `transcript` is missing", path.display()))?;
             for i in 0..b.num_rows() {
                 out.push((
                     (!spk.is_null(i)).then(|| spk.value(i).to_string()),

@@ -145,9 +145,21 @@ impl Rows for WerRows {
             Arc::new(self.step.finish()),
             Arc::new(self.set.finish()),
         ];
-        cols.extend(self.ints.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-        cols.extend(self.rates.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-        cols.extend(self.more.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        cols.extend(
+            self.ints
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        cols.extend(
+            self.rates
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        cols.extend(
+            self.more
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
         RecordBatch::try_new(schema.clone(), cols)
     }
 }
@@ -182,7 +194,11 @@ impl Rows for HypRows {
 }
 
 /// Scores `model` on the batches of a set (greedy decoding; only whole transcribed members).
-pub fn score(model: &CtcModel, set: &[Batch], device: &candle_core::Device) -> candle_core::Result<SetScore> {
+pub fn score(
+    model: &CtcModel,
+    set: &[Batch],
+    device: &candle_core::Device,
+) -> candle_core::Result<SetScore> {
     let mut s = SetScore {
         step: model.step,
         utterances: 0,
@@ -239,7 +255,10 @@ impl StageDef for EvalStage {
         let set = p.set.clone().unwrap_or_else(|| ctx.stage.clone());
         let mut e = Vec::new();
         if p.set.is_none() && !set_name_ok(&set) {
-            e.push(ParamError::new("set", format!("the stage name `{set}` is not a set name; give `set`")));
+            e.push(ParamError::new(
+                "set",
+                format!("the stage name `{set}` is not a set name; give `set`"),
+            ));
         }
         // One stage per set: two of them would write the same parts.
         let claim = format!("wer.{set}");
@@ -267,7 +286,12 @@ impl StageDef for EvalStage {
             .take(&ctx.stage)
             .ok_or_else(|| StageError::failed("internal: not subscribed to the evaluation hub"))?;
         let set = p.set.clone().unwrap_or_else(|| ctx.stage.clone());
-        let mut wer = TableWriter::new(ctx.run_dir.join("wer"), wer_schema(), u64::MAX, WerRows::default());
+        let mut wer = TableWriter::new(
+            ctx.run_dir.join("wer"),
+            wer_schema(),
+            u64::MAX,
+            WerRows::default(),
+        );
         wer.compression = p.compression;
         wer.tag = Some(set.clone());
         let hyp = p.hypotheses.then(|| {
@@ -419,7 +443,10 @@ impl Stage for EvalStage {
             ));
         }
         if evals == 0 {
-            io.note(format!("{}: no model was handed over; nothing scored", self.set));
+            io.note(format!(
+                "{}: no model was handed over; nothing scored",
+                self.set
+            ));
         }
         Ok(())
     }

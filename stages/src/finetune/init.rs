@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub enum InitSource {
     /// A pre-training run directory and its newest complete checkpoint (tensors file).
-    Run { dir: PathBuf, checkpoint: PathBuf, step: u64 },
+    Run {
+        dir: PathBuf,
+        checkpoint: PathBuf,
+        step: u64,
+    },
     /// `ehmam export --format native`.
     Native { dir: PathBuf },
     /// `ehmam export --format hf`.
@@ -57,8 +61,8 @@ pub fn locate(path: &Path) -> Result<InitSource, String> {
     if cfg.is_file() {
         let text = std::fs::read_to_string(&cfg)
             .map_err(|e| format!("cannot read {}: {e}", cfg.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not JSON: {e}", cfg.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", cfg.display()))?;
         if v.get("ehmam_model").is_some() {
             let w = path.join("model.safetensors");
             check_safetensors(&w).map_err(|e| format!("{}: {e}", w.display()))?;

@@ -2,6 +2,7 @@
 //! word and character error rates, the letter vocabulary in fairseq's convention, and fairseq's
 //! tri-stage learning-rate schedule; the `finetune.ctc` and `eval.ctc` stages.
 
+pub mod bench;
 pub mod ctc;
 pub mod eval;
 pub mod init;

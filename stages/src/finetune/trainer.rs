@@ -226,13 +226,21 @@ pub struct CtcModel {
 impl CtcModel {
     /// Scores `[B, T, V]` of a padded batch `x` `[B, N, F]` (rows of `input_frames`) with their
     /// valid frames, in inference mode.
-    pub fn logits(&self, x: &Tensor, input_frames: &[usize]) -> candle_core::Result<(Tensor, Vec<usize>)> {
+    pub fn logits(
+        &self,
+        x: &Tensor,
+        input_frames: &[usize],
+    ) -> candle_core::Result<(Tensor, Vec<usize>)> {
         forward(&self.cfg, &self.weights, x, input_frames, None)
     }
 
     /// Greedy CTC transcripts of a padded batch (no masking, no dropout).
-    pub fn transcribe(&self, x: &Tensor, input_frames: &[usize]) -> candle_core::Result<Vec<String>> {
-        let (logits, frames) = self.logits(x, input_frames)?;
+    pub fn transcribe(
+        &self,
+        x: &Tensor,
+        input_frames: &[usize],
+    ) -> candle_core::Result<Vec<String>> {
+        let (logits, frames) = crate::train::student::on_pool(|| self.logits(x, input_frames))?;
         let best = logits
             .argmax(D::Minus1)?
             .to_dtype(DType::U32)?
@@ -302,8 +310,8 @@ fn forward(
             let mut cm = vec![1f32; b * d];
             let lc = p.mask_channel_length.clamp(1, d);
             for r in 0..b {
-                let spans = (p.mask_channel_prob * d as f64 / lc as f64 + tm.rng.random::<f64>())
-                    as usize;
+                let spans =
+                    (p.mask_channel_prob * d as f64 / lc as f64 + tm.rng.random::<f64>()) as usize;
                 for _ in 0..spans.min(d / lc) {
                     let s = tm.rng.random_range(0..=d - lc);
                     cm[r * d + s..r * d + s + lc].fill(0.0);
@@ -454,8 +462,18 @@ impl Finetuner {
         })
     }
 
-    /// One update on a padded batch with its label sequences.
+    /// One update on a padded batch with its label sequences. Runs on a worker of rayon's pool
+    /// (as the pre-training update does), so the parallel kernels inside stay on it.
     pub fn train_step(
+        &mut self,
+        x: &Tensor,
+        input_frames: &[usize],
+        labels: &[Vec<u32>],
+    ) -> candle_core::Result<FinetuneStep> {
+        crate::train::student::on_pool(|| self.train_step_inner(x, input_frames, labels))
+    }
+
+    fn train_step_inner(
         &mut self,
         x: &Tensor,
         input_frames: &[usize],
@@ -487,7 +505,11 @@ impl Finetuner {
             let mut sq = 0f64;
             for v in self.vars.values() {
                 if let Some(g) = grads.get(v.as_tensor()) {
-                    sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                    sq += g
+                        .to_dtype(DType::F64)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f64>()?;
                 }
             }
             grad_norm = sq.sqrt();
