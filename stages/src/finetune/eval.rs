@@ -413,6 +413,9 @@ impl Stage for EvalStage {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             };
             let EvalMsg::Model(model) = msg;
+            if let Some(b) = set.first() {
+                super::stage::check_dim(b, &model.cfg)?;
+            }
             let s = score(&model, &set, &self.device)
                 .map_err(|e| StageError::failed(format!("scoring step {}: {e}", model.step)))?;
             if first {

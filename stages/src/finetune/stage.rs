@@ -186,6 +186,22 @@ pub fn rows_of(
     Ok(Rows { x, frames, members })
 }
 
+/// The batches' features are what the pre-trained front-end reads.
+pub fn check_dim(b: &Batch, cfg: &crate::model::ModelConfig) -> Result<(), StageError> {
+    let want = cfg.input_dim();
+    if b.dim != want {
+        let front = match cfg.frontend.kind {
+            crate::model::FrontendKind::Fbank => "an fbank front-end",
+            crate::model::FrontendKind::Cnn => "a CNN front-end over waveforms (features.waveform)",
+        };
+        return Err(StageError::failed(format!(
+            "the batches hold {}-dim features; the pre-trained model has {front} reading {want}-dim input: compute the features as its pre-training did",
+            b.dim
+        )));
+    }
+    Ok(())
+}
+
 /// The `finetune.ctc` stage.
 pub struct FinetuneStage {
     ft: Finetuner,
@@ -432,6 +448,7 @@ impl Stage for FinetuneStage {
             if b.step < self.ft.step {
                 continue;
             }
+            check_dim(&b, &self.ft.cfg)?;
             seen += 1;
             let t0 = Instant::now();
             let mut members = Vec::new();

@@ -483,7 +483,13 @@ impl Finetuner {
             self.seed ^ 0x7a5,
             self.step,
         ));
-        let mut noise = Noise::new(crate::seed::update_noise(self.seed ^ 0xf1e, self.step));
+        // On a GPU the dropout masks come from its generator, seeded per update (as the
+        // pre-training update does); layerdrop's coins from the seeded host stream everywhere.
+        let mut noise = Noise::on(
+            crate::seed::update_noise(self.seed ^ 0xf1e, self.step),
+            crate::seed::update_device_noise(self.seed ^ 0xf1e, self.step),
+            &self.device,
+        )?;
         let w = self.weights();
         let mut tm = TrainMode {
             p: &self.p,
