@@ -112,6 +112,7 @@ fn finetune_learns_scores_and_resumes() {
         "--set",
         &format!("stages.shards.with.dir={}", demo_shards().display()),
     ]);
+    inits_from_exports_match_the_run(&pre, tmp.path());
     let ft = tmp.path().join("ft");
     run(&finetune_args(&pre, &ft, &FAST));
 
@@ -241,6 +242,73 @@ fn finetune_learns_scores_and_resumes() {
     assert!(rep.join("wer.png").is_file());
 
     recipes_hold_the_papers_values_and_validate(&pre, tmp.path());
+}
+
+/// `init` from an `ehmam export` of the pre-training (hf: PyTorch names read back; native) trains
+/// exactly as `init` from the run directory: the same losses and scores.
+fn inits_from_exports_match_the_run(pre: &Path, tmp: &Path) {
+    let short = [
+        "stages.finetune.with.max_steps=8",
+        "stages.finetune.with.eval_every=8",
+        "stages.finetune.with.freeze_finetune_updates=3",
+    ];
+    let mut outcome = Vec::new();
+    for (name, format) in [
+        ("from-run", None),
+        ("from-hf", Some("hf")),
+        ("from-native", Some("native")),
+    ] {
+        let init = match format {
+            None => pre.to_path_buf(),
+            Some(f) => {
+                let dir = tmp.join(format!("export-{f}"));
+                ok(&[
+                    "export",
+                    &pre.display().to_string(),
+                    "--out",
+                    &dir.display().to_string(),
+                    "--format",
+                    f,
+                ]);
+                dir
+            }
+        };
+        let run_dir = tmp.join(name);
+        run(&finetune_args(&init, &run_dir, &short));
+        let steps = query_csv(
+            &[&run_dir],
+            "SELECT step, loss, grad_norm FROM steps ORDER BY step",
+        );
+        assert_eq!(steps.len(), 8);
+        outcome.push((name, steps, wer_rows(&run_dir)));
+    }
+    for (name, steps, wer) in &outcome[1..] {
+        assert_eq!(
+            steps, &outcome[0].1,
+            "{name}: other losses than from the run"
+        );
+        assert_eq!(wer, &outcome[0].2, "{name}: other scores than from the run");
+    }
+    // The fine-tuned encoder exports (without its head and mask embedding).
+    let run_dir = tmp.join("from-run");
+    let out = tmp.join("export-finetuned");
+    ok(&[
+        "export",
+        &run_dir.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+        "--format",
+        "native",
+    ]);
+    let dev = stages::candle_core::Device::Cpu;
+    let (cfg, w) = stages::train::load_encoder(&out, &dev).unwrap();
+    assert_eq!(cfg.weights, "fine-tuned");
+    assert!(!w.contains_key("encoder.mask_emb") && !w.contains_key("ctc.proj.weight"));
+    let (_, path) = stages::train::latest_checkpoint(&run_dir).unwrap().unwrap();
+    let ck = stages::train::load_tensors(&path, &dev).unwrap();
+    let v = |t: &stages::candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let name = "encoder.blocks.0.fc1.weight";
+    assert_eq!(v(&w[name]), v(&ck[&format!("model.{name}")]));
 }
 
 /// specs/finetune/{10min,1h,10h,100h}.yaml: the paper's fine-tuning values (method §9, Table 5

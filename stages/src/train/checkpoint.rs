@@ -391,13 +391,35 @@ pub fn export_weights(
     let (meta, path) = (found.meta, found.path);
     let all = load_tensors(&path, &Device::Cpu)?;
     let mut w: BTreeMap<String, Tensor> = BTreeMap::new();
+    // A fine-tuning run's checkpoint holds the fine-tuned model under `model.` (its CTC head and
+    // mask embedding are not part of the encoder).
+    let prefix = if meta.finetune.is_some() {
+        if teacher {
+            return Err(StageError::failed(format!(
+                "{}: a fine-tuning run has no EMA teacher; export it without --teacher",
+                path.display()
+            )));
+        }
+        "model."
+    } else {
+        "student."
+    };
     for (k, v) in &all {
-        let Some(name) = k.strip_prefix("student.") else {
+        let Some(name) = k.strip_prefix(prefix) else {
             continue;
         };
+        if name == "encoder.mask_emb" {
+            continue;
+        }
         if name.starts_with("frontend.") || (!teacher && name.starts_with("encoder.")) {
             w.insert(name.to_string(), v.clone());
         }
+    }
+    if w.is_empty() {
+        return Err(StageError::failed(format!(
+            "{}: no front-end or encoder tensors (`{prefix}*`) in the checkpoint",
+            path.display()
+        )));
     }
     if teacher {
         for (k, v) in &all {
@@ -417,6 +439,8 @@ pub fn export_weights(
         model: meta.model.clone(),
         weights: if teacher {
             "teacher".into()
+        } else if meta.finetune.is_some() {
+            "fine-tuned".into()
         } else {
             "student".into()
         },
