@@ -226,6 +226,58 @@ fn stopped_and_resumed_run_ends_with_the_same_weights() {
     assert_eq!(ta, tb);
 }
 
+/// Issue 14's `update_freq`: two batches per update. The steps table has one row per update,
+/// each update taught with the weights of the update before (staleness 0) and covering two
+/// batches' utterances; a run stopped at update 4 and resumed ends with the same weights as an
+/// uninterrupted one.
+#[test]
+fn update_freq_counts_updates_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let run = |dir: &PathBuf, max: &str| {
+        let sets = [
+            "stages.student.with.update_freq=2".to_string(),
+            "stages.student.with.schedule_steps=8".to_string(),
+            "stages.student.with.checkpoint_every=4".to_string(),
+            format!("stages.student.with.max_steps={max}"),
+        ];
+        let r: Vec<&str> = sets.iter().map(String::as_str).collect();
+        train(dir, &r)
+    };
+    run(&a, "8");
+    let rows = query_csv(
+        &[&a],
+        "SELECT step, teacher_version, utterances, lr FROM steps ORDER BY step",
+    );
+    assert_eq!(rows.len(), 8);
+    for (u, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], u.to_string());
+        assert_eq!(
+            r[1],
+            u.to_string(),
+            "update {u} taught with version {}",
+            r[1]
+        );
+    }
+    // Two batches of utterances per update: more than any single batch of the run holds
+    // (batches are at most 16 s of 2–8 s utterances: 8 at most).
+    let utts: Vec<u64> = rows.iter().map(|r| r[2].parse().unwrap()).collect();
+    assert!(utts.iter().all(|&n| n >= 2), "{utts:?}");
+    assert!(utts.iter().any(|&n| n > 8), "{utts:?}");
+    run(&b, "4");
+    assert_eq!(checkpoint_tensors(&b).0, 4);
+    let out = run(&b, "8");
+    assert!(out.contains("(step 4)"), "{out}");
+    let ((sa, ta), (sb, tb)) = (checkpoint_tensors(&a), checkpoint_tensors(&b));
+    assert_eq!((sa, sb), (8, 8));
+    for (k, v) in &ta {
+        assert!(
+            tb[k] == *v,
+            "{k} differs between the uninterrupted and the resumed run"
+        );
+    }
+}
+
 #[test]
 fn bad_model_blocks_and_devices_are_refused_before_running() {
     let o = ehmam(&[

@@ -79,6 +79,25 @@ pub fn update_noise(seed: u64, step: u64) -> u64 {
     train_mix(seed, step, 1)
 }
 
+/// `student` with `update_freq` > 1: the noise of the `part`-th batch of update `step` (part 0
+/// is [`update_noise`], so one batch per update draws as before).
+pub fn update_noise_part(seed: u64, step: u64, part: u64) -> u64 {
+    if part == 0 {
+        update_noise(seed, step)
+    } else {
+        train_mix(seed ^ part.wrapping_mul(0xA24B_AED4_963E_E407), step, 5)
+    }
+}
+
+/// The same for the device generator (part 0 is [`update_device_noise`]).
+pub fn update_device_noise_part(seed: u64, step: u64, part: u64) -> u64 {
+    if part == 0 {
+        update_device_noise(seed, step)
+    } else {
+        train_mix(seed ^ part.wrapping_mul(0xA24B_AED4_963E_E407), step, 6)
+    }
+}
+
 /// `student` on a GPU: the seed of the device generator (cuRAND) for update `step`'s dropout
 /// masks and noise tokens.
 pub fn update_device_noise(seed: u64, step: u64) -> u64 {

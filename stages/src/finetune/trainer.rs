@@ -65,6 +65,7 @@ pub struct FinetuneParams {
     pub layerdrop: f64,
     /// Adam betas.
     pub betas: [f64; 2],
+    /// Adam epsilon.
     pub adam_eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,

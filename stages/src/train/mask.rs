@@ -240,6 +240,9 @@ pub struct Masker {
     pub seed: u64,
     /// Copies of each utterance, masked independently (`clone_batch`; 1 = off).
     pub clone_batch: usize,
+    /// Batches per update (the student's `update_freq`): the curriculum follows the update a
+    /// batch belongs to (its step divided by this), the masks' randomness the batch itself.
+    pub update_freq: u64,
 }
 
 impl Masker {
@@ -250,6 +253,7 @@ impl Masker {
             curriculum: p.curriculum(),
             seed,
             clone_batch: p.clone_batch,
+            update_freq: 1,
         }
     }
     /// data2vec 2.0's random masking: r ≡ 0, one rounding draw per row (method §4.5).
@@ -260,6 +264,7 @@ impl Masker {
             curriculum: Curriculum::Constant { r: 0.0 },
             seed,
             clone_batch: p.clone_batch,
+            update_freq: 1,
         }
     }
     /// Hard-only masking: r ≡ 1 from step 0 (method §8).
@@ -270,6 +275,7 @@ impl Masker {
             curriculum: Curriculum::Constant { r: 1.0 },
             seed,
             clone_batch: p.clone_batch,
+            update_freq: 1,
         }
     }
 
@@ -316,7 +322,7 @@ impl Masker {
         if b.padding_mask.is_some() || lengths.iter().any(|&n| n != frames) {
             spec.rounding = Rounding::PerRow;
         }
-        let r = hard_ratio(&self.curriculum, b.step, b.epoch);
+        let r = hard_ratio(&self.curriculum, b.step / self.update_freq.max(1), b.epoch);
         let mut rng = self.rng(b.step);
         let out = eh_mask(
             &taught.pred_loss,
@@ -524,6 +530,7 @@ impl<S: Strategy> StageDef for MaskStage<S> {
     }
     fn link(_: &S::Params, _: &StageContext, linker: &mut Linker) -> Vec<ParamError> {
         linker.read(&crate::train::TOTAL_UPDATES);
+        linker.read(&crate::train::UPDATE_FREQ);
         linker.read(&crate::stream::MIN_UTT_SECONDS);
         Vec::new()
     }
@@ -533,8 +540,10 @@ impl<S: Strategy> StageDef for MaskStage<S> {
     }
     fn create(p: &S::Params, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
         let total = ctx.links.get(&crate::train::TOTAL_UPDATES).map(|n| *n);
+        let mut masker = S::masker(p, ctx.seed, total);
+        masker.update_freq = ctx.links.get(&crate::train::UPDATE_FREQ).map_or(1, |k| *k);
         Ok(MaskStage {
-            masker: S::masker(p, ctx.seed, total),
+            masker,
             _strategy: PhantomData,
         })
     }

@@ -41,6 +41,8 @@ pub struct TeacherStage {
     cfg: ModelConfig,
     device: Device,
     cell: Arc<WeightCell>,
+    /// Batches per update (the student's `update_freq`): a batch's update is its step over it.
+    update_freq: u64,
 }
 
 impl StageDef for TeacherStage {
@@ -65,6 +67,7 @@ impl StageDef for TeacherStage {
     }
     fn link(_: &TeacherParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
         linker.read(&train::TEACHER_WEIGHTS);
+        linker.read(&train::UPDATE_FREQ);
         Vec::new()
     }
     fn create(p: &TeacherParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
@@ -80,6 +83,10 @@ impl StageDef for TeacherStage {
             cfg,
             device,
             cell: (*cell).clone(),
+            update_freq: ctx
+                .links
+                .get(&train::UPDATE_FREQ)
+                .map_or(1, |k| (*k).max(1)),
         })
     }
 }
@@ -171,11 +178,13 @@ impl Stage for TeacherStage {
                     None => return Ok(()),
                 },
             };
-            // Batches the student already learned from (a resumed run) are skipped.
-            if batch.step < f {
+            // Batches the student already learned from (a resumed run) are skipped. Versions count
+            // updates: every batch of update u is taught with the weights after u − staleness.
+            let update = batch.step / self.update_freq;
+            if update < f {
                 continue;
             }
-            let version = batch.step.saturating_sub(self.p.staleness).max(f);
+            let version = update.saturating_sub(self.p.staleness).max(f);
             // Waiting for the student's weights is waiting for input (telemetry: starved).
             let w = match io.starved_while(|| self.cell.wait_for(version, &|| io.is_cancelled()))? {
                 Wait::Weights(w) => w,
