@@ -452,3 +452,69 @@ fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
         "the last updates changed the weights"
     );
 }
+
+/// `update_freq`: one fine-tuning update from two padded batches (2 and 3 utterances) equals one
+/// from a single batch holding all 5 (the mean CTC loss over every utterance of the update),
+/// with masking, dropout and layerdrop off (their draws are per batch).
+#[test]
+fn finetuner_update_from_two_batches_equals_their_concatenation() {
+    use rand::{Rng, SeedableRng};
+    use stages::finetune::trainer::{FinetuneParams, Finetuner};
+    let v: serde_yaml::Value = serde_yaml::from_str(
+        "{frontend: {input_dim: 6}, encoder: {dim: 16, heads: 2, ffn: 32, layers: 2, top_k: 1, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}}",
+    )
+    .unwrap();
+    let cfg = stages::model::ModelConfig::from_spec(Some(&v)).unwrap();
+    let vocab = Vocab::from_transcripts(["AB BA", "CAB"]);
+    let w = stages::model::init_weights(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    let p = FinetuneParams {
+        lr: 1e-3,
+        max_steps: 4,
+        freeze_finetune_updates: 1,
+        mask_prob: 0.0,
+        mask_channel_prob: 0.0,
+        dropout: 0.0,
+        attention_dropout: 0.0,
+        activation_dropout: 0.0,
+        layerdrop: 0.0,
+        update_freq: 2,
+        ..FinetuneParams::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut unk = Unknown::default();
+    let texts = ["AB BA", "CAB", "BA", "A CAB", "BAB"];
+    let lens = [20usize, 14, 20, 17, 9];
+    let x: Vec<f32> = (0..5 * 20 * 6)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let all = Tensor::from_vec(x, (5, 20, 6), &Device::Cpu).unwrap();
+    let y: Vec<Vec<u32>> = texts.iter().map(|t| vocab.encode(t, &mut unk)).collect();
+    let (xa, xb) = (all.narrow(0, 0, 2).unwrap(), all.narrow(0, 2, 3).unwrap());
+    let mut acc = Finetuner::new(cfg.clone(), &w, vocab.clone(), p.clone(), 9).unwrap();
+    let mut one = Finetuner::new(cfg, &w, vocab, p, 9).unwrap();
+    for _ in 0..3 {
+        let a = acc
+            .train_update(&[(&xa, &lens[..2], &y[..2]), (&xb, &lens[2..], &y[2..])])
+            .unwrap();
+        let b = one.train_step(&all, &lens, &y).unwrap();
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * b.loss.abs(),
+            "{} {}",
+            a.loss,
+            b.loss
+        );
+    }
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (k, v) in &acc.vars {
+        let (x, y) = (flat(v.as_tensor()), flat(one.vars[k].as_tensor()));
+        // Relative to the tensor's scale (at least 1e-2: Adam divides tiny gradients of
+        // near-zero parameters by tiny moments, where the summation order shows).
+        let top = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-2);
+        let gap = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(gap <= 1e-5 * top, "{k}: {gap} of {top}");
+    }
+    assert_eq!(acc.step, 3);
+}

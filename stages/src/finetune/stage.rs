@@ -400,6 +400,140 @@ impl FinetuneStage {
     }
 }
 
+/// What the fine-tuning loop counts across updates.
+#[derive(Default)]
+struct RunState {
+    unknown: Unknown,
+    cropped: usize,
+    untranscribed: usize,
+    infeasible: usize,
+    empty_batches: usize,
+    used_any: bool,
+    seen: u64,
+    last_saved: u64,
+    last_eval: u64,
+}
+
+impl FinetuneStage {
+    /// One update from the batches `bs`; true once `max_steps` is reached.
+    fn update(
+        &mut self,
+        io: &mut StageIo,
+        bs: &[Batch],
+        st: &mut RunState,
+    ) -> Result<bool, StageError> {
+        let t0 = Instant::now();
+        let step_no = self.ft.step;
+        let mut parts: Vec<(Rows, Vec<Vec<u32>>)> = Vec::new();
+        for b in bs {
+            st.seen += 1;
+            let mut members = Vec::new();
+            let mut labels = Vec::new();
+            for i in 0..b.size() {
+                match usable(b, i) {
+                    Ok(t) => {
+                        let l = self.ft.vocab.encode(t, &mut st.unknown);
+                        if l.is_empty() {
+                            st.untranscribed += 1;
+                            continue;
+                        }
+                        members.push(i);
+                        labels.push(l);
+                    }
+                    Err(Unusable::Cropped) => st.cropped += 1,
+                    Err(Unusable::NoTranscript) => st.untranscribed += 1,
+                }
+            }
+            if members.is_empty() {
+                st.empty_batches += 1;
+                if !st.used_any && st.seen >= 8 {
+                    return Err(StageError::failed(format!(
+                        "the first {} batches hold no usable utterance ({} cropped, {} without a transcript): fine-tuning needs whole utterances with transcripts (batch.by_duration with crop: pad and max_utt_seconds above the longest utterance; transcripts from audio.decode)",
+                        st.seen, st.cropped, st.untranscribed
+                    )));
+                }
+                continue;
+            }
+            st.used_any = true;
+            let rows = rows_of(b, members, &self.ft.device)
+                .map_err(train::stage_err("finetune: batch"))?;
+            parts.push((rows, labels));
+        }
+        let last = bs
+            .last()
+            .ok_or_else(|| StageError::failed("internal: an update without batches"))?;
+        let out = if parts.is_empty() {
+            // No usable utterance: the update is still counted, so the stream and the schedule
+            // stay in step.
+            self.ft.step += 1;
+            None
+        } else {
+            let batches: Vec<super::trainer::TrainBatch> = parts
+                .iter()
+                .map(|(r, l)| (&r.x, r.frames.as_slice(), l.as_slice()))
+                .collect();
+            let s = self
+                .ft
+                .train_update(&batches)
+                .map_err(|e| StageError::failed(format!("update {step_no}: {e}")))?;
+            st.infeasible += s.infeasible;
+            let members: usize = parts.iter().map(|(r, _)| r.members.len()).sum();
+            if !s.loss.is_finite() && s.infeasible < members {
+                return Err(StageError::failed(format!(
+                    "update {step_no}: the loss is not finite ({})",
+                    s.loss
+                )));
+            }
+            Some((s, members))
+        };
+        self.position = Some(last.position);
+        self.epoch = last.epoch;
+        io.progress().inc(1);
+        if let Some((s, members)) = out {
+            if io.is_connected(0) && s.loss.is_finite() {
+                let frames: usize = parts
+                    .iter()
+                    .map(|(r, _)| r.frames.iter().sum::<usize>())
+                    .sum();
+                ok_or_closed(io.send(
+                    0,
+                    StepRecord {
+                        step: step_no,
+                        epoch: last.epoch,
+                        lr: s.lr,
+                        loss: s.loss,
+                        loss_rec: s.loss,
+                        loss_aux: 0.0,
+                        tau: 0.0,
+                        hard_ratio: 0.0,
+                        masked_frac: s.masked_frac,
+                        frames: frames as u64,
+                        utterances: (members - s.infeasible) as u64,
+                        audio_s: frames as f64 / last.frame_rate,
+                        step_ms: t0.elapsed().as_secs_f64() * 1e3,
+                        target_std: f64::NAN,
+                        pred_std: f64::NAN,
+                        rank_agreement: f64::NAN,
+                        teacher_rank_agreement: f64::NAN,
+                        grad_norm: s.grad_norm,
+                        teacher_version: 0,
+                    },
+                ))?;
+            }
+        }
+        let every = self.ft.p.checkpoint_every;
+        if every > 0 && self.ft.step % every == 0 {
+            self.checkpoint()?;
+            st.last_saved = self.ft.step;
+        }
+        if self.eval_due() {
+            self.publish(io)?;
+            st.last_eval = self.ft.step;
+        }
+        Ok(self.ft.step >= self.ft.p.max_steps)
+    }
+}
+
 /// The vocabulary as `dict.ltr.txt` in the run directory (what a decoder or a later fine-tuning
 /// reads).
 fn write_dict(run_dir: &Path, v: &Vocab) -> Result<(), StageError> {
@@ -438,114 +572,59 @@ impl Stage for FinetuneStage {
         }
         io.progress().set_length(max, "steps");
         io.progress().inc(self.ft.step);
-        let mut last_saved = self.ft.step;
-        let mut last_eval = self.ft.step;
-        let mut unknown = Unknown::default();
-        let (mut cropped, mut untranscribed, mut infeasible, mut empty_batches) = (0, 0, 0, 0);
-        let mut used_any = false;
-        let mut seen = 0u64;
-        while let Some(b) = io.recv::<Batch>(0)? {
-            if b.step < self.ft.step {
-                continue;
-            }
-            check_dim(&b, &self.ft.cfg)?;
-            seen += 1;
-            let t0 = Instant::now();
-            let mut members = Vec::new();
-            let mut labels = Vec::new();
-            for i in 0..b.size() {
-                match usable(&b, i) {
-                    Ok(t) => {
-                        let l = self.ft.vocab.encode(t, &mut unknown);
-                        if l.is_empty() {
-                            untranscribed += 1;
-                            continue;
-                        }
-                        members.push(i);
-                        labels.push(l);
+        let mut st = RunState {
+            last_saved: self.ft.step,
+            last_eval: self.ft.step,
+            ..RunState::default()
+        };
+        let k = self.ft.p.update_freq.max(1);
+        let mut group: Vec<Batch> = Vec::new();
+        let mut ended = false;
+        loop {
+            // The batches of one update (`update_freq` consecutive ones); a stream that ends
+            // inside an update trains on what it has.
+            let next = if ended { None } else { io.recv::<Batch>(0)? };
+            match next {
+                Some(b) => {
+                    let u = b.step / k;
+                    if u < self.ft.step {
+                        continue;
                     }
-                    Err(Unusable::Cropped) => cropped += 1,
-                    Err(Unusable::NoTranscript) => untranscribed += 1,
+                    check_dim(&b, &self.ft.cfg)?;
+                    if group.first().is_some_and(|g| g.step / k != u) {
+                        let bs = std::mem::replace(&mut group, vec![b]);
+                        if self.update(io, &bs, &mut st)? {
+                            break;
+                        }
+                        continue;
+                    }
+                    group.push(b);
+                    if (group.len() as u64) < k {
+                        continue;
+                    }
+                }
+                None => {
+                    ended = true;
+                    if group.is_empty() {
+                        break;
+                    }
                 }
             }
-            if members.is_empty() {
-                empty_batches += 1;
-                if !used_any && seen >= 8 {
-                    return Err(StageError::failed(format!(
-                        "the first {seen} batches hold no usable utterance ({cropped} cropped, {untranscribed} without a transcript): fine-tuning needs whole utterances with transcripts (batch.by_duration with crop: pad and max_utt_seconds above the longest utterance; transcripts from audio.decode)"
-                    )));
-                }
-                // The update is still counted, so the stream and the schedule stay in step.
-            }
-            let step_no = self.ft.step;
-            let (rec_loss, rec) = if members.is_empty() {
-                self.ft.step += 1;
-                (f64::NAN, None)
-            } else {
-                used_any = true;
-                let rows = rows_of(&b, members, &self.ft.device)
-                    .map_err(train::stage_err("finetune: batch"))?;
-                let s = self
-                    .ft
-                    .train_step(&rows.x, &rows.frames, &labels)
-                    .map_err(|e| StageError::failed(format!("update {step_no}: {e}")))?;
-                infeasible += s.infeasible;
-                (s.loss, Some((s, rows)))
-            };
-            if let Some((s, rows)) = &rec {
-                if !s.loss.is_finite() && s.infeasible < rows.members.len() {
-                    return Err(StageError::failed(format!(
-                        "update {step_no}: the loss is not finite ({})",
-                        s.loss
-                    )));
-                }
-            }
-            self.position = Some(b.position);
-            self.epoch = b.epoch;
-            io.progress().inc(1);
-            if let Some((s, rows)) = rec {
-                if io.is_connected(0) && rec_loss.is_finite() {
-                    let frames: usize = rows.frames.iter().sum();
-                    let audio_s = frames as f64 / b.frame_rate;
-                    ok_or_closed(io.send(
-                        0,
-                        StepRecord {
-                            step: step_no,
-                            epoch: b.epoch,
-                            lr: s.lr,
-                            loss: s.loss,
-                            loss_rec: s.loss,
-                            loss_aux: 0.0,
-                            tau: 0.0,
-                            hard_ratio: 0.0,
-                            masked_frac: s.masked_frac,
-                            frames: frames as u64,
-                            utterances: (rows.members.len() - s.infeasible) as u64,
-                            audio_s,
-                            step_ms: t0.elapsed().as_secs_f64() * 1e3,
-                            target_std: f64::NAN,
-                            pred_std: f64::NAN,
-                            rank_agreement: f64::NAN,
-                            teacher_rank_agreement: f64::NAN,
-                            grad_norm: s.grad_norm,
-                            teacher_version: 0,
-                        },
-                    ))?;
-                }
-            }
-            let every = self.ft.p.checkpoint_every;
-            if every > 0 && self.ft.step % every == 0 {
-                self.checkpoint()?;
-                last_saved = self.ft.step;
-            }
-            if self.eval_due() {
-                self.publish(io)?;
-                last_eval = self.ft.step;
-            }
-            if self.ft.step >= max {
+            let bs = std::mem::take(&mut group);
+            if self.update(io, &bs, &mut st)? || ended {
                 break;
             }
         }
+        let RunState {
+            unknown,
+            cropped,
+            untranscribed,
+            infeasible,
+            empty_batches,
+            last_saved,
+            last_eval,
+            ..
+        } = st;
         if self.ft.step != last_saved {
             self.checkpoint()?;
         }

@@ -78,6 +78,9 @@ pub struct FinetuneParams {
     pub eval_every: u64,
     /// Continue from the run directory's last checkpoint when there is one.
     pub resume: bool,
+    /// Batches per update (fairseq's `update_freq`): the mean CTC loss over all their
+    /// utterances, the gradients summed; `max_steps` and the schedule count updates.
+    pub update_freq: u64,
 }
 
 impl Default for FinetuneParams {
@@ -107,6 +110,7 @@ impl Default for FinetuneParams {
             keep_checkpoints: 3,
             eval_every: 1000,
             resume: true,
+            update_freq: 1,
         }
     }
 }
@@ -140,6 +144,9 @@ impl Params for FinetuneParams {
         }
         if self.max_steps == 0 {
             e.push(ParamError::new("max_steps", "must be at least 1"));
+        }
+        if self.update_freq == 0 {
+            e.push(ParamError::new("update_freq", "must be at least 1"));
         }
         let sum: f64 = self.phase_ratio.iter().sum();
         if self.phase_ratio.iter().any(|r| !(*r >= 0.0)) || (sum - 1.0).abs() > 1e-6 {
@@ -198,6 +205,9 @@ impl Params for FinetuneParams {
         e
     }
 }
+
+/// One batch of an update: a padded batch `[B, N, F]`, each row's input frames, each row's labels.
+pub type TrainBatch<'a> = (&'a Tensor, &'a [usize], &'a [Vec<u32>]);
 
 /// One fine-tuning update's figures.
 #[derive(Debug, Clone, PartialEq)]
@@ -471,64 +481,106 @@ impl Finetuner {
         input_frames: &[usize],
         labels: &[Vec<u32>],
     ) -> candle_core::Result<FinetuneStep> {
-        crate::train::student::on_pool(|| self.train_step_inner(x, input_frames, labels))
+        self.train_update(&[(x, input_frames, labels)])
     }
 
-    fn train_step_inner(
-        &mut self,
-        x: &Tensor,
-        input_frames: &[usize],
-        labels: &[Vec<u32>],
-    ) -> candle_core::Result<FinetuneStep> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::update_noise(
-            self.seed ^ 0x7a5,
-            self.step,
-        ));
-        // On a GPU the dropout masks come from its generator, seeded per update (as the
-        // pre-training update does); layerdrop's coins from the seeded host stream everywhere.
-        let mut noise = Noise::on(
-            crate::seed::update_noise(self.seed ^ 0xf1e, self.step),
-            crate::seed::update_device_noise(self.seed ^ 0xf1e, self.step),
-            &self.device,
-        )?;
-        let w = self.weights();
-        let mut tm = TrainMode {
-            p: &self.p,
-            rng: &mut rng,
-            noise: &mut noise,
-            frozen: self.step < self.p.freeze_finetune_updates,
-            masked: (0, 0),
+    /// One update from several padded batches (`update_freq`): the mean CTC loss over every
+    /// utterance of them that fits (fairseq's `sentence_avg` over the update), the gradients
+    /// summed over the batches, so the update is that of one batch holding them all.
+    pub fn train_update(&mut self, batches: &[TrainBatch]) -> candle_core::Result<FinetuneStep> {
+        crate::train::student::on_pool(|| self.train_update_inner(batches))
+    }
+
+    fn train_update_inner(&mut self, batches: &[TrainBatch]) -> candle_core::Result<FinetuneStep> {
+        // The utterances whose labels fit their frames, known before any forward pass.
+        let fits = |(_, input_frames, labels): &TrainBatch| -> usize {
+            input_frames
+                .iter()
+                .zip(labels.iter())
+                .filter(|(&n, l)| n > 0 && super::ctc::min_frames(l) <= self.cfg.frames_for(n))
+                .count()
         };
-        let (logits, frames) = forward(&self.cfg, &w, x, input_frames, Some(&mut tm))?;
-        let masked_frac = tm.masked.0 as f64 / tm.masked.1.max(1) as f64;
-        let out = ctc_loss(&logits, &frames, labels, super::vocab::BLANK)?;
-        let n = out.feasible.iter().filter(|&&f| f).count();
+        let total: usize = batches.iter().map(fits).sum();
         let lr = self.schedule().lr(self.step);
-        let (mut loss_value, mut grad_norm) = (f64::NAN, f64::NAN);
-        if n > 0 {
-            let loss = (out.loss.sum_all()? / n as f64)?;
-            loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let grads = loss.backward()?;
-            let mut sq = 0f64;
-            for v in self.vars.values() {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    sq += g
-                        .to_dtype(DType::F64)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f64>()?;
-                }
+        let w = self.weights();
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let (mut loss_value, mut infeasible) = (0f64, 0usize);
+        let mut masked = (0usize, 0usize);
+        for (j, b) in batches.iter().enumerate() {
+            let (x, input_frames, labels) = *b;
+            let part = j as u64;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::seed::update_noise_part(
+                self.seed ^ 0x7a5,
+                self.step,
+                part,
+            ));
+            // On a GPU the dropout masks come from its generator, seeded per update (as the
+            // pre-training update does); layerdrop's coins from the seeded host stream everywhere.
+            let mut noise = Noise::on(
+                crate::seed::update_noise_part(self.seed ^ 0xf1e, self.step, part),
+                crate::seed::update_device_noise_part(self.seed ^ 0xf1e, self.step, part),
+                &self.device,
+            )?;
+            let mut tm = TrainMode {
+                p: &self.p,
+                rng: &mut rng,
+                noise: &mut noise,
+                frozen: self.step < self.p.freeze_finetune_updates,
+                masked: (0, 0),
+            };
+            let (logits, frames) = forward(&self.cfg, &w, x, input_frames, Some(&mut tm))?;
+            masked.0 += tm.masked.0;
+            masked.1 += tm.masked.1;
+            let out = ctc_loss(&logits, &frames, labels, super::vocab::BLANK)?;
+            let n = out.feasible.iter().filter(|&&f| f).count();
+            infeasible += out.feasible.len() - n;
+            if n == 0 || total == 0 {
+                continue;
             }
-            grad_norm = sq.sqrt();
-            self.adam.step(&self.vars, &grads, lr)?;
+            let loss = (out.loss.sum_all()? / total as f64)?;
+            loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let g = loss.backward()?;
+            grads = Some(match grads.take() {
+                None => g,
+                Some(mut acc) => {
+                    for v in self.vars.values() {
+                        if let Some(gj) = g.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + gj)?,
+                                None => gj.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let mut grad_norm = f64::NAN;
+        match grads {
+            Some(grads) => {
+                let mut sq = 0f64;
+                for v in self.vars.values() {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        sq += g
+                            .to_dtype(DType::F64)?
+                            .sqr()?
+                            .sum_all()?
+                            .to_scalar::<f64>()?;
+                    }
+                }
+                grad_norm = sq.sqrt();
+                self.adam.step(&self.vars, &grads, lr)?;
+            }
+            None => loss_value = f64::NAN,
         }
         self.step += 1;
         Ok(FinetuneStep {
             loss: loss_value,
             lr,
-            infeasible: out.feasible.len() - n,
+            infeasible,
             grad_norm,
-            masked_frac,
+            masked_frac: masked.0 as f64 / masked.1.max(1) as f64,
         })
     }
 
