@@ -297,19 +297,12 @@ const CMP_FRAMES: usize = 200;
 /// Untimed updates before the timed ones (both sides).
 const CMP_WARMUP: u64 = 3;
 
-/// One EH-MAM update after another, in this process (the child of `--update`; threads through
-/// RAYON_NUM_THREADS): `stages::train::bench::run`, the loop behind `ehmam bench-update` (teacher
-/// weights published by the student, the teacher's forward with its front-end, the easy-to-hard
-/// mask with the hard ratio ramping 0 → 1 over the run, `Student::train_step`), on random
-/// features standing in for precomputed fbank. Prints the medians as one `UPDATE {json}` line.
-fn update_child(steps: u64) {
-    use stages::candle_core::Device;
-    use stages::model::ModelConfig;
-    use stages::train::bench::{run, BenchSpec};
-
-    let spec = BenchSpec {
-        cfg: ModelConfig::tiny(),
-        device: Device::Cpu,
+/// The side-by-side batches: tiny on the CPU, CMP_BATCH × CMP_FRAMES random features, `steps`
+/// timed updates after CMP_WARMUP.
+fn cmp_spec(steps: u64) -> stages::train::bench::BenchSpec {
+    stages::train::bench::BenchSpec {
+        cfg: stages::model::ModelConfig::tiny(),
+        device: stages::candle_core::Device::Cpu,
         batch: CMP_BATCH,
         frames: CMP_FRAMES,
         frame_rate: 50.0,
@@ -317,7 +310,43 @@ fn update_child(steps: u64) {
         updates: steps,
         seed: 7,
         clones: 1,
-    };
+    }
+}
+
+/// Runs this bench as a child (`flag steps`, `threads` compute threads) and reads its one
+/// `PREFIX {json}` line; a child that fails ends the benchmark with its output.
+fn child_json(flag: &str, steps: u64, threads: usize, prefix: &str) -> serde_json::Value {
+    let exe = std::env::current_exe().expect("own path");
+    let o = Command::new(&exe)
+        .args([flag, &steps.to_string()])
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .expect("child");
+    let text = String::from_utf8_lossy(&o.stdout);
+    match text
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+    {
+        Some(v) => v,
+        None => {
+            eprintln!(
+                "{flag} child failed:\n{text}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+/// One EH-MAM update after another, in this process (the child of `--update`; threads through
+/// RAYON_NUM_THREADS): `stages::train::bench::run`, the loop behind `ehmam bench-update` (teacher
+/// weights published by the student, the teacher's forward with its front-end, the easy-to-hard
+/// mask with the hard ratio ramping 0 → 1 over the run, `Student::train_step`), on random
+/// features standing in for precomputed fbank. Prints the medians as one `UPDATE {json}` line.
+fn update_child(steps: u64) {
+    use stages::train::bench::run;
+    let spec = cmp_spec(steps);
     let r = run(&spec, |_| {}).expect("update");
     let o = serde_json::json!({
         "ms_per_update": r.ms_per_update,
@@ -335,20 +364,7 @@ fn update_child(steps: u64) {
 /// the loop behind `ehmam bench-update --finetune`, on the comparison's batches. One
 /// `FINETUNE {json}` line.
 fn finetune_child(steps: u64) {
-    use stages::candle_core::Device;
-    use stages::model::ModelConfig;
-    use stages::train::bench::BenchSpec;
-    let spec = BenchSpec {
-        cfg: ModelConfig::tiny(),
-        device: Device::Cpu,
-        batch: CMP_BATCH,
-        frames: CMP_FRAMES,
-        frame_rate: 50.0,
-        warmup: CMP_WARMUP,
-        updates: steps,
-        seed: 7,
-        clones: 1,
-    };
+    let spec = cmp_spec(steps);
     let r = stages::finetune::bench::run(&spec, |_| {}).expect("fine-tuning update");
     println!("FINETUNE {}", serde_json::to_value(&r).expect("json"));
 }
@@ -356,7 +372,6 @@ fn finetune_child(steps: u64) {
 /// Fine-tuning's line (issue 19): CTC updates of tiny at 1 and 2 threads, next to the
 /// pre-training update of the same batch.
 fn finetune_lines(steps: u64) {
-    let exe = std::env::current_exe().expect("own path");
     println!(
         "\nCTC fine-tuning of tiny (finetune.ctc's update, the encoder not frozen, 10 h recipe's masking and dropout), {CMP_BATCH} × {CMP_FRAMES} frames of random 160-dim features, 50 labels each; median of {steps} updates after {CMP_WARMUP}:"
     );
@@ -366,23 +381,7 @@ fn finetune_lines(steps: u64) {
             ("--finetune-child", "FINETUNE ", "fine-tuning"),
             ("--update", "UPDATE ", "pre-training"),
         ] {
-            let o = Command::new(&exe)
-                .args([flag, &steps.to_string()])
-                .env("RAYON_NUM_THREADS", t.to_string())
-                .output()
-                .expect("child");
-            let text = String::from_utf8_lossy(&o.stdout);
-            let Some(v) = text
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
-            else {
-                eprintln!(
-                    "{what} child failed:\n{text}\n{}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                std::process::exit(1);
-            };
+            let v = child_json(flag, steps, t, prefix);
             let ms = v["ms_per_update"].as_f64().unwrap_or(f64::NAN);
             line.push_str(&format!(
                 "  {what} {ms:.1} ms/update ({:.2} updates/s)",
@@ -422,23 +421,9 @@ fn compare_with_pytorch(root: &Path, steps: u64) {
             .unwrap_or_else(|| "?".into())
     };
     let load_before = load();
-    let exe = std::env::current_exe().expect("own path");
     let mut ours: Vec<(usize, serde_json::Value)> = Vec::new();
     for t in [1usize, 2] {
-        let o = Command::new(&exe)
-            .args(["--update", &steps.to_string()])
-            .env("RAYON_NUM_THREADS", t.to_string())
-            .output()
-            .expect("child");
-        let text = String::from_utf8_lossy(&o.stdout);
-        let Some(line) = text.lines().find_map(|l| l.strip_prefix("UPDATE ")) else {
-            eprintln!(
-                "update child failed:\n{text}\n{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            std::process::exit(1);
-        };
-        ours.push((t, serde_json::from_str(line).expect("json")));
+        ours.push((t, child_json("--update", steps, t, "UPDATE ")));
     }
     // The reference, in the same run.
     let script = root.join("benches/train_reference.py");

@@ -25,14 +25,7 @@ fn train(run: &Path, extra: &[&str]) -> String {
         args.push("--set".into());
         args.push(s.clone());
     }
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = ehmam(&a);
-    assert!(
-        o.status.success() && !text(&o).contains("panicked"),
-        "ehmam {a:?} failed:\n{}",
-        text(&o)
-    );
-    text(&o)
+    ok_all(&args)
 }
 
 fn checkpoint_tensors(run: &Path) -> (u64, BTreeMap<String, Vec<f32>>) {

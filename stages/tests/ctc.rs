@@ -373,13 +373,12 @@ fn finetuner_learns_a_synthetic_transcription_task() {
     );
 }
 
-/// Exact resume: 3 updates, a checkpoint's tensors into a fresh fine-tuner, 3 more updates end
-/// with the same weights, moments and losses as 6 updates in one go (every draw of update t comes
-/// from (seed, t)).
-#[test]
-fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
-    use rand::{Rng, SeedableRng};
-    use stages::finetune::trainer::{FinetuneParams, Finetuner};
+/// A 2-block model of width 16 over 6-dim input, its weights, and a 4-symbol vocabulary.
+fn small_model() -> (
+    stages::model::ModelConfig,
+    Vocab,
+    std::collections::BTreeMap<String, Tensor>,
+) {
     let v: serde_yaml::Value = serde_yaml::from_str(
         "{frontend: {input_dim: 6}, encoder: {dim: 16, heads: 2, ffn: 32, layers: 2, top_k: 1, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}}",
     )
@@ -387,6 +386,17 @@ fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
     let cfg = stages::model::ModelConfig::from_spec(Some(&v)).unwrap();
     let vocab = Vocab::from_transcripts(["AB BA", "CAB"]);
     let w = stages::model::init_weights(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    (cfg, vocab, w)
+}
+
+/// Exact resume: 3 updates, a checkpoint's tensors into a fresh fine-tuner, 3 more updates end
+/// with the same weights, moments and losses as 6 updates in one go (every draw of update t comes
+/// from (seed, t)).
+#[test]
+fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
+    use rand::{Rng, SeedableRng};
+    use stages::finetune::trainer::{FinetuneParams, Finetuner};
+    let (cfg, vocab, w) = small_model();
     // Dropout, activation dropout, layerdrop and both maskings on, so every stream is drawn.
     let p = FinetuneParams {
         lr: 1e-3,
@@ -460,13 +470,7 @@ fn finetuner_resumes_exactly_from_its_checkpoint_tensors() {
 fn finetuner_update_from_two_batches_equals_their_concatenation() {
     use rand::{Rng, SeedableRng};
     use stages::finetune::trainer::{FinetuneParams, Finetuner};
-    let v: serde_yaml::Value = serde_yaml::from_str(
-        "{frontend: {input_dim: 6}, encoder: {dim: 16, heads: 2, ffn: 32, layers: 2, top_k: 1, pos_conv_depth: 1, pos_conv_kernel: 3, pos_conv_groups: 2}}",
-    )
-    .unwrap();
-    let cfg = stages::model::ModelConfig::from_spec(Some(&v)).unwrap();
-    let vocab = Vocab::from_transcripts(["AB BA", "CAB"]);
-    let w = stages::model::init_weights(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    let (cfg, vocab, w) = small_model();
     let p = FinetuneParams {
         lr: 1e-3,
         max_steps: 4,

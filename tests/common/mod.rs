@@ -34,6 +34,19 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Runs `ehmam` and asserts success; returns stdout and stderr together (progress notes such as
+/// "resuming from" are on stderr).
+pub fn ok_all(args: &[String]) -> String {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = ehmam(&a);
+    assert!(
+        o.status.success() && !text(&o).contains("panicked"),
+        "ehmam {a:?} failed:\n{}",
+        text(&o)
+    );
+    text(&o)
+}
+
 /// Query as CSV rows (header dropped).
 pub fn query_csv(dirs: &[&Path], sql: &str) -> Vec<Vec<String>> {
     let mut args: Vec<String> = vec!["query".into(), "--format".into(), "csv".into()];

@@ -79,15 +79,8 @@ pub fn run(spec: &BenchSpec, mut progress: impl FnMut(u64)) -> crate::Result<Fin
         }
         progress(i + 1);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
     let n = times.len();
-    let ms = if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        times[n / 2]
-    } else {
-        0.5 * (times[n / 2 - 1] + times[n / 2])
-    };
+    let ms = crate::train::bench::median(&mut times);
     let audio = spec.batch as f64 * spec.frames as f64 / spec.frame_rate;
     Ok(FinetuneBenchResult {
         preset: cfg.preset.clone(),

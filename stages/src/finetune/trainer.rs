@@ -13,7 +13,7 @@
 use super::ctc::ctc_loss;
 use super::schedule::TriStage;
 use super::vocab::Vocab;
-use crate::model::optim::AdamW;
+use crate::model::optim::{accumulate_grads, loss_and_grad_norm, AdamW};
 use crate::model::{linear, Model, ModelConfig, Noise, Weights};
 use candle_core::{DType, Device, Tensor, Var, D};
 use pipeline::{ParamError, Params};
@@ -504,7 +504,8 @@ impl Finetuner {
         let lr = self.schedule().lr(self.step);
         let w = self.weights();
         let mut grads: Option<candle_core::backprop::GradStore> = None;
-        let (mut loss_value, mut infeasible) = (0f64, 0usize);
+        let mut loss_acc: Option<Tensor> = None;
+        let mut infeasible = 0usize;
         let mut masked = (0usize, 0usize);
         for (j, b) in batches.iter().enumerate() {
             let (x, input_frames, labels) = *b;
@@ -538,41 +539,19 @@ impl Finetuner {
                 continue;
             }
             let loss = (out.loss.sum_all()? / total as f64)?;
-            loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let g = loss.backward()?;
-            grads = Some(match grads.take() {
-                None => g,
-                Some(mut acc) => {
-                    for v in self.vars.values() {
-                        if let Some(gj) = g.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(a) => (a + gj)?,
-                                None => gj.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
+            grads = Some(accumulate_grads(grads.take(), g, &self.vars)?);
+            let ld = loss.detach();
+            loss_acc = Some(match loss_acc.take() {
+                None => ld,
+                Some(a) => (a + ld)?,
             });
         }
-        let mut grad_norm = f64::NAN;
-        match grads {
-            Some(grads) => {
-                let mut sq = 0f64;
-                for v in self.vars.values() {
-                    if let Some(g) = grads.get(v.as_tensor()) {
-                        sq += g
-                            .to_dtype(DType::F64)?
-                            .sqr()?
-                            .sum_all()?
-                            .to_scalar::<f64>()?;
-                    }
-                }
-                grad_norm = sq.sqrt();
-                self.adam.step(&self.vars, &grads, lr)?;
-            }
-            None => loss_value = f64::NAN,
+        let (mut loss_value, mut grad_norm) = (f64::NAN, f64::NAN);
+        if let (Some(grads), Some(loss)) = (grads, loss_acc) {
+            // The loss and the gradient norm in one transfer from the device.
+            (loss_value, grad_norm) = loss_and_grad_norm(&loss, &self.vars, &grads)?;
+            self.adam.step(&self.vars, &grads, lr)?;
         }
         self.step += 1;
         Ok(FinetuneStep {

@@ -3,7 +3,7 @@
 //! private, so this one stores them as named tensors that checkpoints save and restore.
 
 use super::fused::{adam_step, fused_ok, AdamStep};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 
 pub type Result<T> = candle_core::Result<T>;
@@ -105,6 +105,54 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// The loss and ‖g‖₂ over every parameter that has a gradient in this update (what fairseq's
+/// trainer clips and logs as `gnorm`), summed in f64 on the device and read in one transfer.
+pub fn loss_and_grad_norm(
+    loss: &Tensor,
+    vars: &BTreeMap<String, Var>,
+    grads: &candle_core::backprop::GradStore,
+) -> candle_core::Result<(f64, f64)> {
+    let mut sq: Option<Tensor> = None;
+    for v in vars.values() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            sq = Some(match sq {
+                Some(a) => (a + s)?,
+                None => s,
+            });
+        }
+    }
+    let loss = loss.to_dtype(DType::F64)?.reshape(1)?;
+    let sq = match sq {
+        Some(s) => s.reshape(1)?,
+        None => Tensor::zeros(1, DType::F64, loss.device())?,
+    };
+    let v = Tensor::cat(&[&loss, &sq], 0)?.to_vec1::<f64>()?;
+    Ok((v[0], v[1].sqrt()))
+}
+
+/// Adds the gradients `g` of one batch to those of the update's earlier batches (`acc`; `None`
+/// for the first), for every variable that has one (gradient accumulation, `update_freq`).
+pub fn accumulate_grads(
+    acc: Option<candle_core::backprop::GradStore>,
+    g: candle_core::backprop::GradStore,
+    vars: &BTreeMap<String, Var>,
+) -> Result<candle_core::backprop::GradStore> {
+    let Some(mut acc) = acc else {
+        return Ok(g);
+    };
+    for v in vars.values() {
+        if let Some(gj) = g.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + gj)?,
+                None => gj.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
 }
 
 /// Learning rate after `t` completed updates: linear warm-up from 0 over `warmup` updates, then

@@ -78,7 +78,7 @@ fn mem_in_use(device: &Device) -> Option<u64> {
     None
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -10,7 +10,7 @@ use crate::items::DataPosition;
 use crate::items::{FrameRecord, Masked, StepRecord};
 use crate::model::fused::fused_ok;
 use crate::model::losses::{self, AuxNorm, RankForm};
-use crate::model::optim::{lr_at, tau_at, AdamW};
+use crate::model::optim::{accumulate_grads, loss_and_grad_norm, lr_at, tau_at, AdamW};
 use crate::model::{self, in_teacher, Model, ModelConfig, Noise, Weights};
 use crate::train::{self, stage_err, CheckpointMeta, CloseOnDrop, TeacherWeights, WeightCell};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -662,21 +662,7 @@ impl Student {
             };
             bwd_ms += tf.elapsed().as_secs_f64() * 1e3;
             fwd_ms += (tf - tb).as_secs_f64() * 1e3;
-            grads = Some(match grads.take() {
-                None => g,
-                Some(mut acc) => {
-                    for v in self.vars.values() {
-                        if let Some(gj) = g.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(a) => (a + gj)?,
-                                None => gj.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
+            grads = Some(accumulate_grads(grads.take(), g, &self.vars)?);
             let ld = l.detach();
             loss_acc = Some(match loss_acc.take() {
                 None => ld,
@@ -1107,32 +1093,6 @@ impl StageDef for StudentStage {
             resumed_from,
         })
     }
-}
-
-/// The loss and ‖g‖₂ over every parameter that has a gradient in this update (what fairseq's
-/// trainer clips and logs as `gnorm`), summed in f64 on the device and read in one transfer.
-fn loss_and_grad_norm(
-    loss: &Tensor,
-    vars: &BTreeMap<String, Var>,
-    grads: &candle_core::backprop::GradStore,
-) -> candle_core::Result<(f64, f64)> {
-    let mut sq: Option<Tensor> = None;
-    for v in vars.values() {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-            sq = Some(match sq {
-                Some(a) => (a + s)?,
-                None => s,
-            });
-        }
-    }
-    let loss = loss.to_dtype(DType::F64)?.reshape(1)?;
-    let sq = match sq {
-        Some(s) => s.reshape(1)?,
-        None => Tensor::zeros(1, DType::F64, loss.device())?,
-    };
-    let v = Tensor::cat(&[&loss, &sq], 0)?.to_vec1::<f64>()?;
-    Ok((v[0], v[1].sqrt()))
 }
 
 /// Divides every gradient by the f16 loss scale `scale`.
