@@ -6,6 +6,8 @@ use lab::runs::{RunsError, SweepOptions, SweepOutcome};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod distributed;
+
 #[derive(Parser)]
 #[command(
     name = "ehmam",
@@ -197,7 +199,10 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match stages::dist::current() {
+                Some(d) => eprintln!("error: rank {}: {e:#}", d.rank),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -366,11 +371,29 @@ fn validate(spec: &Path, set: &[String]) -> Result<ExitCode> {
 
 /// `ehmam run`.
 fn run(spec: &Path, set: &[String], force: bool, quiet: bool) -> Result<ExitCode> {
-    match lab::runs::run_spec(spec, set, force, quiet) {
+    // One rank of a data-parallel run (mpirun, srun, torchrun): rank r > 0 runs quietly in
+    // RUN_DIR/rank-r; rank 0 reports.
+    let rank = distributed::setup(spec, set, force)?;
+    let mut set = set.to_vec();
+    let mut quiet = quiet;
+    if let Some(r) = &rank {
+        set.extend(r.set.iter().cloned());
+        quiet |= r.rank > 0;
+        if r.rank == 0 && !quiet {
+            eprintln!(
+                "data parallel: {} ranks; rank 0 writes the checkpoints and logs, rank r > 0 its telemetry in RUN_DIR/rank-r",
+                r.world
+            );
+        }
+    }
+    match lab::runs::run_spec(spec, &set, force, quiet) {
         Ok(summary) => {
             if !quiet {
                 let dir = summary.run_dir.display();
                 eprintln!("done in {:.1} s; run directory {dir}", summary.wall_s);
+            }
+            if rank.is_some() {
+                stages::dist::finish();
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -28,7 +28,14 @@ pub enum RunsError {
 /// Loads and validates a spec with `--set` overrides.
 pub fn load_plan(spec: &Path, set: &[String]) -> Result<Plan, SpecErrors> {
     let registry = stages::registry();
-    let spec = pipeline::load(spec, set)?;
+    let mut spec = pipeline::load(spec, set)?;
+    if let Err(msg) = stages::dist::DistSpec::from_value(spec.distributed.as_ref()) {
+        let (path, what) = msg
+            .split_once(": ")
+            .unwrap_or(("distributed", msg.as_str()));
+        let e = spec.locator.error(path, what);
+        spec.errors.push(e);
+    }
     pipeline::validate(spec, &registry)
 }
 

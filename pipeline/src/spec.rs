@@ -18,6 +18,7 @@ pub const TOP_KEYS: &[&str] = &[
     "device",
     "channel_capacity",
     "model",
+    "distributed",
     "stages",
 ];
 /// Keys allowed in a stage entry.
@@ -67,6 +68,8 @@ pub struct Spec {
     pub device: String,
     pub channel_capacity: usize,
     pub model: Option<Value>,
+    /// The data-parallel settings (a mapping; the stages crate reads it).
+    pub distributed: Option<Value>,
     pub stages: Vec<StageSpec>,
     /// The spec after `extends` and overrides: what is saved in the run directory.
     pub resolved: Value,
@@ -604,6 +607,17 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             None
         }
     };
+    let distributed = match top.get("distributed") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Mapping(_)) => Some(v.clone()),
+        Some(other) => {
+            errs.push(locator.error(
+                "distributed",
+                format!("must be a mapping, found {}", type_name(other)),
+            ));
+            None
+        }
+    };
     let stages = stages_from_value(top.get("stages"), &locator, &mut errs);
     Ok(Spec {
         name,
@@ -613,6 +627,7 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
         device,
         channel_capacity,
         model,
+        distributed,
         stages,
         resolved: value,
         locator,

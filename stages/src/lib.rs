@@ -6,6 +6,7 @@
 //! imports the `lab` crate.
 
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod finetune;
 pub mod items;

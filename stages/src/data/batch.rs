@@ -135,6 +135,11 @@ pub struct Batcher {
     skip: u64,
     /// Utterances dropped for length.
     pub dropped: u64,
+    /// Data parallel: `(rank, world, batches per rank and update)`. The utterances pushed are
+    /// this rank's share of the epoch (index `i` here is `i·world + rank` in the epoch's order);
+    /// a batch's step is the run's ([`crate::dist::global_step`]), its position's step this
+    /// rank's count.
+    pub split: Option<(usize, usize, u64)>,
 }
 
 impl Batcher {
@@ -151,6 +156,7 @@ impl Batcher {
             flushes: 0,
             skip: 0,
             dropped: 0,
+            split: None,
         }
     }
 
@@ -187,7 +193,8 @@ impl Batcher {
         // Crops of this utterance draw from its own stream (epoch, index in the epoch).
         let i = self.index;
         self.index += 1;
-        self.rng = crate::seed::batch_crop(self.seed, f.epoch, i);
+        let gi = self.split.map_or(i, |(r, w, _)| i * w as u64 + r as u64);
+        self.rng = crate::seed::batch_crop(self.seed, f.epoch, gi);
         let min = (self.p.min_utt_seconds * f.frame_rate).ceil() as usize;
         let max = ((self.p.max_utt_seconds * f.frame_rate).floor() as usize)
             .min(self.budget(f.frame_rate))
@@ -265,7 +272,10 @@ impl Batcher {
             }
         }
         for b in &mut out {
-            b.step = self.step;
+            b.step = match self.split {
+                Some((r, w, k)) => crate::dist::global_step(self.step, k, r, w),
+                None => self.step,
+            };
             b.position.step = self.step;
             self.step += 1;
         }
@@ -348,6 +358,7 @@ impl StageDef for BatchByDuration {
     }
     fn link(p: &BatchParams, _: &StageContext, linker: &mut pipeline::Linker) -> Vec<ParamError> {
         linker.read(&crate::stream::RESUME_POSITION);
+        linker.read(&crate::stream::UPDATE_FREQ);
         // With two batchers in one graph the first one's bound is the one checked against.
         let _ = linker.provide(&crate::stream::MIN_UTT_SECONDS, p.min_utt_seconds);
         Vec::new()
@@ -356,10 +367,14 @@ impl StageDef for BatchByDuration {
         // A training run resuming from a checkpoint continues the stream where it stopped, when
         // its reader (shards.read, features.read) resumes too.
         let resume = crate::stream::resume_position(ctx).or(p.resume_from);
-        let batcher = match resume {
+        let mut batcher = match resume {
             Some(pos) => Batcher::resume(p, ctx.seed, pos),
             None => Batcher::new(p, ctx.seed),
         };
+        if let Some((rank, world)) = crate::dist::stream_split(ctx) {
+            let kw = ctx.links.get(&crate::stream::UPDATE_FREQ).map_or(1, |k| *k);
+            batcher.split = Some((rank, world, (kw / world as u64).max(1)));
+        }
         Ok(BatchByDuration { batcher })
     }
 }

@@ -950,9 +950,14 @@ impl StageDef for AudioDecode {
     }
     fn create(
         params: &DecodeParams,
-        _ctx: &StageContext,
+        ctx: &StageContext,
         _worker: usize,
     ) -> Result<Self, StageError> {
+        if crate::dist::stream_split(ctx).is_some() {
+            return Err(StageError::failed(
+                "a data-parallel run splits its training data by rank where it reads a store: prep the audio into shards first (specs/prep.yaml) and train from shards.read or features.read",
+            ));
+        }
         let listing = params
             .listing
             .get_or_init(|| list_inputs(params).map_err(Arc::new))

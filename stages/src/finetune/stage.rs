@@ -294,6 +294,12 @@ impl StageDef for FinetuneStage {
         e
     }
     fn create(p: &FinetuneParams, ctx: &StageContext, _worker: usize) -> Result<Self, StageError> {
+        if let Some(d) = crate::dist::current() {
+            return Err(StageError::failed(format!(
+                "fine-tuning runs as one process (this is rank {} of {}): data-parallel training covers the student (pre-training) only; use update_freq for a larger batch",
+                d.rank, d.world
+            )));
+        }
         let device = train::device(&ctx.device)?;
         let pre = init::load(&p.init, &device)?;
         let (mut vocab, vocab_source) = vocab_of(p).map_err(StageError::failed)?;
@@ -372,6 +378,7 @@ impl FinetuneStage {
                 vocab: ft.vocab.symbols.clone(),
                 init: self.init.clone(),
             }),
+            ranks: None,
         };
         train::save_checkpoint(
             &self.run_dir,

@@ -13,6 +13,11 @@ use rand::seq::SliceRandom;
 /// the batcher continues.
 pub const RESUME_POSITION: Link<DataPosition> = Link::new("stream.resume_position");
 
+/// Batches per update (`student.with.update_freq`, times the ranks of a data-parallel run): the
+/// student provides it; the teacher and the mask stages count updates with it (a batch's update
+/// is its step divided by it), the batcher numbers a rank's batches with it.
+pub const UPDATE_FREQ: Link<u64> = Link::new("train.update_freq");
+
 /// The batcher's `min_utt_seconds` (`batch.by_duration` provides it): no batch member is shorter.
 /// The mask stages refuse a span longer than that many model frames.
 pub const MIN_UTT_SECONDS: Link<f64> = Link::new("stream.min_utt_seconds");

@@ -239,6 +239,7 @@ impl<S: PartSource> StageDef for ReadStage<S> {
             start_index,
             parts,
             filter: p.speaker_filter(),
+            split: crate::dist::stream_split(ctx),
         };
         Ok(ReadStage {
             reader,
@@ -275,6 +276,23 @@ impl<S: PartSource> Stage for ReadStage<S> {
     }
 }
 
+#[cfg(test)]
+mod split_tests {
+    #[test]
+    fn ours_counts_a_ranks_indices() {
+        for w in 1..5usize {
+            for r in 0..w {
+                for lo in 0..12u64 {
+                    for hi in lo..20u64 {
+                        let want = (lo..hi).filter(|x| x % w as u64 == r as u64).count() as u64;
+                        assert_eq!(super::ours(lo, hi, r, w), want, "{lo}..{hi} r{r} w{w}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Streams the rows of a part directory for `epochs` passes in [`epoch_order`], one part in
 /// memory at a time; parts wholly before the start are not opened.
 pub struct EpochReader {
@@ -288,6 +306,17 @@ pub struct EpochReader {
     /// The speakers kept. Positions (`start_index`) then count the rows that pass it, and a
     /// resume reads the parts before its start to count them.
     pub filter: Option<SpeakerFilter>,
+    /// Data parallel `(rank, world)`: only the rows whose index in the epoch's order (among the
+    /// rows the filter keeps) is `rank` modulo `world`; positions (`start_index`) count this
+    /// rank's rows.
+    pub split: Option<(usize, usize)>,
+}
+
+/// Of the indices `lo..hi`, how many are `rank` modulo `world`.
+fn ours(lo: u64, hi: u64, rank: usize, world: usize) -> u64 {
+    let (r, w) = (rank as u64, world.max(1) as u64);
+    let below = |n: u64| if n > r { (n - r).div_ceil(w) } else { 0 };
+    below(hi) - below(lo)
 }
 
 impl EpochReader {
@@ -308,16 +337,21 @@ impl EpochReader {
             self.parts.len() as u64 * (self.epochs - self.start_epoch) as u64,
             unit,
         );
+        let (rank, world) = self.split.unwrap_or((0, 1));
         for epoch in self.start_epoch..self.epochs {
             let mut skip = if epoch == self.start_epoch {
                 self.start_index
             } else {
                 0
             };
+            // Index of the next kept row in the epoch's order (over every rank).
+            let mut g = 0u64;
             for (k, perm) in epoch_order(self.seed, epoch, &rows, self.shuffle) {
-                if !filtered && skip >= perm.len() as u64 {
+                let mine = ours(g, g + perm.len() as u64, rank, world);
+                if !filtered && skip >= mine {
                     // Resuming: this whole part lies before the start; not even opened.
-                    skip -= perm.len() as u64;
+                    skip -= mine;
+                    g += perm.len() as u64;
                     io.progress().inc(1);
                     continue;
                 }
@@ -336,6 +370,10 @@ impl EpochReader {
                 for &r in &perm {
                     let Some(u) = slots[r].take() else { continue };
                     if !keep(&u) {
+                        continue;
+                    }
+                    g += 1;
+                    if (g - 1) % world as u64 != rank as u64 {
                         continue;
                     }
                     if skip > 0 {

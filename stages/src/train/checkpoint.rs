@@ -41,6 +41,40 @@ pub struct CheckpointMeta {
     /// A fine-tuning checkpoint (`finetune.ctc`): its vocabulary and where it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finetune: Option<FinetuneMeta>,
+    /// A data-parallel run (see `dist`): the data position of every rank, in rank order (rank
+    /// `r` resumes after `ranks[r]`; the checkpoint resumes only on as many ranks). Absent for a
+    /// run of one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<Vec<Option<DataPosition>>>,
+}
+
+impl CheckpointMeta {
+    /// Where rank `rank` of `world` continues after this checkpoint (`position.after()` of its
+    /// last batch); an error when the checkpoint was written by another number of ranks.
+    pub fn rank_position(&self, rank: usize, world: usize) -> Result<Option<DataPosition>, String> {
+        let written = self.ranks.as_ref().map_or(1, |r| r.len());
+        if written != world {
+            let by = |n: usize| {
+                if n == 1 {
+                    "one process".to_string()
+                } else {
+                    format!("{n} ranks")
+                }
+            };
+            return Err(format!(
+                "the checkpoint of step {} was written by {} and this run has {}: each rank's place in the data is only known for the same number of ranks (run it with {}, or set student.with.resume: false to start afresh)",
+                self.step,
+                by(written),
+                by(world),
+                by(written)
+            ));
+        }
+        let pos = match &self.ranks {
+            Some(r) => r[rank],
+            None => self.position,
+        };
+        Ok(pos.map(|p| p.after()))
+    }
 }
 
 /// What a fine-tuning checkpoint adds to [`CheckpointMeta`].

@@ -21,9 +21,7 @@ use pipeline::{Link, ParamError, StageContext, StageError};
 /// ramp of the easy-to-hard curriculum.
 pub const TOTAL_UPDATES: Link<u64> = Link::new("train.total_updates");
 
-/// Batches per update (`student.with.update_freq`): the student provides it; the teacher and the
-/// mask stages count updates with it (a batch's update is its step divided by it).
-pub const UPDATE_FREQ: Link<u64> = Link::new("train.update_freq");
+pub use crate::stream::UPDATE_FREQ;
 
 /// The student's weight cell: the student provides it, the teacher reads it.
 pub const TEACHER_WEIGHTS: Link<std::sync::Arc<WeightCell>> = Link::new("train.teacher_weights");

@@ -263,6 +263,8 @@ pub struct Student {
     pub frame_rate: Option<f64>,
     /// `model.dtype: f16`: the dynamic loss scale and the overflow-free updates since it changed.
     pub fp16_scale: (f64, u64),
+    /// Data parallel: every rank's position after the last update (checkpoints keep them).
+    pub ranks: Option<Vec<Option<DataPosition>>>,
     /// Test hook: multiplies one gradient of the next update by this factor (∞ or NaN injects
     /// a non-finite gradient under a finite loss).
     #[cfg(test)]
@@ -356,6 +358,24 @@ pub struct StepTiming {
     pub optimizer_ms: f64,
     /// The step's health metrics and records.
     pub metrics_ms: f64,
+    /// Data parallel: the gradients copied into one buffer, summed over the ranks and copied
+    /// back (part of `optimizer_ms`).
+    pub allreduce_ms: f64,
+}
+
+/// What a data-parallel update needs of the other ranks (see [`crate::dist`]): the collective,
+/// this rank's place, and the update's totals over every rank, exchanged before it.
+pub struct RankShare<'a> {
+    pub comm: &'a dyn crate::dist::Collective,
+    pub rank: usize,
+    pub world: usize,
+    /// Masked frames of the update's batches on every rank: each batch's loss is weighted by
+    /// its share of them.
+    pub masked: u64,
+    /// Frames, utterances and seconds of audio of the update on every rank (the step record's).
+    pub frames: u64,
+    pub utterances: u64,
+    pub audio_s: f64,
 }
 
 /// Runs `f` on a worker thread of rayon's global pool (here if this already is one) and waits.
@@ -406,6 +426,7 @@ impl Student {
             epoch: 0,
             frame_rate: None,
             fp16_scale: (p_scale, 0),
+            ranks: None,
             #[cfg(test)]
             grad_fault: None,
         })
@@ -616,13 +637,60 @@ impl Student {
     /// `aux_norm: pairs` the auxiliary term of each batch is weighted by its masked frames, not
     /// by its pairs). One optimiser step, one EMA step, one step of every schedule.
     pub fn train_update(&mut self, ms: &[Masked]) -> crate::Result<UpdateOut> {
+        self.train_update_with(ms, None)
+    }
+
+    /// [`Student::train_update`] as one rank of a data-parallel run (`share`): the `j`-th
+    /// batch draws the noise of part `j·world + rank` of the update, each batch's loss is
+    /// weighted by its share of the masked frames of every rank, and the gradients and the loss
+    /// are summed over the ranks before the (identical) optimiser step.
+    pub fn train_update_with(
+        &mut self,
+        ms: &[Masked],
+        share: Option<&RankShare>,
+    ) -> crate::Result<UpdateOut> {
         // Run on a worker of rayon's pool, so that the update's serial stretches and its parallel
         // kernels share that pool's threads instead of adding a thread that competes with them
         // (with 2 threads on 2 cores, the calling thread plus two spinning workers).
-        on_pool(|| self.train_update_inner(ms))
+        on_pool(|| self.train_update_inner(ms, share))
     }
 
-    fn train_update_inner(&mut self, ms: &[Masked]) -> crate::Result<UpdateOut> {
+    /// The gradients of every variable (zeros where there is none) and the loss, summed over the
+    /// ranks in one flat f32 buffer; returns the summed loss.
+    fn all_reduce(
+        &self,
+        share: &RankShare,
+        grads: &mut candle_core::backprop::GradStore,
+        loss: &Tensor,
+    ) -> crate::Result<Tensor> {
+        let n: usize = self.vars.values().map(|v| v.elem_count()).sum();
+        let mut buf: Vec<f32> = Vec::with_capacity(n + 1);
+        for v in self.vars.values() {
+            match grads.get(v.as_tensor()) {
+                Some(g) => buf.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => buf.extend(std::iter::repeat_n(0f32, v.elem_count())),
+            }
+        }
+        buf.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        share
+            .comm
+            .all_reduce_sum(&format!("update {}", self.step), &mut buf)?;
+        let mut o = 0;
+        for v in self.vars.values() {
+            let k = v.elem_count();
+            let g =
+                Tensor::from_slice(&buf[o..o + k], v.shape(), &self.device)?.to_dtype(v.dtype())?;
+            grads.insert(v.as_tensor(), g);
+            o += k;
+        }
+        Ok(Tensor::new(buf[n], &self.device)?.to_dtype(loss.dtype())?)
+    }
+
+    fn train_update_inner(
+        &mut self,
+        ms: &[Masked],
+        share: Option<&RankShare>,
+    ) -> crate::Result<UpdateOut> {
         let t0 = Instant::now();
         let Some(last) = ms.last() else {
             return Err("an update needs at least one batch".into());
@@ -631,7 +699,14 @@ impl Student {
             .iter()
             .map(|m| (m.taught.batch.size() * m.masked_per_row) as f64)
             .collect();
-        let total: f64 = counts.iter().sum::<f64>().max(1.0);
+        let total: f64 = match share {
+            Some(s) => s.masked as f64,
+            None => counts.iter().sum::<f64>(),
+        }
+        .max(1.0);
+        // One batch on one process: its loss as it is (the update of before).
+        let alone = ms.len() == 1 && share.is_none();
+        let (rank, world) = share.map_or((0, 1), |s| (s.rank as u64, s.world as u64));
         // f16: the loss scaled before the backward pass, the gradients unscaled after it.
         let fp16 = self.compute_dtype() == DType::F16;
         let scale = if fp16 { self.fp16_scale.0 } else { 1.0 };
@@ -641,15 +716,16 @@ impl Student {
         let (mut fwd_ms, mut bwd_ms) = (0.0, 0.0);
         for (j, m) in ms.iter().enumerate() {
             let tb = Instant::now();
+            let part = j as u64 * world + rank;
             let mut noise = Noise::on(
-                crate::seed::update_noise_part(self.seed, self.step, j as u64),
-                crate::seed::update_device_noise_part(self.seed, self.step, j as u64),
+                crate::seed::update_noise_part(self.seed, self.step, part),
+                crate::seed::update_device_noise_part(self.seed, self.step, part),
                 &self.device,
             )?;
             let parts = self.loss(m, &mut noise)?;
             // One batch: its loss as it is (the update of before); several: weighted by its share
             // of the masked frames.
-            let l = if ms.len() == 1 {
+            let l = if alone {
                 parts.loss.clone()
             } else {
                 (&parts.loss * (counts[j] / total))?
@@ -671,10 +747,15 @@ impl Student {
             // The batch's figures now: its graph is freed before the next batch's forward.
             parts_out.push(BatchMetrics::of(m, &parts)?);
         }
-        let (Some(mut grads), Some(loss_t)) = (grads, loss_acc) else {
+        let (Some(mut grads), Some(mut loss_t)) = (grads, loss_acc) else {
             return Err("an update needs at least one batch".into());
         };
         let t_bwd = Instant::now();
+        let mut allreduce_ms = 0.0;
+        if let Some(s) = share {
+            loss_t = self.all_reduce(s, &mut grads, &loss_t)?;
+            allreduce_ms = t_bwd.elapsed().as_secs_f64() * 1e3;
+        }
         #[cfg(test)]
         if let Some(x) = self.grad_fault.take() {
             if let Some(v) = self.vars.get("decoder.proj.bias") {
@@ -761,7 +842,7 @@ impl Student {
         self.frame_rate = Some(lb.frame_rate / self.cfg.stride() as f64);
         // One batch: its step as the batcher numbered it (the update's, as before); several: the
         // update's number.
-        let step = if ms.len() == 1 {
+        let step = if alone {
             ms[0].taught.batch.step
         } else {
             update
@@ -805,23 +886,21 @@ impl Student {
             step,
             epoch: lb.epoch,
             lr,
-            loss: if ms.len() == 1 {
-                parts_out[0].loss
-            } else {
-                loss_value
-            },
+            loss: if alone { parts_out[0].loss } else { loss_value },
             loss_rec: single(&|b| b.rec),
             loss_aux: single(&|b| b.aux),
             tau,
             hard_ratio: first.hard_ratio as f64,
-            masked_frac: if ms.len() == 1 {
+            masked_frac: if alone {
                 first.masked_per_row as f64 / first.taught.frames as f64
+            } else if let Some(s) = share {
+                s.masked as f64 / s.frames.max(1) as f64
             } else {
                 masked_n as f64 / frames_n.max(1) as f64
             },
-            frames: frames_n as u64,
-            utterances: utts as u64,
-            audio_s: audio,
+            frames: share.map_or(frames_n as u64, |s| s.frames),
+            utterances: share.map_or(utts as u64, |s| s.utterances),
+            audio_s: share.map_or(audio, |s| s.audio_s),
             step_ms: t0.elapsed().as_secs_f64() * 1e3,
             target_std: single(&|b| b.target_std),
             pred_std: single(&|b| b.pred_std),
@@ -860,6 +939,7 @@ impl Student {
             backward_ms: bwd_ms,
             optimizer_ms: ms_of(t_bwd, t_opt),
             metrics_ms: ms_of(t_opt, Instant::now()),
+            allreduce_ms,
         };
         Ok(UpdateOut {
             record,
@@ -901,6 +981,7 @@ impl Student {
             frame_rate: self.frame_rate,
             fp16_scale: (self.compute_dtype() == DType::F16).then_some(self.fp16_scale),
             finetune: None,
+            ranks: self.ranks.clone(),
         }
     }
 
@@ -945,6 +1026,7 @@ impl Student {
         self.position = meta.position;
         self.epoch = meta.epoch;
         self.frame_rate = meta.frame_rate;
+        self.ranks = meta.ranks.clone();
         if let Some(sc) = meta.fp16_scale {
             self.fp16_scale = sc;
         }
@@ -975,6 +1057,12 @@ pub struct StudentStage {
     /// Said once the stage runs (where the progress bars are): the checkpoints passed over and
     /// the one resumed from.
     resumed_from: Vec<String>,
+    /// Data parallel: this process's rank of the run.
+    dist: Option<Arc<crate::dist::Dist>>,
+    /// Data parallel: a rank's data ended, so every rank stopped.
+    peer_stopped: bool,
+    /// Data parallel: the all-reduce's milliseconds and the updates' milliseconds, summed.
+    allreduce_ms: (f64, f64),
 }
 
 impl StageDef for StudentStage {
@@ -1015,11 +1103,19 @@ impl StageDef for StudentStage {
     fn validate(p: &StudentParams, ctx: &StageContext) -> Vec<ParamError> {
         let mut e = train::validate_model(ctx);
         if p.resume {
-            if let Err(err) = train::find_checkpoint(&ctx.run_dir) {
-                e.push(ParamError::new(
+            match train::find_checkpoint(&crate::dist::checkpoint_root(&ctx.run_dir)) {
+                Err(err) => e.push(ParamError::new(
                     "resume",
                     format!("{err} (set resume: false to start afresh)"),
-                ));
+                )),
+                Ok(Some(found)) => {
+                    let (rank, world) =
+                        crate::dist::current().map_or((0, 1), |d| (d.rank, d.world));
+                    if let Err(err) = found.meta.rank_position(rank, world) {
+                        e.push(ParamError::new("resume", err));
+                    }
+                }
+                Ok(None) => {}
             }
         }
         e
@@ -1046,7 +1142,9 @@ impl StageDef for StudentStage {
             p.schedule_steps.unwrap_or(p.max_steps),
         ));
         provide(linker.provide(&train::TEACHER_WEIGHTS, Arc::new(WeightCell::default())));
-        provide(linker.provide(&train::UPDATE_FREQ, p.update_freq.max(1)));
+        // A data-parallel run's update is `update_freq` batches on each of its ranks.
+        let world = crate::dist::current().map_or(1, |d| d.world) as u64;
+        provide(linker.provide(&train::UPDATE_FREQ, p.update_freq.max(1) * world));
         if let Some(pos) = resume_position(p, ctx) {
             provide(crate::stream::provide_resume(linker, pos));
         }
@@ -1059,8 +1157,11 @@ impl StageDef for StudentStage {
             .map_err(stage_err("student: building the model"))?;
         let mut resumed_at = None;
         let mut resumed_from = Vec::new();
+        let (rank, world) = crate::dist::current().map_or((0, 1), |d| (d.rank, d.world));
         if p.resume {
-            if let Some(found) = train::find_checkpoint(&ctx.run_dir)? {
+            if let Some(found) =
+                train::find_checkpoint(&crate::dist::checkpoint_root(&ctx.run_dir))?
+            {
                 let (meta, path) = (&found.meta, &found.path);
                 let tensors = train::load_tensors(path, &device)?;
                 student
@@ -1072,7 +1173,9 @@ impl StageDef for StudentStage {
                     path.display(),
                     meta.step
                 ));
-                resumed_at = meta.position.map(|p| p.after());
+                resumed_at = meta
+                    .rank_position(rank, world)
+                    .map_err(StageError::failed)?;
             }
         }
         // The data stages start where validation said the checkpoint continues; a checkpoint
@@ -1091,6 +1194,9 @@ impl StageDef for StudentStage {
             cell: (*cell).clone(),
             run_dir: ctx.run_dir.clone(),
             resumed_from,
+            dist: crate::dist::current(),
+            peer_stopped: false,
+            allreduce_ms: (0.0, 0.0),
         })
     }
 }
@@ -1114,12 +1220,17 @@ fn resume_position(p: &StudentParams, ctx: &StageContext) -> Option<crate::items
     if !p.resume {
         return None;
     }
-    let found = train::find_checkpoint(&ctx.run_dir).ok()??;
-    found.meta.position.map(|pos| pos.after())
+    let found = train::find_checkpoint(&crate::dist::checkpoint_root(&ctx.run_dir)).ok()??;
+    let (rank, world) = crate::dist::current().map_or((0, 1), |d| (d.rank, d.world));
+    found.meta.rank_position(rank, world).ok()?
 }
 
 impl StudentStage {
     fn checkpoint(&self) -> Result<(), StageError> {
+        // Data parallel: rank 0 writes the run's checkpoints (every rank holds the same state).
+        if crate::dist::current().is_some_and(|d| d.rank != 0) {
+            return Ok(());
+        }
         let s = &self.student;
         train::save_checkpoint(
             &self.run_dir,
@@ -1154,7 +1265,9 @@ impl Stage for StudentStage {
         io.progress().inc(self.student.step);
         let mut last_saved = self.student.step;
         let mut skipped = 0u64;
-        let k = self.student.p.update_freq.max(1);
+        // A data-parallel run's update holds `update_freq` batches of every rank.
+        let per_rank = self.student.p.update_freq.max(1);
+        let k = per_rank * self.dist.as_ref().map_or(1, |d| d.world as u64);
         let mut group: Vec<Masked> = Vec::new();
         let mut ended = false;
         loop {
@@ -1170,7 +1283,7 @@ impl Stage for StudentStage {
                     let same = group.first().is_none_or(|g| g.taught.batch.step / k == u);
                     if same {
                         group.push(m);
-                        if (group.len() as u64) < k {
+                        if (group.len() as u64) < per_rank {
                             continue;
                         }
                     } else {
@@ -1194,12 +1307,39 @@ impl Stage for StudentStage {
                 break;
             }
         }
+        if let Some(d) = self.dist.clone() {
+            // This rank's data ended first: the others, waiting at their next update, learn it.
+            if self.student.step < max && !self.peer_stopped {
+                let step = self.student.step;
+                d.comm
+                    .exchange(&format!("update {step}"), &[0; HEADER])
+                    .map_err(StageError::failed)?;
+                io.note(format!(
+                    "rank {}: the data stream ended before update {step}; every rank stops there",
+                    d.rank
+                ));
+            }
+            let (a, u) = self.allreduce_ms;
+            if u > 0.0 {
+                io.note(format!(
+                    "rank {} of {}: all-reduce {:.2} ms of {:.2} ms per update ({:.1}% of the update)",
+                    d.rank,
+                    d.world,
+                    a / (self.student.step.max(1) as f64),
+                    u / (self.student.step.max(1) as f64),
+                    100.0 * a / u
+                ));
+            }
+        }
         if self.student.step != last_saved {
             self.checkpoint()?;
         }
         Ok(())
     }
 }
+
+/// Words of a rank's update header (see [`StudentStage::exchange`]).
+const HEADER: usize = 12;
 
 impl StudentStage {
     /// One update from the batches `ms`; true once `max_steps` is reached.
@@ -1212,10 +1352,29 @@ impl StudentStage {
     ) -> Result<bool, StageError> {
         let max = self.student.p.max_steps;
         let step = self.student.step;
-        let out = self.student.train_update(ms).map_err(|e| match e {
-            e @ crate::Error::Diverged { .. } => StageError::failed(e.to_string()),
-            e => StageError::failed(format!("update {step}: {e}")),
-        })?;
+        let share = match self.dist.clone() {
+            Some(d) => match self.exchange(io, &d, ms)? {
+                Some(s) => Some((d, s)),
+                None => return Ok(true),
+            },
+            None => None,
+        };
+        let rank_share = share.as_ref().map(|(d, s)| RankShare {
+            comm: d.comm.as_ref(),
+            rank: d.rank,
+            world: d.world,
+            masked: s.0,
+            frames: s.1,
+            utterances: s.2,
+            audio_s: s.3,
+        });
+        let out = self
+            .student
+            .train_update_with(ms, rank_share.as_ref())
+            .map_err(|e| match e {
+                e @ crate::Error::Diverged { .. } => StageError::failed(e.to_string()),
+                e => StageError::failed(format!("update {step}: {e}")),
+            })?;
         // The teacher may be waiting for these weights.
         self.cell.publish(
             self.student
@@ -1223,6 +1382,10 @@ impl StudentStage {
                 .map_err(stage_err("student"))?,
         );
         io.progress().inc(1);
+        if share.is_some() {
+            self.allreduce_ms.0 += out.timing.allreduce_ms;
+            self.allreduce_ms.1 += out.record.step_ms;
+        }
         if let Some(why) = &out.skipped {
             *skipped += 1;
             io.count("skipped_updates", 1);
@@ -1267,6 +1430,95 @@ impl StudentStage {
             *last_saved = self.student.step;
         }
         Ok(self.student.step >= max)
+    }
+}
+
+impl StudentStage {
+    /// Data parallel, before an update: every rank's header (has data, update number, masked
+    /// frames, frames, utterances, seconds of audio, data position) through rank 0. Returns the
+    /// update's totals over the ranks (masked, frames, utterances, audio seconds), or `None`
+    /// when a rank's data ended (every rank stops).
+    #[allow(clippy::type_complexity)]
+    fn exchange(
+        &mut self,
+        io: &mut StageIo,
+        d: &crate::dist::Dist,
+        ms: &[Masked],
+    ) -> Result<Option<(u64, u64, u64, f64)>, StageError> {
+        let step = self.student.step;
+        let kw = self.student.p.update_freq.max(1) * d.world as u64;
+        let (mut masked, mut frames, mut utts, mut audio) = (0u64, 0u64, 0u64, 0f64);
+        for m in ms {
+            let b = &m.taught.batch;
+            let n = b.size();
+            masked += (n * m.masked_per_row) as u64;
+            frames += (n * m.taught.frames) as u64;
+            let distinct = n / m.clones.max(1);
+            utts += distinct as u64;
+            audio += (distinct * b.frames) as f64 / b.frame_rate;
+        }
+        let u = ms.first().map_or(0, |m| m.taught.batch.step / kw);
+        let pos = ms.last().map(|m| m.taught.batch.position);
+        let p = pos.unwrap_or_default();
+        let mine: [u64; HEADER] = [
+            1,
+            u,
+            masked,
+            frames,
+            utts,
+            audio.to_bits(),
+            pos.is_some() as u64,
+            p.epoch as u64,
+            p.start,
+            p.flush,
+            p.index,
+            p.step,
+        ];
+        let table = d
+            .comm
+            .exchange(&format!("update {step}"), &mine)
+            .map_err(StageError::failed)?;
+        let dry: Vec<usize> = (0..table.len()).filter(|&r| table[r][0] == 0).collect();
+        if !dry.is_empty() {
+            self.peer_stopped = true;
+            io.note(format!(
+                "the data stream of {} ended before update {step}; every rank stops there",
+                crate::dist::name_ranks(&dry)
+            ));
+            return Ok(None);
+        }
+        if table.iter().any(|h| h[1] != u) {
+            let at = table
+                .iter()
+                .enumerate()
+                .map(|(r, h)| format!("rank {r} at update {}", h[1]))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(StageError::failed(format!(
+                "the ranks are out of step ({at}): their data streams differ (the same spec, data and world size on every rank?)"
+            )));
+        }
+        self.student.ranks = Some(
+            table
+                .iter()
+                .map(|h| {
+                    (h[6] == 1).then_some(DataPosition {
+                        epoch: h[7] as u32,
+                        start: h[8],
+                        flush: h[9],
+                        index: h[10],
+                        step: h[11],
+                    })
+                })
+                .collect(),
+        );
+        let sum = |i: usize| table.iter().map(|h| h[i]).sum::<u64>();
+        Ok(Some((
+            sum(2),
+            sum(3),
+            sum(4),
+            table.iter().map(|h| f64::from_bits(h[5])).sum(),
+        )))
     }
 }
 
