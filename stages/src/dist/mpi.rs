@@ -99,7 +99,7 @@ impl Collective for MpiComm {
                 });
                 let Some(i) = got else {
                     return Err(format!(
-                        "rank 0: {} did not reach {what} within {secs} s (a rank that died, hangs, or is slower than distributed.timeout_s); stopping",
+                        "{} did not reach {what} within {secs} s (a rank that died, hangs, or is slower than distributed.timeout_s); stopping",
                         name_ranks(&missing)
                     ));
                 };
@@ -109,7 +109,7 @@ impl Collective for MpiComm {
                     .receive_vec_with_tag::<u64>(tag);
                 if v.len() != n + 1 || v[0] != seq {
                     return Err(format!(
-                        "rank 0: rank {r} is at another point of the run than {what} (exchange {} of {} words, expected {seq} of {}): the ranks run different specs or binaries",
+                        "rank {r} is at another point of the run than {what} (exchange {} of {} words, expected {seq} of {}): the ranks run different specs or binaries",
                         v.first().copied().unwrap_or(0),
                         v.len().saturating_sub(1),
                         n
@@ -130,15 +130,13 @@ impl Collective for MpiComm {
             let got = poll_until(deadline, || root.immediate_probe_with_tag(tag));
             if got.is_none() {
                 return Err(format!(
-                    "rank {}: no answer from rank 0 at {what} within {secs} s (rank 0 died, hangs, or waits for another rank); stopping",
-                    self.rank
+                    "no answer from rank 0 at {what} within {secs} s (rank 0 died, hangs, or waits for another rank); stopping"
                 ));
             }
             let (flat, _) = root.receive_vec_with_tag::<u64>(tag);
             if flat.len() != n * self.world {
                 return Err(format!(
-                    "rank {}: rank 0 answered {what} with {} words, expected {}: the ranks run different specs or binaries",
-                    self.rank,
+                    "rank 0 answered {what} with {} words, expected {}: the ranks run different specs or binaries",
                     flat.len(),
                     n * self.world
                 ));
@@ -160,7 +158,7 @@ impl Collective for MpiComm {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
                 let others: Vec<usize> = (0..world).filter(|&r| r != rank).collect();
                 eprintln!(
-                    "error: rank {rank}: {what_s}: the all-reduce with {} did not finish within {secs} s (a rank died or hangs); stopping",
+                    "error: rank {rank}: {what_s}: the gradient all-reduce with {} did not finish within {secs} s (a rank died or hangs); stopping",
                     name_ranks(&others)
                 );
                 std::process::exit(1);
