@@ -251,3 +251,44 @@ fn bench_update_reports_what_it_timed() {
     assert!(!o.status.success());
     assert!(text(&o).contains("model.encoder.heads"), "{}", text(&o));
 }
+
+#[test]
+fn a_bad_distributed_block_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("d.yaml");
+    let tiny = std::fs::read_to_string(common::root().join("specs/tiny.yaml")).unwrap();
+    std::fs::write(&spec, format!("distributed:\n  world_sise: 2\n{tiny}")).unwrap();
+    let o = ehmam(&["validate", &spec.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2));
+    let t = text(&o);
+    assert!(
+        t.contains("d.yaml:2: distributed.world_sise: unknown field"),
+        "{t}"
+    );
+    std::fs::write(&spec, format!("distributed:\n  timeout_s: -1\n{tiny}")).unwrap();
+    let t = text(&ehmam(&["validate", &spec.display().to_string()]));
+    assert!(t.contains("distributed.timeout_s: must be > 0"), "{t}");
+}
+
+/// Without the `mpi` feature a run that asks for several ranks says how to get them.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_ranks_need_the_mpi_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = format!("run_dir={}", tmp.path().join("r").display());
+    let o = ehmam(&[
+        "run",
+        "specs/tiny.yaml",
+        "--set",
+        &run,
+        "--set",
+        "distributed.world_size=2",
+    ]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("built without MPI") && t.contains("--features mpi"),
+        "{t}"
+    );
+    assert!(!tmp.path().join("r").exists());
+}
