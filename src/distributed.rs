@@ -44,72 +44,50 @@ pub fn setup(spec_path: &Path, set: &[String], force: bool) -> Result<Option<Ran
         .backend
         .clone()
         .unwrap_or_else(|| if on_cpu { "mpi" } else { "nccl" }.to_string());
-    if backend == "nccl" {
-        bail!(
-            "device `{}` with {world} ranks: the nccl backend (GPU ranks) is not in this build; data-parallel runs train CPU ranks over MPI (device: cpu, mpirun -np {world} …)",
-            spec.device
-        );
-    }
-    if !on_cpu {
-        bail!(
-            "distributed.backend mpi trains CPU ranks; device `{}` is a GPU",
-            spec.device
-        );
-    }
     if force {
         bail!("--force moves a run directory aside, which the other ranks are using: remove the run directory (or pick another run_dir) before a data-parallel run instead");
     }
-    start_mpi(&spec, &ds, launch, world)
-}
-
-#[cfg(not(feature = "mpi"))]
-fn start_mpi(
-    _spec: &pipeline::Spec,
-    _ds: &stages::dist::DistSpec,
-    launch: Option<stages::dist::Launch>,
-    world: usize,
-) -> Result<Option<RankRun>> {
-    let by = launch.map_or("the spec (distributed.world_size)", |l| l.source);
-    bail!(
-        "{by} asks for {world} ranks, but this ehmam was built without MPI: build it with `cargo build --release --features mpi` (scripts/install-mpi.sh installs Open MPI) and start it with mpirun -np {world}"
-    )
-}
-
-#[cfg(feature = "mpi")]
-fn start_mpi(
-    spec: &pipeline::Spec,
-    ds: &stages::dist::DistSpec,
-    launch: Option<stages::dist::Launch>,
-    world: usize,
-) -> Result<Option<RankRun>> {
-    use stages::dist::{Collective, Dist};
     let timeout = std::time::Duration::from_secs_f64(ds.timeout_s);
-    let comm = stages::dist::mpi::MpiComm::init(timeout).map_err(anyhow::Error::msg)?;
-    let (rank, size) = (comm.rank(), comm.size());
-    let source = launch
-        .as_ref()
-        .map_or("the spec".to_string(), |l| l.source.to_string());
-    if size != world {
-        bail!(
-            "{source} asks for {world} ranks but MPI sees {size} process{}: start CPU ranks with `mpirun -np {world}` or `srun --mpi=pmix` (torchrun's ranks are not MPI processes)",
-            if size == 1 { "" } else { "es" }
-        );
-    }
-    for (what, r) in [
-        ("the launcher's rank", launch.as_ref().map(|l| l.rank)),
-        ("distributed.rank", ds.rank),
-    ] {
-        if let Some(r) = r {
-            if r != rank {
-                bail!("{what} is {r} but MPI made this process rank {rank}");
-            }
+    let mut set = Vec::new();
+    let joined = if backend == "nccl" {
+        if on_cpu {
+            bail!("distributed.backend nccl sums GPU tensors; this spec trains on the cpu (use mpi)");
         }
-    }
-    let local_rank = ds
-        .local_rank
-        .or(launch.as_ref().map(|l| l.local_rank))
-        .unwrap_or(0);
-    // Every rank: the same resolved spec, the same checkpoint to resume from.
+        let j = start_nccl(&ds, launch, world, timeout)?;
+        // Each rank trains on its machine's GPU number LOCAL_RANK.
+        set.push(format!("device=cuda:{}", j.local_rank));
+        j
+    } else {
+        if !on_cpu {
+            bail!(
+                "distributed.backend mpi trains CPU ranks; device `{}` is a GPU (nccl)",
+                spec.device
+            );
+        }
+        start_mpi(&ds, launch, world, timeout)?
+    };
+    agree(&spec, joined, world, timeout, set)
+}
+
+/// A rank that joined the others.
+struct Joined {
+    comm: Box<dyn stages::dist::Collective>,
+    rank: usize,
+    local_rank: usize,
+    source: String,
+}
+
+/// Every rank: the same resolved spec, the same checkpoint to resume from; then this process
+/// becomes its rank (rank r > 0 in `RUN_DIR/rank-r`).
+fn agree(
+    spec: &pipeline::Spec,
+    j: Joined,
+    world: usize,
+    timeout: std::time::Duration,
+    mut set: Vec<String>,
+) -> Result<Option<RankRun>> {
+    use stages::dist::Dist;
+    let rank = j.rank;
     let hash = stages::dist::spec_hash(&spec.resolved);
     let ckpt = match stages::train::find_checkpoint(&spec.run_dir) {
         Ok(Some(f)) => f.meta.step + 1,
@@ -117,9 +95,10 @@ fn start_mpi(
     };
     let mut mine = hash.to_vec();
     mine.push(ckpt);
-    let table = comm
+    let table = j
+        .comm
         .exchange("the start of the run (the spec check)", &mine)
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
     let differ: Vec<usize> = (1..table.len())
         .filter(|&r| table[r][..4] != table[0][..4])
         .collect();
@@ -149,7 +128,6 @@ fn start_mpi(
         );
     }
     let main_run_dir = spec.run_dir.clone();
-    let mut set = Vec::new();
     if rank > 0 {
         let dir = Dist::rank_run_dir(&main_run_dir, rank);
         let v = serde_yaml::to_string(&dir.display().to_string())?;
@@ -158,12 +136,113 @@ fn start_mpi(
     stages::dist::install(Dist {
         rank,
         world,
-        local_rank,
-        source,
+        local_rank: j.local_rank,
+        source: j.source,
         main_run_dir,
         timeout,
-        comm: Box::new(comm),
+        comm: j.comm,
     })
     .map_err(anyhow::Error::msg)?;
     Ok(Some(RankRun { rank, world, set }))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn start_nccl(
+    _ds: &stages::dist::DistSpec,
+    _launch: Option<stages::dist::Launch>,
+    world: usize,
+    _timeout: std::time::Duration,
+) -> Result<Joined> {
+    bail!(
+        "{world} GPU ranks need the nccl backend, which this ehmam was built without: build it with scripts/cuda-toolchain.sh and `cargo build --release --features nccl` (see the README's \"Scaling out\")"
+    )
+}
+
+#[cfg(feature = "nccl")]
+fn start_nccl(
+    ds: &stages::dist::DistSpec,
+    launch: Option<stages::dist::Launch>,
+    world: usize,
+    timeout: std::time::Duration,
+) -> Result<Joined> {
+    let rank = ds
+        .rank
+        .or(launch.as_ref().map(|l| l.rank))
+        .ok_or_else(|| anyhow::anyhow!("no rank: start the ranks with torchrun or srun, or set distributed.rank per rank"))?;
+    let local_rank = ds
+        .local_rank
+        .or(launch.as_ref().map(|l| l.local_rank))
+        .unwrap_or(0);
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(host), Some(port)) = (var("MASTER_ADDR"), var("MASTER_PORT")) else {
+        bail!("the nccl backend meets at MASTER_ADDR:MASTER_PORT (torchrun sets them; under srun, export them in the batch script: the first node's name and a free port)");
+    };
+    let device = stages::train::device(&format!("cuda:{local_rank}"))?;
+    let comm = stages::dist::nccl::NcclComm::init(
+        &device,
+        rank,
+        world,
+        &format!("{host}:{port}"),
+        timeout,
+    )
+    .map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
+    Ok(Joined {
+        comm: Box::new(comm),
+        rank,
+        local_rank,
+        source: launch.map_or("the spec".to_string(), |l| l.source.to_string()),
+    })
+}
+
+#[cfg(not(feature = "mpi"))]
+fn start_mpi(
+    _ds: &stages::dist::DistSpec,
+    launch: Option<stages::dist::Launch>,
+    world: usize,
+    _timeout: std::time::Duration,
+) -> Result<Joined> {
+    let by = launch.map_or("the spec (distributed.world_size)", |l| l.source);
+    bail!(
+        "{by} asks for {world} ranks, but this ehmam was built without MPI: build it with `cargo build --release --features mpi` (scripts/install-mpi.sh installs Open MPI) and start it with mpirun -np {world}"
+    )
+}
+
+#[cfg(feature = "mpi")]
+fn start_mpi(
+    ds: &stages::dist::DistSpec,
+    launch: Option<stages::dist::Launch>,
+    world: usize,
+    timeout: std::time::Duration,
+) -> Result<Joined> {
+    let comm = stages::dist::mpi::MpiComm::init(timeout).map_err(anyhow::Error::msg)?;
+    let (rank, size) = (comm.rank(), comm.size());
+    let source = launch
+        .as_ref()
+        .map_or("the spec".to_string(), |l| l.source.to_string());
+    if size != world {
+        bail!(
+            "{source} asks for {world} ranks but MPI sees {size} process{}: start CPU ranks with `mpirun -np {world}` or `srun --mpi=pmix` (torchrun's ranks are not MPI processes)",
+            if size == 1 { "" } else { "es" }
+        );
+    }
+    for (what, r) in [
+        ("the launcher's rank", launch.as_ref().map(|l| l.rank)),
+        ("distributed.rank", ds.rank),
+    ] {
+        if let Some(r) = r {
+            if r != rank {
+                bail!("{what} is {r} but MPI made this process rank {rank}");
+            }
+        }
+    }
+    let local_rank = ds
+        .local_rank
+        .or(launch.as_ref().map(|l| l.local_rank))
+        .unwrap_or(0);
+    Ok(Joined {
+        comm: Box::new(comm),
+        rank,
+        local_rank,
+        source,
+    })
 }

@@ -18,6 +18,8 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -170,6 +172,16 @@ pub trait Collective: Send + Sync {
     fn exchange(&self, what: &str, mine: &[u64]) -> Result<Vec<Vec<u64>>, String>;
     /// `buf` ← its sum over the ranks (every rank gets the sum).
     fn all_reduce_sum(&self, what: &str, buf: &mut [f32]) -> Result<(), String>;
+    /// The sum over the ranks of a contiguous f32 tensor on this rank's GPU, summed there
+    /// (NCCL); `None` for a backend that sums host buffers ([`Collective::all_reduce_sum`]).
+    fn all_reduce_device(
+        &self,
+        what: &str,
+        t: &candle_core::Tensor,
+    ) -> Option<Result<candle_core::Tensor, String>> {
+        let _ = (what, t);
+        None
+    }
     /// Ends the collectives (MPI_Finalize); nothing may be called after it.
     fn finish(&self);
 }

@@ -664,6 +664,33 @@ impl Student {
         loss: &Tensor,
     ) -> crate::Result<Tensor> {
         let n: usize = self.vars.values().map(|v| v.elem_count()).sum();
+        let what = format!("update {}", self.step);
+        if !self.device.is_cpu() {
+            // A GPU rank: one flat f32 tensor summed on the device (NCCL), split back.
+            let mut parts = Vec::with_capacity(self.vars.len() + 1);
+            for v in self.vars.values() {
+                parts.push(match grads.get(v.as_tensor()) {
+                    Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+                    None => Tensor::zeros(v.elem_count(), DType::F32, &self.device)?,
+                });
+            }
+            parts.push(loss.to_dtype(DType::F32)?.reshape(1)?);
+            let flat = Tensor::cat(&parts, 0)?;
+            if let Some(sum) = share.comm.all_reduce_device(&what, &flat) {
+                let sum = sum?;
+                let mut o = 0;
+                for v in self.vars.values() {
+                    let k = v.elem_count();
+                    let g = sum
+                        .narrow(0, o, k)?
+                        .reshape(v.shape())?
+                        .to_dtype(v.dtype())?;
+                    grads.insert(v.as_tensor(), g);
+                    o += k;
+                }
+                return Ok(sum.narrow(0, n, 1)?.reshape(())?.to_dtype(loss.dtype())?);
+            }
+        }
         let mut buf: Vec<f32> = Vec::with_capacity(n + 1);
         for v in self.vars.values() {
             match grads.get(v.as_tensor()) {
@@ -672,9 +699,7 @@ impl Student {
             }
         }
         buf.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        share
-            .comm
-            .all_reduce_sum(&format!("update {}", self.step), &mut buf)?;
+        share.comm.all_reduce_sum(&what, &mut buf)?;
         let mut o = 0;
         for v in self.vars.values() {
             let k = v.elem_count();
