@@ -51,7 +51,9 @@ pub fn setup(spec_path: &Path, set: &[String], force: bool) -> Result<Option<Ran
     let mut set = Vec::new();
     let joined = if backend == "nccl" {
         if on_cpu {
-            bail!("distributed.backend nccl sums GPU tensors; this spec trains on the cpu (use mpi)");
+            bail!(
+                "distributed.backend nccl sums GPU tensors; this spec trains on the cpu (use mpi)"
+            );
         }
         let j = start_nccl(&ds, launch, world, timeout)?;
         // Each rank trains on its machine's GPU number LOCAL_RANK.
@@ -165,10 +167,11 @@ fn start_nccl(
     world: usize,
     timeout: std::time::Duration,
 ) -> Result<Joined> {
-    let rank = ds
-        .rank
-        .or(launch.as_ref().map(|l| l.rank))
-        .ok_or_else(|| anyhow::anyhow!("no rank: start the ranks with torchrun or srun, or set distributed.rank per rank"))?;
+    let rank = ds.rank.or(launch.as_ref().map(|l| l.rank)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no rank: start the ranks with torchrun or srun, or set distributed.rank per rank"
+        )
+    })?;
     let local_rank = ds
         .local_rank
         .or(launch.as_ref().map(|l| l.local_rank))

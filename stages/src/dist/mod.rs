@@ -20,6 +20,7 @@
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod tcp;
 
 use serde::Deserialize;
 use std::path::PathBuf;
