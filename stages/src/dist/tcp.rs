@@ -317,7 +317,10 @@ mod tests {
                 std::thread::sleep(Duration::from_secs(2));
                 return String::new();
             }
-            c.exchange("update 5", &[1]).unwrap_err()
+            let e = c.exchange("update 5", &[1]).unwrap_err();
+            // Rank 0 keeps its connections open a while (an ended rank 0 is seen at once).
+            std::thread::sleep(Duration::from_millis(1500));
+            e
         });
         assert!(
             out[0].contains("rank 2 did not reach update 5 within 0.6 s"),
