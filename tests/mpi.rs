@@ -141,8 +141,9 @@ fn two_ranks_train_as_one_process_with_update_freq_2() {
     let (mb, tb) = checkpoint(&two);
     assert_eq!((ma.step, mb.step), (10, 10));
     assert_close(&tb, &ta, 1e-6);
-    // Rank 0 wrote the run's log; its losses are those of all ranks' batches.
-    let sql = "SELECT step, loss, utterances, frames FROM steps ORDER BY step";
+    // Rank 0 wrote the run's log; its figures are those of all ranks' batches (the health
+    // metrics summed in f32 with the gradients: 1e-5).
+    let sql = "SELECT step, loss, utterances, frames, loss_rec, loss_aux, target_std, pred_std, rank_agreement, teacher_rank_agreement FROM steps ORDER BY step";
     let (la, lb) = (query_csv(&[&one], sql), query_csv(&[&two], sql));
     assert_eq!(la.len(), 10);
     assert_eq!(lb.len(), 10);
@@ -155,6 +156,14 @@ fn two_ranks_train_as_one_process_with_update_freq_2() {
             x[0]
         );
         assert_eq!((&x[2], &x[3]), (&y[2], &y[3]), "step {}", x[0]);
+        for c in 4..10 {
+            let (p, q): (f64, f64) = (x[c].parse().unwrap(), y[c].parse().unwrap());
+            assert!(
+                (p - q).abs() <= 1e-5 * q.abs().max(1e-3),
+                "step {} column {c}: {p} vs {q}",
+                x[0]
+            );
+        }
     }
     // Each rank's data position is in the checkpoint; rank 1 ran in its own directory.
     let ranks = mb.ranks.expect("the ranks' positions");

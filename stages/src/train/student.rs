@@ -655,14 +655,16 @@ impl Student {
         on_pool(|| self.train_update_inner(ms, share))
     }
 
-    /// The gradients of every variable (zeros where there is none) and the loss, summed over the
-    /// ranks in one flat f32 buffer; returns the summed loss.
+    /// The gradients of every variable (zeros where there is none), the loss and `extra` (the
+    /// step's weighted metric sums), summed over the ranks in one flat f32 buffer; returns the
+    /// summed loss and extras.
     fn all_reduce(
         &self,
         share: &RankShare,
         grads: &mut candle_core::backprop::GradStore,
         loss: &Tensor,
-    ) -> crate::Result<Tensor> {
+        extra: &[f32],
+    ) -> crate::Result<(Tensor, Vec<f32>)> {
         let n: usize = self.vars.values().map(|v| v.elem_count()).sum();
         let what = format!("update {}", self.step);
         if !self.device.is_cpu() {
@@ -675,6 +677,7 @@ impl Student {
                 });
             }
             parts.push(loss.to_dtype(DType::F32)?.reshape(1)?);
+            parts.push(Tensor::from_slice(extra, extra.len(), &self.device)?);
             let flat = Tensor::cat(&parts, 0)?;
             if let Some(sum) = share.comm.all_reduce_device(&what, &flat) {
                 let sum = sum?;
@@ -688,7 +691,9 @@ impl Student {
                     grads.insert(v.as_tensor(), g);
                     o += k;
                 }
-                return Ok(sum.narrow(0, n, 1)?.reshape(())?.to_dtype(loss.dtype())?);
+                let extra = sum.narrow(0, n + 1, extra.len())?.to_vec1::<f32>()?;
+                let loss = sum.narrow(0, n, 1)?.reshape(())?.to_dtype(loss.dtype())?;
+                return Ok((loss, extra));
             }
         }
         let mut buf: Vec<f32> = Vec::with_capacity(n + 1);
@@ -699,6 +704,7 @@ impl Student {
             }
         }
         buf.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        buf.extend_from_slice(extra);
         share.comm.all_reduce_sum(&what, &mut buf)?;
         let mut o = 0;
         for v in self.vars.values() {
@@ -708,7 +714,10 @@ impl Student {
             grads.insert(v.as_tensor(), g);
             o += k;
         }
-        Ok(Tensor::new(buf[n], &self.device)?.to_dtype(loss.dtype())?)
+        Ok((
+            Tensor::new(buf[n], &self.device)?.to_dtype(loss.dtype())?,
+            buf[n + 1..].to_vec(),
+        ))
     }
 
     fn train_update_inner(
@@ -777,8 +786,42 @@ impl Student {
         };
         let t_bwd = Instant::now();
         let mut allreduce_ms = 0.0;
+        // Data parallel: the step's health metrics over every rank's batches, as one process
+        // weighs them (each batch by its share of the update's masked frames, finite values only):
+        // (Σ w·x, Σ w) per metric, summed with the gradients.
+        let metric_of: [fn(&BatchMetrics) -> f64; 6] = [
+            |b| b.rec,
+            |b| b.aux,
+            |b| b.target_std,
+            |b| b.pred_std,
+            |b| b.rank_agreement,
+            |b| b.teacher_rank_agreement,
+        ];
+        let mut global_metrics: Option<[f64; 6]> = None;
         if let Some(s) = share {
-            loss_t = self.all_reduce(s, &mut grads, &loss_t)?;
+            let mut extra = Vec::with_capacity(12);
+            for f in metric_of {
+                let (mut a, mut ws) = (0.0f64, 0.0f64);
+                for (b, c) in parts_out.iter().zip(&counts) {
+                    let x = f(b);
+                    if x.is_finite() {
+                        a += c / total * x;
+                        ws += c / total;
+                    }
+                }
+                extra.push(a as f32);
+                extra.push(ws as f32);
+            }
+            let (l, sums) = self.all_reduce(s, &mut grads, &loss_t, &extra)?;
+            loss_t = l;
+            let mut g = [f64::NAN; 6];
+            for (i, m) in g.iter_mut().enumerate() {
+                let (a, ws) = (sums[2 * i] as f64, sums[2 * i + 1] as f64);
+                if ws > 0.0 {
+                    *m = a / ws;
+                }
+            }
+            global_metrics = Some(g);
             allreduce_ms = t_bwd.elapsed().as_secs_f64() * 1e3;
         }
         #[cfg(test)]
@@ -912,8 +955,8 @@ impl Student {
             epoch: lb.epoch,
             lr,
             loss: if alone { parts_out[0].loss } else { loss_value },
-            loss_rec: single(&|b| b.rec),
-            loss_aux: single(&|b| b.aux),
+            loss_rec: global_metrics.map_or_else(|| single(&|b| b.rec), |g| g[0]),
+            loss_aux: global_metrics.map_or_else(|| single(&|b| b.aux), |g| g[1]),
             tau,
             hard_ratio: first.hard_ratio as f64,
             masked_frac: if alone {
@@ -927,10 +970,11 @@ impl Student {
             utterances: share.map_or(utts as u64, |s| s.utterances),
             audio_s: share.map_or(audio, |s| s.audio_s),
             step_ms: t0.elapsed().as_secs_f64() * 1e3,
-            target_std: single(&|b| b.target_std),
-            pred_std: single(&|b| b.pred_std),
-            rank_agreement: single(&|b| b.rank_agreement),
-            teacher_rank_agreement: single(&|b| b.teacher_rank_agreement),
+            target_std: global_metrics.map_or_else(|| single(&|b| b.target_std), |g| g[2]),
+            pred_std: global_metrics.map_or_else(|| single(&|b| b.pred_std), |g| g[3]),
+            rank_agreement: global_metrics.map_or_else(|| single(&|b| b.rank_agreement), |g| g[4]),
+            teacher_rank_agreement: global_metrics
+                .map_or_else(|| single(&|b| b.teacher_rank_agreement), |g| g[5]),
             grad_norm,
             teacher_version: first.taught.teacher_version,
         };
