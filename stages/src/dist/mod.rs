@@ -310,6 +310,35 @@ pub fn poll_until<T>(deadline: std::time::Instant, mut f: impl FnMut() -> Option
     }
 }
 
+/// Runs `f`, a blocking collective that cannot be abandoned; when it has not returned within
+/// `timeout`, a timer prints why (naming the other ranks) and stops the process, which the
+/// launcher then reports.
+pub fn watched<T>(
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    what: &str,
+    f: impl FnOnce() -> T,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let what = what.to_string();
+    let watch = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+            let others: Vec<usize> = (0..world).filter(|&r| r != rank).collect();
+            eprintln!(
+                "error: rank {rank}: {what} with {} did not finish within {} s (a rank died or hangs); stopping",
+                name_ranks(&others),
+                timeout.as_secs_f64()
+            );
+            std::process::exit(1);
+        }
+    });
+    let out = f();
+    let _ = tx.send(());
+    let _ = watch.join();
+    out
+}
+
 /// Ranks as a message lists them: `rank 1`, `ranks 1, 3`.
 pub fn name_ranks(r: &[usize]) -> String {
     let list = r

@@ -148,26 +148,17 @@ impl Collective for MpiComm {
     fn all_reduce_sum(&self, what: &str, buf: &mut [f32]) -> Result<(), String> {
         let g = self.lock();
         let send = buf.to_vec();
-        // A blocking all-reduce cannot be abandoned; a timer stops the process when it does not
-        // finish in time (every rank reached the exchange before it, so a rank died in between).
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let (rank, world, secs) = (self.rank, self.world, self.timeout.as_secs_f64());
-        let timeout = self.timeout;
-        let what_s = what.to_string();
-        let watch = std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
-                let others: Vec<usize> = (0..world).filter(|&r| r != rank).collect();
-                eprintln!(
-                    "error: rank {rank}: {what_s}: the gradient all-reduce with {} did not finish within {secs} s (a rank died or hangs); stopping",
-                    name_ranks(&others)
-                );
-                std::process::exit(1);
-            }
-        });
-        g.world
-            .all_reduce_into(&send[..], buf, SystemOperation::sum());
-        let _ = tx.send(());
-        let _ = watch.join();
+        // Every rank reached the exchange before it, so a rank that does not come died in between.
+        super::watched(
+            self.rank,
+            self.world,
+            self.timeout,
+            &format!("{what}: the gradient all-reduce"),
+            || {
+                g.world
+                    .all_reduce_into(&send[..], buf, SystemOperation::sum())
+            },
+        );
         Ok(())
     }
 

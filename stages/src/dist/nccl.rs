@@ -9,7 +9,7 @@
 //! Not run here (no GPU on the build machines; the two-GPU command is in the README).
 
 use super::tcp::TcpControl;
-use super::{name_ranks, Collective};
+use super::Collective;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::Mutex;
@@ -101,25 +101,14 @@ impl NcclComm {
         let out = t
             .apply_op1_no_bwd(&AllReduce(&g.0))
             .map_err(|e| format!("{what}: NCCL all-reduce: {e}"))?;
-        // NCCL runs on candle's stream; a rank that died makes it wait for ever: a timer stops
-        // the process when the sum does not arrive in time.
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let (rank, world, timeout) = (self.rank, self.world, self.timeout);
-        let what_s = what.to_string();
-        let watch = std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
-                let others: Vec<usize> = (0..world).filter(|&r| r != rank).collect();
-                eprintln!(
-                    "error: rank {rank}: {what_s}: the NCCL all-reduce with {} did not finish within {} s (a rank died or hangs); stopping",
-                    name_ranks(&others),
-                    timeout.as_secs_f64()
-                );
-                std::process::exit(1);
-            }
-        });
-        let done = out.device().synchronize();
-        let _ = tx.send(());
-        let _ = watch.join();
+        // NCCL runs on candle's stream; a rank that died makes it wait for ever there.
+        let done = super::watched(
+            self.rank,
+            self.world,
+            self.timeout,
+            &format!("{what}: the NCCL all-reduce"),
+            || out.device().synchronize(),
+        );
         done.map_err(|e| format!("{what}: {e}"))?;
         Ok(out)
     }
