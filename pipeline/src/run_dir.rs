@@ -138,6 +138,12 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// `rank-N` (N > 0): a data-parallel rank's run directory inside rank 0's.
+fn is_rank_dir_name(name: &str) -> bool {
+    name.strip_prefix("rank-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n != "0")
+}
+
 /// Whether `dir` holds a run (its `spec.yaml` or `run.json`).
 fn is_run_dir(dir: &Path) -> bool {
     dir.join("spec.yaml").is_file() || dir.join("run.json").is_file()
@@ -146,7 +152,12 @@ fn is_run_dir(dir: &Path) -> bool {
 /// A directory that holds files but no run (no `spec.yaml`, no `run.json`) is never run into,
 /// nor moved aside: it may be anything (a corpus, a home directory).
 fn refuse_non_run(dir: &Path) -> Result<(), RunError> {
-    let names = entries(dir);
+    // `rank-N`: the directory another rank of a data-parallel run made inside this run's
+    // directory, possibly before this rank (rank 0) wrote its spec.yaml.
+    let names: Vec<String> = entries(dir)
+        .into_iter()
+        .filter(|n| !is_rank_dir_name(n))
+        .collect();
     if names.is_empty() || is_run_dir(dir) {
         return Ok(());
     }
@@ -380,5 +391,26 @@ impl RunStatus {
     pub(crate) fn write(&self, run_dir: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         write_atomic(&run_dir.join("run.json"), text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_directory_alone_does_not_make_a_run_directory_foreign() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        std::fs::create_dir(d.join("rank-1")).unwrap();
+        std::fs::create_dir(d.join("rank-12")).unwrap();
+        assert!(refuse_non_run(d).is_ok());
+        // rank-0 is no rank's directory, and anything else still makes the directory foreign.
+        std::fs::create_dir(d.join("rank-0")).unwrap();
+        let e = refuse_non_run(d).unwrap_err().to_string();
+        assert!(e.contains("rank-0") && !e.contains("rank-1"), "{e}");
+        std::fs::remove_dir(d.join("rank-0")).unwrap();
+        std::fs::write(d.join("rank-x"), b"").unwrap();
+        assert!(refuse_non_run(d).is_err());
     }
 }
