@@ -26,7 +26,26 @@ enum ExportFormat {
 }
 
 #[derive(Subcommand)]
+enum ShardsCommand {
+    /// Make one store of a partitioned prep: writes DIR/index.json over DIR/part-iiiii-of-NNNNN
+    /// (the shards stay where they are), in the order of the whole input. Refuses a store where
+    /// a partition is missing, unfinished, duplicated or made by another spec or input listing.
+    Merge {
+        /// The `dir` of the prep's shards.write stage.
+        dir: PathBuf,
+        /// Also check every shard's BLAKE3 against its index (reads every byte).
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Shard stores: `ehmam shards merge DIR` after a partitioned prep.
+    Shards {
+        #[command(subcommand)]
+        command: ShardsCommand,
+    },
     /// Run a pipeline spec.
     Run {
         /// The YAML spec.
@@ -210,6 +229,28 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Shards {
+            command: ShardsCommand::Merge { dir, verify },
+        } => {
+            let m = stages::data::shards::merge_partitions(&dir, verify)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let what = if m.unchanged {
+                "already merged, unchanged"
+            } else {
+                "merged"
+            };
+            println!(
+                "{}: {what}: {} partitions, {} shards, {} inputs: {} utterances ({:.3} h), {} rejected",
+                dir.display(),
+                m.partitions,
+                m.shards,
+                m.inputs,
+                m.rows,
+                m.duration_s / 3600.0,
+                m.rejects
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { spec, set } => validate(&spec, &set),
         Command::Run {
             spec,

@@ -328,3 +328,272 @@ fn query_is_read_only_and_unions_runs() {
     ]);
     assert!(table.contains("| n |") || table.contains("| n "), "{table}");
 }
+
+/// Every utterance of a shard store in its reading order (the whole row, audio included), and
+/// its rejects, through the reader's own code.
+fn store_contents(
+    dir: &Path,
+) -> (
+    Vec<stages::items::Utterance>,
+    Vec<stages::data::shards::RejectEntry>,
+) {
+    use stages::stream::PartSource;
+    let parts = stages::data::shards::Shards::parts(dir).unwrap();
+    let mut utts = Vec::new();
+    for p in parts {
+        utts.extend(stages::data::shards::read_shard(&p.path, 0).unwrap());
+    }
+    let index = stages::data::shards::ShardIndex::load(dir)
+        .unwrap()
+        .unwrap();
+    let rejects = index.shards.into_iter().flat_map(|s| s.rejects).collect();
+    (utts, rejects)
+}
+
+/// `ehmam run` with `envs` set (a launcher's variables).
+fn run_with_env(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ehmam"));
+    c.args(args).current_dir(root()).env("CI", "true");
+    for k in [
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_STEP",
+        "SLURM_ARRAY_TASK_COUNT",
+        "JOB_COMPLETION_INDEX",
+    ] {
+        c.env_remove(k);
+    }
+    c.envs(envs.iter().copied());
+    c.output().unwrap()
+}
+
+#[test]
+fn three_partitions_merged_hold_what_one_prep_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The demo corpus with two inputs that are rejected (a damaged FLAC, a file that is no audio).
+    let corpus = tmp.path().join("corpus");
+    copy_tree(&root().join("data/demo"), &corpus);
+    std::fs::write(
+        corpus.join("1003/103/1003-103-0099.flac"),
+        b"fLaC not really",
+    )
+    .unwrap();
+    std::fs::write(corpus.join("1007/110/notes.bin"), [0u8, 1, 2, 3]).unwrap();
+    let input = format!("stages.decode.with.input={}", corpus.display());
+    let base = [input.as_str(), "stages.decode.with.layout=librispeech"];
+
+    let whole = tmp.path().join("whole");
+    prep(&tmp.path().join("run-whole"), &whole, &base);
+
+    // Three processes, each told its partition differently: the spec, a Slurm array task
+    // (ids 1–3: SLURM_ARRAY_TASK_MIN is 1), a Kubernetes indexed Job (count in the spec).
+    let parts = tmp.path().join("parts");
+    let shards_set = format!("stages.shards.with.dir={}", parts.display());
+    let launch: [(&str, Vec<(&str, &str)>); 3] = [
+        ("{index: 0, count: 3}", vec![]),
+        (
+            "{}",
+            vec![
+                ("SLURM_ARRAY_TASK_ID", "2"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ],
+        ),
+        ("{count: 3}", vec![("JOB_COMPLETION_INDEX", "2")]),
+    ];
+    let mut partition_runs = Vec::new();
+    for (i, (part, envs)) in launch.iter().enumerate() {
+        let run = format!("run_dir={}", tmp.path().join(format!("run-{i}")).display());
+        let part = format!("stages.decode.with.partition={part}");
+        let mut args = vec![
+            "run",
+            "specs/prep.yaml",
+            "--set",
+            &run,
+            "--set",
+            &shards_set,
+        ];
+        args.extend(["--set", &part]);
+        for b in &base {
+            args.extend(["--set", b]);
+        }
+        // Partition 2 first: the order the processes finish in does not matter.
+        partition_runs.push((
+            i,
+            args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            envs.clone(),
+        ));
+    }
+    partition_runs.rotate_right(1);
+    // Before any partition ran, the reader points at the merge, and the merge at the missing ones.
+    for (i, args, envs) in &partition_runs {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run_with_env(&a, envs);
+        assert!(o.status.success(), "partition {i}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("partition {i} of 3")),
+            "partition {i} says which it is: {}",
+            text(&o)
+        );
+        if *i == 2 {
+            let o = ehmam(&["shards", "merge", &parts.display().to_string()]);
+            assert!(!o.status.success());
+            assert!(
+                text(&o).contains("partitions 0, 1 of 3 are missing"),
+                "{}",
+                text(&o)
+            );
+            use stages::stream::PartSource;
+            let e = stages::data::shards::Shards::parts(&parts)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ehmam shards merge"), "{e}");
+        }
+    }
+    let merged = ok(&["shards", "merge", "--verify", &parts.display().to_string()]);
+    assert!(merged.contains("merged: 3 partitions"), "{merged}");
+
+    let (a, ra) = store_contents(&whole);
+    let (b, rb) = store_contents(&parts);
+    assert!(a.len() >= 150, "{}", a.len());
+    assert_eq!(ra.len(), 2, "two rejects: {ra:?}");
+    assert_eq!(ra, rb, "the same rejects, with the same reasons");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            (
+                &x.utt_id,
+                &x.speaker,
+                &x.chapter,
+                &x.source,
+                &x.transcript,
+                x.sample_rate
+            ),
+            (
+                &y.utt_id,
+                &y.speaker,
+                &y.chapter,
+                &y.source,
+                &y.transcript,
+                y.sample_rate
+            )
+        );
+        assert!(x.samples == y.samples, "{}: the same audio", x.utt_id);
+    }
+    // The partitions cut their own shards (target_mb 1), so the files differ from the whole
+    // prep's; a single partition of one writes the very same bytes.
+    let one = tmp.path().join("one");
+    let mut b1 = base.to_vec();
+    b1.push("stages.decode.with.partition={index: 0, count: 1}");
+    prep(&tmp.path().join("run-one"), &one, &b1);
+    assert_eq!(
+        tree_bytes(&one.join("part-00000-of-00001"))
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".parquet"))
+            .collect::<Vec<_>>(),
+        tree_bytes(&whole)
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".parquet"))
+            .collect::<Vec<_>>()
+    );
+
+    // What merge refuses: an unfinished partition, one of another spec, one of another split.
+    let p1 = parts.join("part-00001-of-00003");
+    let idx = std::fs::read_to_string(p1.join("index.json")).unwrap();
+    std::fs::write(
+        p1.join("index.json"),
+        idx.replace("\"complete\": true", "\"complete\": false"),
+    )
+    .unwrap();
+    let o = ehmam(&["shards", "merge", &parts.display().to_string()]);
+    assert!(
+        !o.status.success() && text(&o).contains("partition 1 has not finished"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(p1.join("index.json"), &idx).unwrap();
+    // Partition 1 again with another min_seconds, into a copy of the store.
+    let other = tmp.path().join("other");
+    copy_tree(&parts, &other);
+    std::fs::remove_dir_all(other.join("part-00001-of-00003")).unwrap();
+    let mut b2 = base.to_vec();
+    b2.push("stages.decode.with.partition={index: 1, count: 3}");
+    b2.push("stages.decode.with.min_seconds=0.25");
+    prep(&tmp.path().join("run-other"), &other, &b2);
+    let o = ehmam(&["shards", "merge", &other.display().to_string()]);
+    assert!(
+        !o.status.success() && text(&o).contains("partition 1 was made by another prep"),
+        "{}",
+        text(&o)
+    );
+    // A rerun of a partition with another spec into the same directory is refused too.
+    let o = ehmam(&[
+        "run",
+        "specs/prep.yaml",
+        "--quiet",
+        "--set",
+        &format!("run_dir={}", tmp.path().join("run-other2").display()),
+        "--set",
+        &format!("stages.shards.with.dir={}", parts.display()),
+        "--set",
+        &input,
+        "--set",
+        "stages.decode.with.layout=librispeech",
+        "--set",
+        "stages.decode.with.partition={index: 1, count: 3}",
+        "--set",
+        "stages.decode.with.min_seconds=0.25",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("the spec or the input listing changed"),
+        "{}",
+        text(&o)
+    );
+    std::fs::create_dir(parts.join("part-00001-of-00004")).unwrap();
+    let o = ehmam(&["shards", "merge", &parts.display().to_string()]);
+    assert!(
+        !o.status.success() && text(&o).contains("split 3 and 4 ways"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_partition_index_outside_the_count_or_without_a_launcher_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = format!("run_dir={}", tmp.path().join("run").display());
+    for (part, envs, says) in [
+        (
+            "{index: 3, count: 3}",
+            vec![],
+            "partition.index: must be below count (3), got 3",
+        ),
+        (
+            "{}",
+            vec![],
+            "neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set",
+        ),
+        (
+            "{}",
+            vec![("JOB_COMPLETION_INDEX", "1")],
+            "partition.count: not given",
+        ),
+        (
+            "{}",
+            vec![
+                ("SLURM_ARRAY_TASK_ID", "5"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ],
+            "must be below count (4), got 5 (from the Slurm array)",
+        ),
+    ] {
+        let part = format!("stages.decode.with.partition={part}");
+        let o = run_with_env(
+            &["run", "specs/prep.yaml", "--set", &run, "--set", &part],
+            &envs,
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains(says), "{part} {envs:?}: {}", text(&o));
+        assert!(!tmp.path().join("run").exists(), "nothing ran");
+    }
+}

@@ -63,6 +63,14 @@ pub struct DecodeParams {
     /// files (txt, tsv, csv, json, md, lab, …) are counted and ignored; any other file is an input
     /// that is rejected as `not audio`, so no file of the tree goes unaccounted.
     pub extensions: Vec<String>,
+    /// Prep split over N independent processes (a Slurm array, a Kubernetes indexed Job):
+    /// `{index: i, count: N}` takes the i-th of N contiguous, equal runs of the sorted input list
+    /// (manifest order for a manifest), and `shards.write` stores it in `DIR/part-iiiii-of-NNNNN`
+    /// with its own index; `ehmam shards merge DIR` then makes one store of the N. `index`
+    /// defaults to `SLURM_ARRAY_TASK_ID` (less `SLURM_ARRAY_TASK_MIN`, over
+    /// `SLURM_ARRAY_TASK_STEP`) or `JOB_COMPLETION_INDEX`, `count` to `SLURM_ARRAY_TASK_COUNT`.
+    /// Absent (default): the whole input, no partition.
+    pub partition: Option<PartitionParams>,
     #[serde(skip)]
     #[schemars(skip)]
     listing: Arc<OnceLock<Result<Listing, Arc<crate::Error>>>>,
@@ -78,6 +86,7 @@ impl Default for DecodeParams {
             max_segment_seconds: 40.0,
             follow_links: false,
             extensions: default_extensions(),
+            partition: None,
             listing: Arc::new(OnceLock::new()),
         }
     }
@@ -121,7 +130,181 @@ impl Params for DecodeParams {
                 ),
             ));
         }
+        if let Err((field, msg)) = self.partition() {
+            e.push(ParamError::new(&format!("partition.{field}"), msg));
+        }
         e
+    }
+}
+
+/// `audio.decode`'s `partition`: this process's share of the inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartitionParams {
+    /// This process's partition, from 0 (default: from the Slurm array or Kubernetes indexed Job).
+    pub index: Option<usize>,
+    /// How many partitions (default: `SLURM_ARRAY_TASK_COUNT`; a Kubernetes Job's completions
+    /// must be given here).
+    pub count: Option<usize>,
+}
+
+/// The largest partition count (a five-digit directory name).
+pub const MAX_PARTITIONS: usize = 99_999;
+
+fn env_usize(name: &str) -> Result<Option<usize>, String> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<usize>()
+            .map(Some)
+            .map_err(|_| format!("{name}={v} is not a whole number")),
+        _ => Ok(None),
+    }
+}
+
+/// The partition index and count the launcher gives: a Slurm array task's, else a Kubernetes
+/// indexed Job's index (its count is not in the environment).
+fn launcher_partition() -> Result<(Option<usize>, Option<usize>, &'static str), String> {
+    if let Some(id) = env_usize("SLURM_ARRAY_TASK_ID")? {
+        let min = env_usize("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        let step = env_usize("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+        if id < min || (id - min) % step != 0 {
+            return Err(format!(
+                "SLURM_ARRAY_TASK_ID={id} is not SLURM_ARRAY_TASK_MIN ({min}) plus a multiple of SLURM_ARRAY_TASK_STEP ({step}): give partition.index"
+            ));
+        }
+        let count = env_usize("SLURM_ARRAY_TASK_COUNT")?;
+        return Ok((Some((id - min) / step), count, "the Slurm array"));
+    }
+    if let Some(i) = env_usize("JOB_COMPLETION_INDEX")? {
+        return Ok((Some(i), None, "the Kubernetes indexed Job"));
+    }
+    Ok((None, None, ""))
+}
+
+impl DecodeParams {
+    /// `(index, count)` of this process's partition, `None` without `partition`. `Err` names the
+    /// field (`index`, `count`) and what is wrong.
+    pub fn partition(&self) -> Result<Option<(usize, usize)>, (&'static str, String)> {
+        let Some(p) = &self.partition else {
+            return Ok(None);
+        };
+        let (env_index, env_count, from) = launcher_partition().map_err(|m| ("index", m))?;
+        let index = p.index.or(env_index).ok_or((
+            "index",
+            "not given, and neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set"
+                .to_string(),
+        ))?;
+        let count = p.count.or(env_count).ok_or((
+            "count",
+            "not given, and SLURM_ARRAY_TASK_COUNT is not set (a Kubernetes Job's completions go here)"
+                .to_string(),
+        ))?;
+        if count == 0 || count > MAX_PARTITIONS {
+            return Err((
+                "count",
+                format!("must be from 1 to {MAX_PARTITIONS}, got {count}"),
+            ));
+        }
+        if index >= count {
+            let whence = if p.index.is_none() {
+                format!(" (from {from})")
+            } else {
+                String::new()
+            };
+            return Err((
+                "index",
+                format!("must be below count ({count}), got {index}{whence}"),
+            ));
+        }
+        Ok(Some((index, count)))
+    }
+
+    /// The listing of the whole input (every partition's), made once.
+    pub fn full_listing(&self) -> crate::Result<Listing> {
+        self.listing
+            .get_or_init(|| list_inputs(self).map_err(Arc::new))
+            .clone()
+            .map_err(|e| crate::Error::invalid(e.to_string()))
+    }
+}
+
+/// The inputs `[first, end)` of partition `index` of `count` over `n` inputs: contiguous runs
+/// whose sizes differ by at most one, in order.
+pub fn partition_range(n: usize, index: usize, count: usize) -> (usize, usize) {
+    let at = |i: usize| ((n as u128 * i as u128) / count as u128) as usize;
+    (at(index), at(index + 1))
+}
+
+/// What `audio.decode` tells `shards.write` of its partition (the `audio.partition` link).
+#[derive(Debug, Clone)]
+pub struct Partition {
+    pub index: usize,
+    pub count: usize,
+    params: DecodeParams,
+}
+
+/// A partition with its place in the whole input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPlace {
+    pub first_input: u64,
+    pub inputs: u64,
+    pub total_inputs: u64,
+    /// BLAKE3 of the decode parameters (but the partition index and the input's path) and of
+    /// the whole listing (sources, ids, problems): the same for every partition of one prep.
+    pub prep: String,
+}
+
+pub const PARTITION: pipeline::Link<Partition> = pipeline::Link::new("audio.partition");
+
+impl Partition {
+    /// `part-iiiii-of-NNNNN`: the partition's directory in a store.
+    pub fn dir_name(&self) -> String {
+        format!("part-{:05}-of-{:05}", self.index, self.count)
+    }
+    /// Lists the input (once) and places this partition in it; `extra` joins the fingerprint
+    /// (the writer's own parameters).
+    pub fn place(&self, extra: &serde_json::Value) -> crate::Result<PartitionPlace> {
+        let listing = self.params.full_listing()?;
+        let n = listing.files.len();
+        let (a, b) = partition_range(n, self.index, self.count);
+        let mut params = serde_json::to_value(&self.params).map_err(|e| {
+            crate::Error::invalid(format!("cannot serialise the decode parameters: {e}"))
+        })?;
+        if let Some(m) = params.as_object_mut() {
+            // Machines mount the corpus at different paths; the listing below is relative.
+            m.remove("input");
+            m.insert(
+                "partition".into(),
+                serde_json::json!({ "count": self.count }),
+            );
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"ehmam-partition/1\n");
+        h.update(params.to_string().as_bytes());
+        h.update(b"\n");
+        h.update(extra.to_string().as_bytes());
+        h.update(b"\n");
+        h.update(format!("{:?}\n", listing.layout).as_bytes());
+        for f in &listing.files {
+            let line = serde_json::json!([
+                f.source,
+                f.utt_id,
+                f.speaker,
+                f.chapter,
+                f.transcript,
+                f.problem,
+                f.manifest_samples.map(|m| m.1)
+            ]);
+            h.update(line.to_string().as_bytes());
+            h.update(b"\n");
+        }
+        Ok(PartitionPlace {
+            first_input: a as u64,
+            inputs: (b - a) as u64,
+            total_inputs: n as u64,
+            prep: h.finalize().to_hex().to_string(),
+        })
     }
 }
 
@@ -893,6 +1076,8 @@ pub fn decode_segments<E>(
 pub struct AudioDecode {
     params: DecodeParams,
     listing: Listing,
+    /// Partition `index` of `count`: the inputs from `first` of the `total` listed.
+    part: Option<(usize, usize, usize, usize)>,
 }
 
 impl StageDef for AudioDecode {
@@ -916,6 +1101,30 @@ impl StageDef for AudioDecode {
             reads: vec![p.input.clone()],
             writes: vec![],
             ..Default::default()
+        }
+    }
+    fn link(
+        p: &DecodeParams,
+        _ctx: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
+        let Ok(Some((index, count))) = p.partition() else {
+            return Vec::new();
+        };
+        let part = Partition {
+            index,
+            count,
+            params: p.clone(),
+        };
+        match linker.provide(&PARTITION, part) {
+            Ok(()) => Vec::new(),
+            Err(other) => vec![ParamError::new(
+                "partition",
+                format!(
+                    "stage `{}` is a partitioned audio.decode too: a spec preps one partitioned input",
+                    other.by
+                ),
+            )],
         }
     }
     fn validate(p: &DecodeParams, _ctx: &StageContext) -> Vec<ParamError> {
@@ -958,14 +1167,20 @@ impl StageDef for AudioDecode {
                 "a data-parallel run splits its training data by rank where it reads a store: prep the audio into shards first (specs/prep.yaml) and train from shards.read or features.read",
             ));
         }
-        let listing = params
-            .listing
-            .get_or_init(|| list_inputs(params).map_err(Arc::new))
-            .clone()
+        let mut listing = params
+            .full_listing()
             .map_err(|e| StageError::failed(e.to_string()))?;
+        let mut part = None;
+        if let Ok(Some((index, count))) = params.partition() {
+            let n = listing.files.len();
+            let (a, b) = partition_range(n, index, count);
+            listing.files = listing.files[a..b].to_vec();
+            part = Some((index, count, a, n));
+        }
         Ok(AudioDecode {
             params: params.clone(),
             listing,
+            part,
         })
     }
 }
@@ -983,6 +1198,12 @@ impl Stage for AudioDecode {
         }
         let todo = (files.len() - skip) as u64;
         if io.worker() == 0 {
+            if let Some((index, count, first, total)) = self.part {
+                io.note(format!(
+                    "partition {index} of {count}: inputs {first}..{} of the {total} listed",
+                    first + files.len()
+                ));
+            }
             if !self.listing.ignored.is_empty() {
                 let list: Vec<String> = self
                     .listing

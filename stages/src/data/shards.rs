@@ -7,6 +7,7 @@
 //! resumes after the last finished one.
 
 use crate::data::audio::to_i16;
+use crate::data::decode::PARTITION;
 use crate::items::{Decoded, Reject, Utterance};
 use crate::stream::{PartSource, ReadStage};
 use arrow::array::{
@@ -87,6 +88,33 @@ pub struct ShardIndex {
     /// True once the prep that wrote the directory finished.
     pub complete: bool,
     pub shards: Vec<ShardEntry>,
+    /// A partition's store (`DIR/part-iiiii-of-NNNNN`): its place in the whole prep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionEntry>,
+    /// A store merged from partitions by `ehmam shards merge`: their count and prep fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<MergedEntry>,
+}
+
+/// The partition a store holds (`audio.decode`'s `partition`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    pub index: usize,
+    pub count: usize,
+    /// Its inputs in the whole listing: `first_input .. first_input + inputs` of `total_inputs`.
+    pub first_input: u64,
+    pub inputs: u64,
+    pub total_inputs: u64,
+    /// The prep's fingerprint (decode and shard parameters, the whole listing): equal in every
+    /// partition of one prep.
+    pub prep: String,
+}
+
+/// What a merged store was made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedEntry {
+    pub partitions: usize,
+    pub prep: String,
 }
 
 /// An input whose items (a long file's segments) are coming in, until its last one.
@@ -338,11 +366,40 @@ impl Params for ShardsWriteParams {
 }
 
 /// Loads the index of `dir` and checks that it can be continued with `p`.
-fn resumable_index(p: &ShardsWriteParams) -> crate::Result<Option<ShardIndex>> {
+fn resumable_index(
+    p: &ShardsWriteParams,
+    part: Option<&PartitionEntry>,
+) -> crate::Result<Option<ShardIndex>> {
     let Some(index) = ShardIndex::load(&p.dir)? else {
         return Ok(None);
     };
     let index_path = p.dir.join(INDEX_FILE);
+    if index.merged.is_some() {
+        return Err(crate::Error::invalid(format!(
+            "{} is a store merged from partitions (`ehmam shards merge`): a prep writes into its partitions (partition: in audio.decode), not into the merged store",
+            p.dir.display()
+        )));
+    }
+    if index.partition.as_ref() != part {
+        let what = |e: Option<&PartitionEntry>| match e {
+            None => "the whole input (no partition)".to_string(),
+            Some(e) => format!(
+                "partition {} of {} (inputs {}..{} of {}, prep {})",
+                e.index,
+                e.count,
+                e.first_input,
+                e.first_input + e.inputs,
+                e.total_inputs,
+                &e.prep[..12.min(e.prep.len())]
+            ),
+        };
+        return Err(crate::Error::invalid(format!(
+            "{} holds shards of {}, but this prep writes {}: the spec or the input listing changed since; use another `dir` or delete it",
+            p.dir.display(),
+            what(index.partition.as_ref()),
+            what(part)
+        )));
+    }
     if index.format != INDEX_FORMAT {
         return Err(crate::Error::damaged(
             &index_path,
@@ -406,21 +463,34 @@ impl StageDef for ShardsWrite {
     fn outputs() -> Vec<Port> {
         vec![]
     }
-    fn paths(p: &ShardsWriteParams, _ctx: &StageContext) -> pipeline::StagePaths {
+    fn link(
+        _p: &ShardsWriteParams,
+        _ctx: &StageContext,
+        linker: &mut pipeline::Linker,
+    ) -> Vec<ParamError> {
+        linker.read(&PARTITION);
+        Vec::new()
+    }
+    fn paths(p: &ShardsWriteParams, ctx: &StageContext) -> pipeline::StagePaths {
         pipeline::StagePaths {
             reads: vec![],
-            writes: vec![p.dir.clone()],
+            writes: vec![partition_dir(p, ctx)],
             ..Default::default()
         }
     }
-    fn resume_skip(p: &ShardsWriteParams, _ctx: &StageContext) -> Result<u64, StageError> {
-        Ok(resumable_index(p)?.map(|i| i.inputs_done()).unwrap_or(0))
+    fn resume_skip(p: &ShardsWriteParams, ctx: &StageContext) -> Result<u64, StageError> {
+        let (p, part) = partitioned(p, ctx)?;
+        Ok(resumable_index(&p, part.as_ref())?
+            .map(|i| i.inputs_done())
+            .unwrap_or(0))
     }
     fn create(
         p: &ShardsWriteParams,
         ctx: &StageContext,
         _worker: usize,
     ) -> Result<Self, StageError> {
+        let (p, part) = partitioned(p, ctx)?;
+        let p = &p;
         std::fs::create_dir_all(&p.dir)
             .map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
         // Leftovers of an interrupted run are never listed in the index: remove them.
@@ -432,13 +502,15 @@ impl StageDef for ShardsWrite {
                 }
             }
         }
-        let index = resumable_index(p)?.unwrap_or(ShardIndex {
+        let index = resumable_index(p, part.as_ref())?.unwrap_or(ShardIndex {
             format: INDEX_FORMAT.into(),
             audio_format: p.audio_format,
             target_mb: p.target_mb,
             sample_rate: None,
             complete: false,
             shards: Vec::new(),
+            partition: part,
+            merged: None,
         });
         // Ids already stored, to keep them unique across a resume.
         let mut ids = HashMap::new();
@@ -465,6 +537,45 @@ impl StageDef for ShardsWrite {
             ids,
         })
     }
+}
+
+/// Where the stage writes: `dir`, or `dir/part-iiiii-of-NNNNN` for a partition.
+fn partition_dir(p: &ShardsWriteParams, ctx: &StageContext) -> PathBuf {
+    match ctx.links.get(&PARTITION) {
+        Some(part) => p.dir.join(part.dir_name()),
+        None => p.dir.clone(),
+    }
+}
+
+/// The parameters with the partition's directory, and the partition's index entry (which
+/// lists the input, once per run).
+fn partitioned(
+    p: &ShardsWriteParams,
+    ctx: &StageContext,
+) -> crate::Result<(ShardsWriteParams, Option<PartitionEntry>)> {
+    let Some(part) = ctx.links.get(&PARTITION) else {
+        return Ok((p.clone(), None));
+    };
+    let extra = serde_json::json!({
+        "audio_format": p.audio_format.name(),
+        "target_mb": p.target_mb,
+        "zstd_level": p.zstd_level,
+        "row_group_rows": p.row_group_rows,
+    });
+    let place = part.place(&extra)?;
+    let mut q = p.clone();
+    q.dir = p.dir.join(part.dir_name());
+    Ok((
+        q,
+        Some(PartitionEntry {
+            index: part.index,
+            count: part.count,
+            first_input: place.first_input,
+            inputs: place.inputs,
+            total_inputs: place.total_inputs,
+            prep: place.prep,
+        }),
+    ))
 }
 
 /// Reads (utt_id, source) of a shard without its audio.
@@ -867,6 +978,11 @@ impl PartSource for Shards {
                     })
                 })
                 .collect()),
+            None if !partition_dirs(dir).is_empty() => Err(crate::Error::invalid(format!(
+                "{} holds the partitions of a prep but no merged index: run `ehmam shards merge {}` once every partition has finished",
+                dir.display(),
+                dir.display()
+            ))),
             None => Err(crate::Error::invalid(format!(
                 "no shard index at {}: run the prep spec first",
                 dir.join(INDEX_FILE).display()
@@ -879,6 +995,263 @@ impl PartSource for Shards {
     fn speaker(item: &Utterance) -> Option<&str> {
         item.speaker.as_deref()
     }
+}
+
+/// The `part-iiiii-of-NNNNN` directories of a store: (name, index, count), sorted by name.
+fn partition_dirs(dir: &Path) -> Vec<(String, usize, usize)> {
+    let mut out: Vec<(String, usize, usize)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let rest = name.strip_prefix("part-")?;
+                    let (i, n) = rest.split_once("-of-")?;
+                    let digits = |t: &str| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit());
+                    if !digits(i) || !digits(n) {
+                        return None;
+                    }
+                    Some((name.clone(), i.parse().ok()?, n.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// What `ehmam shards merge` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeSummary {
+    pub partitions: usize,
+    pub shards: usize,
+    pub rows: u64,
+    pub inputs: u64,
+    pub rejects: usize,
+    pub duration_s: f64,
+    /// The store was merged already, from the same partitions: nothing written.
+    pub unchanged: bool,
+}
+
+/// `ehmam shards merge DIR`: one index over the partitions `DIR/part-iiiii-of-NNNNN` of a
+/// prep, written last (atomically) as `DIR/index.json`, so that `shards.read` reads them as one
+/// store in the order of the whole input. Refused, naming the partition, when one is missing,
+/// unfinished, from a prep of another count, spec or input listing, or when the partitions do
+/// not tile the input exactly once; the shard files are checked against their index entries
+/// (size, and BLAKE3 with `verify`).
+pub fn merge_partitions(dir: &Path, verify: bool) -> crate::Result<MergeSummary> {
+    let parts = partition_dirs(dir);
+    if parts.is_empty() {
+        return Err(crate::Error::invalid(format!(
+            "{} holds no partitions (part-iiiii-of-NNNNN directories written by a prep whose audio.decode has `partition`)",
+            dir.display()
+        )));
+    }
+    let counts: std::collections::BTreeSet<usize> = parts.iter().map(|p| p.2).collect();
+    if counts.len() > 1 {
+        let list: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
+        return Err(crate::Error::invalid(format!(
+            "{} holds partitions of preps split {} ways: one prep's partitions only (remove the others)",
+            dir.display(),
+            list.join(" and ")
+        )));
+    }
+    let count = parts[0].2;
+    let have: std::collections::BTreeSet<usize> = parts.iter().map(|p| p.1).collect();
+    let missing: Vec<String> = (0..count)
+        .filter(|i| !have.contains(i))
+        .map(|i| i.to_string())
+        .collect();
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(10).map(String::as_str).collect();
+        let more = if missing.len() > 10 {
+            format!(" and {} more", missing.len() - 10)
+        } else {
+            String::new()
+        };
+        return Err(crate::Error::invalid(format!(
+            "{}: partition{} {}{more} of {count} {} missing: run {} before merging",
+            dir.display(),
+            if missing.len() > 1 { "s" } else { "" },
+            shown.join(", "),
+            if missing.len() > 1 { "are" } else { "is" },
+            if missing.len() > 1 { "them" } else { "it" },
+        )));
+    }
+    if let Some(bad) = parts.iter().find(|p| p.1 >= count) {
+        return Err(crate::Error::invalid(format!(
+            "{}: {} is no partition of {count}",
+            dir.display(),
+            bad.0
+        )));
+    }
+    let mut merged: Option<ShardIndex> = None;
+    let mut prep = String::new();
+    let mut next_input = 0u64;
+    let mut total = 0u64;
+    let mut ids: HashMap<String, String> = HashMap::new();
+    for (name, i, _) in &parts {
+        let pdir = dir.join(name);
+        let Some(index) = ShardIndex::load(&pdir)? else {
+            return Err(crate::Error::invalid(format!(
+                "{}: partition {i} has no index (its prep has not written a shard yet): run it to the end before merging",
+                pdir.display()
+            )));
+        };
+        let Some(pe) = index.partition.clone() else {
+            return Err(crate::Error::invalid(format!(
+                "{}: its index is not a partition's (no `partition` entry)",
+                pdir.display()
+            )));
+        };
+        if pe.index != *i || pe.count != count {
+            return Err(crate::Error::damaged(
+                pdir.join(INDEX_FILE),
+                format!(
+                    "says partition {} of {}, but the directory is partition {i} of {count}",
+                    pe.index, pe.count
+                ),
+            ));
+        }
+        if !index.complete {
+            return Err(crate::Error::invalid(format!(
+                "{}: partition {i} has not finished ({} of its {} inputs stored): rerun it (it resumes) before merging",
+                pdir.display(),
+                index.inputs_done(),
+                pe.inputs
+            )));
+        }
+        if index.inputs_done() != pe.inputs {
+            return Err(crate::Error::damaged(
+                pdir.join(INDEX_FILE),
+                format!(
+                    "its shards hold {} inputs, its partition {}",
+                    index.inputs_done(),
+                    pe.inputs
+                ),
+            ));
+        }
+        match &mut merged {
+            None => {
+                prep = pe.prep.clone();
+                total = pe.total_inputs;
+                merged = Some(ShardIndex {
+                    format: INDEX_FORMAT.into(),
+                    audio_format: index.audio_format,
+                    target_mb: index.target_mb,
+                    sample_rate: index.sample_rate,
+                    complete: true,
+                    shards: Vec::new(),
+                    partition: None,
+                    merged: None,
+                });
+            }
+            Some(m) => {
+                if pe.prep != prep || pe.total_inputs != total {
+                    return Err(crate::Error::invalid(format!(
+                        "{}: partition {i} was made by another prep than partition 0 (a different spec, parameters or input listing: {} inputs against {total}); rerun it with the others' spec",
+                        pdir.display(),
+                        pe.total_inputs
+                    )));
+                }
+                match (m.sample_rate, index.sample_rate) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(crate::Error::invalid(format!(
+                            "{}: partition {i} is at {b} Hz, the partitions before it at {a} Hz",
+                            pdir.display()
+                        )))
+                    }
+                    (None, b) => m.sample_rate = b,
+                    _ => {}
+                }
+            }
+        }
+        if pe.first_input != next_input {
+            return Err(crate::Error::invalid(format!(
+                "{}: partition {i} starts at input {} but the partitions before it end at {next_input}: the partitions do not tile the input",
+                pdir.display(),
+                pe.first_input
+            )));
+        }
+        next_input += pe.inputs;
+        let m = merged.as_mut().expect("set above");
+        for s in &index.shards {
+            let mut e = s.clone();
+            e.first_input += pe.first_input;
+            if let Some(f) = &s.file {
+                let path = pdir.join(f);
+                let bytes = std::fs::metadata(&path)
+                    .map_err(crate::Error::io("cannot read", &path))?
+                    .len();
+                if bytes != s.bytes {
+                    return Err(crate::Error::damaged(
+                        &path,
+                        format!(
+                            "{bytes} bytes where its index says {} (changed since it was written): rerun partition {i} into an empty directory",
+                            s.bytes
+                        ),
+                    ));
+                }
+                if verify {
+                    let w = crate::stream::store::hash_file(&path)?;
+                    if Some(&w.blake3) != s.blake3.as_ref() {
+                        return Err(crate::Error::damaged(
+                            &path,
+                            "its BLAKE3 differs from its index entry: rerun the partition into an empty directory",
+                        ));
+                    }
+                }
+                let (utts, _) = read_metadata(&path)?;
+                for (id, src) in utts {
+                    if let Some(other) = ids.insert(id.clone(), src.clone()) {
+                        return Err(crate::Error::invalid(format!(
+                            "utt_id `{id}` is in two partitions ({other} and {src}): the partitions are not of one listing"
+                        )));
+                    }
+                }
+                e.file = Some(format!("{name}/{f}"));
+            }
+            m.shards.push(e);
+        }
+    }
+    if next_input != total {
+        return Err(crate::Error::invalid(format!(
+            "{}: the partitions hold {next_input} of the {total} inputs listed",
+            dir.display()
+        )));
+    }
+    let mut m = merged.expect("at least one partition");
+    m.merged = Some(MergedEntry {
+        partitions: count,
+        prep,
+    });
+    let summary = MergeSummary {
+        partitions: count,
+        shards: m.shards.iter().filter(|s| s.file.is_some()).count(),
+        rows: m.shards.iter().map(|s| s.rows).sum(),
+        inputs: total,
+        rejects: m.shards.iter().map(|s| s.rejects.len()).sum(),
+        duration_s: m.shards.iter().fold(0.0, |a, s| a + s.duration_s),
+        unchanged: false,
+    };
+    match ShardIndex::load(dir) {
+        Ok(Some(old)) if old == m => {
+            return Ok(MergeSummary {
+                unchanged: true,
+                ..summary
+            })
+        }
+        Ok(Some(old)) if old.merged.is_none() => {
+            return Err(crate::Error::invalid(format!(
+                "{} holds the index of an unpartitioned prep too: merge the partitions into a directory of their own",
+                dir.join(INDEX_FILE).display()
+            )))
+        }
+        // A merge of earlier partitions (rerun with another spec): replaced.
+        _ => {}
+    }
+    m.save(dir)?;
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -894,6 +1267,8 @@ mod tests {
             sample_rate: None,
             complete: true,
             shards: Vec::new(),
+            partition: None,
+            merged: None,
         };
         let line = summary(&empty, Path::new("out"));
         assert_eq!(line, "0 shards, 0 utterances (0.000 h), 0 rejected, in out");
