@@ -22,6 +22,7 @@ pub mod run_dir;
 pub mod runtime;
 pub mod spec;
 pub mod stage;
+pub mod storage;
 pub mod telemetry;
 
 pub use cancel::CancelToken;

@@ -108,14 +108,17 @@ pub fn plan_writes(plan: &Plan) -> Vec<(PathBuf, String)> {
 pub fn lock_plan(plan: &Plan) -> Result<Vec<DirLock>, RunError> {
     // Checked before the lock file is made: a directory that is not a run gets nothing of ours.
     refuse_non_run(&plan.spec.run_dir)?;
-    let dirs = plan_writes(plan);
+    // A store on object storage has no lock file (no local directory): its writers commit
+    // with conditional puts instead (see `storage`).
+    let mut dirs = plan_writes(plan);
+    dirs.retain(|(d, _)| !crate::storage::is_remote(d));
     let mut locks = lock_dirs(dirs.iter().map(|(d, w)| (d.as_path(), w.clone())))?;
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let written: Vec<PathBuf> = dirs.iter().map(|(d, _)| canon(d)).collect();
     for n in &plan.nodes {
         for store in n.configured.paths().stores {
             // A store this run also writes is already held (exclusively).
-            if written.contains(&canon(&store)) {
+            if written.contains(&canon(&store)) || crate::storage::is_remote(&store) {
                 continue;
             }
             locks.extend(lock_dir_shared(&store)?);

@@ -563,6 +563,13 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             ));
             PathBuf::from("runs").join(&name)
         }
+        Some(d) if crate::storage::is_remote(std::path::Path::new(&d)) => {
+            errs.push(locator.error(
+                "run_dir",
+                format!("{d}: a run directory on object storage is not supported yet (stores are: shards.write and shards.read take s3://, gs://, az:// URLs); give a local directory"),
+            ));
+            PathBuf::from("runs").join(&name)
+        }
         // `runs/x/` and `runs/x` are one directory (a trailing slash must not make
         // `runs/x/.replaced-1` of a moved run).
         Some(d) => PathBuf::from(d).components().collect(),

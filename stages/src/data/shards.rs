@@ -25,7 +25,6 @@ use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageErr
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -346,6 +345,9 @@ impl Params for ShardsWriteParams {
         if self.dir.as_os_str().is_empty() {
             e.push(ParamError::new("dir", "required: the shard directory"));
         }
+        if let Some(m) = pipeline::storage::unsupported_url(&self.dir) {
+            e.push(ParamError::new("dir", m));
+        }
         if !(self.target_mb > 0.0 && self.target_mb.is_finite()) {
             e.push(ParamError::new(
                 "target_mb",
@@ -419,6 +421,16 @@ fn resumable_index(
     for s in &index.shards {
         if let (Some(f), Some(h)) = (&s.file, &s.blake3) {
             let part = p.dir.join(f);
+            if pipeline::storage::is_remote(&part) {
+                // On an object store: the size (a HEAD), not every byte downloaded again; the
+                // readers check the BLAKE3 of every part they read.
+                let there = pipeline::storage::size(&part)
+                    .map_err(crate::Error::io("cannot read", &part))?;
+                if there != Some(s.bytes) {
+                    return Err(crate::Error::damaged(&part, format!("{} where its index entry says {} bytes (changed since it was written); delete the prefix to start over", there.map_or("no object".to_string(), |b| format!("{b} bytes")), s.bytes)));
+                }
+                continue;
+            }
             let written = crate::stream::store::hash_file(&part).map_err(|e| {
                 crate::Error::invalid(format!(
                     "{e} (listed in {}; delete the directory to start over)",
@@ -491,7 +503,7 @@ impl StageDef for ShardsWrite {
     ) -> Result<Self, StageError> {
         let (p, part) = partitioned(p, ctx)?;
         let p = &p;
-        std::fs::create_dir_all(&p.dir)
+        pipeline::storage::create_dir_all(&p.dir)
             .map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
         // Leftovers of an interrupted run are never listed in the index: remove them.
         if let Ok(rd) = std::fs::read_dir(&p.dir) {
@@ -502,7 +514,29 @@ impl StageDef for ShardsWrite {
                 }
             }
         }
-        let index = resumable_index(p, part.as_ref())?.unwrap_or(ShardIndex {
+        let resumed = resumable_index(p, part.as_ref())?;
+        if pipeline::storage::is_remote(&p.dir) {
+            // Parts put before a crash but never listed in the index: removed (a part is
+            // written again whole under the same name).
+            let listed: std::collections::HashSet<&str> = resumed
+                .iter()
+                .flat_map(|i| i.shards.iter().filter_map(|s| s.file.as_deref()))
+                .collect();
+            let (files, _) = pipeline::storage::list(&p.dir)
+                .map_err(|e| StageError::io(format!("cannot list {}", p.dir.display()), e))?;
+            for f in files {
+                if f.starts_with("shard-")
+                    && f.ends_with(".parquet")
+                    && !listed.contains(f.as_str())
+                {
+                    let path = p.dir.join(&f);
+                    pipeline::storage::remove(&path).map_err(|e| {
+                        StageError::io(format!("cannot remove {}", path.display()), e)
+                    })?;
+                }
+            }
+        }
+        let index = resumed.unwrap_or(ShardIndex {
             format: INDEX_FORMAT.into(),
             audio_format: p.audio_format,
             target_mb: p.target_mb,
@@ -580,7 +614,8 @@ fn partitioned(
 
 /// Reads (utt_id, source) of a shard without its audio.
 fn read_metadata(path: &Path) -> crate::Result<(Vec<(String, String)>, Vec<RecordBatch>)> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file = pipeline::storage::read(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     // Every column but the samples.
@@ -861,7 +896,7 @@ pub fn store_transcripts(dir: &Path) -> crate::Result<Vec<(Option<String>, Optio
     let mut out = Vec::new();
     for part in <Shards as PartSource>::parts(dir)? {
         let path = &part.path;
-        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let file = part.fetch()?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let schema = builder.parquet_schema();
@@ -895,7 +930,13 @@ pub fn store_transcripts(dir: &Path) -> crate::Result<Vec<(Option<String>, Optio
 
 /// Reads every utterance of one shard file.
 pub fn read_shard(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file = pipeline::storage::read(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    decode_shard(file, path, epoch)
+}
+
+/// The utterances of a shard file's bytes (`path` for messages).
+pub fn decode_shard(file: bytes::Bytes, path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(64).build())
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -971,7 +1012,7 @@ impl PartSource for Shards {
                 .iter()
                 .filter_map(|s| {
                     s.file.as_ref().map(|f| crate::stream::Part {
-                        path: dir.join(f),
+                        path: pipeline::storage::join(dir, f),
                         rows: s.rows,
                         bytes: s.bytes,
                         blake3: s.blake3.clone(),
@@ -989,8 +1030,8 @@ impl PartSource for Shards {
             ))),
         }
     }
-    fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
-        read_shard(path, epoch)
+    fn decode(bytes: bytes::Bytes, path: &Path, epoch: u32) -> crate::Result<Vec<Utterance>> {
+        decode_shard(bytes, path, epoch)
     }
     fn speaker(item: &Utterance) -> Option<&str> {
         item.speaker.as_deref()
@@ -999,12 +1040,10 @@ impl PartSource for Shards {
 
 /// The `part-iiiii-of-NNNNN` directories of a store: (name, index, count), sorted by name.
 fn partition_dirs(dir: &Path) -> Vec<(String, usize, usize)> {
-    let mut out: Vec<(String, usize, usize)> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.path().is_dir())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
+    let mut out: Vec<(String, usize, usize)> = pipeline::storage::list(dir)
+        .map(|(_, dirs)| {
+            dirs.into_iter()
+                .filter_map(|name| {
                     let rest = name.strip_prefix("part-")?;
                     let (i, n) = rest.split_once("-of-")?;
                     let digits = |t: &str| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit());
@@ -1091,7 +1130,7 @@ pub fn merge_partitions(dir: &Path, verify: bool) -> crate::Result<MergeSummary>
     let mut total = 0u64;
     let mut ids: HashMap<String, String> = HashMap::new();
     for (name, i, _) in &parts {
-        let pdir = dir.join(name);
+        let pdir = pipeline::storage::join(dir, name);
         let Some(index) = ShardIndex::load(&pdir)? else {
             return Err(crate::Error::invalid(format!(
                 "{}: partition {i} has no index (its prep has not written a shard yet): run it to the end before merging",
@@ -1179,10 +1218,10 @@ pub fn merge_partitions(dir: &Path, verify: bool) -> crate::Result<MergeSummary>
             let mut e = s.clone();
             e.first_input += pe.first_input;
             if let Some(f) = &s.file {
-                let path = pdir.join(f);
-                let bytes = std::fs::metadata(&path)
+                let path = pipeline::storage::join(&pdir, f);
+                let bytes = pipeline::storage::size(&path)
                     .map_err(crate::Error::io("cannot read", &path))?
-                    .len();
+                    .unwrap_or(0);
                 if bytes != s.bytes {
                     return Err(crate::Error::damaged(
                         &path,

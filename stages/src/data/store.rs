@@ -15,7 +15,6 @@ use parquet::file::properties::WriterProperties;
 use pipeline::{ParamError, Params, Port, Stage, StageContext, StageDef, StageError, StageIo};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -149,6 +148,9 @@ impl Params for FeaturesWriteParams {
         if self.dir.as_os_str().is_empty() {
             e.push(ParamError::new("dir", "required: the feature directory"));
         }
+        if let Some(m) = pipeline::storage::unsupported_url(&self.dir) {
+            e.push(ParamError::new("dir", m));
+        }
         if !(self.target_mb > 0.0 && self.target_mb.is_finite()) {
             e.push(ParamError::new(
                 "target_mb",
@@ -191,19 +193,23 @@ impl StageDef for FeaturesWrite {
         }
     }
     fn create(p: &FeaturesWriteParams, _: &StageContext, _: usize) -> Result<Self, StageError> {
-        std::fs::create_dir_all(&p.dir)
+        use pipeline::storage;
+        storage::create_dir_all(&p.dir)
             .map_err(|e| StageError::io(format!("cannot create {}", p.dir.display()), e))?;
         // Start over: drop the index first, so a crash in between never leaves a complete-looking
         // mix of old and new parts.
-        let _ = std::fs::remove_file(p.dir.join(FEATURES_INDEX));
-        if let Ok(rd) = std::fs::read_dir(&p.dir) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if (name.starts_with("features-") && name.ends_with(".parquet"))
-                    || name.ends_with(".tmp")
-                {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        let index = p.dir.join(FEATURES_INDEX);
+        storage::remove(&index)
+            .map_err(|e| StageError::io(format!("cannot remove {}", index.display()), e))?;
+        let (files, _) = storage::list(&p.dir)
+            .map_err(|e| StageError::io(format!("cannot list {}", p.dir.display()), e))?;
+        for name in files {
+            if (name.starts_with("features-") && name.ends_with(".parquet"))
+                || name.ends_with(".tmp")
+            {
+                let f = p.dir.join(&name);
+                storage::remove(&f)
+                    .map_err(|e| StageError::io(format!("cannot remove {}", f.display()), e))?;
             }
         }
         Ok(FeaturesWrite {
@@ -271,7 +277,17 @@ impl Stage for FeaturesWrite {
 
 /// Reads every row of one feature part.
 pub fn read_features(path: &Path, epoch: Option<u32>) -> crate::Result<Vec<Features>> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file = pipeline::storage::read(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    decode_features(file, path, epoch)
+}
+
+/// The rows of a feature part's bytes (`path` for messages).
+pub fn decode_features(
+    file: bytes::Bytes,
+    path: &Path,
+    epoch: Option<u32>,
+) -> crate::Result<Vec<Features>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(256).build())
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -385,8 +401,8 @@ impl PartSource for FeatureStore {
             ))),
         }
     }
-    fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Features>> {
-        read_features(path, Some(epoch))
+    fn decode(bytes: bytes::Bytes, path: &Path, epoch: u32) -> crate::Result<Vec<Features>> {
+        decode_features(bytes, path, Some(epoch))
     }
     fn speaker(item: &Features) -> Option<&str> {
         item.speaker.as_deref()

@@ -30,6 +30,11 @@ pub struct ReaderParams {
     pub speakers: Vec<SpeakerId>,
     /// Leave out the utterances of these speakers.
     pub exclude_speakers: Vec<SpeakerId>,
+    /// Parts fetched ahead (and checked against their BLAKE3) by a thread while the current one
+    /// is consumed: memory holds at most this many parts' files more. 0 reads each part when it
+    /// is reached. For a store on object storage, where a part's download takes longer than
+    /// reading it from disk.
+    pub prefetch: usize,
 }
 
 /// A speaker id as a spec writes it: `1001` or `"1001"`.
@@ -93,6 +98,7 @@ impl Default for ReaderParams {
             start_index: 0,
             speakers: Vec::new(),
             exclude_speakers: Vec::new(),
+            prefetch: 2,
         }
     }
 }
@@ -106,8 +112,17 @@ impl Params for ReaderParams {
                 "required: a store directory (shards.write, features.write)",
             ));
         }
+        if let Some(m) = pipeline::storage::unsupported_url(&self.dir) {
+            e.push(ParamError::new("dir", m));
+        }
         if self.epochs == 0 {
             e.push(ParamError::new("epochs", "must be at least 1"));
+        }
+        if self.prefetch > 64 {
+            e.push(ParamError::new(
+                "prefetch",
+                format!("at most 64 parts ahead, got {}", self.prefetch),
+            ));
         }
         if self.start_epoch >= self.epochs.max(1) {
             e.push(ParamError::new(
@@ -134,33 +149,45 @@ pub struct Part {
 }
 
 impl Part {
-    /// Reads the part's file and checks its size and BLAKE3 against the index: a part that
-    /// changed since it was written (a flipped bit, a truncation, another file copied over it)
-    /// is an error naming the file, never data.
-    pub fn verify(&self) -> crate::Result<()> {
-        let got = crate::stream::store::hash_file(&self.path)?;
-        if got.bytes != self.bytes {
+    /// Checks the part's bytes against the index: a part that changed since it was written (a
+    /// flipped bit, a truncation, another file copied over it) is an error naming the file,
+    /// never data.
+    pub fn verify_bytes(&self, bytes: &[u8]) -> crate::Result<()> {
+        if bytes.len() as u64 != self.bytes {
             return Err(crate::Error::damaged(
                 &self.path,
                 format!(
                     "{} bytes, the index says {}: the file changed after it was written",
-                    got.bytes, self.bytes
+                    bytes.len(),
+                    self.bytes
                 ),
             ));
         }
         let Some(want) = &self.blake3 else {
             return Ok(());
         };
-        if !got.blake3.eq_ignore_ascii_case(want) {
+        let got = blake3::hash(bytes).to_hex();
+        if !got.as_str().eq_ignore_ascii_case(want) {
             return Err(crate::Error::damaged(
                 &self.path,
                 format!(
                     "BLAKE3 {}, the index says {}: the file changed after it was written",
-                    got.blake3, want
+                    got, want
                 ),
             ));
         }
         Ok(())
+    }
+    /// Reads the part (a file or an object) and checks it against the index.
+    pub fn fetch(&self) -> crate::Result<bytes::Bytes> {
+        let b = pipeline::storage::read(&self.path)
+            .map_err(crate::Error::io("cannot read", &self.path))?;
+        self.verify_bytes(&b)?;
+        Ok(b)
+    }
+    /// Reads the part and checks it (the bytes are dropped).
+    pub fn verify(&self) -> crate::Result<()> {
+        self.fetch().map(|_| ())
     }
 }
 
@@ -176,8 +203,9 @@ pub trait PartSource: Send + Sync + 'static {
     const UNIT: &'static str;
     /// The parts of a finished store as its index lists them, or why it cannot be read.
     fn parts(dir: &Path) -> crate::Result<Vec<Part>>;
-    /// The rows of one part, in stored order, as items of `epoch`.
-    fn read(path: &Path, epoch: u32) -> crate::Result<Vec<Self::Item>>;
+    /// The rows of one part (its file's bytes; `path` for messages), in stored order, as items
+    /// of `epoch`.
+    fn decode(bytes: bytes::Bytes, path: &Path, epoch: u32) -> crate::Result<Vec<Self::Item>>;
     /// The speaker of an item (for `speakers` / `exclude_speakers`).
     fn speaker(item: &Self::Item) -> Option<&str>;
 }
@@ -240,6 +268,7 @@ impl<S: PartSource> StageDef for ReadStage<S> {
             parts,
             filter: p.speaker_filter(),
             split: crate::dist::stream_split(ctx),
+            prefetch: p.prefetch,
         };
         Ok(ReadStage {
             reader,
@@ -261,10 +290,8 @@ impl<S: PartSource> Stage for ReadStage<S> {
         let passed = self.reader.run(
             io,
             S::UNIT,
-            |part, epoch| {
-                part.verify()?;
-                Ok(S::read(&part.path, epoch)?)
-            },
+            |part| Ok(part.fetch()?),
+            |part, bytes, epoch| Ok(S::decode(bytes, &part.path, epoch)?),
             |item| filter.as_ref().is_none_or(|f| f.keeps(S::speaker(item))),
         )?;
         if self.reader.filter.is_some() && passed == 0 {
@@ -310,6 +337,8 @@ pub struct EpochReader {
     /// rows the filter keeps) is `rank` modulo `world`; positions (`start_index`) count this
     /// rank's rows.
     pub split: Option<(usize, usize)>,
+    /// Parts fetched ahead by a thread (0: none).
+    pub prefetch: usize,
 }
 
 /// Of the indices `lo..hi`, how many are `rank` modulo `world`.
@@ -320,15 +349,92 @@ fn ours(lo: u64, hi: u64, rank: usize, world: usize) -> u64 {
 }
 
 impl EpochReader {
-    /// Sends every row that `keep` passes on output 0; `read` reads one part (its rows in
-    /// stored order) for an epoch; `unit` names the parts in the progress line. Returns the rows
-    /// sent.
+    /// The parts of `epoch` that [`EpochReader::run`] opens, in order: those wholly before the
+    /// start are not (without a speaker filter, whose kept rows are not known before reading).
+    fn opened(&self, epoch: u32, rows: &[u64]) -> Vec<usize> {
+        let (rank, world) = self.split.unwrap_or((0, 1));
+        let mut skip = if epoch == self.start_epoch {
+            self.start_index
+        } else {
+            0
+        };
+        let mut g = 0u64;
+        let mut out = Vec::new();
+        for (k, perm) in epoch_order(self.seed, epoch, rows, self.shuffle) {
+            let n = perm.len() as u64;
+            let mine = ours(g, g + n, rank, world);
+            g += n;
+            if self.filter.is_none() && skip >= mine {
+                skip -= mine;
+                continue;
+            }
+            skip -= skip.min(mine);
+            out.push(k);
+        }
+        out
+    }
+
+    /// Sends every row that `keep` passes on output 0. `fetch` reads one part's bytes (and
+    /// checks them), on a thread `prefetch` parts ahead when `prefetch` > 0; `decode` makes its
+    /// rows (in stored order) for an epoch; `unit` names the parts in the progress line.
+    /// Returns the rows sent.
     pub fn run<T: Send + 'static>(
         &self,
         io: &mut StageIo,
         unit: &str,
-        read: impl Fn(&Part, u32) -> Result<Vec<T>, StageError>,
+        fetch: impl Fn(&Part) -> Result<bytes::Bytes, StageError> + Sync,
+        decode: impl Fn(&Part, bytes::Bytes, u32) -> Result<Vec<T>, StageError>,
         keep: impl Fn(&T) -> bool,
+    ) -> Result<u64, StageError> {
+        if self.prefetch == 0 {
+            return self.run_with(io, unit, &mut |k| fetch(&self.parts[k]), &decode, &keep);
+        }
+        let rows: Vec<u64> = self.parts.iter().map(|p| p.rows).collect();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<bytes::Bytes, StageError>)>(
+            self.prefetch - 1,
+        );
+        std::thread::scope(|scope| {
+            let fetch = &fetch;
+            let rows = &rows;
+            std::thread::Builder::new()
+                .name("prefetch".into())
+                .spawn_scoped(scope, move || {
+                    for epoch in self.start_epoch..self.epochs {
+                        for k in self.opened(epoch, rows) {
+                            let r = fetch(&self.parts[k]);
+                            let failed = r.is_err();
+                            // The reader stopped (an error, the run cancelled): so do we.
+                            if tx.send((k, r)).is_err() || failed {
+                                return;
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| {
+                    StageError::failed(format!("cannot start the prefetch thread: {e}"))
+                })?;
+            let mut next = |k: usize| match rx.recv() {
+                Ok((got, r)) if got == k => r,
+                Ok((got, _)) => Err(StageError::failed(format!(
+                    "internal: prefetched part {got} where part {k} comes next"
+                ))),
+                Err(_) => Err(StageError::failed(
+                    "internal: the prefetch thread ended early",
+                )),
+            };
+            let out = self.run_with(io, unit, &mut next, &decode, &keep);
+            drop(rx);
+            out
+        })
+    }
+
+    fn run_with<T: Send + 'static>(
+        &self,
+        io: &mut StageIo,
+        unit: &str,
+        fetch: &mut dyn FnMut(usize) -> Result<bytes::Bytes, StageError>,
+        decode: &dyn Fn(&Part, bytes::Bytes, u32) -> Result<Vec<T>, StageError>,
+        keep: &dyn Fn(&T) -> bool,
     ) -> Result<u64, StageError> {
         let rows: Vec<u64> = self.parts.iter().map(|p| p.rows).collect();
         let filtered = self.filter.is_some();
@@ -357,7 +463,7 @@ impl EpochReader {
                 }
                 let part = &self.parts[k];
                 let path = &part.path;
-                let items = read(part, epoch)?;
+                let items = decode(part, fetch(k)?, epoch)?;
                 if items.len() != perm.len() {
                     return Err(StageError::failed(format!(
                         "{}: {} rows, the index says {}",
