@@ -44,6 +44,12 @@ pub fn setup(spec_path: &Path, set: &[String], force: bool) -> Result<Option<Ran
         .backend
         .clone()
         .unwrap_or_else(|| if on_cpu { "mpi" } else { "nccl" }.to_string());
+    if pipeline::storage::is_remote(&spec.run_dir) {
+        bail!(
+            "run_dir {} is on object storage: a data-parallel run needs its run directory on a filesystem every rank shares (a local run_dir; the stores it reads may be URLs)",
+            spec.run_dir.display()
+        );
+    }
     if force {
         bail!("--force moves a run directory aside, which the other ranks are using: remove the run directory (or pick another run_dir) before a data-parallel run instead");
     }

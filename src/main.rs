@@ -266,7 +266,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             fbank_spec,
             force,
         } => export(
-            &run_dir,
+            &local_run(run_dir)?,
             &out,
             teacher,
             force,
@@ -307,7 +307,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 masking,
                 ..Default::default()
             };
-            print_paths(lab::report::report(&run_dirs, &opts)?)
+            print_paths(lab::report::report(&local_runs(run_dirs)?, &opts)?)
         }
         Command::Sweep {
             specs,
@@ -345,7 +345,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             utt,
             step,
         } => print_paths(lab::plot::plot(
-            &run_dirs,
+            &local_runs(run_dirs)?,
             &lab::plot::PlotOptions { out, utt, step },
         )?),
         Command::Stages => {
@@ -365,7 +365,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(sql) = args.pop() else {
                 bail!("usage: ehmam query RUN_DIR... \"SQL\"")
             };
-            let dirs: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
+            let dirs = local_runs(args.into_iter().map(PathBuf::from).collect())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             lab::sql::query_to(&dirs, &sql, format, memory, &mut out)?;
             // Flushed by query_to (a reader that went away is no error).
@@ -373,6 +373,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A run directory as a local directory: one on object storage (`s3://…`) is brought into its
+/// local copy first (what changed since the last time only).
+fn local_run(dir: PathBuf) -> Result<PathBuf> {
+    if !pipeline::storage::is_remote(&dir) {
+        return Ok(dir);
+    }
+    let m = pipeline::storage::RunMirror::new(&dir);
+    m.pull()
+        .map_err(|e| anyhow::anyhow!("cannot read the run directory {}: {e}", dir.display()))?;
+    Ok(m.local)
+}
+
+fn local_runs(dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    dirs.into_iter().map(local_run).collect()
 }
 
 fn print_paths(files: Vec<PathBuf>) -> Result<ExitCode> {

@@ -9,24 +9,18 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BUCKET: &str = "ehmam-test";
 
-/// moto's S3 server on a free loopback port, stopped when dropped.
+/// moto's S3 server on a free loopback port, one for the whole test binary (this process's
+/// environment points at it, for the checks that read the objects through `pipeline::storage`);
+/// a watcher ends it when this process ends.
 struct Moto {
-    child: Child,
     port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn free_port() -> u16 {
@@ -37,9 +31,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts moto with a bucket, or `None` (test skipped, said) when it is not installed and
+/// The server with the test bucket, or `None` (test skipped, said) when it is not installed and
 /// `EHMAM_REQUIRE_S3` is unset. scripts/test.sh installs it and sets that variable.
-fn moto() -> Option<Moto> {
+fn moto() -> Option<&'static Moto> {
+    static M: std::sync::OnceLock<Option<Moto>> = std::sync::OnceLock::new();
+    M.get_or_init(start_moto).as_ref()
+}
+
+fn start_moto() -> Option<Moto> {
     let bin = root().join(".venv-s3/bin/moto_server");
     if !bin.exists() {
         assert!(
@@ -54,13 +53,18 @@ fn moto() -> Option<Moto> {
         return None;
     }
     let port = free_port();
-    let child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    let watch = format!(
+        "\"$0\" -H 127.0.0.1 -p {port} >/dev/null 2>&1 & m=$!; while kill -0 {} 2>/dev/null; do sleep 0.5; done; kill $m",
+        std::process::id()
+    );
+    Command::new("sh")
+        // `sh -c SCRIPT BIN`: the script's `$0` is the server's path.
+        .args(["-c", &watch])
+        .arg(&bin)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("cannot start moto_server");
-    let m = Moto { child, port };
     let t0 = Instant::now();
     loop {
         if let Ok(r) = http(port, "PUT", &format!("/{BUCKET}"), b"") {
@@ -73,7 +77,10 @@ fn moto() -> Option<Moto> {
         assert!(t0.elapsed() < Duration::from_secs(60), "moto did not start");
         std::thread::sleep(Duration::from_millis(200));
     }
-    Some(m)
+    for (k, v) in s3_env(port) {
+        std::env::set_var(k, v);
+    }
+    Some(Moto { port })
 }
 
 /// One plain HTTP request (moto takes unsigned requests); the response's head and body.
@@ -140,36 +147,30 @@ fn run_ok(args: &[String], env: &[(String, String)]) -> String {
 }
 
 /// The objects under `prefix` of the bucket, by key relative to it, with their bytes (read
-/// through plain HTTP GETs, not ehmam's client).
-fn objects(port: u16, prefix: &str) -> Vec<(String, Vec<u8>)> {
-    let list = http(
-        port,
-        "GET",
-        &format!("/{BUCKET}?list-type=2&prefix={prefix}/"),
-        b"",
-    )
-    .unwrap();
-    let mut keys: Vec<String> = list
-        .split("<Key>")
-        .skip(1)
-        .map(|k| k.split("</Key>").next().unwrap().to_string())
-        .collect();
-    keys.sort();
-    keys.into_iter()
-        .map(|k| {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            write!(
-                s,
-                "GET /{BUCKET}/{k} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).unwrap();
-            let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            let rel = k.strip_prefix(&format!("{prefix}/")).unwrap().to_string();
-            (rel, out[at..].to_vec())
-        })
-        .collect()
+/// with this process's client, straight from the server).
+fn objects(prefix: &str) -> Vec<(String, Vec<u8>)> {
+    fn walk(url: &str, rel: &str, out: &mut Vec<(String, Vec<u8>)>) {
+        let (files, dirs) = pipeline::storage::list(Path::new(url)).unwrap();
+        for f in files {
+            let p = format!("{url}/{f}");
+            let b = pipeline::storage::read(Path::new(&p)).unwrap();
+            out.push((format!("{rel}{f}"), b.to_vec()));
+        }
+        for d in dirs {
+            walk(&format!("{url}/{d}"), &format!("{rel}{d}/"), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&format!("s3://{BUCKET}/{prefix}"), "", &mut out);
+    out.sort();
+    out
+}
+
+/// An object's text, `None` when there is none.
+fn object_text(key: &str) -> Option<String> {
+    pipeline::storage::read_opt(Path::new(&format!("s3://{BUCKET}/{key}")))
+        .unwrap()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// The files of a local tree as (relative path, bytes), `/`-separated.
@@ -198,7 +199,7 @@ fn prep_into_s3_is_byte_identical_to_a_local_prep_and_training_reads_it() {
     );
     let url = format!("s3://{BUCKET}/demo");
     run_ok(&prep_args(&tmp.path().join("run-s3"), &url, &[]), &env);
-    let remote = objects(m.port, "demo");
+    let remote = objects("demo");
     let here = files(&local);
     assert_eq!(
         remote.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
@@ -274,7 +275,7 @@ fn a_prep_into_s3_killed_midway_reads_as_unfinished_and_resumes_to_the_same_obje
     // Killed once its index lists a few shards.
     let t0 = Instant::now();
     loop {
-        let idx = http(m.port, "GET", &format!("/{BUCKET}/killed/index.json"), b"").unwrap();
+        let idx = object_text("killed/index.json").unwrap_or_default();
         if idx.matches("\"file\"").count() >= 3 {
             break;
         }
@@ -287,7 +288,7 @@ fn a_prep_into_s3_killed_midway_reads_as_unfinished_and_resumes_to_the_same_obje
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let idx = http(m.port, "GET", &format!("/{BUCKET}/killed/index.json"), b"").unwrap();
+    let idx = object_text("killed/index.json").unwrap();
     assert!(idx.contains("\"complete\": false"), "{idx}");
     // A reader refuses it (at validation, naming the store).
     let o = ehmam_env(
@@ -310,7 +311,7 @@ fn a_prep_into_s3_killed_midway_reads_as_unfinished_and_resumes_to_the_same_obje
         &env,
     );
     assert!(out.contains("resuming"), "{out}");
-    let remote = objects(m.port, "killed");
+    let remote = objects("killed");
     assert!(
         remote == files(&local),
         "resumed objects equal the local prep's files"
@@ -338,11 +339,7 @@ fn partitions_on_s3_merge_into_one_store() {
     ];
     let out = run_ok(&a, &env);
     assert!(out.contains("merged: 2 partitions"), "{out}");
-    // Read through the store reader of the library, with the server's environment.
-    for (k, v) in &env {
-        // The other tests of this binary give their children these variables explicitly.
-        std::env::set_var(k, v);
-    }
+    // Read through the store reader of the library.
     use stages::stream::PartSource;
     let parts = stages::data::shards::Shards::parts(Path::new(&url)).unwrap();
     let merged: Vec<String> = parts
@@ -478,7 +475,7 @@ fn a_failing_server_is_retried_through_and_one_that_stops_leaves_nothing_complet
     let injected = f.injected.load(Ordering::SeqCst);
     assert!(injected >= 5, "only {injected} failures injected");
     assert!(
-        objects(m.port, "flaky") == files(&local),
+        objects("flaky") == files(&local),
         "after {injected} failed requests, the objects equal the local prep's files"
     );
 
@@ -498,9 +495,135 @@ fn a_failing_server_is_retried_through_and_one_that_stops_leaves_nothing_complet
         text(&o)
     );
     assert!(!text(&o).contains("panicked"), "{}", text(&o));
-    let idx = http(m.port, "GET", &format!("/{BUCKET}/stopped/index.json"), b"").unwrap();
+    let idx = object_text("stopped/index.json").unwrap_or_default();
     assert!(
         !idx.contains("\"complete\": true"),
         "no index that says complete: {idx}"
+    );
+}
+
+#[test]
+fn a_part_is_created_once_its_own_bytes_again_are_accepted_and_others_refused() {
+    if moto().is_none() {
+        return;
+    }
+    use pipeline::storage::{read, write_new, write_replace};
+    let p = format!("s3://{BUCKET}/create/part-0");
+    let p = Path::new(&p);
+    write_new(p, bytes::Bytes::from_static(b"first")).unwrap();
+    // The same bytes again: a retried request whose answer was lost, or a rerun.
+    write_new(p, bytes::Bytes::from_static(b"first")).unwrap();
+    let e = write_new(p, bytes::Bytes::from_static(b"other")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    assert!(e.to_string().contains("another writer"), "{e}");
+    assert_eq!(&read(p).unwrap()[..], b"first");
+    // An index is replaced whole.
+    write_replace(p, bytes::Bytes::from_static(b"index 2")).unwrap();
+    assert_eq!(&read(p).unwrap()[..], b"index 2");
+}
+
+fn tiny_args(run_dir: &str, shards: &str, max: u32) -> Vec<String> {
+    [
+        "run",
+        "specs/tiny.yaml",
+        "--set",
+        &format!("run_dir={run_dir}"),
+        "--set",
+        &format!("stages.shards.with.dir={shards}"),
+        "--set",
+        &format!("stages.student.with.max_steps={max}"),
+        "--set",
+        "stages.student.with.checkpoint_every=4",
+        "--set",
+        "stages.batch.with.max_seconds=8",
+        // A log part closes (and can be put) every 4 steps: a kill loses the open one.
+        "--set",
+        "stages.steps.with.rotate_every=4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_run_directory_on_s3_is_killed_resumed_from_another_cache_and_queried_there() {
+    let Some(m) = moto() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = format!("s3://{BUCKET}/runshards");
+    run_ok(
+        &prep_args(&tmp.path().join("prep"), &shards, &[]),
+        &s3_env(m.port),
+    );
+    // The same run, uninterrupted, in a local run directory.
+    let local = tmp.path().join("local");
+    run_ok(
+        &tiny_args(&local.display().to_string(), &shards, 16),
+        &s3_env(m.port),
+    );
+
+    let url = format!("s3://{BUCKET}/runs/tiny");
+    let with_cache = |c: &str| {
+        let mut env = s3_env(m.port);
+        env.push((
+            "EHMAM_CACHE_DIR".into(),
+            tmp.path().join(c).display().to_string(),
+        ));
+        env.push(("EHMAM_SYNC_S".into(), "0.2".into()));
+        env
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ehmam"))
+        .args(tiny_args(&url, &shards, 16))
+        .current_dir(root())
+        .env("CI", "true")
+        .envs(
+            with_cache("cache-a")
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once the store holds the checkpoint of update 8 and the log part of steps 4–7.
+    let t0 = Instant::now();
+    while object_text("runs/tiny/checkpoints/step-00000008.json").is_none()
+        || object_text("runs/tiny/steps/part-000000004.arrow").is_none()
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Resumed on "another machine": an empty cache, everything from the store.
+    let out = run_ok(&tiny_args(&url, &shards, 16), &with_cache("cache-b"));
+    assert!(out.contains("resum"), "{out}");
+    assert!(out.contains(&url), "{out}");
+    // Queried from a third empty cache: the steps of the uninterrupted run, exactly.
+    let q = "SELECT step, loss, loss_rec, loss_aux FROM steps ORDER BY step";
+    let mut a: Vec<String> = vec![
+        "query".into(),
+        "--format".into(),
+        "csv".into(),
+        url.clone(),
+        q.into(),
+    ];
+    let there = run_ok(&a, &with_cache("cache-c"));
+    a[3] = local.display().to_string();
+    let here = run_ok(&a, &with_cache("cache-c"));
+    assert_eq!(there.lines().count(), 17, "{there}");
+    assert_eq!(there, here);
+    // The checkpoint put last is the final one, with its tensors.
+    assert!(object_text("runs/tiny/checkpoints/step-00000016.json").is_some());
+    let files = objects("runs/tiny");
+    assert!(files
+        .iter()
+        .any(|(n, _)| n == "checkpoints/step-00000016.safetensors"));
+    assert!(
+        !files.iter().any(|(n, _)| n.ends_with(".lock")),
+        "no lock file on S3"
     );
 }

@@ -23,12 +23,45 @@ pub enum RunsError {
     Sweep(#[from] crate::sweep::SweepError),
     #[error("cannot install the Ctrl-C handler: {0}")]
     Signal(String),
+    /// A run directory on object storage that could not be put there.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// Loads and validates a spec with `--set` overrides.
 pub fn load_plan(spec: &Path, set: &[String]) -> Result<Plan, SpecErrors> {
+    load_plan_mirrored(spec, set).map(|(plan, _)| plan)
+}
+
+/// [`load_plan`], and for a run directory on object storage (`run_dir: s3://…`) its local
+/// working copy, pulled from the store before the spec is validated (a resumed run reads its
+/// checkpoints there); the plan's run directory is that copy.
+pub fn load_plan_mirrored(
+    spec: &Path,
+    set: &[String],
+) -> Result<(Plan, Option<pipeline::storage::RunMirror>), SpecErrors> {
     let registry = stages::registry();
     let mut spec = pipeline::load(spec, set)?;
+    let mut mirror = None;
+    if pipeline::storage::is_remote(&spec.run_dir) {
+        let m = pipeline::storage::RunMirror::new(&spec.run_dir);
+        match m.pull() {
+            Ok(_) => {
+                spec.run_dir = m.local.clone();
+                mirror = Some(m);
+            }
+            Err(e) => {
+                let err = spec.locator.error(
+                    "run_dir",
+                    format!(
+                        "cannot read the run directory {}: {e}",
+                        spec.run_dir.display()
+                    ),
+                );
+                spec.errors.push(err);
+            }
+        }
+    }
     if let Err(msg) = stages::dist::DistSpec::from_value(spec.distributed.as_ref()) {
         let (path, what) = msg
             .split_once(": ")
@@ -36,7 +69,18 @@ pub fn load_plan(spec: &Path, set: &[String]) -> Result<Plan, SpecErrors> {
         let e = spec.locator.error(path, what);
         spec.errors.push(e);
     }
-    pipeline::validate(spec, &registry)
+    pipeline::validate(spec, &registry).map(|plan| (plan, mirror))
+}
+
+/// Seconds between two pushes of a run directory on object storage while it runs
+/// (`EHMAM_SYNC_S`, default 30).
+fn sync_every() -> std::time::Duration {
+    let s = std::env::var("EHMAM_SYNC_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(30.0);
+    std::time::Duration::from_secs_f64(s)
 }
 
 /// `ehmam run`: validates, then runs with Ctrl-C stopping every stage cleanly.
@@ -49,9 +93,9 @@ pub fn run_spec(
     // The spec validates before anything is moved; with --force a run of another spec in the
     // run directory is then moved aside and the spec validated again (the first validation may
     // have read the old run's checkpoints).
-    let mut plan = load_plan(spec, set).map_err(RunsError::Spec)?;
+    let (mut plan, mut mirror) = load_plan_mirrored(spec, set).map_err(RunsError::Spec)?;
     if force && pipeline::claim_run_dir(&plan)?.is_some() {
-        plan = load_plan(spec, set).map_err(RunsError::Spec)?;
+        (plan, mirror) = load_plan_mirrored(spec, set).map_err(RunsError::Spec)?;
     }
     let cancel = CancelToken::new();
     {
@@ -63,7 +107,53 @@ pub fn run_spec(
         })
         .map_err(|e| RunsError::Signal(e.to_string()))?;
     }
-    Ok(pipeline::run(plan, &RunOptions { force, quiet }, &cancel)?)
+    let Some(mirror) = mirror else {
+        return Ok(pipeline::run(plan, &RunOptions { force, quiet }, &cancel)?);
+    };
+    // A run directory on object storage: pushed every `EHMAM_SYNC_S` while the run goes on,
+    // and once more at its end (finished, failed or stopped).
+    let every = sync_every();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let result = std::thread::scope(|s| {
+        let m = &mirror;
+        let pusher = s.spawn(move || -> std::io::Result<()> {
+            loop {
+                match done_rx.recv_timeout(every) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        m.push()?;
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        });
+        let r = pipeline::run(plan, &RunOptions { force, quiet }, &cancel);
+        let _ = done_tx.send(());
+        let pushed = pusher
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the push thread panicked")));
+        (r, pushed)
+    });
+    let (r, pushed) = result;
+    let last = mirror.push();
+    let url = mirror.url.display();
+    match (r, pushed.and(last.map(|_| ()))) {
+        (Ok(summary), Ok(())) => {
+            if !quiet {
+                eprintln!("run directory {url} (worked on in {})", mirror.local.display());
+            }
+            Ok(summary)
+        }
+        (Ok(_), Err(e)) => Err(RunsError::Store(format!(
+            "the run finished in {} but putting it to {url} failed: {e}; rerun the same command to put it there (the run is not repeated)",
+            mirror.local.display()
+        ))),
+        (Err(e), push) => {
+            if let Err(pe) = push {
+                eprintln!("(and putting the run directory to {url} failed: {pe})");
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// What `ehmam sweep` asks for.

@@ -563,11 +563,14 @@ pub fn from_value(value: Value, locator: Locator) -> Result<Spec, SpecErrors> {
             ));
             PathBuf::from("runs").join(&name)
         }
+        // On object storage: a URL, kept as written (less a trailing slash); `ehmam run`
+        // works in a local copy and puts what it writes there.
         Some(d) if crate::storage::is_remote(std::path::Path::new(&d)) => {
-            errs.push(locator.error(
-                "run_dir",
-                format!("{d}: a run directory on object storage is not supported yet (stores are: shards.write and shards.read take s3://, gs://, az:// URLs); give a local directory"),
-            ));
+            PathBuf::from(d.trim_end_matches('/'))
+        }
+        Some(d) if crate::storage::unsupported_url(std::path::Path::new(&d)).is_some() => {
+            let m = crate::storage::unsupported_url(std::path::Path::new(&d)).unwrap_or_default();
+            errs.push(locator.error("run_dir", m));
             PathBuf::from("runs").join(&name)
         }
         // `runs/x/` and `runs/x` are one directory (a trailing slash must not make

@@ -378,3 +378,188 @@ mod tests {
         assert_eq!(size(&p).unwrap(), None);
     }
 }
+
+/// Every object below a prefix, by path relative to it (`/`-separated), with its size.
+pub fn list_tree(dir: &Path) -> io::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, u64)>) -> io::Result<()> {
+        let o = object(dir)?;
+        let prefix = (!o.path.as_ref().is_empty()).then_some(&o.path);
+        let r = block_on(o.store.list_with_delimiter(prefix)).map_err(|e| err(&o.shown, e))?;
+        for m in &r.objects {
+            if let Some(f) = m.location.filename() {
+                out.push((format!("{rel}{f}"), m.size));
+            }
+        }
+        for p in &r.common_prefixes {
+            if let Some(d) = p.filename() {
+                walk(&join(dir, d), &format!("{rel}{d}/"), out)?;
+            }
+        }
+        Ok(())
+    }
+    walk(dir, "", &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Where a run directory on object storage is worked on: `$EHMAM_CACHE_DIR/runs/SCHEME/BUCKET/PREFIX`
+/// (default `$XDG_CACHE_HOME/ehmam`, else `~/.cache/ehmam`).
+pub fn local_copy(url: &Path) -> PathBuf {
+    let base = std::env::var_os("EHMAM_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ehmam")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ehmam")))
+        .unwrap_or_else(|| std::env::temp_dir().join("ehmam-cache"));
+    let text = url.to_string_lossy();
+    let (scheme, rest) = text.split_once("://").unwrap_or(("file", &text));
+    let mut p = base.join("runs").join(scheme.to_ascii_lowercase());
+    for part in rest
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != "." && *s != "..")
+    {
+        p.push(part);
+    }
+    p
+}
+
+/// Files of a local tree by relative path (`/`-separated), with size and modification time;
+/// the run directory's lock file left out.
+fn local_tree(dir: &Path) -> io::Result<Vec<(String, u64, std::time::SystemTime)>> {
+    fn walk(
+        base: &Path,
+        d: &Path,
+        out: &mut Vec<(String, u64, std::time::SystemTime)>,
+    ) -> io::Result<()> {
+        let rd = match std::fs::read_dir(d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            let p = e.path();
+            let m = e.metadata()?;
+            if m.is_dir() {
+                walk(base, &p, out)?;
+            } else if m.is_file() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // The lock file, and temporary files of writes in progress.
+                if name == crate::lock::LOCK_FILE || name.ends_with(".tmp") {
+                    continue;
+                }
+                let rel = p
+                    .strip_prefix(base)
+                    .unwrap_or(&p)
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                out.push((rel, m.len(), m.modified()?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// A run directory on object storage and its local working copy: [`RunMirror::pull`] before
+/// the run makes the copy what the store holds; [`RunMirror::push`] during and after it puts
+/// what changed, each file whole, the files that say what is complete (`*.json`: a checkpoint's
+/// description after its tensors, `run.json` last) after the others, and removes the objects
+/// whose files are gone. A crash between two pushes loses at most what came after the first;
+/// what was pushed reads as it did locally then (a checkpoint without its description is not
+/// one).
+pub struct RunMirror {
+    pub url: PathBuf,
+    pub local: PathBuf,
+    pushed: Mutex<HashMap<String, (u64, std::time::SystemTime)>>,
+}
+
+impl RunMirror {
+    pub fn new(url: &Path) -> RunMirror {
+        RunMirror {
+            url: url.to_path_buf(),
+            local: local_copy(url),
+            pushed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes the local copy hold what the store holds (objects downloaded when missing or of
+    /// another size, local files the store lacks removed). Returns the files downloaded.
+    pub fn pull(&self) -> io::Result<usize> {
+        std::fs::create_dir_all(&self.local)?;
+        let remote = list_tree(&self.url)?;
+        let here = local_tree(&self.local)?;
+        let sizes: HashMap<&str, u64> = here.iter().map(|(n, s, _)| (n.as_str(), *s)).collect();
+        let mut got = 0;
+        for (name, size) in &remote {
+            if sizes.get(name.as_str()) == Some(size) {
+                continue;
+            }
+            let bytes = read(&join(&self.url, name))?;
+            let path = self.local.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            crate::atomic::write_atomic(&path, &bytes)?;
+            got += 1;
+        }
+        let there: std::collections::HashSet<&str> =
+            remote.iter().map(|(n, _)| n.as_str()).collect();
+        for (name, _, _) in &here {
+            if !there.contains(name.as_str()) {
+                std::fs::remove_file(self.local.join(name))?;
+            }
+        }
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        pushed.clear();
+        for (name, size, mtime) in local_tree(&self.local)? {
+            pushed.insert(name, (size, mtime));
+        }
+        Ok(got)
+    }
+
+    /// Puts what changed since the last push or pull. Returns the files put.
+    pub fn push(&self) -> io::Result<usize> {
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        let here = local_tree(&self.local)?;
+        let mut changed: Vec<&(String, u64, std::time::SystemTime)> = here
+            .iter()
+            .filter(|(n, s, t)| pushed.get(n) != Some(&(*s, *t)))
+            .collect();
+        // What says a thing is complete goes after the things it names.
+        let rank = |n: &str| match n {
+            "run.json" => 2,
+            _ if n.ends_with(".json") => 1,
+            _ => 0,
+        };
+        changed.sort_by_key(|(n, _, _)| (rank(n), n.clone()));
+        for (name, size, mtime) in &changed {
+            let path = self.local.join(name);
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Removed since it was listed (a temporary part replaced): the next push.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            write_replace(&join(&self.url, name), bytes.into())?;
+            pushed.insert(name.clone(), (*size, *mtime));
+        }
+        let names: std::collections::HashSet<&str> =
+            here.iter().map(|(n, _, _)| n.as_str()).collect();
+        let gone: Vec<String> = pushed
+            .keys()
+            .filter(|n| !names.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            remove(&join(&self.url, &name))?;
+            pushed.remove(&name);
+        }
+        Ok(changed.len())
+    }
+}
