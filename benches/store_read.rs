@@ -201,7 +201,21 @@ stages:
             );
         }
     }
-    println!("(disk, prefetch 0 = {disk_rate:.0} audio s/s is the reference)");
+    // The transfer alone: every shard of every epoch fetched from S3 (GET + BLAKE3), nothing
+    // decoded; the least a read from S3 can take on this server.
+    let remote_parts = stages::data::shards::Shards::parts(Path::new(&url)).expect("parts");
+    let t = Instant::now();
+    for _ in 0..epochs {
+        for p in &remote_parts {
+            p.fetch().expect("fetch");
+        }
+    }
+    let fetch_s = t.elapsed().as_secs_f64();
+    println!(
+        "{:<28} {:>8} {:>10.3} {:>14.0} {:>14}",
+        "S3 fetch only (no decode)", "-", fetch_s, audio_s / fetch_s, "-"
+    );
+    println!("(disk, prefetch 0 = {disk_rate:.0} audio s/s is the reference; the S3 server runs on the same cores)");
     if let Some(mut m) = moto {
         let _ = m.kill();
         let _ = m.wait();
