@@ -213,7 +213,11 @@ stages:
     let fetch_s = t.elapsed().as_secs_f64();
     println!(
         "{:<28} {:>8} {:>10.3} {:>14.0} {:>14}",
-        "S3 fetch only (no decode)", "-", fetch_s, audio_s / fetch_s, "-"
+        "S3 fetch only (no decode)",
+        "-",
+        fetch_s,
+        audio_s / fetch_s,
+        "-"
     );
     println!("(disk, prefetch 0 = {disk_rate:.0} audio s/s is the reference; the S3 server runs on the same cores)");
     if let Some(mut m) = moto {

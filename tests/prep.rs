@@ -597,3 +597,19 @@ fn a_partition_index_outside_the_count_or_without_a_launcher_is_refused_before_a
         assert!(!tmp.path().join("run").exists(), "nothing ran");
     }
 }
+
+#[test]
+fn a_store_or_run_directory_url_of_a_scheme_no_store_reads_is_refused_at_validation() {
+    for set in [
+        "stages.shards.with.dir=http://example.org/shards",
+        "run_dir=ftp://example.org/runs/prep",
+    ] {
+        let o = ehmam(&["validate", "specs/prep.yaml", "--set", set]);
+        assert_eq!(o.status.code(), Some(2), "{set}: {}", text(&o));
+        assert!(
+            text(&o).contains("is no store this build reads"),
+            "{set}: {}",
+            text(&o)
+        );
+    }
+}

@@ -627,3 +627,49 @@ fn a_run_directory_on_s3_is_killed_resumed_from_another_cache_and_queried_there(
         "no lock file on S3"
     );
 }
+
+#[test]
+fn features_written_to_s3_are_the_local_files_and_read_back() {
+    let Some(m) = moto() else { return };
+    let env = s3_env(m.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = demo_shards().display().to_string();
+    let feats = |run: &str, dir: &str| -> Vec<String> {
+        [
+            "run",
+            "specs/features.yaml",
+            "--quiet",
+            "--set",
+            &format!("run_dir={}", tmp.path().join(run).display()),
+            "--set",
+            &format!("stages.shards.with.dir={shards}"),
+            "--set",
+            &format!("stages.store.with.dir={dir}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let local = tmp.path().join("features");
+    run_ok(&feats("run-local", &local.display().to_string()), &env);
+    let url = format!("s3://{BUCKET}/features");
+    run_ok(&feats("run-s3", &url), &env);
+    assert!(
+        objects("features") == files(&local),
+        "the objects are the local files"
+    );
+    // A rerun starts the store over (features.write does not resume) and ends the same.
+    run_ok(&feats("run-s3", &url), &env);
+    assert!(objects("features") == files(&local));
+    use stages::stream::PartSource;
+    let parts = stages::data::store::FeatureStore::parts(Path::new(&url)).unwrap();
+    let rows: usize = parts
+        .iter()
+        .map(|p| {
+            stages::data::store::read_features(&p.path, Some(0))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert!(rows >= 150, "{rows}");
+}

@@ -186,6 +186,12 @@ pub enum SweepOutcome {
 /// `ehmam sweep`: every run validated first (any error refuses the whole sweep), then run one by
 /// one, each with its own cancel token; a summary table at the end.
 pub fn run_sweep(o: &SweepOptions) -> Result<SweepOutcome, RunsError> {
+    if pipeline::storage::is_remote(o.out) {
+        return Err(RunsError::Store(format!(
+            "--out {}: a sweep writes its runs into a local directory (object storage is for stores and for the run directory of `ehmam run`)",
+            o.out.display()
+        )));
+    }
     let axes = o
         .grid
         .iter()
