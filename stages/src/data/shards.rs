@@ -250,6 +250,52 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> crate::Result<RecordB
         .map_err(crate::Error::from)
 }
 
+/// A shard's columns but the samples, from its rows (what [`read_metadata`] reads back).
+fn meta_batch(rows: &[Utterance]) -> crate::Result<RecordBatch> {
+    let full = shard_schema(AudioFormat::Int16);
+    let fields: Vec<Field> = full
+        .fields()
+        .iter()
+        .filter(|f| f.name() != "audio")
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|u| u.utt_id.as_str()),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|u| u.speaker.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|u| u.chapter.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|u| u.source.as_str()),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|u| u.sample_rate as i32),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|u| u.samples.len() as i64),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|u| u.duration_s()),
+        )),
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|u| u.transcript.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+    ];
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+        .map_err(|e| e.to_string())
+        .map_err(crate::Error::from)
+}
+
 /// Most bytes of samples (as stored) in one Parquet row group.
 pub const ROW_GROUP_MAX_BYTES: usize = 16_000_000;
 
@@ -455,6 +501,9 @@ pub struct ShardsWrite {
     pending_inputs: u64,
     pending_bytes: f64,
     ids: HashMap<String, String>,
+    /// Every stored row's columns but the samples, by shard file: the run's `utterances` table
+    /// (kept, not read back: on object storage that would download every shard again).
+    meta: HashMap<String, Vec<RecordBatch>>,
     /// The input whose items are coming in, if its last one has not come yet.
     open: Option<OpenInput>,
     /// Leading items of `open` stored before a resume, to drop when they come again.
@@ -548,12 +597,14 @@ impl StageDef for ShardsWrite {
         });
         // Ids already stored, to keep them unique across a resume.
         let mut ids = HashMap::new();
+        let mut meta = HashMap::new();
         for s in &index.shards {
             if let Some(f) = &s.file {
-                let (utts, _) = read_metadata(&p.dir.join(f)).map_err(StageError::from)?;
+                let (utts, batches) = read_metadata(&p.dir.join(f)).map_err(StageError::from)?;
                 for (id, src) in utts {
                     ids.insert(id, src);
                 }
+                meta.insert(f.clone(), batches);
             }
         }
         let open = index.shards.last().and_then(|s| s.open.clone());
@@ -569,6 +620,7 @@ impl StageDef for ShardsWrite {
             pending_inputs: 0,
             pending_bytes: 0.0,
             ids,
+            meta,
         })
     }
 }
@@ -672,6 +724,10 @@ impl ShardsWrite {
                 self.p.row_group_rows,
             )
             .map_err(StageError::from)?;
+            self.meta.insert(
+                name.clone(),
+                vec![meta_batch(&self.rows).map_err(StageError::from)?],
+            );
             (Some(name), bytes, Some(hash))
         };
         self.index.shards.push(ShardEntry {
@@ -699,7 +755,17 @@ impl ShardsWrite {
         let mut batches = Vec::new();
         for s in &self.index.shards {
             if let Some(f) = &s.file {
-                let (_, bs) = read_metadata(&self.p.dir.join(f)).map_err(StageError::from)?;
+                let kept = self.meta.get(f);
+                let read;
+                let bs = match kept {
+                    Some(b) => b,
+                    None => {
+                        read = read_metadata(&self.p.dir.join(f))
+                            .map_err(StageError::from)?
+                            .1;
+                        &read
+                    }
+                };
                 for b in bs {
                     let n = b.num_rows();
                     let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![run; n]))];
