@@ -173,6 +173,31 @@ fn object_text(key: &str) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
+/// Runs `ehmam ARGS` and kills it (SIGKILL) as soon as `ready` holds, which it must before the
+/// run ends and within `limit_s` seconds.
+fn kill_when(args: &[String], env: &[(String, String)], limit_s: u64, ready: impl Fn() -> bool) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ehmam"))
+        .args(args)
+        .current_dir(root())
+        .env("CI", "true")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(limit_s));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// The files of a local tree as (relative path, bytes), `/`-separated.
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = tree_bytes(dir)
@@ -263,31 +288,14 @@ fn a_prep_into_s3_killed_midway_reads_as_unfinished_and_resumes_to_the_same_obje
     let url = format!("s3://{BUCKET}/killed");
     let run = tmp.path().join("run-s3");
     let args = prep_args(&run, &url, &extra);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ehmam"))
-        .args(&args)
-        .current_dir(root())
-        .env("CI", "true")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Killed once its index lists a few shards.
-    let t0 = Instant::now();
-    loop {
-        let idx = object_text("killed/index.json").unwrap_or_default();
-        if idx.matches("\"file\"").count() >= 3 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the prep ended before it could be killed"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(120));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&args, &env, 120, || {
+        object_text("killed/index.json")
+            .unwrap_or_default()
+            .matches("\"file\"")
+            .count()
+            >= 3
+    });
     let idx = object_text("killed/index.json").unwrap();
     assert!(idx.contains("\"complete\": false"), "{idx}");
     // A reader refuses it (at validation, naming the store).
@@ -571,33 +579,16 @@ fn a_run_directory_on_s3_is_killed_resumed_from_another_cache_and_queried_there(
         env.push(("EHMAM_SYNC_S".into(), "0.2".into()));
         env
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ehmam"))
-        .args(tiny_args(&url, &shards, 16))
-        .current_dir(root())
-        .env("CI", "true")
-        .envs(
-            with_cache("cache-a")
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Killed once the store holds the checkpoint of update 8 and the log part of steps 4–7.
-    let t0 = Instant::now();
-    while object_text("runs/tiny/checkpoints/step-00000008.json").is_none()
-        || object_text("runs/tiny/steps/part-000000004.arrow").is_none()
-    {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(300));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(
+        &tiny_args(&url, &shards, 16),
+        &with_cache("cache-a"),
+        300,
+        || {
+            object_text("runs/tiny/checkpoints/step-00000008.json").is_some()
+                && object_text("runs/tiny/steps/part-000000004.arrow").is_some()
+        },
+    );
     // Resumed on "another machine": an empty cache, everything from the store.
     let out = run_ok(&tiny_args(&url, &shards, 16), &with_cache("cache-b"));
     assert!(out.contains("resum"), "{out}");

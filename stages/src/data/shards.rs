@@ -212,7 +212,16 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> crate::Result<RecordB
                 Arc::new(b.finish())
             }
         };
-    let cols: Vec<ArrayRef> = vec![
+    let mut cols = meta_columns(rows);
+    cols.push(audio);
+    RecordBatch::try_new(schema, cols)
+        .map_err(|e| e.to_string())
+        .map_err(crate::Error::from)
+}
+
+/// A shard's columns but the samples, in [`shard_schema`]'s order.
+fn meta_columns(rows: &[Utterance]) -> Vec<ArrayRef> {
+    vec![
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|u| u.utt_id.as_str()),
         )),
@@ -243,11 +252,7 @@ fn shard_batch(rows: &[Utterance], format: AudioFormat) -> crate::Result<RecordB
                 .map(|u| u.transcript.as_deref())
                 .collect::<Vec<_>>(),
         )),
-        audio,
-    ];
-    RecordBatch::try_new(schema, cols)
-        .map_err(|e| e.to_string())
-        .map_err(crate::Error::from)
+    ]
 }
 
 /// A shard's columns but the samples, from its rows (what [`read_metadata`] reads back).
@@ -259,38 +264,7 @@ fn meta_batch(rows: &[Utterance]) -> crate::Result<RecordBatch> {
         .filter(|f| f.name() != "audio")
         .map(|f| f.as_ref().clone())
         .collect();
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|u| u.utt_id.as_str()),
-        )),
-        Arc::new(StringArray::from(
-            rows.iter()
-                .map(|u| u.speaker.as_deref())
-                .collect::<Vec<_>>(),
-        )),
-        Arc::new(StringArray::from(
-            rows.iter()
-                .map(|u| u.chapter.as_deref())
-                .collect::<Vec<_>>(),
-        )),
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|u| u.source.as_str()),
-        )),
-        Arc::new(Int32Array::from_iter_values(
-            rows.iter().map(|u| u.sample_rate as i32),
-        )),
-        Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|u| u.samples.len() as i64),
-        )),
-        Arc::new(Float64Array::from_iter_values(
-            rows.iter().map(|u| u.duration_s()),
-        )),
-        Arc::new(StringArray::from(
-            rows.iter()
-                .map(|u| u.transcript.as_deref())
-                .collect::<Vec<_>>(),
-        )),
-    ];
+    let cols = meta_columns(rows);
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
         .map_err(|e| e.to_string())
         .map_err(crate::Error::from)
