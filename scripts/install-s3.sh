@@ -8,5 +8,5 @@ if .venv-s3/bin/python -c "import moto, flask" >/dev/null 2>&1; then
     exit 0
 fi
 python3 -m venv .venv-s3
-.venv-s3/bin/pip install --quiet --disable-pip-version-check --no-input "moto[server]==5.2.6"
+.venv-s3/bin/pip install --quiet --disable-pip-version-check --no-input --no-cache-dir "moto[server]==5.2.6"
 .venv-s3/bin/python -c "import moto, flask"

@@ -8,7 +8,7 @@ py="${EHMAM_PYTHON:-python3}"
 if "$py" -c "import tensorboard" >/dev/null 2>&1; then
     exit 0
 fi
-pip=("$py" -m pip install --quiet --disable-pip-version-check --no-input)
+pip=("$py" -m pip install --quiet --disable-pip-version-check --no-input --no-cache-dir)
 # A Python whose packages the system manages (PEP 668) refuses plain installs; install for this
 # user there instead.
 if ! "${pip[@]}" "tensorboard==2.21.0" 2>/dev/null; then

@@ -8,6 +8,17 @@
 # both `cargo test`s (e.g. a test name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Disk: a fresh clone's build takes about 4.5 GiB under target/ (the debug build, its test
+# binaries and the `mpi` build), the Python tools about 3 GiB. With too little free, linking
+# fails with "No space left on device" or a linker's Bus error: say so up front.
+free_mib=$(df -Pm . | awk 'NR==2 {print $4}')
+if [ "${free_mib:-0}" -lt 10240 ]; then
+    echo "warning: only ${free_mib} MiB free where the build goes ($(pwd)): the build and the tools need about 8 GiB" >&2
+fi
+# A fresh clone (CI) builds once: incremental compilation data (1.5 GiB) would never be reused.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
 scripts/install-test-tools.sh
 # torch, torchaudio and transformers for the export tests, in .venv-torch (2–3 minutes the first
 # time; nothing after).
