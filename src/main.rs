@@ -365,7 +365,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(sql) = args.pop() else {
                 bail!("usage: ehmam query RUN_DIR... \"SQL\"")
             };
-            let dirs = local_runs(args.into_iter().map(PathBuf::from).collect())?;
+            // A run directory on object storage is read where it is (no local copy).
+            let dirs: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             lab::sql::query_to(&dirs, &sql, format, memory, &mut out)?;
             // Flushed by query_to (a reader that went away is no error).

@@ -240,6 +240,35 @@ fn prep_into_s3_is_byte_identical_to_a_local_prep_and_training_reads_it() {
         query_csv(&[&tmp.path().join("run-s3")], q),
         query_csv(&[&tmp.path().join("run-local")], q)
     );
+    // A prep whose run directory is on S3 too: its tables queried there (read in place) are
+    // those of the local prep's run directory.
+    let run_url = format!("s3://{BUCKET}/runs/prep-demo");
+    run_ok(
+        &prep_args(Path::new(&run_url), &format!("{url}-2"), &[]),
+        &env,
+    );
+    for q in [
+        "SELECT utt_id, speaker, num_samples, transcript FROM utterances ORDER BY utt_id",
+        "SELECT count(*), sum(num_samples) FROM utterances",
+        "SELECT count(*) AS rejected FROM rejects",
+    ] {
+        let args = |dir: String| -> Vec<String> {
+            vec![
+                "query".into(),
+                "--format".into(),
+                "csv".into(),
+                dir,
+                q.into(),
+            ]
+        };
+        let there = run_ok(&args(run_url.clone()), &env);
+        let here = run_ok(
+            &args(tmp.path().join("run-local").display().to_string()),
+            &env,
+        );
+        assert!(there.lines().count() > 1, "{q}: {there}");
+        assert_eq!(there, here, "{q}");
+    }
 
     // A few updates of the tiny model from the shards on S3, prefetching 2 ahead.
     let run = tmp.path().join("train");
@@ -607,6 +636,58 @@ fn a_run_directory_on_s3_is_killed_resumed_from_another_cache_and_queried_there(
     let here = run_ok(&a, &with_cache("cache-c"));
     assert_eq!(there.lines().count(), 17, "{there}");
     assert_eq!(there, here);
+    // The other tables too: frame logs (Arrow parts), the stage table (Parquet), and a join.
+    // Frames from the resumed update 8 on: the part holding update 0's frames was still open at
+    // the kill and went with it (log parts close every `rotate_every` updates, not at
+    // checkpoints; the README says so).
+    for q in [
+        "SELECT step, count(*) AS n, sum(CAST(masked AS INT)) AS m, sum(recon_loss) AS l FROM frames WHERE step >= 8 GROUP BY step ORDER BY step",
+        "SELECT stage, kind FROM stages ORDER BY stage",
+        "SELECT s.step, s.loss, count(*) FROM steps s JOIN frames f ON s.step = f.step WHERE s.step >= 8 GROUP BY s.step, s.loss ORDER BY s.step",
+    ] {
+        a[4] = q.into();
+        a[3] = url.clone();
+        let there = run_ok(&a, &with_cache("cache-c"));
+        a[3] = local.display().to_string();
+        let here = run_ok(&a, &with_cache("cache-c"));
+        assert!(there.lines().count() > 1, "{q}: {there}");
+        assert_eq!(there, here, "{q}");
+    }
+    // Read where it is: DataFusion read the objects, nothing was copied into the cache.
+    let cache_c = tmp.path().join("cache-c");
+    assert!(
+        !cache_c.join("runs").exists(),
+        "a query copied the run into {}",
+        cache_c.display()
+    );
+    // A damaged part there (not an Arrow file) is skipped with a warning that names it; the
+    // rest of the table reads as before.
+    let junk = "runs/tiny/steps/part-000000099.arrow";
+    http(
+        m.port,
+        "PUT",
+        &format!("/{BUCKET}/{junk}"),
+        b"not an Arrow file, but long enough to look for a footer",
+    )
+    .unwrap();
+    let q = [
+        "query",
+        "--format",
+        "csv",
+        url.as_str(),
+        "SELECT count(*) AS n FROM steps",
+    ];
+    let o = ehmam_env(&q, &with_cache("cache-c"));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("skipping s3://{BUCKET}/{junk}")),
+        "{out}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("n\n16\n"),
+        "{out}"
+    );
     // The checkpoint put last is the final one, with its tensors.
     assert!(object_text("runs/tiny/checkpoints/step-00000016.json").is_some());
     let files = objects("runs/tiny");

@@ -24,6 +24,13 @@
 //! are written batch by batch as they come; the aligned table holds the whole result (to align its
 //! columns) against the same limit.
 //!
+//! Object storage: a run directory may be a URL (`s3://bucket/runs/x`; `gs://`, `az://`). Its
+//! bucket is registered with DataFusion (a client of its own, see
+//! [`pipeline::storage::bucket_store`]) and the tables' objects are listed and read where they
+//! are, by ranged reads, with nothing copied. Log parts there are not hashed first (that would
+//! download each whole): an object is put whole from a sealed part, so none is cut off by a
+//! crash; one that does not parse is skipped with a warning.
+//!
 //! JSON: NaN and the infinities are written as the strings `"NaN"`, `"Infinity"` and
 //! `"-Infinity"` (JSON has no numbers for them), SQL NULL as `null`.
 
@@ -43,6 +50,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::object_store::ObjectStoreExt;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -57,6 +65,8 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
+
+use pipeline::storage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
@@ -198,6 +208,10 @@ fn discover_with_runs(
 ) -> Result<BTreeMap<String, Vec<(PathBuf, usize)>>, SqlError> {
     let mut tables: BTreeMap<String, Vec<(PathBuf, usize)>> = BTreeMap::new();
     for (ri, dir) in run_dirs.iter().enumerate() {
+        if storage::is_remote(dir) {
+            discover_remote(dir, ri, &mut tables)?;
+            continue;
+        }
         if !dir.is_dir() {
             return Err(SqlError::Input(format!(
                 "{} is not a run directory",
@@ -248,6 +262,48 @@ fn discover_with_runs(
     Ok(tables)
 }
 
+/// [`discover_with_runs`] for a run directory on object storage (`s3://…`): the same files, by
+/// listing the objects under its prefix and under each table's.
+fn discover_remote(
+    dir: &Path,
+    ri: usize,
+    tables: &mut BTreeMap<String, Vec<(PathBuf, usize)>>,
+) -> Result<(), SqlError> {
+    let list = |d: &Path| {
+        storage::list(d).map_err(|e| SqlError::Input(format!("cannot list {}: {e}", d.display())))
+    };
+    let (mut files, mut dirs) = list(dir)?;
+    if files.is_empty() && dirs.is_empty() {
+        return Err(SqlError::Input(format!(
+            "{} is not a run directory (no object under it)",
+            dir.display()
+        )));
+    }
+    files.sort();
+    dirs.sort();
+    for name in files.iter().filter(|n| !n.starts_with('.')) {
+        if let Some(table) = name.strip_suffix(".parquet") {
+            if is_table_name(table) {
+                let f = storage::join(dir, name);
+                tables.entry(table.to_string()).or_default().push((f, ri));
+            }
+        }
+    }
+    for name in dirs.iter().filter(|n| is_table_name(n)) {
+        let sub = storage::join(dir, name);
+        let (mut parts, _) = list(&sub)?;
+        parts.retain(|n| n.ends_with(".arrow") && !n.starts_with('.'));
+        parts.sort();
+        if !parts.is_empty() {
+            tables
+                .entry(name.clone())
+                .or_default()
+                .extend(parts.iter().map(|n| (storage::join(&sub, n), ri)));
+        }
+    }
+    Ok(())
+}
+
 /// Only plain identifiers become tables: a stray `frames.bak/` or `x.v2.parquet` in a run
 /// directory is not a table (DataFusion would read the dot as a schema) and is left alone.
 fn is_table_name(name: &str) -> bool {
@@ -259,11 +315,21 @@ fn is_table_name(name: &str) -> bool {
 
 /// The run name of a run directory: `name` in its `spec.yaml`, else the directory's name.
 pub fn run_name(dir: &Path) -> String {
-    let from_spec = std::fs::read_to_string(dir.join("spec.yaml"))
+    let from_spec = storage::read_opt(&storage::join(dir, "spec.yaml"))
         .ok()
-        .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+        .flatten()
+        .and_then(|t| serde_yaml::from_slice::<serde_yaml::Value>(&t).ok())
         .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string));
     from_spec.unwrap_or_else(|| {
+        if storage::is_remote(dir) {
+            let text = dir.to_string_lossy();
+            let last = text
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default();
+            return last.to_string();
+        }
         let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         abs.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -301,17 +367,97 @@ fn file_schema(path: &Path) -> Result<Option<SchemaRef>, SqlError> {
     }
 }
 
+/// [`file_schema`] of an object, read where it is (ranged reads of its footer, not the whole
+/// object: DataFusion's for Parquet, [`arrow_footer_schema`] for Arrow). `None` (with a warning)
+/// for a damaged one; an object that cannot be fetched is an error.
+fn remote_schema(
+    ctx: &SessionContext,
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+) -> Result<Option<SchemaRef>, SqlError> {
+    let shown = path.display();
+    let url = ListingTableUrl::parse(path.to_string_lossy())
+        .map_err(|e| SqlError::Input(format!("{shown}: {e}")))?;
+    let store = ctx
+        .runtime_env()
+        .object_store(url.object_store())
+        .map_err(|e| SqlError::Input(format!("{shown}: {e}")))?;
+    let meta = rt
+        .block_on(store.head(url.prefix()))
+        .map_err(|e| SqlError::Input(format!("cannot read {shown}: {e}")))?;
+    let skip = |why: String| {
+        eprintln!("warning: skipping {shown} (unreadable: {why})");
+        Ok(None)
+    };
+    if !is_parquet(path) {
+        // Not DataFusion's schema inference: it reads an Arrow object as a stream from its
+        // start, which failed on some of ours ("Unable to read IPC message schema").
+        return match rt.block_on(arrow_footer_schema(&store, &meta)) {
+            Ok(Ok(s)) => Ok(Some(s)),
+            Ok(Err(why)) => skip(why),
+            Err(e) => Err(SqlError::Input(format!("cannot read {shown}: {e}"))),
+        };
+    }
+    // The file's own types (Utf8, not DataFusion's view types), as for a local file.
+    let format = ParquetFormat::default().with_force_view_types(false);
+    match rt.block_on(format.infer_schema(&ctx.state(), &store, &[meta])) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if matches!(e.find_root(), DataFusionError::ObjectStore(_)) => {
+            Err(SqlError::Input(format!("cannot read {shown}: {e}")))
+        }
+        Err(e) => skip(e.to_string()),
+    }
+}
+
+/// The schema of an Arrow IPC file on object storage, from its footer (two ranged reads: the
+/// last 10 bytes, then the footer they give the length of). `Ok(Err(why))` for a damaged file,
+/// `Err` when the object cannot be fetched.
+async fn arrow_footer_schema(
+    store: &Arc<dyn datafusion::object_store::ObjectStore>,
+    meta: &datafusion::object_store::ObjectMeta,
+) -> Result<Result<SchemaRef, String>, datafusion::object_store::Error> {
+    let size = meta.size;
+    if size < 10 + 8 {
+        return Ok(Err(format!("{size} bytes: too short for an Arrow file")));
+    }
+    let tail = store.get_range(&meta.location, size - 10..size).await?;
+    let Ok(tail) = <[u8; 10]>::try_from(tail.as_ref()) else {
+        return Ok(Err("the store answered another range".into()));
+    };
+    let footer_len = match arrow::ipc::reader::read_footer_length(tail) {
+        Ok(n) => n as u64,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if footer_len + 10 + 8 > size {
+        return Ok(Err(format!(
+            "a footer of {footer_len} bytes in a file of {size}"
+        )));
+    }
+    let footer = store
+        .get_range(&meta.location, size - 10 - footer_len..size - 10)
+        .await?;
+    let footer = match arrow::ipc::root_as_footer(&footer) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(format!("a damaged footer: {e}"))),
+    };
+    let Some(schema) = footer.schema() else {
+        return Ok(Err("no schema in its footer".into()));
+    };
+    Ok(Ok(Arc::new(arrow::ipc::convert::fb_to_schema(schema))))
+}
+
 /// Reads a whole Parquet or Arrow IPC file; `None` (with a warning) for a damaged one.
 fn read_file(path: &Path) -> Result<Option<Vec<RecordBatch>>, SqlError> {
-    let file = File::open(path)
+    // An object is fetched whole (these are the few small tables without a `run` column).
+    let bytes = storage::read(path)
         .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", path.display())))?;
     let batches: Result<Vec<RecordBatch>, arrow::error::ArrowError> = if is_parquet(path) {
-        ParquetRecordBatchReaderBuilder::try_new(file)
+        ParquetRecordBatchReaderBuilder::try_new(bytes)
             .and_then(|b| b.build())
             .map_err(arrow::error::ArrowError::from)
             .and_then(|r| r.collect::<Result<Vec<_>, _>>())
     } else {
-        arrow::ipc::reader::FileReader::try_new(file, None)
+        arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None)
             .and_then(|r| r.collect::<Result<Vec<_>, _>>())
     };
     match batches {
@@ -338,6 +484,7 @@ fn plain(schema: &Schema) -> Schema {
 /// file has a `run` column, else in memory with `run` filled in.
 fn register(
     ctx: &SessionContext,
+    rt: &tokio::runtime::Runtime,
     name: &str,
     files: &[(PathBuf, usize)],
     runs: &[String],
@@ -350,7 +497,9 @@ fn register(
         use rayon::prelude::*;
         files
             .par_iter()
-            .map(|(f, _)| (!is_parquet(f)).then(|| stages::logs::check_part(f)))
+            .map(|(f, _)| {
+                (!is_parquet(f) && !storage::is_remote(f)).then(|| stages::logs::check_part(f))
+            })
             .collect()
     };
     for ((f, ri), check) in files.iter().zip(checks) {
@@ -365,7 +514,12 @@ fn register(
                 Err(e) => return Err(SqlError::Input(format!("cannot read {}: {e}", f.display()))),
             }
         }
-        if let Some(s) = file_schema(f)? {
+        let schema = if storage::is_remote(f) {
+            remote_schema(ctx, rt, f)?
+        } else {
+            file_schema(f)?
+        };
+        if let Some(s) = schema {
             good.push((f.clone(), *ri, s));
         }
     }
@@ -427,8 +581,12 @@ fn register(
     if has_run && !good.iter().any(|(f, _, _)| globby(f)) {
         let mut urls = Vec::new();
         for (f, _, _) in &good {
-            let abs = std::fs::canonicalize(f)
-                .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", f.display())))?;
+            let abs = if storage::is_remote(f) {
+                f.clone()
+            } else {
+                std::fs::canonicalize(f)
+                    .map_err(|e| SqlError::Input(format!("cannot open {}: {e}", f.display())))?
+            };
             urls.push(
                 ListingTableUrl::parse(abs.to_string_lossy())
                     .map_err(|e| SqlError::Input(format!("{}: {e}", f.display())))?,
@@ -487,16 +645,14 @@ fn register(
     Ok(true)
 }
 
-/// A context with every table of the run directories registered, and the table names (memory
-/// limited to [`default_memory`]).
-pub fn session(run_dirs: &[PathBuf]) -> Result<(SessionContext, Vec<String>), SqlError> {
-    session_with(run_dirs, default_memory())
-}
-
-/// [`session`] with a memory limit of `memory` bytes and no spilling to disk.
-pub fn session_with(
+/// A context with every table of the run directories registered, and the table names, with a
+/// memory limit of `memory` bytes and no spilling to disk. A run directory on object storage
+/// (`s3://…`) is read where it is: its bucket is registered with DataFusion, which reads the
+/// Parquet and Arrow files there (`rt` runs those requests).
+fn session_with(
     run_dirs: &[PathBuf],
     memory: usize,
+    rt: &tokio::runtime::Runtime,
 ) -> Result<(SessionContext, Vec<String>), SqlError> {
     let config = SessionConfig::new().with_information_schema(true);
     let runtime = RuntimeEnvBuilder::new()
@@ -507,6 +663,17 @@ pub fn session_with(
         .build_arc()
         .map_err(|e| SqlError::Query(format!("cannot set up the query engine: {e}")))?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
+    for dir in run_dirs {
+        if let Some(why) = storage::unsupported_url(dir) {
+            return Err(SqlError::Input(why));
+        }
+        if !storage::is_remote(dir) {
+            continue;
+        }
+        let (bucket, store) = storage::bucket_store(dir)
+            .map_err(|e| SqlError::Input(format!("cannot read {}: {e}", dir.display())))?;
+        ctx.register_object_store(&bucket, store);
+    }
     let runs: Vec<String> = run_dirs.iter().map(|d| run_name(d)).collect();
     for (i, r) in runs.iter().enumerate() {
         if let Some(j) = runs[..i].iter().position(|o| o == r) {
@@ -519,7 +686,7 @@ pub fn session_with(
         if name == "information_schema" {
             continue;
         }
-        if register(&ctx, &name, &files, &runs)? {
+        if register(&ctx, rt, &name, &files, &runs)? {
             names.push(name);
         }
     }
@@ -607,7 +774,7 @@ impl Session {
             let dirs: Vec<String> = run_dirs.iter().map(|d| d.display().to_string()).collect();
             format!("reading the tables of {}", dirs.join(", "))
         };
-        let (ctx, tables) = guard(what, || session_with(run_dirs, memory))?;
+        let (ctx, tables) = guard(what, || session_with(run_dirs, memory, &rt))?;
         Ok(Session {
             rt,
             ctx,

@@ -105,14 +105,31 @@ fn retry_config() -> object_store::RetryConfig {
     r
 }
 
+/// What names a bucket: the URL up to its path (`s3://bucket`, `abfs://container@account.…`).
+fn bucket_key(url: &url::Url) -> String {
+    url[..url::Position::BeforePath].to_string()
+}
+
 /// The store of a bucket (one client per bucket, kept for the process).
 fn store_for(url: &url::Url) -> io::Result<Arc<dyn ObjectStore>> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
-    let key = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    let key = bucket_key(url);
     let stores = STORES.get_or_init(Default::default);
     if let Some(s) = stores.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(s.clone());
     }
+    let store = new_store(url)?;
+    stores
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, store.clone());
+    Ok(store)
+}
+
+/// A new client for the bucket of `url` (credentials and endpoint from the environment, the
+/// retries of [`retry_config`]), not shared with this module's own requests.
+fn new_store(url: &url::Url) -> io::Result<Arc<dyn ObjectStore>> {
+    let key = bucket_key(url);
     let bad = |e: object_store::Error| io::Error::other(format!("{key}: {e}"));
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "s3" | "s3a" => Arc::new(
@@ -137,11 +154,21 @@ fn store_for(url: &url::Url) -> io::Result<Arc<dyn ObjectStore>> {
                 .map_err(bad)?,
         ),
     };
-    stores
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, store.clone());
     Ok(store)
+}
+
+/// The bucket of a URL (`s3://bucket`, as a query engine registers it) with a client of its
+/// own for it: for a caller that makes its requests on its own runtime (DataFusion reading the
+/// files where they are).
+pub fn bucket_store(p: &Path) -> io::Result<(url::Url, Arc<dyn ObjectStore>)> {
+    let shown = p.display().to_string();
+    let text = p
+        .to_str()
+        .ok_or_else(|| io::Error::other(format!("{shown}: not UTF-8")))?;
+    let url = url::Url::parse(text).map_err(|e| io::Error::other(format!("{shown}: {e}")))?;
+    let bucket = url::Url::parse(&bucket_key(&url))
+        .map_err(|e| io::Error::other(format!("{shown}: {e}")))?;
+    Ok((bucket, new_store(&url)?))
 }
 
 /// An object: its store and its path there.
