@@ -71,6 +71,7 @@ fn records(n: usize, seed: u64) -> Vec<FrameRecord> {
                         .collect(),
                 ),
                 feature_dim: 160,
+                checkpoint_follows: false,
             }
         })
         .collect()

@@ -625,6 +625,7 @@ fn tensorboard_sink_line(tmp: &Path, step_ms: Option<f64>) -> String {
         teacher_rank_agreement: 0.55,
         grad_norm: 0.5,
         teacher_version: step,
+        checkpoint_follows: false,
     };
     let records: Vec<_> = (0..N).map(record).collect();
     let mut log = TensorBoardLog::new(&TensorBoardParams::default(), &dir);

@@ -235,3 +235,71 @@ fn easy_to_hard_code_spec_truncates_the_split() {
         text(&o)
     );
 }
+
+/// A run killed with SIGKILL once its checkpoint of update 8 is written, then resumed, has the
+/// log rows of the same run made uninterrupted: every step and every logged frame, update 0's
+/// included. (A log part is closed after each update a checkpoint follows, so none is open across
+/// a checkpoint; before, the frames part holding updates 0–99 went with the kill.)
+#[test]
+fn a_run_killed_after_a_checkpoint_and_resumed_has_every_log_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "stages.student.with.max_steps=16",
+        "stages.student.with.checkpoint_every=4",
+        "stages.batch.with.max_seconds=8",
+    ];
+    let whole = tmp.path().join("whole");
+    let o = train(&whole, &extra);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let killed = tmp.path().join("killed");
+    let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
+    for s in [
+        format!("run_dir={}", killed.display()),
+        format!("stages.shards.with.dir={}", demo_shards().display()),
+        "model.encoder.dropout=0.0".into(),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|s| s.to_string()))
+    {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ehmam"))
+        .args(&args)
+        .current_dir(root())
+        .env("CI", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = killed.join("checkpoints/step-00000008.json");
+    let t0 = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(300));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let o = train(&killed, &extra);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("resum"), "{}", text(&o));
+
+    for q in [
+        "SELECT step, loss, loss_rec, loss_aux, grad_norm FROM steps ORDER BY step",
+        "SELECT step, utt_id, frame, masked, hard, teacher_pred, student_pred, recon_loss FROM frames ORDER BY step, utt_id, member, frame",
+        "SELECT step, utt_id, frame FROM inputs ORDER BY step, utt_id, frame",
+    ] {
+        let a = query_csv(&[&whole], q);
+        let b = query_csv(&[&killed], q);
+        assert!(!a.is_empty(), "{q}");
+        assert_eq!(a.len(), b.len(), "{q}: rows lost");
+        assert_eq!(a, b, "{q}");
+    }
+    let steps = query_csv(&[&killed], "SELECT min(step), count(*) FROM frames");
+    assert_eq!(steps[0][0], "0", "update 0's frames are there");
+}

@@ -124,6 +124,10 @@ pub struct StepRecord {
     /// optimiser step.
     pub grad_norm: f64,
     pub teacher_version: u64,
+    /// The learner writes a checkpoint right after this update (set on its last record of the
+    /// update): a log closes its open part after this record, so that a run killed after the
+    /// checkpoint and resumed from it has lost none of the rows before it.
+    pub checkpoint_follows: bool,
 }
 
 /// Frame-level view of one student update, for `log.frames`: row-major `size × frames` arrays.
@@ -147,6 +151,10 @@ pub struct FrameRecord {
     /// The student's input features, `size × frames × feature_dim` (for plots).
     pub features: std::sync::Arc<Vec<f32>>,
     pub feature_dim: usize,
+    /// The learner writes a checkpoint right after this update (set on its last record of the
+    /// update): a log closes its open part after this record, so that a run killed after the
+    /// checkpoint and resumed from it has lost none of the rows before it.
+    pub checkpoint_follows: bool,
 }
 
 /// Features of one utterance.

@@ -115,6 +115,7 @@ fn record(step: u64) -> StepRecord {
         teacher_rank_agreement: 0.55,
         grad_norm: 0.5,
         teacher_version: step,
+        checkpoint_follows: false,
     }
 }
 

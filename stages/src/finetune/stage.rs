@@ -524,6 +524,9 @@ impl FinetuneStage {
                         teacher_rank_agreement: f64::NAN,
                         grad_norm: s.grad_norm,
                         teacher_version: 0,
+                        // `self.ft.step` counts this update already (as the checkpoint below).
+                        checkpoint_follows: self.ft.p.checkpoint_every > 0
+                            && self.ft.step % self.ft.p.checkpoint_every == 0,
                     },
                 ))?;
             }

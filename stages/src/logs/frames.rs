@@ -228,8 +228,20 @@ impl FrameLog {
         }
     }
 
-    /// Logs one update's frames (if its step and utterances are sampled).
+    /// Logs one update's frames (if its step and utterances are sampled); closes the open parts
+    /// when a checkpoint follows the update (a kill after it loses no row).
     pub fn write(&mut self, r: &FrameRecord) -> Result<(), StageError> {
+        self.write_rows(r)?;
+        if r.checkpoint_follows {
+            self.frames.close()?;
+            if let Some(w) = self.inputs.as_mut() {
+                w.close()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_rows(&mut self, r: &FrameRecord) -> Result<(), StageError> {
         let n = r.utt_ids.len();
         let t = r.frames;
         let cells = n * t;

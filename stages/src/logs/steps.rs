@@ -154,7 +154,12 @@ impl StepLog {
         }
         rows.teacher_version.append_value(r.teacher_version as i64);
         rows.n += 1;
-        self.steps.end_step(r.step)
+        self.steps.end_step(r.step)?;
+        if r.checkpoint_follows {
+            // A part is never left open across a checkpoint (a kill after it loses no row).
+            self.steps.close()?;
+        }
+        Ok(())
     }
 
     pub fn finish(&mut self) -> Result<TableSummary, StageError> {
@@ -241,6 +246,7 @@ mod tests {
             teacher_rank_agreement: 0.5,
             grad_norm: 0.5,
             teacher_version: step,
+            checkpoint_follows: false,
         }
     }
 
@@ -318,5 +324,45 @@ mod tests {
         }
         // The cut part says where it ends now.
         assert_eq!(part_last_step(&dir.join(part_name(10))), Some(13));
+    }
+
+    /// A run killed (nothing finished, the open part's file left as it was) after a checkpoint
+    /// at 8 and resumed there loses no row: the part open at the checkpoint was closed after
+    /// the update the checkpoint followed. Without the flag, the same kill loses steps 0–7.
+    #[test]
+    fn a_part_closes_where_a_checkpoint_follows_so_a_kill_after_it_loses_no_row() {
+        for flagged in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let p = StepsLogParams {
+                rotate_every: 100,
+                ..StepsLogParams::default()
+            };
+            let mut log = StepLog::new(&p, "run", tmp.path());
+            for s in 0..11 {
+                let mut r = record(s);
+                // Checkpoints after updates 3 and 7 (`checkpoint_every: 4`).
+                r.checkpoint_follows = flagged && (s + 1) % 4 == 0;
+                log.write(&r).unwrap();
+            }
+            // Killed: the writer is dropped without finishing (its open part stays `.tmp`).
+            drop(log);
+            let dir = tmp.path().join("steps");
+            let parts: Vec<u64> = list_parts(&dir).unwrap().iter().map(|(f, _)| *f).collect();
+            // Resumed from the checkpoint at 8.
+            let mut log = StepLog::new(&p, "run", tmp.path());
+            for s in 8..12 {
+                log.write(&record(s)).unwrap();
+            }
+            log.finish().unwrap();
+            let steps: Vec<i64> = rows(&dir).iter().map(|r| r.0).collect();
+            if flagged {
+                assert_eq!(parts, vec![0, 4], "closed after steps 3 and 7");
+                assert_eq!(part_last_step(&dir.join(part_name(0))), Some(3));
+                assert_eq!(steps, (0..12).collect::<Vec<i64>>(), "no step lost");
+            } else {
+                assert!(parts.is_empty(), "{parts:?}");
+                assert_eq!(steps, (8..12).collect::<Vec<i64>>(), "steps 0–7 lost");
+            }
+        }
     }
 }

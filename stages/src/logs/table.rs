@@ -9,7 +9,9 @@
 //! Atomic: a part is written as `part-NNNNNNNNN.arrow.tmp` and renamed when complete (after
 //! fsync), and a complete part is never overwritten by a new one, so a crash loses at most the
 //! part being written and never leaves a `.arrow` file a reader chokes on. A stop (Ctrl-C, or
-//! another stage failing) finishes the open part first.
+//! another stage failing) finishes the open part first. The sinks also close the open part
+//! after a record that says a checkpoint follows (`checkpoint_follows`), so no part is open
+//! across a checkpoint: a run killed after it and resumed from it loses no row before it.
 //!
 //! Checksum: a part's footer holds `ehmam.blake3`, the BLAKE3 hash of the whole file (its own 64
 //! hex digits read as `0`s), so the part stays one self-contained file that pyarrow or DuckDB read

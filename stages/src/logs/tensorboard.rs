@@ -678,6 +678,7 @@ mod tests {
             teacher_rank_agreement: 0.5,
             grad_norm: 0.5,
             teacher_version: step,
+            checkpoint_follows: false,
         }
     }
 

@@ -977,6 +977,7 @@ impl Student {
                 .map_or_else(|| single(&|b| b.teacher_rank_agreement), |g| g[5]),
             grad_norm,
             teacher_version: first.taught.teacher_version,
+            checkpoint_follows: false,
         };
         let stride = self.cfg.stride();
         let frames: Vec<FrameRecord> = ms
@@ -999,6 +1000,7 @@ impl Student {
                     hard_ratio: m.hard_ratio,
                     features: Arc::new(b.data.clone()),
                     feature_dim: b.dim,
+                    checkpoint_follows: false,
                 }
             })
             .collect();
@@ -1482,19 +1484,25 @@ impl StudentStage {
                 r.target_std, s.min_target_std, r.pred_std, s.min_pred_std
             )));
         }
+        // `self.student.step` counts this update already: a checkpoint follows it when due.
+        let every = self.student.p.checkpoint_every;
+        let checkpoint_due = every > 0 && self.student.step % every == 0;
         // A dropped update has no row: its values are not finite and nothing was learned.
         if out.skipped.is_none() {
             if io.is_connected(0) {
-                ok_or_closed(io.send(0, out.record))?;
+                let mut record = out.record;
+                record.checkpoint_follows = checkpoint_due;
+                ok_or_closed(io.send(0, record))?;
             }
             if io.is_connected(1) {
-                for f in out.frames {
+                let n = out.frames.len();
+                for (i, mut f) in out.frames.into_iter().enumerate() {
+                    f.checkpoint_follows = checkpoint_due && i + 1 == n;
                     ok_or_closed(io.send(1, f))?;
                 }
             }
         }
-        let every = self.student.p.checkpoint_every;
-        if every > 0 && self.student.step % every == 0 {
+        if checkpoint_due {
             self.checkpoint()?;
             *last_saved = self.student.step;
         }
