@@ -135,6 +135,25 @@ fn prep_args(run: &Path, shards: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// `ehmam query --format csv` of run directory `url` (read where it is) and of the local run
+/// directory `local`: asserts they print the same rows, at least one; returns the output.
+fn query_there_and_here(url: &str, local: &Path, q: &str, env: &[(String, String)]) -> String {
+    let args = |dir: String| -> Vec<String> {
+        vec![
+            "query".into(),
+            "--format".into(),
+            "csv".into(),
+            dir,
+            q.into(),
+        ]
+    };
+    let there = run_ok(&args(url.to_string()), env);
+    let here = run_ok(&args(local.display().to_string()), env);
+    assert!(there.lines().count() > 1, "{q}: {there}");
+    assert_eq!(there, here, "{q}");
+    there
+}
+
 fn run_ok(args: &[String], env: &[(String, String)]) -> String {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = ehmam_env(&a, env);
@@ -171,31 +190,6 @@ fn object_text(key: &str) -> Option<String> {
     pipeline::storage::read_opt(Path::new(&format!("s3://{BUCKET}/{key}")))
         .unwrap()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
-}
-
-/// Runs `ehmam ARGS` and kills it (SIGKILL) as soon as `ready` holds, which it must before the
-/// run ends and within `limit_s` seconds.
-fn kill_when(args: &[String], env: &[(String, String)], limit_s: u64, ready: impl Fn() -> bool) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ehmam"))
-        .args(args)
-        .current_dir(root())
-        .env("CI", "true")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(limit_s));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// The files of a local tree as (relative path, bytes), `/`-separated.
@@ -252,22 +246,7 @@ fn prep_into_s3_is_byte_identical_to_a_local_prep_and_training_reads_it() {
         "SELECT count(*), sum(num_samples) FROM utterances",
         "SELECT count(*) AS rejected FROM rejects",
     ] {
-        let args = |dir: String| -> Vec<String> {
-            vec![
-                "query".into(),
-                "--format".into(),
-                "csv".into(),
-                dir,
-                q.into(),
-            ]
-        };
-        let there = run_ok(&args(run_url.clone()), &env);
-        let here = run_ok(
-            &args(tmp.path().join("run-local").display().to_string()),
-            &env,
-        );
-        assert!(there.lines().count() > 1, "{q}: {there}");
-        assert_eq!(there, here, "{q}");
+        query_there_and_here(&run_url, &tmp.path().join("run-local"), q, &env);
     }
 
     // A few updates of the tiny model from the shards on S3, prefetching 2 ahead.
@@ -624,18 +603,8 @@ fn a_run_directory_on_s3_is_killed_resumed_from_another_cache_and_queried_there(
     assert!(out.contains(&url), "{out}");
     // Queried from a third empty cache: the steps of the uninterrupted run, exactly.
     let q = "SELECT step, loss, loss_rec, loss_aux FROM steps ORDER BY step";
-    let mut a: Vec<String> = vec![
-        "query".into(),
-        "--format".into(),
-        "csv".into(),
-        url.clone(),
-        q.into(),
-    ];
-    let there = run_ok(&a, &with_cache("cache-c"));
-    a[3] = local.display().to_string();
-    let here = run_ok(&a, &with_cache("cache-c"));
+    let there = query_there_and_here(&url, &local, q, &with_cache("cache-c"));
     assert_eq!(there.lines().count(), 17, "{there}");
-    assert_eq!(there, here);
     // The other tables too: frame logs (Arrow parts), the stage table (Parquet), and a join.
     // Every logged update's frames, update 0's included: the frames part open at the
     // checkpoint of update 4 was closed there (it would hold updates 0–99), so the kill after the
@@ -645,13 +614,7 @@ fn a_run_directory_on_s3_is_killed_resumed_from_another_cache_and_queried_there(
         "SELECT stage, kind FROM stages ORDER BY stage",
         "SELECT s.step, s.loss, count(*) FROM steps s JOIN frames f ON s.step = f.step GROUP BY s.step, s.loss ORDER BY s.step",
     ] {
-        a[4] = q.into();
-        a[3] = url.clone();
-        let there = run_ok(&a, &with_cache("cache-c"));
-        a[3] = local.display().to_string();
-        let here = run_ok(&a, &with_cache("cache-c"));
-        assert!(there.lines().count() > 1, "{q}: {there}");
-        assert_eq!(there, here, "{q}");
+        let there = query_there_and_here(&url, &local, q, &with_cache("cache-c"));
         if q.contains("FROM frames GROUP BY") {
             assert!(there.contains("\n0,"), "update 0's frames are there: {there}");
         }

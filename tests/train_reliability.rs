@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// `ehmam run specs/tiny.yaml` into `run` with extra overrides; returns the output.
-fn train(run: &Path, extra: &[&str]) -> std::process::Output {
+/// The arguments of `ehmam run specs/tiny.yaml` into `run` with extra overrides.
+fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
     let sets = [
         format!("run_dir={}", run.display()),
@@ -19,6 +19,12 @@ fn train(run: &Path, extra: &[&str]) -> std::process::Output {
         args.push("--set".into());
         args.push(s.to_string());
     }
+    args
+}
+
+/// `ehmam run specs/tiny.yaml` into `run` with extra overrides; returns the output.
+fn train(run: &Path, extra: &[&str]) -> std::process::Output {
+    let args = train_args(run, extra);
     ehmam(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -253,38 +259,8 @@ fn a_run_killed_after_a_checkpoint_and_resumed_has_every_log_row() {
     assert!(o.status.success(), "{}", text(&o));
 
     let killed = tmp.path().join("killed");
-    let mut args: Vec<String> = vec!["run".into(), "specs/tiny.yaml".into(), "--quiet".into()];
-    for s in [
-        format!("run_dir={}", killed.display()),
-        format!("stages.shards.with.dir={}", demo_shards().display()),
-        "model.encoder.dropout=0.0".into(),
-    ]
-    .into_iter()
-    .chain(extra.iter().map(|s| s.to_string()))
-    {
-        args.push("--set".into());
-        args.push(s);
-    }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ehmam"))
-        .args(&args)
-        .current_dir(root())
-        .env("CI", "true")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     let ready = killed.join("checkpoints/step-00000008.json");
-    let t0 = std::time::Instant::now();
-    while !ready.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(t0.elapsed() < std::time::Duration::from_secs(300));
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_when(&train_args(&killed, &extra), &[], 300, || ready.exists());
     let o = train(&killed, &extra);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("resum"), "{}", text(&o));

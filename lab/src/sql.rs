@@ -202,106 +202,60 @@ pub fn discover(run_dirs: &[PathBuf]) -> Result<BTreeMap<String, Vec<PathBuf>>, 
         .collect())
 }
 
-/// Like [`discover`], with the index of the run directory each file belongs to.
+/// Like [`discover`], with the index of the run directory each file belongs to. A run directory
+/// on object storage (`s3://…`) is listed by its prefix and each table's, with the same rules.
 fn discover_with_runs(
     run_dirs: &[PathBuf],
 ) -> Result<BTreeMap<String, Vec<(PathBuf, usize)>>, SqlError> {
+    let list = |d: &Path| {
+        storage::list(d).map_err(|e| SqlError::Input(format!("cannot list {}: {e}", d.display())))
+    };
     let mut tables: BTreeMap<String, Vec<(PathBuf, usize)>> = BTreeMap::new();
     for (ri, dir) in run_dirs.iter().enumerate() {
-        if storage::is_remote(dir) {
-            discover_remote(dir, ri, &mut tables)?;
-            continue;
-        }
-        if !dir.is_dir() {
+        let remote = storage::is_remote(dir);
+        if !remote && !dir.is_dir() {
             return Err(SqlError::Input(format!(
                 "{} is not a run directory",
                 dir.display()
             )));
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| SqlError::Input(format!("cannot list {}: {e}", dir.display())))?
-            .flatten()
-            .map(|e| e.path())
+        let (files, dirs) = list(dir)?;
+        if remote && files.is_empty() && dirs.is_empty() {
+            return Err(SqlError::Input(format!(
+                "{} is not a run directory (no object under it)",
+                dir.display()
+            )));
+        }
+        let mut entries: Vec<(String, bool)> = files
+            .into_iter()
+            .map(|f| (f, false))
+            .chain(dirs.into_iter().map(|d| (d, true)))
             .collect();
         entries.sort();
-        for p in entries {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (name, is_dir) in entries {
             if name.starts_with('.') {
                 continue;
             }
-            if p.is_file() && name.ends_with(".parquet") {
+            let p = storage::join(dir, &name);
+            if !is_dir && name.ends_with(".parquet") && (remote || p.is_file()) {
                 let table = name.trim_end_matches(".parquet");
                 if is_table_name(table) {
                     tables.entry(table.to_string()).or_default().push((p, ri));
                 }
-            } else if p.is_dir() && is_table_name(&name) {
-                let mut parts: Vec<PathBuf> = std::fs::read_dir(&p)
-                    .map_err(|e| SqlError::Input(format!("cannot list {}: {e}", p.display())))?
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|f| {
-                        f.extension().is_some_and(|x| x == "arrow")
-                            && !f
-                                .file_name()
-                                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-                    })
-                    .collect();
+            } else if is_dir && is_table_name(&name) {
+                let (mut parts, _) = list(&p)?;
+                parts.retain(|n| n.ends_with(".arrow") && !n.starts_with('.'));
                 parts.sort();
                 if !parts.is_empty() {
                     tables
                         .entry(name)
                         .or_default()
-                        .extend(parts.into_iter().map(|f| (f, ri)));
+                        .extend(parts.iter().map(|n| (storage::join(&p, n), ri)));
                 }
             }
         }
     }
     Ok(tables)
-}
-
-/// [`discover_with_runs`] for a run directory on object storage (`s3://…`): the same files, by
-/// listing the objects under its prefix and under each table's.
-fn discover_remote(
-    dir: &Path,
-    ri: usize,
-    tables: &mut BTreeMap<String, Vec<(PathBuf, usize)>>,
-) -> Result<(), SqlError> {
-    let list = |d: &Path| {
-        storage::list(d).map_err(|e| SqlError::Input(format!("cannot list {}: {e}", d.display())))
-    };
-    let (mut files, mut dirs) = list(dir)?;
-    if files.is_empty() && dirs.is_empty() {
-        return Err(SqlError::Input(format!(
-            "{} is not a run directory (no object under it)",
-            dir.display()
-        )));
-    }
-    files.sort();
-    dirs.sort();
-    for name in files.iter().filter(|n| !n.starts_with('.')) {
-        if let Some(table) = name.strip_suffix(".parquet") {
-            if is_table_name(table) {
-                let f = storage::join(dir, name);
-                tables.entry(table.to_string()).or_default().push((f, ri));
-            }
-        }
-    }
-    for name in dirs.iter().filter(|n| is_table_name(n)) {
-        let sub = storage::join(dir, name);
-        let (mut parts, _) = list(&sub)?;
-        parts.retain(|n| n.ends_with(".arrow") && !n.starts_with('.'));
-        parts.sort();
-        if !parts.is_empty() {
-            tables
-                .entry(name.clone())
-                .or_default()
-                .extend(parts.iter().map(|n| (storage::join(&sub, n), ri)));
-        }
-    }
-    Ok(())
 }
 
 /// Only plain identifiers become tables: a stray `frames.bak/` or `x.v2.parquet` in a run

@@ -133,3 +133,33 @@ pub fn demo_shards() -> &'static Path {
     });
     Box::leak(Box::new(dir.path().join("shards")))
 }
+
+/// Runs `ehmam ARGS` and kills it (SIGKILL) as soon as `ready` holds, which it must before the
+/// run ends and within `limit_s` seconds.
+pub fn kill_when(
+    args: &[String],
+    env: &[(String, String)],
+    limit_s: u64,
+    ready: impl Fn() -> bool,
+) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ehmam"))
+        .args(args)
+        .current_dir(root())
+        .env("CI", "true")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(limit_s));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
